@@ -1,0 +1,52 @@
+"""Shared fixtures: the GPT-NeoX-20B tokenizer when ../shared has it, a tokenizer trained on the bundled
+sample, and tiny model directories in the Hugging Face format."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+SAMPLE = ROOT / "neoxray" / "pipelines" / "sample" / "sample.jsonl.zst"
+
+
+@pytest.fixture(scope="session")
+def sample_tokenizer_dir(tmp_path_factory):
+    """A 1024-token byte-level BPE trained on the bundled sample (the demo's recipe, smaller)."""
+    from neoxray.model.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_tokenizer([str(SAMPLE)], 1024, str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, sample_tokenizer_dir):
+    """A tiny random GPT-NeoX with the sample tokenizer, saved as a Hugging Face directory. The weights are
+    scaled up so that logits are peaked: greedy decoding then has no near-ties for float noise to flip."""
+    from neoxray.model.config import get_preset
+    from neoxray.model.gptneox import build_model
+    from neoxray.model.hf import save_pretrained
+    from neoxray.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(sample_tokenizer_dir)
+    model = build_model(get_preset("tiny", vocab_size=1024, max_seq_len=64), seed=0)
+    with torch.no_grad():
+        model.embed_out.weight.mul_(20.0)
+    return save_pretrained(model, tmp_path_factory.mktemp("model") / "tiny", tokenizer=tok)
+
+
+def run_cli(*args, check=True, timeout=300):
+    """Run the installed console script in a fresh process, as a user would."""
+    exe = Path(sys.executable).with_name("neoxray")
+    cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "neoxray.cli"]), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
