@@ -143,7 +143,7 @@ class GPTNeoX(nn.Module):
         """input_ids [b, s] -> final-LayerNorm output [b, s, d]."""
         b, s = input_ids.shape
         if position_ids is None:
-            position_ids = torch.arange(s, device=input_ids.device)[None].expand(b, s)  # [b, s]
+            position_ids = torch.arange(s, device=input_ids.device)[None]  # [1, s], broadcast over the batch
         x = self.embed_in(input_ids)  # [b, s, d]
         cos, sin = rotary_cos_sin(position_ids, self.config.rotary_dim, self.config.rotary_base, x.dtype)
         for layer in self.layers:
