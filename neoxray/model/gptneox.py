@@ -1,7 +1,8 @@
 """GPT-NeoX, top to bottom as in Black et al. (2022), "GPT-NeoX-20B: An Open-Source Autoregressive Language Model".
 
-Plain PyTorch: no distributed code here. Tensor parallelism rewrites these modules afterwards and pipeline
-parallelism splits `GPTNeoX.layers`; both live in `neoxray.platform`. Module and parameter names follow the
+Plain PyTorch: no distributed code here. Tensor parallelism rewrites these modules afterwards
+(`neoxray.model.tensor_parallel.parallelize`) and pipeline parallelism splits the layer list
+(`neoxray.platform.engine`). Module and parameter names follow the
 Hugging Face `GPTNeoXForCausalLM` layout (minus its `gpt_neox.` prefix), so interop is a rename, not a reshape.
 
 Shapes: b batch, s query length, t key length (s plus cached tokens), d d_model, h heads (local to this rank
@@ -17,7 +18,6 @@ Build recipe (how every caller makes a model):
 
 from __future__ import annotations
 
-import math
 from typing import Protocol
 
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from neoxray.model.config import ModelConfig
+from neoxray.model.init import init_parameters
 
 
 class KVCacheLike(Protocol):
@@ -162,18 +163,10 @@ class GPTNeoX(nn.Module):
     def init_weights(self, seed: int = 0) -> None:
         """small_init (std sqrt(2 / 5d), Nguyen & Salazar 2019) for every weight matrix and the embedding;
         wang_init (std 2 / (L sqrt(d))) for the two output projections of each layer; zero biases;
-        LayerNorm weight 1, bias 0. Deterministic in `seed`, independent of the device."""
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        d, n_layers = self.config.d_model, self.config.n_layers
-        small, wang = math.sqrt(2.0 / (5.0 * d)), 2.0 / (n_layers * math.sqrt(d))
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif "layernorm" in name or "layer_norm" in name:
-                p.fill_(1.0)
-            else:
-                std = wang if name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")) else small
-                p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
+        LayerNorm weight 1, bias 0. Each parameter is drawn from its own generator seeded by (seed, its name),
+        full-size on the CPU and then sliced, so every tensor/pipeline-parallel layout, device and dtype gets
+        the same numbers (`neoxray.model.init`)."""
+        init_parameters(self, seed, config=self.config)
 
 
 def build_model(config: ModelConfig, device="cpu", dtype=torch.float32, seed: int | None = 0) -> GPTNeoX:
