@@ -228,6 +228,9 @@ class CheckpointSection:
     """How many recent checkpoints to keep (older ones are deleted); 0 keeps all."""
     resume: bool = True
     """Resume from the newest checkpoint in the run directory when there is one."""
+    load_from: str | None = None
+    """A checkpoint directory (of any run and any dp x tp x pp layout) to continue from when this run has no
+    checkpoint of its own: weights, optimizer state, step and data position carry over."""
 
 
 @dataclass
@@ -846,6 +849,8 @@ def check_paths(cfg: RunConfig) -> None:
     missing = [f"data.path={p}" for p in cfg.data.paths() if not Path(p).exists()]
     if cfg.data.validation_path and not Path(cfg.data.validation_path).exists():
         missing.append(f"data.validation_path={cfg.data.validation_path}")
+    if cfg.checkpoint.load_from and not Path(cfg.checkpoint.load_from).exists():
+        missing.append(f"checkpoint.load_from={cfg.checkpoint.load_from}")
     if cfg.model.init_from and not Path(cfg.model.init_from).exists():
         missing.append(f"model.init_from={cfg.model.init_from}")
     if missing:

@@ -1,0 +1,43 @@
+"""What a training worker reads: this data-parallel rank's micro-batches of the prepared dataset(s), in
+the deterministic order, from any `consumed_samples` on (`neoxray.pipelines.reader`), and the tokenizer
+the data was prepared with (stored beside the manifest, saved into every checkpoint)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from neoxray.errors import NeoxrayError
+
+
+def make_data_fn(cfg):
+    """`data_fn(engine, split, consumed_samples)` -> iterator of (input_ids, labels) micro-batches."""
+    from neoxray.pipelines.reader import iter_batches, open_blend
+
+    def data_fn(engine, split: str, consumed_samples: int):
+        paths = cfg.data.paths()
+        if split != "train" and cfg.data.validation_path:
+            paths, split = [cfg.data.validation_path], "validation" if split == "validation" else split
+        blend = open_blend(paths, cfg.data.weights if split == "train" else None, split=split, seed=cfg.data.seed)
+        seq = engine.seq_len
+        if blend.seq_len != seq:
+            raise NeoxrayError(
+                f"data.path {paths}: rows hold {blend.seq_len} + 1 tokens, but train.seq_len is {seq}; prepare the "
+                f"data with --seq-len {seq} or set train.seq_len={blend.seq_len}"
+            )
+        dp = engine.layout[0]
+        for batch in iter_batches(blend, cfg.train.global_batch, dp_rank=engine.coord.dp, dp_size=dp,
+                                  micro_batch_size=cfg.train.micro_batch, seed=cfg.data.seed,
+                                  consumed_samples=consumed_samples, split=split):
+            yield batch["input_ids"], batch["labels"]
+
+    return data_fn
+
+
+def load_run_tokenizer(cfg):
+    """The tokenizer saved beside the first dataset's manifest (`DIR/tokenizer/`), or None."""
+    from neoxray.model.tokenizer import Tokenizer
+    from neoxray.pipelines.reader import parse_data_spec
+
+    path, _ = parse_data_spec(cfg.data.paths()[0])
+    tok_dir = Path(path) / "tokenizer"
+    return Tokenizer.load(tok_dir) if (tok_dir / "tokenizer.json").exists() else None

@@ -1,0 +1,282 @@
+"""The per-worker training engine: one rank of a dp x tp x pp layout. Runs under Ray Train or without Ray.
+
+Build order, per rank:
+  1. process groups from DeepSpeed's pipe/data/model topology (tensor parallel is its "model" axis);
+  2. the layer list as pipe modules (embedding, L transformer layers, final norm + head). DeepSpeed's
+     `PipelineModule` builds only this stage's share; each piece is made on the meta device, rewritten by
+     `neoxray.model.tensor_parallel.parallelize`, materialised, and initialised layout-independently
+     (or loaded from a checkpoint / Hugging Face directory, reading only this rank's shards);
+  3. `deepspeed.initialize`: the 1F1B pipeline engine, ZeRO-1 across data parallel, gradient accumulation
+     to the global batch, clipping, fp32 / bf16 / fp16 with dynamic loss scaling.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from neoxray.errors import NeoxrayError
+from neoxray.model.config import ModelConfig
+from neoxray.model.gptneox import Layer, rotary_cos_sin
+from neoxray.model.init import init_parameters
+from neoxray.model.tensor_parallel import parallelize, tp_loss
+
+
+# ---------------------------------------------------------------------------------------------------------
+# distributed set-up
+# ---------------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str = "auto") -> None:
+    """Join the default process group. Under Ray Train (or torchrun) it already exists or the usual env vars
+    (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) describe it; a plain `python` process becomes a world of one."""
+    import deepspeed
+
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(free_port()))
+        dist.init_process_group(backend=backend)
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # DeepSpeed's comm layer over the same group
+
+
+@dataclass(frozen=True)
+class Coord:
+    """Where this rank sits in the layout."""
+
+    dp: int
+    tp: int
+    pp: int
+
+
+def device_for_rank() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the layer list, as pipeline pieces; each knows the canonical (single-model) names of its parameters
+# ---------------------------------------------------------------------------------------------------------
+class _Piece(nn.Module):
+    """A piece of the layer list. `prefix` maps its parameter names to the plain model's names."""
+
+    prefix = ""
+
+    def _finish(self, tp_group, seed, device, loader=None):
+        parallelize(self, tp_group)  # sharded params carry tp_dim and DeepSpeed's tensor_model_parallel flag
+        self.to_empty(device=device)
+        if loader is not None:
+            loader(self)
+        else:
+            init_parameters(self, seed, prefix=self.prefix)
+
+    def canonical_parameters(self):
+        for name, p in self.named_parameters():
+            yield self.prefix + name, p
+
+
+class EmbeddingPipe(_Piece):
+    def __init__(self, config: ModelConfig, tp_group, seed, device, loader=None):
+        super().__init__()
+        with torch.device("meta"):
+            self.embed_in = nn.Embedding(config.vocab_size, config.d_model)
+        self._finish(tp_group, seed, device, loader)
+
+    def forward(self, input_ids):  # [b, s] -> [b, s, d]
+        return self.embed_in(input_ids)
+
+
+class LayerPipe(Layer, _Piece):
+    """One transformer layer as a pipeline piece: same parameters and names as `Layer`; computes its rotary
+    tables from the sequence length, since only the hidden states travel between pipeline stages."""
+
+    def __init__(self, config: ModelConfig, idx: int, tp_group, seed, device, loader=None):
+        with torch.device("meta"):
+            Layer.__init__(self, config, idx)
+        self.config = config
+        self.prefix = f"layers.{idx}."
+        self.activation_checkpointing = config.activation_checkpointing
+        self._finish(tp_group, seed, device, loader)
+
+    def forward(self, x):  # [b, s, d] -> [b, s, d]
+        pos = torch.arange(x.shape[1], device=x.device)[None]
+        cos, sin = rotary_cos_sin(pos, self.config.rotary_dim, self.config.rotary_base, x.dtype)
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(super().forward, x, cos, sin, use_reentrant=False)
+        return super().forward(x, cos, sin)
+
+
+class HeadPipe(_Piece):
+    def __init__(self, config: ModelConfig, tp_group, seed, device, loader=None):
+        super().__init__()
+        with torch.device("meta"):
+            self.final_layer_norm = nn.LayerNorm(config.d_model, eps=config.layernorm_eps)
+            self.embed_out = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self._finish(tp_group, seed, device, loader)
+
+    def forward(self, x):  # [b, s, d] -> logits [b, s, V / tp]
+        return self.embed_out(self.final_layer_norm(x))
+
+
+def no_decay(name: str) -> bool:
+    """GPT-NeoX applies weight decay to weight matrices only: not to biases or LayerNorm parameters."""
+    return name.endswith("bias") or "layernorm" in name or "layer_norm" in name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the engine
+# ---------------------------------------------------------------------------------------------------------
+class TrainEngine:
+    """One rank's training engine. Collective: every rank of the world constructs it and calls each method
+    that says so, in the same order. `loader(piece)` fills a freshly built piece's parameters (checkpoint
+    resume or Hugging Face fine-tuning); without it pieces are initialised from `cfg.train.seed`."""
+
+    def __init__(self, cfg, loader=None):
+        import deepspeed
+        from deepspeed.pipe import LayerSpec, PipelineModule
+        from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
+
+        from neoxray.platform.config import deepspeed_config
+
+        self.cfg = cfg
+        init_distributed(cfg.parallel.backend)
+        self.model_config = cfg.model_config()
+        dp, tp, pp = cfg.parallel.data, cfg.parallel.tensor, cfg.parallel.pipeline
+        self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
+        if dp * tp * pp != self.world_size:
+            raise NeoxrayError(
+                f"parallel.data x parallel.tensor x parallel.pipeline = {dp} x {tp} x {pp} = {dp * tp * pp}, "
+                f"but the job has {self.world_size} workers"
+            )
+        topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+        c = topo.get_coord(self.rank)
+        self.coord = Coord(dp=c.data, tp=c.model, pp=c.pipe)
+        self.layout = (dp, tp, pp)
+        grid = PipelineParallelGrid(topology=topo)
+        self.tp_group = grid.get_slice_parallel_group()
+        self.dp_group = grid.get_data_parallel_group()
+        self.device = device_for_rank()
+        seed = cfg.train.seed
+        torch.manual_seed(seed)
+
+        mc = self.model_config
+        specs = [LayerSpec(EmbeddingPipe, mc, self.tp_group, seed, self.device, loader)]
+        specs += [LayerSpec(LayerPipe, mc, i, self.tp_group, seed, self.device, loader) for i in range(mc.n_layers)]
+        specs += [LayerSpec(HeadPipe, mc, self.tp_group, seed, self.device, loader)]
+        tp_group = self.tp_group
+        module = PipelineModule(
+            layers=specs,
+            topology=topo,
+            loss_fn=lambda logits, labels: tp_loss(logits, labels, tp_group),
+            partition_method=cfg.parallel.pipeline_partition,
+        )
+        self.pieces = [m for m in module.forward_funcs if isinstance(m, _Piece)]
+
+        named = [(n, p) for piece in self.pieces for n, p in piece.canonical_parameters()]
+        groups = [
+            {"params": [p for n, p in named if not no_decay(n)], "weight_decay": cfg.optimizer.weight_decay},
+            {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        o = cfg.optimizer
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_multiplier)
+        self.ds_config = deepspeed_config(cfg)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+        )
+        self.step = 0
+        self.consumed_samples = 0
+        self.seq_len = cfg.seq_len(self.model_config)
+        self.tokens_per_step = cfg.train.global_batch * self.seq_len
+        self.flops_per_token = self.model_config.train_flops_per_token(self.seq_len)
+
+    # -- parameters by canonical name (this rank's shards) ---------------------------------------------
+    def named_parameters(self):
+        for piece in self.pieces:
+            yield from piece.canonical_parameters()
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.coord.pp == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.coord.pp == self.layout[2] - 1
+
+    def set_step(self, step: int, consumed_samples: int) -> None:
+        """Position the schedule after a resume: the next optimizer step is number `step + 1`."""
+        self.step, self.consumed_samples = step, consumed_samples
+        self.engine.global_steps = step
+        self.engine.global_samples = consumed_samples
+        self.scheduler.last_epoch = step
+        for g, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_lr()):
+            g["lr"] = lr
+        self.scheduler._last_lr = [g["lr"] for g in self.scheduler.optimizer.param_groups]
+
+    # -- one optimizer step (collective) -----------------------------------------------------------------
+    def train_step(self, micro_batches: Iterator) -> dict:
+        """Run one global batch: `micro_batches` yields this data-parallel rank's (input_ids, labels) micro-
+        batches ([micro, seq] each); gradient_accumulation_steps of them are pulled. Returns the step's
+        metrics (identical on every rank)."""
+        lr = self.scheduler.get_last_lr()[0]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = self.engine.train_batch(_to_device(micro_batches, self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        self.step += 1
+        self.consumed_samples += self.cfg.train.global_batch
+        grad_norm = self.engine.get_global_grad_norm()
+        tokens_per_s = self.tokens_per_step / dt
+        tflops = tokens_per_s * self.flops_per_token / self.world_size / 1e12
+        peak = self.cfg.logging.peak_tflops if self.device.type == "cuda" else None
+        metrics = {
+            "step": self.step,
+            "loss": float(loss),
+            "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "consumed_samples": self.consumed_samples,
+            "step_time_s": dt,
+            "tokens_per_s": tokens_per_s,
+            "tflops_per_gpu": tflops,
+            "mfu": (tflops / peak) if peak else None,
+        }
+        scaler = getattr(self.optimizer, "loss_scaler", None)
+        if scaler is not None and self.cfg.train.precision == "fp16":
+            metrics["loss_scale"] = float(scaler.cur_scale)
+        return metrics
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: Iterator, num_micro_batches: int) -> float:
+        """Mean loss over `num_micro_batches` micro-batches of this dp rank, averaged over dp (collective)."""
+        it = _to_device(micro_batches, self.device)
+        total = 0.0
+        for _ in range(num_micro_batches):
+            total += float(self.engine.eval_batch(iter([next(it)]), num_micro_batches=1))
+        return total / max(num_micro_batches, 1)
+
+
+def _to_device(batches, device):
+    for ids, labels in batches:
+        yield ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
