@@ -1,21 +1,36 @@
 #!/usr/bin/env bash
-# The embedded default: train a tokenizer on the bundled sample corpus, write a tiny randomly initialised
-# GPT-NeoX as a Hugging Face directory, and generate from it. Runs offline on a CPU.
+# The embedded default, end to end on a CPU, offline: tokenizer -> Ray Data prepare -> 3D-parallel training
+# (dp 2 x tp 2 x pp 2 on a local Ray cluster) -> export to a Hugging Face directory -> generation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${NEOXRAY_VENV:-.venv}"
 export PATH="$PWD/$VENV/bin:$PATH"
 RUN="${NEOXRAY_RUN_DIR:-runs/demo}"
+STEPS="${NEOXRAY_DEMO_STEPS:-200}"
 SAMPLE=neoxray/pipelines/sample/sample.jsonl.zst
 mkdir -p "$RUN"
 
-echo "== 1/4 tokenizer: byte-level BPE (4096 tokens) trained on the bundled sample -> $RUN/tokenizer"
+echo "== 1/5 tokenizer: byte-level BPE (4096 tokens) trained on the bundled sample -> $RUN/tokenizer"
 [ -f "$RUN/tokenizer/tokenizer.json" ] || neoxray tokenizer train --input "$SAMPLE" --vocab-size 4096 --output "$RUN/tokenizer"
-echo "== 2/4 model: the 'tiny' preset"
-neoxray model info tiny
-echo "== 3/4 a randomly initialised tiny GPT-NeoX as a Hugging Face directory -> $RUN/model"
-neoxray model init --preset tiny --tokenizer "$RUN/tokenizer" --out "$RUN/model" --seed 0
-echo "== 4/4 generate (KV-cache decoding; random weights, so expect noise until training lands)"
-neoxray generate --model "$RUN/model" --prompt "The Python language" --max-new-tokens 24 --seed 0 --json
-echo
-echo "model directory: $RUN/model (loads with transformers.AutoModelForCausalLM.from_pretrained)"
+
+echo "== 2/5 prepare: Ray Data tokenizes and packs the sample into rows of 129 tokens -> $RUN/data"
+neoxray prepare --input "$SAMPLE" --tokenizer "$RUN/tokenizer" --seq-len 128 --output "$RUN/data"
+
+echo "== 3/5 train: tiny GPT-NeoX, dp 2 x tp 2 x pp 2 = 8 Ray Train workers (DeepSpeed pipeline + ZeRO-1), $STEPS steps"
+neoxray train --config configs/tiny-cpu.yaml --run-dir "$RUN/train" data.path="$RUN/data" train.steps="$STEPS"
+
+echo "== 4/5 export: merge the sharded checkpoint into a Hugging Face directory -> $RUN/model"
+neoxray export --checkpoint "$RUN/train" --out "$RUN/model"
+
+echo "== 5/5 generate from the trained model"
+neoxray generate --model "$RUN/model" --prompt "def __init__(self" --max-new-tokens 40 --temperature 0.7 --top-k 40 --seed 0
+
+cat <<MSG
+
+run directory     $RUN/train  (config.yaml, metrics.jsonl)
+checkpoints       $(ls -d "$RUN"/train/checkpoint-step-* | tr '\n' ' ')
+TensorBoard       tensorboard --logdir $RUN/train/tensorboard
+Ray dashboard     http://127.0.0.1:8265 while a cluster runs (start one with 'ray start --head' and submit with
+                  'ray job submit --working-dir . -- neoxray train --config configs/tiny-cpu.yaml')
+exported model    $RUN/model  (transformers.AutoModelForCausalLM.from_pretrained("$RUN/model"))
+MSG

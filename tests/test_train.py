@@ -1,0 +1,195 @@
+"""Training on a real local Ray cluster: every (dp, tp, pp) layout computes the same training as one process,
+checkpoints resume exactly (same run, another layout, after a worker is SIGKILLed), fine-tuning from a
+Hugging Face directory starts at transformers' loss, and export merges the shards into a transformers model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+STEPS = 5
+BASE = [
+    "model.preset=tiny", "model.overrides.vocab_size=1024", "model.overrides.max_seq_len=64",
+    "train.seq_len=32", "train.global_batch=8", "train.micro_batch=2", f"train.steps={STEPS}",
+    "optimizer.lr=3e-3", "optimizer.min_lr=3e-4", "schedule.warmup_steps=1", f"schedule.decay_steps={STEPS}",
+    "train.seed=7", "data.seed=11", "logging.tensorboard=true",
+]
+LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2)]
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, sample_tokenizer_dir, ray_local):
+    """The bundled sample, tokenized with the sample tokenizer and packed into rows of 33 tokens."""
+    from neoxray.pipelines.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "sample-32"
+    prepare([str(Path(__file__).resolve().parents[1] / "neoxray/pipelines/sample/sample.jsonl.zst")],
+            str(sample_tokenizer_dir), 32, str(out), workers=2, progress=False)
+    return out
+
+
+def cfg_for(data, name, layout=(1, 1, 1), extra=()):
+    from neoxray.platform.config import load_run_config
+
+    dp, tp, pp = layout
+    return load_run_config(None, [*BASE, f"data.path={data}", f"name={name}", f"parallel.data={dp}",
+                                  f"parallel.tensor={tp}", f"parallel.pipeline={pp}", *extra])
+
+
+def losses(run_dir) -> dict[int, float]:
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        if "loss" in m:
+            out[m["step"]] = m["loss"]
+    return out
+
+
+def assert_same(a: dict, b: dict, steps):
+    for s in steps:
+        assert abs(a[s] - b[s]) <= 1e-4 * abs(b[s]), f"step {s}: {a[s]} != {b[s]}"
+
+
+@pytest.fixture(scope="session")
+def reference(prepared, tmp_path_factory):
+    """The plain single-process run of the same engine, without Ray (`neoxray train --no-ray`), in a fresh
+    process: STEPS + 2 steps with the schedule of the STEPS-step runs... and one for the resume tests."""
+    root = tmp_path_factory.mktemp("ref")
+    args = [f"{o}" for o in BASE] + [f"data.path={prepared}", "name=ref"]
+    run_cli("train", "--no-ray", "--run-dir", str(root / "ref"), *args, "checkpoint.every=0")
+    return root / "ref"
+
+
+def test_every_layout_trains_the_same_model(prepared, reference, ray_local, tmp_path):
+    from neoxray.platform.train import run_train
+
+    ref = losses(reference)
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    assert ref[STEPS] < ref[1], "the tiny model should learn something in 5 steps"
+    for layout in LAYOUTS:
+        run_dir = tmp_path / ("run-%d%d%d" % layout)
+        run_train(cfg_for(prepared, run_dir.name, layout, ["checkpoint.every=3"]), run_dir=str(run_dir))
+        got = losses(run_dir)
+        assert sorted(got) == list(range(1, STEPS + 1)), layout
+        assert_same(got, ref, range(1, STEPS + 1))
+        ckpts = sorted(p.name for p in run_dir.glob("checkpoint-step-*"))
+        assert ckpts == ["checkpoint-step-0000003", "checkpoint-step-0000005"], ckpts
+    # metrics: jsonl fields, TensorBoard events
+    rec = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r][-1]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "mfu"):
+        assert key in rec
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents*"))
+    meta = json.loads((run_dir / "checkpoint-step-0000005" / "meta.json").read_text())
+    assert meta["layout"] == {"dp": 2, "tp": 2, "pp": 2} and meta["consumed_samples"] == 8 * STEPS
+    assert len(meta["shards"]) == 4 and (run_dir / "checkpoint-step-0000005" / "tokenizer.json").exists()
+
+    # a (2,2,2) checkpoint continues under (1,2,1): the same loss curve
+    relayout = tmp_path / "relayout"
+    run_train(cfg_for(prepared, "relayout", (1, 2, 1),
+                      [f"checkpoint.load_from={tmp_path / 'run-222' / 'checkpoint-step-0000003'}"]),
+              run_dir=str(relayout))
+    got = losses(relayout)
+    assert sorted(got) == [4, 5]
+    assert_same(got, ref, [4, 5])
+
+    # export merges the (2,2,2) shards; transformers loads it; its logits equal the single-process model's
+    from transformers import GPTNeoXForCausalLM
+
+    run_cli("export", "--checkpoint", str(run_dir / "checkpoint-step-0000005"), "--out", str(tmp_path / "hf222"))
+    run_cli("export", "--checkpoint", str(reference), "--out", str(tmp_path / "hf111"))
+    a = GPTNeoXForCausalLM.from_pretrained(tmp_path / "hf222").eval()
+    b = GPTNeoXForCausalLM.from_pretrained(tmp_path / "hf111").eval()
+    ids = torch.randint(0, 1024, (2, 32))
+    with torch.no_grad():
+        assert (a(ids).logits - b(ids).logits).abs().max().item() < 1e-4
+    out = json.loads(run_cli("generate", "--model", str(tmp_path / "hf222"), "--prompt", "def",
+                             "--max-new-tokens", "4", "--greedy", "--json").stdout)
+    assert len(out["token_ids"]) >= 1
+
+
+def _kill_one_worker_after(run_dir: Path, step: int, killed: list, timeout=300):
+    """Once `step` is logged and Ray Train has registered the checkpoint before it (its snapshot names it),
+    SIGKILL one Ray Train worker process of this test's cluster."""
+    import psutil
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid  # this test's cluster
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = losses(run_dir) if (run_dir / "metrics.jsonl").exists() else {}
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        registered = snapshot.exists() and "checkpoint-step-0000003" in snapshot.read_text()
+        if max(m, default=0) >= step and registered:
+            workers = [p for p in psutil.Process(raylet).children(recursive=True)
+                       if "RayTrainWorker" in " ".join(p.cmdline())]
+            if workers:
+                victim = sorted(workers, key=lambda p: p.pid)[-1]
+                os.kill(victim.pid, signal.SIGKILL)
+                killed.append(victim.pid)
+                return
+        time.sleep(0.2)
+
+
+def test_worker_sigkill_is_survived_and_restart_resumes_exactly(prepared, ray_local, tmp_path):
+    from neoxray.platform.train import run_train
+
+    steps = 12
+    extra = [f"train.steps={steps}", f"schedule.decay_steps={steps + 2}", "checkpoint.every=3"]
+    ref_dir = tmp_path / "ref"
+    run_cli("train", "--no-ray", "--run-dir", str(ref_dir), *BASE, f"data.path={prepared}", "name=ref",
+            f"train.steps={steps + 2}", f"schedule.decay_steps={steps + 2}", "checkpoint.every=0")
+    ref = losses(ref_dir)
+
+    run_dir = tmp_path / "faulty"
+    killed: list = []
+    watcher = threading.Thread(target=_kill_one_worker_after, args=(run_dir, 4, killed), daemon=True)
+    watcher.start()
+    run_train(cfg_for(prepared, "faulty", (2, 1, 1), extra), run_dir=str(run_dir), max_failures=2)
+    watcher.join()
+    assert killed, "no worker was killed"
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "resumed" for r in records), "the group did not restart from a checkpoint"
+    got = losses(run_dir)
+    assert max(got) == steps
+    assert_same(got, ref, range(1, steps + 1))
+
+    # restarting the same run (same name and storage) resumes from its latest checkpoint
+    run_train(cfg_for(prepared, "faulty", (2, 1, 1), [f"train.steps={steps + 2}", f"schedule.decay_steps={steps + 2}"]),
+              run_dir=str(run_dir))
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == steps + 2
+    assert [r for r in records if r.get("event") == "resumed"][-1]["step"] == steps
+    assert_same(losses(run_dir), ref, [steps + 1, steps + 2])
+
+
+def test_finetune_from_hf_starts_at_transformers_loss(prepared, ray_local, tmp_path):
+    """model.init_from: each tensor-parallel rank reads only its slices; step-1 loss (before any update)
+    equals transformers' loss on the same global batch."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from neoxray.model.config import get_preset
+    from neoxray.model.hf import config_to_hf
+    from neoxray.pipelines.reader import iter_batches, open_blend
+    from neoxray.platform.train import run_train
+
+    cfg = get_preset("tiny", vocab_size=1024, max_seq_len=64)
+    torch.manual_seed(0)
+    hf = GPTNeoXForCausalLM(GPTNeoXConfig(**{k: v for k, v in config_to_hf(cfg).items() if k != "neoxray"}))
+    hf.save_pretrained(tmp_path / "hf")
+    run_dir = tmp_path / "ft"
+    run_train(cfg_for(prepared, "ft", (1, 2, 1), [f"model.init_from={tmp_path / 'hf'}", "train.steps=1"]),
+              run_dir=str(run_dir))
+    batch = next(iter_batches(open_blend([str(prepared)], seed=11), 8, seed=11))
+    with torch.no_grad():
+        logits = hf.eval()(batch["input_ids"]).logits
+        expect = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten()).item()
+    assert abs(losses(run_dir)[1] - expect) < 1e-4 * expect
