@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One GPU session for the benchmarks (machines with torch + transformers but no Ray/DeepSpeed):
+#   bash benchmarks/gpu_run.sh OUTDIR
+# DeepSpeed and its missing dependencies come from ./.whl (see ../shared/gpu/README.md).
+set -uo pipefail
+OUT="${1:-${OUT:-/tmp/neoxray-bench}}"
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD"
+else
+  export PYTHONPATH="$PWD"
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+run() { echo "### $*" | tee -a "$OUT/log.txt"; timeout 200 python3 "$@" 2>&1 | grep -v "Warning\|warn(" | tee -a "$OUT/log.txt"; }
+run benchmarks/model_step.py --preset pythia-1.4b --batch 8 --seq 2048 --dtype bf16 --steps 6 --rounds 2 --json "$OUT/model_step_p14.json"
+run benchmarks/model_step.py --preset neox-20b --layers 4 --batch 4 --seq 2048 --dtype bf16 --steps 6 --rounds 2 --json "$OUT/model_step_20b4l.json"
+run benchmarks/train_throughput.py --preset pythia-1.4b --micro-batch 8 --seq 2048 --grad-accum 1 --steps 8 --warmup 2 --json "$OUT/train_p14.json"
+run benchmarks/train_throughput.py --preset neox-20b --layers 4 --micro-batch 4 --seq 2048 --grad-accum 1 --steps 8 --warmup 2 --json "$OUT/train_20b4l.json"

@@ -1,0 +1,552 @@
+"""Full training-step throughput: the platform's `TrainEngine` (without Ray) against transformers'
+`GPTNeoXForCausalLM` + `torch.optim.AdamW`, same architecture, same weights, same data, one process.
+
+    ours : `neoxray.platform.engine.TrainEngine` in a world of one (dp = tp = pp = 1): DeepSpeed's pipeline
+           engine, ZeRO-1, gradient accumulation = global_batch / micro_batch, gradient clipping, our AdamW.
+           On CUDA `train.precision=bf16` (DeepSpeed bf16: bf16 weights and activations, fp32 master weights
+           and fp32 gradient accumulation); on CPU fp32.
+    HF   : `GPTNeoXForCausalLM` (SDPA attention) with `torch.optim.AdamW` (fused on CUDA). On CUDA fp32 weights
+           under `torch.autocast(bfloat16)` (what `hf_baseline.py` in ../shared/gpu measures, and what the HF
+           Trainer does with bf16=True); on CPU fp32. Gradients clipped to the same norm as ours (as the HF
+           Trainer does by default; `--no-hf-clip` to leave it out, as `hf_baseline.py` does).
+
+One step = `--grad-accum` micro-batches of `--micro-batch` x `--seq` tokens, forward and backward, then one
+optimizer step, for both. The loss is the same function for both (next-token cross-entropy, fp32 logits).
+Data: a pool of random token ids made on the device (rows of seq + 1 tokens: input_ids = row[:-1],
+labels = row[1:]), cycled by an infinite iterator; both models see the same micro-batches in the same order.
+
+Both models start from the same weights: one initialisation (GPT-NeoX's rules, as `neoxray.model.init` applies
+them, drawn on the device) is loaded into the engine (through its `loader` hook, as a checkpoint would be) and
+into the HF model (through the `neoxray.model.hf` name map). The first step's loss and gradient norm are
+compared before ours is timed.
+
+Memory: on CUDA the two models are built and measured one after the other (HF first, freed, then ours), since
+both may not fit; peak memory is `torch.cuda.max_memory_allocated` from that model's build to the end of its
+measurement. On CPU (`--mode auto`) both stay resident and are measured in alternating rounds.
+
+Imports torch, transformers, deepspeed and neoxray (never Ray; checked and reported at the end).
+
+    python benchmarks/train_throughput.py --steps 3                         # CPU: tiny, fp32
+    python benchmarks/train_throughput.py --preset pythia-1.4b --micro-batch 8 --seq 2048 --steps 8
+    python benchmarks/train_throughput.py --preset neox-20b --layers 4 --micro-batch 4 --seq 2048 --steps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import gc
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # DeepSpeed picks its accelerator at import time
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
+
+from neoxray.model.gptneox import build_model, cross_entropy  # noqa: E402
+
+
+def _load_sibling(name: str):
+    """A module of this folder by file path (no `benchmarks` package needed, none shadowed by site-packages)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_neoxray_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_ms = _load_sibling("model_step")  # shared helpers: the HF model built from our weights, device names, constants
+GIB, PEAK_FLOPS, _loadavg, build_hf, device_name = _ms.GIB, _ms.PEAK_FLOPS, _ms._loadavg, _ms.build_hf, _ms.device_name
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device, reset_compiled: bool = False) -> None:
+    if reset_compiled:
+        torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+# -------------------------------------------------------------------------------------------------------
+# data: random token ids on the device
+# -------------------------------------------------------------------------------------------------------
+def make_pool(vocab: int, micro: int, seq: int, n: int, device: torch.device, seed: int):
+    """`n` (input_ids, labels) micro-batches [micro, seq], made on the device from one seeded generator."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    pool = []
+    for _ in range(n):
+        row = torch.randint(0, vocab, (micro, seq + 1), device=device, generator=g)
+        pool.append((row[:, :-1].contiguous(), row[:, 1:].contiguous()))
+    return pool
+
+
+def batches(pool):
+    """The infinite micro-batch iterator: the pool, over and over (each model gets its own, from the start)."""
+    return itertools.cycle(pool)
+
+
+# -------------------------------------------------------------------------------------------------------
+# the run config for the engine
+# -------------------------------------------------------------------------------------------------------
+def run_config(args, cuda: bool, total_steps: int):
+    from neoxray.model.config import get_preset
+    from neoxray.platform.config import load_run_config, resolved, validate
+
+    base = get_preset(args.preset)
+    overrides = [
+        "name=train_throughput",
+        f"model.preset={args.preset}",
+        f"model.activation_checkpointing={'true' if args.activation_checkpointing else 'false'}",
+        f"train.seq_len={args.seq}",
+        f"train.micro_batch={args.micro_batch}",
+        f"train.global_batch={args.micro_batch * args.grad_accum}",
+        f"train.precision={'bf16' if cuda else 'fp32'}",
+        f"train.device={'cuda' if cuda else 'cpu'}",
+        f"train.steps={max(total_steps, 1)}",
+        f"train.seed={args.seed}",
+        "parallel.data=1",
+        "parallel.tensor=1",
+        "parallel.pipeline=1",
+        "data.path=unused",  # the engine reads no data; validate() only checks the key is non-empty
+    ]
+    if args.layers:
+        overrides.append(f"model.overrides.n_layers={args.layers}")
+    if args.seq > base.max_seq_len:
+        overrides.append(f"model.overrides.max_seq_len={args.seq}")
+    cfg = load_run_config(None, overrides)
+    validate(cfg)  # not check_paths: data.path is never read here
+    return resolved(cfg)
+
+
+# -------------------------------------------------------------------------------------------------------
+# the two training steps
+# -------------------------------------------------------------------------------------------------------
+class Runner:
+    name = "?"
+
+    def __init__(self, device):
+        self.device = device
+        self.times: list[float] = []
+        self.round_medians: list[float] = []
+        self.first_step_s = None
+        self.peak_gib = None
+        self.resident_gib = None
+        self.check = None  # (loss, grad_norm) of the first step
+        self.inner_time = None  # a runner's own timing of its last step, if it has one
+        self.inner_times: list[float] = []  # ... of the timed steps
+
+    def step(self) -> None:  # one optimizer step
+        raise NotImplementedError
+
+    def check_step(self):
+        sync(self.device)
+        t0 = time.perf_counter()
+        self.check = self.step(check=True)
+        sync(self.device)
+        self.first_step_s = time.perf_counter() - t0
+        return self.check
+
+    def run(self, n: int, timed: bool = False) -> list[float]:
+        ts = []
+        for _ in range(n):
+            sync(self.device)
+            t0 = time.perf_counter()
+            self.step()
+            sync(self.device)
+            ts.append(time.perf_counter() - t0)
+            if timed and self.inner_time is not None:
+                self.inner_times.append(self.inner_time)
+        return ts
+
+    def block(self, warmup: int, steps: int) -> None:
+        self.run(warmup)
+        ts = self.run(steps, timed=True)
+        self.times += ts
+        self.round_medians.append(statistics.median(ts))
+
+    def measure_peak(self):
+        if self.device.type == "cuda":
+            self.peak_gib = max(self.peak_gib or 0.0, torch.cuda.max_memory_allocated(self.device) / GIB)
+
+
+class HFRunner(Runner):
+    name = "transformers"
+
+    def __init__(self, cfg, mc, state_dict, pool, args, device):
+        super().__init__(device)
+        self.model = build_hf(mc, device, state_dict)
+        if args.activation_checkpointing:
+            kwargs = {"use_reentrant": False}
+            if hasattr(self.model, "activation_checkpointing_enable"):  # the newer transformers 5 name
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if args.compile_hf:
+            for layer in self.model.gpt_neox.layers:
+                layer.compile()
+        from neoxray.platform.engine import no_decay  # the engine's weight-decay groups (no Ray, no DeepSpeed)
+
+        o = cfg.optimizer
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in named if not no_decay(n)], "weight_decay": o.weight_decay},
+                  {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0}]
+        self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                     fused=device.type == "cuda")
+        self.clip = o.clip_grad if args.hf_clip else 0.0
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.it = batches(pool)
+        self.accum = args.grad_accum
+        self.amp = torch.bfloat16 if device.type == "cuda" else None
+        self.resident_gib = (torch.cuda.memory_allocated(device) / GIB) if device.type == "cuda" else None
+
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+    def step(self, check: bool = False):
+        total = None
+        for _ in range(self.accum):
+            ids, labels = next(self.it)
+            with self._autocast():
+                logits = self.model(input_ids=ids, use_cache=False).logits
+                loss = cross_entropy(logits, labels)
+            (loss / self.accum).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        norm = None
+        if self.clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
+        elif check:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params], foreach=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if check:
+            return (total / self.accum).item(), float(norm)
+        return None
+
+    def close(self):
+        self.model = self.opt = self.params = self.it = None
+
+
+class OursRunner(Runner):
+    name = "neoxray"
+
+    def __init__(self, cfg, state_dict, pool, args, device):
+        super().__init__(device)
+        from neoxray.platform.engine import LayerPipe, TrainEngine
+
+        @torch.no_grad()
+        def loader(piece):  # fill each freshly built piece from the shared initial weights (tp = 1: no shards)
+            for name, p in piece.canonical_parameters():
+                p.copy_(state_dict[name])
+
+        self.engine = TrainEngine(cfg, loader=loader)
+        if self.engine.device != device:
+            raise RuntimeError(f"engine runs on {self.engine.device}, the benchmark on {device}")
+        if args.compile:  # regional compilation: each transformer layer alone (identical layers share a graph)
+            for piece in self.engine.pieces:
+                if isinstance(piece, LayerPipe):
+                    piece.compile()
+        self.it = batches(pool)
+        self.resident_gib = (torch.cuda.memory_allocated(device) / GIB) if device.type == "cuda" else None
+        # the engine's weights are the shared initial ones (cast to its dtype)
+        with torch.no_grad():
+            diffs = [(p.detach() - state_dict[n].to(p.device, p.dtype)).abs().max().float()
+                     for n, p in self.engine.named_parameters()]
+            self.weights_max_diff = torch.stack(diffs).max().item()
+        if len(diffs) != len(state_dict):
+            raise RuntimeError(f"engine has {len(diffs)} parameters, the plain model {len(state_dict)}")
+
+    def step(self, check: bool = False):
+        m = self.engine.train_step(self.it)
+        self.inner_time = m["step_time_s"]
+        if check:
+            return m["loss"], m["grad_norm"]
+        return None
+
+    def close(self):
+        self.engine = self.it = None
+
+
+# -------------------------------------------------------------------------------------------------------
+# the measurement
+# -------------------------------------------------------------------------------------------------------
+def check_agreement(ours, hf, rtol, grad_rtol) -> dict:
+    (lo, go), (lh, gh) = ours, hf
+    ok = math.isclose(lo, lh, rel_tol=rtol) and (go is None or math.isclose(go, gh, rel_tol=grad_rtol))
+    return dict(loss_ours=lo, loss_hf=lh, loss_rel_diff=abs(lo - lh) / abs(lh), grad_norm_ours=go, grad_norm_hf=gh,
+                grad_norm_rel_diff=None if go is None else abs(go - gh) / abs(gh), loss_rtol=rtol,
+                grad_rtol=grad_rtol, ok=ok)
+
+
+def print_check(chk: dict, strict: bool) -> None:
+    g = (f"grad norm ours {chk['grad_norm_ours']:.6f}  HF {chk['grad_norm_hf']:.6f}  rel diff "
+         f"{chk['grad_norm_rel_diff']:.2e} (rtol {chk['grad_rtol']:g})") if chk["grad_norm_ours"] is not None \
+        else f"grad norm ours n/a  HF {chk['grad_norm_hf']:.6f}"
+    print(f"check (first step, same weights and micro-batches): loss ours {chk['loss_ours']:.6f}  HF "
+          f"{chk['loss_hf']:.6f}  rel diff {chk['loss_rel_diff']:.2e} (rtol {chk['loss_rtol']:g});  {g}  -> "
+          f"{'OK' if chk['ok'] else 'MISMATCH'}", flush=True)
+    if not chk["ok"]:
+        if strict:
+            raise SystemExit("the two models disagree on the same weights and batch")
+        print("# WARNING: the two models disagree on the first step; the throughput comparison may be meaningless",
+              flush=True)
+
+
+@torch.no_grad()
+def initial_weights(mc, seed, device):
+    """The shared initial weights, fp32, kept on the CPU: GPT-NeoX's initialisation rules as
+    `neoxray.model.init` applies them (zero biases, unit LayerNorms, small_init / wang_init normals), but
+    drawn on the device from one seeded generator: the engine's own per-parameter CPU generators take about
+    a minute for a billion parameters, which this benchmark does not need to spend twice."""
+    from neoxray.model.init import init_std
+
+    model = build_model(mc, device=device, dtype=torch.float32, seed=None)  # materialised, not initialised
+    g = torch.Generator(device=device).manual_seed(seed)
+    sd = {}
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.zero_()
+        elif "layernorm" in name or "layer_norm" in name:
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, init_std(name, mc.d_model, mc.n_layers), generator=g)
+        sd[name] = p.detach().to("cpu", copy=True) if device.type != "cpu" else p.detach()
+    if len(sd) != len(model.state_dict()):
+        raise RuntimeError("the plain model has buffers in its state_dict: the copy would miss them")
+    del model
+    free_memory(device)
+    return sd
+
+
+def run_sequential(cfg, mc, sd, pool, args, device, rtol, grad_rtol):
+    """HF: build, check step, warm-up, timed steps, free; then ours the same. One model on the device at a time."""
+    cuda = device.type == "cuda"
+    if cuda:
+        free_memory(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    hf = HFRunner(cfg, mc, sd, pool, args, device)
+    hf_check = hf.check_step()
+    print(f"HF first step: loss {hf_check[0]:.6f}, grad norm {hf_check[1]:.6f} ({hf.first_step_s:.2f} s)", flush=True)
+    hf.block(args.warmup, args.steps)
+    hf.measure_peak()
+    print(f"HF: {1e3 * hf.round_medians[-1]:.1f} ms/step (median of {args.steps})", flush=True)
+    hf.close()
+    free_memory(device, reset_compiled=True)
+
+    if cuda:
+        leftover = torch.cuda.memory_allocated(device) / GIB
+        if leftover > 0.5:
+            print(f"# note: {leftover:.1f} GiB still allocated after freeing the HF model", flush=True)
+        torch.cuda.reset_peak_memory_stats(device)
+    ours = OursRunner(cfg, sd, pool, args, device)
+    ours_check = ours.check_step()
+    chk = check_agreement(ours_check, hf_check, rtol, grad_rtol)
+    chk["weights_max_abs_diff"] = ours.weights_max_diff
+    print_check(chk, args.strict)
+    ours.block(args.warmup, args.steps)
+    ours.measure_peak()
+    print(f"ours: {1e3 * ours.round_medians[-1]:.1f} ms/step (median of {args.steps})", flush=True)
+    return ours, hf, chk
+
+
+def run_interleaved(cfg, mc, sd, pool, args, device, rtol, grad_rtol):
+    """Both resident; rounds of [warm-up + timed steps] alternate between the models (order swapped each round)."""
+    hf = HFRunner(cfg, mc, sd, pool, args, device)
+    ours = OursRunner(cfg, sd, pool, args, device)
+    chk = check_agreement(ours.check_step(), hf.check_step(), rtol, grad_rtol)
+    chk["weights_max_abs_diff"] = ours.weights_max_diff
+    print_check(chk, args.strict)
+    for r in (ours, hf):
+        r.run(args.warmup)
+    for rnd in range(args.rounds):
+        for r in ((ours, hf) if rnd % 2 == 0 else (hf, ours)):
+            r.block(args.round_warmup, args.steps)
+        print(f"round {rnd + 1}/{args.rounds}: " + "  ".join(
+            f"{r.name} {1e3 * r.round_medians[-1]:.1f} ms" for r in (ours, hf)), flush=True)
+    return ours, hf, chk
+
+
+def summarize(r: Runner, mc, args, device) -> dict:
+    med = statistics.median(r.times)
+    tok_s = args.micro_batch * args.grad_accum * args.seq / med
+    tflops = tok_s * mc.train_flops_per_token(args.seq) / 1e12
+    out = dict(model=r.name, ms_per_step=1e3 * med, tokens_per_s=tok_s, tflops=tflops,
+               ms_per_step_min=1e3 * min(r.times), ms_per_step_max=1e3 * max(r.times),
+               round_medians_ms=[1e3 * t for t in r.round_medians], timed_steps=len(r.times),
+               first_step_s=r.first_step_s)
+    if r.inner_times:
+        # the engine's own step_time_s (around DeepSpeed's train_batch only); the row's figure is the whole
+        # engine.train_step call (the data iterator, the metrics' host reads included)
+        out["engine_step_time_ms_median"] = 1e3 * statistics.median(r.inner_times)
+    if device.type == "cuda":
+        out["mfu"] = tflops * 1e12 / PEAK_FLOPS
+        out["peak_gib"] = r.peak_gib
+        out["resident_after_build_gib"] = r.resident_gib
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default=None, help="model preset (default: tiny on CPU, pythia-1.4b on CUDA)")
+    p.add_argument("--layers", type=int, default=None, help="override n_layers (e.g. 4 layers of neox-20b)")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch (default 2 CPU, 8 CUDA)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 128 CPU, 2048 CUDA)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (ours: global_batch = micro x accum; HF: the same loop)")
+    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per model (per round) "
+                   "(default 3 CPU, 8 CUDA)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per model after the checked first "
+                   "step (default 1 CPU, 2 CUDA)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds in interleaved mode (default 3)")
+    p.add_argument("--round-warmup", type=int, default=1, help="untimed steps per model per round, interleaved "
+                   "mode (default 1)")
+    p.add_argument("--mode", default="auto", choices=["auto", "interleaved", "sequential"],
+                   help="sequential: HF then ours, one on the device at a time; interleaved: both resident, "
+                        "alternating rounds; auto (default): sequential on CUDA, interleaved on CPU")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute layer activations (both)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer layer of ours")
+    p.add_argument("--compile-hf", action="store_true", help="torch.compile each transformer layer of HF's")
+    p.add_argument("--no-hf-clip", dest="hf_clip", action="store_false",
+                   help="no gradient clipping on the HF side (ours always clips to optimizer.clip_grad)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=1234, help="weights (train.seed) and data seed (default 1234)")
+    p.add_argument("--strict", action="store_true", help="stop when the first-step check fails")
+    p.add_argument("--verbose", action="store_true", help="keep DeepSpeed's INFO logging")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    for key, cpu_default, cuda_default in (("preset", "tiny", "pythia-1.4b"), ("micro_batch", 2, 8),
+                                           ("seq", 128, 2048), ("steps", 3, 8), ("warmup", 1, 2)):
+        if getattr(args, key) is None:
+            setattr(args, key, cuda_default if cuda else cpu_default)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mode = args.mode if args.mode != "auto" else ("sequential" if cuda else "interleaved")
+    if mode == "interleaved":
+        total_steps = 2 + args.warmup + args.rounds * (args.round_warmup + args.steps)
+    else:
+        total_steps = 1 + args.warmup + args.steps
+
+    import deepspeed
+    import transformers
+
+    if not args.verbose:
+        import logging
+
+        from deepspeed.utils import logger as ds_logger
+        ds_logger.setLevel(logging.WARNING)
+
+    cfg = run_config(args, cuda, total_steps)
+    mc = cfg.model_config()
+    precision = "bf16" if cuda else "fp32"
+    rtol, grad_rtol = (1e-4, 1e-3) if not cuda else (2e-2, 5e-2)
+    if args.compile or args.compile_hf:
+        rtol, grad_rtol = max(rtol, 1e-3), max(grad_rtol, 1e-2)
+    tokens_per_step = args.micro_batch * args.grad_accum * args.seq
+
+    env = dict(date=_dt.datetime.now().astimezone().isoformat(timespec="seconds"), torch=torch.__version__,
+               transformers=transformers.__version__, deepspeed=deepspeed.__version__,
+               python=platform.python_version(), device=str(device), device_name=device_name(device),
+               threads=torch.get_num_threads(), cuda=torch.version.cuda if cuda else None, loadavg_start=_loadavg())
+    policy = {"ours": "DeepSpeed bf16 (bf16 weights/activations, fp32 master weights + fp32 grad accumulation)"
+                      if cuda else "fp32",
+              "hf": "fp32 weights under torch.autocast(bfloat16), fused AdamW" if cuda else "fp32, AdamW"}
+    setup = dict(preset=args.preset, n_layers=mc.n_layers, d_model=mc.d_model, n_heads=mc.n_heads,
+                 vocab_size=mc.vocab_size, params=mc.num_parameters(), micro_batch=args.micro_batch, seq=args.seq,
+                 grad_accum=args.grad_accum, global_batch=cfg.train.global_batch, tokens_per_step=tokens_per_step,
+                 precision=precision, precision_policy=policy, activation_checkpointing=args.activation_checkpointing,
+                 compile_ours=args.compile, compile_hf=args.compile_hf, hf_clip=args.hf_clip,
+                 clip_grad=cfg.optimizer.clip_grad, zero_stage=cfg.parallel.zero_stage, layout="dp=1 tp=1 pp=1",
+                 steps=args.steps, warmup=args.warmup, rounds=args.rounds if mode == "interleaved" else 1,
+                 seed=args.seed, train_flops_per_token=mc.train_flops_per_token(args.seq))
+    print(f"# train_throughput  {env['date']}  torch {env['torch']}  transformers {env['transformers']}  "
+          f"deepspeed {env['deepspeed']}  python {env['python']}" + (f"  CUDA {env['cuda']}" if cuda else ""))
+    print(f"# device {env['device']}: {env['device_name']}  threads {env['threads']}"
+          + (f"  load average {env['loadavg_start']}" if not cuda else ""))
+    print(f"# {args.preset}" + (f" with {mc.n_layers} layers" if args.layers else "") +
+          f": L {mc.n_layers}, d {mc.d_model}, heads {mc.n_heads}, V {mc.vocab_size}, "
+          f"{mc.num_parameters() / 1e6:.1f}M params;  micro-batch {args.micro_batch} x seq {args.seq} x accum "
+          f"{args.grad_accum} = {tokens_per_step} tokens/step;  activation checkpointing "
+          f"{args.activation_checkpointing};  compile ours {args.compile}, HF {args.compile_hf}")
+    print(f"# precision: ours {policy['ours']};  HF {policy['hf']};  grad clip ours {cfg.optimizer.clip_grad:g}, HF "
+          f"{cfg.optimizer.clip_grad if args.hf_clip else 0:g};  ours = TrainEngine (DeepSpeed pipeline engine, "
+          f"ZeRO-{cfg.parallel.zero_stage}, dp=tp=pp=1, no Ray);  SDPA both", flush=True)
+
+    t0 = time.perf_counter()
+    sd = initial_weights(mc, cfg.train.seed, device)
+    pool = make_pool(mc.vocab_size, args.micro_batch, args.seq, args.grad_accum, device, args.seed + 1)
+    print(f"# initial weights drawn in {time.perf_counter() - t0:.1f} s; mode {mode}", flush=True)
+
+    if mode == "sequential":
+        ours, hf, chk = run_sequential(cfg, mc, sd, pool, args, device, rtol, grad_rtol)
+    else:
+        ours, hf, chk = run_interleaved(cfg, mc, sd, pool, args, device, rtol, grad_rtol)
+        ours.measure_peak()
+        hf.measure_peak()
+
+    env["loadavg_end"] = _loadavg()
+    rows = [summarize(r, mc, args, device) for r in (ours, hf)]
+    ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
+    how = ("SEQUENTIAL (HF built, measured and freed; then ours)" if mode == "sequential"
+           else "interleaved rounds (order swapped each round), both models resident")
+    print(f"\n# measurement: {how}; medians over {rows[0]['timed_steps']} timed optimizer steps per model")
+    hdr = f"{'model':<14}{'tokens/s':>12}{'ms/step':>10}{'min..max ms':>18}{'TFLOP/s':>9}"
+    if cuda:
+        hdr += f"{'MFU':>7}{'peak GiB':>10}"
+    print(hdr)
+    for r in rows:
+        line = (f"{r['model']:<14}{r['tokens_per_s']:>12,.0f}{r['ms_per_step']:>10.1f}"
+                f"{r['ms_per_step_min']:>9.1f}..{r['ms_per_step_max']:<7.1f}{r['tflops']:>9.2f}")
+        if cuda:
+            line += f"{r['mfu']:>7.3f}{r['peak_gib']:>10.1f}"
+        print(line)
+    print(f"ratio ours/HF (tokens/s): {ratio:.3f}")
+    if "engine_step_time_ms_median" in rows[0]:
+        print(f"# ours' own step_time_s (around DeepSpeed train_batch): median "
+              f"{rows[0]['engine_step_time_ms_median']:.1f} ms")
+    if cuda:
+        print("# MFU = tokens/s x train_flops_per_token(seq) / 989e12; peak GiB = torch.cuda.max_memory_allocated "
+              "from that model's build to the end of its measurement (reset between models)")
+    else:
+        print(f"# load average at start {env['loadavg_start']}, at end {env['loadavg_end']} ({os.cpu_count()} CPUs)")
+    if args.compile or args.compile_hf:
+        print("# first step (includes compilation): " + ", ".join(
+            f"{r['model']} {r['first_step_s']:.1f} s" for r in rows))
+    ray_imported = "ray" in sys.modules
+    print(f"# ray imported: {ray_imported}")
+
+    result = dict(env=env, setup=setup, mode=mode, check=chk, results=rows, ratio_ours_over_hf=ratio,
+                  ray_imported=ray_imported)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"# wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
