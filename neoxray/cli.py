@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from neoxray.errors import NeoxrayError
 
@@ -60,6 +61,21 @@ def cmd_tokenizer_train(args) -> None:
     print(f"trained a byte-level BPE with {tok.vocab_size} tokens; saved to {args.output}")
 
 
+def cmd_prepare(args) -> None:
+    from neoxray.pipelines.prepare import prepare
+
+    result = prepare(args.input, args.tokenizer, args.seq_len, args.output, val_fraction=args.val_fraction,
+                     workers=args.workers, text_key=args.text_key, by_component=args.by_component,
+                     overwrite=args.overwrite, progress=not args.quiet)
+    m = result.manifest
+    if args.json:
+        _print_json({"output": result.output, "skipped": result.skipped, **{k: m[k] for k in
+                     ("documents", "tokens", "rows", "dropped_tokens", "bad_rows", "seq_len")}})
+    elif not result.skipped:
+        print(f"prepared {m['rows']:,} rows of {m['seq_len'] + 1} tokens ({m['documents']:,} documents, "
+              f"{m['tokens']:,} tokens) in {result.output}")
+
+
 def _load(args):
     from neoxray.model.hf import load_model_and_tokenizer
 
@@ -105,6 +121,29 @@ def cmd_score(args) -> None:
         print(f"total log-probability {total:.4f} over {len(ids) - 1} predicted tokens")
 
 
+def cmd_train(args) -> None:
+    from neoxray.platform.config import check_paths, load_run_config
+    from neoxray.platform.train import run_local, run_train
+
+    cfg = load_run_config(args.config, args.overrides)
+    check_paths(cfg)
+    if args.no_ray:
+        run_local(cfg, run_dir=args.run_dir)
+    else:
+        run_train(cfg, run_dir=args.run_dir, address=args.address, max_failures=args.max_failures)
+
+
+def cmd_export(args) -> None:
+    from neoxray.platform.checkpoint import export_checkpoint
+    from neoxray.platform.worker import latest_checkpoint
+
+    ckpt = args.checkpoint
+    if not (Path(ckpt) / "meta.json").exists() and latest_checkpoint(ckpt) is not None:
+        ckpt = latest_checkpoint(ckpt)  # a run directory: its newest complete checkpoint
+    out = export_checkpoint(ckpt, args.out, dtype=_dtype(args.dtype))
+    print(f"exported {ckpt} to {out}")
+
+
 # ----------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neoxray", description="GPT-NeoX-family models on Ray.")
@@ -131,6 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", required=True)
     train.set_defaults(func=cmd_tokenizer_train)
 
+    prep = sub.add_parser("prepare", help="tokenize and pack Pile-format shards into a training dataset (Ray Data)")
+    prep.add_argument("--input", nargs="+", required=True,
+                      help=".jsonl/.jsonl.gz/.jsonl.zst files, directories or globs; local or s3://, gs://, ...")
+    prep.add_argument("--tokenizer", required=True, help="tokenizer.json, a directory holding one, or a hub id")
+    prep.add_argument("--seq-len", type=int, required=True, help="tokens per training sequence (rows hold N+1)")
+    prep.add_argument("--output", required=True, help="dataset directory (local or a URI)")
+    prep.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
+    prep.add_argument("--workers", type=int, default=None, help="tokenizer actors (default: cluster CPUs - 1)")
+    prep.add_argument("--text-key", default="text", help="JSON key of the document text")
+    prep.add_argument("--by-component", action="store_true",
+                      help="pack each pile_set_name separately, so that components can be mixed with weights")
+    prep.add_argument("--overwrite", action="store_true", help="rebuild a finished dataset")
+    prep.add_argument("--quiet", action="store_true", help="no progress lines")
+    prep.add_argument("--json", action="store_true", help="print a one-line JSON summary")
+    prep.set_defaults(func=cmd_prepare)
+
     def model_args(sp):
         sp.add_argument("--model", required=True, help="Hugging Face GPT-NeoX directory")
         sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -153,6 +208,22 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(sc)
     sc.add_argument("--text", required=True)
     sc.set_defaults(func=cmd_score)
+
+    tr = sub.add_parser("train", help="3D-parallel training on Ray Train (DeepSpeed pipeline + ZeRO-1, Megatron TP)")
+    tr.add_argument("--config", default=None, help="run config YAML (overrides the defaults)")
+    tr.add_argument("--run-dir", default=None, help="where checkpoints, metrics and TensorBoard logs go")
+    tr.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local one)")
+    tr.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the latest checkpoint")
+    tr.add_argument("--no-ray", action="store_true",
+                    help="run the engine without Ray: one process, or under torchrun (its world = dp x tp x pp)")
+    tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. parallel.tensor=2")
+    tr.set_defaults(func=cmd_train)
+
+    ex = sub.add_parser("export", help="merge a training checkpoint into a Hugging Face GPT-NeoX directory")
+    ex.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run directory (its newest)")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    ex.set_defaults(func=cmd_export)
     return p
 
 

@@ -6,7 +6,11 @@ A Pile shard is JSON Lines, optionally gzip- or zstd-compressed: one object per 
 
 Everything here streams: a shard is decompressed and parsed one line at a time, never held in memory whole.
 Rows that cannot be used are skipped, not fatal; pass a `collections.Counter` as `bad` to learn how many were
-skipped and why (keys are the reasons in `BAD_ROW_REASONS`).
+skipped and why (keys are the reasons in `BAD_ROW_REASONS`). Rows that are kept but lack their component
+(no `meta`, or no string `meta.pile_set_name`) come back with pile_set_name None; pass a Counter as `labelled`
+to count them (key "missing_meta").
+
+Paths may be local or URIs (`s3://...`, `gs://...`): see `neoxray.pipelines.fs`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import BinaryIO, Iterator
 import zstandard
 
 from neoxray.errors import NeoxrayError
+from neoxray.pipelines import fs as _fs
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 """Pile shards: JSON Lines, plain, gzip or zstd."""
@@ -28,8 +33,10 @@ TEXT_SUFFIXES = (".txt",)
 """Plain-text files: the whole file is one document."""
 DOCUMENT_SUFFIXES = JSONL_SUFFIXES + TEXT_SUFFIXES
 
-BAD_ROW_REASONS = ("invalid_utf8", "invalid_json", "not_an_object", "missing_text", "text_not_string")
+BAD_ROW_REASONS = ("invalid_utf8", "invalid_json", "not_an_object", "missing_text", "text_not_string", "empty_text")
 """Why a row was skipped: the keys a `bad` counter may receive."""
+LABELLED_ROW_REASONS = ("missing_meta",)
+"""Why a kept row has no component: the keys a `labelled` counter may receive."""
 
 
 def has_document_suffix(path: str | Path) -> bool:
@@ -37,21 +44,19 @@ def has_document_suffix(path: str | Path) -> bool:
     return str(path).lower().endswith(DOCUMENT_SUFFIXES)
 
 
-def _is_jsonl(path: Path) -> bool:
+def _is_jsonl(path: str | Path) -> bool:
     return str(path).lower().endswith(JSONL_SUFFIXES)
 
 
-def _open_binary(path: Path) -> BinaryIO:
-    """Open `path` for reading, transparently decompressing .gz and .zst (by suffix)."""
+def _as_path(path: str | Path) -> str:
+    """Local paths as given (str); URIs unchanged (Path() would fold their '//')."""
+    return str(path)
+
+
+def _open_binary(path: str | Path) -> BinaryIO:
+    """Open `path` (local or a URI) for reading, transparently decompressing .gz and .zst (by suffix)."""
     name = str(path).lower()
-    try:
-        raw = open(path, "rb")
-    except FileNotFoundError:
-        raise NeoxrayError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise NeoxrayError(f"{path}: is a directory, expected a file") from None
-    except OSError as e:
-        raise NeoxrayError(f"{path}: cannot open ({e.strerror or e})") from None
+    raw = _fs.open_input(str(path))
     if name.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
     if name.endswith(".zst"):
@@ -110,7 +115,7 @@ def open_text_lines(path: str | Path, bad: Counter | None = None) -> Iterator[st
     Decompresses as it goes. A line that is not valid UTF-8 is skipped and counted as bad["invalid_utf8"].
     A truncated or corrupt compressed stream raises NeoxrayError naming the file.
     """
-    path = Path(path)
+    path = _as_path(path)
     with _open_binary(path) as f:
         lines = iter(f)
         while True:
@@ -129,10 +134,14 @@ def open_text_lines(path: str | Path, bad: Counter | None = None) -> Iterator[st
             yield line
 
 
-def parse_pile_line(line: str, text_key: str = "text", bad: Counter | None = None) -> tuple[str, str | None] | None:
-    """Parse one JSON line into (text, pile_set_name), or return None (and count the reason) if unusable.
+def parse_pile_line(
+    line: str, text_key: str = "text", bad: Counter | None = None, labelled: Counter | None = None
+) -> tuple[str, str | None] | None:
+    """Parse one JSON line into (text, pile_set_name), or return None (and count the reason in `bad`) if unusable.
 
-    Blank lines return None without being counted: they carry no row.
+    Blank lines return None without being counted: they carry no row. An empty text is unusable ("empty_text").
+    A usable row without a string meta.pile_set_name comes back with None and is counted in `labelled`
+    ("missing_meta").
     """
     if not line.strip():
         return None
@@ -148,25 +157,37 @@ def parse_pile_line(line: str, text_key: str = "text", bad: Counter | None = Non
             reason = "missing_text"
         elif not isinstance(obj[text_key], str):
             reason = "text_not_string"
+        elif not obj[text_key]:
+            reason = "empty_text"
+        else:
+            try:  # JSON escapes can smuggle in lone surrogates, which are not text (and not UTF-8)
+                obj[text_key].encode("utf-8")
+            except UnicodeEncodeError:
+                reason = "invalid_utf8"
     if reason is not None:
         if bad is not None:
             bad[reason] += 1
         return None
     meta = obj.get("meta")
     name = meta.get("pile_set_name") if isinstance(meta, dict) else None
-    return obj[text_key], name if isinstance(name, str) else None
+    if not isinstance(name, str):
+        name = None
+        if labelled is not None:
+            labelled["missing_meta"] += 1
+    return obj[text_key], name
 
 
 def iter_documents(
-    path: str | Path, text_key: str = "text", bad: Counter | None = None
+    path: str | Path, text_key: str = "text", bad: Counter | None = None, labelled: Counter | None = None
 ) -> Iterator[tuple[str, str | None]]:
-    """Yield (text, pile_set_name) for each document in `path`, streaming.
+    """Yield (text, pile_set_name) for each document in `path` (local or a URI), streaming.
 
-    .jsonl/.jsonl.gz/.jsonl.zst: one document per valid line; pile_set_name from meta.pile_set_name, or None.
-    .txt (or any other suffix): the whole file is one document, with pile_set_name None.
-    Malformed rows are skipped and counted in `bad` by reason (see `BAD_ROW_REASONS`).
+    .jsonl/.jsonl.gz/.jsonl.zst: one document per valid line; pile_set_name from meta.pile_set_name, or None
+    (counted in `labelled` as "missing_meta"). .txt (or any other suffix): the whole file is one document, with
+    pile_set_name None (not counted). Malformed rows are skipped and counted in `bad` by reason (see
+    `BAD_ROW_REASONS`).
     """
-    path = Path(path)
+    path = _as_path(path)
     if not _is_jsonl(path):
         with _open_binary(path) as f:
             data = f.read()
@@ -176,9 +197,13 @@ def iter_documents(
             if bad is not None:
                 bad["invalid_utf8"] += 1
             return
+        if not text:
+            if bad is not None:
+                bad["empty_text"] += 1
+            return
         yield text, None
         return
     for line in open_text_lines(path, bad):
-        doc = parse_pile_line(line, text_key, bad)
+        doc = parse_pile_line(line, text_key, bad, labelled)
         if doc is not None:
             yield doc

@@ -1,0 +1,142 @@
+"""Throughput of the whole `neoxray prepare` pipeline against raw `tokenizers` `encode_batch`, on the same text,
+with the same tokenizer, on the same machine, in one run.
+
+    baseline : every document already in memory, one `Tokenizer.encode_batch(docs)` call in this process
+               (the Rust backend spreads it over all cores); `encode_batch_fast` (no offsets) is timed too
+    pipeline : `neoxray.pipelines.prepare.prepare(...)` end to end with --workers 1, 2, ... on a local Ray
+               cluster that is already running: reading and decompressing the shards, JSON parsing, the
+               tokenizer actor pool, packing, Parquet writing, the manifest
+
+Tokens are counted the same way on both sides (the manifest's `tokens`: ids plus one end-of-document id per
+document), and the pipeline's count must equal the baseline's. The ratio pipeline / baseline is the figure
+that goes into docs/benchmarks.md.
+
+The corpus is `--copies` copies of the bundled sample (so that the pipeline's fixed start-up cost, about as
+long as tokenizing a few MB, does not dominate), each copy a separate .jsonl.zst shard.
+
+    python benchmarks/prepare_throughput.py                      # GPT-NeoX-20B tokenizer from ../shared if present
+    python benchmarks/prepare_throughput.py --copies 8 --workers 1 2 4 --tokenizer path/to/tokenizer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from anywhere without installing
+
+from neoxray.model.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from neoxray.pipelines.pile import iter_documents  # noqa: E402
+
+SAMPLE = ROOT / "neoxray" / "pipelines" / "sample" / "sample.jsonl.zst"
+SHARED_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokenizer", default=None, help="tokenizer.json (default: GPT-NeoX-20B's if present)")
+    ap.add_argument("--copies", type=int, default=4, help="copies of the bundled sample in the corpus")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray cluster")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="neoxray-bench-"))
+    try:
+        tok_source = args.tokenizer or (str(SHARED_TOKENIZER) if SHARED_TOKENIZER.exists() else None)
+        if tok_source is None:
+            print("training a 4096-token BPE on the sample (no GPT-NeoX-20B tokenizer found)", file=sys.stderr)
+            train_tokenizer([str(SAMPLE)], 4096, str(work / "tok"))
+            tok_source = str(work / "tok")
+        tok = Tokenizer.load(tok_source)
+        corpus = work / "corpus"
+        corpus.mkdir()
+        for i in range(args.copies):
+            shutil.copyfile(SAMPLE, corpus / f"shard-{i:02d}.jsonl.zst")
+        docs = [text for path in sorted(corpus.iterdir()) for text, _ in iter_documents(path)]
+        text_mb = sum(len(t.encode("utf-8")) for t in docs) / 1e6
+
+        # ---- baseline: raw tokenizers, all cores, text already in memory
+        t = time.perf_counter()
+        ids = tok.encode_batch(docs)
+        base_s = time.perf_counter() - t
+        tokens = sum(map(len, ids)) + len(docs)
+        del ids
+        fast_s = None
+        if hasattr(tok.backend, "encode_batch_fast"):
+            t = time.perf_counter()
+            tok.backend.encode_batch_fast(docs, add_special_tokens=False)
+            fast_s = time.perf_counter() - t
+        del docs
+
+        # ---- the pipeline, end to end, on a running local cluster
+        import ray
+
+        t = time.perf_counter()
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray_start_s = time.perf_counter() - t
+        time.sleep(3)  # let the cluster's prestarted workers settle
+        from neoxray.pipelines.prepare import prepare
+
+        runs = []
+        for w in args.workers:
+            out = work / f"out-w{w}"
+            t = time.perf_counter()
+            m = prepare([str(corpus)], tok_source, args.seq_len, str(out), workers=w, progress=False,
+                        log=lambda msg: None).manifest
+            secs = time.perf_counter() - t
+            if m["tokens"] != tokens:
+                raise SystemExit(f"token counts differ: pipeline {m['tokens']} vs baseline {tokens}")
+            runs.append({"workers": w, "seconds": round(secs, 2), "tokens_per_s": round(tokens / secs),
+                         "ratio_vs_encode_batch": round(base_s / secs, 3),
+                         "ratio_vs_encode_batch_fast": round(fast_s / secs, 3) if fast_s else None})
+        ray.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    result = {
+        "date": _dt.date.today().isoformat(),
+        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+        "tokenizer": f"{tok_source} (vocab {tok.vocab_size})",
+        "corpus": f"{args.copies} x bundled sample: {args.copies * 1410} documents, {text_mb:.1f} MB of text, "
+                  f"{tokens:,} tokens",
+        "seq_len": args.seq_len,
+        "baseline_encode_batch": {"seconds": round(base_s, 2), "tokens_per_s": round(tokens / base_s)},
+        "baseline_encode_batch_fast": ({"seconds": round(fast_s, 2), "tokens_per_s": round(tokens / fast_s)}
+                                       if fast_s else None),
+        "ray_cluster_start_s": round(ray_start_s, 2),
+        "pipeline": runs,
+    }
+    print(f"date {result['date']}; machine {result['machine']}")
+    print(f"tokenizer {result['tokenizer']}; corpus {result['corpus']}")
+    print(f"raw encode_batch        {tokens / base_s:>12,.0f} tokens/s  ({base_s:.1f} s)")
+    if fast_s:
+        print(f"raw encode_batch_fast   {tokens / fast_s:>12,.0f} tokens/s  ({fast_s:.1f} s)")
+    for r in runs:
+        print(f"prepare --workers {r['workers']:<3}   {r['tokens_per_s']:>12,} tokens/s  ({r['seconds']:.1f} s)  "
+              f"ratio vs encode_batch {r['ratio_vs_encode_batch']:.2f}"
+              + (f", vs encode_batch_fast {r['ratio_vs_encode_batch_fast']:.2f}" if fast_s else ""))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,623 @@
+"""`neoxray prepare`: Pile-format shards -> tokenized, packed Parquet datasets, on Ray Data.
+
+    inputs (files, folders, globs; local or s3:// gs:// ...)
+      |  Ray Data: from_items(files) -> flat_map(read)        one task per input file streams its lines and cuts
+      |                                                       them into chunks of about `chunk_bytes` of text
+      v
+    map_batches(_Tokenize, ActorPoolStrategy(size=workers))   the tokenizer is built once per actor; each chunk is
+      |                                                       encoded with `encode_batch`, EOD appended after
+      |                                                       every document, documents routed to train or
+      |                                                       validation by a hash of their text, and the chunk's
+      |                                                       token streams written to DIR/.tmp-*/chunks/
+      v
+    _pack_file (a Ray task per input file, started as soon as all of that file's chunks are tokenized)
+      |   concatenates the file's streams in chunk order and cuts them into rows of seq_len + 1 tokens that
+      |   cross document boundaries; the remainder (< seq_len + 1 tokens per file and split) is dropped and
+      |   counted; rows go to Parquet files with fixed, deterministic names and settings
+      v
+    DIR/train/part-*.parquet, DIR/validation/part-*.parquet, DIR/manifest.json (written last)
+
+Packing per input file makes the output independent of scheduling: the same inputs and options give
+byte-identical files whatever the number of workers, the chunk size or the cluster. Only the per-file reading is
+sequential; tokenization (the expensive part) spreads over the actor pool, and files are packed in parallel.
+
+The dataset format is described in docs/data.md; `neoxray.pipelines.reader` reads it back for training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from neoxray.errors import NeoxrayError
+from neoxray.pipelines import fs
+from neoxray.pipelines.pile import JSONL_SUFFIXES, iter_documents
+
+FORMAT = "neoxray.packed/1"
+"""`format` field of manifest.json: bumped when the layout changes."""
+MANIFEST = "manifest.json"
+SPLITS = ("train", "validation")
+TOKENIZER_DIR = "tokenizer"
+"""DIR/tokenizer/: the tokenizer the data was prepared with (tokenizer.json and the files AutoTokenizer needs)."""
+UNKNOWN_COMPONENT = "unknown"
+"""The component of a document whose row has no meta.pile_set_name."""
+DEFAULT_VAL_FRACTION = 0.01
+DEFAULT_CHUNK_BYTES = 2 << 20
+"""Text per unit of tokenizer work (about a second of one core's tokenization)."""
+TARGET_FILE_BYTES = 64 << 20
+"""Rows per Parquet file are chosen so that a file holds about this many bytes of (uncompressed) uint16 ids."""
+TARGET_ROW_GROUP_BYTES = 256 << 10
+"""Rows per row group: the reader's unit of random access (a shuffled read fetches one row group)."""
+COMPRESSION = "zstd"
+PROGRESS_EVERY_S = 5.0
+
+_TMP_PREFIX = ".tmp-"
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def token_dtype(vocab_size: int) -> str:
+    """'uint16' when every id fits in 16 bits, else 'int32'."""
+    return "uint16" if vocab_size <= 1 << 16 else "int32"
+
+
+def validation_threshold(val_fraction: float) -> int:
+    """Documents whose 64-bit text hash is below this go to validation."""
+    return int(round(val_fraction * (1 << 64)))
+
+
+def text_hash64(text: str | bytes) -> int:
+    """The hash that routes a document to train or validation: BLAKE2b (8-byte digest) of its UTF-8, big-endian."""
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def component_tag(name: str) -> str:
+    """A file-name-safe, collision-free tag for a component name (used in part-file names with --by-component)."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")[:40] or "x"
+    return f"{slug}-{hashlib.sha1(name.encode('utf-8')).hexdigest()[:6]}"
+
+
+def layout_for(seq_len: int, dtype: str) -> tuple[int, int]:
+    """(rows per Parquet file, rows per row group) for rows of seq_len + 1 ids."""
+    row_bytes = (seq_len + 1) * np.dtype(dtype).itemsize
+    group = max(1, TARGET_ROW_GROUP_BYTES // row_bytes)
+    per_file = max(group, (TARGET_FILE_BYTES // row_bytes) // group * group)
+    return per_file, group
+
+
+@dataclass
+class PrepareResult:
+    output: str
+    manifest: dict
+    skipped: bool = False
+    """True when the output was already prepared with the same inputs and options (nothing was done)."""
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------ stage 1: reading
+def _read_chunks(item: dict, text_key: str, chunk_bytes: int) -> Iterator[dict]:
+    """One input file -> its documents in order, in chunks of about `chunk_bytes` characters."""
+    file_idx, path = int(item["file_idx"]), str(item["path"])
+    bad: Counter = Counter()
+    texts: list[str] = []
+    comps: list[str] = []
+    size = 0
+    chunk = 0
+
+    def row(last: bool) -> dict:  # the file's bad-row counts travel with its last chunk
+        return {"file_idx": file_idx, "chunk_idx": chunk, "texts": texts, "components": comps,
+                "bad": json.dumps(dict(bad) if last else {}), "last": last}
+
+    for text, name in iter_documents(path, text_key, bad=bad, labelled=bad):
+        texts.append(text)
+        comps.append(UNKNOWN_COMPONENT if name is None else name)
+        size += len(text)
+        if size >= chunk_bytes:
+            yield row(False)
+            chunk += 1
+            texts, comps, size = [], [], 0
+    yield row(True)
+
+
+# --------------------------------------------------------------------------------------- stage 2: tokenizing
+class _Tokenize:
+    """Ray Data actor: the tokenizer is built once, here; each call tokenizes chunks and writes their streams."""
+
+    def __init__(self, tokenizer_file: str, eod_id: int, dtype: str, val_fraction: float, by_component: bool,
+                 chunk_dir: str, threads: int = 1):
+        # the Rust thread pool reads this once, at its first use: one tokenizer thread per reserved CPU
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+        import tokenizers
+
+        self.tok = tokenizers.Tokenizer.from_str(fs.read_bytes(tokenizer_file).decode("utf-8"))
+        self.encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
+        self.eod = int(eod_id)
+        self.dtype = np.dtype(dtype)
+        self.threshold = validation_threshold(val_fraction)
+        self.by_component = by_component
+        self.chunk_dir = chunk_dir
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        return pa.Table.from_pylist([self._chunk(row) for row in batch.to_pylist()], schema=_chunk_result_schema())
+
+    def _chunk(self, row: dict) -> dict:
+        import pyarrow as pa
+
+        texts, comps = row["texts"], row["components"]
+        encodings = self.encode(texts, add_special_tokens=False) if texts else []
+        streams: dict[tuple[int, str], list[int]] = {}
+        stats: dict[tuple[int, str], list[int]] = {}  # (split, component) -> [documents, tokens]
+        text_bytes = 0
+        for text, comp, enc in zip(texts, comps, encodings):
+            data = text.encode("utf-8")
+            text_bytes += len(data)
+            split = 1 if text_hash64(data) < self.threshold else 0
+            ids = enc.ids
+            key = (split, comp if self.by_component else "")
+            stream = streams.get(key)
+            if stream is None:
+                stream = streams[key] = []
+            stream.extend(ids)
+            stream.append(self.eod)
+            s = stats.setdefault((split, comp), [0, 0])
+            s[0] += 1
+            s[1] += len(ids) + 1
+        path = ""
+        if streams:
+            keys = sorted(streams)
+            value_type = pa.from_numpy_dtype(self.dtype)
+            table = pa.table({
+                "split": pa.array([k[0] for k in keys], pa.int8()),
+                "component": pa.array([k[1] for k in keys], pa.string()),
+                "ids": pa.array([np.asarray(streams[k], dtype=self.dtype) for k in keys], pa.list_(value_type)),
+            })
+            path = fs.join(self.chunk_dir, f"f{row['file_idx']:05d}-c{row['chunk_idx']:07d}.arrow")
+            with fs.open_output(path) as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+        return {
+            "file_idx": row["file_idx"], "chunk_idx": row["chunk_idx"], "last": row["last"], "path": path,
+            "text_bytes": text_bytes, "bad": row["bad"],
+            "stats": json.dumps([[sp, c, d, t] for (sp, c), (d, t) in sorted(stats.items())]),
+        }
+
+
+def _chunk_result_schema():
+    import pyarrow as pa
+
+    return pa.schema([("file_idx", pa.int64()), ("chunk_idx", pa.int64()), ("last", pa.bool_()),
+                      ("path", pa.string()), ("text_bytes", pa.int64()), ("bad", pa.string()),
+                      ("stats", pa.string())])
+
+
+# ------------------------------------------------------------------------------------------ stage 3: packing
+def _write_rows(path: str, values: np.ndarray, row_len: int, row_group_rows: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(values) // row_len
+    offsets = pa.array(np.arange(0, n * row_len + 1, row_len, dtype=np.int32))
+    table = pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(values))})
+    with fs.open_output(path) as sink:
+        pq.write_table(table, sink, row_group_size=row_group_rows, compression=COMPRESSION,
+                       use_dictionary=False, write_statistics=False)
+
+
+def pack_file(file_idx: int, chunk_paths: list[str], out_dir: str, seq_len: int, rows_per_file: int,
+              row_group_rows: int) -> list[dict]:
+    """Pack one input file's token streams (chunk files, in order) into Parquet rows of seq_len + 1 ids.
+
+    Returns one entry per stream (split, component): its part files and how many tokens the packing dropped.
+    """
+    import pyarrow as pa
+
+    row_len = seq_len + 1
+    per_file_tokens = rows_per_file * row_len
+
+    class Stream:
+        def __init__(self, split: int, comp: str):
+            self.split, self.comp = split, comp
+            self.pending: list[np.ndarray] = []
+            self.pending_len = 0
+            self.tokens = 0
+            self.parts: list[dict] = []
+
+        def add(self, ids: np.ndarray) -> None:
+            self.pending.append(ids)
+            self.pending_len += len(ids)
+            self.tokens += len(ids)
+            while self.pending_len >= per_file_tokens:
+                self.emit(rows_per_file)
+
+        def emit(self, rows: int) -> None:
+            buf = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
+            take = rows * row_len
+            tag = f"-{component_tag(self.comp)}" if self.comp else ""
+            name = f"part-{file_idx:05d}{tag}-{len(self.parts):05d}.parquet"
+            split_name = SPLITS[self.split]
+            _write_rows(fs.join(out_dir, split_name, name), buf[:take], row_len, row_group_rows)
+            self.parts.append({"path": f"{split_name}/{name}", "rows": rows,
+                               "component": self.comp or None})
+            rest = buf[take:]
+            self.pending = [rest] if len(rest) else []
+            self.pending_len = len(rest)
+
+        def finish(self) -> dict:
+            rows = self.pending_len // row_len
+            if rows:
+                self.emit(rows)
+            return {"file_idx": file_idx, "split": SPLITS[self.split], "component": self.comp or None,
+                    "tokens": self.tokens, "dropped_tokens": self.pending_len, "parts": self.parts}
+
+    streams: dict[tuple[int, str], Stream] = {}
+    for path in chunk_paths:
+        with fs.open_random_access(path) as f:
+            table = pa.ipc.open_file(f).read_all()
+        for split, comp, ids in zip(table["split"].to_pylist(), table["component"].to_pylist(), table["ids"]):
+            key = (split, comp)
+            if key not in streams:
+                streams[key] = Stream(split, comp)
+            streams[key].add(ids.values.to_numpy(zero_copy_only=False))
+    return [streams[k].finish() for k in sorted(streams)]
+
+
+# ------------------------------------------------------------------------------------------------- progress
+class _Progress:
+    def __init__(self, enabled: bool, n_files: int, out=sys.stderr):
+        self.enabled, self.n_files, self.out = enabled, n_files, out
+        self.start = self.last = time.monotonic()
+        self.docs = self.bytes = self.tokens = 0
+        self.files_done = 0
+
+    def update(self, docs: int, nbytes: int, tokens: int, force: bool = False) -> None:
+        self.docs += docs
+        self.bytes += nbytes
+        self.tokens += tokens
+        now = time.monotonic()
+        if self.enabled and (force or now - self.last >= PROGRESS_EVERY_S):
+            self.last = now
+            dt = max(now - self.start, 1e-9)
+            print(f"prepare: {self.docs:,} documents ({self.docs / dt:,.0f}/s), {self.bytes / 1e6:,.1f} MB "
+                  f"({self.bytes / 1e6 / dt:,.2f} MB/s), {self.tokens / 1e6:,.2f}M tokens "
+                  f"({self.tokens / 1e6 / dt:,.3f}M tokens/s); {self.files_done}/{self.n_files} files tokenized",
+                  file=self.out, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------- driver
+def _find_neoxray_error(exc: BaseException) -> NeoxrayError | None:
+    """The NeoxrayError behind a Ray / Ray Data exception chain, if there is one."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, NeoxrayError):
+            return NeoxrayError(str(e.args[0]) if e.args else str(e))
+        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    return None
+
+
+def _options(seq_len, val_fraction, text_key, by_component, rows_per_file, row_group_rows) -> dict:
+    return {
+        "seq_len": seq_len,
+        "val_fraction": val_fraction,
+        "text_key": text_key,
+        "by_component": by_component,
+        "split_hash": "blake2b-64(text utf-8) < val_fraction * 2^64 -> validation",
+        "rows_per_file": rows_per_file,
+        "row_group_rows": row_group_rows,
+        "compression": COMPRESSION,
+    }
+
+
+def _ensure_ray():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.ERROR, log_to_driver=False)
+    return ray
+
+
+def read_manifest(output: str) -> dict | None:
+    """The manifest of a finished dataset at `output`, or None when there is none."""
+    path = fs.join(fs.normalize(output), MANIFEST)
+    if not fs.exists(path):
+        return None
+    try:
+        return json.loads(fs.read_bytes(path).decode("utf-8"))
+    except ValueError as e:
+        raise NeoxrayError(f"{path}: not a valid manifest ({e})") from None
+
+
+def prepare(
+    inputs: Iterable[str],
+    tokenizer: str,
+    seq_len: int,
+    output: str,
+    *,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    workers: int | None = None,
+    text_key: str = "text",
+    by_component: bool = False,
+    overwrite: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    rows_per_file: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> PrepareResult:
+    """Tokenize and pack Pile-format inputs into DIR=`output` (see the module docstring and docs/data.md).
+
+    `inputs`: files, folders (searched recursively for .jsonl, .jsonl.gz, .jsonl.zst) or globs, local or URIs.
+    `tokenizer`: a tokenizer.json, a folder holding one, or a hub id. `workers`: size of the tokenizer actor pool
+    (default: the cluster's CPUs less one). Connects to the running Ray cluster (RAY_ADDRESS, a Ray job) or
+    starts a local one. A finished `output` with the same inputs and options is left alone (skipped=True);
+    with other inputs or options it is an error unless `overwrite`.
+    """
+    t0 = time.monotonic()
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise NeoxrayError(f"--seq-len must be a positive integer, got {seq_len}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise NeoxrayError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    val_fraction = float(val_fraction)
+    if workers is not None and workers < 1:
+        raise NeoxrayError(f"--workers must be at least 1, got {workers}")
+    if chunk_bytes < 1:
+        raise NeoxrayError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    out = fs.normalize(output)
+    if fs.is_file(out):
+        raise NeoxrayError(f"output {output}: exists and is a file, expected a folder")
+
+    files = fs.expand_inputs(inputs, JSONL_SUFFIXES, "input")
+    sizes = [fs.file_size(p) for p in files]
+
+    from neoxray.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tokenizer)
+    dtype = token_dtype(tok.vocab_size)
+    default_rows, row_group_rows = layout_for(seq_len, dtype)
+    if rows_per_file is not None:
+        if rows_per_file < 1:
+            raise NeoxrayError(f"rows_per_file must be positive, got {rows_per_file}")
+        row_group_rows = min(row_group_rows, rows_per_file)
+    else:
+        rows_per_file = default_rows
+    options = _options(seq_len, val_fraction, text_key, by_component, rows_per_file, row_group_rows)
+    tok_info = {"sha256": tok.sha256, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id}
+    input_list = [{"path": p, "size": s} for p, s in zip(files, sizes)]
+
+    existing = read_manifest(out)
+    if existing is not None and not overwrite:
+        same = (existing.get("options") == options and existing.get("tokenizer") == tok_info
+                and [{"path": i["path"], "size": i["size"]} for i in existing.get("inputs", [])] == input_list)
+        if not same:
+            raise NeoxrayError(
+                f"output {output} already holds a dataset prepared from other inputs or options "
+                f"(see {fs.join(out, MANIFEST)}); pass --overwrite to replace it, or choose another --output")
+        say(f"prepare: {output} is already prepared ({MANIFEST} present); nothing to do (--overwrite rebuilds it)")
+        return PrepareResult(out, existing, skipped=True, seconds=time.monotonic() - t0)
+
+    fs.makedirs(out)
+    for name in fs.list_dir(out):  # leftovers of runs that died: nothing finished lives there
+        if name.startswith(_TMP_PREFIX):
+            fs.delete(fs.join(out, name))
+    tmp = fs.join(out, f"{_TMP_PREFIX}{uuid.uuid4().hex[:12]}")
+    try:
+        for sub in ("chunks", *SPLITS):
+            fs.makedirs(fs.join(tmp, sub))
+        _save_tokenizer(tok, fs.join(tmp, TOKENIZER_DIR))
+        results = _run_pipeline(files, sizes, tok, dtype, seq_len, val_fraction, text_key, by_component,
+                                workers, chunk_bytes, rows_per_file, row_group_rows, tmp, progress, say)
+        manifest = _build_manifest(results, input_list, options, tok_info, seq_len, dtype, files)
+        if manifest["splits"]["train"]["rows"] == 0:
+            raise NeoxrayError(
+                f"no training rows: {manifest['tokens']:,} tokens from {len(files)} input file(s) "
+                f"({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}) do not fill one row of "
+                f"{seq_len + 1} tokens per file; use a smaller --seq-len or more data")
+        fs.delete(fs.join(tmp, "chunks"))
+        # commit: the old manifest goes first (the folder stops looking finished), the new one comes last
+        fs.delete(fs.join(out, MANIFEST))
+        for sub in (*SPLITS, TOKENIZER_DIR):
+            fs.delete(fs.join(out, sub))
+            fs.move(fs.join(tmp, sub), fs.join(out, sub))
+        fs.write_bytes_atomic(fs.join(out, MANIFEST), (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+    except BaseException:
+        _discard(tmp)
+        raise
+    _discard(tmp)
+    seconds = time.monotonic() - t0
+    say(f"prepare: wrote {manifest['splits']['train']['rows']:,} train and "
+        f"{manifest['splits']['validation']['rows']:,} validation rows of {seq_len + 1} tokens "
+        f"({manifest['documents']:,} documents, {manifest['tokens']:,} tokens, "
+        f"{sum(manifest['bad_rows'].values()):,} bad rows) to {out} in {seconds:,.1f} s "
+        f"({manifest['tokens'] / max(seconds, 1e-9) / 1e6:,.3f}M tokens/s)")
+    return PrepareResult(out, manifest, skipped=False, seconds=seconds)
+
+
+def _save_tokenizer(tok, directory: str) -> None:
+    """`Tokenizer.save` into `directory`, which may be a URI."""
+    if not fs.is_uri(directory):
+        tok.save(directory)
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="neoxray-tok-") as local:
+        tok.save(local)
+        fs.makedirs(directory)
+        for name in sorted(os.listdir(local)):
+            with open(os.path.join(local, name), "rb") as src, fs.open_output(fs.join(directory, name)) as dst:
+                dst.write(src.read())
+
+
+def _discard(path: str) -> None:
+    """Delete a temporary folder, retrying while straggling writers (cancelled tasks) still add to it."""
+    for attempt in range(20):
+        try:
+            fs.delete(path)
+            if not fs.exists(path):
+                return
+        except Exception:
+            pass
+        time.sleep(0.25)
+
+
+def _run_pipeline(files, sizes, tok, dtype, seq_len, val_fraction, text_key, by_component, workers, chunk_bytes,
+                  rows_per_file, row_group_rows, tmp, progress, say) -> dict:
+    ray = _ensure_ray()
+    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    if workers is None:
+        workers = max(1, cpus - 1)
+    elif workers > cpus:
+        raise NeoxrayError(f"--workers {workers}: the Ray cluster has only {cpus} CPUs")
+
+    ctx = DataContext.get_current()
+    saved = (ctx.target_max_block_size, ctx.enable_progress_bars, ctx.print_on_execution_start,
+             ctx.enable_auto_log_stats)
+    data_logger = logging.getLogger("ray.data")
+    saved_level = data_logger.level
+    # one chunk per block, so that chunks spread over the actor pool instead of queueing behind each other
+    ctx.target_max_block_size = max(1 << 20, chunk_bytes // 2)
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    data_logger.setLevel(logging.ERROR)
+    caught = warnings.catch_warnings()
+    caught.__enter__()
+    # Ray Data's advice about pools larger than the number of inputs: a small job simply uses fewer actors
+    warnings.filterwarnings("ignore", message=r".*number of concurrent (actors|tasks).*", category=UserWarning)
+    chunk_dir = fs.join(tmp, "chunks")
+    tokenizer_file = fs.join(tmp, TOKENIZER_DIR, "tokenizer.json")  # on the output filesystem: every node reaches it
+    # readers and packers reserve no CPU: they are light (decompression, JSON, concatenation, Parquet writes),
+    # and a reservation could deadlock against an actor pool that holds every CPU (--workers = CPUs)
+    pack = ray.remote(num_cpus=0, max_retries=0)(pack_file)
+    max_packing = max(2, workers)
+    waiting: list[tuple] = []  # pack jobs not yet submitted (at most max_packing run at once)
+    bar = _Progress(progress, len(files))
+    chunks: dict[int, dict[int, dict]] = {}
+    last_chunk: dict[int, int] = {}
+    pending: dict = {}  # ObjectRef -> file index
+    packed: list[dict] = []
+    try:
+        ds = ray.data.from_items([{"file_idx": i, "path": p} for i, p in enumerate(files)],
+                                 override_num_blocks=len(files))
+        ds = ds.flat_map(_read_chunks, fn_kwargs={"text_key": text_key, "chunk_bytes": chunk_bytes},
+                         num_cpus=0, compute=TaskPoolStrategy(size=max(1, min(len(files), workers))))
+        ds = ds.map_batches(
+            _Tokenize,
+            fn_constructor_kwargs={"tokenizer_file": tokenizer_file, "eod_id": tok.eod_id, "dtype": dtype,
+                                   "val_fraction": val_fraction, "by_component": by_component,
+                                   "chunk_dir": chunk_dir},
+            batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(size=workers), num_cpus=1)
+
+        def collect_packed(block: bool) -> None:
+            while True:
+                while waiting and len(pending) < max_packing:
+                    job = waiting.pop(0)
+                    pending[pack.remote(*job)] = job[0]
+                if not pending:
+                    return
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if block else 0)
+                if not ready:
+                    return
+                for ref in ready:
+                    pending.pop(ref)
+                    packed.extend(ray.get(ref))
+
+        for row in ds.iter_rows():
+            f, c = int(row["file_idx"]), int(row["chunk_idx"])
+            stats = json.loads(row["stats"])
+            chunks.setdefault(f, {})[c] = {"path": row["path"], "bad": json.loads(row["bad"]), "stats": stats}
+            if row["last"]:
+                last_chunk[f] = c
+            if f in last_chunk and len(chunks[f]) == last_chunk[f] + 1:
+                bar.files_done += 1
+                ordered = [chunks[f][k]["path"] for k in range(last_chunk[f] + 1) if chunks[f][k]["path"]]
+                waiting.append((f, ordered, tmp, seq_len, rows_per_file, row_group_rows))
+            bar.update(sum(s[2] for s in stats), int(row["text_bytes"]), sum(s[3] for s in stats))
+            collect_packed(block=False)
+        bar.update(0, 0, 0, force=True)
+        if progress and (pending or waiting):
+            say(f"prepare: packing the last {len(pending) + len(waiting)} file(s)")
+        collect_packed(block=True)
+    except BaseException as e:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        err = _find_neoxray_error(e) if isinstance(e, Exception) else None
+        if err is not None:
+            raise err from None
+        raise
+    finally:
+        (ctx.target_max_block_size, ctx.enable_progress_bars, ctx.print_on_execution_start,
+         ctx.enable_auto_log_stats) = saved
+        data_logger.setLevel(saved_level)
+        caught.__exit__(None, None, None)
+    missing = [files[i] for i in range(len(files)) if i not in last_chunk]
+    if missing:
+        raise NeoxrayError(f"prepare: input {missing[0]} was not read to its end")
+    return {"chunks": chunks, "packed": packed}
+
+
+def _build_manifest(results, input_list, options, tok_info, seq_len, dtype, files) -> dict:
+    chunks, packed = results["chunks"], results["packed"]
+    bad: Counter = Counter()
+    components: dict[str, dict] = {}
+    per_file = [{"documents": 0, "tokens": 0, "rows": 0, "dropped_tokens": 0} for _ in files]
+    splits = {s: {"documents": 0, "tokens": 0, "rows": 0, "dropped_tokens": 0, "files": []} for s in SPLITS}
+    for f, by_chunk in chunks.items():
+        for c in sorted(by_chunk):
+            bad.update(by_chunk[c]["bad"])
+            for split, comp, docs, tokens in by_chunk[c]["stats"]:
+                entry = components.setdefault(comp, {"documents": 0, "tokens": 0})
+                entry["documents"] += docs
+                entry["tokens"] += tokens
+                per_file[f]["documents"] += docs
+                per_file[f]["tokens"] += tokens
+                splits[SPLITS[split]]["documents"] += docs
+                splits[SPLITS[split]]["tokens"] += tokens
+    for stream in sorted(packed, key=lambda s: (s["file_idx"], SPLITS.index(s["split"]), s["component"] or "")):
+        rows = sum(p["rows"] for p in stream["parts"])
+        sp = splits[stream["split"]]
+        sp["rows"] += rows
+        sp["dropped_tokens"] += stream["dropped_tokens"]
+        sp["files"].extend(stream["parts"])
+        per_file[stream["file_idx"]]["rows"] += rows
+        per_file[stream["file_idx"]]["dropped_tokens"] += stream["dropped_tokens"]
+    documents = sum(s["documents"] for s in splits.values())
+    tokens = sum(s["tokens"] for s in splits.values())
+    if documents == 0:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(bad.items())) or "none"
+        raise NeoxrayError(f"no usable documents in {len(files)} input file(s) "
+                           f"({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}); bad rows: {reasons}")
+    return {
+        "format": FORMAT,
+        "seq_len": seq_len,
+        "row_length": seq_len + 1,
+        "dtype": dtype,
+        "documents": documents,
+        "tokens": tokens,
+        "rows": sum(s["rows"] for s in splits.values()),
+        "dropped_tokens": sum(s["dropped_tokens"] for s in splits.values()),
+        "bad_rows": dict(sorted(bad.items())),
+        "components": dict(sorted(components.items())),
+        "splits": splits,
+        "tokenizer": tok_info,
+        "inputs": [{**i, **per_file[k]} for k, i in enumerate(input_list)],
+        "options": options,
+    }

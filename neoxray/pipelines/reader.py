@@ -1,0 +1,488 @@
+"""Feed training from prepared datasets (the output of `neoxray prepare`): a deterministic global order, a
+disjoint share of every global batch per data-parallel rank, resume without replay, and mixing.
+
+Index-based: nothing is streamed through a shuffle buffer, so any position of the order can be reached directly.
+
+- `PackedDataset(path, split, component)`: the rows of one prepared dataset, in storage order (the manifest's
+  file order). `take(rows)` reads only the Parquet row groups that hold those rows (with a small LRU cache).
+- `BlendedDataset(datasets, weights, seed)`: the training order, an endless sequence of samples. With one
+  dataset, sample i is row `permute(i mod R)` of epoch `i // R`, where the permutation of each epoch is a keyed
+  Feistel bijection of [0, R) derived from (seed, epoch). With several datasets (or several components of one),
+  a fixed interleaving schedule decides which dataset each sample comes from, so that every dataset's share of
+  any prefix stays within a sample or two of its weight (the property of GPT-NeoX's greedy blend), and each
+  dataset walks its own shuffled epochs. Where a sample comes from is computed from its index alone (exact
+  integer and correctly rounded arithmetic): O(1) memory, no replay, the same on every machine and numpy
+  version.
+- `BatchSampler`: global batch s covers samples [s*G, (s+1)*G); data-parallel rank r of D gets the slice
+  [s*G + r*G/D, s*G + (r+1)*G/D), cut into micro-batches. It starts at `consumed_samples` (from a checkpoint).
+  Tensor- and pipeline-parallel peers pass the same dp_rank and therefore get identical batches.
+- `iter_batches(...)`: the above as dicts of torch tensors: input_ids = row[:-1], labels = row[1:].
+- `ray_dataset(path)`: a prepared split as a `ray.data.Dataset` (for `ray.train.get_dataset_shard`, evaluation,
+  inspection). Training that needs the deterministic, resumable order calls `iter_batches` inside each Ray
+  Train worker with its own dp rank (an explicit per-replica split); it needs no Ray at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from neoxray.errors import NeoxrayError
+from neoxray.pipelines import fs
+from neoxray.pipelines.prepare import FORMAT, MANIFEST, SPLITS
+
+BLEND_PERIOD = 1 << 16
+"""Weights are quantized to integers summing to about this; the blend schedule repeats with this period."""
+FEISTEL_ROUNDS = 6
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+# ---------------------------------------------------------------------------------------------- permutation
+def derive_key(*parts: int) -> int:
+    """A 64-bit key from integers (seed, dataset index, epoch, ...): BLAKE2b of their decimal text."""
+    text = ":".join(str(int(p)) for p in parts).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big")
+
+
+def _mix(x: np.ndarray, key: np.uint64) -> np.ndarray:
+    x = x ^ key
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def permute(indices, n: int, key: int) -> np.ndarray:
+    """The images of `indices` (each in [0, n)) under a pseudo-random bijection of [0, n) chosen by `key`.
+
+    A balanced Feistel network on the smallest even number of bits covering n, with cycle walking for values
+    that land in [n, 2^bits); 6 rounds of a splitmix64-style round function.
+    """
+    idx = np.asarray(indices, dtype=np.int64)
+    if n <= 0:
+        raise ValueError("permute: n must be positive")
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise IndexError(f"permute: indices must be in [0, {n})")
+    if n == 1:
+        return np.zeros_like(idx)
+    bits = max(2, int(n - 1).bit_length())
+    bits += bits % 2
+    half = np.uint64(bits // 2)
+    mask = np.uint64((1 << (bits // 2)) - 1)
+    round_keys = [np.uint64(derive_key(key, r)) for r in range(FEISTEL_ROUNDS)]
+
+    def once(x: np.ndarray) -> np.ndarray:
+        left, right = x >> half, x & mask
+        for rk in round_keys:
+            left, right = right, left ^ (_mix(right, rk) & mask)
+        return (left << half) | right
+
+    with np.errstate(over="ignore"):
+        y = once(idx.astype(np.uint64).reshape(-1))
+        out_of_range = y >= np.uint64(n)
+        while out_of_range.any():
+            y[out_of_range] = once(y[out_of_range])
+            out_of_range = y >= np.uint64(n)
+    return y.astype(np.int64).reshape(idx.shape)
+
+
+# ------------------------------------------------------------------------------------------- packed dataset
+def _open_manifest(path: str) -> dict:
+    manifest_path = fs.join(path, MANIFEST)
+    if not fs.exists(manifest_path):
+        raise NeoxrayError(
+            f"{path}: not a prepared dataset (no {MANIFEST}; run `neoxray prepare`, or it did not finish)")
+    try:
+        manifest = json.loads(fs.read_bytes(manifest_path).decode("utf-8"))
+    except ValueError as e:
+        raise NeoxrayError(f"{manifest_path}: not a valid manifest ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise NeoxrayError(f"{manifest_path}: unsupported format {manifest.get('format')!r} (expected {FORMAT})")
+    return manifest
+
+
+class PackedDataset:
+    """The rows of one split of a prepared dataset (optionally one component of it), in storage order."""
+
+    def __init__(self, path: str, split: str = "train", component: str | None = None,
+                 cache_bytes: int = 64 << 20):
+        self.path = fs.normalize(path)
+        if split not in SPLITS:
+            raise NeoxrayError(f"{path}: unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+        self.manifest = _open_manifest(self.path)
+        self.split, self.component = split, component
+        self.seq_len: int = int(self.manifest["seq_len"])
+        self.row_length: int = self.seq_len + 1
+        self.dtype = np.dtype(self.manifest["dtype"])
+        entries = self.manifest["splits"][split]["files"]
+        if component is not None:
+            if not self.manifest["options"].get("by_component"):
+                raise NeoxrayError(
+                    f"{path}: prepared without --by-component, so rows mix components; "
+                    f"component {component!r} cannot be selected")
+            available = sorted({e["component"] for e in entries})
+            entries = [e for e in entries if e["component"] == component]
+            if not entries:
+                raise NeoxrayError(f"{path}: no {split} rows of component {component!r} "
+                                   f"(available: {', '.join(available) or 'none'})")
+        self.files = [fs.join(self.path, e["path"]) for e in entries]
+        self.file_components = [e.get("component") for e in entries]
+        counts = np.array([int(e["rows"]) for e in entries], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.num_rows = int(self._starts[-1])
+        self.cache_bytes = cache_bytes
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self._handles: OrderedDict = OrderedDict()
+        self._group_index: dict[int, np.ndarray] = {}
+        self._cache: OrderedDict = OrderedDict()
+        self._cached_bytes = 0
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for k in ("_handles", "_group_index", "_cache", "_cached_bytes"):
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_state()
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __repr__(self) -> str:
+        comp = f", component={self.component!r}" if self.component else ""
+        return f"PackedDataset({self.path!r}, split={self.split!r}{comp}, rows={self.num_rows}, seq_len={self.seq_len})"
+
+    @property
+    def components(self) -> list[str]:
+        """Components present in this split (only when prepared with --by-component; else [])."""
+        return sorted({c for c in self.file_components if c})
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        if not -self.num_rows <= row < self.num_rows:
+            raise IndexError(f"row {row} out of range for {self.num_rows} rows")
+        return self.take([row % self.num_rows])[0]
+
+    def take(self, rows) -> np.ndarray:
+        """Rows (storage order) as an array [len(rows), seq_len + 1] of the stored dtype."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(rows), self.row_length), dtype=self.dtype)
+        if not len(rows):
+            return out
+        if rows.min() < 0 or rows.max() >= self.num_rows:
+            raise IndexError(f"rows must be in [0, {self.num_rows}) for {self!r}")
+        file_idx = np.searchsorted(self._starts, rows, side="right") - 1
+        local = rows - self._starts[file_idx]
+        for f in np.unique(file_idx):
+            in_file = file_idx == f
+            group_starts = self._group_starts(int(f))
+            group = np.searchsorted(group_starts, local[in_file], side="right") - 1
+            within = local[in_file] - group_starts[group]
+            positions = np.flatnonzero(in_file)
+            for g in np.unique(group):
+                sel = group == g
+                out[positions[sel]] = self._row_group(int(f), int(g))[within[sel]]
+        return out
+
+    def _group_starts(self, f: int) -> np.ndarray:
+        """First row (within file f) of each of its row groups, from the Parquet footer."""
+        starts = self._group_index.get(f)
+        if starts is None:
+            meta = self._parquet(f).metadata
+            counts = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            expected = int(self._starts[f + 1] - self._starts[f])
+            if starts[-1] != expected:
+                raise NeoxrayError(f"{self.files[f]}: holds {starts[-1]} rows, the manifest says {expected}")
+            self._group_index[f] = starts
+        return starts
+
+    def _parquet(self, f: int):
+        import pyarrow.parquet as pq
+
+        handle = self._handles.get(f)
+        if handle is None:
+            try:
+                handle = pq.ParquetFile(fs.open_random_access(self.files[f]))
+            except NeoxrayError:
+                raise
+            except Exception as e:
+                raise NeoxrayError(f"{self.files[f]}: not a readable Parquet file ({e})") from None
+            self._handles[f] = handle
+            if len(self._handles) > 64:
+                self._handles.popitem(last=False)
+        else:
+            self._handles.move_to_end(f)
+        return handle
+
+    def _row_group(self, f: int, g: int) -> np.ndarray:
+        key = (f, g)
+        block = self._cache.get(key)
+        if block is not None:
+            self._cache.move_to_end(key)
+            return block
+        table = self._parquet(f).read_row_group(g, columns=["input_ids"])
+        column = table.column(0).combine_chunks()
+        values = column.flatten().to_numpy()
+        if len(values) != len(column) * self.row_length:
+            raise NeoxrayError(f"{self.files[f]}: row group {g} does not hold rows of {self.row_length} ids")
+        block = values.reshape(len(column), self.row_length).astype(self.dtype, copy=False)
+        self._cache[key] = block
+        self._cached_bytes += block.nbytes
+        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= old.nbytes
+        return block
+
+    def iter_rows(self, batch_size: int = 256) -> Iterator[np.ndarray]:
+        """All rows in storage order, in arrays of up to `batch_size` rows."""
+        for start in range(0, self.num_rows, batch_size):
+            yield self.take(np.arange(start, min(start + batch_size, self.num_rows)))
+
+
+# ------------------------------------------------------------------------------------------------- blending
+def parse_data_spec(spec: str) -> tuple[str, str | None]:
+    """'DIR' -> (DIR, None); 'DIR#Component' -> (DIR, 'Component') (datasets prepared with --by-component)."""
+    path, sep, component = spec.partition("#")
+    return path, (component if sep else None)
+
+
+class BlendedDataset:
+    """The deterministic training order over one or more `PackedDataset`s (an endless sequence of samples).
+
+    `weights` are sample proportions (normalised; default equal). See the module docstring for the order.
+    """
+
+    def __init__(self, datasets: Sequence[PackedDataset], weights: Sequence[float] | None = None, seed: int = 0):
+        datasets = list(datasets)
+        if not datasets:
+            raise NeoxrayError("a blend needs at least one dataset")
+        if weights is None:
+            weights = [1.0] * len(datasets)
+        weights = [float(w) for w in weights]
+        if len(weights) != len(datasets):
+            raise NeoxrayError(f"{len(weights)} weights for {len(datasets)} datasets")
+        if any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+            raise NeoxrayError(f"blend weights must be non-negative with a positive sum, got {weights}")
+        seq = {d.seq_len for d in datasets}
+        if len(seq) != 1:
+            raise NeoxrayError(
+                "blended datasets must share seq_len; got " + ", ".join(f"{d.path}: {d.seq_len}" for d in datasets))
+        for d, w in zip(datasets, weights):
+            if w > 0 and len(d) == 0:
+                raise NeoxrayError(f"{d!r} has no rows but a positive blend weight")
+        self.datasets, self.seed = datasets, int(seed)
+        self.seq_len = datasets[0].seq_len
+        self.dtype = np.result_type(*[d.dtype for d in datasets])
+        total = sum(weights)
+        self.weights = [w / total for w in weights]
+        if len(datasets) == 1:
+            counts = np.array([1], dtype=np.int64)
+        else:
+            counts = np.array([int(round(w * BLEND_PERIOD)) for w in self.weights], dtype=np.int64)
+            counts[(counts == 0) & (np.array(self.weights) > 0)] = 1
+        self._counts = counts
+        self.period = int(counts.sum())
+        # event k of dataset d (k < counts[d]) happens at time (2k + 1) / (2 counts[d]); merging all events in
+        # time order (ties by dataset index) spreads each dataset evenly: an exact low-discrepancy interleaving
+        ds_idx = np.concatenate([np.full(c, d, dtype=np.int64) for d, c in enumerate(counts)])
+        ranks = np.concatenate([np.arange(c, dtype=np.int64) for c in counts])
+        times = (2 * ranks + 1) / (2.0 * counts[ds_idx])
+        order = np.lexsort((ds_idx, times))
+        self._schedule_ds = ds_idx[order]
+        self._schedule_rank = ranks[order]
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{d!r}: {w:.4f}" for d, w in zip(self.datasets, self.weights))
+        return f"BlendedDataset({parts}, seed={self.seed})"
+
+    def locate(self, samples) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset index, row in that dataset) of each sample index of the order."""
+        samples = np.asarray(samples, dtype=np.int64).reshape(-1)
+        if len(samples) and samples.min() < 0:
+            raise IndexError("sample indices must be non-negative")
+        period, offset = np.divmod(samples, self.period)
+        ds = self._schedule_ds[offset]
+        j = period * self._counts[ds] + self._schedule_rank[offset]  # the j-th sample drawn from dataset ds
+        rows = np.empty_like(j)
+        sizes = np.array([len(d) for d in self.datasets], dtype=np.int64)
+        epoch, pos = np.divmod(j, np.maximum(sizes[ds], 1))
+        keys = ds * (1 << 40) + epoch
+        for key in np.unique(keys):
+            sel = keys == key
+            d, e = int(key >> 40), int(key & ((1 << 40) - 1))
+            rows[sel] = permute(pos[sel], int(sizes[d]), derive_key(self.seed, d, e))
+        return ds, rows
+
+    def take(self, samples) -> np.ndarray:
+        """Samples of the order as an array [len(samples), seq_len + 1]."""
+        ds, rows = self.locate(samples)
+        out = np.empty((len(rows), self.seq_len + 1), dtype=self.dtype)
+        for d in np.unique(ds):
+            sel = ds == d
+            out[sel] = self.datasets[int(d)].take(rows[sel])
+        return out
+
+
+def open_blend(specs: Sequence[str] | str, weights: Sequence[float] | None = None, split: str = "train",
+               seed: int = 0) -> BlendedDataset:
+    """A BlendedDataset from data specs ('DIR' or 'DIR#Component'), with optional weights."""
+    if isinstance(specs, str):
+        specs = [specs]
+    return BlendedDataset([PackedDataset(p, split, c) for p, c in map(parse_data_spec, specs)], weights, seed)
+
+
+# --------------------------------------------------------------------------------------------------- batches
+@dataclass(frozen=True)
+class BatchSampler:
+    """Which samples of the order each data-parallel rank reads, micro-batch by micro-batch."""
+
+    global_batch_size: int
+    dp_rank: int = 0
+    dp_size: int = 1
+    micro_batch_size: int | None = None
+    """Defaults to the whole per-rank share (global_batch_size / dp_size)."""
+    consumed_samples: int = 0
+    """Samples of the order already consumed (from a checkpoint): iteration starts with the next global batch."""
+
+    def __post_init__(self):
+        g, d = self.global_batch_size, self.dp_size
+        if g < 1 or d < 1:
+            raise NeoxrayError(f"global batch size ({g}) and dp size ({d}) must be positive")
+        if g % d:
+            raise NeoxrayError(f"global batch size {g} is not divisible by the data-parallel size {d}")
+        if not 0 <= self.dp_rank < d:
+            raise NeoxrayError(f"dp rank {self.dp_rank} is not in [0, {d})")
+        m = self.micro
+        if m < 1 or self.per_rank % m:
+            raise NeoxrayError(f"micro-batch size {m} does not divide the per-rank batch {self.per_rank}")
+        if self.consumed_samples < 0 or self.consumed_samples % g:
+            raise NeoxrayError(
+                f"consumed_samples {self.consumed_samples} is not a multiple of the global batch size {g}")
+
+    @property
+    def per_rank(self) -> int:
+        return self.global_batch_size // self.dp_size
+
+    @property
+    def micro(self) -> int:
+        return self.per_rank if self.micro_batch_size is None else self.micro_batch_size
+
+    @property
+    def start_step(self) -> int:
+        return self.consumed_samples // self.global_batch_size
+
+    def rank_samples(self, step: int) -> np.ndarray:
+        """This rank's sample indices of global batch `step` (absolute step, counted from sample 0)."""
+        start = step * self.global_batch_size + self.dp_rank * self.per_rank
+        return np.arange(start, start + self.per_rank, dtype=np.int64)
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(step, sample indices of one micro-batch), endlessly, from `consumed_samples` on."""
+        step = self.start_step
+        while True:
+            share = self.rank_samples(step)
+            for k in range(0, self.per_rank, self.micro):
+                yield step, share[k:k + self.micro]
+            step += 1
+
+
+def _as_order(data, split: str, seed: int) -> BlendedDataset:
+    if isinstance(data, BlendedDataset):
+        return data
+    if isinstance(data, PackedDataset):
+        return BlendedDataset([data], seed=seed)
+    if isinstance(data, str):
+        return open_blend([data], split=split, seed=seed)
+    if isinstance(data, (list, tuple)):
+        return open_blend(list(data), split=split, seed=seed)
+    raise TypeError(f"cannot read training data from {type(data).__name__}")
+
+
+def _to_batch(step: int, samples: np.ndarray, rows: np.ndarray, as_torch: bool) -> dict:
+    rows = rows.astype(np.int64)
+    batch = {"input_ids": rows[:, :-1], "labels": rows[:, 1:], "sample_idx": samples,
+             "step": step}
+    if as_torch:
+        import torch
+
+        for k in ("input_ids", "labels", "sample_idx"):
+            batch[k] = torch.from_numpy(np.ascontiguousarray(batch[k]))
+    return batch
+
+
+def iter_batches(data, global_batch_size: int, *, dp_rank: int = 0, dp_size: int = 1,
+                 micro_batch_size: int | None = None, seed: int = 0, consumed_samples: int = 0,
+                 num_steps: int | None = None, split: str = "train", as_torch: bool = True,
+                 prefetch: int = 2) -> Iterator[dict]:
+    """This data-parallel rank's micro-batches, in the deterministic order, from `consumed_samples` on.
+
+    `data`: a prepared folder ('DIR' or 'DIR#Component'), a list of them (equal weights), a `PackedDataset`
+    or a `BlendedDataset` (its own seed then applies). Each item is a dict: `input_ids` and `labels` ([b,
+    seq_len], int64; labels are input_ids shifted by one), `sample_idx` ([b], positions in the order) and
+    `step` (the global batch it belongs to). `num_steps` global batches are produced (None: endless). Reads
+    run `prefetch` micro-batches ahead in a background thread. Works without Ray.
+    """
+    order = _as_order(data, split, seed)
+    sampler = BatchSampler(global_batch_size, dp_rank, dp_size, micro_batch_size, consumed_samples)
+    stop = None if num_steps is None else sampler.start_step + int(num_steps)
+
+    def plan() -> Iterator[tuple[int, np.ndarray]]:
+        for step, samples in sampler:
+            if stop is not None and step >= stop:
+                return
+            yield step, samples
+
+    if prefetch <= 0:
+        for step, samples in plan():
+            yield _to_batch(step, samples, order.take(samples), as_torch)
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neoxray-data")
+    queue: list = []
+    try:
+        todo = plan()
+        for step, samples in todo:
+            queue.append((step, samples, pool.submit(order.take, samples)))
+            if len(queue) > prefetch:
+                s, idx, fut = queue.pop(0)
+                yield _to_batch(s, idx, fut.result(), as_torch)
+        while queue:
+            s, idx, fut = queue.pop(0)
+            yield _to_batch(s, idx, fut.result(), as_torch)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------------------------- Ray Data
+def _rows_to_training(batch: dict) -> dict:
+    rows = np.stack([np.asarray(r, dtype=np.int64) for r in batch["input_ids"]])
+    return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+
+
+def ray_dataset(path: str, split: str = "train", component: str | None = None, training_columns: bool = True):
+    """A prepared split as a `ray.data.Dataset` (`ray.data.read_parquet` over the manifest's files).
+
+    With `training_columns` (default) rows are {input_ids: [seq_len], labels: [seq_len]} int64 tensors, ready
+    for `iter_torch_batches`; otherwise the stored `input_ids` rows of seq_len + 1 ids. Row order is Ray
+    Data's (not the deterministic training order): use it with `ray.train.get_dataset_shard`, for evaluation
+    or inspection; for resumable training use `iter_batches` in each worker.
+    """
+    import ray.data
+
+    data = PackedDataset(path, split, component)
+    if not data.files:
+        raise NeoxrayError(f"{path}: the {split} split has no rows")
+    ds = ray.data.read_parquet(data.files)
+    if training_columns:
+        ds = ds.map_batches(_rows_to_training, batch_format="numpy")
+    return ds
