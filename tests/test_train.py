@@ -21,7 +21,7 @@ BASE = [
     "model.preset=tiny", "model.overrides.vocab_size=1024", "model.overrides.max_seq_len=64",
     "train.seq_len=32", "train.global_batch=8", "train.micro_batch=2", f"train.steps={STEPS}",
     "optimizer.lr=3e-3", "optimizer.min_lr=3e-4", "schedule.warmup_steps=1", f"schedule.decay_steps={STEPS}",
-    "train.seed=7", "data.seed=11", "logging.tensorboard=true",
+    "train.seed=7", "data.seed=11", "logging.tensorboard=true", f"eval.every={STEPS}", "eval.batches=1",
 ]
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2)]
 
@@ -45,12 +45,12 @@ def cfg_for(data, name, layout=(1, 1, 1), extra=()):
                                   f"parallel.tensor={tp}", f"parallel.pipeline={pp}", *extra])
 
 
-def losses(run_dir) -> dict[int, float]:
+def losses(run_dir, key="loss") -> dict[int, float]:
     out = {}
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)
-        if "loss" in m:
-            out[m["step"]] = m["loss"]
+        if key in m:
+            out[m["step"]] = m[key]
     return out
 
 
@@ -81,6 +81,7 @@ def test_every_layout_trains_the_same_model(prepared, reference, ray_local, tmp_
         got = losses(run_dir)
         assert sorted(got) == list(range(1, STEPS + 1)), layout
         assert_same(got, ref, range(1, STEPS + 1))
+        assert_same(losses(run_dir, "val_loss"), losses(reference, "val_loss"), [STEPS])  # held-out loss too
         ckpts = sorted(p.name for p in run_dir.glob("checkpoint-step-*"))
         assert ckpts == ["checkpoint-step-0000003", "checkpoint-step-0000005"], ckpts
     # metrics: jsonl fields, TensorBoard events

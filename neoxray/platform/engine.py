@@ -269,13 +269,13 @@ class TrainEngine:
         return metrics
 
     @torch.no_grad()
-    def eval_loss(self, micro_batches: Iterator, num_micro_batches: int) -> float:
-        """Mean loss over `num_micro_batches` micro-batches of this dp rank, averaged over dp (collective)."""
-        it = _to_device(micro_batches, self.device)
-        total = 0.0
-        for _ in range(num_micro_batches):
-            total += float(self.engine.eval_batch(iter([next(it)]), num_micro_batches=1))
-        return total / max(num_micro_batches, 1)
+    def eval_loss(self, micro_batches: Iterator, num_global_batches: int) -> float:
+        """Mean loss over `num_global_batches` global batches of held-out data: each dp rank evaluates its share
+        in micro-batches; DeepSpeed averages over micro-batches and data parallel, so the figure does not depend
+        on the layout. Collective."""
+        n = num_global_batches * self.engine.gradient_accumulation_steps()
+        loss = self.engine.eval_batch(_to_device(micro_batches, self.device), num_micro_batches=n)
+        return float(loss)
 
 
 def _to_device(batches, device):
