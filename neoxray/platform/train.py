@@ -81,6 +81,23 @@ def torch_cuda_available() -> bool:
 # ---------------------------------------------------------------------------------------------------------
 # the driver
 # ---------------------------------------------------------------------------------------------------------
+def absolute_paths(cfg):
+    """Local paths of the config made absolute: Ray Train workers run in their own working directory."""
+    import dataclasses
+
+    def fix(p):
+        return p if (p is None or "://" in str(p) or os.path.isabs(p)) else os.path.abspath(p)
+
+    data = dataclasses.replace(
+        cfg.data,
+        path=[fix(p) for p in cfg.data.path] if isinstance(cfg.data.path, list) else fix(cfg.data.path),
+        validation_path=fix(cfg.data.validation_path),
+    )
+    return dataclasses.replace(cfg, data=data,
+                               model=dataclasses.replace(cfg.model, init_from=fix(cfg.model.init_from)),
+                               checkpoint=dataclasses.replace(cfg.checkpoint, load_from=fix(cfg.checkpoint.load_from)))
+
+
 def connect_ray(address: str | None, num_cpus: int | None = None):
     """Join RAY_ADDRESS / --address, or start a local cluster."""
     import ray
@@ -103,7 +120,7 @@ def run_train(cfg, run_dir: str | None = None, address: str | None = None, max_f
     from neoxray.platform.config import dump_yaml, resolved, to_dict, validate
 
     validate(cfg)
-    cfg = resolved(cfg)
+    cfg = absolute_paths(resolved(cfg))
     run_dir = Path(run_dir or cfg.run_dir or Path("runs") / cfg.name).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     dp, tp, pp = cfg.parallel.data, cfg.parallel.tensor, cfg.parallel.pipeline
