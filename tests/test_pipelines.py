@@ -484,9 +484,10 @@ def test_resume_continues_without_replay(small, monkeypatch):
 def test_blend_follows_its_weights_in_every_prefix(small):
     comps = {c: PackedDataset(small, component=c) for c in ("Github", "Python-Docs")}
     blend = BlendedDataset(list(comps.values()), weights=[0.7, 0.3], seed=0)
-    ds, rows = blend.locate(np.arange(20_000))
+    draws = int(max(len(comps["Github"]) / 0.7, len(comps["Python-Docs"]) / 0.3)) + 100  # a full epoch of each
+    ds, rows = blend.locate(np.arange(draws))
     counts = np.cumsum(np.stack([ds == 0, ds == 1], axis=1), axis=0)
-    n = np.arange(1, 20_001)[:, None]
+    n = np.arange(1, draws + 1)[:, None]
     assert np.abs(counts - n * np.array([0.7, 0.3])).max() <= 1.0
     # each dataset walks its own shuffled epochs: its first len(d) draws cover it exactly once
     for d, (name, data) in enumerate(comps.items()):
@@ -542,7 +543,9 @@ def test_ray_train_workers_get_their_shares(ray_local, small, tmp_path):
     for r in range(2):  # the explicit per-replica split: rank r's samples of each global batch
         assert got[r]["dp"] == [list(range(s * 8 + r * 4, s * 8 + r * 4 + 4)) for s in range(3)]
     assert got[0]["tp"] == got[1]["tp"]  # peers of one replica get identical batches
-    # get_dataset_shard: disjoint shares that together are every row once
+    # get_dataset_shard: disjoint shares that together are every row once (Ray's equal split may leave out
+    # up to workers - 1 rows so that the shards have the same length)
     shard = [tuple(r) for g in got for r in g["shard"]]
-    assert len(shard) == len(data)
-    assert Counter(shard) == Counter(tuple(r) for r in data.take(np.arange(len(data)))[:, :4].tolist())
+    every = Counter(tuple(r) for r in data.take(np.arange(len(data)))[:, :4].tolist())
+    assert len(data) - 1 <= len(shard) <= len(data)
+    assert not Counter(shard) - every, "a row that is not in the dataset, or one given twice"
