@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 VENV="${NEOXRAY_VENV:-.venv}"
 export PATH="$PWD/$VENV/bin:$PATH"
 RUN="${NEOXRAY_RUN_DIR:-runs/demo}"
-STEPS="${NEOXRAY_DEMO_STEPS:-200}"
+STEPS="${NEOXRAY_DEMO_STEPS:-100}"
 SAMPLE=neoxray/pipelines/sample/sample.jsonl.zst
 mkdir -p "$RUN"
 
