@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import torch
 from transformers import GPTNeoXForCausalLM
 
@@ -87,11 +89,8 @@ def test_tokenizer_train_then_model_init_then_generate(tmp_path):
                                "--output", str(tmp_path / "t2"), check=False), "nope.jsonl")
 
 
+@pytest.mark.skipif(not SHARED_TOKENIZER.exists(), reason=f"{SHARED_TOKENIZER} not present")
 def test_model_init_with_the_gpt_neox_20b_tokenizer(tmp_path):
-    import pytest
-
-    if not SHARED_TOKENIZER.exists():
-        pytest.skip(f"{SHARED_TOKENIZER} not present")
     run_cli("model", "init", "--preset", "tiny-neox", "--tokenizer", str(SHARED_TOKENIZER), "--out", str(tmp_path / "m"))
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["vocab_size"] == 50304
