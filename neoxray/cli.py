@@ -144,6 +144,24 @@ def cmd_export(args) -> None:
     print(f"exported {ckpt} to {out}")
 
 
+def cmd_serve(args) -> None:
+    from pydantic import ValidationError
+
+    from neoxray.platform.serve.app import ServeArgs
+    from neoxray.platform.serve.run import run_serve
+
+    try:
+        serve_args = ServeArgs(
+            model=args.model, name=args.name, api_key=args.api_key, device=args.device, dtype=args.dtype,
+            num_replicas=args.replicas, num_gpus=args.num_gpus, max_ongoing_requests=args.max_ongoing_requests,
+            max_queued_requests=args.max_queued_requests, max_num_seqs=args.max_num_seqs,
+            kv_cache_tokens=args.kv_cache_tokens)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise NeoxrayError(f"serve: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    run_serve(serve_args, host=args.host, port=args.port, address=args.address, no_ray=args.no_ray)
+
+
 # ----------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neoxray", description="GPT-NeoX-family models on Ray.")
@@ -224,6 +242,25 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True)
     ex.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     ex.set_defaults(func=cmd_export)
+
+    sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API on Ray Serve")
+    sv.add_argument("--model", required=True,
+                    help="exported Hugging Face directory, training checkpoint, or run directory (its newest)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--replicas", type=int, default=1, help="Serve replicas, each with its own engine")
+    sv.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica")
+    sv.add_argument("--name", default=None, help="model id clients send (default: the directory name)")
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or NEOXRAY_API_KEY)")
+    sv.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local one)")
+    sv.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    sv.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    sv.add_argument("--max-ongoing-requests", type=int, default=64, help="per replica")
+    sv.add_argument("--max-queued-requests", type=int, default=256, help="beyond this Serve answers 503")
+    sv.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together per replica")
+    sv.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache token budget per replica")
+    sv.add_argument("--no-ray", action="store_true", help="one engine under uvicorn in this process, without Ray")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -287,19 +287,32 @@ def restore_training_state(engine, source: CheckpointSource) -> dict:
 def export_checkpoint(checkpoint_dir, out_dir, dtype: torch.dtype | None = None, max_shard_size="5GB") -> Path:
     """Merge a training checkpoint (any layout) into a Hugging Face GPT-NeoX directory with its tokenizer.
     Tensors are read one at a time; the merged model is built on the meta device and filled in place."""
-    from neoxray.model.config import ModelConfig
-    from neoxray.model.gptneox import GPTNeoX
     from neoxray.model.hf import save_pretrained
     from neoxray.model.tokenizer import Tokenizer
+
+    model, source = load_checkpoint_model(checkpoint_dir)
+    tokenizer = Tokenizer.load(source.path) if (source.path / "tokenizer.json").exists() else None
+    dtype = dtype or checkpoint_dtype(source.meta)
+    return save_pretrained(model, out_dir, tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size)
+
+
+def checkpoint_dtype(meta: dict) -> torch.dtype:
+    """The training precision of a checkpoint as a torch dtype (fp32 when it trained in fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(meta.get("precision"), torch.float32)
+
+
+def load_checkpoint_model(checkpoint_dir, device="cpu", dtype: torch.dtype = torch.float32):
+    """The whole plain model of a training checkpoint (any layout), built on the meta device and filled one
+    tensor at a time -> (model, CheckpointSource)."""
+    from neoxray.model.config import ModelConfig
+    from neoxray.model.gptneox import GPTNeoX
 
     source = CheckpointSource(checkpoint_dir)
     config = ModelConfig.from_dict(source.meta["model_config"])
     with torch.device("meta"):
         model = GPTNeoX(config)
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(source.get(f"model/{name}", None, 0, 1))
-    tokenizer = Tokenizer.load(source.path) if (source.path / "tokenizer.json").exists() else None
-    dtype = dtype or {"bf16": torch.bfloat16, "fp16": torch.float16}.get(source.meta.get("precision"), torch.float32)
-    return save_pretrained(model, out_dir, tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size)
+    return model.to(dtype), source

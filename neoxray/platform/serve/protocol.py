@@ -1,0 +1,140 @@
+"""OpenAI-compatible request and response shapes (pydantic), plus the vLLM-style tokenizer endpoints that
+lm-evaluation-harness's `local-completions` model uses. Unknown request fields are rejected (400 naming
+the field); OpenAI fields that this server does not implement are accepted only at their neutral value."""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+
+Prompt = Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: StrictBool = False
+    """Send a last chunk with token usage before `data: [DONE]`."""
+
+
+class CompletionRequest(_Strict):
+    """POST /v1/completions."""
+
+    prompt: Prompt
+    """A string, a list of strings, token ids, or a list of token-id lists."""
+    model: str | None = None
+    max_tokens: StrictInt | None = Field(16, ge=0)
+    """New tokens at most (None: up to the context length). 0 with echo + logprobs scores the prompt only."""
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: StrictInt = Field(-1, ge=-1)
+    """Extension (as in vLLM): keep the k most likely tokens; -1 or 0 keeps all."""
+    n: StrictInt = Field(1, ge=1, le=64)
+    best_of: StrictInt | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    """Log-probabilities of the chosen tokens and this many alternatives per position."""
+    echo: StrictBool = False
+    """Prepend the prompt to the text (and to the logprobs arrays)."""
+    stop: str | list[str] | None = None
+    seed: StrictInt | None = None
+    """Same seed and same request give the same output, whatever else the server is doing."""
+    ignore_eos: StrictBool = False
+    """Extension (as in vLLM): keep generating after the end-of-document token (for benchmarks)."""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 16:
+            raise ValueError("at most 16 stop strings")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) != 0.0:
+                raise ValueError(f"{name}: only 0 is supported")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        if self.suffix is not None:
+            raise ValueError("suffix is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of: only best_of == n is supported")
+        return self
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class Logprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Logprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class EmbeddingRequest(_Strict):
+    """POST /v1/embeddings."""
+
+    input: Prompt
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _dims(self):
+        if self.dimensions is not None:
+            raise ValueError("dimensions is not supported: embeddings have the model's width")
+        return self
+
+
+class TokenizeRequest(_Strict):
+    """POST /tokenize (as vLLM's)."""
+
+    prompt: str
+    model: str | None = None
+    add_special_tokens: StrictBool = False
+    """Accepted for compatibility: GPT-NeoX tokenizers add no special tokens."""
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize (as vLLM's)."""
+
+    tokens: list[StrictInt]
+    model: str | None = None

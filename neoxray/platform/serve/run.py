@@ -1,0 +1,74 @@
+"""The `neoxray serve` driver: start (or join) a Ray cluster, deploy the Serve application, keep it up until
+interrupted, then take it down gracefully. `--no-ray` serves one engine with uvicorn in this process."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+
+from neoxray.platform.serve.app import ServeArgs
+
+APP_NAME = "neoxray"
+
+
+def _log(msg: str) -> None:
+    print(f"[neoxray] {msg}", file=sys.stderr, flush=True)
+
+
+def _sigterm_as_interrupt() -> None:
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run_serve(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
+              no_ray: bool = False) -> None:
+    _sigterm_as_interrupt()
+    if no_ray:
+        return _run_standalone(args, host, port)
+    from ray import serve
+
+    from neoxray.platform.serve.app import build_app
+    from neoxray.platform.train import connect_ray
+
+    app = build_app(args)  # validates args and the model path before any cluster work
+    ray = connect_ray(address)
+    serve.start(http_options={"host": host, "port": port})
+    _log(f"deploying {args.model} on Ray Serve ({args.num_replicas if args.max_replicas is None else 'autoscaling'} "
+         f"replica(s), {args.num_gpus:g} GPU each); the first start loads the model")
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{host}:{port}"
+    _log(f"serving at {url}/v1 (OpenAI-compatible: /v1/completions, /v1/models, /v1/embeddings; /health)")
+    _log(f"Ray dashboard: {ray.get_runtime_context().dashboard_url or 'not running'}; Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        _log("stopping: running requests get up to graceful_shutdown_timeout_s to finish")
+    finally:
+        serve.delete(APP_NAME)
+        if not (address or _joined_existing()):
+            serve.shutdown()
+
+
+def _joined_existing() -> bool:
+    import os
+
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def _run_standalone(args: ServeArgs, host: str, port: int) -> None:
+    import os
+
+    import torch
+
+    from neoxray.platform.serve.api import run_standalone
+    from neoxray.platform.serve.engine import InferenceEngine
+
+    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    engine = InferenceEngine.from_path(args.model, device=args.device, dtype=dtype, config=args.engine_config(),
+                                       model_name=args.name)
+    _log(f"serving {engine.model_name} at http://{host}:{port}/v1 without Ray (one engine, uvicorn)")
+    run_standalone(engine, host=host, port=port, api_key=args.api_key or os.environ.get("NEOXRAY_API_KEY"))
