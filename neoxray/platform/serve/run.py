@@ -41,7 +41,7 @@ def run_serve(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, addres
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
     _log(f"serving at {url}/v1 (OpenAI-compatible: /v1/completions, /v1/models, /v1/embeddings; /health)")
-    _log(f"Ray dashboard: {ray.get_runtime_context().dashboard_url or 'not running'}; Ctrl-C to stop")
+    _log(f"Ray dashboard: {_dashboard_url(ray)}; Ctrl-C to stop")
     try:
         while True:
             time.sleep(1.0)
@@ -51,6 +51,16 @@ def run_serve(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, addres
         serve.delete(APP_NAME)
         if not (address or _joined_existing()):
             serve.shutdown()
+
+
+def _dashboard_url(ray) -> str:
+    try:
+        from ray._private.worker import get_dashboard_url
+
+        url = get_dashboard_url()
+    except Exception:  # a private helper; the URL is only informative
+        url = None
+    return f"http://{url}" if url and not url.startswith("http") else (url or "not running")
 
 
 def _joined_existing() -> bool:
