@@ -12,8 +12,6 @@ Deploy it with `neoxray serve --model DIR`, or from a Serve config (`configs/ser
 `build_app` is a typed application builder: Serve validates `args` against `ServeArgs` before anything runs.
 """
 
-from __future__ import annotations
-
 import os
 from typing import Literal
 
@@ -108,7 +106,8 @@ def build_app(args: ServeArgs) -> serve.Application:
         args = args.model_copy(update={"api_key": os.environ["NEOXRAY_API_KEY"]})
     from neoxray.platform.serve.loading import resolve_model_path
 
-    resolve_model_path(args.model)  # a wrong path fails here, naming it, not in a replica's log
+    _, path = resolve_model_path(args.model)  # a wrong path fails here, naming it, not in a replica's log
+    args = args.model_copy(update={"model": str(path.resolve())})  # replicas run in other directories
     options = dict(
         ray_actor_options={"num_gpus": args.num_gpus, "num_cpus": args.num_cpus},
         max_ongoing_requests=args.max_ongoing_requests,
