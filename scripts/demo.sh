@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The embedded default, end to end on a CPU, offline: tokenizer -> Ray Data prepare -> 3D-parallel training
-# (dp 2 x tp 2 x pp 2 on a local Ray cluster) -> export to a Hugging Face directory -> generation.
+# (dp 2 x tp 2 x pp 2 on a local Ray cluster) -> export to a Hugging Face directory -> generation -> serving
+# the model on Ray Serve behind an OpenAI-compatible endpoint, and one completion request over HTTP.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${NEOXRAY_VENV:-.venv}"
@@ -10,20 +11,36 @@ STEPS="${NEOXRAY_DEMO_STEPS:-100}"
 SAMPLE=neoxray/pipelines/sample/sample.jsonl.zst
 mkdir -p "$RUN"
 
-echo "== 1/5 tokenizer: byte-level BPE (4096 tokens) trained on the bundled sample -> $RUN/tokenizer"
+echo "== 1/6 tokenizer: byte-level BPE (4096 tokens) trained on the bundled sample -> $RUN/tokenizer"
 [ -f "$RUN/tokenizer/tokenizer.json" ] || neoxray tokenizer train --input "$SAMPLE" --vocab-size 4096 --output "$RUN/tokenizer"
 
-echo "== 2/5 prepare: Ray Data tokenizes and packs the sample into rows of 129 tokens -> $RUN/data"
+echo "== 2/6 prepare: Ray Data tokenizes and packs the sample into rows of 129 tokens -> $RUN/data"
 neoxray prepare --input "$SAMPLE" --tokenizer "$RUN/tokenizer" --seq-len 128 --output "$RUN/data"
 
-echo "== 3/5 train: tiny GPT-NeoX, dp 2 x tp 2 x pp 2 = 8 Ray Train workers (DeepSpeed pipeline + ZeRO-1), $STEPS steps"
+echo "== 3/6 train: tiny GPT-NeoX, dp 2 x tp 2 x pp 2 = 8 Ray Train workers (DeepSpeed pipeline + ZeRO-1), $STEPS steps"
 neoxray train --config configs/tiny-cpu.yaml --run-dir "$RUN/train" data.path="$RUN/data" train.steps="$STEPS"
 
-echo "== 4/5 export: merge the sharded checkpoint into a Hugging Face directory -> $RUN/model"
+echo "== 4/6 export: merge the sharded checkpoint into a Hugging Face directory -> $RUN/model"
 neoxray export --checkpoint "$RUN/train" --out "$RUN/model"
 
-echo "== 5/5 generate from the trained model"
+echo "== 5/6 generate from the trained model"
 neoxray generate --model "$RUN/model" --prompt "def __init__(self" --max-new-tokens 40 --temperature 0.7 --top-k 40 --seed 0
+
+PORT="${NEOXRAY_DEMO_PORT:-8000}"
+URL="http://127.0.0.1:$PORT"
+echo "== 6/6 serve: Ray Serve hosts the exported model at $URL/v1 (OpenAI-compatible); one completion over HTTP"
+neoxray serve --model "$RUN/model" --port "$PORT" --name demo >"$RUN/serve.log" 2>&1 &
+SERVE_PID=$!
+stop_serving() { kill -INT "$SERVE_PID" 2>/dev/null && wait "$SERVE_PID" 2>/dev/null; true; }
+trap stop_serving EXIT
+for _ in $(seq 1 240); do
+  curl -sf "$URL/health" >/dev/null && break
+  kill -0 "$SERVE_PID" 2>/dev/null || { echo "neoxray serve failed:"; tail -30 "$RUN/serve.log"; exit 1; }
+  sleep 1
+done
+REQUEST='{"model": "demo", "prompt": "def __init__(self", "max_tokens": 40, "temperature": 0.7, "top_p": 0.95, "seed": 0}'
+echo "POST $URL/v1/completions $REQUEST"
+curl -sSf "$URL/v1/completions" -H "Content-Type: application/json" -d "$REQUEST" | python -m json.tool
 
 cat <<MSG
 
@@ -33,4 +50,10 @@ TensorBoard       tensorboard --logdir $RUN/train/tensorboard
 Ray dashboard     http://127.0.0.1:8265 while a cluster runs (start one with 'ray start --head' and submit with
                   'ray job submit --working-dir . -- neoxray train --config configs/tiny-cpu.yaml')
 exported model    $RUN/model  (transformers.AutoModelForCausalLM.from_pretrained("$RUN/model"))
+endpoint          $URL/v1 served it (log: $RUN/serve.log); serve it again with
+                  'neoxray serve --model $RUN/model' and point any OpenAI client at that URL
 MSG
+if [ -n "${NEOXRAY_DEMO_KEEP_SERVING:-}" ]; then
+  echo "serving at $URL/v1 until Ctrl-C"
+  wait "$SERVE_PID"
+fi

@@ -1,0 +1,347 @@
+"""Serving throughput: neoxray's continuous-batching engine (behind its HTTP endpoint, or driven directly)
+against transformers' `generate` on the same model and weights, in one run.
+
+Workload: every request has the same prompt length and asks for exactly `--max-tokens` new tokens (greedy,
+`ignore_eos`), so both sides produce the same number of tokens. For each concurrency c in `--clients`, c
+clients each send `--requests-per-client` requests back to back; we report output tokens/s over the wall time,
+p50/p99 request latency and time to first token (streamed). Baselines, same process, same weights:
+transformers `generate` one request at a time, and statically batched (c prompts in one `generate` call).
+
+    # CPU, through `neoxray serve` on a local Ray cluster (the issue's CPU goal: >= 3x one-at-a-time at 32)
+    python benchmarks/serve_throughput.py --preset pythia-70m --mode http
+    # GPU without Ray (the engine driven directly): GPT-NeoX-20B shape in bf16, random weights
+    python benchmarks/serve_throughput.py --preset neox-20b --mode engine --device cuda --dtype bf16 \
+        --clients 1,16 --prompt-len 128 --max-tokens 128
+
+`--mode engine` imports only torch, transformers, tokenizers and neoxray (runs where Ray is absent);
+`--mode http` starts `neoxray serve` (Ray Serve; `--no-ray-server` for uvicorn alone) and uses aiohttp.
+Random weights: throughput does not depend on them. Transformers' and neoxray's models share the same
+parameter tensors, so a 20B model is held once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from neoxray.model.config import get_preset  # noqa: E402
+from neoxray.model.gptneox import GPTNeoX  # noqa: E402
+from neoxray.model.hf import config_to_hf, to_hf_name  # noqa: E402
+
+SHARED_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "gpt-neox-20b"
+SAMPLE = ROOT / "neoxray" / "pipelines" / "sample" / "sample.jsonl.zst"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def pct(xs, q):
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+# -------------------------------------------------------------------------------------------------------
+# one set of weights, two models
+# -------------------------------------------------------------------------------------------------------
+def load_tokenizer(tmp: Path):
+    from neoxray.model.tokenizer import Tokenizer, train_tokenizer
+
+    if (SHARED_TOKENIZER / "tokenizer.json").exists():
+        return Tokenizer.load(SHARED_TOKENIZER)
+    return train_tokenizer([str(SAMPLE)], 4096, str(tmp / "tokenizer"))
+
+
+def build_pair(preset: str, layers: int | None, device: str, dtype: torch.dtype, tok):
+    """transformers' GPTNeoXForCausalLM with random weights, and neoxray's GPTNeoX sharing its tensors."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    overrides = {"n_layers": layers} if layers else {}
+    if tok.vocab_size > get_preset(preset).vocab_size:
+        raise SystemExit(f"tokenizer has {tok.vocab_size} tokens, more than {preset}'s vocabulary")
+    cfg = get_preset(preset, eos_token_id=tok.eod_id, bos_token_id=tok.eod_id, **overrides)
+    hf_cfg = GPTNeoXConfig(**config_to_hf(cfg, dtype))
+    hf_cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        hf = GPTNeoXForCausalLM._from_config(hf_cfg, torch_dtype=dtype)
+    hf.eval()
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("layer_norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    with torch.device("meta"):
+        ours = GPTNeoX(cfg)
+    hf_params = dict(hf.named_parameters())
+    for name, _ in list(ours.named_parameters()):
+        hf_name = to_hf_name(name)
+        if hf_name not in hf_params and hf_name == "embed_out.weight":
+            hf_name = "lm_head.weight"
+        owner, attr = ours.get_submodule(name.rpartition(".")[0]) if "." in name else ours, name.rpartition(".")[2]
+        setattr(owner, attr, hf_params[hf_name])  # the same Parameter object: no copy
+    return cfg, hf, ours.eval()
+
+
+def prompts_for(n: int, length: int, tok, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    hi = min(tok.vocab_size, 50000)
+    return torch.randint(100, hi, (n, length), generator=g).tolist()
+
+
+# -------------------------------------------------------------------------------------------------------
+# transformers baselines
+# -------------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def hf_generate(hf, batch: list[list[int]], max_tokens: int, device) -> float:
+    """Seconds for one greedy `generate` of exactly max_tokens new tokens for a batch of equal-length prompts."""
+    ids = torch.tensor(batch, device=device)
+    sync(device)
+    t0 = time.perf_counter()
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                      do_sample=False, pad_token_id=0)
+    sync(device)
+    assert out.shape[1] == ids.shape[1] + max_tokens
+    return time.perf_counter() - t0
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# -------------------------------------------------------------------------------------------------------
+# neoxray: the engine directly, or the HTTP endpoint
+# -------------------------------------------------------------------------------------------------------
+async def run_clients(send, prompts: list[list[int]], clients: int, per_client: int) -> dict:
+    """c clients, each sending per_client requests back to back; send(prompt) -> (ttft_s, latency_s, tokens)."""
+    records = []
+
+    async def client(i):
+        for j in range(per_client):
+            records.append(await send(prompts[(i * per_client + j) % len(prompts)]))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    wall = time.perf_counter() - t0
+    tokens = sum(r[2] for r in records)
+    return {"clients": clients, "requests": len(records), "output_tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall,
+            "latency_p50_s": pct([r[1] for r in records], 50), "latency_p99_s": pct([r[1] for r in records], 99),
+            "ttft_p50_s": pct([r[0] for r in records], 50), "ttft_p99_s": pct([r[0] for r in records], 99)}
+
+
+def engine_sender(engine, max_tokens: int):
+    from neoxray.model.generate import SamplingParams
+    from neoxray.platform.serve.engine import Request
+
+    async def send(prompt):
+        t0 = time.perf_counter()
+        ttft, n = None, 0
+        req = Request(list(prompt), max_tokens=max_tokens, sampling=SamplingParams(greedy=True, stop_at_eod=False))
+        async for out in engine.stream(req):
+            if out.token_ids and ttft is None:
+                ttft = time.perf_counter() - t0
+            n += len(out.token_ids)
+        return ttft, time.perf_counter() - t0, n
+
+    return send
+
+
+def http_sender(session, url: str, model: str, max_tokens: int):
+    async def send(prompt):
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        t0 = time.perf_counter()
+        ttft, n = None, 0
+        async with session.post(url + "/v1/completions", json=body) as r:
+            if r.status != 200:
+                raise RuntimeError(f"HTTP {r.status}: {await r.text()}")
+            async for raw in r.content:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and ttft is None:
+                    ttft = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    n = chunk["usage"]["completion_tokens"]
+        return ttft, time.perf_counter() - t0, n
+
+    return send
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_http_server(model_dir: Path, args, log_path: Path) -> tuple[subprocess.Popen, str]:
+    import requests
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    exe = Path(sys.executable).with_name("neoxray")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "neoxray.cli"]
+    cmd += ["serve", "--model", str(model_dir), "--port", str(port), "--name", "bench",
+            "--max-num-seqs", str(max(args.clients_list)), "--device", args.device,
+            "--dtype", {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[args.torch_dtype]]
+    if args.no_ray_server:
+        cmd.append("--no-ray")
+    proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"neoxray serve exited:\n{log_path.read_text()[-3000:]}")
+        try:
+            if requests.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise SystemExit("neoxray serve did not become healthy")
+
+
+# -------------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="pythia-70m")
+    p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    p.add_argument("--mode", choices=["http", "engine"], default="http")
+    p.add_argument("--no-ray-server", action="store_true", help="http mode: `neoxray serve --no-ray` (uvicorn)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--clients", default="1,8,32")
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--hf-single-requests", type=int, default=3, help="requests timed for the one-at-a-time baseline")
+    p.add_argument("--static-batches", default=None, help="static batch sizes for transformers (default: --clients)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="write the results here too")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    args.torch_dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
+                        "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    args.clients_list = [int(x) for x in args.clients.split(",")]
+    statics = [int(x) for x in (args.static_batches or args.clients).split(",")]
+
+    tmp = Path(tempfile.mkdtemp(prefix="neoxray-serve-bench-"))
+    tok = load_tokenizer(tmp)
+    cfg, hf, ours = build_pair(args.preset, args.layers, args.device, args.torch_dtype, tok)
+    n_req = max(args.clients_list) * args.requests_per_client
+    prompts = prompts_for(max(n_req, max(statics), args.hf_single_requests), args.prompt_len, tok)
+    log(f"{args.preset}{f' ({args.layers} layers)' if args.layers else ''}: {cfg.num_parameters():,} parameters, "
+        f"{args.device} {args.torch_dtype}, prompt {args.prompt_len}, {args.max_tokens} new tokens per request")
+
+    # transformers: one at a time, then static batches
+    hf_generate(hf, prompts[:1], 4, args.device)  # warm-up
+    times = [hf_generate(hf, [prompts[i]], args.max_tokens, args.device) for i in range(args.hf_single_requests)]
+    hf_single = {"tokens_per_s": args.max_tokens * len(times) / sum(times), "latency_p50_s": statistics.median(times)}
+    log(f"transformers one at a time: {hf_single['tokens_per_s']:.1f} tokens/s")
+    hf_static = {}
+    for b in statics:
+        t = hf_generate(hf, prompts[:b], args.max_tokens, args.device)
+        hf_static[b] = {"tokens_per_s": b * args.max_tokens / t, "latency_s": t}
+        log(f"transformers static batch {b}: {hf_static[b]['tokens_per_s']:.1f} tokens/s")
+
+    # neoxray
+    results = []
+    if args.mode == "engine":
+        from neoxray.platform.serve.engine import EngineConfig, InferenceEngine
+
+        engine = InferenceEngine(ours, tok, EngineConfig(max_num_seqs=max(args.clients_list),
+                                                         kv_cache_tokens=max(args.clients_list) * (args.prompt_len + args.max_tokens + 16)))
+        engine.start()
+        send = engine_sender(engine, args.max_tokens)
+        asyncio.run(run_clients(send, prompts, 1, 1))  # warm-up
+        for c in args.clients_list:
+            r = asyncio.run(run_clients(send, prompts, c, args.requests_per_client))
+            results.append(r)
+            log(f"neoxray engine, {c} clients: {r['tokens_per_s']:.1f} tokens/s, p50 latency {r['latency_p50_s']:.3f} s")
+        engine.stop(timeout=10)
+    else:
+        import aiohttp
+
+        from neoxray.model.hf import save_pretrained
+
+        model_dir = save_pretrained(ours, tmp / "model", tokenizer=tok)
+        del hf, ours
+        proc, url = start_http_server(model_dir, args, tmp / "serve.log")
+
+        async def measure(c):
+            conn = aiohttp.TCPConnector(limit=0)
+            async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=3600)) as s:
+                send = http_sender(s, url, "bench", args.max_tokens)
+                return await run_clients(send, prompts, c, args.requests_per_client)
+
+        try:
+            asyncio.run(measure(1))  # warm-up
+            for c in args.clients_list:
+                r = asyncio.run(measure(c))
+                results.append(r)
+                log(f"neoxray endpoint, {c} clients: {r['tokens_per_s']:.1f} tokens/s, "
+                    f"p50 latency {r['latency_p50_s']:.3f} s, p50 TTFT {r['ttft_p50_s']:.3f} s")
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    for r in results:
+        r["ratio_vs_transformers_one_at_a_time"] = r["tokens_per_s"] / hf_single["tokens_per_s"]
+        if r["clients"] in hf_static:
+            r["ratio_vs_transformers_static_batch"] = r["tokens_per_s"] / hf_static[r["clients"]]["tokens_per_s"]
+    report = {
+        "benchmark": "serve_throughput", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs"
+        + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
+        "torch": torch.__version__, "preset": args.preset, "layers": cfg.n_layers,
+        "parameters": cfg.num_parameters(), "device": args.device, "dtype": str(args.torch_dtype),
+        "mode": args.mode + (" (no Ray)" if args.no_ray_server and args.mode == "http" else ""),
+        "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
+        "transformers_one_at_a_time": hf_single, "transformers_static_batch": hf_static, "neoxray": results,
+    }
+    print(f"\n{'clients':>8} {'tok/s':>10} {'p50 lat s':>10} {'p99 lat s':>10} {'p50 TTFT':>9} "
+          f"{'x HF 1-by-1':>12} {'x HF static':>12}")
+    for r in results:
+        st = r.get("ratio_vs_transformers_static_batch")
+        print(f"{r['clients']:>8} {r['tokens_per_s']:>10.1f} {r['latency_p50_s']:>10.3f} {r['latency_p99_s']:>10.3f} "
+              f"{r['ttft_p50_s']:>9.3f} {r['ratio_vs_transformers_one_at_a_time']:>12.2f} "
+              f"{'' if st is None else f'{st:.2f}':>12}")
+    print(f"transformers: one at a time {hf_single['tokens_per_s']:.1f} tok/s; static batches "
+          + ", ".join(f"{b}: {v['tokens_per_s']:.1f}" for b, v in hf_static.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
