@@ -18,3 +18,6 @@ run benchmarks/model_step.py --preset pythia-1.4b --batch 8 --seq 2048 --dtype b
 run benchmarks/model_step.py --preset neox-20b --layers 4 --batch 4 --seq 2048 --dtype bf16 --steps 6 --rounds 2 --json "$OUT/model_step_20b4l.json"
 run benchmarks/train_throughput.py --preset pythia-1.4b --micro-batch 8 --seq 2048 --grad-accum 1 --steps 8 --warmup 2 --json "$OUT/train_p14.json"
 run benchmarks/train_throughput.py --preset neox-20b --layers 4 --micro-batch 4 --seq 2048 --grad-accum 1 --steps 8 --warmup 2 --json "$OUT/train_20b4l.json"
+# serving: the inference engine driven directly (Ray is not on the GPU machines); transformers in the same process
+run benchmarks/serve_throughput.py --preset pythia-1.4b --mode engine --device cuda --dtype bf16 --clients 1,32 --requests-per-client 1 --prompt-len 128 --max-tokens 128 --hf-single-requests 2 --static-batches 32 --json "$OUT/serve_p14.json"
+run benchmarks/serve_throughput.py --preset neox-20b --mode engine --device cuda --dtype bf16 --clients 1,16 --requests-per-client 1 --prompt-len 128 --max-tokens 128 --hf-single-requests 2 --static-batches 16 --json "$OUT/serve_20b.json"
