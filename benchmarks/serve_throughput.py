@@ -82,7 +82,7 @@ def build_pair(preset: str, layers: int | None, device: str, dtype: torch.dtype,
     hf_cfg = GPTNeoXConfig(**config_to_hf(cfg, dtype))
     hf_cfg._attn_implementation = "sdpa"
     with torch.device(device):
-        hf = GPTNeoXForCausalLM._from_config(hf_cfg, torch_dtype=dtype)
+        hf = GPTNeoXForCausalLM._from_config(hf_cfg, dtype=dtype)
     hf.eval()
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
