@@ -144,6 +144,19 @@ def cmd_export(args) -> None:
     print(f"exported {ckpt} to {out}")
 
 
+def cmd_plan(args) -> None:
+    from neoxray.model.config import get_preset
+    from neoxray.platform.plan import Assumptions, Cluster, Training, format_plan, plan
+
+    ckpt = {"auto": None, "on": True, "off": False}[args.activation_checkpointing]
+    result = plan(get_preset(args.preset),
+                  Cluster(gpus=args.gpus, gpu_memory_gib=args.gpu_memory, gpus_per_node=args.gpus_per_node),
+                  Training(global_batch=args.global_batch, micro_batch=args.micro_batch, seq_len=args.seq_len,
+                           precision=args.precision, zero_stage=args.zero_stage, activation_checkpointing=ckpt),
+                  Assumptions(peak_tflops=args.peak_tflops, mfu=args.mfu))
+    print(json.dumps(result.to_dict()) if args.json else format_plan(result))
+
+
 def cmd_serve(args) -> None:
     from pydantic import ValidationError
 
@@ -242,6 +255,26 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True)
     ex.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     ex.set_defaults(func=cmd_export)
+
+    pl = sub.add_parser("plan", help="which dp x tp x pp layouts of a preset fit N GPUs: memory and step time")
+    pl.add_argument("preset")
+    pl.add_argument("--gpus", type=int, required=True, help="GPUs to train on (dp x tp x pp)")
+    pl.add_argument("--gpu-memory", type=float, required=True, metavar="GB",
+                    help="memory per GPU, GiB (40 for an A100 40GB)")
+    pl.add_argument("--gpus-per-node", type=int, default=None,
+                    help="tensor parallelism stays inside a node (default: all GPUs in one node)")
+    pl.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's)")
+    pl.add_argument("--global-batch", type=int, default=1024, help="sequences per optimizer step")
+    pl.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward on one replica")
+    pl.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    pl.add_argument("--zero-stage", type=int, choices=[0, 1], default=1)
+    pl.add_argument("--activation-checkpointing", choices=["auto", "on", "off"], default="auto",
+                    help="auto: only where a layout needs it to fit")
+    pl.add_argument("--peak-tflops", type=float, default=312.0,
+                    help="dense 16-bit peak TFLOP/s per GPU (312: A100, 989: H100)")
+    pl.add_argument("--mfu", type=float, default=0.40, help="fraction of the peak the layers reach")
+    pl.add_argument("--json", action="store_true", help="one JSON object with the feasible and rejected layouts")
+    pl.set_defaults(func=cmd_plan)
 
     sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API on Ray Serve")
     sv.add_argument("--model", required=True,

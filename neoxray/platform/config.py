@@ -85,11 +85,13 @@ class ParallelSection:
     """The 3D layout: data x tensor x pipeline ranks (world size = their product), ZeRO, backend.
 
     `parallel: auto` in a file (or the override `parallel=auto`) sets `auto` and leaves data/tensor/pipeline
-    unset, to be chosen from the cluster later (`with_layout`); any of them given explicitly is kept as a pin.
+    unset, to be chosen from the cluster when the run starts (`neoxray.platform.plan.resolve_auto_layout`,
+    then `with_layout`); any of them given explicitly is kept as a pin.
     """
 
     auto: bool = False
-    """Choose the layout later from the available workers; data/tensor/pipeline left null are then free."""
+    """Choose the layout when the run starts: the fastest layout that fits the cluster's workers by the
+    topology planner (`neoxray plan`, docs/planner.md); data/tensor/pipeline left null are then free."""
     data: int | None = 1
     """Data-parallel replicas (dp): each sees a different slice of every global batch."""
     tensor: int | None = 1
@@ -104,6 +106,12 @@ class ParallelSection:
     `parameters` (balance parameter counts) or `uniform` (balance layer counts)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend: `auto` is nccl on GPUs and gloo on CPUs."""
+    workers: int | None = None
+    """With `auto`: how many workers to plan for; null: every GPU of the cluster, or on a cluster without
+    GPUs (or with train.device=cpu) every CPU."""
+    gpu_memory_gb: float | None = None
+    """With `auto`: memory of one GPU in GiB (2**30 bytes, what GPU datasheets call GB: 40 for an A100 40GB);
+    null: read from the cluster's GPU nodes. CPU workers get their node's Ray memory divided by its CPUs."""
 
     def world_size(self) -> int:
         """dp x tp x pp (the number of training workers); an error while the layout is still `auto`."""
@@ -746,6 +754,11 @@ def validate(cfg: RunConfig) -> None:
     if not (method in ("parameters", "uniform") or (method.startswith("type:") and len(method) > 5)):
         err(f"parallel.pipeline_partition={p.pipeline_partition!r} is not a DeepSpeed partition method "
             f"(use 'type:REGEX', 'parameters' or 'uniform')")
+    if p.workers is not None and p.workers < 1:
+        err(f"parallel.workers={p.workers} must be >= 1 (or null for every worker of the cluster)")
+    if p.gpu_memory_gb is not None and not p.gpu_memory_gb > 0:
+        err(f"parallel.gpu_memory_gb={p.gpu_memory_gb} must be > 0 (GiB per GPU; or null to read it from the "
+            f"cluster)")
     if p.backend not in ("auto", "nccl", "gloo"):
         err(f"parallel.backend={p.backend!r} must be one of 'auto', 'nccl', 'gloo'")
     if p.backend == "nccl" and cfg.train.device == "cpu":

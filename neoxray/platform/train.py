@@ -67,6 +67,8 @@ def run_local(cfg, run_dir: str | None = None) -> list[dict]:
     init_distributed(cfg.parallel.backend)
     import torch.distributed as dist
 
+    if cfg.parallel.auto:
+        cfg = _auto_layout_local(cfg)
     if dist.get_rank() == 0:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     return _run_worker(cfg, str(run_dir), LocalReporter(run_dir, keep=cfg.checkpoint.keep))
@@ -76,6 +78,40 @@ def torch_cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _auto_layout_local(cfg):
+    """`parallel: auto` without Ray: plan over this launch's world (WORLD_SIZE processes, LOCAL_WORLD_SIZE per
+    node). Memory per worker: parallel.gpu_memory_gb, else this GPU's, else this machine's memory divided
+    among its local workers. Rank 0 plans and the others take its choice, so all agree."""
+    import torch
+    import torch.distributed as dist
+
+    from neoxray.platform.plan import Cluster, describe_choice, resolve_auto_layout
+
+    world = dist.get_world_size()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    box = [None]
+    if dist.get_rank() == 0:
+        memory = cfg.parallel.gpu_memory_gb
+        if memory is None and torch.cuda.is_available():
+            memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+        if memory is None:
+            import psutil
+
+            memory = psutil.virtual_memory().total / per_node / 2**30
+        try:
+            new, choice, result = resolve_auto_layout(cfg, Cluster(world, memory, per_node))
+            box[0] = (new.parallel.data, new.parallel.tensor, new.parallel.pipeline)
+            print(f"[neoxray] {describe_choice(choice, result)}", file=sys.stderr)
+        except NeoxrayError as e:
+            box[0] = str(e)
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], str):
+        raise NeoxrayError(box[0])
+    from neoxray.platform.config import with_layout
+
+    return with_layout(cfg, *box[0])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -112,6 +148,47 @@ def connect_ray(address: str | None, num_cpus: int | None = None):
     return ray
 
 
+def auto_layout(cfg, ray):
+    """`parallel: auto` on a Ray cluster: plan over its GPUs (all of them, or parallel.workers), with the
+    fewest GPUs of any GPU node as the node size and parallel.gpu_memory_gb or the memory read on the GPU
+    nodes; on a cluster without GPUs (or with train.device=cpu) over its CPUs, one worker each, with each
+    node's Ray memory shared among its CPUs. Returns the config with the plan's first choice, printed."""
+    from neoxray.platform.plan import cluster_from_nodes, describe_choice, resolve_auto_layout
+
+    nodes = ray.nodes()
+    use_gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+    memory = cfg.parallel.gpu_memory_gb
+    if use_gpu and memory is None:
+        memory = gpu_memory_gib(ray, nodes)
+    new, choice, result = resolve_auto_layout(cfg, cluster_from_nodes(nodes, use_gpu, memory, cfg.parallel.workers))
+    print(f"[neoxray] {describe_choice(choice, result)}", file=sys.stderr)
+    return new
+
+
+def gpu_memory_gib(ray, nodes, timeout_s: float = 120.0) -> float:
+    """The smallest total memory of a GPU on the cluster's GPU nodes, GiB: one one-GPU task per node reads
+    torch.cuda's device properties (the driver itself may have no GPU)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_gpus=1)
+    def total_memory() -> int:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory
+
+    gpu_nodes = [n["NodeID"] for n in nodes if n.get("Alive", True) and n.get("Resources", {}).get("GPU", 0) >= 1]
+    refs = [total_memory.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+            for node in gpu_nodes]
+    try:
+        values = ray.get(refs, timeout=timeout_s)
+    except Exception as e:  # busy GPUs (GetTimeoutError), a node without CUDA, ...
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        raise NeoxrayError(f"parallel: auto could not read the GPUs' memory on the cluster ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); set parallel.gpu_memory_gb") from None
+    return min(values) / 2**30
+
+
 def run_train(cfg, run_dir: str | None = None, address: str | None = None, max_failures: int = 2):
     """Validate, then train under Ray Train. Returns the Ray `Result`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
@@ -123,6 +200,8 @@ def run_train(cfg, run_dir: str | None = None, address: str | None = None, max_f
     cfg = absolute_paths(resolved(cfg))
     run_dir = Path(run_dir or cfg.run_dir or Path("runs") / cfg.name).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.parallel.auto:
+        cfg = auto_layout(cfg, connect_ray(address))
     dp, tp, pp = cfg.parallel.data, cfg.parallel.tensor, cfg.parallel.pipeline
     world = dp * tp * pp
     ray = connect_ray(address, num_cpus=None if address or os.environ.get("RAY_ADDRESS") else max(world, 2))

@@ -1,0 +1,627 @@
+"""The topology planner behind `neoxray plan` and `parallel: auto`: for a model and N GPUs, every
+data x tensor x pipeline (dp, tp, pp) layout with dp x tp x pp = N, whether it fits in GPU memory, and an
+estimated step time, best first; the layouts that cannot work are listed with the reason.
+
+Plain arithmetic: no torch, no Ray, no DeepSpeed. Everything is modelled on what `neoxray.platform.engine`
+really builds (docs/planner.md has the formulas with a worked example):
+
+Pipeline stages. DeepSpeed's `PipelineModule` with `partition_method="type:LayerPipe"` (the default) splits the
+L transformer layers as evenly as it can, the first L mod pp stages taking one layer more; the embedding goes
+to stage 0 and the final LayerNorm and output head to stage pp - 1 (`stage_layers`). Every stage is costed and
+the busiest one (the most memory) decides whether a layout fits.
+
+Memory per GPU of a stage, for P = its parameters on one tensor-parallel rank (`stage_parameters`):
+  weights      P x 4 bytes (fp32) or 2 (bf16, fp16);
+  gradients    fp32 and fp16 (g = 4 or 2 bytes): with ZeRO-1 the larger of the full gradients the backward
+               passes accumulate (P x g) and what DeepSpeed's ZeRO optimizer holds at the step, this rank's
+               reduced partition and the flat fp32 copy it steps on (P x (g + 4) / dp); without ZeRO P x g.
+               bf16: P x (2 + 4), the bf16 `.grad` of each backward plus DeepSpeed's fp32 accumulation buffer
+               (BF16_Optimizer with grad_accum_dtype fp32), whose partitions the step reads in place;
+  optimizer    the fp32 master copy of the weights (4 bytes) and Adam's m and v (4 + 4), sharded across the
+               dp ranks by ZeRO-1: P x 12 / dp. DeepSpeed's ZeRO-1 keeps its own fp32 partition even when
+               the model is fp32; without ZeRO (stage 0) an fp32 model has no master copy (P x 8) and the
+               other precisions keep theirs unsharded (P x 12);
+  activations  per layer and in-flight micro-batch of b sequences of s tokens (d = d_model, a = heads,
+               t = tp), Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+               Models"; tensor parallelism without sequence parallelism) for 16-bit activations:
+                   s b d (10 + 24 / t + 5 a s / (d t))  bytes,
+               doubled for fp32 activations. The 5 a s / (d t) term is the s x s attention scores, softmax
+               and its dropout; with `Assumptions.flash_attention` (the default: the engine's
+               F.scaled_dot_product_attention runs a fused kernel that keeps none of them) it is left out.
+               The formula also counts dropout masks (GPT-NeoX trains without dropout), a small margin
+               kept on purpose. With full activation checkpointing a layer keeps only its
+               input, 2 s b d bytes (16-bit), and the backward pass recomputes one layer at a time, which
+               adds one layer's full set once. The last stage adds the output head: its logits and the fp32
+               softmax the loss keeps, s b (V / t) (act + 4) bytes, and the final LayerNorm's input and
+               output, 2 s b d act bytes (act = 2, or 4 for fp32). The 1F1B schedule keeps
+               min(pp - i, m) micro-batches in flight on stage i (m = micro-batches per step): pp on the
+               first stage, one on the last;
+  overhead     `Assumptions.overhead_gib` (CUDA context, cuBLAS workspaces, NCCL and DeepSpeed buffers).
+A layout fits when that total is at most (1 - `Assumptions.reserve_fraction`) x the GPU's memory.
+
+Step time. Stage i's compute per micro-batch is its share of the training FLOPs (`ModelConfig.
+train_flops_per_token`: 6 (4 d^2 + 2 d f) + 12 d s per layer and token, 6 d V for the head), x 4/3 for the
+layers under activation checkpointing (one more forward), at `peak_tflops` x `mfu` on each of its t GPUs; plus
+its tensor-parallel all-reduces: 4 per layer per micro-batch (2 forward, 2 backward; 6 with checkpointing) of
+b s d activations, each moving 2 (t - 1) / t of them at `tp_bandwidth_gbs`. A 1F1B step takes (m + pp - 1)
+slots of the slowest stage, i.e. the ideal time inflated by the bubble (pp - 1) / (m + pp - 1). Last, the
+data-parallel gradient reduction (ZeRO-1's reduce-scatter of gradients plus all-gather of weights, the volume
+of one all-reduce: 2 (dp - 1) / dp x P x gradient bytes) at `tp_bandwidth_gbs` when a data-parallel group fits
+in one node, else `dp_bandwidth_gbs`; none of it is overlapped with compute. Pipeline point-to-point
+transfers, the embedding's all-reduce and the loss's small all-reduces are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from neoxray.errors import NeoxrayError
+from neoxray.model.config import ModelConfig
+from neoxray.model.info import GIB
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    """The hardware and efficiency figures the estimates rest on. Change them to match your cluster."""
+
+    peak_tflops: float = 312.0
+    """Dense 16-bit peak of one GPU, TFLOP/s (312: A100, the GPU GPT-NeoX-20B was trained on; 989: H100/H200
+    SXM)."""
+    mfu: float = 0.40
+    """Fraction of the peak a stage's layers reach on the FLOPs they execute (recomputation included),
+    before the pipeline bubble and communication are added."""
+    tp_bandwidth_gbs: float = 150.0
+    """All-reduce bus bandwidth inside a node (NVLink), GB/s (1e9 bytes/s): tensor-parallel all-reduces, and
+    data-parallel ones when a whole data-parallel group sits in one node."""
+    dp_bandwidth_gbs: float = 25.0
+    """All-reduce bus bandwidth per GPU between nodes, GB/s (a 200 Gb/s InfiniBand NIC per GPU)."""
+    overhead_gib: float = 1.5
+    """Memory per GPU beyond weights, gradients, optimizer states and activations, GiB: CUDA context and
+    kernels, cuBLAS workspaces, NCCL and DeepSpeed communication buffers."""
+    flash_attention: bool = True
+    """The attention keeps no s x s score matrices for its backward pass (a fused kernel, as PyTorch's
+    scaled_dot_product_attention picks on GPUs); False counts them as Korthikanti et al. do."""
+    reserve_fraction: float = 0.05
+    """Share of each GPU's memory left free for the caching allocator's fragmentation: a layout fits when it
+    needs at most (1 - reserve_fraction) x gpu memory."""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What the layouts must fit: N devices of equal memory, grouped in nodes."""
+
+    gpus: int
+    """Devices to train on (N = dp x tp x pp)."""
+    gpu_memory_gib: float
+    """Memory of one device, GiB (2**30 bytes; a "40 GB" A100 has 40 GiB)."""
+    gpus_per_node: int | None = None
+    """Devices per node: a tensor-parallel group must fit inside one; null: all N in one node."""
+
+    def per_node(self) -> int:
+        return self.gpus_per_node or self.gpus
+
+
+@dataclass(frozen=True)
+class Training:
+    """The batch arithmetic and precision of the run being planned."""
+
+    global_batch: int = 1024
+    """Sequences per optimizer step (B); must be divisible by dp x micro_batch."""
+    micro_batch: int = 4
+    """Sequences per forward/backward pass on one data-parallel replica (b)."""
+    seq_len: int | None = None
+    """Tokens per sequence (s); null: the model's max_seq_len."""
+    precision: str = "bf16"
+    """bf16, fp16 or fp32, as `train.precision`."""
+    zero_stage: int = 1
+    """1: ZeRO-1 shards the master weights and Adam states across dp (the engine's default); 0: no sharding."""
+    activation_checkpointing: bool | None = None
+    """True / False: plan with / without it; None: without where that fits, else with it."""
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Bytes one GPU of a pipeline stage holds."""
+
+    stage: int
+    """Pipeline stage index (0: the embedding's; pp - 1: the head's)."""
+    layers: int
+    """Transformer layers on this stage."""
+    parameters: int
+    """Parameters on one tensor-parallel rank of this stage."""
+    in_flight: int
+    """Micro-batches whose activations the 1F1B schedule keeps at once on this stage."""
+    weights: int
+    gradients: int
+    optimizer: int
+    """fp32 master weights (when kept) and Adam's m and v, this rank's ZeRO-1 share."""
+    activations: int
+    """Without activation checkpointing."""
+    activations_checkpointed: int
+    """With full activation checkpointing (layer inputs, plus one layer recomputed in the backward pass)."""
+    overhead: int
+
+    def static(self) -> int:
+        """Weights + gradients + optimizer states + overhead: everything but the activations."""
+        return self.weights + self.gradients + self.optimizer + self.overhead
+
+    def total(self, checkpointing: bool) -> int:
+        return self.static() + (self.activations_checkpointed if checkpointing else self.activations)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Estimated seconds of one optimizer step, and its parts."""
+
+    compute_s: float
+    """Slowest stage's compute over the m micro-batches (no bubble, no communication)."""
+    tp_comm_s: float
+    """Slowest stage's tensor-parallel all-reduces over the m micro-batches."""
+    bubble_s: float
+    """Idle pipeline slots: (pp - 1) slots of the slowest stage."""
+    dp_comm_s: float
+    """Data-parallel gradient reduction (ZeRO-1 reduce-scatter + all-gather)."""
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.tp_comm_s + self.bubble_s + self.dp_comm_s
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One feasible layout with its memory and time estimates."""
+
+    dp: int
+    tp: int
+    pp: int
+    micro_batches: int
+    """Micro-batches per pipeline per step (m = global_batch / (dp x micro_batch))."""
+    activation_checkpointing: bool
+    """Whether the estimate (and the fit) is with activation checkpointing."""
+    busiest: StageMemory
+    """The stage that needs the most memory (with this layout's checkpointing setting)."""
+    stages: tuple[StageMemory, ...]
+    time: StepTime
+    tokens_per_step: int
+    memory_limit: int
+    """Usable bytes per GPU ((1 - reserve) x gpu memory)."""
+
+    @property
+    def memory(self) -> int:
+        """Bytes per GPU on the busiest stage."""
+        return self.busiest.total(self.activation_checkpointing)
+
+    @property
+    def bubble(self) -> float:
+        """The 1F1B bubble fraction (pp - 1) / (m + pp - 1)."""
+        return (self.pp - 1) / (self.micro_batches + self.pp - 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.time.total_s
+
+    def to_dict(self) -> dict:
+        b = self.busiest
+        return {
+            "dp": self.dp, "tp": self.tp, "pp": self.pp, "micro_batches": self.micro_batches,
+            "activation_checkpointing": self.activation_checkpointing, "bubble": self.bubble,
+            "busiest_stage": b.stage, "memory_bytes": self.memory, "memory_limit_bytes": self.memory_limit,
+            "memory": {"weights": b.weights, "gradients": b.gradients, "optimizer": b.optimizer,
+                       "activations": b.activations, "activations_checkpointed": b.activations_checkpointed,
+                       "overhead": b.overhead},
+            "stages": [dataclasses.asdict(s) for s in self.stages],
+            "step_time_s": self.time.total_s, "step_time": dataclasses.asdict(self.time),
+            "tokens_per_s": self.tokens_per_s,
+        }
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A layout that cannot work, and why."""
+
+    dp: int
+    tp: int
+    pp: int
+    reason: str
+    memory_bytes: int | None = None
+    """For layouts rejected for memory: what the busiest stage would need."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every (dp, tp, pp) of a cluster: the feasible ones fastest first, the others with their reason."""
+
+    model: ModelConfig
+    cluster: Cluster
+    training: Training
+    assumptions: Assumptions
+    seq_len: int
+    feasible: list[Layout] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+
+    @property
+    def best(self) -> Layout | None:
+        return self.feasible[0] if self.feasible else None
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model.name,
+            "parameters": self.model.num_parameters(),
+            "cluster": dataclasses.asdict(self.cluster),
+            "training": {**dataclasses.asdict(self.training), "seq_len": self.seq_len},
+            "assumptions": dataclasses.asdict(self.assumptions),
+            "feasible": [x.to_dict() for x in self.feasible],
+            "rejected": [x.to_dict() for x in self.rejected],
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pipeline stages as the engine builds them
+# ---------------------------------------------------------------------------------------------------------
+def stage_layers(n_layers: int, pp: int) -> list[int]:
+    """Transformer layers per stage under DeepSpeed's `type:LayerPipe` partition: as even as possible, the
+    first n_layers mod pp stages one layer more (checked against DeepSpeed in tests/test_plan.py)."""
+    q, r = divmod(n_layers, pp)
+    return [q + 1 if i < r else q for i in range(pp)]
+
+
+def layer_parameters(model: ModelConfig, tp: int = 1) -> int:
+    """Parameters of one transformer layer on one tensor-parallel rank: the QKV and first MLP projections
+    (weights and biases) and the two output projections' weights are split t ways; the output projections'
+    biases and both LayerNorms are replicated."""
+    d, f = model.d_model, model.ffn_dim
+    split = 4 * d * d + 2 * d * f + 3 * d + f  # QKV [3d, d] + 3d, dense [d, d], h->4h [f, d] + f, 4h->h [d, f]
+    replicated = 2 * d + 4 * d  # dense and 4h->h biases, two LayerNorms (weight and bias)
+    return split // tp + replicated
+
+
+def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int) -> int:
+    """Parameters one tensor-parallel rank of pipeline stage `stage` holds: its layers, the vocab-parallel
+    embedding [V/t, d] on stage 0, the final LayerNorm (replicated) and vocab-parallel head [V/t, d] on the
+    last stage."""
+    d, v = model.d_model, model.vocab_size
+    n = stage_layers(model.n_layers, pp)[stage] * layer_parameters(model, tp)
+    if stage == 0:
+        n += v * d // tp
+    if stage == pp - 1:
+        n += 2 * d + v * d // tp
+    return n
+
+
+def layer_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, tp: int, act_bytes: int,
+                           flash_attention: bool = True) -> int:
+    """Activations one layer keeps for its backward pass, one micro-batch, no checkpointing (Korthikanti et
+    al. 2022 with tensor parallelism): s b d (10 + 24 / t + 5 a s / (d t)) bytes at 16 bits, the last term
+    (attention scores) only without flash attention; x act_bytes / 2."""
+    s, b, d, a = seq_len, micro_batch, model.d_model, model.n_heads
+    scores = 0.0 if flash_attention else 5 * a * s / (d * tp)
+    sixteen_bit = s * b * d * (10 + 24 / tp + scores)
+    return int(sixteen_bit * act_bytes / 2)
+
+
+def _bytes_per_parameter(precision: str, zero_stage: int, dp: int) -> tuple[int, float, float]:
+    """(weights, gradients, optimizer states) bytes per parameter of one rank; see the module docstring."""
+    if precision not in PRECISIONS:
+        raise NeoxrayError(f"precision {precision!r} must be one of {', '.join(PRECISIONS)}")
+    shard = dp if zero_stage >= 1 else 1
+    if precision == "bf16":
+        return 2, 2.0 + 4.0, 12 / shard
+    g = 4 if precision == "fp32" else 2
+    if zero_stage < 1:
+        return g, float(g), 8.0 if precision == "fp32" else 12.0  # an fp32 model's AdamW needs no master copy
+    # ZeRO-1 keeps its own fp32 partition (even of an fp32 model); at the step it holds this rank's reduced
+    # gradient partition and an fp32 flat copy of it
+    return g, max(float(g), (g + 4) / dp), 12 / dp
+
+
+def stage_memory(model: ModelConfig, dp: int, tp: int, pp: int, stage: int, training: Training,
+                 assumptions: Assumptions = Assumptions(), micro_batches: int | None = None) -> StageMemory:
+    """Bytes one GPU of stage `stage` holds under the layout (dp, tp, pp) (module docstring)."""
+    s = training.seq_len or model.max_seq_len
+    b = training.micro_batch
+    m = micro_batches if micro_batches is not None else max(1, training.global_batch // (dp * b))
+    act = 4 if training.precision == "fp32" else 2
+    w, g, o = _bytes_per_parameter(training.precision, training.zero_stage, dp)
+    n_params = stage_parameters(model, tp, pp, stage)
+    layers = stage_layers(model.n_layers, pp)[stage]
+    in_flight = min(pp - stage, m)
+    per_layer = layer_activation_bytes(model, s, b, tp, act, assumptions.flash_attention)
+    layer_input = s * b * model.d_model * act  # [b, s, d], replicated over the tensor-parallel ranks
+    head = 0
+    if stage == pp - 1:
+        head = s * b * (model.vocab_size // tp) * (act + 4) + 2 * s * b * model.d_model * act
+    activations = in_flight * layers * per_layer + head
+    checkpointed = in_flight * layers * layer_input + (per_layer if layers else 0) + head
+    return StageMemory(
+        stage=stage, layers=layers, parameters=n_params, in_flight=in_flight,
+        weights=n_params * w, gradients=int(n_params * g), optimizer=int(n_params * o),
+        activations=activations, activations_checkpointed=checkpointed,
+        overhead=int(assumptions.overhead_gib * GIB),
+    )
+
+
+def step_time(model: ModelConfig, dp: int, tp: int, pp: int, training: Training, checkpointing: bool,
+              gpus_per_node: int, assumptions: Assumptions = Assumptions()) -> StepTime:
+    """Estimated optimizer step time of the layout (module docstring). Ranks are numbered tensor-parallel
+    fastest, then data-parallel, then pipeline (DeepSpeed's topology), so a data-parallel group spans dp x tp
+    consecutive ranks: inside one node when dp x tp <= gpus_per_node."""
+    a = assumptions
+    s = training.seq_len or model.max_seq_len
+    b = training.micro_batch
+    m = training.global_batch // (dp * b)
+    d, f, v = model.d_model, model.ffn_dim, model.vocab_size
+    act = 4 if training.precision == "fp32" else 2
+    # FLOPs per token, split as ModelConfig.train_flops_per_token splits them
+    layer_flops = 6 * (4 * d * d + 2 * d * f) + 12 * d * s
+    head_flops = 6 * d * v
+    recompute = 4 / 3 if checkpointing else 1.0
+    speed = tp * a.peak_tflops * 1e12 * a.mfu  # FLOP/s of one stage (its tp GPUs)
+    tokens = b * s  # per micro-batch
+    if tp > 1:
+        allreduce_s = 2 * (tp - 1) / tp * tokens * d * act / (a.tp_bandwidth_gbs * 1e9)
+    else:
+        allreduce_s = 0.0
+    per_layer_allreduces = 6 if checkpointing else 4
+    slots = []  # (compute, tp comm) per micro-batch, per stage
+    for i, layers in enumerate(stage_layers(model.n_layers, pp)):
+        flops = tokens * (layers * layer_flops * recompute + (head_flops if i == pp - 1 else 0))
+        slots.append((flops / speed, layers * per_layer_allreduces * allreduce_s))
+    compute, comm = max(slots, key=lambda x: x[0] + x[1])
+    params = max(stage_parameters(model, tp, pp, i) for i in range(pp))
+    grad_bytes = 2 if training.precision == "fp16" else 4  # bf16 reduces its fp32 accumulation buffer
+    dp_bw = a.tp_bandwidth_gbs if dp * tp <= gpus_per_node else a.dp_bandwidth_gbs
+    dp_s = 2 * (dp - 1) / dp * params * grad_bytes / (dp_bw * 1e9) if dp > 1 else 0.0
+    return StepTime(compute_s=m * compute, tp_comm_s=m * comm, bubble_s=(pp - 1) * (compute + comm), dp_comm_s=dp_s)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the plan
+# ---------------------------------------------------------------------------------------------------------
+def divisors(n: int) -> list[int]:
+    """The divisors of n (n >= 1), ascending."""
+    small = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0]
+    return sorted(set(small + [n // k for k in small]))
+
+
+def factorizations(n: int) -> list[tuple[int, int, int]]:
+    """Every (dp, tp, pp) with dp x tp x pp = n, by tp then pp."""
+    divs = divisors(n)
+    return [(n // (tp * pp), tp, pp) for tp in divs for pp in divs if (n // tp) % pp == 0]
+
+
+def plan(model: ModelConfig, cluster: Cluster, training: Training = Training(),
+         assumptions: Assumptions = Assumptions()) -> Plan:
+    """Every (dp, tp, pp) for `cluster.gpus` devices: feasible layouts fastest first (ties: less memory), the
+    others with the reason each fails."""
+    _check_inputs(model, cluster, training, assumptions)
+    s = training.seq_len or model.max_seq_len
+    per_node = cluster.per_node()
+    limit = int(cluster.gpu_memory_gib * GIB * (1 - assumptions.reserve_fraction))
+    out = Plan(model=model, cluster=cluster, training=training, assumptions=assumptions, seq_len=s)
+    for dp, tp, pp in factorizations(cluster.gpus):
+        reason = _structural_problem(model, training, per_node, dp, tp, pp)
+        if reason:
+            out.rejected.append(Rejected(dp, tp, pp, reason))
+            continue
+        m = training.global_batch // (dp * training.micro_batch)
+        stages = tuple(stage_memory(model, dp, tp, pp, i, training, assumptions, m) for i in range(pp))
+        options = [training.activation_checkpointing] if training.activation_checkpointing is not None \
+            else [False, True]
+        chosen = None
+        for ckpt in options:
+            need = max(st.total(ckpt) for st in stages)
+            if need <= limit:
+                chosen = ckpt
+                break
+        if chosen is None:
+            ckpt = options[-1]
+            busiest = max(stages, key=lambda st: st.total(ckpt))
+            need = busiest.total(ckpt)
+            how = "with" if ckpt else "without"
+            out.rejected.append(Rejected(
+                dp, tp, pp,
+                f"needs {need / GIB:.1f} GiB per GPU > {limit / GIB:.1f} GiB usable of {cluster.gpu_memory_gib:g} "
+                f"GiB (stage {busiest.stage}, {how} activation checkpointing)",
+                memory_bytes=need,
+            ))
+            continue
+        busiest = max(stages, key=lambda st: st.total(chosen))
+        timing = step_time(model, dp, tp, pp, training, chosen, per_node, assumptions)
+        out.feasible.append(Layout(dp=dp, tp=tp, pp=pp, micro_batches=m, activation_checkpointing=chosen,
+                                   busiest=busiest, stages=stages, time=timing,
+                                   tokens_per_step=training.global_batch * s, memory_limit=limit))
+    out.feasible.sort(key=lambda x: (round(x.time.total_s, 9), x.memory, x.tp, x.pp))
+    out.rejected.sort(key=lambda r: (r.memory_bytes is None, r.memory_bytes or 0))  # closest misses first
+    return out
+
+
+def _check_inputs(model: ModelConfig, cluster: Cluster, training: Training, a: Assumptions) -> None:
+    problems = []
+    if not isinstance(cluster.gpus, int) or cluster.gpus < 1:
+        problems.append(f"the number of GPUs must be a positive integer, got {cluster.gpus}")
+    if not cluster.gpu_memory_gib > 0:
+        problems.append(f"the GPU memory must be > 0 GiB, got {cluster.gpu_memory_gib}")
+    if cluster.gpus_per_node is not None and cluster.gpus_per_node < 1:
+        problems.append(f"GPUs per node must be >= 1, got {cluster.gpus_per_node}")
+    if training.global_batch < 1:
+        problems.append(f"the global batch must be >= 1, got {training.global_batch}")
+    if training.micro_batch < 1:
+        problems.append(f"the micro-batch must be >= 1, got {training.micro_batch}")
+    if training.seq_len is not None and not 1 <= training.seq_len <= model.max_seq_len:
+        problems.append(f"the sequence length must be in [1, {model.max_seq_len}] (the model's max_seq_len), "
+                        f"got {training.seq_len}")
+    if training.precision not in PRECISIONS:
+        problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {training.precision!r}")
+    if training.zero_stage not in (0, 1):
+        problems.append(f"ZeRO stage must be 0 or 1 (DeepSpeed's pipeline engine supports no other), "
+                        f"got {training.zero_stage}")
+    if not a.peak_tflops > 0:
+        problems.append(f"peak TFLOP/s must be > 0, got {a.peak_tflops}")
+    if not 0 < a.mfu <= 1:
+        problems.append(f"MFU must be in (0, 1], got {a.mfu}")
+    if not (a.tp_bandwidth_gbs > 0 and a.dp_bandwidth_gbs > 0):
+        problems.append("bandwidths must be > 0 GB/s")
+    if a.overhead_gib < 0 or not 0 <= a.reserve_fraction < 1:
+        problems.append("overhead must be >= 0 and the reserve fraction in [0, 1)")
+    if problems:
+        raise NeoxrayError("; ".join(problems))
+
+
+def _structural_problem(model: ModelConfig, training: Training, per_node: int, dp: int, tp: int,
+                        pp: int) -> str | None:
+    """Why (dp, tp, pp) cannot run at all, whatever the memory; None when it can."""
+    if model.n_heads % tp:
+        return f"tp {tp} does not divide {model.n_heads} heads"
+    if model.vocab_size % tp:
+        return f"tp {tp} does not divide {model.vocab_size} vocabulary rows"
+    if model.ffn_dim % tp:
+        return f"tp {tp} does not divide the MLP width {model.ffn_dim}"
+    if tp > per_node:
+        return f"tp {tp} > {per_node} GPUs per node"
+    if per_node % tp:
+        return f"tp {tp} does not divide {per_node} GPUs per node (a tensor-parallel group would span two nodes)"
+    if pp > model.n_layers:
+        return f"pp {pp} > {model.n_layers} layers"
+    unit = dp * training.micro_batch
+    if training.global_batch % unit:
+        return (f"global batch {training.global_batch} is not divisible by dp {dp} x micro-batch "
+                f"{training.micro_batch} = {unit}")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------------------
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f}"
+
+
+def format_plan(p: Plan) -> str:
+    """The plan as a table: feasible layouts fastest first, then the rejected ones with their reasons."""
+    c, t, a = p.cluster, p.training, p.assumptions
+    zero = f"ZeRO-{t.zero_stage}" if t.zero_stage else "no ZeRO"
+    ckpt = {None: "activation checkpointing where needed", True: "activation checkpointing",
+            False: "no activation checkpointing"}[t.activation_checkpointing]
+    lines = [
+        f"{p.model.name} ({p.model.num_parameters() / 1e9:.2f} B parameters) on {c.gpus} GPUs of "
+        f"{c.gpu_memory_gib:g} GiB, {c.per_node()} per node: seq {p.seq_len}, global batch {t.global_batch}, "
+        f"micro-batch {t.micro_batch}, {t.precision}, {zero}, {ckpt}",
+        "",
+    ]
+    if p.feasible:
+        lines.append(f"{len(p.feasible)} feasible layout(s), fastest first (GiB per GPU on the busiest pipeline "
+                     f"stage; usable {_gib(p.feasible[0].memory_limit)} GiB):")
+        head = (f"{'#':>3} {'dp':>4} {'tp':>3} {'pp':>3} {'micro':>6} {'bubble':>7} {'ckpt':>5} {'stage':>5} "
+                f"{'weights':>8} {'grads':>7} {'optim':>7} {'act':>7} {'act/ckpt':>8} {'total':>7} "
+                f"{'step s':>9} {'tokens/s':>10}")
+        lines.append(head)
+        for i, x in enumerate(p.feasible, 1):
+            b = x.busiest
+            lines.append(
+                f"{i:>3} {x.dp:>4} {x.tp:>3} {x.pp:>3} {x.micro_batches:>6} {x.bubble:>7.1%} "
+                f"{'yes' if x.activation_checkpointing else 'no':>5} {b.stage:>5} {_gib(b.weights):>8} "
+                f"{_gib(b.gradients):>7} {_gib(b.optimizer):>7} {_gib(b.activations):>7} "
+                f"{_gib(b.activations_checkpointed):>8} {_gib(x.memory):>7} {x.time.total_s:>9.2f} "
+                f"{x.tokens_per_s:>10,.0f}"
+            )
+    else:
+        lines.append("no feasible layout")
+    if p.rejected:
+        lines += ["", f"{len(p.rejected)} rejected layout(s):"]
+        lines += [f"  dp {r.dp:>3} tp {r.tp:>3} pp {r.pp:>3}: {r.reason}" for r in p.rejected]
+    lines += [
+        "",
+        f"assumptions: {a.peak_tflops:g} TFLOP/s peak per GPU at {a.mfu:.0%} MFU; all-reduce "
+        f"{a.tp_bandwidth_gbs:g} GB/s in a node, {a.dp_bandwidth_gbs:g} GB/s between nodes; "
+        f"{'fused' if a.flash_attention else 'unfused'} attention; {a.overhead_gib:g} GiB overhead and "
+        f"{a.reserve_fraction:.0%} reserve per GPU (docs/planner.md)",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `parallel: auto`: the cluster a run finds, and the layout it takes
+# ---------------------------------------------------------------------------------------------------------
+def cluster_from_nodes(nodes: list[dict], use_gpu: bool, gpu_memory_gib: float | None = None,
+                       workers: int | None = None) -> Cluster:
+    """The `Cluster` to plan for from `ray.nodes()` (dicts with "Alive" and "Resources"). On GPUs: their
+    count, the fewest GPUs on a GPU node (tensor parallelism stays inside one) and `gpu_memory_gib` (which
+    the caller must supply). On CPUs (no GPUs, or train.device=cpu): every CPU is a worker, as the driver
+    gives each CPU worker one CPU, and each gets the least Ray memory per CPU of any node unless
+    `gpu_memory_gib` says otherwise. `workers` (parallel.workers) plans for that many instead of all."""
+    key = "GPU" if use_gpu else "CPU"
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+    counts = [(int(r.get(key, 0)), r) for r in alive if int(r.get(key, 0)) >= 1]
+    total = sum(c for c, _ in counts)
+    if total < 1:
+        raise NeoxrayError(f"parallel: auto found no {key}s in the Ray cluster"
+                           + ("; use train.device=cpu to plan over CPU workers" if use_gpu else ""))
+    if workers is not None and not 1 <= workers <= total:
+        raise NeoxrayError(f"parallel.workers={workers} must be between 1 and the cluster's {total} {key}s")
+    if gpu_memory_gib is None:
+        if use_gpu:
+            raise NeoxrayError("parallel: auto needs the GPUs' memory: set parallel.gpu_memory_gb")
+        gpu_memory_gib = min(r.get("memory", 0) / c for c, r in counts) / GIB
+        if not gpu_memory_gib > 0:
+            raise NeoxrayError("parallel: auto could not read the nodes' memory from Ray; "
+                               "set parallel.gpu_memory_gb")
+    n = workers or total
+    return Cluster(gpus=n, gpu_memory_gib=gpu_memory_gib, gpus_per_node=min(min(c for c, _ in counts), n))
+
+
+def training_of(cfg) -> Training:
+    """The planner's `Training` for a run config (`neoxray.platform.config.RunConfig`)."""
+    model = cfg.model_config()
+    return Training(global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch,
+                    seq_len=cfg.seq_len(model), precision=cfg.train.precision, zero_stage=cfg.parallel.zero_stage,
+                    activation_checkpointing=cfg.model.activation_checkpointing)
+
+
+def resolve_auto_layout(cfg, cluster: Cluster, assumptions: Assumptions | None = None):
+    """For a run config with `parallel: auto`: the plan for `cluster` (with the run's model, batch, precision,
+    ZeRO stage and activation checkpointing setting, and `logging.peak_tflops` as the peak), and its first
+    feasible layout that keeps the pinned parallel.data/tensor/pipeline. Returns (config with that layout,
+    the Layout, the Plan); a NeoxrayError naming the keys when no layout works."""
+    from neoxray.platform.config import with_layout
+
+    model = cfg.model_config()
+    assumptions = assumptions or Assumptions(peak_tflops=cfg.logging.peak_tflops)
+    result = plan(model, cluster, training_of(cfg), assumptions)
+    pins = {k: v for k, v in (("data", cfg.parallel.data), ("tensor", cfg.parallel.tensor),
+                              ("pipeline", cfg.parallel.pipeline)) if v is not None}
+    attr = {"data": "dp", "tensor": "tp", "pipeline": "pp"}
+    ok = [x for x in result.feasible if all(getattr(x, attr[k]) == v for k, v in pins.items())]
+    if ok:
+        choice = ok[0]
+        return with_layout(cfg, choice.dp, choice.tp, choice.pp), choice, result
+    pinned = "".join(f" with parallel.{k}={v}" for k, v in pins.items())
+    misses = [r for r in result.rejected if all(getattr(r, attr[k]) == v for k, v in pins.items())]
+    why = "; ".join(f"dp {r.dp} tp {r.tp} pp {r.pp}: {r.reason}" for r in misses[:3])
+    hints = []
+    if not cfg.model.activation_checkpointing and any(r.memory_bytes for r in misses):
+        hints.append("model.activation_checkpointing=true")
+    if pins:
+        hints.append("fewer pinned parallel.* values")
+    hints.append("a smaller train.micro_batch")
+    raise NeoxrayError(
+        f"parallel: auto found no layout of {model.name} for {cluster.gpus} workers of "
+        f"{cluster.gpu_memory_gib:.1f} GiB ({cluster.per_node()} per node){pinned}"
+        f"{': ' + why if why else ''}; try {' or '.join(hints)} (`neoxray plan` lists every layout)"
+    )
+
+
+def describe_choice(choice: Layout, result: Plan) -> str:
+    """One line for the driver's log: the layout `parallel: auto` took, and why."""
+    c = result.cluster
+    workers = f"{c.gpus} worker{'s' if c.gpus > 1 else ''}"
+    return (f"parallel: auto chose dp={choice.dp} tp={choice.tp} pp={choice.pp} for {workers} of "
+            f"{c.gpu_memory_gib:.1f} GiB ({c.per_node()} per node): about {choice.memory / GIB:.1f} GiB per worker, "
+            f"estimated step {choice.time.total_s:.3g} s, first of {len(result.feasible)} feasible layouts "
+            f"({len(result.rejected)} rejected; `neoxray plan` shows them)")
