@@ -1,0 +1,456 @@
+"""The cluster configs: the launcher YAMLs against the schema Ray ships, the KubeRay manifests against the fields
+KubeRay requires, the runtime_env example, the Grafana dashboard against the metrics neoxray exports. Then a real
+multi-node Ray cluster: a head and a second node started with `ray start` as separate processes on this machine
+(token authentication on, as `ray start --head` has it by default in Ray 2.60), a job submitted with
+`ray job submit --working-dir . -- sh -c "neoxray prepare ... && neoxray train ..."`, Ray Train workers on both
+nodes, a checkpoint per step, and a second submission (through cluster/runtime_env.yaml) that resumes from them
+with the losses of one uninterrupted process. The cluster is separate from the session's `ray_local` one (its own
+ports, temp directories and token; its processes get their own RAY_* environment) and is torn down here."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, SAMPLE
+
+VENV_BIN = Path(sys.executable).parent
+RAY = str(VENV_BIN / "ray") if (VENV_BIN / "ray").exists() else shutil.which("ray")
+
+# the job's training run: tiny model, dp 1 x tp 1 x pp 2 (one pipeline stage per node), a checkpoint every step
+STEPS, MORE = 3, 5
+TRAIN = [
+    "model.overrides.vocab_size=1024", "model.overrides.max_seq_len=64", "train.seq_len=32",
+    "parallel.data=1", "parallel.tensor=1", "parallel.pipeline=2",
+    "train.global_batch=8", "train.micro_batch=2", "schedule.warmup_steps=1", f"schedule.decay_steps={MORE}",
+    "optimizer.lr=3e-3", "optimizer.min_lr=3e-4", "train.seed=7", "data.seed=11",
+    "checkpoint.every=1", "checkpoint.keep=2", "eval.every=0", "logging.tensorboard=false",
+]
+
+
+CLUSTER = ROOT / "cluster"
+GPUS_20B = 96  # the paper: 12 nodes x 8 A100-40GB, tensor 2 x pipeline 4 x data 12
+
+
+def load_yaml(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def layout_of(train_args: list[str]) -> tuple[int, int, int]:
+    """(dp, tp, pp) of a `neoxray train` command line, through the real config loader and validation."""
+    from neoxray.platform.config import load_run_config, validate
+
+    config = train_args[train_args.index("--config") + 1]
+    overrides = [a for a in train_args if "=" in a and not a.startswith("-")]
+    cfg = load_run_config(str(ROOT / config), overrides)
+    validate(cfg)
+    return cfg.parallel.data, cfg.parallel.tensor, cfg.parallel.pipeline
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ray cluster launcher configs
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, instance_key, instance", [("aws", "InstanceType", "p4d.24xlarge"),
+                                                          ("gcp", "machineType", "a2-highgpu-8g")])
+def test_launcher_config_validates_against_rays_schema(name, instance_key, instance):
+    import jsonschema
+    import ray
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = load_yaml(CLUSTER / f"{name}.yaml")
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(cfg, schema)  # the file as written
+    validate_config(prepare_config(cfg))  # and as `ray up` sees it: merged with the provider's defaults
+    assert cfg["provider"]["type"] == name
+
+    # GPU workers sized for the 20B run: 12 nodes of 8 A100-40GB
+    types = cfg["available_node_types"]
+    gpu = [t for t in types.values() if t["resources"].get("GPU")]
+    assert len(gpu) == 1 and gpu[0]["node_config"][instance_key] == instance
+    assert gpu[0]["resources"]["GPU"] * gpu[0]["max_workers"] == GPUS_20B
+    assert cfg["max_workers"] >= gpu[0]["max_workers"]
+    assert not types[cfg["head_node_type"]]["resources"].get("GPU")
+    assert layout_of(["--config", "configs/neox-20b.yaml"]) == (12, 2, 4)
+
+    # setup installs torch, Ray (the version the tests run) and neoxray; Ray starts with token auth on every node
+    setup = " ".join(cfg["setup_commands"])
+    assert "torch==" in setup and f"ray[default,train,data,serve]=={ray.__version__}" in setup
+    assert "neoxray @ git+" in setup
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert "RAY_AUTH_MODE=token ray start" in " ".join(cfg[key]), key
+    assert "~/.ray/auth_token" in cfg["file_mounts"]
+    # every value a user must replace is marked
+    text = (CLUSTER / f"{name}.yaml").read_text()
+    assert text.count("CHANGE") >= 5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KubeRay
+# ---------------------------------------------------------------------------------------------------------
+def check_ray_cluster_spec(spec: dict) -> int:
+    """The fields KubeRay's RayCluster spec requires (ray-operator/apis/ray/v1/raycluster_types.go); returns the
+    worker groups' GPUs at their maximum size."""
+    head = spec["headGroupSpec"]
+    assert isinstance(head["rayStartParams"], dict)
+    assert all(isinstance(v, str) for v in head["rayStartParams"].values()), "rayStartParams values are strings"
+    containers = head["template"]["spec"]["containers"]
+    assert containers and all(c["name"] and c["image"] for c in containers)
+    assert spec["rayVersion"] == "2.60.0" and spec["authOptions"]["mode"] == "token"
+    gpus = 0
+    names = set()
+    for group in spec["workerGroupSpecs"]:
+        assert group["groupName"] and group["groupName"] not in names
+        names.add(group["groupName"])
+        assert isinstance(group["rayStartParams"], dict)
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values())
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        wcontainers = group["template"]["spec"]["containers"]
+        assert wcontainers and all(c["name"] and c["image"] for c in wcontainers)
+        limits = wcontainers[0]["resources"]["limits"]
+        assert limits == wcontainers[0]["resources"]["requests"]
+        gpus += int(limits.get("nvidia.com/gpu", 0)) * group["maxReplicas"]
+        mounts = {m["name"] for m in wcontainers[0].get("volumeMounts", [])}
+        assert mounts <= {v["name"] for v in group["template"]["spec"].get("volumes", [])}
+    return gpus
+
+
+def test_kuberay_rayjob_prepares_then_trains_on_96_gpus():
+    job = load_yaml(CLUSTER / "kuberay" / "rayjob-neox-20b.yaml")
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob" and job["metadata"]["name"]
+    spec = job["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["submissionMode"] in ("K8sJobMode", "HTTPMode")
+    assert check_ray_cluster_spec(spec["rayClusterSpec"]) == GPUS_20B
+
+    from ray.runtime_env import RuntimeEnv
+
+    RuntimeEnv(**yaml.safe_load(spec["runtimeEnvYAML"]))  # a valid runtime_env
+
+    # the entrypoint: `neoxray prepare ...` and then `neoxray train ...`, whose layout uses every GPU
+    steps = [shlex.split(part) for part in spec["entrypoint"].split("&&")]
+    assert [s[:2] for s in steps] == [["neoxray", "prepare"], ["neoxray", "train"]]
+    prepare, train = steps
+    output = prepare[prepare.index("--output") + 1]
+    assert f"data.path={output}" in train  # train reads what prepare wrote
+    from neoxray.cli import build_parser
+
+    build_parser().parse_args(prepare[1:])  # flags the CLI knows
+    build_parser().parse_args(train[1:])
+    dp, tp, pp = layout_of(train)
+    assert dp * tp * pp == GPUS_20B
+
+
+def test_kuberay_rayservice_serves_the_neoxray_app():
+    svc = load_yaml(CLUSTER / "kuberay" / "rayservice-neoxray.yaml")
+    assert svc["apiVersion"] == "ray.io/v1" and svc["kind"] == "RayService" and svc["metadata"]["name"]
+    spec = svc["spec"]
+    assert check_ray_cluster_spec(spec["rayClusterConfig"]) >= 1
+    serve = yaml.safe_load(spec["serveConfigV2"])  # a YAML string, as KubeRay wants it
+    (app,) = serve["applications"]
+    assert app["import_path"] == "neoxray.platform.serve.app:build_app"
+    from neoxray.platform.serve.app import ServeArgs
+
+    args = ServeArgs(**app["args"])  # the builder's typed arguments accept these
+    assert args.num_gpus == 1 and args.model.startswith("/mnt/neoxray/")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# runtime_env and Grafana
+# ---------------------------------------------------------------------------------------------------------
+def test_runtime_env_example_is_a_valid_runtime_env():
+    from ray.runtime_env import RuntimeEnv
+
+    env = load_yaml(CLUSTER / "runtime_env.yaml")
+    RuntimeEnv(**env)
+    assert env["working_dir"] == "." and {".venv/", "runs/", ".git/"} <= set(env["excludes"])
+    assert env["pip"]["packages"] and all(isinstance(v, str) for v in env["env_vars"].values())
+    assert "RAY_AUTH_MODE" in (CLUSTER / "runtime_env.yaml").read_text()  # documented where it belongs
+
+
+def test_grafana_dashboard_plots_only_metrics_neoxray_exports():
+    import re
+
+    from neoxray.platform.metrics import GAUGES
+
+    dash = json.loads((CLUSTER / "grafana" / "neoxray-train.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs += [v["query"]["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    used = set()
+    for expr in exprs:
+        metrics = re.findall(r"\bray_[A-Za-z0-9_:]+", expr)  # metric names; label names here have no ray_
+        assert metrics, expr
+        for name in metrics:
+            # Ray exports ray.util.metrics gauges to Prometheus with a "ray_" prefix
+            assert name.startswith("ray_neoxray_train_") and name[len("ray_neoxray_train_"):] in GAUGES, name
+            used.add(name[len("ray_neoxray_train_"):])
+    assert used == set(GAUGES), set(GAUGES) - used  # a panel for every gauge
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a two-node cluster on this machine
+# ---------------------------------------------------------------------------------------------------------
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class TwoNodeCluster:
+    """`ray start --head --block` and `ray start --address ... --block`, each in its own process group, each
+    with its own temp dir and ports; stopped by terminating exactly those process trees."""
+
+    def __init__(self, root: Path, cpus_per_node: int = 1):
+        self.root = root
+        self.token = secrets.token_hex(24)
+        (self.gcs, self.dashboard, self.client, *self.node_ports) = free_ports(3 + 8)
+        self.cpus = cpus_per_node
+        base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        # the venv's console scripts (neoxray, ray) for the job's shell, appended so that every other tool
+        # (a C++ toolchain, ninja for DeepSpeed's JIT ops) resolves as it does for this test process
+        path = base.get("PATH", "") + os.pathsep + str(VENV_BIN)
+        self.node_env = {**base, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
+                         "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+        self.client_env = {**self.node_env, "RAY_ADDRESS": self.dashboard_url}
+        self.procs: list[subprocess.Popen] = []
+        self.logfiles: list = []
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard}"
+
+    def _start_node(self, name: str, args: list[str]) -> subprocess.Popen:
+        temp = self.root / name
+        temp.mkdir(parents=True, exist_ok=True)
+        log = open(self.root / f"{name}.log", "wb")
+        self.logfiles.append(log)
+        proc = subprocess.Popen([RAY, "start", *args, "--temp-dir", str(temp), "--num-cpus", str(self.cpus),
+                                 "--object-store-memory", str(200 * 1024**2), "--disable-usage-stats", "--block"],
+                                env=self.node_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def start(self, timeout: float = 120) -> None:
+        a = iter(self.node_ports)
+        self._start_node("head", [
+            "--head", "--port", str(self.gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard),
+            "--ray-client-server-port", str(self.client), "--resources", json.dumps({"head_node": 1}),
+            "--dashboard-agent-listen-port", str(next(a)), "--dashboard-agent-grpc-port", str(next(a)),
+            "--runtime-env-agent-port", str(next(a)), "--metrics-export-port", str(next(a)),
+        ])
+        self.wait(lambda: socket.create_connection(("127.0.0.1", self.gcs), timeout=1).close() is None, timeout,
+                  "the head's GCS port")
+        self._start_node("worker", [
+            "--address", f"127.0.0.1:{self.gcs}", "--resources", json.dumps({"worker_node": 1}),
+            "--dashboard-agent-listen-port", str(next(a)), "--dashboard-agent-grpc-port", str(next(a)),
+            "--runtime-env-agent-port", str(next(a)), "--metrics-export-port", str(next(a)),
+        ])
+        self.wait(lambda: len(self.alive_nodes()) == 2, timeout, "two alive nodes")
+
+    def wait(self, ready, timeout: float, what: str) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for p in self.procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"`ray start` exited ({p.returncode}) while waiting for {what}:\n{self.logs()}")
+            try:
+                if ready():
+                    return
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"no {what} after {timeout} s:\n{self.logs()}")
+
+    def api(self, path: str, token: str | None = "auto"):
+        """GET a dashboard endpoint with the cluster's bearer token (None: without one). JSON or text."""
+        req = urllib.request.Request(self.dashboard_url + path)
+        if token is not None:
+            req.add_header("Authorization", f"Bearer {self.token if token == 'auto' else token}")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            body = r.read().decode()
+        try:
+            return json.loads(body)
+        except json.JSONDecodeError:
+            return body
+
+    def state(self, resource: str, **filters) -> list[dict]:
+        """The state API (what `ray list RESOURCE --detail` asks the dashboard), filtered by equality."""
+        query = urllib.parse.urlencode({"limit": 1000, "detail": 1, "filter_keys": list(filters),
+                                        "filter_predicates": ["="] * len(filters),
+                                        "filter_values": list(filters.values())}, doseq=True)
+        return self.api(f"/api/v0/{resource}?{query}")["data"]["result"]["result"]
+
+    def alive_nodes(self) -> list[dict]:
+        return self.state("nodes", state="ALIVE")
+
+    def ray(self, *args, check=True, timeout=120, cwd=None) -> subprocess.CompletedProcess:
+        """The `ray` CLI as a user of this cluster runs it (RAY_ADDRESS = the dashboard, the token in the env)."""
+        address = [] if args[0] in ("job",) else ["--address", self.dashboard_url]
+        cmd = [RAY, *args, *address]
+        proc = subprocess.run(cmd, env=self.client_env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-8000:]}\n"
+                                 f"{proc.stderr[-8000:]}")
+        return proc
+
+    def logs(self, tail: int = 3000) -> str:
+        out = []
+        for f in sorted(self.root.glob("*.log")):
+            out.append(f"--- {f.name}\n{f.read_text(errors='replace')[-tail:]}")
+        return "\n".join(out)
+
+    def stop(self) -> None:
+        import psutil
+
+        victims = []
+        for p in self.procs:
+            try:
+                root = psutil.Process(p.pid)
+                victims += [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        for v in victims:  # every process of both node trees (workers run in process groups of their own)
+            try:
+                v.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(victims, timeout=5)
+        for v in alive:
+            try:
+                v.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        for f in self.logfiles:
+            f.close()
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    # a short root: Ray's unix sockets live under the temp dir and their paths are limited to ~107 bytes
+    root = Path(tempfile.mkdtemp(prefix="nxc-", dir="/tmp"))
+    cluster = TwoNodeCluster(root)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(records) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.mark.slow
+def test_ray_job_submit_on_two_nodes_trains_and_resumes(two_nodes, sample_tokenizer_dir, tmp_path):
+    cluster = two_nodes
+    nodes = {n["node_id"]: n for n in cluster.alive_nodes()}
+    assert len(nodes) == 2
+    head = next(i for i, n in nodes.items() if n["resources_total"].get("head_node"))
+    other = next(i for i, n in nodes.items() if n["resources_total"].get("worker_node"))
+
+    # token authentication is on: the job API refuses a request without the token, or with a wrong one
+    for token in (None, "not-the-token"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            cluster.api("/api/jobs/", token=token)
+        assert err.value.code in (401, 403)
+
+    # a small Pile-format input on storage every node sees (here: this machine's disk)
+    import zstandard
+
+    with open(SAMPLE, "rb") as f:
+        docs = zstandard.ZstdDecompressor().stream_reader(f).read()
+    small = tmp_path / "input" / "small.jsonl"
+    small.parent.mkdir()
+    small.write_bytes(b"\n".join(docs.splitlines()[:64]) + b"\n")
+    data, run = tmp_path / "data", tmp_path / "run"
+
+    # the RayJob's entrypoint: prepare, then train; `--working-dir .` uploads the checkout (Ray leaves out what
+    # .gitignore lists: .venv/, runs/, ...)
+    t0 = time.time()
+    prepare = ["neoxray", "prepare", "--input", str(small), "--tokenizer", str(sample_tokenizer_dir), "--seq-len", "32",
+               "--output", str(data), "--workers", "1", "--quiet"]
+    train = ["neoxray", "train", "--config", "configs/tiny-cpu.yaml", "--run-dir", str(run), f"data.path={data}",
+             *TRAIN]
+    entrypoint = f"{shlex.join(prepare)} && {shlex.join([*train, f'train.steps={STEPS}'])}"  # as in the RayJob
+    first = cluster.ray("job", "submit", "--working-dir", ".", "--", "sh", "-c", entrypoint, cwd=ROOT, timeout=400)
+    t1 = time.time()
+    assert "succeeded" in first.stdout, first.stdout[-5000:]
+    assert (data / "manifest.json").exists()
+
+    # Ray Train's workers ran on both nodes (the state API, through the dashboard, with the token)
+    actors = json.loads(cluster.ray("list", "actors", "--detail", "--format", "json",
+                                    "--filter", "class_name=RayTrainWorker").stdout)
+    assert len(actors) == 2, actors
+    assert {a["node_id"] for a in actors} == {head, other}, (actors, nodes)
+
+    # per-step metrics and a checkpoint per step (Ray Train keeps the newest 2)
+    recs = metrics(run)
+    assert sorted(losses(recs)) == list(range(1, STEPS + 1))
+    ckpts = sorted(p.name for p in run.glob("checkpoint-step-*"))
+    assert ckpts == [f"checkpoint-step-{s:07d}" for s in (STEPS - 1, STEPS)], ckpts
+    meta = json.loads((run / ckpts[-1] / "meta.json").read_text())
+    assert meta["layout"] == {"dp": 1, "tp": 1, "pp": 2} and meta["consumed_samples"] == 8 * STEPS
+
+    # the same run submitted again with more steps resumes from its newest checkpoint; meanwhile, the engine
+    # without Ray in one process computes the uninterrupted run's losses
+    ref = tmp_path / "ref"
+    reference = subprocess.Popen(
+        [str(VENV_BIN / "neoxray"), "train", "--no-ray", "--config", str(ROOT / "configs/tiny-cpu.yaml"),
+         "--run-dir", str(ref), f"data.path={data}", *TRAIN, "parallel.pipeline=1", f"train.steps={MORE}",
+         "checkpoint.every=0"],
+        env={**cluster.node_env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # ... submitted with the shipped runtime_env example: its working_dir ".", excludes and env_vars, less
+        # `pip` (no package index in CI) and with HF_HOME on this test's disk
+        env = yaml.safe_load((ROOT / "cluster/runtime_env.yaml").read_text())
+        env.pop("pip")
+        env["env_vars"]["HF_HOME"] = str(tmp_path / "hf")
+        cluster.ray("job", "submit", "--runtime-env-json", json.dumps(env), "--", *train, f"train.steps={MORE}",
+                    cwd=ROOT, timeout=300)
+        t2 = time.time()
+        out, _ = reference.communicate(timeout=300)
+    finally:
+        reference.kill()
+    assert reference.returncode == 0, out[-5000:]
+    recs = metrics(run)
+    resumed = [r for r in recs if r.get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] == STEPS and resumed[0]["consumed_samples"] == 8 * STEPS
+    got = losses(recs)
+    assert sorted(got) == list(range(1, MORE + 1))
+    assert (run / f"checkpoint-step-{MORE:07d}" / "meta.json").exists()
+    want = losses(metrics(ref))
+    for s in range(1, MORE + 1):
+        assert abs(got[s] - want[s]) <= 1e-4 * abs(want[s]), (s, got[s], want[s])
+    print(f"\nfirst job {t1 - t0:.0f} s, resumed job {t2 - t1:.0f} s, reference after it {time.time() - t2:.0f} s")
