@@ -48,7 +48,8 @@ run directory     $RUN/train  (config.yaml, metrics.jsonl)
 checkpoints       $(ls -d "$RUN"/train/checkpoint-step-* | tr '\n' ' ')
 TensorBoard       tensorboard --logdir $RUN/train/tensorboard
 Ray dashboard     http://127.0.0.1:8265 while a cluster runs (start one with 'ray start --head' and submit with
-                  'ray job submit --working-dir . -- neoxray train --config configs/tiny-cpu.yaml')
+                  'ray job submit --working-dir . -- neoxray train --config configs/tiny-cpu.yaml
+                   data.path=$(cd "$RUN" && pwd)/data --run-dir $(cd "$RUN" && pwd)/job'; see docs/cluster.md)
 exported model    $RUN/model  (transformers.AutoModelForCausalLM.from_pretrained("$RUN/model"))
 endpoint          $URL/v1 served it (log: $RUN/serve.log); serve it again with
                   'neoxray serve --model $RUN/model' and point any OpenAI client at that URL

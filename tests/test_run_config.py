@@ -246,6 +246,15 @@ def test_missing_file_and_bad_yaml(tmp_path):
     assert str(bad) in msg and "invalid YAML" in msg and "line 4" in msg
 
 
+def test_check_paths_names_missing_local_paths_and_leaves_uris_to_the_reader(tmp_path):
+    from neoxray.platform.config import check_paths
+
+    cfg = load_run_config(None, [f"data.path={tmp_path / 'nope'}", f"model.init_from={tmp_path / 'none'}"])
+    msg = error_of(check_paths, cfg)
+    assert f"data.path={tmp_path / 'nope'}" in msg and f"model.init_from={tmp_path / 'none'}" in msg
+    check_paths(load_run_config(None, ["data.path=s3://bucket/pile-neox"]))  # no error: read remotely
+
+
 # ------------------------------------------------------------------------------------------- validation
 def test_tensor_parallel_must_divide_heads_vocab_and_ffn():
     msg = invalid("parallel.tensor=3")

@@ -859,8 +859,11 @@ def validate(cfg: RunConfig) -> None:
 def check_paths(cfg: RunConfig) -> None:
     """Check that the input paths exist on this machine (`data.path`, `data.validation_path`,
     `model.init_from`); separate from `validate` because a driver may name paths only the workers see."""
-    missing = [f"data.path={p}" for p in cfg.data.paths() if not Path(p).exists()]
-    if cfg.data.validation_path and not Path(cfg.data.validation_path).exists():
+    def absent(p) -> bool:  # URIs (s3://, gs://, ...) are read through the data reader's filesystems
+        return "://" not in str(p) and not Path(p).exists()
+
+    missing = [f"data.path={p}" for p in cfg.data.paths() if absent(p)]
+    if cfg.data.validation_path and absent(cfg.data.validation_path):
         missing.append(f"data.validation_path={cfg.data.validation_path}")
     if cfg.checkpoint.load_from and not Path(cfg.checkpoint.load_from).exists():
         missing.append(f"checkpoint.load_from={cfg.checkpoint.load_from}")

@@ -326,24 +326,41 @@ def create_app(engine: InferenceEngine, model_name: str | None = None, api_key: 
         remaining = len(flat)
         try:
             while remaining:
-                i, out, err = await q.get()
-                if err is not None:
-                    yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'param': err.param, 'code': err.code}})}\n\n"
-                    remaining -= 1
-                    continue
-                _, ids, text, _ = flat[i]
-                echo_now = body.echo and i not in echoed
-                echoed.add(i)
-                lp = logprobs_block(body, ids, text, out.prompt_logprobs, out.logprobs or [],
-                                    out.token_ids, echo_now) if body.logprobs is not None else None
-                if lp is not None and not echo_now and generated[i]:  # offsets continue after earlier tokens
-                    lp["text_offset"] = offsets(generated[i] + out.token_ids, len(text))[len(generated[i]):]
-                generated[i].extend(out.token_ids)
-                piece = (text if echo_now else "") + out.text
-                if piece or lp or out.finish_reason:
-                    yield chunk([{"index": i, "text": piece, "logprobs": lp, "finish_reason": out.finish_reason}])
-                if out.finish_reason is not None:
-                    remaining -= 1
+                # whatever is ready goes out together: when the client or the proxy lags behind the engine,
+                # consecutive outputs of a choice are merged into one chunk instead of queueing up one per token
+                ready = [await q.get()]
+                while not q.empty():
+                    ready.append(q.get_nowait())
+                events: list[tuple[int, Output | None, ApiError | None]] = []
+                mergeable: dict[int, int] = {}  # choice -> position in events of its latest output
+                for i, out, err in ready:
+                    j = mergeable.get(i)
+                    if err is None and j is not None:
+                        events[j] = (i, _merge(events[j][1], out), None)
+                    else:
+                        events.append((i, out, err))
+                        if err is None:
+                            mergeable[i] = len(events) - 1
+                        else:
+                            mergeable.pop(i, None)
+                for i, out, err in events:
+                    if err is not None:
+                        yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'param': err.param, 'code': err.code}})}\n\n"
+                        remaining -= 1
+                        continue
+                    _, ids, text, _ = flat[i]
+                    echo_now = body.echo and i not in echoed
+                    echoed.add(i)
+                    lp = logprobs_block(body, ids, text, out.prompt_logprobs, out.logprobs or [],
+                                        out.token_ids, echo_now) if body.logprobs is not None else None
+                    if lp is not None and not echo_now and generated[i]:  # offsets continue after earlier tokens
+                        lp["text_offset"] = offsets(generated[i] + out.token_ids, len(text))[len(generated[i]):]
+                    generated[i].extend(out.token_ids)
+                    piece = (text if echo_now else "") + out.text
+                    if piece or lp or out.finish_reason:
+                        yield chunk([{"index": i, "text": piece, "logprobs": lp, "finish_reason": out.finish_reason}])
+                    if out.finish_reason is not None:
+                        remaining -= 1
             if body.stream_options and body.stream_options.include_usage:
                 pt = sum(len(ids) for ids, _ in items)
                 ct = sum(len(v) for v in generated.values())
@@ -354,6 +371,17 @@ def create_app(engine: InferenceEngine, model_name: str | None = None, api_key: 
                 t.cancel()
 
     return app
+
+
+def _merge(a: Output, b: Output) -> Output:
+    """One Output covering a then b (same request)."""
+    return Output(
+        request_id=a.request_id, token_ids=a.token_ids + b.token_ids, text=a.text + b.text,
+        logprobs=None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or []),
+        prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
+        finish_reason=b.finish_reason, prompt_tokens=b.prompt_tokens, generated_tokens=b.generated_tokens,
+        error=a.error or b.error, time_to_first_token_s=a.time_to_first_token_s or b.time_to_first_token_s,
+        latency_s=b.latency_s)
 
 
 def run_standalone(engine: InferenceEngine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
