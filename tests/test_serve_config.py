@@ -145,3 +145,22 @@ def test_graceful_stop_finishes_running_requests(model_tok):
     assert results == ["length"] * 4
     with pytest.raises(NeoxrayError, match="stopped"):
         engine.add_request(reqs[0], lambda o: None)
+
+
+def test_grafana_serving_dashboard_plots_every_serve_metric():
+    import json
+    import re
+
+    from neoxray.platform.serve.metrics import METRICS
+
+    dash = json.loads((ROOT / "cluster" / "grafana" / "neoxray-serve.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs += [v["query"]["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    used = set()
+    for expr in exprs:
+        for name in re.findall(r"\bray_[A-Za-z0-9_:]+", expr):
+            base = re.sub(r"_(bucket|total)$", "", name[len("ray_"):])  # Prometheus suffixes of histograms, counters
+            assert base in METRICS, name
+            used.add(base)
+    assert used == set(METRICS), set(METRICS) - used
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
