@@ -31,7 +31,8 @@ URL="http://127.0.0.1:$PORT"
 echo "== 6/6 serve: Ray Serve hosts the exported model at $URL/v1 (OpenAI-compatible); one completion over HTTP"
 neoxray serve --model "$RUN/model" --port "$PORT" --name demo >"$RUN/serve.log" 2>&1 &
 SERVE_PID=$!
-stop_serving() { kill -INT "$SERVE_PID" 2>/dev/null && wait "$SERVE_PID" 2>/dev/null; true; }
+# SIGTERM, not SIGINT: a non-interactive shell starts background jobs with SIGINT ignored
+stop_serving() { status=$?; kill -TERM "$SERVE_PID" 2>/dev/null && wait "$SERVE_PID" 2>/dev/null; exit "$status"; }
 trap stop_serving EXIT
 for _ in $(seq 1 240); do
   curl -sf "$URL/health" >/dev/null && break

@@ -76,18 +76,18 @@ def start_server(args: list[str], log: Path, url: str, timeout: float = 240) -> 
     raise AssertionError(f"neoxray serve did not become healthy in {timeout} s:\n{log.read_text()[-4000:]}")
 
 
-def stop_server(proc: subprocess.Popen, log: Path) -> int:
-    proc.send_signal(signal.SIGINT)
+def stop_server(proc: subprocess.Popen, log: Path, sig=signal.SIGINT) -> int:
+    proc.send_signal(sig)
     try:
         return proc.wait(timeout=90)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(f"neoxray serve did not stop on SIGINT:\n{log.read_text()[-4000:]}")
+        raise AssertionError(f"neoxray serve did not stop on {signal.Signals(sig).name}:\n{log.read_text()[-4000:]}")
 
 
 @pytest.fixture(scope="module")
 def server(ray_local, serve_model_dir, tmp_path_factory):
-    """`neoxray serve` joining the session's Ray cluster, with an API key; stopped with SIGINT at the end."""
+    """`neoxray serve` joining the session's Ray cluster, with an API key; stopped with SIGTERM at the end."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
@@ -95,7 +95,7 @@ def server(ray_local, serve_model_dir, tmp_path_factory):
     proc = start_server(["--model", str(serve_model_dir), "--port", str(port), "--address", gcs, "--api-key", KEY,
                          "--name", "tiny", "--max-num-seqs", "8"], log, url)
     yield url
-    assert stop_server(proc, log) == 0, log.read_text()[-4000:]
+    assert stop_server(proc, log, signal.SIGTERM) == 0, log.read_text()[-4000:]  # what process managers send
 
 
 def post(url, path, body, key=KEY, **kw):

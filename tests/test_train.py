@@ -116,6 +116,18 @@ def test_every_layout_trains_the_same_model(prepared, reference, ray_local, tmp_
                              "--max-new-tokens", "4", "--greedy", "--json").stdout)
     assert len(out["token_ids"]) >= 1
 
+    # serving takes the run directory as it is (its newest checkpoint): the same model as the export
+    from neoxray.model.generate import SamplingParams
+    from neoxray.platform.serve.engine import InferenceEngine, Request
+
+    def greedy(engine):
+        req = Request([5, 6, 7], max_tokens=8, sampling=SamplingParams(greedy=True, stop_at_eod=False))
+        return engine.run_until_done([req])[0].token_ids
+
+    from_run = InferenceEngine.from_path(run_dir, device="cpu")
+    assert from_run.model_name == "run-222/checkpoint-step-0000005"
+    assert greedy(from_run) == greedy(InferenceEngine.from_path(tmp_path / "hf222", device="cpu"))
+
 
 def _kill_one_worker_after(run_dir: Path, step: int, killed: list, timeout=300):
     """Once `step` is logged and Ray Train has registered the checkpoint before it (its snapshot names it),

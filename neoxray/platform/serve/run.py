@@ -35,6 +35,7 @@ def run_serve(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, addres
 
     app = build_app(args)  # validates args and the model path before any cluster work
     ray = connect_ray(address)
+    _sigterm_as_interrupt()  # again: joining Ray installs its own SIGTERM handler, which would abort the process
     serve.start(http_options={"host": host, "port": port})
     _log(f"deploying {args.model} on Ray Serve ({args.num_replicas if args.max_replicas is None else 'autoscaling'} "
          f"replica(s), {args.num_gpus:g} GPU each); the first start loads the model")
