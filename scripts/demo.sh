@@ -32,7 +32,7 @@ echo "== 6/6 serve: Ray Serve hosts the exported model at $URL/v1 (OpenAI-compat
 neoxray serve --model "$RUN/model" --port "$PORT" --name demo >"$RUN/serve.log" 2>&1 &
 SERVE_PID=$!
 # SIGTERM, not SIGINT: a non-interactive shell starts background jobs with SIGINT ignored
-stop_serving() { status=$?; kill -TERM "$SERVE_PID" 2>/dev/null && wait "$SERVE_PID" 2>/dev/null; exit "$status"; }
+stop_serving() { status=$?; { kill -TERM "$SERVE_PID" 2>/dev/null && wait "$SERVE_PID" 2>/dev/null; } || true; exit "$status"; }
 trap stop_serving EXIT
 for _ in $(seq 1 240); do
   curl -sf "$URL/health" >/dev/null && break

@@ -36,22 +36,25 @@ def run_serve(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, addres
     app = build_app(args)  # validates args and the model path before any cluster work
     ray = connect_ray(address)
     _sigterm_as_interrupt()  # again: joining Ray installs its own SIGTERM handler, which would abort the process
-    serve.start(http_options={"host": host, "port": port})
-    _log(f"deploying {args.model} on Ray Serve ({args.num_replicas if args.max_replicas is None else 'autoscaling'} "
-         f"replica(s), {args.num_gpus:g} GPU each); the first start loads the model")
-    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
-    _log(f"serving at {url}/v1 (OpenAI-compatible: /v1/completions, /v1/models, /v1/embeddings; /health)")
-    _log(f"Ray dashboard: {_dashboard_url(ray)}; Ctrl-C to stop")
     try:
+        serve.start(http_options={"host": host, "port": port})
+        _log(f"deploying {args.model} on Ray Serve ({args.num_replicas if args.max_replicas is None else 'autoscaling'} "
+             f"replica(s), {args.num_gpus:g} GPU each); the first start loads the model")
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        _log(f"serving at {url}/v1 (OpenAI-compatible: /v1/completions, /v1/models, /v1/embeddings; /health)")
+        _log(f"Ray dashboard: {_dashboard_url(ray)}; Ctrl-C to stop")
         while True:
             time.sleep(1.0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, also while still deploying
         _log("stopping: running requests get up to graceful_shutdown_timeout_s to finish")
     finally:
-        serve.delete(APP_NAME)
-        if not (address or _joined_existing()):
-            serve.shutdown()
+        try:
+            serve.delete(APP_NAME)
+            if not (address or _joined_existing()):
+                serve.shutdown()
+        except KeyboardInterrupt:
+            _log("interrupted again: leaving without waiting for the replicas")
 
 
 def _dashboard_url(ray) -> str:
