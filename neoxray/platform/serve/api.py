@@ -283,7 +283,12 @@ def create_app(engine: InferenceEngine, model_name: str | None = None, api_key: 
         async def one(req: Request) -> list[Output]:
             return [o async for o in outputs(req)]
 
-        results = await asyncio.gather(*(one(r) for reqs in per_prompt for r in reqs))
+        tasks = [asyncio.ensure_future(one(r)) for reqs in per_prompt for r in reqs]
+        try:
+            results = await asyncio.gather(*tasks)
+        finally:  # one choice failed (or the client went away): the others stop too, freeing their rows
+            for t in tasks:
+                t.cancel()
         choices, completion_tokens = [], 0
         for idx, ((ids, text), outs) in enumerate(zip([it for it in items for _ in range(body.n)], results)):
             gen_text = "".join(o.text for o in outs)
