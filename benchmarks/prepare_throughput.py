@@ -36,19 +36,10 @@ sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 
 from neoxray.model.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 from neoxray.pipelines.pile import iter_documents  # noqa: E402
+from model_step import cpu_name  # noqa: E402  (this folder is on sys.path when a script here runs)
 
 SAMPLE = ROOT / "neoxray" / "pipelines" / "sample" / "sample.jsonl.zst"
 SHARED_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -42,6 +42,15 @@ def tiny_model_dir(tmp_path_factory, sample_tokenizer_dir):
     return save_pretrained(model, tmp_path_factory.mktemp("model") / "tiny", tokenizer=tok)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_cli(*args, check=True, timeout=300):
     """Run the installed console script in a fresh process, as a user would."""
     exe = Path(sys.executable).with_name("neoxray")

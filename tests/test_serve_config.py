@@ -3,7 +3,6 @@ Ray): a full queue, a dead engine, graceful shutdown."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import types
@@ -17,7 +16,7 @@ from neoxray.errors import NeoxrayError
 from neoxray.model.generate import SamplingParams
 from neoxray.model.hf import load_model_and_tokenizer
 from neoxray.platform.serve.engine import EngineConfig, InferenceEngine, Request
-from tests.conftest import run_cli
+from tests.conftest import free_port, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,9 +59,7 @@ class Server:
 
         from neoxray.platform.serve.api import create_app
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(create_app(engine, **kw), host="127.0.0.1", port=self.port,
                                                     log_level="warning"))

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,16 +19,10 @@ import pytest
 import requests
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import free_port, run_cli
 
 KEY = "test-key"
 PROMPTS = ["def __init__(self", "import os\n", "The Python Software Foundation", "Copyright (c)", "for i in range("]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def neoxray_exe() -> list[str]:

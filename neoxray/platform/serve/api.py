@@ -98,6 +98,10 @@ def create_app(engine: InferenceEngine, model_name: str | None = None, api_key: 
             msg = f"{field}: {first.get('msg')}"
         return error_response(400, msg, "invalid_request_error", field)
 
+    @app.exception_handler(InvalidRequest)
+    async def _engine_refused(request, exc: InvalidRequest):
+        return error_response(400, str(exc), "invalid_request_error", exc.param)
+
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
         return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
@@ -139,10 +143,7 @@ def create_app(engine: InferenceEngine, model_name: str | None = None, api_key: 
                 text = item
             else:
                 ids = list(item)
-                bad = [t for t in ids if not 0 <= t < engine.vocab_limit]
-                if bad:
-                    raise ApiError(400, f"{field} has token ids outside the vocabulary [0, {engine.vocab_limit}): "
-                                   f"{bad[:5]}", param=field)
+                engine.check_token_ids(ids, field)
                 text = tok.decode(ids)
             if not ids:
                 raise ApiError(400, f"{field} is empty (it encodes to no tokens)", param=field)
@@ -179,10 +180,7 @@ def create_app(engine: InferenceEngine, model_name: str | None = None, api_key: 
 
     def checked(reqs: list[Request]) -> None:
         for r in reqs:
-            try:
-                engine.check(r)
-            except InvalidRequest as e:
-                raise ApiError(400, str(e), param=e.param) from None
+            engine.check(r)  # InvalidRequest -> 400 naming the field (handler above)
         if not engine.alive:
             raise ApiError(503, f"the inference engine is not running ({engine.error!r})", "server_error")
 

@@ -63,9 +63,17 @@ class ServeArgs(BaseModel):
     graceful_shutdown_timeout_s: float = Field(30, ge=0)
     """How long a stopping replica lets running requests finish."""
 
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(max_num_seqs=self.max_num_seqs, kv_cache_tokens=self.kv_cache_tokens,
-                            prefill_chunk=self.prefill_chunk)
+    def build_engine(self):
+        """Load the model and make its (not yet started) InferenceEngine, as these arguments say."""
+        import torch
+
+        from neoxray.platform.serve.engine import InferenceEngine
+
+        dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+        config = EngineConfig(max_num_seqs=self.max_num_seqs, kv_cache_tokens=self.kv_cache_tokens,
+                              prefill_chunk=self.prefill_chunk)
+        return InferenceEngine.from_path(self.model, device=self.device, dtype=dtype, config=config,
+                                         model_name=self.name)
 
 
 @serve.deployment(name="neoxray")
@@ -74,15 +82,8 @@ class NeoxrayServer:
     """One replica: the model, its engine thread, and the HTTP API."""
 
     def __init__(self, args: dict):
-        import torch
-
-        from neoxray.platform.serve.engine import InferenceEngine
-
         self.args = ServeArgs(**args)
-        dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.args.dtype]
-        self.engine = InferenceEngine.from_path(self.args.model, device=self.args.device, dtype=dtype,
-                                                config=self.args.engine_config(), model_name=self.args.name)
-        self.engine.start()
+        self.engine = self.args.build_engine().start()
 
     def __serve_build_asgi_app__(self):
         from neoxray.platform.serve.api import create_app

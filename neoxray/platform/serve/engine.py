@@ -30,7 +30,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import AsyncIterator, Callable, Sequence
 
 import torch
@@ -202,6 +201,8 @@ class _Seq:
     computed: int = 0  # tokens whose keys/values are in the cache
     generated: list[int] = field(default_factory=list)
     emitted_chars: int = 0  # text handed out so far
+    decoded_text: str = ""  # text of generated[:decoded_tokens], which ends on a complete character
+    decoded_tokens: int = 0
     prompt_lp: list[TokenLogprob] | None = None
     pending_lp: list[TokenLogprob] = field(default_factory=list)
     first_token_at: float | None = None
@@ -264,10 +265,7 @@ class InferenceEngine:
         n = len(req.prompt_ids)
         if n == 0:
             raise InvalidRequest("prompt is empty", "prompt")
-        bad = [t for t in req.prompt_ids if not 0 <= t < self.vocab_limit]
-        if bad:
-            raise InvalidRequest(f"prompt has token ids outside the vocabulary [0, {self.vocab_limit}): {bad[:5]}",
-                                 "prompt")
+        self.check_token_ids(req.prompt_ids, "prompt")
         if req.max_tokens < 0:
             raise InvalidRequest(f"max_tokens must be >= 0, got {req.max_tokens}", "max_tokens")
         if n + req.max_tokens > self.max_seq_len:
@@ -284,6 +282,12 @@ class InferenceEngine:
             req.sampling.validate()
         except NeoxrayError as e:
             raise InvalidRequest(str(e), None) from None
+
+    def check_token_ids(self, ids: Sequence[int], param: str) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab_limit]
+        if bad:
+            raise InvalidRequest(f"{param} has token ids outside the vocabulary [0, {self.vocab_limit}): {bad[:5]}",
+                                 param)
 
     def _blocks_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.config.block_size)
@@ -449,41 +453,33 @@ class InferenceEngine:
         return [s for s, _, _ in rows]
 
     def _decode(self, seqs: list[_Seq]) -> None:
-        hidden = self._forward(seqs, [s.computed for s in seqs], [1] * len(seqs), [[s.tokens[-1]] for s in seqs])
+        hidden = self._forward(seqs, [s.computed for s in seqs], [1] * len(seqs))  # each feeds its newest token
         for s in seqs:
             s.computed += 1
         self._sample_and_emit(seqs, self.model.embed_out(hidden[:, 0]).float())
 
-    def _forward(self, seqs: Sequence[_Seq], starts: Sequence[int], lengths: Sequence[int],
-                 token_lists: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
-        """Run rows of new tokens (row i: `lengths[i]` tokens at positions starts[i]..) through the model
-        against the cache; returns final hidden states [b, s, d] (s = the longest row; padding rows after)."""
+    def _forward(self, seqs: Sequence[_Seq], starts: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
+        """Run rows of new tokens (row i: tokens starts[i] .. starts[i] + lengths[i] of its request) through the
+        model against the cache; returns final hidden states [b, s, d] (s = the longest row; padding after)."""
         bs, dev = self.config.block_size, self.device
         b, s_max = len(seqs), max(lengths)
         t_max = max(st + n for st, n in zip(starts, lengths))
-        ids = torch.zeros((b, s_max), dtype=torch.long)
-        write_rows, write_slots = [], []
         n_blocks = math.ceil(t_max / bs)
+        ids = torch.zeros((b, s_max), dtype=torch.long)
         table = torch.zeros((b, n_blocks), dtype=torch.long)
         for i, (seq, st, n) in enumerate(zip(seqs, starts, lengths)):
-            toks = token_lists[i] if token_lists is not None else seq.tokens[st:st + n]
-            ids[i, :n] = torch.as_tensor(toks, dtype=torch.long)
+            ids[i, :n] = torch.as_tensor(seq.tokens[st:st + n], dtype=torch.long)
             blocks = seq.blocks[:n_blocks]
             table[i, :len(blocks)] = torch.as_tensor(blocks, dtype=torch.long)
-            for j in range(n):
-                pos = st + j
-                write_rows.append(i * s_max + j)
-                write_slots.append(seq.blocks[pos // bs] * bs + pos % bs)
-        read_slots = (table[:, :, None] * bs + torch.arange(bs)).reshape(b, -1)[:, :t_max]  # [b, t]
-        starts_t = torch.as_tensor(list(starts))[:, None]  # [b, 1]
-        lengths_t = torch.as_tensor(list(lengths))[:, None]
+        read_slots = (table[:, :, None] * bs + torch.arange(bs)).reshape(b, -1)[:, :t_max]  # [b, t]: slot of each position
         q = torch.arange(s_max)[None]  # [1, s]
-        positions = starts_t + q  # [b, s]
-        key_pos = torch.arange(t_max)[None, None]  # [1, 1, t]
+        positions = torch.as_tensor(list(starts))[:, None] + q  # [b, s]
+        valid = q < torch.as_tensor(list(lengths))[:, None]  # [b, s]: real tokens, not padding
+        write_rows = valid.flatten().nonzero()[:, 0]  # [n]
+        write_slots = read_slots.gather(1, positions.clamp(max=t_max - 1))[valid]  # [n]
         # a key is visible when it is at or before the query's position; padding queries see position 0 only
-        mask = key_pos <= torch.where(q < lengths_t, positions, starts_t * 0)[:, :, None]  # [b, s, t]
-        self.cache.bind(torch.as_tensor(write_rows, device=dev), torch.as_tensor(write_slots, device=dev),
-                        read_slots.to(dev))
+        mask = torch.arange(t_max)[None, None] <= torch.where(valid, positions, 0)[:, :, None]  # [b, s, t]
+        self.cache.bind(write_rows.to(dev), write_slots.to(dev), read_slots.to(dev))
         return self.model.hidden_states(ids.to(dev), positions.to(dev), mask[:, None].to(dev), self.cache)
 
     def _lp(self, logp_row: torch.Tensor, token: int, k: int) -> TokenLogprob:
@@ -524,10 +520,17 @@ class InferenceEngine:
 
     # -- text, stop strings and delivery -------------------------------------------------------------------
     def _text(self, s: _Seq) -> str:
+        """The generated text so far (a final end-of-document token left out). Incremental: only the tokens
+        after the last complete character are decoded again, since byte-level BPE text decodes piecewise."""
         if self.tokenizer is None:
             return ""
         ids = s.generated[:-1] if s.generated and s.generated[-1] == self.eod_id else s.generated
-        return self.tokenizer.decode(ids)
+        tail = self.tokenizer.decode(ids[s.decoded_tokens:])
+        if tail.endswith("\ufffd"):  # a character still being spelled: decode these tokens again next time
+            return s.decoded_text + tail
+        s.decoded_text += tail
+        s.decoded_tokens = len(ids)
+        return s.decoded_text
 
     def _emit(self, s: _Seq, reason: str | None, first: bool) -> None:
         text = self._text(s)

@@ -1,5 +1,5 @@
-"""OpenAI-compatible request and response shapes (pydantic), plus the vLLM-style tokenizer endpoints that
-lm-evaluation-harness's `local-completions` model uses. Unknown request fields are rejected (400 naming
+"""OpenAI-compatible request shapes (pydantic; `api.py` writes the responses), plus the vLLM-style tokenizer
+endpoints that lm-evaluation-harness's `local-completions` model uses. Unknown request fields are rejected (400 naming
 the field); OpenAI fields that this server does not implement are accepted only at their neutral value."""
 
 from __future__ import annotations
@@ -77,35 +77,6 @@ class CompletionRequest(_Strict):
     @property
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-
-
-class Logprobs(BaseModel):
-    tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float] | None]
-    text_offset: list[int]
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: Logprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
 
 
 class EmbeddingRequest(_Strict):

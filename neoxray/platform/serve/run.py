@@ -3,6 +3,7 @@ interrupted, then take it down gracefully. `--no-ray` serves one engine with uvi
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -51,7 +52,7 @@ def run_serve(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, addres
     finally:
         try:
             serve.delete(APP_NAME)
-            if not (address or _joined_existing()):
+            if not (address or os.environ.get("RAY_ADDRESS")):  # a cluster we started: take Serve down too
                 serve.shutdown()
         except KeyboardInterrupt:
             _log("interrupted again: leaving without waiting for the replicas")
@@ -67,22 +68,9 @@ def _dashboard_url(ray) -> str:
     return f"http://{url}" if url and not url.startswith("http") else (url or "not running")
 
 
-def _joined_existing() -> bool:
-    import os
-
-    return bool(os.environ.get("RAY_ADDRESS"))
-
-
 def _run_standalone(args: ServeArgs, host: str, port: int) -> None:
-    import os
-
-    import torch
-
     from neoxray.platform.serve.api import run_standalone
-    from neoxray.platform.serve.engine import InferenceEngine
 
-    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    engine = InferenceEngine.from_path(args.model, device=args.device, dtype=dtype, config=args.engine_config(),
-                                       model_name=args.name)
+    engine = args.build_engine()
     _log(f"serving {engine.model_name} at http://{host}:{port}/v1 without Ray (one engine, uvicorn)")
     run_standalone(engine, host=host, port=port, api_key=args.api_key or os.environ.get("NEOXRAY_API_KEY"))
