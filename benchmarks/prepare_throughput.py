@@ -34,7 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 
-from neoxray.model.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from neoxray.model.tokenizer import Tokenizer  # noqa: E402
+from neoxray.pipelines.tokenizer_training import train_tokenizer_from_files  # noqa: E402
 from neoxray.pipelines.pile import iter_documents  # noqa: E402
 from model_step import cpu_name  # noqa: E402  (this folder is on sys.path when a script here runs)
 
@@ -56,7 +57,7 @@ def main() -> None:
         tok_source = args.tokenizer or (str(SHARED_TOKENIZER) if SHARED_TOKENIZER.exists() else None)
         if tok_source is None:
             print("training a 4096-token BPE on the sample (no GPT-NeoX-20B tokenizer found)", file=sys.stderr)
-            train_tokenizer([str(SAMPLE)], 4096, str(work / "tok"))
+            train_tokenizer_from_files([str(SAMPLE)], 4096, str(work / "tok"))
             tok_source = str(work / "tok")
         tok = Tokenizer.load(tok_source)
         corpus = work / "corpus"

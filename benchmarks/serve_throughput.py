@@ -64,11 +64,12 @@ def pct(xs, q):
 # one set of weights, two models
 # -------------------------------------------------------------------------------------------------------
 def load_tokenizer(tmp: Path):
-    from neoxray.model.tokenizer import Tokenizer, train_tokenizer
+    from neoxray.model.tokenizer import Tokenizer
+    from neoxray.pipelines.tokenizer_training import train_tokenizer_from_files
 
     if (SHARED_TOKENIZER / "tokenizer.json").exists():
         return Tokenizer.load(SHARED_TOKENIZER)
-    return train_tokenizer([str(SAMPLE)], 4096, str(tmp / "tokenizer"))
+    return train_tokenizer_from_files([str(SAMPLE)], 4096, str(tmp / "tokenizer"))
 
 
 def build_pair(preset: str, layers: int | None, device: str, dtype: torch.dtype, tok):
@@ -154,7 +155,7 @@ async def run_clients(send, prompts: list[list[int]], clients: int, per_client: 
 
 
 def engine_sender(engine, max_tokens: int):
-    from neoxray.model.generate import SamplingParams
+    from neoxray.model.decoding import SamplingParams
     from neoxray.platform.serve.engine import Request
 
     async def send(prompt):

@@ -1,7 +1,7 @@
 """Full training-step throughput: the platform's `TrainEngine` (without Ray) against transformers'
 `GPTNeoXForCausalLM` + `torch.optim.AdamW`, same architecture, same weights, same data, one process.
 
-    ours : `neoxray.platform.engine.TrainEngine` in a world of one (dp = tp = pp = 1): DeepSpeed's pipeline
+    ours : `neoxray.platform.train.engine.TrainEngine` in a world of one (dp = tp = pp = 1): DeepSpeed's pipeline
            engine, ZeRO-1, gradient accumulation = global_batch / micro_batch, gradient clipping, our AdamW.
            On CUDA `train.precision=bf16` (DeepSpeed bf16: bf16 weights and activations, fp32 master weights
            and fp32 gradient accumulation); on CPU fp32.
@@ -109,7 +109,7 @@ def batches(pool):
 # -------------------------------------------------------------------------------------------------------
 def run_config(args, cuda: bool, total_steps: int):
     from neoxray.model.config import get_preset
-    from neoxray.platform.config import load_run_config, resolved, validate
+    from neoxray.platform.train.config import load_run_config, resolved, validate
 
     base = get_preset(args.preset)
     overrides = [
@@ -203,7 +203,7 @@ class HFRunner(Runner):
         if args.compile_hf:
             for layer in self.model.gpt_neox.layers:
                 layer.compile()
-        from neoxray.platform.engine import no_decay  # the engine's weight-decay groups (no Ray, no DeepSpeed)
+        from neoxray.platform.train.pipe import no_decay  # the engine's weight-decay groups (no Ray, no DeepSpeed)
 
         o = cfg.optimizer
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -252,7 +252,8 @@ class OursRunner(Runner):
 
     def __init__(self, cfg, state_dict, pool, args, device):
         super().__init__(device)
-        from neoxray.platform.engine import LayerPipe, TrainEngine
+        from neoxray.platform.train.engine import TrainEngine
+        from neoxray.platform.train.pipe import LayerPipe
 
         @torch.no_grad()
         def loader(piece):  # fill each freshly built piece from the shared initial weights (tp = 1: no shards)

@@ -5,23 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from neoxray.errors import NeoxrayError
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+from neoxray.model.precision import DTYPE_CHOICES, PRECISIONS
 
 
 def _dtype(name: str):
-    import torch
+    from neoxray.model.precision import to_dtype
 
-    return {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return to_dtype(name, "--dtype")
 
 
 def _print_json(obj) -> None:
@@ -55,9 +47,9 @@ def cmd_model_init(args) -> None:
 
 
 def cmd_tokenizer_train(args) -> None:
-    from neoxray.model.tokenizer import train_tokenizer
+    from neoxray.pipelines.tokenizer_training import train_tokenizer_from_files
 
-    tok = train_tokenizer(args.input, args.vocab_size, args.output)
+    tok = train_tokenizer_from_files(args.input, args.vocab_size, args.output)
     print(f"trained a byte-level BPE with {tok.vocab_size} tokens; saved to {args.output}")
 
 
@@ -77,13 +69,15 @@ def cmd_prepare(args) -> None:
 
 
 def _load(args):
-    from neoxray.model.hf import load_model_and_tokenizer
+    from neoxray.platform.model_loading import load_for_inference
 
-    return load_model_and_tokenizer(args.model, device=_device(args.device), dtype=_dtype(args.dtype))
+    model, tok, _ = load_for_inference(args.model, device=args.device, dtype=_dtype(args.dtype))
+    return model, tok
 
 
 def cmd_generate(args) -> None:
-    from neoxray.model.generate import SamplingParams, generate
+    from neoxray.model.decoding import SamplingParams
+    from neoxray.model.generate import generate
 
     model, tok = _load(args)
     ids = tok.encode(args.prompt)
@@ -122,8 +116,9 @@ def cmd_score(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from neoxray.platform.config import check_paths, load_run_config
-    from neoxray.platform.train import run_local, run_train
+    from neoxray.platform.train.config import check_paths, load_run_config
+    from neoxray.platform.train.driver import run_train
+    from neoxray.platform.train.local import run_local
 
     cfg = load_run_config(args.config, args.overrides)
     check_paths(cfg)
@@ -135,18 +130,16 @@ def cmd_train(args) -> None:
 
 def cmd_export(args) -> None:
     from neoxray.platform.checkpoint import export_checkpoint
-    from neoxray.platform.worker import latest_checkpoint
+    from neoxray.platform.model_loading import resolve_checkpoint_path
 
-    ckpt = args.checkpoint
-    if not (Path(ckpt) / "meta.json").exists() and latest_checkpoint(ckpt) is not None:
-        ckpt = latest_checkpoint(ckpt)  # a run directory: its newest complete checkpoint
+    ckpt = resolve_checkpoint_path(args.checkpoint)  # a run directory: its newest complete checkpoint
     out = export_checkpoint(ckpt, args.out, dtype=_dtype(args.dtype))
     print(f"exported {ckpt} to {out}")
 
 
 def cmd_plan(args) -> None:
     from neoxray.model.config import get_preset
-    from neoxray.platform.plan import Assumptions, Cluster, Training, format_plan, plan
+    from neoxray.platform.train.plan import Assumptions, Cluster, Training, format_plan, plan
 
     ckpt = {"auto": None, "on": True, "off": False}[args.activation_checkpointing]
     result = plan(get_preset(args.preset),
@@ -191,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--tokenizer", required=True, help="tokenizer.json, a directory holding one, or a hub id")
     init.add_argument("--out", required=True)
     init.add_argument("--seed", type=int, default=0)
-    init.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    init.add_argument("--dtype", choices=PRECISIONS, default="fp32")
     init.set_defaults(func=cmd_model_init)
 
     tok = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tok_cmd", required=True)
@@ -218,9 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=cmd_prepare)
 
     def model_args(sp):
-        sp.add_argument("--model", required=True, help="Hugging Face GPT-NeoX directory")
-        sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-        sp.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+        sp.add_argument("--model", required=True,
+                        help="exported Hugging Face directory, training checkpoint, or run directory (its newest)")
+        sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto, a GPU if any)")
+        sp.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="default: auto (bf16 on GPUs, fp32 on CPUs)")
         sp.add_argument("--json", action="store_true", help="one JSON object")
 
     gen = sub.add_parser("generate", help="generate a continuation of a prompt")
@@ -253,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="merge a training checkpoint into a Hugging Face GPT-NeoX directory")
     ex.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run directory (its newest)")
     ex.add_argument("--out", required=True)
-    ex.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    ex.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
     ex.set_defaults(func=cmd_export)
 
     pl = sub.add_parser("plan", help="which dp x tp x pp layouts of a preset fit N GPUs: memory and step time")
@@ -266,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's)")
     pl.add_argument("--global-batch", type=int, default=1024, help="sequences per optimizer step")
     pl.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward on one replica")
-    pl.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    pl.add_argument("--precision", choices=PRECISIONS, default="bf16")
     pl.add_argument("--zero-stage", type=int, choices=[0, 1], default=1)
     pl.add_argument("--activation-checkpointing", choices=["auto", "on", "off"], default="auto",
                     help="auto: only where a layout needs it to fit")
@@ -287,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or NEOXRAY_API_KEY)")
     sv.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local one)")
     sv.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    sv.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    sv.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
     sv.add_argument("--max-ongoing-requests", type=int, default=64, help="per replica")
     sv.add_argument("--max-queued-requests", type=int, default=256, help="beyond this Serve answers 503")
     sv.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together per replica")

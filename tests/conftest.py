@@ -19,10 +19,10 @@ SAMPLE = ROOT / "neoxray" / "pipelines" / "sample" / "sample.jsonl.zst"
 @pytest.fixture(scope="session")
 def sample_tokenizer_dir(tmp_path_factory):
     """A 1024-token byte-level BPE trained on the bundled sample (the demo's recipe, smaller)."""
-    from neoxray.model.tokenizer import train_tokenizer
+    from neoxray.pipelines.tokenizer_training import train_tokenizer_from_files
 
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
-    train_tokenizer([str(SAMPLE)], 1024, str(out))
+    train_tokenizer_from_files([str(SAMPLE)], 1024, str(out))
     return out
 
 

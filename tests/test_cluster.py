@@ -53,7 +53,7 @@ def load_yaml(path: Path):
 
 def layout_of(train_args: list[str]) -> tuple[int, int, int]:
     """(dp, tp, pp) of a `neoxray train` command line, through the real config loader and validation."""
-    from neoxray.platform.config import load_run_config, validate
+    from neoxray.platform.train.config import load_run_config, validate
 
     config = train_args[train_args.index("--config") + 1]
     overrides = [a for a in train_args if "=" in a and not a.startswith("-")]
@@ -184,7 +184,7 @@ def test_runtime_env_example_is_a_valid_runtime_env():
 def test_grafana_dashboard_plots_only_metrics_neoxray_exports():
     import re
 
-    from neoxray.platform.metrics import GAUGES
+    from neoxray.platform.train.metrics import GAUGES
 
     dash = json.loads((CLUSTER / "grafana" / "neoxray-train.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]

@@ -26,8 +26,15 @@ from neoxray.errors import NeoxrayError
 from neoxray.pipelines import fs
 from neoxray.pipelines.pile import iter_documents
 from neoxray.pipelines.prepare import MANIFEST, prepare, token_dtype
-from neoxray.pipelines.reader import (BatchSampler, BlendedDataset, PackedDataset, iter_batches, open_blend,
-                                      permute, ray_dataset)
+from neoxray.pipelines.reader import (
+    BatchSampler,
+    BlendedDataset,
+    PackedDataset,
+    iter_batches,
+    open_blend,
+    permute,
+    ray_dataset,
+)
 from tests.conftest import SAMPLE, SHARED_TOKENIZER, run_cli
 
 
@@ -37,10 +44,10 @@ def tok_file(tmp_path_factory) -> str:
     """tokenizer.json: GPT-NeoX-20B's when ../shared has it, else a 1024-token BPE trained on the sample."""
     if SHARED_TOKENIZER.exists():
         return str(SHARED_TOKENIZER)
-    from neoxray.model.tokenizer import train_tokenizer
+    from neoxray.pipelines.tokenizer_training import train_tokenizer_from_files
 
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
-    train_tokenizer([str(SAMPLE)], 1024, str(out))
+    train_tokenizer_from_files([str(SAMPLE)], 1024, str(out))
     return str(out / "tokenizer.json")
 
 

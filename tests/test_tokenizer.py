@@ -14,8 +14,9 @@ import pytest
 import zstandard
 
 from neoxray.errors import NeoxrayError
-from neoxray.model.tokenizer import EOD_TOKEN, PAD_TOKEN, Tokenizer, train_tokenizer
+from neoxray.model.tokenizer import EOD_TOKEN, PAD_TOKEN, Tokenizer
 from neoxray.pipelines.pile import iter_documents, open_text_lines
+from neoxray.pipelines.tokenizer_training import train_tokenizer_from_files as train_tokenizer
 
 NEOX_TOKENIZER = Path(__file__).resolve().parents[2] / "shared/tokenizers/gpt-neox-20b/tokenizer.json"
 SAMPLE = Path(__file__).resolve().parents[1] / "neoxray/pipelines/sample/sample.jsonl.zst"
@@ -179,7 +180,7 @@ def test_training_input_errors_name_the_input(tmp_path):
     with pytest.raises(NeoxrayError, match=r"nothing-\*\.jsonl"):
         train_tokenizer([str(tmp_path / "nothing-*.jsonl")], 300, str(tmp_path / "tok"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(NeoxrayError, match="no input files"):
+    with pytest.raises(NeoxrayError, match="no training input files found in .*empty"):
         train_tokenizer([str(tmp_path / "empty")], 300, str(tmp_path / "tok"))
     (tmp_path / "only-bad.jsonl").write_text("{oops\n")
     with pytest.raises(NeoxrayError, match="no documents"):

@@ -7,13 +7,14 @@ prompts once, then each step feeds one new token per sequence and attends over t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from neoxray.errors import NeoxrayError
+from neoxray.model.decoding import IncrementalDetokenizer, SamplingParams, StopChecker, sample_next, seeded_generator
 from neoxray.model.gptneox import GPTNeoX
 
 
@@ -44,39 +45,6 @@ class KVCache:
 
 
 @dataclass
-class SamplingParams:
-    """How one sequence is decoded. temperature 0 (or greedy) means argmax."""
-
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    """Keep the k most likely tokens (0: all)."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
-    greedy: bool = False
-    seed: int | None = None
-    """Same seed and same request give the same output, whatever else is in the batch."""
-    stop: Sequence[str] = field(default_factory=tuple)
-    """Stop strings: generation ends when the text contains one; the returned text ends before it."""
-    stop_at_eod: bool = True
-
-    def validate(self) -> "SamplingParams":
-        if self.max_new_tokens < 0:
-            raise NeoxrayError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise NeoxrayError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise NeoxrayError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise NeoxrayError(f"top_p must be in (0, 1], got {self.top_p}")
-        return self
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.greedy or self.temperature == 0.0
-
-
-@dataclass
 class Generation:
     token_ids: list[int]
     """The new tokens (an end-of-document token that ended generation is included, as transformers does)."""
@@ -84,40 +52,6 @@ class Generation:
     """Decoded new tokens, cut before a stop string; special tokens left out."""
     finish_reason: str
     """'stop' (end of document or a stop string) or 'length' (max_new_tokens or the context was reached)."""
-
-
-def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], generators) -> torch.Tensor:
-    """logits [b, V] (fp32) -> next token ids [b]: argmax for greedy rows; temperature, then top-k, then top-p,
-    then a draw from each row's own generator for the others."""
-    out = logits.argmax(dim=-1)
-    rows = [i for i, p in enumerate(params) if not p.is_greedy]
-    if not rows:
-        return out
-    sub = logits[rows]  # [r, V]
-    temp = torch.tensor([params[i].temperature for i in rows], device=sub.device)[:, None]
-    sub = sub / temp
-    sorted_logits, order = sub.sort(dim=-1, descending=True)  # [r, V]
-    ranks = torch.arange(sub.shape[-1], device=sub.device)[None]
-    top_k = torch.tensor([params[i].top_k or sub.shape[-1] for i in rows], device=sub.device)[:, None]
-    sorted_logits = sorted_logits.masked_fill(ranks >= top_k, float("-inf"))
-    top_p = torch.tensor([params[i].top_p for i in rows], device=sub.device)[:, None]
-    probs = sorted_logits.softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # probability mass ahead of each token
-    sorted_logits = sorted_logits.masked_fill((before >= top_p) & (top_p < 1.0), float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
-    for j, i in enumerate(rows):
-        pick = torch.multinomial(probs[j], 1, generator=generators[i])
-        out[i] = order[j, pick[0]]
-    return out
-
-
-def _generator(seed: int | None, device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(seed)
-    return g
 
 
 @torch.no_grad()
@@ -176,13 +110,13 @@ def generate(
     logits = model(ids, positions, mask, cache)[:, -1].float()  # [b, V]
     cache.length = P
 
-    generators = [_generator(p.seed, device) for p in params]
+    generators = [seeded_generator(p, device) for p in params]
+    checkers = [StopChecker(p, eod_id, n) for p, n in zip(params, budget)]
+    detok = [IncrementalDetokenizer(tokenizer, eod_id) for _ in range(b)]
     new: list[list[int]] = [[] for _ in range(b)]
     texts: list[str | None] = [None] * b  # set when a stop string cut the text
-    finish: list[str | None] = [None] * b
-    for i in range(b):
-        if budget[i] == 0:
-            finish[i] = "length"
+    finish: list[str | None] = ["length" if n == 0 else None for n in budget]
+    searched = [0] * b  # characters of each text already searched for stop strings
     last_pos = positions[:, -1]
     for _ in range(steps):
         if all(finish):
@@ -193,15 +127,13 @@ def generate(
             if finish[i]:
                 continue
             new[i].append(tok)
-            if tok == eod_id and params[i].stop_at_eod:
-                finish[i] = "stop"
-            elif params[i].stop:
-                text = tokenizer.decode(new[i])
-                hit = min((text.find(s) for s in params[i].stop if s and s in text), default=-1)
+            finish[i] = checkers[i].after_token(tok, len(new[i]))
+            if checkers[i].stops:
+                text = detok[i].text(new[i])
+                hit = checkers[i].find(text, searched[i])
+                searched[i] = len(text)
                 if hit >= 0:
                     texts[i], finish[i] = text[:hit], "stop"
-            if not finish[i] and len(new[i]) >= budget[i]:
-                finish[i] = "length"
         if all(finish):
             break
         feed = torch.tensor([0 if finish[i] else t for i, t in enumerate(tokens)], device=device)[:, None]
@@ -218,7 +150,7 @@ def generate(
     for i in range(b):
         text = texts[i]
         if text is None:
-            text = tokenizer.decode([t for t in new[i] if t != eod_id]) if tokenizer is not None else ""
+            text = detok[i].text(new[i])
         results.append(Generation(token_ids=new[i], text=text, finish_reason=finish[i] or "length"))
     return results
 

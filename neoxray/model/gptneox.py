@@ -2,7 +2,7 @@
 
 Plain PyTorch: no distributed code here. Tensor parallelism rewrites these modules afterwards
 (`neoxray.model.tensor_parallel.parallelize`) and pipeline parallelism splits the layer list
-(`neoxray.platform.engine`). Module and parameter names follow the
+(`neoxray.platform.train.pipe`). Module and parameter names follow the
 Hugging Face `GPTNeoXForCausalLM` layout (minus its `gpt_neox.` prefix), so interop is a rename, not a reshape.
 
 Shapes: b batch, s query length, t key length (s plus cached tokens), d d_model, h heads (local to this rank

@@ -22,12 +22,12 @@ from safetensors.torch import save_file
 from neoxray.errors import NeoxrayError
 from neoxray.model.config import ModelConfig
 from neoxray.model.gptneox import GPTNeoX, build_model
+from neoxray.model import precision
 
 HF_PREFIX = "gpt_neox."
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # buffers some older GPT-NeoX checkpoints carry; they are derived, never learned
 _IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
 
@@ -66,8 +66,8 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         "use_cache": True,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-        "dtype": str(dtype).removeprefix("torch."),
+        "torch_dtype": precision.hf_name(dtype),
+        "dtype": precision.hf_name(dtype),
         "neoxray": {"preset": config.name, "tokenizer_vocab_size": config.tokenizer_vocab_size},
     }
 
@@ -133,7 +133,7 @@ def read_config(model_dir: str | os.PathLike) -> tuple[ModelConfig, torch.dtype]
         raise NeoxrayError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(hf, dict):
         raise NeoxrayError(f"{path}: expected a JSON object")
-    dtype = _DTYPES.get(str(hf.get("torch_dtype") or hf.get("dtype") or "float32"), torch.float32)
+    dtype = precision.hf_dtype(hf.get("torch_dtype") or hf.get("dtype"))
     return config_from_hf(hf, str(path)), dtype
 
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from neoxray.errors import NeoxrayError
 from neoxray.model.config import ModelConfig
-from neoxray.model.tensor_parallel import full_shape, shard
+from neoxray.model.sharding import full_shape, shard
 
 _PLAIN_NAME = re.compile(
     r"embed_in\.weight|embed_out\.weight|final_layer_norm\.(weight|bias)"

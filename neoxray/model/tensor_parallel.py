@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from neoxray.errors import NeoxrayError
+from neoxray.model.gptneox import MLP, Attention, cross_entropy
+from neoxray.model.sharding import shard
 
 # ---------------------------------------------------------------------------------------------------------
 # groups
@@ -112,45 +114,6 @@ def gather_from_tp_region(x: torch.Tensor, group) -> torch.Tensor:
     """All-gather along the last dim (rank order) forward; take this rank's slice of the gradient backward.
     [..., n/tp] -> [..., n]: full logits for generation and tests."""
     return x if group_size(group) == 1 else _GatherFromRegion.apply(x, group)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# sharding helpers
-# ---------------------------------------------------------------------------------------------------------
-def shard(full: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
-    """Rank `rank`'s contiguous chunk of `full` along `dim` (out of `size` equal chunks), made contiguous.
-    May share storage with `full`."""
-    n = full.shape[dim]
-    if n % size:
-        raise NeoxrayError(f"cannot split dim {dim} of a tensor of shape {tuple(full.shape)} into {size} equal shards")
-    step = n // size
-    return full.narrow(dim, rank * step, step).contiguous()
-
-
-def full_shape(param: torch.Tensor) -> torch.Size:
-    """The shape of the unsharded tensor `param` is a shard of (its own shape for replicated tensors)."""
-    dim = getattr(param, "tp_dim", None)
-    if dim is None:
-        return param.shape
-    shape = list(param.shape)
-    shape[dim] *= param.tp_size
-    return torch.Size(shape)
-
-
-def read_shard(param: torch.Tensor, source) -> torch.Tensor:
-    """This rank's part of a full tensor for `param`: `source` is a full tensor or a safetensors slice
-    (`safe_open(...).get_slice(name)`, of which only the shard's bytes are read). For loaders, e.g.
-    `hf.iter_tensors(dir, names, slicer=lambda n, sl: read_shard(params[n], sl))`."""
-    shape = tuple(source.get_shape()) if hasattr(source, "get_shape") else tuple(source.shape)
-    if shape != tuple(full_shape(param)):
-        raise NeoxrayError(f"tensor has shape {shape}, the model expects {tuple(full_shape(param))} (before sharding)")
-    dim = getattr(param, "tp_dim", None)
-    if dim is None:
-        return source[...] if hasattr(source, "get_shape") else source
-    step = param.shape[dim]
-    index = [slice(None)] * len(shape)
-    index[dim] = slice(param.tp_rank * step, (param.tp_rank + 1) * step)
-    return source[tuple(index)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -405,8 +368,6 @@ def tp_loss(logits: torch.Tensor, labels: torch.Tensor, group, ignore_index: int
     sharded logits when the group has more than one rank, else the plain model's `cross_entropy`."""
     if group_size(group) > 1:
         return vocab_parallel_cross_entropy(logits, labels, group, ignore_index)
-    from neoxray.model.gptneox import cross_entropy
-
     return cross_entropy(logits, labels, ignore_index)
 
 
@@ -428,8 +389,6 @@ def parallelize(module: nn.Module, group) -> nn.Module:
     raises NeoxrayError naming the config key (model.n_heads, model.vocab_size, model.intermediate_size).
     Layers already parallel (for the same group size) are left alone. A `None` / size-1 group still rewrites
     (layers that compute exactly what the plain ones do), so every layout has the same module types."""
-    from neoxray.model.gptneox import MLP, Attention
-
     size = group_size(group)
     group_rank(group)  # membership check
     plan: list[tuple[nn.Module, str, Any]] = []

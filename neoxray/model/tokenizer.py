@@ -5,34 +5,29 @@ the ids the model pipeline needs (`eod_id`, `pad_id`) and a `save` that writes a
 `transformers.AutoTokenizer.from_pretrained` loads as a GPT-NeoX tokenizer.
 
 `train_tokenizer` trains a new byte-level BPE in the GPT-NeoX style (NFC, byte-level pre-tokenizer without a
-prefix space, `<|endoftext|>` = 0, `<|padding|>` = 1) from text files and Pile shards, streaming.
+prefix space, `<|endoftext|>` = 0, `<|padding|>` = 1) from an iterator of texts, streaming.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 import re
 import sys
-from collections import Counter
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from neoxray.errors import NeoxrayError
-from neoxray.pipelines.pile import DOCUMENT_SUFFIXES, has_document_suffix, iter_documents
 
 EOD_TOKEN = "<|endoftext|>"
 """End of document; GPT-NeoX also uses it as BOS and UNK."""
 PAD_TOKEN = "<|padding|>"
 TOKENIZER_FILE = "tokenizer.json"
-PROGRESS_EVERY = 10_000
-"""train_tokenizer reports progress on stderr every this many documents."""
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -189,48 +184,6 @@ def _download_from_hub(repo_id: str) -> Path:
 # training
 
 
-def resolve_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand files, folders (recursively, files with a known suffix) and globs into a sorted-per-input file list.
-
-    A missing input, or a glob that matches nothing, raises NeoxrayError naming it; so does finding no file at all.
-    """
-    inputs = [os.fspath(i) for i in inputs]
-    if not inputs:
-        raise NeoxrayError("no training inputs given")
-    files: list[Path] = []
-
-    def add_dir(d: Path) -> None:
-        files.extend(sorted(p for p in d.rglob("*") if p.is_file() and has_document_suffix(p.name)))
-
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            add_dir(path)
-        elif path.is_file():
-            if not has_document_suffix(path.name):
-                raise NeoxrayError(
-                    f"training input {item}: unsupported file type (expected {', '.join(DOCUMENT_SUFFIXES)})"
-                )
-            files.append(path)
-        elif glob.has_magic(item):
-            matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
-            if not matches:
-                raise NeoxrayError(f"training input {item}: the pattern matches no files")
-            for m in map(Path, matches):
-                if m.is_dir():
-                    add_dir(m)
-                elif has_document_suffix(m.name):
-                    files.append(m)
-        else:
-            raise NeoxrayError(f"training input {item}: no such file or directory")
-    unique = list(dict.fromkeys(files))
-    if not unique:
-        raise NeoxrayError(
-            f"no input files found in {', '.join(inputs)} (looked for {', '.join(DOCUMENT_SUFFIXES)})"
-        )
-    return unique
-
-
 def _new_gpt_neox_bpe() -> tokenizers.Tokenizer:
     tok = tokenizers.Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
@@ -240,38 +193,15 @@ def _new_gpt_neox_bpe() -> tokenizers.Tokenizer:
     return tok
 
 
-def train_tokenizer(
-    inputs: list[str], vocab_size: int, output_dir: str, min_frequency: int = 2
-) -> Tokenizer:
-    """Train a GPT-NeoX-style byte-level BPE on text files / Pile shards, save it to `output_dir`, return it.
-
-    `inputs`: files, folders (searched recursively for .txt, .jsonl, .jsonl.gz, .jsonl.zst) or glob patterns.
-    A .txt file is one document; a Pile shard has one JSON object per line with the text under "text".
-    Malformed lines are skipped and counted (reported on stderr). `<|endoftext|>` gets id 0, `<|padding|>` id 1.
-    """
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a GPT-NeoX-style byte-level BPE on `texts` (any iterable of documents, consumed once, streaming) and
+    return it (not saved). `<|endoftext|>` gets id 0, `<|padding|>` id 1. Reading documents from files or Pile
+    shards is the data pipeline's job (`neoxray.pipelines.tokenizer_training`)."""
     min_size = 256 + 2
     if vocab_size < min_size:
         raise NeoxrayError(f"vocab_size must be at least {min_size} (256 bytes + 2 special tokens), got {vocab_size}")
     if min_frequency < 0:
         raise NeoxrayError(f"min_frequency must be >= 0, got {min_frequency}")
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise NeoxrayError(f"tokenizer output {out} exists and is not a directory")
-    files = resolve_inputs(inputs)
-
-    bad: Counter = Counter()
-    stats = {"docs": 0}
-
-    def documents() -> Iterator[str]:
-        for file in files:
-            for text, _ in iter_documents(file, bad=bad):
-                if not text:
-                    continue
-                stats["docs"] += 1
-                if stats["docs"] % PROGRESS_EVERY == 0:
-                    print(f"train_tokenizer: {stats['docs']:,} documents read ({file})", file=sys.stderr, flush=True)
-                yield text
-
     backend = _new_gpt_neox_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -280,23 +210,5 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=sys.stderr.isatty(),
     )
-    backend.train_from_iterator(documents(), trainer=trainer)
-
-    n_bad = sum(bad.values())
-    if n_bad:
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(bad.items()))
-        print(f"train_tokenizer: skipped {n_bad:,} malformed lines ({reasons})", file=sys.stderr, flush=True)
-    if stats["docs"] == 0:
-        raise NeoxrayError(
-            f"no documents found in {len(files)} input file(s) ({', '.join(map(str, files[:3]))}"
-            f"{', ...' if len(files) > 3 else ''}); {n_bad} malformed lines skipped"
-        )
-    print(
-        f"train_tokenizer: {stats['docs']:,} documents from {len(files)} file(s), "
-        f"vocab {backend.get_vocab_size(with_added_tokens=True):,}, saved to {out}",
-        file=sys.stderr,
-        flush=True,
-    )
-    tok = Tokenizer(backend, source=str(out))
-    tok.save(out)
-    return tok
+    backend.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(backend)

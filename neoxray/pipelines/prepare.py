@@ -42,15 +42,19 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from neoxray.errors import NeoxrayError
+from neoxray.model.tokenizer import TOKENIZER_FILE, Tokenizer
 from neoxray.pipelines import fs
+from neoxray.pipelines.dataset_format import (
+    FORMAT,
+    MANIFEST,
+    SPLITS,
+    TOKEN_COLUMN,
+    TOKENIZER_DIR,
+    read_manifest,
+    token_dtype,
+)
 from neoxray.pipelines.pile import JSONL_SUFFIXES, iter_documents
 
-FORMAT = "neoxray.packed/1"
-"""`format` field of manifest.json: bumped when the layout changes."""
-MANIFEST = "manifest.json"
-SPLITS = ("train", "validation")
-TOKENIZER_DIR = "tokenizer"
-"""DIR/tokenizer/: the tokenizer the data was prepared with (tokenizer.json and the files AutoTokenizer needs)."""
 UNKNOWN_COMPONENT = "unknown"
 """The component of a document whose row has no meta.pile_set_name."""
 DEFAULT_VAL_FRACTION = 0.01
@@ -67,11 +71,6 @@ _TMP_PREFIX = ".tmp-"
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-def token_dtype(vocab_size: int) -> str:
-    """'uint16' when every id fits in 16 bits, else 'int32'."""
-    return "uint16" if vocab_size <= 1 << 16 else "int32"
-
-
 def validation_threshold(val_fraction: float) -> int:
     """Documents whose 64-bit text hash is below this go to validation."""
     return int(round(val_fraction * (1 << 64)))
@@ -210,7 +209,7 @@ def _write_rows(path: str, values: np.ndarray, row_len: int, row_group_rows: int
 
     n = len(values) // row_len
     offsets = pa.array(np.arange(0, n * row_len + 1, row_len, dtype=np.int32))
-    table = pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(values))})
+    table = pa.table({TOKEN_COLUMN: pa.ListArray.from_arrays(offsets, pa.array(values))})
     with fs.open_output(path) as sink:
         pq.write_table(table, sink, row_group_size=row_group_rows, compression=COMPRESSION,
                        use_dictionary=False, write_statistics=False)
@@ -333,17 +332,6 @@ def _ensure_ray():
     return ray
 
 
-def read_manifest(output: str) -> dict | None:
-    """The manifest of a finished dataset at `output`, or None when there is none."""
-    path = fs.join(fs.normalize(output), MANIFEST)
-    if not fs.exists(path):
-        return None
-    try:
-        return json.loads(fs.read_bytes(path).decode("utf-8"))
-    except ValueError as e:
-        raise NeoxrayError(f"{path}: not a valid manifest ({e})") from None
-
-
 def prepare(
     inputs: Iterable[str],
     tokenizer: str,
@@ -386,8 +374,6 @@ def prepare(
     files = fs.expand_inputs(inputs, JSONL_SUFFIXES, "input")
     sizes = [fs.file_size(p) for p in files]
 
-    from neoxray.model.tokenizer import Tokenizer
-
     tok = Tokenizer.load(tokenizer)
     dtype = token_dtype(tok.vocab_size)
     default_rows, row_group_rows = layout_for(seq_len, dtype)
@@ -401,7 +387,7 @@ def prepare(
     tok_info = {"sha256": tok.sha256, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id}
     input_list = [{"path": p, "size": s} for p, s in zip(files, sizes)]
 
-    existing = read_manifest(out)
+    existing = read_manifest(out, required=False)
     if existing is not None and not overwrite:
         same = (existing.get("options") == options and existing.get("tokenizer") == tok_info
                 and [{"path": i["path"], "size": i["size"]} for i in existing.get("inputs", [])] == input_list)
@@ -503,7 +489,7 @@ def _run_pipeline(files, sizes, tok, dtype, seq_len, val_fraction, text_key, by_
     # Ray Data's advice about pools larger than the number of inputs: a small job simply uses fewer actors
     warnings.filterwarnings("ignore", message=r".*number of concurrent (actors|tasks).*", category=UserWarning)
     chunk_dir = fs.join(tmp, "chunks")
-    tokenizer_file = fs.join(tmp, TOKENIZER_DIR, "tokenizer.json")  # on the output filesystem: every node reaches it
+    tokenizer_file = fs.join(tmp, TOKENIZER_DIR, TOKENIZER_FILE)  # on the output filesystem: every node reaches it
     # readers and packers reserve no CPU: they are light (decompression, JSON, concatenation, Parquet writes),
     # and a reservation could deadlock against an actor pool that holds every CPU (--workers = CPUs)
     pack = ray.remote(num_cpus=0, max_retries=0)(pack_file)

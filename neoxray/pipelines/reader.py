@@ -25,7 +25,6 @@ Index-based: nothing is streamed through a shuffle buffer, so any position of th
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ import numpy as np
 
 from neoxray.errors import NeoxrayError
 from neoxray.pipelines import fs
-from neoxray.pipelines.prepare import FORMAT, MANIFEST, SPLITS
+from neoxray.pipelines.dataset_format import INPUT_IDS, LABELS, SPLITS, TOKEN_COLUMN, read_manifest
 
 BLEND_PERIOD = 1 << 16
 """Weights are quantized to integers summing to about this; the blend schedule repeats with this period."""
@@ -94,20 +93,6 @@ def permute(indices, n: int, key: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- packed dataset
-def _open_manifest(path: str) -> dict:
-    manifest_path = fs.join(path, MANIFEST)
-    if not fs.exists(manifest_path):
-        raise NeoxrayError(
-            f"{path}: not a prepared dataset (no {MANIFEST}; run `neoxray prepare`, or it did not finish)")
-    try:
-        manifest = json.loads(fs.read_bytes(manifest_path).decode("utf-8"))
-    except ValueError as e:
-        raise NeoxrayError(f"{manifest_path}: not a valid manifest ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise NeoxrayError(f"{manifest_path}: unsupported format {manifest.get('format')!r} (expected {FORMAT})")
-    return manifest
-
-
 class PackedDataset:
     """The rows of one split of a prepared dataset (optionally one component of it), in storage order."""
 
@@ -116,7 +101,7 @@ class PackedDataset:
         self.path = fs.normalize(path)
         if split not in SPLITS:
             raise NeoxrayError(f"{path}: unknown split {split!r} (expected one of {', '.join(SPLITS)})")
-        self.manifest = _open_manifest(self.path)
+        self.manifest = read_manifest(self.path)
         self.split, self.component = split, component
         self.seq_len: int = int(self.manifest["seq_len"])
         self.row_length: int = self.seq_len + 1
@@ -231,7 +216,7 @@ class PackedDataset:
         if block is not None:
             self._cache.move_to_end(key)
             return block
-        table = self._parquet(f).read_row_group(g, columns=["input_ids"])
+        table = self._parquet(f).read_row_group(g, columns=[TOKEN_COLUMN])
         column = table.column(0).combine_chunks()
         values = column.flatten().to_numpy()
         if len(values) != len(column) * self.row_length:
@@ -411,12 +396,11 @@ def _as_order(data, split: str, seed: int) -> BlendedDataset:
 
 def _to_batch(step: int, samples: np.ndarray, rows: np.ndarray, as_torch: bool) -> dict:
     rows = rows.astype(np.int64)
-    batch = {"input_ids": rows[:, :-1], "labels": rows[:, 1:], "sample_idx": samples,
-             "step": step}
+    batch = {INPUT_IDS: rows[:, :-1], LABELS: rows[:, 1:], "sample_idx": samples, "step": step}
     if as_torch:
         import torch
 
-        for k in ("input_ids", "labels", "sample_idx"):
+        for k in (INPUT_IDS, LABELS, "sample_idx"):
             batch[k] = torch.from_numpy(np.ascontiguousarray(batch[k]))
     return batch
 
@@ -465,8 +449,8 @@ def iter_batches(data, global_batch_size: int, *, dp_rank: int = 0, dp_size: int
 
 # ------------------------------------------------------------------------------------------------- Ray Data
 def _rows_to_training(batch: dict) -> dict:
-    rows = np.stack([np.asarray(r, dtype=np.int64) for r in batch["input_ids"]])
-    return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+    rows = np.stack([np.asarray(r, dtype=np.int64) for r in batch[TOKEN_COLUMN]])
+    return {INPUT_IDS: rows[:, :-1], LABELS: rows[:, 1:]}
 
 
 def ray_dataset(path: str, split: str = "train", component: str | None = None, training_columns: bool = True):

@@ -1,4 +1,6 @@
-"""Training checkpoints: layout-independent, self-describing, safetensors only.
+"""Training checkpoints, read side: the format, finding a run's newest checkpoint, reading tensors for any layout,
+and export. Training writes them (`neoxray.platform.train.checkpointing`, collective, DeepSpeed); training,
+serving, export and evaluation read them through this module, which needs neither Ray nor DeepSpeed.
 
 A checkpoint directory (one per saved step, written through `ray.train.report(checkpoint=...)` or directly):
 
@@ -21,24 +23,39 @@ counts as complete only when `meta.json` is present and every shard it lists exi
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from neoxray.errors import NeoxrayError
-from neoxray.model.tensor_parallel import shard
+from neoxray.model.precision import to_dtype
+from neoxray.model.sharding import read_slice, shard
 
 META = "meta.json"
 FORMAT = "neoxray-checkpoint-v1"
 OPT_KEYS = ("exp_avg", "exp_avg_sq")
+CHECKPOINT_PREFIX = "checkpoint-step-"
+"""A run directory holds one checkpoint per saved step: RUN_DIR/checkpoint-step-0000100/."""
 
 
 def shard_name(pp: int, tp: int) -> str:
     return f"shard-pp{pp:02d}-tp{tp:02d}.safetensors"
+
+
+def rng_file_name(rank: int) -> str:
+    return f"rng-{rank:05d}.safetensors"
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """The newest complete checkpoint of a run directory (Ray Train's and the local launcher's layout)."""
+    root = Path(run_dir)
+    done = sorted(p for p in root.glob(CHECKPOINT_PREFIX + "*") if (p / META).exists()) if root.is_dir() else []
+    return done[-1] if done else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -116,14 +133,10 @@ class HFSource(TensorSource):
             raise NeoxrayError(f"{self.path}: no tensor for {name}")
         hf_name, f = self._files[name]
         with safe_open(f, framework="pt") as sf:
-            sl = sf.get_slice(hf_name)
-            if tp_dim is None or tp_size == 1:
-                return sl[:]
-            n = sl.get_shape()[tp_dim]
-            if n % tp_size:
-                raise NeoxrayError(f"{self.path}: {hf_name} dim {tp_dim} ({n}) not divisible by tensor parallel {tp_size}")
-            lo, hi = tp_rank * n // tp_size, (tp_rank + 1) * n // tp_size
-            return sl[lo:hi] if tp_dim == 0 else sl[:, lo:hi]
+            try:
+                return read_slice(sf.get_slice(hf_name), tp_dim, tp_rank, tp_size)
+            except NeoxrayError as e:
+                raise NeoxrayError(f"{self.path}: {hf_name}: {e} (tensor parallel {tp_size})") from None
 
 
 def _read(path: Path, key: str) -> torch.Tensor:
@@ -156,149 +169,23 @@ def read_meta(path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# save (collective) and restore of optimizer state (collective)
-# ---------------------------------------------------------------------------------------------------------
-def _relink_zero_state(engine) -> None:
-    """Point every parameter's ZeRO fragment at its Adam state. DeepSpeed links them after the first group's
-    first step, when later param groups (our no-weight-decay group) have no state yet; link them again."""
-    opt = engine.optimizer
-    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
-        opt._hp_optimizer_states_linked = False
-        opt._lazy_init_hp_params_optimizer_state()
-
-
-def _full_opt_state(engine, p, key):
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    value = safe_get_full_optimizer_state(p, key)  # all-reduce over the dp group under ZeRO
-    if value is None:  # no ZeRO: the torch optimizer holds the state per parameter
-        value = engine.optimizer.state[p][key] if hasattr(engine.optimizer, "state") else None
-    return value
-
-
-def _full_master(p):
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    value = safe_get_full_fp32_param(p)
-    return p.detach().float() if value is None else value
-
-
-def save_checkpoint(engine, out_dir, extra_meta: dict, tokenizer=None) -> Path:
-    """Write this rank's part of a checkpoint of `engine` (a TrainEngine) into `out_dir`. Collective: every
-    rank calls it (ZeRO-1 states are gathered across data parallel). Returns out_dir."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _relink_zero_state(engine)
-    tensors, dims = {}, {}
-    for name, p in engine.named_parameters():
-        tensors[f"model/{name}"] = _full_master(p)
-        for key in OPT_KEYS:
-            v = _full_opt_state(engine, p, key)
-            if v is not None:
-                tensors[f"{key}/{name}"] = v
-        dim = getattr(p, "tp_dim", None)
-        if dim is not None:
-            for k in ("model/", *[f"{o}/" for o in OPT_KEYS]):
-                dims[k + name] = dim
-    c = engine.coord
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, out / f"rng-{engine.rank:05d}.safetensors")
-    written = None
-    if c.dp == 0:
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        f = out / shard_name(c.pp, c.tp)
-        save_file(cpu, f, metadata={"tp_dims": json.dumps(dims)})
-        written = {"file": f.name, "pp": c.pp, "tp": c.tp, "bytes": f.stat().st_size}
-    # ranks may write to different machines' local directories (Ray uploads them into one): gather the list
-    everyone = [None] * engine.world_size
-    dist.all_gather_object(everyone, written)
-    if engine.rank == 0:
-        dp, tp, pp = engine.layout
-        shards = sorted((w for w in everyone if w is not None), key=lambda w: (w["pp"], w["tp"]))
-        if tokenizer is not None:
-            tokenizer.save(out, model_max_length=engine.model_config.max_seq_len)
-        meta = {
-            "format": FORMAT,
-            "step": engine.step,
-            "consumed_samples": engine.consumed_samples,
-            "layout": {"dp": dp, "tp": tp, "pp": pp},
-            "model_config": engine.model_config.to_dict(),
-            "precision": engine.cfg.train.precision,
-            "loss_scale": _loss_scale(engine),
-            "shards": shards,
-            **extra_meta,
-        }
-        tmp = out / (META + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2, default=str))
-        os.replace(tmp, out / META)  # written last: its presence marks the checkpoint complete
-    return out
-
-
-def _loss_scale(engine):
-    scaler = getattr(engine.optimizer, "loss_scaler", None)
-    return float(scaler.cur_scale) if scaler is not None and engine.cfg.train.precision == "fp16" else None
-
-
-def restore_training_state(engine, source: CheckpointSource) -> dict:
-    """After `TrainEngine` was built with `loader=source.load_into`: restore the fp32 master weights, Adam
-    moments, step, schedule, loss scale and (same layout only) RNG states. Collective."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    meta = source.meta
-    step = int(meta["step"])
-    zero = getattr(engine.optimizer, "single_partition_of_fp32_groups", None)
-    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    if zero is not None:  # ZeRO-1: create the (lazily made) Adam state on the flat fp32 partitions, then link
-        for flat in zero:
-            base.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
-                                "exp_avg_sq": torch.zeros_like(flat)}
-        _relink_zero_state(engine)
-    with torch.no_grad():
-        for name, p in engine.named_parameters():
-            dim, r, n = getattr(p, "tp_dim", None), getattr(p, "tp_rank", 0), getattr(p, "tp_size", 1)
-            master = source.get(f"model/{name}", dim, r, n).to(p.device, torch.float32)
-            safe_set_full_fp32_param(p, master)
-            for key in OPT_KEYS:
-                value = source.get(f"{key}/{name}", dim, r, n).to(p.device, torch.float32)
-                if zero is not None:
-                    safe_set_full_optimizer_state(p, value, key)
-                else:
-                    st = base.state.setdefault(p, {})
-                    st.setdefault("step", torch.tensor(float(step)))
-                    st[key] = value.clone()
-    if meta.get("loss_scale") and getattr(engine.optimizer, "loss_scaler", None) is not None:
-        engine.optimizer.loss_scaler.cur_scale = meta["loss_scale"]
-    engine.set_step(step, int(meta["consumed_samples"]))
-    same_layout = meta["layout"] == dict(zip(("dp", "tp", "pp"), engine.layout))
-    rng_file = source.path / f"rng-{engine.rank:05d}.safetensors"
-    if same_layout and rng_file.exists():
-        with safe_open(rng_file, framework="pt") as f:
-            torch.set_rng_state(f.get_tensor("cpu"))
-            if torch.cuda.is_available() and "cuda" in f.keys():
-                torch.cuda.set_rng_state(f.get_tensor("cuda"))
-    return meta
-
-
-# ---------------------------------------------------------------------------------------------------------
 # export: all shards merged into a Hugging Face GPT-NeoX directory
 # ---------------------------------------------------------------------------------------------------------
 def export_checkpoint(checkpoint_dir, out_dir, dtype: torch.dtype | None = None, max_shard_size="5GB") -> Path:
     """Merge a training checkpoint (any layout) into a Hugging Face GPT-NeoX directory with its tokenizer.
     Tensors are read one at a time; the merged model is built on the meta device and filled in place."""
     from neoxray.model.hf import save_pretrained
-    from neoxray.model.tokenizer import Tokenizer
+    from neoxray.model.tokenizer import TOKENIZER_FILE, Tokenizer
 
     model, source = load_checkpoint_model(checkpoint_dir)
-    tokenizer = Tokenizer.load(source.path) if (source.path / "tokenizer.json").exists() else None
+    tokenizer = Tokenizer.load(source.path) if (source.path / TOKENIZER_FILE).exists() else None
     dtype = dtype or checkpoint_dtype(source.meta)
     return save_pretrained(model, out_dir, tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size)
 
 
 def checkpoint_dtype(meta: dict) -> torch.dtype:
     """The training precision of a checkpoint as a torch dtype (fp32 when it trained in fp32)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(meta.get("precision"), torch.float32)
+    return to_dtype(meta.get("precision") or "fp32", "precision") or torch.float32
 
 
 def load_checkpoint_model(checkpoint_dir, device="cpu", dtype: torch.dtype = torch.float32):

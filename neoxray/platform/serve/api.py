@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from neoxray.model.generate import SamplingParams
+from neoxray.model.decoding import SamplingParams
 from neoxray.platform.serve.engine import (EngineDead, InferenceEngine, InvalidRequest, Output, QueueFull,
                                            Request, TokenLogprob)
 from neoxray.platform.serve.protocol import (CompletionRequest, DetokenizeRequest, EmbeddingRequest,

@@ -65,11 +65,10 @@ class ServeArgs(BaseModel):
 
     def build_engine(self):
         """Load the model and make its (not yet started) InferenceEngine, as these arguments say."""
-        import torch
-
+        from neoxray.model.precision import to_dtype
         from neoxray.platform.serve.engine import InferenceEngine
 
-        dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+        dtype = to_dtype(self.dtype)
         config = EngineConfig(max_num_seqs=self.max_num_seqs, kv_cache_tokens=self.kv_cache_tokens,
                               prefill_chunk=self.prefill_chunk)
         return InferenceEngine.from_path(self.model, device=self.device, dtype=dtype, config=config,
@@ -105,7 +104,7 @@ def build_app(args: ServeArgs) -> serve.Application:
         args = ServeArgs(**args)
     if args.api_key is None and os.environ.get("NEOXRAY_API_KEY"):
         args = args.model_copy(update={"api_key": os.environ["NEOXRAY_API_KEY"]})
-    from neoxray.platform.serve.loading import resolve_model_path
+    from neoxray.platform.model_loading import resolve_model_path
 
     _, path = resolve_model_path(args.model)  # a wrong path fails here, naming it, not in a replica's log
     args = args.model_copy(update={"model": str(path.resolve())})  # replicas run in other directories

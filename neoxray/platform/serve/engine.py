@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from neoxray.errors import NeoxrayError
-from neoxray.model.generate import SamplingParams, sample_next
+from neoxray.model.decoding import SamplingParams, sample_next
 from neoxray.model.gptneox import GPTNeoX
 
 
@@ -252,10 +252,8 @@ class InferenceEngine:
     def from_path(cls, path, device: str = "auto", dtype: torch.dtype | None = None,
                   config: EngineConfig | None = None, model_name: str | None = None) -> "InferenceEngine":
         """An exported Hugging Face directory, a training checkpoint, or a run directory (its newest checkpoint)."""
-        from neoxray.platform.serve.loading import load_for_inference
+        from neoxray.platform.model_loading import load_for_inference
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         model, tokenizer, name = load_for_inference(path, device=device, dtype=dtype)
         return cls(model, tokenizer, config, model_name=model_name or name)
 

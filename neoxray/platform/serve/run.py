@@ -31,11 +31,11 @@ def run_serve(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, addres
         return _run_standalone(args, host, port)
     from ray import serve
 
+    from neoxray.platform.ray_cluster import connect_ray, dashboard_url, started_here
     from neoxray.platform.serve.app import build_app
-    from neoxray.platform.train import connect_ray
 
     app = build_app(args)  # validates args and the model path before any cluster work
-    ray = connect_ray(address)
+    connect_ray(address)
     _sigterm_as_interrupt()  # again: joining Ray installs its own SIGTERM handler, which would abort the process
     url = f"http://{host}:{port}"
     try:
@@ -44,7 +44,7 @@ def run_serve(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, addres
              f"replica(s), {args.num_gpus:g} GPU each); the first start loads the model")
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         _log(f"serving at {url}/v1 (OpenAI-compatible: /v1/completions, /v1/models, /v1/embeddings; /health)")
-        _log(f"Ray dashboard: {_dashboard_url(ray)}; Ctrl-C to stop")
+        _log(f"Ray dashboard: {dashboard_url()}; Ctrl-C to stop")
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM, also while still deploying
@@ -52,20 +52,10 @@ def run_serve(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, addres
     finally:
         try:
             serve.delete(APP_NAME)
-            if not (address or os.environ.get("RAY_ADDRESS")):  # a cluster we started: take Serve down too
+            if started_here(address):  # a cluster we started: take Serve down too
                 serve.shutdown()
         except KeyboardInterrupt:
             _log("interrupted again: leaving without waiting for the replicas")
-
-
-def _dashboard_url(ray) -> str:
-    try:
-        from ray._private.worker import get_dashboard_url
-
-        url = get_dashboard_url()
-    except Exception:  # a private helper; the URL is only informative
-        url = None
-    return f"http://{url}" if url and not url.startswith("http") else (url or "not running")
 
 
 def _run_standalone(args: ServeArgs, host: str, port: int) -> None:

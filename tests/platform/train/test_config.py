@@ -12,10 +12,9 @@ import pytest
 
 from neoxray.errors import NeoxrayError
 from neoxray.model.config import get_preset
-from neoxray.platform.config import (
+from neoxray.platform.train.config import (
     RunConfig,
     apply_overrides,
-    deepspeed_config,
     dump_yaml,
     from_dict,
     gradient_accumulation_steps,
@@ -25,8 +24,9 @@ from neoxray.platform.config import (
     validate,
     with_layout,
 )
+from neoxray.platform.train.deepspeed_config import deepspeed_config
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 # configs/serve*.yaml are Ray Serve configs (another schema); every other YAML there is a run config
 RUN_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("serve"))
 
@@ -247,7 +247,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_check_paths_names_missing_local_paths_and_leaves_uris_to_the_reader(tmp_path):
-    from neoxray.platform.config import check_paths
+    from neoxray.platform.train.config import check_paths
 
     cfg = load_run_config(None, [f"data.path={tmp_path / 'nope'}", f"model.init_from={tmp_path / 'none'}"])
     msg = error_of(check_paths, cfg)
@@ -332,8 +332,8 @@ def test_linear_constant_fraction_and_decay_steps():
 def deepspeed_parser():
     """Build DeepSpeed's own `DeepSpeedConfig` from our dict without a process group: its data-parallel world
     size comes from an `mpu` stub, the global rank is 0."""
-    import deepspeed.runtime.config as ds_config
     import deepspeed.comm as dist
+    import deepspeed.runtime.config as ds_config
 
     def parse(d: dict, dp: int):
         class Mpu:

@@ -1,6 +1,6 @@
 """The per-worker training loop. It knows nothing of Ray: a `Reporter` hands it the checkpoint to resume
-from and takes its metrics and checkpoints (`RayReporter` in train.py under Ray Train, `LocalReporter`
-here for single-process runs and benchmarks)."""
+from and takes its metrics and checkpoints (`RayReporter` in ray_worker.py under Ray Train, `LocalReporter`
+here for runs without Ray and for benchmarks)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,16 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from neoxray.platform.checkpoint import META, CheckpointSource, HFSource, restore_training_state, save_checkpoint
-from neoxray.platform.config import to_dict
-from neoxray.platform.engine import TrainEngine
+from neoxray.platform.checkpoint import (
+    CHECKPOINT_PREFIX,
+    CheckpointSource,
+    HFSource,
+    checkpoint_dir_name,
+    latest_checkpoint,
+)
+from neoxray.platform.train.checkpointing import restore_training_state, save_checkpoint
+from neoxray.platform.train.config import to_dict
+from neoxray.platform.train.engine import TrainEngine
 
 
 class Reporter:
@@ -27,20 +34,6 @@ class Reporter:
     def staging(self, step: int):
         """A context manager giving the directory this rank writes its checkpoint files into."""
         return tempfile.TemporaryDirectory(prefix="neoxray-ckpt-")
-
-
-CHECKPOINT_PREFIX = "checkpoint-step-"
-
-
-def checkpoint_dir_name(step: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{step:07d}"
-
-
-def latest_checkpoint(run_dir) -> Path | None:
-    """The newest complete checkpoint of a run directory (Ray Train's and the local launcher's layout)."""
-    root = Path(run_dir)
-    done = sorted(p for p in root.glob(CHECKPOINT_PREFIX + "*") if (p / META).exists()) if root.is_dir() else []
-    return done[-1] if done else None
 
 
 class LocalReporter(Reporter):
@@ -118,3 +111,22 @@ def train_worker(cfg, reporter: Reporter, data_fn, tokenizer=None, metrics_sink_
         if sink is not None:
             sink.close()
     return history
+
+
+def run_worker(cfg, run_dir, reporter: Reporter) -> list[dict]:
+    """One rank's whole run: its data, its tokenizer, the metrics sink (rank 0), then `train_worker`."""
+    from neoxray.platform.train.data import load_run_tokenizer, make_data_fn
+    from neoxray.platform.train.metrics import MetricsSink
+
+    def sink(engine):
+        return MetricsSink(
+            run_dir,
+            cfg.name,
+            tensorboard=cfg.logging.tensorboard,
+            ray_metrics=cfg.logging.ray_metrics,
+            metrics_file=cfg.logging.metrics_file,
+            print_every=cfg.logging.every,
+            total_steps=cfg.train.steps,
+        )
+
+    return train_worker(cfg, reporter, make_data_fn(cfg), tokenizer=load_run_tokenizer(cfg), metrics_sink_fn=sink)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import SAMPLE, run_cli
 
 STEPS = 5
 BASE = [
@@ -32,13 +32,13 @@ def prepared(tmp_path_factory, sample_tokenizer_dir, ray_local):
     from neoxray.pipelines.prepare import prepare
 
     out = tmp_path_factory.mktemp("data") / "sample-32"
-    prepare([str(Path(__file__).resolve().parents[1] / "neoxray/pipelines/sample/sample.jsonl.zst")],
+    prepare([str(SAMPLE)],
             str(sample_tokenizer_dir), 32, str(out), workers=2, progress=False)
     return out
 
 
 def cfg_for(data, name, layout=(1, 1, 1), extra=()):
-    from neoxray.platform.config import load_run_config
+    from neoxray.platform.train.config import load_run_config
 
     dp, tp, pp = layout
     return load_run_config(None, [*BASE, f"data.path={data}", f"name={name}", f"parallel.data={dp}",
@@ -70,7 +70,7 @@ def reference(prepared, tmp_path_factory):
 
 
 def test_every_layout_trains_the_same_model(prepared, reference, ray_local, tmp_path):
-    from neoxray.platform.train import run_train
+    from neoxray.platform.train.driver import run_train
 
     ref = losses(reference)
     assert sorted(ref) == list(range(1, STEPS + 1))
@@ -117,7 +117,7 @@ def test_every_layout_trains_the_same_model(prepared, reference, ray_local, tmp_
     assert len(out["token_ids"]) >= 1
 
     # serving takes the run directory as it is (its newest checkpoint): the same model as the export
-    from neoxray.model.generate import SamplingParams
+    from neoxray.model.decoding import SamplingParams
     from neoxray.platform.serve.engine import InferenceEngine, Request
 
     def greedy(engine):
@@ -153,7 +153,7 @@ def _kill_one_worker_after(run_dir: Path, step: int, killed: list, timeout=300):
 
 
 def test_worker_sigkill_is_survived_and_restart_resumes_exactly(prepared, ray_local, tmp_path):
-    from neoxray.platform.train import run_train
+    from neoxray.platform.train.driver import run_train
 
     steps = 12
     extra = [f"train.steps={steps}", f"schedule.decay_steps={steps + 2}", "checkpoint.every=3"]
@@ -192,7 +192,7 @@ def test_finetune_from_hf_starts_at_transformers_loss(prepared, ray_local, tmp_p
     from neoxray.model.config import get_preset
     from neoxray.model.hf import config_to_hf
     from neoxray.pipelines.reader import iter_batches, open_blend
-    from neoxray.platform.train import run_train
+    from neoxray.platform.train.driver import run_train
 
     cfg = get_preset("tiny", vocab_size=1024, max_seq_len=64)
     torch.manual_seed(0)

@@ -11,6 +11,7 @@ from neoxray.errors import NeoxrayError
 
 def make_data_fn(cfg):
     """`data_fn(engine, split, consumed_samples)` -> iterator of (input_ids, labels) micro-batches."""
+    from neoxray.pipelines.dataset_format import INPUT_IDS, LABELS
     from neoxray.pipelines.reader import iter_batches, open_blend
 
     def data_fn(engine, split: str, consumed_samples: int):
@@ -28,16 +29,17 @@ def make_data_fn(cfg):
         for batch in iter_batches(blend, cfg.train.global_batch, dp_rank=engine.coord.dp, dp_size=dp,
                                   micro_batch_size=cfg.train.micro_batch, seed=cfg.data.seed,
                                   consumed_samples=consumed_samples, split=split):
-            yield batch["input_ids"], batch["labels"]
+            yield batch[INPUT_IDS], batch[LABELS]
 
     return data_fn
 
 
 def load_run_tokenizer(cfg):
     """The tokenizer saved beside the first dataset's manifest (`DIR/tokenizer/`), or None."""
-    from neoxray.model.tokenizer import Tokenizer
+    from neoxray.model.tokenizer import TOKENIZER_FILE, Tokenizer
+    from neoxray.pipelines.dataset_format import TOKENIZER_DIR
     from neoxray.pipelines.reader import parse_data_spec
 
     path, _ = parse_data_spec(cfg.data.paths()[0])
-    tok_dir = Path(path) / "tokenizer"
-    return Tokenizer.load(tok_dir) if (tok_dir / "tokenizer.json").exists() else None
+    tok_dir = Path(path) / TOKENIZER_DIR
+    return Tokenizer.load(tok_dir) if (tok_dir / TOKENIZER_FILE).exists() else None

@@ -2,7 +2,7 @@
 data x tensor x pipeline (dp, tp, pp) layout with dp x tp x pp = N, whether it fits in GPU memory, and an
 estimated step time, best first; the layouts that cannot work are listed with the reason.
 
-Plain arithmetic: no torch, no Ray, no DeepSpeed. Everything is modelled on what `neoxray.platform.engine`
+Plain arithmetic: no torch, no Ray, no DeepSpeed. Everything is modelled on what `neoxray.platform.train.engine`
 really builds (docs/planner.md has the formulas with a worked example):
 
 Pipeline stages. DeepSpeed's `PipelineModule` with `partition_method="type:LayerPipe"` (the default) splits the
@@ -544,84 +544,3 @@ def format_plan(p: Plan) -> str:
         f"{a.reserve_fraction:.0%} reserve per GPU (docs/planner.md)",
     ]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# `parallel: auto`: the cluster a run finds, and the layout it takes
-# ---------------------------------------------------------------------------------------------------------
-def cluster_from_nodes(nodes: list[dict], use_gpu: bool, gpu_memory_gib: float | None = None,
-                       workers: int | None = None) -> Cluster:
-    """The `Cluster` to plan for from `ray.nodes()` (dicts with "Alive" and "Resources"). On GPUs: their
-    count, the fewest GPUs on a GPU node (tensor parallelism stays inside one) and `gpu_memory_gib` (which
-    the caller must supply). On CPUs (no GPUs, or train.device=cpu): every CPU is a worker, as the driver
-    gives each CPU worker one CPU, and each gets the least Ray memory per CPU of any node unless
-    `gpu_memory_gib` says otherwise. `workers` (parallel.workers) plans for that many instead of all."""
-    key = "GPU" if use_gpu else "CPU"
-    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
-    counts = [(int(r.get(key, 0)), r) for r in alive if int(r.get(key, 0)) >= 1]
-    total = sum(c for c, _ in counts)
-    if total < 1:
-        raise NeoxrayError(f"parallel: auto found no {key}s in the Ray cluster"
-                           + ("; use train.device=cpu to plan over CPU workers" if use_gpu else ""))
-    if workers is not None and not 1 <= workers <= total:
-        raise NeoxrayError(f"parallel.workers={workers} must be between 1 and the cluster's {total} {key}s")
-    if gpu_memory_gib is None:
-        if use_gpu:
-            raise NeoxrayError("parallel: auto needs the GPUs' memory: set parallel.gpu_memory_gb")
-        gpu_memory_gib = min(r.get("memory", 0) / c for c, r in counts) / GIB
-        if not gpu_memory_gib > 0:
-            raise NeoxrayError("parallel: auto could not read the nodes' memory from Ray; "
-                               "set parallel.gpu_memory_gb")
-    n = workers or total
-    return Cluster(gpus=n, gpu_memory_gib=gpu_memory_gib, gpus_per_node=min(min(c for c, _ in counts), n))
-
-
-def training_of(cfg) -> Training:
-    """The planner's `Training` for a run config (`neoxray.platform.config.RunConfig`)."""
-    model = cfg.model_config()
-    return Training(global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch,
-                    seq_len=cfg.seq_len(model), precision=cfg.train.precision, zero_stage=cfg.parallel.zero_stage,
-                    activation_checkpointing=cfg.model.activation_checkpointing)
-
-
-def resolve_auto_layout(cfg, cluster: Cluster, assumptions: Assumptions | None = None):
-    """For a run config with `parallel: auto`: the plan for `cluster` (with the run's model, batch, precision,
-    ZeRO stage and activation checkpointing setting, and `logging.peak_tflops` as the peak), and its first
-    feasible layout that keeps the pinned parallel.data/tensor/pipeline. Returns (config with that layout,
-    the Layout, the Plan); a NeoxrayError naming the keys when no layout works."""
-    from neoxray.platform.config import with_layout
-
-    model = cfg.model_config()
-    assumptions = assumptions or Assumptions(peak_tflops=cfg.logging.peak_tflops)
-    result = plan(model, cluster, training_of(cfg), assumptions)
-    pins = {k: v for k, v in (("data", cfg.parallel.data), ("tensor", cfg.parallel.tensor),
-                              ("pipeline", cfg.parallel.pipeline)) if v is not None}
-    attr = {"data": "dp", "tensor": "tp", "pipeline": "pp"}
-    ok = [x for x in result.feasible if all(getattr(x, attr[k]) == v for k, v in pins.items())]
-    if ok:
-        choice = ok[0]
-        return with_layout(cfg, choice.dp, choice.tp, choice.pp), choice, result
-    pinned = "".join(f" with parallel.{k}={v}" for k, v in pins.items())
-    misses = [r for r in result.rejected if all(getattr(r, attr[k]) == v for k, v in pins.items())]
-    why = "; ".join(f"dp {r.dp} tp {r.tp} pp {r.pp}: {r.reason}" for r in misses[:3])
-    hints = []
-    if not cfg.model.activation_checkpointing and any(r.memory_bytes for r in misses):
-        hints.append("model.activation_checkpointing=true")
-    if pins:
-        hints.append("fewer pinned parallel.* values")
-    hints.append("a smaller train.micro_batch")
-    raise NeoxrayError(
-        f"parallel: auto found no layout of {model.name} for {cluster.gpus} workers of "
-        f"{cluster.gpu_memory_gib:.1f} GiB ({cluster.per_node()} per node){pinned}"
-        f"{': ' + why if why else ''}; try {' or '.join(hints)} (`neoxray plan` lists every layout)"
-    )
-
-
-def describe_choice(choice: Layout, result: Plan) -> str:
-    """One line for the driver's log: the layout `parallel: auto` took, and why."""
-    c = result.cluster
-    workers = f"{c.gpus} worker{'s' if c.gpus > 1 else ''}"
-    return (f"parallel: auto chose dp={choice.dp} tp={choice.tp} pp={choice.pp} for {workers} of "
-            f"{c.gpu_memory_gib:.1f} GiB ({c.per_node()} per node): about {choice.memory / GIB:.1f} GiB per worker, "
-            f"estimated step {choice.time.total_s:.3g} s, first of {len(result.feasible)} feasible layouts "
-            f"({len(result.rejected)} rejected; `neoxray plan` shows them)")

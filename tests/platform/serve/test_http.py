@@ -167,7 +167,8 @@ def test_echo_logprobs_equal_neoxray_score(server, serve_model_dir):
 def test_32_concurrent_requests_are_all_answered_correctly(server, local_model):
     import openai
 
-    from neoxray.model.generate import SamplingParams, generate
+    from neoxray.model.decoding import SamplingParams
+    from neoxray.model.generate import generate
 
     model, tok = local_model
     prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(32)]

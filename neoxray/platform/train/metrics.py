@@ -25,13 +25,20 @@ GAUGES = {
 
 
 class MetricsSink:
+    """Every record goes to `metrics_file` (None: no file), TensorBoard and the Ray gauges; a console line is
+    printed for every `print_every`-th step, the last step (`total_steps`), steps with a validation loss and
+    events (such as a resume)."""
+
     def __init__(self, run_dir, run_name: str, tensorboard: bool = True, ray_metrics: bool = True,
-                 metrics_file: str = "metrics.jsonl", stream=sys.stdout):
+                 metrics_file: str | None = "metrics.jsonl", stream=sys.stdout, print_every: int = 1,
+                 total_steps: int | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.run_dir / metrics_file
-        self._file = self.path.open("a", buffering=1)
+        self.path = self.run_dir / metrics_file if metrics_file else None
+        self._file = self.path.open("a", buffering=1) if self.path is not None else None
         self.stream = stream
+        self.print_every = max(1, int(print_every))
+        self.total_steps = total_steps
         self.writer = None
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -53,7 +60,8 @@ class MetricsSink:
 
     def log(self, metrics: dict) -> None:
         record = {"time": time.time(), **metrics}
-        self._file.write(json.dumps(record) + "\n")
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
         step = metrics.get("step", 0)
         for k, v in metrics.items():
             if not isinstance(v, (int, float)) or isinstance(v, bool):
@@ -62,12 +70,19 @@ class MetricsSink:
                 self.writer.add_scalar(f"train/{k}", v, step)
             if k in self.gauges:
                 self.gauges[k].set(float(v), tags=self.tags)
-        if self.stream is not None:
+        if self.stream is not None and self._prints(metrics):
             self.stream.write(format_line(metrics) + "\n")
             self.stream.flush()
 
+    def _prints(self, metrics: dict) -> bool:
+        step = metrics.get("step")
+        if "event" in metrics or "val_loss" in metrics or not isinstance(step, int):
+            return True
+        return step % self.print_every == 0 or step == self.total_steps
+
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self.writer is not None:
             self.writer.close()
 

@@ -12,133 +12,16 @@ Build order, per rank:
 
 from __future__ import annotations
 
-import math
-import os
-import socket
 import time
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from neoxray.errors import NeoxrayError
-from neoxray.model.config import ModelConfig
-from neoxray.model.gptneox import Layer, rotary_cos_sin
-from neoxray.model.init import init_parameters
-from neoxray.model.tensor_parallel import parallelize, tp_loss
-
-
-# ---------------------------------------------------------------------------------------------------------
-# distributed set-up
-# ---------------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(backend: str = "auto") -> None:
-    """Join the default process group. Under Ray Train (or torchrun) it already exists or the usual env vars
-    (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) describe it; a plain `python` process becomes a world of one."""
-    import deepspeed
-
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(free_port()))
-        dist.init_process_group(backend=backend)
-    deepspeed.init_distributed(dist_backend=dist.get_backend())  # DeepSpeed's comm layer over the same group
-
-
-@dataclass(frozen=True)
-class Coord:
-    """Where this rank sits in the layout."""
-
-    dp: int
-    tp: int
-    pp: int
-
-
-def device_for_rank() -> torch.device:
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the layer list, as pipeline pieces; each knows the canonical (single-model) names of its parameters
-# ---------------------------------------------------------------------------------------------------------
-class _Piece(nn.Module):
-    """A piece of the layer list. `prefix` maps its parameter names to the plain model's names."""
-
-    prefix = ""
-
-    def _finish(self, tp_group, seed, device, loader=None):
-        parallelize(self, tp_group)  # sharded params carry tp_dim and DeepSpeed's tensor_model_parallel flag
-        self.to_empty(device=device)
-        if loader is not None:
-            loader(self)
-        else:
-            init_parameters(self, seed, prefix=self.prefix)
-
-    def canonical_parameters(self):
-        for name, p in self.named_parameters():
-            yield self.prefix + name, p
-
-
-class EmbeddingPipe(_Piece):
-    def __init__(self, config: ModelConfig, tp_group, seed, device, loader=None):
-        super().__init__()
-        with torch.device("meta"):
-            self.embed_in = nn.Embedding(config.vocab_size, config.d_model)
-        self._finish(tp_group, seed, device, loader)
-
-    def forward(self, input_ids):  # [b, s] -> [b, s, d]
-        return self.embed_in(input_ids)
-
-
-class LayerPipe(Layer, _Piece):
-    """One transformer layer as a pipeline piece: same parameters and names as `Layer`; computes its rotary
-    tables from the sequence length, since only the hidden states travel between pipeline stages."""
-
-    def __init__(self, config: ModelConfig, idx: int, tp_group, seed, device, loader=None):
-        with torch.device("meta"):
-            Layer.__init__(self, config, idx)
-        self.config = config
-        self.prefix = f"layers.{idx}."
-        self.activation_checkpointing = config.activation_checkpointing
-        self._finish(tp_group, seed, device, loader)
-
-    def forward(self, x):  # [b, s, d] -> [b, s, d]
-        pos = torch.arange(x.shape[1], device=x.device)[None]
-        cos, sin = rotary_cos_sin(pos, self.config.rotary_dim, self.config.rotary_base, x.dtype)
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(super().forward, x, cos, sin, use_reentrant=False)
-        return super().forward(x, cos, sin)
-
-
-class HeadPipe(_Piece):
-    def __init__(self, config: ModelConfig, tp_group, seed, device, loader=None):
-        super().__init__()
-        with torch.device("meta"):
-            self.final_layer_norm = nn.LayerNorm(config.d_model, eps=config.layernorm_eps)
-            self.embed_out = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self._finish(tp_group, seed, device, loader)
-
-    def forward(self, x):  # [b, s, d] -> logits [b, s, V / tp]
-        return self.embed_out(self.final_layer_norm(x))
-
-
-def no_decay(name: str) -> bool:
-    """GPT-NeoX applies weight decay to weight matrices only: not to biases or LayerNorm parameters."""
-    return name.endswith("bias") or "layernorm" in name or "layer_norm" in name
+from neoxray.model.tensor_parallel import tp_loss
+from neoxray.platform.train.distributed import Coord, init_distributed, worker_device
+from neoxray.platform.train.pipe import EmbeddingPipe, HeadPipe, LayerPipe, Piece, no_decay
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -154,10 +37,10 @@ class TrainEngine:
         from deepspeed.pipe import LayerSpec, PipelineModule
         from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
 
-        from neoxray.platform.config import deepspeed_config
+        from neoxray.platform.train.deepspeed_config import deepspeed_config
 
         self.cfg = cfg
-        init_distributed(cfg.parallel.backend)
+        init_distributed(cfg.parallel.backend, cfg.train.device)
         self.model_config = cfg.model_config()
         dp, tp, pp = cfg.parallel.data, cfg.parallel.tensor, cfg.parallel.pipeline
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
@@ -173,7 +56,7 @@ class TrainEngine:
         grid = PipelineParallelGrid(topology=topo)
         self.tp_group = grid.get_slice_parallel_group()
         self.dp_group = grid.get_data_parallel_group()
-        self.device = device_for_rank()
+        self.device = worker_device(cfg.train.device)
         seed = cfg.train.seed
         torch.manual_seed(seed)
 
@@ -188,7 +71,7 @@ class TrainEngine:
             loss_fn=lambda logits, labels: tp_loss(logits, labels, tp_group),
             partition_method=cfg.parallel.pipeline_partition,
         )
-        self.pieces = [m for m in module.forward_funcs if isinstance(m, _Piece)]
+        self.pieces = [m for m in module.forward_funcs if isinstance(m, Piece)]
 
         named = [(n, p) for piece in self.pieces for n, p in piece.canonical_parameters()]
         groups = [
@@ -214,14 +97,6 @@ class TrainEngine:
     def named_parameters(self):
         for piece in self.pieces:
             yield from piece.canonical_parameters()
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.coord.pp == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.coord.pp == self.layout[2] - 1
 
     def set_step(self, step: int, consumed_samples: int) -> None:
         """Position the schedule after a resume: the next optimizer step is number `step + 1`."""

@@ -29,19 +29,17 @@ from neoxray.errors import NeoxrayError
 from neoxray.model.config import ModelConfig
 from neoxray.model.gptneox import GPTNeoX, Layer, cross_entropy, rotary_cos_sin
 from neoxray.model.init import init_parameters, layer_offset, param_seed
+from neoxray.model.sharding import full_shape, read_shard, shard
 from neoxray.model.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     copy_to_tp_region,
-    full_shape,
     gather_from_tp_region,
     group_rank,
     group_size,
     parallelize,
-    read_shard,
     reduce_from_tp_region,
-    shard,
     tp_loss,
     vocab_parallel_cross_entropy,
 )

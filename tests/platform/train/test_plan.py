@@ -17,16 +17,15 @@ import pytest
 from neoxray.errors import NeoxrayError
 from neoxray.model.config import get_preset
 from neoxray.model.info import GIB
-from neoxray.platform.config import load_run_config, validate
-from neoxray.platform.plan import (
+from neoxray.platform.train.auto_layout import cluster_from_nodes, resolve_auto_layout
+from neoxray.platform.train.config import load_run_config, validate
+from neoxray.platform.train.plan import (
     Assumptions,
     Cluster,
     Training,
-    cluster_from_nodes,
     factorizations,
     layer_parameters,
     plan,
-    resolve_auto_layout,
     stage_layers,
     stage_memory,
     stage_parameters,
@@ -394,7 +393,7 @@ def _engine_worker(rank: int, world: int, tmp: str, port: int) -> None:
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch
 
-    from neoxray.platform.engine import TrainEngine
+    from neoxray.platform.train.engine import TrainEngine
 
     torch.set_num_threads(1)
     results = []
@@ -419,7 +418,7 @@ def spawn_engines(worlds: list[int], timeout_s: float = 240) -> list[dict]:
     independent); returns every rank's measurements."""
     import torch.multiprocessing as mp
 
-    from neoxray.platform.engine import free_port
+    from neoxray.platform.train.distributed import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from transformers import GPTNeoXForCausalLM
 
 from neoxray.errors import NeoxrayError
-from neoxray.model.generate import SamplingParams, generate, sample_next, score
+from neoxray.model.decoding import SamplingParams, sample_next
+from neoxray.model.generate import generate, score
 from neoxray.model.hf import load_model_and_tokenizer
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 200, 300, 400], [17]]

@@ -9,7 +9,8 @@ import dataclasses
 import pytest
 import torch
 
-from neoxray.model.generate import SamplingParams, generate, score
+from neoxray.model.decoding import SamplingParams
+from neoxray.model.generate import generate, score
 from neoxray.model.hf import load_model_and_tokenizer
 from neoxray.platform.serve.engine import EngineConfig, InferenceEngine, InvalidRequest, Request
 

@@ -6,19 +6,16 @@ from __future__ import annotations
 import threading
 import time
 import types
-from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
 from neoxray.errors import NeoxrayError
-from neoxray.model.generate import SamplingParams
+from neoxray.model.decoding import SamplingParams
 from neoxray.model.hf import load_model_and_tokenizer
 from neoxray.platform.serve.engine import EngineConfig, InferenceEngine, Request
-from tests.conftest import free_port, run_cli
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, free_port, run_cli
 
 
 def test_shipped_serve_config_validates_and_builds(tiny_model_dir):

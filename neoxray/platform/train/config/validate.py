@@ -1,0 +1,206 @@
+"""Checking a whole run before any worker starts: the layout against the model, batch arithmetic, sequence
+length, precision, schedule, data and checkpoint settings. Every problem found is reported at once, each naming
+its key(s)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from neoxray.errors import NeoxrayError
+from neoxray.model.config import ModelConfig
+from neoxray.model.precision import PRECISIONS
+from neoxray.platform.train.config.schema import LAYOUT, ZERO_STAGES, RunConfig, require_layout
+
+def validate(cfg: RunConfig) -> None:
+    """Check the whole run before any worker starts; every problem found is reported in one NeoxrayError
+    (problems separated by '; '), each naming its key(s)."""
+    errors: list[str] = []
+    err = errors.append
+
+    # model
+    model: ModelConfig | None = None
+    try:
+        model = cfg.model_config()
+    except NeoxrayError as e:
+        err(str(e))
+
+    # parallel
+    p = cfg.parallel
+    if not p.auto:
+        for k in LAYOUT:
+            if getattr(p, k) is None:
+                err(f"parallel.{k} is not set (set it, or use `parallel: auto` to choose the layout later)")
+    for k in LAYOUT:
+        v = getattr(p, k)
+        if v is not None and v < 1:
+            err(f"parallel.{k}={v} must be >= 1")
+    if model is not None and p.tensor is not None and p.tensor >= 1:
+        tp = p.tensor
+        shards = {"model.n_heads": model.n_heads, "model.vocab_size": model.vocab_size, "model.ffn_dim": model.ffn_dim}
+        bad = [f"{k}={v}" for k, v in shards.items() if v % tp]
+        if bad:
+            ok = _divisors(math.gcd(*shards.values()))
+            err(f"parallel.tensor={tp} does not divide {' and '.join(bad)} (tensor parallelism splits heads, "
+                f"vocabulary rows and MLP columns evenly); valid parallel.tensor values: {_list(ok)}")
+    if model is not None and p.pipeline is not None and p.pipeline > model.n_layers:
+        err(f"parallel.pipeline={p.pipeline} exceeds model.n_layers={model.n_layers} (every pipeline stage "
+            f"needs at least one layer); use parallel.pipeline <= {model.n_layers}")
+    if p.zero_stage not in ZERO_STAGES:
+        err(f"parallel.zero_stage={p.zero_stage} is not supported: DeepSpeed's pipeline engine supports ZeRO "
+            f"stages 0 and 1 only")
+    method = p.pipeline_partition.lower()
+    if not (method in ("parameters", "uniform") or (method.startswith("type:") and len(method) > 5)):
+        err(f"parallel.pipeline_partition={p.pipeline_partition!r} is not a DeepSpeed partition method "
+            f"(use 'type:REGEX', 'parameters' or 'uniform')")
+    if p.workers is not None and p.workers < 1:
+        err(f"parallel.workers={p.workers} must be >= 1 (or null for every worker of the cluster)")
+    if p.gpu_memory_gb is not None and not p.gpu_memory_gb > 0:
+        err(f"parallel.gpu_memory_gb={p.gpu_memory_gb} must be > 0 (GiB per GPU; or null to read it from the "
+            f"cluster)")
+    if p.backend not in ("auto", "nccl", "gloo"):
+        err(f"parallel.backend={p.backend!r} must be one of 'auto', 'nccl', 'gloo'")
+    if p.backend == "nccl" and cfg.train.device == "cpu":
+        err("parallel.backend=nccl needs GPUs, but train.device=cpu (use gloo or auto)")
+
+    # train
+    t = cfg.train
+    if t.steps <= 0:
+        err(f"train.steps={t.steps} must be > 0")
+    if t.global_batch <= 0:
+        err(f"train.global_batch={t.global_batch} must be > 0")
+    if t.micro_batch <= 0:
+        err(f"train.micro_batch={t.micro_batch} must be > 0")
+    dp = p.data if (p.data is not None and p.data >= 1) else None
+    if t.global_batch > 0 and t.micro_batch > 0:
+        problem = _batch_problem(t.global_batch, t.micro_batch, dp or 1, dp is not None)
+        if problem:
+            err(problem)
+    if t.seq_len is not None:
+        if t.seq_len <= 0:
+            err(f"train.seq_len={t.seq_len} must be > 0")
+        elif model is not None and t.seq_len > model.max_seq_len:
+            err(f"train.seq_len={t.seq_len} exceeds the model's max_seq_len={model.max_seq_len} "
+                f"(raise it with model.overrides.max_seq_len)")
+    if t.precision not in PRECISIONS:
+        err(f"train.precision={t.precision!r} must be one of {', '.join(PRECISIONS)}")
+    if t.device not in ("auto", "cpu", "cuda"):
+        err(f"train.device={t.device!r} must be one of auto, cpu, cuda")
+    if t.precision == "fp16" and t.device == "cpu":
+        err("train.precision=fp16 needs GPUs, but train.device=cpu (use fp32 or bf16 on CPUs)")
+
+    # optimizer
+    o = cfg.optimizer
+    if not o.lr > 0:
+        err(f"optimizer.lr={o.lr} must be > 0")
+    if o.min_lr < 0:
+        err(f"optimizer.min_lr={o.min_lr} must be >= 0")
+    if o.lr < o.min_lr:
+        err(f"optimizer.lr={o.lr} is below optimizer.min_lr={o.min_lr} (need lr >= min_lr)")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        err(f"optimizer.betas={o.betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    if not o.eps > 0:
+        err(f"optimizer.eps={o.eps} must be > 0")
+    if o.weight_decay < 0:
+        err(f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+    if o.clip_grad < 0:
+        err(f"optimizer.clip_grad={o.clip_grad} must be >= 0 (0 disables clipping)")
+
+    # schedule
+    s = cfg.schedule
+    if s.warmup_steps is not None and s.warmup_fraction is not None:
+        err(f"schedule.warmup_steps={s.warmup_steps} and schedule.warmup_fraction={s.warmup_fraction} are both "
+            f"set; set one (the other to null)")
+    if s.warmup_steps is not None and s.warmup_steps < 0:
+        err(f"schedule.warmup_steps={s.warmup_steps} must be >= 0")
+    if s.warmup_fraction is not None and not 0.0 <= s.warmup_fraction <= 1.0:
+        err(f"schedule.warmup_fraction={s.warmup_fraction} must be in [0, 1]")
+    if s.decay_steps is not None and s.decay_steps <= 0:
+        err(f"schedule.decay_steps={s.decay_steps} must be > 0 (or null for train.steps)")
+    elif s.style != "constant" and s.warmup_steps is not None and s.warmup_steps > cfg.decay_steps():
+        err(f"schedule.warmup_steps={s.warmup_steps} exceeds the decay steps ({cfg.decay_steps()}, "
+            f"schedule.decay_steps or train.steps)")
+    if s.style not in ("cosine", "linear", "constant"):
+        err(f"schedule.style={s.style!r} must be one of cosine, linear, constant")
+
+    # data
+    d = cfg.data
+    paths = d.paths()
+    if not paths or any(not str(x).strip() for x in paths):
+        err("data.path must name a prepared dataset directory (or a non-empty list of them)")
+    if d.weights is not None:
+        if len(d.weights) != len(paths):
+            err(f"data.weights has {len(d.weights)} entries but data.path has {len(paths)}; give one weight "
+                f"per dataset")
+        elif any(w < 0 for w in d.weights) or not sum(d.weights) > 0:
+            err(f"data.weights={d.weights} must be >= 0 with a positive sum")
+
+    # checkpoint, logging, eval, run
+    if cfg.checkpoint.every < 0:
+        err(f"checkpoint.every={cfg.checkpoint.every} must be >= 0 (0: only at the end)")
+    if cfg.checkpoint.keep < 0:
+        err(f"checkpoint.keep={cfg.checkpoint.keep} must be >= 0 (0: keep all)")
+    if cfg.logging.every < 1:
+        err(f"logging.every={cfg.logging.every} must be >= 1")
+    if cfg.logging.metrics_file is not None and not cfg.logging.metrics_file.strip():
+        err("logging.metrics_file must be a file name (or null for none)")
+    if cfg.eval.every < 0:
+        err(f"eval.every={cfg.eval.every} must be >= 0 (0: never)")
+    if cfg.eval.every > 0 and cfg.eval.batches < 1:
+        err(f"eval.batches={cfg.eval.batches} must be >= 1 when eval.every > 0")
+    if not cfg.name or "/" in cfg.name or "\\" in cfg.name or cfg.name in (".", ".."):
+        err(f"name={cfg.name!r} must be a plain directory name (no path separators)")
+
+    if errors:
+        raise NeoxrayError("; ".join(errors))
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Check that the input paths exist on this machine (`data.path`, `data.validation_path`,
+    `model.init_from`); separate from `validate` because a driver may name paths only the workers see."""
+    def absent(p) -> bool:  # URIs (s3://, gs://, ...) are read through the data reader's filesystems
+        return "://" not in str(p) and not Path(p).exists()
+
+    missing = [f"data.path={p}" for p in cfg.data.paths() if absent(p)]
+    if cfg.data.validation_path and absent(cfg.data.validation_path):
+        missing.append(f"data.validation_path={cfg.data.validation_path}")
+    if cfg.checkpoint.load_from and not Path(cfg.checkpoint.load_from).exists():
+        missing.append(f"checkpoint.load_from={cfg.checkpoint.load_from}")
+    if cfg.model.init_from and not Path(cfg.model.init_from).exists():
+        missing.append(f"model.init_from={cfg.model.init_from}")
+    if missing:
+        raise NeoxrayError("not found: " + ", ".join(missing))
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def _list(xs: list[int], limit: int = 12) -> str:
+    return ", ".join(map(str, xs[:limit])) + (", ..." if len(xs) > limit else "")
+
+
+def _batch_problem(global_batch: int, micro_batch: int, dp: int, dp_known: bool) -> str | None:
+    unit = micro_batch * dp
+    if global_batch % unit == 0:
+        return None
+    if not dp_known:
+        desc = f"train.micro_batch={micro_batch}"
+    else:
+        desc = f"train.micro_batch={micro_batch} x parallel.data={dp} = {unit}"
+    lower = (global_batch // unit) * unit
+    gb = [x for x in (lower, lower + unit) if x > 0]
+    hint = f"valid train.global_batch values near it: {' or '.join(map(str, gb))}"
+    if global_batch % dp == 0:
+        hint += f"; or a train.micro_batch dividing {global_batch // dp}: {_list(_divisors(global_batch // dp))}"
+    return f"train.global_batch={global_batch} is not divisible by {desc}; {hint}"
+
+
+def gradient_accumulation_steps(cfg: RunConfig) -> int:
+    """Micro-batches per optimizer step on each data-parallel replica: global_batch / (micro_batch x dp)."""
+    require_layout(cfg.parallel)
+    t, dp = cfg.train, cfg.parallel.data
+    problem = _batch_problem(t.global_batch, t.micro_batch, dp, True) if t.micro_batch > 0 and dp > 0 else None
+    if problem or t.global_batch <= 0 or t.micro_batch <= 0 or dp <= 0:
+        raise NeoxrayError(problem or "train.global_batch, train.micro_batch and parallel.data must be > 0")
+    return t.global_batch // (t.micro_batch * dp)
