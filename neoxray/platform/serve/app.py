@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from neoxray.platform.serve.engine import EngineConfig
+from neoxray.platform.serve.request import EngineConfig
 
 
 class ServeArgs(BaseModel):

@@ -3,8 +3,8 @@ dashboard's metrics view and on each node's Prometheus export port (with Ray's `
 
 from __future__ import annotations
 
-from neoxray.platform.serve.api import ServeObserver
-from neoxray.platform.serve.engine import Output
+from neoxray.platform.serve.request import Output
+from neoxray.platform.serve.serving import ServeObserver
 
 LATENCY_BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 """Histogram bucket edges in seconds."""

@@ -1,9 +1,11 @@
-"""OpenAI-compatible request shapes (pydantic; `api.py` writes the responses), plus the vLLM-style tokenizer
-endpoints that lm-evaluation-harness's `local-completions` model uses. Unknown request fields are rejected (400 naming
-the field); OpenAI fields that this server does not implement are accepted only at their neutral value."""
+"""OpenAI-compatible request and response shapes (pydantic), plus the vLLM-style tokenizer endpoints that
+lm-evaluation-harness's `local-completions` model uses. Unknown request fields are rejected (400 naming the
+field); OpenAI fields that this server does not implement are accepted only at their neutral value. Every
+answer of the API, errors included, is one of the response models here."""
 
 from __future__ import annotations
 
+import json
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
@@ -109,3 +111,137 @@ class DetokenizeRequest(_Strict):
 
     tokens: list[StrictInt]
     model: str | None = None
+
+
+# -------------------------------------------------------------------------------------------------- responses
+# Every field is always sent, a null one too (`"logprobs": null`), in the order written here: clients such as
+# lm-evaluation-harness index the JSON directly.
+class CompletionLogprobs(BaseModel):
+    """A choice's `logprobs`: one entry per token of its text (the prompt's first with echo)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    """None for the first prompt token, which has no context."""
+    top_logprobs: list[dict[str, float] | None]
+    """The most likely tokens and their log-probabilities (the chosen one always among them)."""
+    text_offset: list[int]
+    """Character offset of each token in the choice's text."""
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    """'stop', 'length', or None while a streamed choice is still running."""
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    """The answer to a POST /v1/completions that is not streamed."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionStreamChunk(BaseModel):
+    """One server-sent event of a streamed completion; `usage` only on the last one, when asked for."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+    def sse(self) -> str:
+        return f"data: {json.dumps(self.model_dump(exclude=None if self.usage else {'usage'}))}\n\n"
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+    """The vector, or its float32 bytes in base64 (encoding_format 'base64')."""
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "neoxray"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """GET /tokenizer_info (as vLLM's)."""
+
+    eos_token: str
+    bos_token: str
+    pad_token: str
+    model_max_length: int
+    tokenizer_class: str
+    vocab_size: int
+
+
+class HealthResponse(BaseModel):
+    """GET /health: the engine's `stats()` follow `status` and `model`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["ok"] = "ok"
+    model: str
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    """invalid_request_error, authentication_error or server_error."""
+    param: str | None = None
+    """The request field the error is about."""
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, as OpenAI writes it; also a streamed completion's event when a choice fails."""
+
+    error: ErrorInfo
+
+    def sse(self) -> str:
+        return f"data: {json.dumps(self.model_dump())}\n\n"
