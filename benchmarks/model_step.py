@@ -22,67 +22,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
-import gc
 import json
 import math
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import GIB, PEAK_FLOPS, build_hf, device_name, free_memory, loadavg, now, sync
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
-
-from neoxray.model.config import get_preset  # noqa: E402
-from neoxray.model.gptneox import build_model, cross_entropy  # noqa: E402
-from neoxray.model.hf import config_to_hf, from_hf_name  # noqa: E402
-
-PEAK_FLOPS = 989e12  # dense bf16 datasheet figure, H100/H200 SXM (the MFU denominator in ../shared/gpu)
-GIB = 2**30
-
-
-# -------------------------------------------------------------------------------------------------------
-# environment
-# -------------------------------------------------------------------------------------------------------
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_name()} ({os.cpu_count()} logical CPUs)"
-
-
-def _loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_memory(device: torch.device, reset_compiled: bool = False) -> None:
-    if reset_compiled:  # drop compiled graphs too, so nothing they hold keeps a freed model's memory alive
-        torch._dynamo.reset()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
+from neoxray.model.config import get_preset
+from neoxray.model.gptneox import build_model, cross_entropy
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -91,32 +43,6 @@ def free_memory(device: torch.device, reset_compiled: bool = False) -> None:
 def build_ours(cfg, device, seed):
     torch.manual_seed(seed)
     model = build_model(cfg, device=device, dtype=torch.float32, seed=seed)
-    return model.train()
-
-
-def build_hf(cfg, device, state_dict):
-    """GPTNeoXForCausalLM of the same architecture, SDPA attention, holding `state_dict` (our names)."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    d = config_to_hf(cfg, torch.float32)
-    d.pop("neoxray", None)
-    hf_cfg = GPTNeoXConfig(**d, attn_implementation="sdpa")
-    with torch.device(device):
-        model = GPTNeoXForCausalLM(hf_cfg)
-    impl = getattr(model.config, "_attn_implementation", None)
-    if impl != "sdpa":
-        raise RuntimeError(f"HF model uses attention implementation {impl!r}, not 'sdpa'")
-    hf_sd = model.state_dict()
-    mapped = {from_hf_name(k): k for k in hf_sd}
-    missing, extra = sorted(set(state_dict) - set(mapped)), sorted(set(mapped) - set(state_dict))
-    if missing or extra:
-        raise RuntimeError(f"name map mismatch: ours only {missing[:5]}, HF only {extra[:5]}")
-    with torch.no_grad():
-        for ours_name, hf_name in mapped.items():
-            src, dst = state_dict[ours_name], hf_sd[hf_name]
-            if src.shape != dst.shape:
-                raise RuntimeError(f"{ours_name}: shape {tuple(src.shape)} vs HF {hf_name} {tuple(dst.shape)}")
-            dst.copy_(src)
     return model.train()
 
 
@@ -343,11 +269,11 @@ def main(argv=None) -> dict:
 
     import transformers
 
-    env = dict(date=_dt.datetime.now().astimezone().isoformat(timespec="seconds"), torch=torch.__version__,
+    env = dict(date=now(), torch=torch.__version__,
                transformers=transformers.__version__, python=platform.python_version(), device=str(device),
                device_name=device_name(device), threads=torch.get_num_threads(),
                interop_threads=torch.get_num_interop_threads(), cuda=torch.version.cuda if cuda else None,
-               loadavg_start=_loadavg())
+               loadavg_start=loadavg())
     setup = dict(preset=args.preset, n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads,
                  vocab_size=cfg.vocab_size, params=cfg.num_parameters(), batch=args.batch, seq=args.seq,
                  tokens_per_step=args.batch * args.seq, dtype=args.dtype, compile_ours=args.compile,
@@ -386,7 +312,7 @@ def main(argv=None) -> dict:
     else:
         ours, hf, chk = run_sequential(cfg, args, device, amp_dtype, rtol, grad_rtol)
 
-    env["loadavg_end"] = _loadavg()
+    env["loadavg_end"] = loadavg()
     rows = [summarize(r, cfg, args, device) for r in (ours, hf)]
     ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
     how = ("interleaved rounds (order swapped each round), both models resident" if mode == "interleaved"

@@ -24,20 +24,17 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from anywhere without installing
+from common import ROOT, machine
 
-from neoxray.model.tokenizer import Tokenizer  # noqa: E402
-from neoxray.pipelines.tokenizer_training import train_tokenizer_from_files  # noqa: E402
-from neoxray.pipelines.pile import iter_documents  # noqa: E402
-from model_step import cpu_name  # noqa: E402  (this folder is on sys.path when a script here runs)
+from neoxray.model.tokenizer import Tokenizer
+from neoxray.pipelines.pile import iter_documents
+from neoxray.pipelines.tokenizer_training import train_tokenizer_from_files
 
 SAMPLE = ROOT / "neoxray" / "pipelines" / "sample" / "sample.jsonl.zst"
 SHARED_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
@@ -107,7 +104,7 @@ def main() -> None:
 
     result = {
         "date": _dt.date.today().isoformat(),
-        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+        "machine": machine(),
         "tokenizer": f"{tok_source} (vocab {tok.vocab_size})",
         "corpus": f"{args.copies} x bundled sample: {args.copies * 1410} documents, {text_mb:.1f} MB of text, "
                   f"{tokens:,} tokens",

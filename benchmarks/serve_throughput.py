@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as _dt
 import json
 import os
-import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,13 +34,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import ROOT, free_port, machine, now, sync
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from neoxray.model.config import get_preset  # noqa: E402
-from neoxray.model.gptneox import GPTNeoX  # noqa: E402
-from neoxray.model.hf import config_to_hf, to_hf_name  # noqa: E402
+from neoxray.model.config import get_preset
+from neoxray.model.gptneox import GPTNeoX
+from neoxray.model.hf import config_to_hf, to_hf_name
 
 SHARED_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "gpt-neox-20b"
 SAMPLE = ROOT / "neoxray" / "pipelines" / "sample" / "sample.jsonl.zst"
@@ -128,11 +123,6 @@ def hf_generate(hf, batch: list[list[int]], max_tokens: int, device) -> float:
     return time.perf_counter() - t0
 
 
-def sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 # -------------------------------------------------------------------------------------------------------
 # neoxray: the engine directly, or the HTTP endpoint
 # -------------------------------------------------------------------------------------------------------
@@ -156,7 +146,7 @@ async def run_clients(send, prompts: list[list[int]], clients: int, per_client: 
 
 def engine_sender(engine, max_tokens: int):
     from neoxray.model.decoding import SamplingParams
-    from neoxray.platform.serve.engine import Request
+    from neoxray.platform.serve.request import Request
 
     async def send(prompt):
         t0 = time.perf_counter()
@@ -192,12 +182,6 @@ def http_sender(session, url: str, model: str, max_tokens: int):
         return ttft, time.perf_counter() - t0, n
 
     return send
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_http_server(model_dir: Path, args, log_path: Path) -> tuple[subprocess.Popen, str]:
@@ -275,7 +259,8 @@ def main(argv=None) -> int:
     # neoxray
     results = []
     if args.mode == "engine":
-        from neoxray.platform.serve.engine import EngineConfig, InferenceEngine
+        from neoxray.platform.serve.engine import InferenceEngine
+        from neoxray.platform.serve.request import EngineConfig
 
         engine = InferenceEngine(ours, tok, EngineConfig(max_num_seqs=max(args.clients_list),
                                                          kv_cache_tokens=max(args.clients_list) * (args.prompt_len + args.max_tokens + 16)))
@@ -321,8 +306,8 @@ def main(argv=None) -> int:
         if r["clients"] in hf_static:
             r["ratio_vs_transformers_static_batch"] = r["tokens_per_s"] / hf_static[r["clients"]]["tokens_per_s"]
     report = {
-        "benchmark": "serve_throughput", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs"
+        "benchmark": "serve_throughput", "date": now(),
+        "machine": machine()
         + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
         "torch": torch.__version__, "preset": args.preset, "layers": cfg.n_layers,
         "parameters": cfg.num_parameters(), "device": args.device, "dtype": str(args.torch_dtype),

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
-import gc
 import itertools
 import json
 import math
@@ -52,38 +50,9 @@ import torch
 if not torch.cuda.is_available():  # DeepSpeed picks its accelerator at import time
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
+from common import GIB, PEAK_FLOPS, build_hf, device_name, free_memory, loadavg, now, sync  # noqa: E402 (after DS_ACCELERATOR)
 
 from neoxray.model.gptneox import build_model, cross_entropy  # noqa: E402
-
-
-def _load_sibling(name: str):
-    """A module of this folder by file path (no `benchmarks` package needed, none shadowed by site-packages)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_neoxray_bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_ms = _load_sibling("model_step")  # shared helpers: the HF model built from our weights, device names, constants
-GIB, PEAK_FLOPS, _loadavg, build_hf, device_name = _ms.GIB, _ms.PEAK_FLOPS, _ms._loadavg, _ms.build_hf, _ms.device_name
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_memory(device: torch.device, reset_compiled: bool = False) -> None:
-    if reset_compiled:
-        torch._dynamo.reset()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -469,10 +438,10 @@ def main(argv=None) -> dict:
         rtol, grad_rtol = max(rtol, 1e-3), max(grad_rtol, 1e-2)
     tokens_per_step = args.micro_batch * args.grad_accum * args.seq
 
-    env = dict(date=_dt.datetime.now().astimezone().isoformat(timespec="seconds"), torch=torch.__version__,
+    env = dict(date=now(), torch=torch.__version__,
                transformers=transformers.__version__, deepspeed=deepspeed.__version__,
                python=platform.python_version(), device=str(device), device_name=device_name(device),
-               threads=torch.get_num_threads(), cuda=torch.version.cuda if cuda else None, loadavg_start=_loadavg())
+               threads=torch.get_num_threads(), cuda=torch.version.cuda if cuda else None, loadavg_start=loadavg())
     policy = {"ours": "DeepSpeed bf16 (bf16 weights/activations, fp32 master weights + fp32 grad accumulation)"
                       if cuda else "fp32",
               "hf": "fp32 weights under torch.autocast(bfloat16), fused AdamW" if cuda else "fp32, AdamW"}
@@ -509,7 +478,7 @@ def main(argv=None) -> dict:
         ours.measure_peak()
         hf.measure_peak()
 
-    env["loadavg_end"] = _loadavg()
+    env["loadavg_end"] = loadavg()
     rows = [summarize(r, mc, args, device) for r in (ours, hf)]
     ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
     how = ("SEQUENTIAL (HF built, measured and freed; then ours)" if mode == "sequential"
