@@ -72,3 +72,15 @@ def ray_local():
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     yield ray
     ray.shutdown()
+
+
+E2E_FIXTURES = {"ray_local"}
+"""Tests that take these fixtures run real clusters or servers: they are end-to-end whatever their marks say."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tiers: every test on a real Ray cluster is `e2e` (so `make test-fast` never starts one by accident);
+    modules and tests that run real processes or servers mark themselves `e2e`."""
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)

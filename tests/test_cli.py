@@ -12,6 +12,8 @@ from neoxray.model.generate import score
 from neoxray.model.hf import load_model_and_tokenizer
 from tests.conftest import SHARED_TOKENIZER, run_cli
 
+pytestmark = pytest.mark.e2e  # every test runs the CLI in a real process
+
 
 def assert_clean_error(proc, *needles):
     assert proc.returncode != 0

@@ -372,7 +372,7 @@ def losses(records) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_ray_job_submit_on_two_nodes_trains_and_resumes(two_nodes, sample_tokenizer_dir, tmp_path):
     cluster = two_nodes
     nodes = {n["node_id"]: n for n in cluster.alive_nodes()}

@@ -210,6 +210,7 @@ def test_bad_input_is_a_neoxray_error():
 # ---------------------------------------------------------------------------------------------------------
 # the CLI
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_cli_plan_json_and_table():
     args = ["plan", "neox-20b", "--gpus", "96", "--gpu-memory", "40", "--gpus-per-node", "8", "--global-batch", "1536"]
     out = json.loads(run_cli(*args, "--json").stdout)
@@ -229,6 +230,7 @@ def test_cli_plan_json_and_table():
     assert "dp  24 tp   1 pp   4: needs" in table and "assumptions:" in table
 
 
+@pytest.mark.e2e
 def test_cli_plan_errors_are_one_line():
     assert_clean_error(run_cli("plan", "neox-21b", "--gpus", "8", "--gpu-memory", "40", check=False),
                        "unknown model preset 'neox-21b'")
@@ -454,6 +456,7 @@ def engine_bytes() -> list[dict]:
     return spawn_engines(sorted(ENGINE_LAYOUTS))
 
 
+@pytest.mark.e2e
 def test_memory_model_matches_the_tensors_the_engine_holds(engine_bytes):
     model = get_preset("tiny", vocab_size=1024, max_seq_len=64)
     errors = [e["error"] for e in engine_bytes if "error" in e]

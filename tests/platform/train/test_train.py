@@ -16,6 +16,8 @@ import torch
 
 from tests.conftest import SAMPLE, run_cli
 
+pytestmark = pytest.mark.e2e  # real Ray Train runs
+
 STEPS = 5
 BASE = [
     "model.preset=tiny", "model.overrides.vocab_size=1024", "model.overrides.max_seq_len=64",
@@ -112,13 +114,19 @@ def test_every_layout_trains_the_same_model(prepared, reference, ray_local, tmp_
     ids = torch.randint(0, 1024, (2, 32))
     with torch.no_grad():
         assert (a(ids).logits - b(ids).logits).abs().max().item() < 1e-4
-    out = json.loads(run_cli("generate", "--model", str(tmp_path / "hf222"), "--prompt", "def",
-                             "--max-new-tokens", "4", "--greedy", "--json").stdout)
+    # every command resolves --model the same way: the run directory (its newest checkpoint) is the export
+    gen = ("generate", "--prompt", "def", "--max-new-tokens", "4", "--greedy", "--json")
+    out = json.loads(run_cli(*gen, "--model", str(tmp_path / "hf222")).stdout)
     assert len(out["token_ids"]) >= 1
+    assert json.loads(run_cli(*gen, "--model", str(run_dir)).stdout) == out
+    score = ("score", "--text", "def main(", "--json")
+    assert json.loads(run_cli(*score, "--model", str(run_dir)).stdout)["logprobs"] == pytest.approx(
+        json.loads(run_cli(*score, "--model", str(tmp_path / "hf222")).stdout)["logprobs"], abs=1e-5)
 
     # serving takes the run directory as it is (its newest checkpoint): the same model as the export
     from neoxray.model.decoding import SamplingParams
-    from neoxray.platform.serve.engine import InferenceEngine, Request
+    from neoxray.platform.serve.engine import InferenceEngine
+    from neoxray.platform.serve.request import Request
 
     def greedy(engine):
         req = Request([5, 6, 7], max_tokens=8, sampling=SamplingParams(greedy=True, stop_at_eod=False))
