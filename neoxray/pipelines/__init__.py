@@ -1,10 +1,15 @@
 """Data: Pile-format shards -> tokenized, packed Parquet datasets -> training batches. Knows data formats and Ray
 Data, not the model.
 
-- `pile`: streaming reader of .jsonl / .jsonl.gz / .jsonl.zst shards, bad rows counted by reason
+- `pile`: streaming reader of .txt / .jsonl / .jsonl.gz / .jsonl.zst shards, bad rows counted by reason
 - `fs`: local paths and URIs (s3://, gs://, any fsspec protocol) through pyarrow filesystems
-- `prepare`: `neoxray prepare` on Ray Data (tokenizer actor pool, per-file packing, manifest.json last)
+- `dataset_format`: the prepared-dataset format's names (manifest.json, splits, column, token dtype) and
+  `read_manifest`, shared by the writer and the reader
+- `prepare`: `neoxray prepare` on Ray Data: the driver (checks, temporary folder, commit, progress, manifest.json
+  last), reading and the tokenizer actor pool
+- `packing`: the per-file packing stage of `prepare` (token streams -> Parquet rows of seq_len + 1 ids)
 - `reader`: `PackedDataset`, `BlendedDataset`, `BatchSampler`, `iter_batches`, `ray_dataset` for training
+- `tokenizer_training`: `neoxray tokenizer train`, a byte-level BPE trained on files and shards
 
 The dataset format, mixing and determinism are described in docs/data.md.
 """

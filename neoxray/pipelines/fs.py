@@ -18,8 +18,9 @@ import io
 import os
 import shutil
 import uuid
+from collections.abc import Iterable
 from functools import lru_cache
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 
 from neoxray.errors import NeoxrayError
 

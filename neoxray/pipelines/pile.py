@@ -19,8 +19,9 @@ import gzip
 import io
 import json
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import zstandard
 

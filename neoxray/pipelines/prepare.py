@@ -10,7 +10,7 @@
       |                                                       validation by a hash of their text, and the chunk's
       |                                                       token streams written to DIR/.tmp-*/chunks/
       v
-    _pack_file (a Ray task per input file, started as soon as all of that file's chunks are tokenized)
+    packing.pack_file (a Ray task per input file, started as soon as all of that file's chunks are tokenized)
       |   concatenates the file's streams in chunk order and cuts them into rows of seq_len + 1 tokens that
       |   cross document boundaries; the remainder (< seq_len + 1 tokens per file and split) is dropped and
       |   counted; rows go to Parquet files with fixed, deterministic names and settings
@@ -21,6 +21,9 @@ Packing per input file makes the output independent of scheduling: the same inpu
 byte-identical files whatever the number of workers, the chunk size or the cluster. Only the per-file reading is
 sequential; tokenization (the expensive part) spreads over the actor pool, and files are packed in parallel.
 
+This module holds the driver (`prepare`: checks, the temporary folder and the commit, the Ray Data pipeline,
+progress, the manifest) and the first two stages (reading, tokenizing); the packing stage is in
+`neoxray.pipelines.packing`, the format's names and the manifest reader in `neoxray.pipelines.dataset_format`.
 The dataset format is described in docs/data.md; `neoxray.pipelines.reader` reads it back for training.
 """
 
@@ -30,14 +33,13 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sys
 import time
 import uuid
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -48,11 +50,11 @@ from neoxray.pipelines.dataset_format import (
     FORMAT,
     MANIFEST,
     SPLITS,
-    TOKEN_COLUMN,
     TOKENIZER_DIR,
     read_manifest,
     token_dtype,
 )
+from neoxray.pipelines.packing import COMPRESSION, layout_for, pack_file
 from neoxray.pipelines.pile import JSONL_SUFFIXES, iter_documents
 
 UNKNOWN_COMPONENT = "unknown"
@@ -60,11 +62,6 @@ UNKNOWN_COMPONENT = "unknown"
 DEFAULT_VAL_FRACTION = 0.01
 DEFAULT_CHUNK_BYTES = 2 << 20
 """Text per unit of tokenizer work (about a second of one core's tokenization)."""
-TARGET_FILE_BYTES = 64 << 20
-"""Rows per Parquet file are chosen so that a file holds about this many bytes of (uncompressed) uint16 ids."""
-TARGET_ROW_GROUP_BYTES = 256 << 10
-"""Rows per row group: the reader's unit of random access (a shuffled read fetches one row group)."""
-COMPRESSION = "zstd"
 PROGRESS_EVERY_S = 5.0
 
 _TMP_PREFIX = ".tmp-"
@@ -80,20 +77,6 @@ def text_hash64(text: str | bytes) -> int:
     """The hash that routes a document to train or validation: BLAKE2b (8-byte digest) of its UTF-8, big-endian."""
     data = text.encode("utf-8") if isinstance(text, str) else text
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
-
-
-def component_tag(name: str) -> str:
-    """A file-name-safe, collision-free tag for a component name (used in part-file names with --by-component)."""
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")[:40] or "x"
-    return f"{slug}-{hashlib.sha1(name.encode('utf-8')).hexdigest()[:6]}"
-
-
-def layout_for(seq_len: int, dtype: str) -> tuple[int, int]:
-    """(rows per Parquet file, rows per row group) for rows of seq_len + 1 ids."""
-    row_bytes = (seq_len + 1) * np.dtype(dtype).itemsize
-    group = max(1, TARGET_ROW_GROUP_BYTES // row_bytes)
-    per_file = max(group, (TARGET_FILE_BYTES // row_bytes) // group * group)
-    return per_file, group
 
 
 @dataclass
@@ -200,77 +183,6 @@ def _chunk_result_schema():
     return pa.schema([("file_idx", pa.int64()), ("chunk_idx", pa.int64()), ("last", pa.bool_()),
                       ("path", pa.string()), ("text_bytes", pa.int64()), ("bad", pa.string()),
                       ("stats", pa.string())])
-
-
-# ------------------------------------------------------------------------------------------ stage 3: packing
-def _write_rows(path: str, values: np.ndarray, row_len: int, row_group_rows: int) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    n = len(values) // row_len
-    offsets = pa.array(np.arange(0, n * row_len + 1, row_len, dtype=np.int32))
-    table = pa.table({TOKEN_COLUMN: pa.ListArray.from_arrays(offsets, pa.array(values))})
-    with fs.open_output(path) as sink:
-        pq.write_table(table, sink, row_group_size=row_group_rows, compression=COMPRESSION,
-                       use_dictionary=False, write_statistics=False)
-
-
-def pack_file(file_idx: int, chunk_paths: list[str], out_dir: str, seq_len: int, rows_per_file: int,
-              row_group_rows: int) -> list[dict]:
-    """Pack one input file's token streams (chunk files, in order) into Parquet rows of seq_len + 1 ids.
-
-    Returns one entry per stream (split, component): its part files and how many tokens the packing dropped.
-    """
-    import pyarrow as pa
-
-    row_len = seq_len + 1
-    per_file_tokens = rows_per_file * row_len
-
-    class Stream:
-        def __init__(self, split: int, comp: str):
-            self.split, self.comp = split, comp
-            self.pending: list[np.ndarray] = []
-            self.pending_len = 0
-            self.tokens = 0
-            self.parts: list[dict] = []
-
-        def add(self, ids: np.ndarray) -> None:
-            self.pending.append(ids)
-            self.pending_len += len(ids)
-            self.tokens += len(ids)
-            while self.pending_len >= per_file_tokens:
-                self.emit(rows_per_file)
-
-        def emit(self, rows: int) -> None:
-            buf = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
-            take = rows * row_len
-            tag = f"-{component_tag(self.comp)}" if self.comp else ""
-            name = f"part-{file_idx:05d}{tag}-{len(self.parts):05d}.parquet"
-            split_name = SPLITS[self.split]
-            _write_rows(fs.join(out_dir, split_name, name), buf[:take], row_len, row_group_rows)
-            self.parts.append({"path": f"{split_name}/{name}", "rows": rows,
-                               "component": self.comp or None})
-            rest = buf[take:]
-            self.pending = [rest] if len(rest) else []
-            self.pending_len = len(rest)
-
-        def finish(self) -> dict:
-            rows = self.pending_len // row_len
-            if rows:
-                self.emit(rows)
-            return {"file_idx": file_idx, "split": SPLITS[self.split], "component": self.comp or None,
-                    "tokens": self.tokens, "dropped_tokens": self.pending_len, "parts": self.parts}
-
-    streams: dict[tuple[int, str], Stream] = {}
-    for path in chunk_paths:
-        with fs.open_random_access(path) as f:
-            table = pa.ipc.open_file(f).read_all()
-        for split, comp, ids in zip(table["split"].to_pylist(), table["component"].to_pylist(), table["ids"]):
-            key = (split, comp)
-            if key not in streams:
-                streams[key] = Stream(split, comp)
-            streams[key].add(ids.values.to_numpy(zero_copy_only=False))
-    return [streams[k].finish() for k in sorted(streams)]
 
 
 # ------------------------------------------------------------------------------------------------- progress
@@ -452,7 +364,7 @@ def _save_tokenizer(tok, directory: str) -> None:
 
 def _discard(path: str) -> None:
     """Delete a temporary folder, retrying while straggling writers (cancelled tasks) still add to it."""
-    for attempt in range(20):
+    for _ in range(20):
         try:
             fs.delete(path)
             if not fs.exists(path):

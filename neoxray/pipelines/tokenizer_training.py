@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from neoxray.errors import NeoxrayError
 from neoxray.model.tokenizer import Tokenizer, train_tokenizer

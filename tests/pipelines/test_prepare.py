@@ -1,19 +1,15 @@
-"""The data pipeline: `neoxray prepare` (Ray Data) checked against an independent computation with raw
-`tokenizers`, its guarantees (determinism, no-op reruns, no half-finished datasets, clear errors), and the
-training reader (deterministic order, disjoint dp shares, resume without replay, blending, Ray Train)."""
+"""`neoxray prepare` (Ray Data) checked against an independent computation with raw `tokenizers`, and its
+guarantees: determinism, no-op reruns, no half-finished datasets (failed or interrupted runs), clear errors,
+the CLI."""
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -23,110 +19,18 @@ import tokenizers
 import zstandard
 
 from neoxray.errors import NeoxrayError
-from neoxray.pipelines import fs
-from neoxray.pipelines.pile import iter_documents
-from neoxray.pipelines.prepare import MANIFEST, prepare, token_dtype
-from neoxray.pipelines.reader import (
-    BatchSampler,
-    BlendedDataset,
-    PackedDataset,
-    iter_batches,
-    open_blend,
-    permute,
-    ray_dataset,
+from neoxray.pipelines.dataset_format import MANIFEST, token_dtype
+from neoxray.pipelines.prepare import prepare
+from neoxray.pipelines.reader import PackedDataset
+from tests.conftest import SAMPLE, run_cli
+from tests.pipelines.conftest import (
+    expected_streams,
+    is_validation,
+    pile_line,
+    read_rows,
+    sample_docs,
+    tree_hashes,
 )
-from tests.conftest import SAMPLE, SHARED_TOKENIZER, run_cli
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-@pytest.fixture(scope="module")
-def tok_file(tmp_path_factory) -> str:
-    """tokenizer.json: GPT-NeoX-20B's when ../shared has it, else a 1024-token BPE trained on the sample."""
-    if SHARED_TOKENIZER.exists():
-        return str(SHARED_TOKENIZER)
-    from neoxray.pipelines.tokenizer_training import train_tokenizer_from_files
-
-    out = tmp_path_factory.mktemp("tok") / "tokenizer"
-    train_tokenizer_from_files([str(SAMPLE)], 1024, str(out))
-    return str(out / "tokenizer.json")
-
-
-def pile_line(text, name="Test") -> str:
-    return json.dumps({"text": text, "meta": {"pile_set_name": name}}) + "\n"
-
-
-def sample_docs() -> list[tuple[str, str]]:
-    """The bundled sample, read without neoxray's reader."""
-    with zstandard.ZstdDecompressor().stream_reader(open(SAMPLE, "rb"), closefd=True) as r:
-        return [(o["text"], o["meta"]["pile_set_name"]) for o in map(json.loads, io.TextIOWrapper(r, "utf-8"))]
-
-
-def is_validation(text: str, val_fraction: float) -> bool:
-    digest = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
-    return digest < round(val_fraction * 2**64)
-
-
-def expected_streams(docs, raw: tokenizers.Tokenizer, val_fraction: float, by_component=False) -> dict:
-    """{(split, component or None): token stream with EOD after each document}, computed with raw tokenizers."""
-    eod = raw.token_to_id("<|endoftext|>")
-    streams: dict = {}
-    for (text, comp), enc in zip(docs, raw.encode_batch([t for t, _ in docs], add_special_tokens=False)):
-        key = ("validation" if is_validation(text, val_fraction) else "train", comp if by_component else None)
-        streams.setdefault(key, []).extend(enc.ids + [eod])
-    return {k: np.array(v, dtype=np.int64) for k, v in streams.items()}
-
-
-def read_rows(out: Path, manifest: dict, split: str) -> dict:
-    """{(input file index, component): rows [n, N+1]} read straight from the Parquet files of the manifest."""
-    got: dict = {}
-    for entry in manifest["splits"][split]["files"]:
-        table = pq.read_table(out / entry["path"])
-        assert table.schema.names == ["input_ids"]
-        rows = table.column(0).combine_chunks().flatten().to_numpy().reshape(-1, manifest["row_length"])
-        assert rows.shape == (entry["rows"], manifest["seq_len"] + 1)
-        file_idx = int(Path(entry["path"]).name.split("-")[1])
-        key = (file_idx, entry["component"])
-        got[key] = np.concatenate([got[key], rows]) if key in got else rows
-    return got
-
-
-def tree_hashes(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def write_zst(path: Path, body: str) -> None:
-    path.write_bytes(zstandard.ZstdCompressor().compress(body.encode("utf-8")))
-
-
-# --------------------------------------------------------------------------------------------- Pile reader
-def test_pile_reader_counts_empty_text_and_missing_meta(tmp_path):
-    body = (pile_line("kept") + json.dumps({"text": ""}) + "\n" + json.dumps({"text": "no meta"}) + "\n"
-            + json.dumps({"text": "bad meta", "meta": "x"}) + "\n" + '{"text": "\\ud800 lone surrogate"}\n')
-    (tmp_path / "a.jsonl").write_text(body)
-    bad, labelled = Counter(), Counter()
-    docs = list(iter_documents(tmp_path / "a.jsonl", bad=bad, labelled=labelled))
-    assert docs == [("kept", "Test"), ("no meta", None), ("bad meta", None)]
-    assert bad == Counter(empty_text=1, invalid_utf8=1)
-    assert labelled == Counter(missing_meta=2)
-
-
-def test_filesystem_uris_through_fsspec():
-    """Non-local paths go through pyarrow / fsspec: listing folders and globs, and streaming zstd."""
-    import fsspec
-
-    mem = fsspec.filesystem("memory")
-    with mem.open("/nx-test/corpus/a.jsonl.zst", "wb") as f:
-        f.write(zstandard.ZstdCompressor().compress(pile_line("remote one").encode()))
-    with mem.open("/nx-test/corpus/sub/b.jsonl", "wb") as f:
-        f.write(pile_line("remote two", "Other").encode())
-    assert fs.expand_inputs(["memory://nx-test/corpus"], (".jsonl", ".jsonl.zst")) == [
-        "memory://nx-test/corpus/a.jsonl.zst", "memory://nx-test/corpus/sub/b.jsonl"]
-    assert fs.expand_inputs(["memory://nx-test/corpus/*.zst"], (".jsonl.zst",)) == [
-        "memory://nx-test/corpus/a.jsonl.zst"]
-    assert list(iter_documents("memory://nx-test/corpus/a.jsonl.zst")) == [("remote one", "Test")]
-    with pytest.raises(NeoxrayError, match="memory://nx-test/missing.jsonl"):
-        fs.expand_inputs(["memory://nx-test/missing.jsonl"], (".jsonl",))
 
 
 # ------------------------------------------------------------------------------------------- prepare: sample
@@ -150,7 +54,7 @@ def test_prepare_sample_matches_raw_tokenizers(sample_prepared, tok_file):
     assert m["dtype"] == token_dtype(raw.get_vocab_size()) == "uint16"
     # per component, with an independent tokenization
     comp: dict = {}
-    for (text, name), enc in zip(docs, raw.encode_batch([t for t, _ in docs], add_special_tokens=False)):
+    for (_text, name), enc in zip(docs, raw.encode_batch([t for t, _ in docs], add_special_tokens=False)):
         c = comp.setdefault(name, {"documents": 0, "tokens": 0})
         c["documents"] += 1
         c["tokens"] += len(enc.ids) + 1
@@ -179,40 +83,6 @@ def test_prepare_sample_matches_raw_tokenizers(sample_prepared, tok_file):
 
 
 # ------------------------------------------------------------------------------------------ prepare: crafted
-@pytest.fixture(scope="module")
-def crafted(tmp_path_factory):
-    """Inputs in every format, with bad rows of each kind, a missing meta and a 3 MB document.
-
-    Returns (root, {file name: [(text, component)] of its good documents}, expected bad-row counts)."""
-    root = tmp_path_factory.mktemp("crafted")
-    docs = sample_docs()
-    big = "".join(t for t, _ in docs[:400])[:3_000_000]
-    files = {
-        "a.jsonl": docs[0:40],
-        "nested/b.jsonl.gz": docs[40:90],
-        "nested/deeper/c.jsonl.zst": docs[90:150] + [(big, "Big")],
-    }
-    bad_lines = ["{not json\n", json.dumps([1, 2]) + "\n", json.dumps({"meta": {}}) + "\n",
-                 json.dumps({"text": 7}) + "\n", json.dumps({"text": ""}) + "\n", "\n"]
-    for name, ds in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        body = "".join(pile_line(t, c) for t, c in ds)
-        if name == "a.jsonl":  # bad rows between good ones, a row without meta, and invalid UTF-8
-            body = body + "".join(bad_lines) + json.dumps({"text": "a document without meta"}) + "\n"
-            path.write_bytes(body.encode("utf-8") + b'{"text": "\xff\xfe broken"}\n' + pile_line("last", "Test").encode())
-            files[name] = ds + [("a document without meta", "unknown"), ("last", "Test")]
-        elif name.endswith(".gz"):
-            with gzip.open(path, "wt", encoding="utf-8") as f:
-                f.write(body)
-        else:
-            write_zst(path, body)
-    (root / "nested" / "notes.md").write_text("not an input")
-    bad = {"invalid_json": 1, "not_an_object": 1, "missing_text": 1, "text_not_string": 1, "empty_text": 1,
-           "invalid_utf8": 1, "missing_meta": 1}
-    return root, files, bad
-
-
 def test_prepare_crafted_inputs_glob_and_directory(ray_local, crafted, tok_file, tmp_path):
     root, files, bad = crafted
     out = tmp_path / "out"
@@ -265,7 +135,7 @@ def test_by_component_packs_each_component_apart(ray_local, crafted, tok_file, t
     got = read_rows(out, m, "train")
     expected_rows = 0
     for k, ds in enumerate(files.values()):
-        for (split, comp), stream in expected_streams(ds, raw, 0.0, by_component=True).items():
+        for (_split, comp), stream in expected_streams(ds, raw, 0.0, by_component=True).items():
             rows = len(stream) // 33
             expected_rows += rows
             if rows:
@@ -387,172 +257,59 @@ def test_cli_prepare_runs_and_errors_are_one_line(ray_local, crafted, tok_file, 
     assert len(lines) == 1 and "missing.jsonl" in lines[0], missing.stderr
 
 
+# `neoxray prepare` in a process of its own, as the console script runs it, with one change: after the first
+# tokenized chunk reaches the driver (its progress update), it writes a marker file and then waits for the test's
+# SIGINT. The signal thus arrives in the middle of the run however fast the machine is: chunks are tokenized and
+# written to DIR/.tmp-*/chunks/, and nothing is packed or committed yet.
+STOP_AFTER_FIRST_CHUNK = """
+import sys
+import time
+from pathlib import Path
+
+from neoxray import cli
+from neoxray.pipelines import prepare
+
+marker = Path(sys.argv[1])
+update = prepare._Progress.update
+
+
+def update_then_wait(self, docs, nbytes, tokens, force=False):
+    update(self, docs, nbytes, tokens, force)
+    marker.write_text(f"{self.docs} documents tokenized")
+    while True:  # until SIGINT (KeyboardInterrupt) ends the run
+        time.sleep(0.05)
+
+
+prepare._Progress.update = update_then_wait
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
 def test_interrupted_cli_run_leaves_nothing_that_looks_finished(ray_local, tok_file, tmp_path):
     """Ctrl-C (SIGINT) in the middle of a run: no manifest, no temporary folder left behind."""
     src = tmp_path / "big.jsonl"
     src.write_text("".join(pile_line(t, c) for t, c in sample_docs()[:600]))
     out = tmp_path / "out"
-    exe = Path(sys.executable).with_name("neoxray")
+    driver, marker, log = tmp_path / "prepare_driver.py", tmp_path / "in-the-middle", tmp_path / "stderr.log"
+    driver.write_text(STOP_AFTER_FIRST_CHUNK)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([str(exe), "prepare", "--input", str(src), "--tokenizer", tok_file, "--seq-len", "64",
-                             "--output", str(out), "--workers", "1"], env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list(out.glob(".tmp-*/chunks/*.arrow")):
-        time.sleep(0.1)
-    assert list(out.glob(".tmp-*/chunks/*.arrow")), "the run never started tokenizing"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(driver), str(marker), "prepare", "--input", str(src),
+                                 "--tokenizer", tok_file, "--seq-len", "64", "--output", str(out), "--workers", "1"],
+                                env=env, stderr=stderr, text=True)
+    try:
+        deadline = time.monotonic() + 300  # only a guard against a hang: the loop ends on the marker
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), f"no chunk was tokenized (exit code {proc.poll()}):\n{log.read_text()[-4000:]}"
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert list(out.glob(".tmp-*/chunks/*.arrow")), "the run never started tokenizing"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = log.read_text()
     assert proc.returncode != 0
     assert not (out / MANIFEST).exists()
     assert not list(out.glob(".tmp-*")), err
-
-
-# --------------------------------------------------------------------------------------------------- reader
-@pytest.fixture(scope="module")
-def small(ray_local, crafted, tok_file, tmp_path_factory):
-    """A prepared dataset of a few hundred rows, with components packed apart, and its row count."""
-    root, _, _ = crafted
-    out = tmp_path_factory.mktemp("reader") / "ds"
-    prepare([str(root / "a.jsonl"), str(root / "nested" / "b.jsonl.gz")], tok_file, 16, str(out), val_fraction=0.1,
-            workers=2, by_component=True, rows_per_file=2048, progress=False)
-    return str(out)
-
-
-def test_permutation_is_a_bijection():
-    for n in (1, 2, 3, 7, 64, 100, 1000, 4097, 65_537):
-        p = permute(np.arange(n), n, key=12345)
-        assert np.array_equal(np.sort(p), np.arange(n))
-    a, b = permute(np.arange(1000), 1000, 1), permute(np.arange(1000), 1000, 2)
-    assert not np.array_equal(a, b) and not np.array_equal(a, np.arange(1000))
-
-
-def test_order_is_deterministic_and_each_epoch_covers_every_row_once(small):
-    data = PackedDataset(small)
-    n = len(data)
-    assert n > 100
-    order = BlendedDataset([data], seed=7)
-    _, rows = order.locate(np.arange(3 * n))
-    for e in range(3):
-        assert np.array_equal(np.sort(rows[e * n:(e + 1) * n]), np.arange(n))
-    assert not np.array_equal(rows[:n], rows[n:2 * n])  # a new shuffle every epoch
-    _, again = BlendedDataset([PackedDataset(small)], seed=7).locate(np.arange(3 * n))
-    assert np.array_equal(rows, again)
-    _, other = BlendedDataset([data], seed=8).locate(np.arange(n))
-    assert not np.array_equal(rows[:n], other)
-    assert np.array_equal(order.take([5, 0]), data.take(rows[[5, 0]]))
-
-
-def test_dp_ranks_get_disjoint_shares_of_each_global_batch(small):
-    G, D = 12, 3
-    per_rank = [list(iter_batches(small, G, dp_rank=r, dp_size=D, micro_batch_size=2, seed=1, num_steps=4,
-                                  as_torch=False)) for r in range(D)]
-    whole = BlendedDataset([PackedDataset(small)], seed=1)
-    for step in range(4):
-        seen = []
-        for r in range(D):
-            micro = [b for b in per_rank[r] if b["step"] == step]
-            assert len(micro) == G // D // 2 and all(len(b["sample_idx"]) == 2 for b in micro)
-            idx = np.concatenate([b["sample_idx"] for b in micro])
-            assert np.array_equal(idx, np.arange(step * G + r * G // D, step * G + (r + 1) * G // D))
-            rows = whole.take(idx)
-            assert np.array_equal(np.concatenate([b["input_ids"] for b in micro]), rows[:, :-1])
-            assert np.array_equal(np.concatenate([b["labels"] for b in micro]), rows[:, 1:])
-            seen.extend(idx.tolist())
-        assert sorted(seen) == list(range(step * G, (step + 1) * G))
-    t = next(iter_batches(small, G, dp_rank=0, dp_size=D, seed=1, num_steps=1))
-    assert t["input_ids"].dtype.is_floating_point is False and tuple(t["input_ids"].shape) == (4, 16)
-
-
-def test_resume_continues_without_replay(small, monkeypatch):
-    G = 8
-    full = list(iter_batches(small, G, dp_rank=1, dp_size=2, micro_batch_size=2, seed=3, num_steps=6,
-                             as_torch=False))
-    data = PackedDataset(small)
-    read: list = []
-    original = PackedDataset.take
-
-    def spy(self, rows):
-        read.extend(np.asarray(rows).tolist())
-        return original(self, rows)
-
-    monkeypatch.setattr(PackedDataset, "take", spy)
-    tail = list(iter_batches(data, G, dp_rank=1, dp_size=2, micro_batch_size=2, seed=3, consumed_samples=4 * G,
-                             num_steps=2, as_torch=False))
-    assert len(tail) == 4 and [b["step"] for b in tail] == [4, 4, 5, 5]
-    for a, b in zip(full[-4:], tail):
-        assert np.array_equal(a["sample_idx"], b["sample_idx"]) and np.array_equal(a["input_ids"], b["input_ids"])
-    # only the rows of the resumed samples were read, none of the skipped ones
-    _, wanted = BlendedDataset([data], seed=3).locate(np.concatenate([b["sample_idx"] for b in tail]))
-    assert sorted(read) == sorted(wanted.tolist())
-    with pytest.raises(NeoxrayError, match="multiple of the global batch"):
-        BatchSampler(G, consumed_samples=5)
-
-
-def test_blend_follows_its_weights_in_every_prefix(small):
-    comps = {c: PackedDataset(small, component=c) for c in ("Github", "Python-Docs")}
-    blend = BlendedDataset(list(comps.values()), weights=[0.7, 0.3], seed=0)
-    draws = int(max(len(comps["Github"]) / 0.7, len(comps["Python-Docs"]) / 0.3)) + 100  # a full epoch of each
-    ds, rows = blend.locate(np.arange(draws))
-    counts = np.cumsum(np.stack([ds == 0, ds == 1], axis=1), axis=0)
-    n = np.arange(1, draws + 1)[:, None]
-    assert np.abs(counts - n * np.array([0.7, 0.3])).max() <= 1.0
-    # each dataset walks its own shuffled epochs: its first len(d) draws cover it exactly once
-    for d, (name, data) in enumerate(comps.items()):
-        mine = rows[ds == d][:len(data)]
-        assert np.array_equal(np.sort(mine), np.arange(len(data))), name
-    same = open_blend([f"{small}#Github", f"{small}#Python-Docs"], weights=[7, 3], seed=0)
-    assert np.array_equal(same.locate(np.arange(1000))[1], rows[:1000])
-    batch = next(iter_batches(blend, 10, num_steps=1, as_torch=False))
-    assert np.array_equal(batch["input_ids"], blend.take(np.arange(10))[:, :-1])
-
-
-def test_reader_errors(small, tmp_path):
-    with pytest.raises(NeoxrayError, match="not a prepared dataset"):
-        PackedDataset(str(tmp_path))
-    with pytest.raises(NeoxrayError, match="not divisible"):
-        BatchSampler(10, dp_rank=0, dp_size=3)
-    with pytest.raises(NeoxrayError, match="dp rank"):
-        BatchSampler(12, dp_rank=3, dp_size=3)
-
-
-# ------------------------------------------------------------------------------------------ Ray Data / Train
-def _train_loop(config):
-    import ray.train
-
-    from neoxray.pipelines.reader import iter_batches
-
-    rank = ray.train.get_context().get_world_rank()
-    # layout A: 2 data-parallel replicas; layout B: 1 replica split over 2 tensor-parallel peers (dp rank 0)
-    dp = [b["sample_idx"].tolist() for b in iter_batches(config["path"], 8, dp_rank=rank, dp_size=2,
-                                                          seed=5, num_steps=3)]
-    tp = [b["input_ids"].sum().item() for b in iter_batches(config["path"], 8, dp_rank=0, dp_size=1, seed=5,
-                                                             num_steps=3)]
-    shard_rows = []
-    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=16):
-        assert batch["input_ids"].shape[1] == config["seq_len"]
-        assert (batch["input_ids"][:, 1:] == batch["labels"][:, :-1]).all()
-        shard_rows.extend(batch["input_ids"][:, :4].tolist())
-    Path(config["out"], f"rank{rank}.json").write_text(json.dumps({"dp": dp, "tp": tp, "shard": shard_rows}))
-
-
-def test_ray_train_workers_get_their_shares(ray_local, small, tmp_path):
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    data = PackedDataset(small)
-    ds = ray_dataset(small)
-    trainer = TorchTrainer(
-        _train_loop, train_loop_config={"path": small, "out": str(tmp_path), "seq_len": data.seq_len},
-        scaling_config=ScalingConfig(num_workers=2, use_gpu=False), datasets={"train": ds},
-        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="data"))
-    trainer.fit()
-    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    for r in range(2):  # the explicit per-replica split: rank r's samples of each global batch
-        assert got[r]["dp"] == [list(range(s * 8 + r * 4, s * 8 + r * 4 + 4)) for s in range(3)]
-    assert got[0]["tp"] == got[1]["tp"]  # peers of one replica get identical batches
-    # get_dataset_shard: disjoint shares that together are every row once (Ray's equal split may leave out
-    # up to workers - 1 rows so that the shards have the same length)
-    shard = [tuple(r) for g in got for r in g["shard"]]
-    every = Counter(tuple(r) for r in data.take(np.arange(len(data)))[:, :4].tolist())
-    assert len(data) - 1 <= len(shard) <= len(data)
-    assert not Counter(shard) - every, "a row that is not in the dataset, or one given twice"
