@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
+import math
 import os
 import platform
 import socket
@@ -117,3 +118,49 @@ def build_hf(cfg, device, state_dict, dtype=None):
     if dtype is not None:
         model = model.to(dtype)
     return model.train()
+
+
+def agreement(ours: tuple, hf: tuple, rtol: float, grad_rtol: float) -> dict:
+    """Whether the two models agree on the same weights and batch: `ours` and `hf` are (loss, gradient norm)
+    or (loss, gradient norm, number of gradients); our gradient norm may be None (not measured)."""
+    lo, go, *no = ours
+    lh, gh, *nh = hf
+    ok = math.isclose(lo, lh, rel_tol=rtol) and (go is None or math.isclose(go, gh, rel_tol=grad_rtol)) and no == nh
+    out = dict(
+        loss_ours=lo,
+        loss_hf=lh,
+        loss_rel_diff=abs(lo - lh) / abs(lh),
+        grad_norm_ours=go,
+        grad_norm_hf=gh,
+        grad_norm_rel_diff=None if go is None else abs(go - gh) / abs(gh),
+        loss_rtol=rtol,
+        grad_rtol=grad_rtol,
+        ok=ok,
+    )
+    if no:
+        out.update(grads_ours=no[0], grads_hf=nh[0])
+    return out
+
+
+def print_agreement(chk: dict, strict: bool = True, what: str = "") -> None:
+    """One line for `agreement`'s result; a mismatch stops the benchmark (`strict`) or warns."""
+    if chk["grad_norm_ours"] is None:
+        grad = f"grad norm ours n/a  HF {chk['grad_norm_hf']:.6f}"
+    else:
+        grad = (
+            f"grad norm ours {chk['grad_norm_ours']:.6f}  HF {chk['grad_norm_hf']:.6f}  rel diff "
+            f"{chk['grad_norm_rel_diff']:.2e} (rtol {chk['grad_rtol']:g})"
+        )
+    grads = f";  {chk['grads_ours']}/{chk['grads_hf']} grads" if "grads_ours" in chk else ""
+    print(
+        f"check{what}: loss ours {chk['loss_ours']:.6f}  HF {chk['loss_hf']:.6f}  rel diff "
+        f"{chk['loss_rel_diff']:.2e} (rtol {chk['loss_rtol']:g});  {grad}{grads}  -> "
+        f"{'OK' if chk['ok'] else 'MISMATCH'}",
+        flush=True,
+    )
+    if not chk["ok"]:
+        if strict:
+            raise SystemExit(
+                "the two models disagree on the same weights and batch: the comparison would be meaningless"
+            )
+        print("# WARNING: the two models disagree; the throughput comparison may be meaningless", flush=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import statistics
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import GIB, PEAK_FLOPS, build_hf, device_name, free_memory, loadavg, now, sync
+from common import GIB, PEAK_FLOPS, agreement, build_hf, device_name, free_memory, loadavg, now, print_agreement, sync
 
 from neoxray.model.config import get_preset
 from neoxray.model.gptneox import build_model, cross_entropy
@@ -135,24 +134,6 @@ class Runner:
 # -------------------------------------------------------------------------------------------------------
 # the measurement
 # -------------------------------------------------------------------------------------------------------
-def check_agreement(a: tuple, b: tuple, rtol: float, grad_rtol: float) -> dict:
-    (la, ga, na), (lb, gb, nb) = a, b
-    ok_loss = math.isclose(la, lb, rel_tol=rtol)
-    ok_grad = math.isclose(ga, gb, rel_tol=grad_rtol)
-    return dict(loss_ours=la, loss_hf=lb, loss_rel_diff=abs(la - lb) / abs(lb), grad_norm_ours=ga, grad_norm_hf=gb,
-                grad_norm_rel_diff=abs(ga - gb) / abs(gb), grads_ours=na, grads_hf=nb,
-                loss_rtol=rtol, grad_rtol=grad_rtol, ok=ok_loss and ok_grad and na == nb)
-
-
-def print_check(chk: dict) -> None:
-    print(f"check: loss ours {chk['loss_ours']:.6f}  HF {chk['loss_hf']:.6f}  rel diff {chk['loss_rel_diff']:.2e} "
-          f"(rtol {chk['loss_rtol']:g});  grad norm ours {chk['grad_norm_ours']:.6f}  HF {chk['grad_norm_hf']:.6f}  "
-          f"rel diff {chk['grad_norm_rel_diff']:.2e} (rtol {chk['grad_rtol']:g});  "
-          f"{chk['grads_ours']}/{chk['grads_hf']} grads  -> {'OK' if chk['ok'] else 'MISMATCH'}", flush=True)
-    if not chk["ok"]:
-        raise SystemExit("the two models disagree on the same weights and batch: the comparison would be meaningless")
-
-
 def make_batch(cfg, args, device):
     g = torch.Generator(device="cpu").manual_seed(args.seed + 1)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
@@ -163,12 +144,10 @@ def run_interleaved(cfg, args, device, amp_dtype, rtol, grad_rtol):
     inp, tgt = make_batch(cfg, args, device)
     ours_model = build_ours(cfg, device, args.seed)
     hf_model = build_hf(cfg, device, ours_model.state_dict())
-    ours = Runner("neoxray", "ours", ours_model, inp, tgt, amp_dtype, args.compile,
-                  args.compile_scope)
-    hf = Runner("transformers", "hf", hf_model, inp, tgt, amp_dtype, args.compile_hf,
-                args.compile_scope)
-    chk = check_agreement(ours.check_step(), hf.check_step(), rtol, grad_rtol)
-    print_check(chk)
+    ours = Runner("neoxray", "ours", ours_model, inp, tgt, amp_dtype, args.compile, args.compile_scope)
+    hf = Runner("transformers", "hf", hf_model, inp, tgt, amp_dtype, args.compile_hf, args.compile_scope)
+    chk = agreement(ours.check_step(), hf.check_step(), rtol, grad_rtol)
+    print_agreement(chk)
     for r in (ours, hf):
         r.first_steps(args.warmup)
     sizes = {id(ours): param_bytes(ours_model), id(hf): param_bytes(hf_model)}
@@ -177,8 +156,11 @@ def run_interleaved(cfg, args, device, amp_dtype, rtol, grad_rtol):
         for r in order:
             other = hf if r is ours else ours
             r.block(args.round_warmup, args.steps, other_resident_bytes=sizes[id(other)])
-        print(f"round {rnd + 1}/{args.rounds}: " + "  ".join(
-            f"{r.name} {1e3 * r.round_medians[-1]:.1f} ms" for r in (ours, hf)), flush=True)
+        print(
+            f"round {rnd + 1}/{args.rounds}: "
+            + "  ".join(f"{r.name} {1e3 * r.round_medians[-1]:.1f} ms" for r in (ours, hf)),
+            flush=True,
+        )
     return ours, hf, chk
 
 
@@ -187,8 +169,7 @@ def run_sequential(cfg, args, device, amp_dtype, rtol, grad_rtol):
     inp, tgt = make_batch(cfg, args, device)
     ours_model = build_ours(cfg, device, args.seed)
     sd_cpu = {k: v.detach().to("cpu", copy=True) for k, v in ours_model.state_dict().items()}
-    ours = Runner("neoxray", "ours", ours_model, inp, tgt, amp_dtype, args.compile,
-                  args.compile_scope)
+    ours = Runner("neoxray", "ours", ours_model, inp, tgt, amp_dtype, args.compile, args.compile_scope)
     ours_chk = ours.check_step()
     ours.first_steps(args.warmup)
     for rnd in range(args.rounds):
@@ -199,10 +180,9 @@ def run_sequential(cfg, args, device, amp_dtype, rtol, grad_rtol):
     free_memory(device, reset_compiled=True)
     hf_model = build_hf(cfg, device, sd_cpu)
     del sd_cpu
-    hf = Runner("transformers", "hf", hf_model, inp, tgt, amp_dtype, args.compile_hf,
-                args.compile_scope)
-    chk = check_agreement(ours_chk, hf.check_step(), rtol, grad_rtol)
-    print_check(chk)
+    hf = Runner("transformers", "hf", hf_model, inp, tgt, amp_dtype, args.compile_hf, args.compile_scope)
+    chk = agreement(ours_chk, hf.check_step(), rtol, grad_rtol)
+    print_agreement(chk)
     hf.first_steps(args.warmup)
     for rnd in range(args.rounds):
         hf.block(args.round_warmup, args.steps)
@@ -214,10 +194,18 @@ def summarize(r: Runner, cfg, args, device) -> dict:
     med = statistics.median(r.times)
     tok_s = args.batch * args.seq / med
     tflops = tok_s * cfg.train_flops_per_token(args.seq) / 1e12
-    out = dict(model=r.name, compiled=r.compiled, ms_per_step=1e3 * med, tokens_per_s=tok_s, tflops=tflops,
-               ms_per_step_min=1e3 * min(r.times), ms_per_step_max=1e3 * max(r.times),
-               round_medians_ms=[1e3 * t for t in r.round_medians], timed_steps=len(r.times),
-               first_step_s=r.first_step_s)
+    out = dict(
+        model=r.name,
+        compiled=r.compiled,
+        ms_per_step=1e3 * med,
+        tokens_per_s=tok_s,
+        tflops=tflops,
+        ms_per_step_min=1e3 * min(r.times),
+        ms_per_step_max=1e3 * max(r.times),
+        round_medians_ms=[1e3 * t for t in r.round_medians],
+        timed_steps=len(r.times),
+        first_step_s=r.first_step_s,
+    )
     if device.type == "cuda":
         out["mfu"] = tflops * 1e12 / PEAK_FLOPS
         out["peak_gib"] = r.peak_gib
@@ -232,28 +220,53 @@ def main(argv=None) -> dict:
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence trained on (default: 256 CPU, 2048 CUDA)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per model per round (default 2 CPU, 10 CUDA)")
     p.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 4 CPU, 3 CUDA)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps per model before round 1 (default 1 CPU, 2 CUDA)")
-    p.add_argument("--round-warmup", type=int, default=1, help="untimed steps per model at the start of each round (default 1)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps per model before round 1 (default 1 CPU, 2 CUDA)"
+    )
+    p.add_argument(
+        "--round-warmup", type=int, default=1, help="untimed steps per model at the start of each round (default 1)"
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="fp32 (default) or bf16 = fp32 weights under torch.autocast(bfloat16), both models")
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="fp32 (default) or bf16 = fp32 weights under torch.autocast(bfloat16), both models",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
     p.add_argument("--compile-hf", action="store_true", help="torch.compile the HF model too")
-    p.add_argument("--compile-scope", default="model", choices=["model", "layers"],
-                   help="model: torch.compile the whole model; layers: compile each layer alone (much faster to compile); default model")
-    p.add_argument("--mode", default="auto", choices=["auto", "interleaved", "sequential"],
-                   help="interleaved keeps both models on the device; sequential measures one after the other; "
-                        "auto (default) is interleaved, falling back to sequential on CUDA out-of-memory")
+    p.add_argument(
+        "--compile-scope",
+        default="model",
+        choices=["model", "layers"],
+        help="model: torch.compile the whole model; layers: compile each layer alone (much faster to "
+        "compile); default model",
+    )
+    p.add_argument(
+        "--mode",
+        default="auto",
+        choices=["auto", "interleaved", "sequential"],
+        help="interleaved keeps both models on the device; sequential measures one after the other; "
+        "auto (default) is interleaved, falling back to sequential on CUDA out-of-memory",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="weights and batch seed (default 0)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
+    device = (
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if args.device == "auto"
         else torch.device(args.device)
+    )
     cuda = device.type == "cuda"
-    for key, cpu_default, cuda_default in (("batch", 2, 8), ("seq", 256, 2048), ("steps", 2, 10),
-                                           ("rounds", 4, 3), ("warmup", 1, 2)):
+    for key, cpu_default, cuda_default in (
+        ("batch", 2, 8),
+        ("seq", 256, 2048),
+        ("steps", 2, 10),
+        ("rounds", 4, 3),
+        ("warmup", 1, 2),
+    ):
         if getattr(args, key) is None:
             setattr(args, key, cuda_default if cuda else cpu_default)
     if args.threads:
@@ -269,27 +282,58 @@ def main(argv=None) -> dict:
 
     import transformers
 
-    env = dict(date=now(), torch=torch.__version__,
-               transformers=transformers.__version__, python=platform.python_version(), device=str(device),
-               device_name=device_name(device), threads=torch.get_num_threads(),
-               interop_threads=torch.get_num_interop_threads(), cuda=torch.version.cuda if cuda else None,
-               loadavg_start=loadavg())
-    setup = dict(preset=args.preset, n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads,
-                 vocab_size=cfg.vocab_size, params=cfg.num_parameters(), batch=args.batch, seq=args.seq,
-                 tokens_per_step=args.batch * args.seq, dtype=args.dtype, compile_ours=args.compile,
-                 compile_hf=args.compile_hf, compile_scope=args.compile_scope, steps=args.steps, rounds=args.rounds, warmup=args.warmup,
-                 round_warmup=args.round_warmup, train_flops_per_token=cfg.train_flops_per_token(args.seq))
-    print(f"# model_step  {env['date']}  torch {env['torch']}  transformers {env['transformers']}  "
-          f"python {env['python']}" + (f"  CUDA {env['cuda']}" if cuda else ""))
-    print(f"# device {env['device']}: {env['device_name']}  threads {env['threads']} "
-          f"(interop {env['interop_threads']})" + (f"  load average {env['loadavg_start']}" if not cuda else ""))
-    print(f"# {args.preset}" + (f" with {cfg.n_layers} layers" if args.layers else "") +
-          f": L {cfg.n_layers}, d {cfg.d_model}, heads {cfg.n_heads}, V {cfg.vocab_size}, "
-          f"{cfg.num_parameters() / 1e6:.1f}M params;  batch {args.batch} x seq {args.seq};  {args.dtype}"
-          + ("  (fp32 weights, bf16 autocast)" if amp_dtype else "")
-          + f";  compile ours {args.compile}, HF {args.compile_hf}"
-          + (f" (scope {args.compile_scope})" if args.compile or args.compile_hf else "") + ";  SDPA both;  "
-          f"{args.rounds} rounds x {args.steps} timed steps (+{args.round_warmup} warm-up) per model", flush=True)
+    env = dict(
+        date=now(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        python=platform.python_version(),
+        device=str(device),
+        device_name=device_name(device),
+        threads=torch.get_num_threads(),
+        interop_threads=torch.get_num_interop_threads(),
+        cuda=torch.version.cuda if cuda else None,
+        loadavg_start=loadavg(),
+    )
+    setup = dict(
+        preset=args.preset,
+        n_layers=cfg.n_layers,
+        d_model=cfg.d_model,
+        n_heads=cfg.n_heads,
+        vocab_size=cfg.vocab_size,
+        params=cfg.num_parameters(),
+        batch=args.batch,
+        seq=args.seq,
+        tokens_per_step=args.batch * args.seq,
+        dtype=args.dtype,
+        compile_ours=args.compile,
+        compile_hf=args.compile_hf,
+        compile_scope=args.compile_scope,
+        steps=args.steps,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        round_warmup=args.round_warmup,
+        train_flops_per_token=cfg.train_flops_per_token(args.seq),
+    )
+    print(
+        f"# model_step  {env['date']}  torch {env['torch']}  transformers {env['transformers']}  "
+        f"python {env['python']}" + (f"  CUDA {env['cuda']}" if cuda else "")
+    )
+    print(
+        f"# device {env['device']}: {env['device_name']}  threads {env['threads']} "
+        f"(interop {env['interop_threads']})" + (f"  load average {env['loadavg_start']}" if not cuda else "")
+    )
+    print(
+        f"# {args.preset}"
+        + (f" with {cfg.n_layers} layers" if args.layers else "")
+        + f": L {cfg.n_layers}, d {cfg.d_model}, heads {cfg.n_heads}, V {cfg.vocab_size}, "
+        f"{cfg.num_parameters() / 1e6:.1f}M params;  batch {args.batch} x seq {args.seq};  {args.dtype}"
+        + ("  (fp32 weights, bf16 autocast)" if amp_dtype else "")
+        + f";  compile ours {args.compile}, HF {args.compile_hf}"
+        + (f" (scope {args.compile_scope})" if args.compile or args.compile_hf else "")
+        + ";  SDPA both;  "
+        f"{args.rounds} rounds x {args.steps} timed steps (+{args.round_warmup} warm-up) per model",
+        flush=True,
+    )
 
     mode = args.mode
     if mode == "auto":
@@ -315,29 +359,39 @@ def main(argv=None) -> dict:
     env["loadavg_end"] = loadavg()
     rows = [summarize(r, cfg, args, device) for r in (ours, hf)]
     ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
-    how = ("interleaved rounds (order swapped each round), both models resident" if mode == "interleaved"
-           else "SEQUENTIAL (one model on the device at a time: all rounds of ours, then all of HF)")
+    how = (
+        "interleaved rounds (order swapped each round), both models resident"
+        if mode == "interleaved"
+        else "SEQUENTIAL (one model on the device at a time: all rounds of ours, then all of HF)"
+    )
     print(f"\n# measurement: {how}; medians over {rows[0]['timed_steps']} timed steps per model")
     hdr = f"{'model':<14}{'compiled':>9}{'tokens/s':>12}{'ms/step':>10}{'min..max ms':>16}{'TFLOP/s':>9}"
     if cuda:
         hdr += f"{'MFU':>7}{'peak GiB':>10}"
     print(hdr)
     for r in rows:
-        line = (f"{r['model']:<14}{str(r['compiled']):>9}{r['tokens_per_s']:>12,.0f}{r['ms_per_step']:>10.1f}"
-                f"{r['ms_per_step_min']:>8.1f}..{r['ms_per_step_max']:<6.1f}{r['tflops']:>9.2f}")
+        line = (
+            f"{r['model']:<14}{str(r['compiled']):>9}{r['tokens_per_s']:>12,.0f}{r['ms_per_step']:>10.1f}"
+            f"{r['ms_per_step_min']:>8.1f}..{r['ms_per_step_max']:<6.1f}{r['tflops']:>9.2f}"
+        )
         if cuda:
             line += f"{r['mfu']:>7.3f}{r['peak_gib']:>10.1f}"
         print(line)
     print(f"ratio ours/HF (tokens/s): {ratio:.3f}")
     if not cuda:
-        print(f"# load average at start {env['loadavg_start']}, at end {env['loadavg_end']} "
-              f"({os.cpu_count()} CPUs): other processes on the machine add noise to both models alike")
+        print(
+            f"# load average at start {env['loadavg_start']}, at end {env['loadavg_end']} "
+            f"({os.cpu_count()} CPUs): other processes on the machine add noise to both models alike"
+        )
     if cuda:
-        print("# MFU vs 989e12 FLOP/s; peak GiB = torch.cuda.max_memory_allocated over that model's blocks"
-              + (", minus the other model's resident weights" if mode == "interleaved" else ""))
+        print(
+            "# MFU vs 989e12 FLOP/s; peak GiB = torch.cuda.max_memory_allocated over that model's blocks"
+            + (", minus the other model's resident weights" if mode == "interleaved" else "")
+        )
     if any(r["first_step_s"] is not None and (args.compile or args.compile_hf) for r in rows):
-        print("# first step (includes compilation): " + ", ".join(
-            f"{r['model']} {r['first_step_s']:.1f} s" for r in rows))
+        print(
+            "# first step (includes compilation): " + ", ".join(f"{r['model']} {r['first_step_s']:.1f} s" for r in rows)
+        )
 
     result = dict(env=env, setup=setup, mode=mode, check=chk, results=rows, ratio_ours_over_hf=ratio)
     if args.json:

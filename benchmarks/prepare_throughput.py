@@ -90,14 +90,21 @@ def main() -> None:
         for w in args.workers:
             out = work / f"out-w{w}"
             t = time.perf_counter()
-            m = prepare([str(corpus)], tok_source, args.seq_len, str(out), workers=w, progress=False,
-                        log=lambda msg: None).manifest
+            m = prepare(
+                [str(corpus)], tok_source, args.seq_len, str(out), workers=w, progress=False, log=lambda msg: None
+            ).manifest
             secs = time.perf_counter() - t
             if m["tokens"] != tokens:
                 raise SystemExit(f"token counts differ: pipeline {m['tokens']} vs baseline {tokens}")
-            runs.append({"workers": w, "seconds": round(secs, 2), "tokens_per_s": round(tokens / secs),
-                         "ratio_vs_encode_batch": round(base_s / secs, 3),
-                         "ratio_vs_encode_batch_fast": round(fast_s / secs, 3) if fast_s else None})
+            runs.append(
+                {
+                    "workers": w,
+                    "seconds": round(secs, 2),
+                    "tokens_per_s": round(tokens / secs),
+                    "ratio_vs_encode_batch": round(base_s / secs, 3),
+                    "ratio_vs_encode_batch_fast": round(fast_s / secs, 3) if fast_s else None,
+                }
+            )
         ray.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -107,11 +114,12 @@ def main() -> None:
         "machine": machine(),
         "tokenizer": f"{tok_source} (vocab {tok.vocab_size})",
         "corpus": f"{args.copies} x bundled sample: {args.copies * 1410} documents, {text_mb:.1f} MB of text, "
-                  f"{tokens:,} tokens",
+        f"{tokens:,} tokens",
         "seq_len": args.seq_len,
         "baseline_encode_batch": {"seconds": round(base_s, 2), "tokens_per_s": round(tokens / base_s)},
-        "baseline_encode_batch_fast": ({"seconds": round(fast_s, 2), "tokens_per_s": round(tokens / fast_s)}
-                                       if fast_s else None),
+        "baseline_encode_batch_fast": (
+            {"seconds": round(fast_s, 2), "tokens_per_s": round(tokens / fast_s)} if fast_s else None
+        ),
         "ray_cluster_start_s": round(ray_start_s, 2),
         "pipeline": runs,
     }
@@ -121,9 +129,11 @@ def main() -> None:
     if fast_s:
         print(f"raw encode_batch_fast   {tokens / fast_s:>12,.0f} tokens/s  ({fast_s:.1f} s)")
     for r in runs:
-        print(f"prepare --workers {r['workers']:<3}   {r['tokens_per_s']:>12,} tokens/s  ({r['seconds']:.1f} s)  "
-              f"ratio vs encode_batch {r['ratio_vs_encode_batch']:.2f}"
-              + (f", vs encode_batch_fast {r['ratio_vs_encode_batch_fast']:.2f}" if fast_s else ""))
+        print(
+            f"prepare --workers {r['workers']:<3}   {r['tokens_per_s']:>12,} tokens/s  ({r['seconds']:.1f} s)  "
+            f"ratio vs encode_batch {r['ratio_vs_encode_batch']:.2f}"
+            + (f", vs encode_batch_fast {r['ratio_vs_encode_batch_fast']:.2f}" if fast_s else "")
+        )
     print(json.dumps(result))
 
 

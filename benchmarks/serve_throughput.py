@@ -116,8 +116,14 @@ def hf_generate(hf, batch: list[list[int]], max_tokens: int, device) -> float:
     ids = torch.tensor(batch, device=device)
     sync(device)
     t0 = time.perf_counter()
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                      do_sample=False, pad_token_id=0)
+    out = hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_tokens,
+        min_new_tokens=max_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
     sync(device)
     assert out.shape[1] == ids.shape[1] + max_tokens
     return time.perf_counter() - t0
@@ -138,10 +144,17 @@ async def run_clients(send, prompts: list[list[int]], clients: int, per_client: 
     await asyncio.gather(*(client(i) for i in range(clients)))
     wall = time.perf_counter() - t0
     tokens = sum(r[2] for r in records)
-    return {"clients": clients, "requests": len(records), "output_tokens": tokens, "wall_s": wall,
-            "tokens_per_s": tokens / wall,
-            "latency_p50_s": pct([r[1] for r in records], 50), "latency_p99_s": pct([r[1] for r in records], 99),
-            "ttft_p50_s": pct([r[0] for r in records], 50), "ttft_p99_s": pct([r[0] for r in records], 99)}
+    return {
+        "clients": clients,
+        "requests": len(records),
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "latency_p50_s": pct([r[1] for r in records], 50),
+        "latency_p99_s": pct([r[1] for r in records], 99),
+        "ttft_p50_s": pct([r[0] for r in records], 50),
+        "ttft_p99_s": pct([r[0] for r in records], 99),
+    }
 
 
 def engine_sender(engine, max_tokens: int):
@@ -163,8 +176,15 @@ def engine_sender(engine, max_tokens: int):
 
 def http_sender(session, url: str, model: str, max_tokens: int):
     async def send(prompt):
-        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         t0 = time.perf_counter()
         ttft, n = None, 0
         async with session.post(url + "/v1/completions", json=body) as r:
@@ -191,9 +211,21 @@ def start_http_server(model_dir: Path, args, log_path: Path) -> tuple[subprocess
     url = f"http://127.0.0.1:{port}"
     exe = Path(sys.executable).with_name("neoxray")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "neoxray.cli"]
-    cmd += ["serve", "--model", str(model_dir), "--port", str(port), "--name", "bench",
-            "--max-num-seqs", str(max(args.clients_list)), "--device", args.device,
-            "--dtype", {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[args.torch_dtype]]
+    cmd += [
+        "serve",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--name",
+        "bench",
+        "--max-num-seqs",
+        str(max(args.clients_list)),
+        "--device",
+        args.device,
+        "--dtype",
+        {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[args.torch_dtype],
+    ]
     if args.no_ray_server:
         cmd.append("--no-ray")
     proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -232,8 +264,12 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    args.torch_dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
-                        "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    args.torch_dtype = {
+        "auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
+        "fp32": torch.float32,
+        "bf16": torch.bfloat16,
+        "fp16": torch.float16,
+    }[args.dtype]
     args.clients_list = [int(x) for x in args.clients.split(",")]
     statics = [int(x) for x in (args.static_batches or args.clients).split(",")]
 
@@ -242,8 +278,10 @@ def main(argv=None) -> int:
     cfg, hf, ours = build_pair(args.preset, args.layers, args.device, args.torch_dtype, tok)
     n_req = max(args.clients_list) * args.requests_per_client
     prompts = prompts_for(max(n_req, max(statics), args.hf_single_requests), args.prompt_len, tok)
-    log(f"{args.preset}{f' ({args.layers} layers)' if args.layers else ''}: {cfg.num_parameters():,} parameters, "
-        f"{args.device} {args.torch_dtype}, prompt {args.prompt_len}, {args.max_tokens} new tokens per request")
+    log(
+        f"{args.preset}{f' ({args.layers} layers)' if args.layers else ''}: {cfg.num_parameters():,} parameters, "
+        f"{args.device} {args.torch_dtype}, prompt {args.prompt_len}, {args.max_tokens} new tokens per request"
+    )
 
     # transformers: one at a time, then static batches
     hf_generate(hf, prompts[:1], 4, args.device)  # warm-up
@@ -262,15 +300,23 @@ def main(argv=None) -> int:
         from neoxray.platform.serve.engine import InferenceEngine
         from neoxray.platform.serve.request import EngineConfig
 
-        engine = InferenceEngine(ours, tok, EngineConfig(max_num_seqs=max(args.clients_list),
-                                                         kv_cache_tokens=max(args.clients_list) * (args.prompt_len + args.max_tokens + 16)))
+        engine = InferenceEngine(
+            ours,
+            tok,
+            EngineConfig(
+                max_num_seqs=max(args.clients_list),
+                kv_cache_tokens=max(args.clients_list) * (args.prompt_len + args.max_tokens + 16),
+            ),
+        )
         engine.start()
         send = engine_sender(engine, args.max_tokens)
         asyncio.run(run_clients(send, prompts, 1, 1))  # warm-up
         for c in args.clients_list:
             r = asyncio.run(run_clients(send, prompts, c, args.requests_per_client))
             results.append(r)
-            log(f"neoxray engine, {c} clients: {r['tokens_per_s']:.1f} tokens/s, p50 latency {r['latency_p50_s']:.3f} s")
+            log(
+                f"neoxray engine, {c} clients: {r['tokens_per_s']:.1f} tokens/s, p50 latency {r['latency_p50_s']:.3f} s"
+            )
         engine.stop(timeout=10)
     else:
         import aiohttp
@@ -292,8 +338,10 @@ def main(argv=None) -> int:
             for c in args.clients_list:
                 r = asyncio.run(measure(c))
                 results.append(r)
-                log(f"neoxray endpoint, {c} clients: {r['tokens_per_s']:.1f} tokens/s, "
-                    f"p50 latency {r['latency_p50_s']:.3f} s, p50 TTFT {r['ttft_p50_s']:.3f} s")
+                log(
+                    f"neoxray endpoint, {c} clients: {r['tokens_per_s']:.1f} tokens/s, "
+                    f"p50 latency {r['latency_p50_s']:.3f} s, p50 TTFT {r['ttft_p50_s']:.3f} s"
+                )
         finally:
             proc.send_signal(signal.SIGINT)
             try:
@@ -306,24 +354,37 @@ def main(argv=None) -> int:
         if r["clients"] in hf_static:
             r["ratio_vs_transformers_static_batch"] = r["tokens_per_s"] / hf_static[r["clients"]]["tokens_per_s"]
     report = {
-        "benchmark": "serve_throughput", "date": now(),
-        "machine": machine()
-        + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
-        "torch": torch.__version__, "preset": args.preset, "layers": cfg.n_layers,
-        "parameters": cfg.num_parameters(), "device": args.device, "dtype": str(args.torch_dtype),
+        "benchmark": "serve_throughput",
+        "date": now(),
+        "machine": machine() + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "layers": cfg.n_layers,
+        "parameters": cfg.num_parameters(),
+        "device": args.device,
+        "dtype": str(args.torch_dtype),
         "mode": args.mode + (" (no Ray)" if args.no_ray_server and args.mode == "http" else ""),
-        "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
-        "transformers_one_at_a_time": hf_single, "transformers_static_batch": hf_static, "neoxray": results,
+        "prompt_len": args.prompt_len,
+        "max_tokens": args.max_tokens,
+        "transformers_one_at_a_time": hf_single,
+        "transformers_static_batch": hf_static,
+        "neoxray": results,
     }
-    print(f"\n{'clients':>8} {'tok/s':>10} {'p50 lat s':>10} {'p99 lat s':>10} {'p50 TTFT':>9} "
-          f"{'x HF 1-by-1':>12} {'x HF static':>12}")
+    print(
+        f"\n{'clients':>8} {'tok/s':>10} {'p50 lat s':>10} {'p99 lat s':>10} {'p50 TTFT':>9} "
+        f"{'x HF 1-by-1':>12} {'x HF static':>12}"
+    )
     for r in results:
         st = r.get("ratio_vs_transformers_static_batch")
-        print(f"{r['clients']:>8} {r['tokens_per_s']:>10.1f} {r['latency_p50_s']:>10.3f} {r['latency_p99_s']:>10.3f} "
-              f"{r['ttft_p50_s']:>9.3f} {r['ratio_vs_transformers_one_at_a_time']:>12.2f} "
-              f"{'' if st is None else f'{st:.2f}':>12}")
-    print(f"transformers: one at a time {hf_single['tokens_per_s']:.1f} tok/s; static batches "
-          + ", ".join(f"{b}: {v['tokens_per_s']:.1f}" for b, v in hf_static.items()))
+        print(
+            f"{r['clients']:>8} {r['tokens_per_s']:>10.1f} {r['latency_p50_s']:>10.3f} {r['latency_p99_s']:>10.3f} "
+            f"{r['ttft_p50_s']:>9.3f} {r['ratio_vs_transformers_one_at_a_time']:>12.2f} "
+            f"{'' if st is None else f'{st:.2f}':>12}"
+        )
+    print(
+        f"transformers: one at a time {hf_single['tokens_per_s']:.1f} tok/s; static batches "
+        + ", ".join(f"{b}: {v['tokens_per_s']:.1f}" for b, v in hf_static.items())
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

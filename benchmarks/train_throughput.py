@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import itertools
 import json
-import math
 import os
 import platform
 import statistics
@@ -50,9 +49,9 @@ import torch
 if not torch.cuda.is_available():  # DeepSpeed picks its accelerator at import time
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from common import GIB, PEAK_FLOPS, build_hf, device_name, free_memory, loadavg, now, sync  # noqa: E402 (after DS_ACCELERATOR)
+from common import GIB, PEAK_FLOPS, agreement, build_hf, device_name, free_memory, loadavg, now, print_agreement, sync
 
-from neoxray.model.gptneox import build_model, cross_entropy  # noqa: E402
+from neoxray.model.gptneox import build_model, cross_entropy
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -176,10 +175,13 @@ class HFRunner(Runner):
 
         o = cfg.optimizer
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        groups = [{"params": [p for n, p in named if not no_decay(n)], "weight_decay": o.weight_decay},
-                  {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0}]
-        self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                     fused=device.type == "cuda")
+        groups = [
+            {"params": [p for n, p in named if not no_decay(n)], "weight_decay": o.weight_decay},
+            {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0},
+        ]
+        self.opt = torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=device.type == "cuda"
+        )
         self.clip = o.clip_grad if args.hf_clip else 0.0
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.it = batches(pool)
@@ -240,8 +242,10 @@ class OursRunner(Runner):
         self.resident_gib = (torch.cuda.memory_allocated(device) / GIB) if device.type == "cuda" else None
         # the engine's weights are the shared initial ones (cast to its dtype)
         with torch.no_grad():
-            diffs = [(p.detach() - state_dict[n].to(p.device, p.dtype)).abs().max().float()
-                     for n, p in self.engine.named_parameters()]
+            diffs = [
+                (p.detach() - state_dict[n].to(p.device, p.dtype)).abs().max().float()
+                for n, p in self.engine.named_parameters()
+            ]
             self.weights_max_diff = torch.stack(diffs).max().item()
         if len(diffs) != len(state_dict):
             raise RuntimeError(f"engine has {len(diffs)} parameters, the plain model {len(state_dict)}")
@@ -260,28 +264,6 @@ class OursRunner(Runner):
 # -------------------------------------------------------------------------------------------------------
 # the measurement
 # -------------------------------------------------------------------------------------------------------
-def check_agreement(ours, hf, rtol, grad_rtol) -> dict:
-    (lo, go), (lh, gh) = ours, hf
-    ok = math.isclose(lo, lh, rel_tol=rtol) and (go is None or math.isclose(go, gh, rel_tol=grad_rtol))
-    return dict(loss_ours=lo, loss_hf=lh, loss_rel_diff=abs(lo - lh) / abs(lh), grad_norm_ours=go, grad_norm_hf=gh,
-                grad_norm_rel_diff=None if go is None else abs(go - gh) / abs(gh), loss_rtol=rtol,
-                grad_rtol=grad_rtol, ok=ok)
-
-
-def print_check(chk: dict, strict: bool) -> None:
-    g = (f"grad norm ours {chk['grad_norm_ours']:.6f}  HF {chk['grad_norm_hf']:.6f}  rel diff "
-         f"{chk['grad_norm_rel_diff']:.2e} (rtol {chk['grad_rtol']:g})") if chk["grad_norm_ours"] is not None \
-        else f"grad norm ours n/a  HF {chk['grad_norm_hf']:.6f}"
-    print(f"check (first step, same weights and micro-batches): loss ours {chk['loss_ours']:.6f}  HF "
-          f"{chk['loss_hf']:.6f}  rel diff {chk['loss_rel_diff']:.2e} (rtol {chk['loss_rtol']:g});  {g}  -> "
-          f"{'OK' if chk['ok'] else 'MISMATCH'}", flush=True)
-    if not chk["ok"]:
-        if strict:
-            raise SystemExit("the two models disagree on the same weights and batch")
-        print("# WARNING: the two models disagree on the first step; the throughput comparison may be meaningless",
-              flush=True)
-
-
 @torch.no_grad()
 def initial_weights(mc, seed, device):
     """The shared initial weights, fp32, kept on the CPU: GPT-NeoX's initialisation rules as
@@ -330,9 +312,9 @@ def run_sequential(cfg, mc, sd, pool, args, device, rtol, grad_rtol):
         torch.cuda.reset_peak_memory_stats(device)
     ours = OursRunner(cfg, sd, pool, args, device)
     ours_check = ours.check_step()
-    chk = check_agreement(ours_check, hf_check, rtol, grad_rtol)
+    chk = agreement(ours_check, hf_check, rtol, grad_rtol)
     chk["weights_max_abs_diff"] = ours.weights_max_diff
-    print_check(chk, args.strict)
+    print_agreement(chk, args.strict, " (first step, same weights and micro-batches)")
     ours.block(args.warmup, args.steps)
     ours.measure_peak()
     print(f"ours: {1e3 * ours.round_medians[-1]:.1f} ms/step (median of {args.steps})", flush=True)
@@ -343,16 +325,19 @@ def run_interleaved(cfg, mc, sd, pool, args, device, rtol, grad_rtol):
     """Both resident; rounds of [warm-up + timed steps] alternate between the models (order swapped each round)."""
     hf = HFRunner(cfg, mc, sd, pool, args, device)
     ours = OursRunner(cfg, sd, pool, args, device)
-    chk = check_agreement(ours.check_step(), hf.check_step(), rtol, grad_rtol)
+    chk = agreement(ours.check_step(), hf.check_step(), rtol, grad_rtol)
     chk["weights_max_abs_diff"] = ours.weights_max_diff
-    print_check(chk, args.strict)
+    print_agreement(chk, args.strict, " (first step, same weights and micro-batches)")
     for r in (ours, hf):
         r.run(args.warmup)
     for rnd in range(args.rounds):
-        for r in ((ours, hf) if rnd % 2 == 0 else (hf, ours)):
+        for r in (ours, hf) if rnd % 2 == 0 else (hf, ours):
             r.block(args.round_warmup, args.steps)
-        print(f"round {rnd + 1}/{args.rounds}: " + "  ".join(
-            f"{r.name} {1e3 * r.round_medians[-1]:.1f} ms" for r in (ours, hf)), flush=True)
+        print(
+            f"round {rnd + 1}/{args.rounds}: "
+            + "  ".join(f"{r.name} {1e3 * r.round_medians[-1]:.1f} ms" for r in (ours, hf)),
+            flush=True,
+        )
     return ours, hf, chk
 
 
@@ -360,10 +345,17 @@ def summarize(r: Runner, mc, args, device) -> dict:
     med = statistics.median(r.times)
     tok_s = args.micro_batch * args.grad_accum * args.seq / med
     tflops = tok_s * mc.train_flops_per_token(args.seq) / 1e12
-    out = dict(model=r.name, ms_per_step=1e3 * med, tokens_per_s=tok_s, tflops=tflops,
-               ms_per_step_min=1e3 * min(r.times), ms_per_step_max=1e3 * max(r.times),
-               round_medians_ms=[1e3 * t for t in r.round_medians], timed_steps=len(r.times),
-               first_step_s=r.first_step_s)
+    out = dict(
+        model=r.name,
+        ms_per_step=1e3 * med,
+        tokens_per_s=tok_s,
+        tflops=tflops,
+        ms_per_step_min=1e3 * min(r.times),
+        ms_per_step_max=1e3 * max(r.times),
+        round_medians_ms=[1e3 * t for t in r.round_medians],
+        timed_steps=len(r.times),
+        first_step_s=r.first_step_s,
+    )
     if r.inner_times:
         # the engine's own step_time_s (around DeepSpeed's train_batch only); the row's figure is the whole
         # engine.train_step call (the data iterator, the metrics' host reads included)
@@ -381,23 +373,41 @@ def main(argv=None) -> dict:
     p.add_argument("--layers", type=int, default=None, help="override n_layers (e.g. 4 layers of neox-20b)")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch (default 2 CPU, 8 CUDA)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 128 CPU, 2048 CUDA)")
-    p.add_argument("--grad-accum", type=int, default=1,
-                   help="micro-batches per optimizer step (ours: global_batch = micro x accum; HF: the same loop)")
-    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per model (per round) "
-                   "(default 3 CPU, 8 CUDA)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps per model after the checked first "
-                   "step (default 1 CPU, 2 CUDA)")
+    p.add_argument(
+        "--grad-accum",
+        type=int,
+        default=1,
+        help="micro-batches per optimizer step (ours: global_batch = micro x accum; HF: the same loop)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="timed optimizer steps per model (per round) (default 3 CPU, 8 CUDA)"
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed steps per model after the checked first step (default 1 CPU, 2 CUDA)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds in interleaved mode (default 3)")
-    p.add_argument("--round-warmup", type=int, default=1, help="untimed steps per model per round, interleaved "
-                   "mode (default 1)")
-    p.add_argument("--mode", default="auto", choices=["auto", "interleaved", "sequential"],
-                   help="sequential: HF then ours, one on the device at a time; interleaved: both resident, "
-                        "alternating rounds; auto (default): sequential on CUDA, interleaved on CPU")
+    p.add_argument(
+        "--round-warmup", type=int, default=1, help="untimed steps per model per round, interleaved mode (default 1)"
+    )
+    p.add_argument(
+        "--mode",
+        default="auto",
+        choices=["auto", "interleaved", "sequential"],
+        help="sequential: HF then ours, one on the device at a time; interleaved: both resident, "
+        "alternating rounds; auto (default): sequential on CUDA, interleaved on CPU",
+    )
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute layer activations (both)")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer layer of ours")
     p.add_argument("--compile-hf", action="store_true", help="torch.compile each transformer layer of HF's")
-    p.add_argument("--no-hf-clip", dest="hf_clip", action="store_false",
-                   help="no gradient clipping on the HF side (ours always clips to optimizer.clip_grad)")
+    p.add_argument(
+        "--no-hf-clip",
+        dest="hf_clip",
+        action="store_false",
+        help="no gradient clipping on the HF side (ours always clips to optimizer.clip_grad)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=1234, help="weights (train.seed) and data seed (default 1234)")
     p.add_argument("--strict", action="store_true", help="stop when the first-step check fails")
@@ -409,8 +419,13 @@ def main(argv=None) -> dict:
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    for key, cpu_default, cuda_default in (("preset", "tiny", "pythia-1.4b"), ("micro_batch", 2, 8),
-                                           ("seq", 128, 2048), ("steps", 3, 8), ("warmup", 1, 2)):
+    for key, cpu_default, cuda_default in (
+        ("preset", "tiny", "pythia-1.4b"),
+        ("micro_batch", 2, 8),
+        ("seq", 128, 2048),
+        ("steps", 3, 8),
+        ("warmup", 1, 2),
+    ):
         if getattr(args, key) is None:
             setattr(args, key, cuda_default if cuda else cpu_default)
     if args.threads:
@@ -428,6 +443,7 @@ def main(argv=None) -> dict:
         import logging
 
         from deepspeed.utils import logger as ds_logger
+
         ds_logger.setLevel(logging.WARNING)
 
     cfg = run_config(args, cuda, total_steps)
@@ -438,33 +454,73 @@ def main(argv=None) -> dict:
         rtol, grad_rtol = max(rtol, 1e-3), max(grad_rtol, 1e-2)
     tokens_per_step = args.micro_batch * args.grad_accum * args.seq
 
-    env = dict(date=now(), torch=torch.__version__,
-               transformers=transformers.__version__, deepspeed=deepspeed.__version__,
-               python=platform.python_version(), device=str(device), device_name=device_name(device),
-               threads=torch.get_num_threads(), cuda=torch.version.cuda if cuda else None, loadavg_start=loadavg())
-    policy = {"ours": "DeepSpeed bf16 (bf16 weights/activations, fp32 master weights + fp32 grad accumulation)"
-                      if cuda else "fp32",
-              "hf": "fp32 weights under torch.autocast(bfloat16), fused AdamW" if cuda else "fp32, AdamW"}
-    setup = dict(preset=args.preset, n_layers=mc.n_layers, d_model=mc.d_model, n_heads=mc.n_heads,
-                 vocab_size=mc.vocab_size, params=mc.num_parameters(), micro_batch=args.micro_batch, seq=args.seq,
-                 grad_accum=args.grad_accum, global_batch=cfg.train.global_batch, tokens_per_step=tokens_per_step,
-                 precision=precision, precision_policy=policy, activation_checkpointing=args.activation_checkpointing,
-                 compile_ours=args.compile, compile_hf=args.compile_hf, hf_clip=args.hf_clip,
-                 clip_grad=cfg.optimizer.clip_grad, zero_stage=cfg.parallel.zero_stage, layout="dp=1 tp=1 pp=1",
-                 steps=args.steps, warmup=args.warmup, rounds=args.rounds if mode == "interleaved" else 1,
-                 seed=args.seed, train_flops_per_token=mc.train_flops_per_token(args.seq))
-    print(f"# train_throughput  {env['date']}  torch {env['torch']}  transformers {env['transformers']}  "
-          f"deepspeed {env['deepspeed']}  python {env['python']}" + (f"  CUDA {env['cuda']}" if cuda else ""))
-    print(f"# device {env['device']}: {env['device_name']}  threads {env['threads']}"
-          + (f"  load average {env['loadavg_start']}" if not cuda else ""))
-    print(f"# {args.preset}" + (f" with {mc.n_layers} layers" if args.layers else "") +
-          f": L {mc.n_layers}, d {mc.d_model}, heads {mc.n_heads}, V {mc.vocab_size}, "
-          f"{mc.num_parameters() / 1e6:.1f}M params;  micro-batch {args.micro_batch} x seq {args.seq} x accum "
-          f"{args.grad_accum} = {tokens_per_step} tokens/step;  activation checkpointing "
-          f"{args.activation_checkpointing};  compile ours {args.compile}, HF {args.compile_hf}")
-    print(f"# precision: ours {policy['ours']};  HF {policy['hf']};  grad clip ours {cfg.optimizer.clip_grad:g}, HF "
-          f"{cfg.optimizer.clip_grad if args.hf_clip else 0:g};  ours = TrainEngine (DeepSpeed pipeline engine, "
-          f"ZeRO-{cfg.parallel.zero_stage}, dp=tp=pp=1, no Ray);  SDPA both", flush=True)
+    env = dict(
+        date=now(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        deepspeed=deepspeed.__version__,
+        python=platform.python_version(),
+        device=str(device),
+        device_name=device_name(device),
+        threads=torch.get_num_threads(),
+        cuda=torch.version.cuda if cuda else None,
+        loadavg_start=loadavg(),
+    )
+    policy = {
+        "ours": "DeepSpeed bf16 (bf16 weights/activations, fp32 master weights + fp32 grad accumulation)"
+        if cuda
+        else "fp32",
+        "hf": "fp32 weights under torch.autocast(bfloat16), fused AdamW" if cuda else "fp32, AdamW",
+    }
+    setup = dict(
+        preset=args.preset,
+        n_layers=mc.n_layers,
+        d_model=mc.d_model,
+        n_heads=mc.n_heads,
+        vocab_size=mc.vocab_size,
+        params=mc.num_parameters(),
+        micro_batch=args.micro_batch,
+        seq=args.seq,
+        grad_accum=args.grad_accum,
+        global_batch=cfg.train.global_batch,
+        tokens_per_step=tokens_per_step,
+        precision=precision,
+        precision_policy=policy,
+        activation_checkpointing=args.activation_checkpointing,
+        compile_ours=args.compile,
+        compile_hf=args.compile_hf,
+        hf_clip=args.hf_clip,
+        clip_grad=cfg.optimizer.clip_grad,
+        zero_stage=cfg.parallel.zero_stage,
+        layout="dp=1 tp=1 pp=1",
+        steps=args.steps,
+        warmup=args.warmup,
+        rounds=args.rounds if mode == "interleaved" else 1,
+        seed=args.seed,
+        train_flops_per_token=mc.train_flops_per_token(args.seq),
+    )
+    print(
+        f"# train_throughput  {env['date']}  torch {env['torch']}  transformers {env['transformers']}  "
+        f"deepspeed {env['deepspeed']}  python {env['python']}" + (f"  CUDA {env['cuda']}" if cuda else "")
+    )
+    print(
+        f"# device {env['device']}: {env['device_name']}  threads {env['threads']}"
+        + (f"  load average {env['loadavg_start']}" if not cuda else "")
+    )
+    print(
+        f"# {args.preset}"
+        + (f" with {mc.n_layers} layers" if args.layers else "")
+        + f": L {mc.n_layers}, d {mc.d_model}, heads {mc.n_heads}, V {mc.vocab_size}, "
+        f"{mc.num_parameters() / 1e6:.1f}M params;  micro-batch {args.micro_batch} x seq {args.seq} x accum "
+        f"{args.grad_accum} = {tokens_per_step} tokens/step;  activation checkpointing "
+        f"{args.activation_checkpointing};  compile ours {args.compile}, HF {args.compile_hf}"
+    )
+    print(
+        f"# precision: ours {policy['ours']};  HF {policy['hf']};  grad clip ours {cfg.optimizer.clip_grad:g}, HF "
+        f"{cfg.optimizer.clip_grad if args.hf_clip else 0:g};  ours = TrainEngine (DeepSpeed pipeline engine, "
+        f"ZeRO-{cfg.parallel.zero_stage}, dp=tp=pp=1, no Ray);  SDPA both",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     sd = initial_weights(mc, cfg.train.seed, device)
@@ -481,36 +537,47 @@ def main(argv=None) -> dict:
     env["loadavg_end"] = loadavg()
     rows = [summarize(r, mc, args, device) for r in (ours, hf)]
     ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
-    how = ("SEQUENTIAL (HF built, measured and freed; then ours)" if mode == "sequential"
-           else "interleaved rounds (order swapped each round), both models resident")
+    how = (
+        "SEQUENTIAL (HF built, measured and freed; then ours)"
+        if mode == "sequential"
+        else "interleaved rounds (order swapped each round), both models resident"
+    )
     print(f"\n# measurement: {how}; medians over {rows[0]['timed_steps']} timed optimizer steps per model")
     hdr = f"{'model':<14}{'tokens/s':>12}{'ms/step':>10}{'min..max ms':>18}{'TFLOP/s':>9}"
     if cuda:
         hdr += f"{'MFU':>7}{'peak GiB':>10}"
     print(hdr)
     for r in rows:
-        line = (f"{r['model']:<14}{r['tokens_per_s']:>12,.0f}{r['ms_per_step']:>10.1f}"
-                f"{r['ms_per_step_min']:>9.1f}..{r['ms_per_step_max']:<7.1f}{r['tflops']:>9.2f}")
+        line = (
+            f"{r['model']:<14}{r['tokens_per_s']:>12,.0f}{r['ms_per_step']:>10.1f}"
+            f"{r['ms_per_step_min']:>9.1f}..{r['ms_per_step_max']:<7.1f}{r['tflops']:>9.2f}"
+        )
         if cuda:
             line += f"{r['mfu']:>7.3f}{r['peak_gib']:>10.1f}"
         print(line)
     print(f"ratio ours/HF (tokens/s): {ratio:.3f}")
     if "engine_step_time_ms_median" in rows[0]:
-        print(f"# ours' own step_time_s (around DeepSpeed train_batch): median "
-              f"{rows[0]['engine_step_time_ms_median']:.1f} ms")
+        print(
+            f"# ours' own step_time_s (around DeepSpeed train_batch): median "
+            f"{rows[0]['engine_step_time_ms_median']:.1f} ms"
+        )
     if cuda:
-        print("# MFU = tokens/s x train_flops_per_token(seq) / 989e12; peak GiB = torch.cuda.max_memory_allocated "
-              "from that model's build to the end of its measurement (reset between models)")
+        print(
+            "# MFU = tokens/s x train_flops_per_token(seq) / 989e12; peak GiB = torch.cuda.max_memory_allocated "
+            "from that model's build to the end of its measurement (reset between models)"
+        )
     else:
         print(f"# load average at start {env['loadavg_start']}, at end {env['loadavg_end']} ({os.cpu_count()} CPUs)")
     if args.compile or args.compile_hf:
-        print("# first step (includes compilation): " + ", ".join(
-            f"{r['model']} {r['first_step_s']:.1f} s" for r in rows))
+        print(
+            "# first step (includes compilation): " + ", ".join(f"{r['model']} {r['first_step_s']:.1f} s" for r in rows)
+        )
     ray_imported = "ray" in sys.modules
     print(f"# ray imported: {ray_imported}")
 
-    result = dict(env=env, setup=setup, mode=mode, check=chk, results=rows, ratio_ours_over_hf=ratio,
-                  ray_imported=ray_imported)
+    result = dict(
+        env=env, setup=setup, mode=mode, check=chk, results=rows, ratio_ours_over_hf=ratio, ray_imported=ray_imported
+    )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -56,16 +56,32 @@ def cmd_tokenizer_train(args) -> None:
 def cmd_prepare(args) -> None:
     from neoxray.pipelines.prepare import prepare
 
-    result = prepare(args.input, args.tokenizer, args.seq_len, args.output, val_fraction=args.val_fraction,
-                     workers=args.workers, text_key=args.text_key, by_component=args.by_component,
-                     overwrite=args.overwrite, progress=not args.quiet)
+    result = prepare(
+        args.input,
+        args.tokenizer,
+        args.seq_len,
+        args.output,
+        val_fraction=args.val_fraction,
+        workers=args.workers,
+        text_key=args.text_key,
+        by_component=args.by_component,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
     m = result.manifest
     if args.json:
-        _print_json({"output": result.output, "skipped": result.skipped, **{k: m[k] for k in
-                     ("documents", "tokens", "rows", "dropped_tokens", "bad_rows", "seq_len")}})
+        _print_json(
+            {
+                "output": result.output,
+                "skipped": result.skipped,
+                **{k: m[k] for k in ("documents", "tokens", "rows", "dropped_tokens", "bad_rows", "seq_len")},
+            }
+        )
     elif not result.skipped:
-        print(f"prepared {m['rows']:,} rows of {m['seq_len'] + 1} tokens ({m['documents']:,} documents, "
-              f"{m['tokens']:,} tokens) in {result.output}")
+        print(
+            f"prepared {m['rows']:,} rows of {m['seq_len'] + 1} tokens ({m['documents']:,} documents, "
+            f"{m['tokens']:,} tokens) in {result.output}"
+        )
 
 
 def _load(args):
@@ -94,8 +110,14 @@ def cmd_generate(args) -> None:
     )
     out = generate(model, [ids], params, tokenizer=tok)[0]
     if args.json:
-        _print_json({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
-                     "prompt_tokens": len(ids)})
+        _print_json(
+            {
+                "text": out.text,
+                "token_ids": out.token_ids,
+                "finish_reason": out.finish_reason,
+                "prompt_tokens": len(ids),
+            }
+        )
     else:
         print(args.prompt + out.text)
 
@@ -139,14 +161,23 @@ def cmd_export(args) -> None:
 
 def cmd_plan(args) -> None:
     from neoxray.model.config import get_preset
-    from neoxray.platform.train.plan import Assumptions, Cluster, Training, format_plan, plan
+    from neoxray.platform.train.plan import Assumptions, Cluster, Training, plan
+    from neoxray.platform.train.plan_table import format_plan
 
     ckpt = {"auto": None, "on": True, "off": False}[args.activation_checkpointing]
-    result = plan(get_preset(args.preset),
-                  Cluster(gpus=args.gpus, gpu_memory_gib=args.gpu_memory, gpus_per_node=args.gpus_per_node),
-                  Training(global_batch=args.global_batch, micro_batch=args.micro_batch, seq_len=args.seq_len,
-                           precision=args.precision, zero_stage=args.zero_stage, activation_checkpointing=ckpt),
-                  Assumptions(peak_tflops=args.peak_tflops, mfu=args.mfu))
+    result = plan(
+        get_preset(args.preset),
+        Cluster(gpus=args.gpus, gpu_memory_gib=args.gpu_memory, gpus_per_node=args.gpus_per_node),
+        Training(
+            global_batch=args.global_batch,
+            micro_batch=args.micro_batch,
+            seq_len=args.seq_len,
+            precision=args.precision,
+            zero_stage=args.zero_stage,
+            activation_checkpointing=ckpt,
+        ),
+        Assumptions(peak_tflops=args.peak_tflops, mfu=args.mfu),
+    )
     print(json.dumps(result.to_dict()) if args.json else format_plan(result))
 
 
@@ -158,10 +189,18 @@ def cmd_serve(args) -> None:
 
     try:
         serve_args = ServeArgs(
-            model=args.model, name=args.name, api_key=args.api_key, device=args.device, dtype=args.dtype,
-            num_replicas=args.replicas, num_gpus=args.num_gpus, max_ongoing_requests=args.max_ongoing_requests,
-            max_queued_requests=args.max_queued_requests, max_num_seqs=args.max_num_seqs,
-            kv_cache_tokens=args.kv_cache_tokens)
+            model=args.model,
+            name=args.name,
+            api_key=args.api_key,
+            device=args.device,
+            dtype=args.dtype,
+            num_replicas=args.replicas,
+            num_gpus=args.num_gpus,
+            max_ongoing_requests=args.max_ongoing_requests,
+            max_queued_requests=args.max_queued_requests,
+            max_num_seqs=args.max_num_seqs,
+            kv_cache_tokens=args.kv_cache_tokens,
+        )
     except ValidationError as e:
         err = e.errors()[0]
         raise NeoxrayError(f"serve: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
@@ -195,27 +234,38 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_tokenizer_train)
 
     prep = sub.add_parser("prepare", help="tokenize and pack Pile-format shards into a training dataset (Ray Data)")
-    prep.add_argument("--input", nargs="+", required=True,
-                      help=".jsonl/.jsonl.gz/.jsonl.zst files, directories or globs; local or s3://, gs://, ...")
+    prep.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help=".jsonl/.jsonl.gz/.jsonl.zst files, directories or globs; local or s3://, gs://, ...",
+    )
     prep.add_argument("--tokenizer", required=True, help="tokenizer.json, a directory holding one, or a hub id")
     prep.add_argument("--seq-len", type=int, required=True, help="tokens per training sequence (rows hold N+1)")
     prep.add_argument("--output", required=True, help="dataset directory (local or a URI)")
     prep.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
     prep.add_argument("--workers", type=int, default=None, help="tokenizer actors (default: cluster CPUs - 1)")
     prep.add_argument("--text-key", default="text", help="JSON key of the document text")
-    prep.add_argument("--by-component", action="store_true",
-                      help="pack each pile_set_name separately, so that components can be mixed with weights")
+    prep.add_argument(
+        "--by-component",
+        action="store_true",
+        help="pack each pile_set_name separately, so that components can be mixed with weights",
+    )
     prep.add_argument("--overwrite", action="store_true", help="rebuild a finished dataset")
     prep.add_argument("--quiet", action="store_true", help="no progress lines")
     prep.add_argument("--json", action="store_true", help="print a one-line JSON summary")
     prep.set_defaults(func=cmd_prepare)
 
     def model_args(sp):
-        sp.add_argument("--model", required=True,
-                        help="exported Hugging Face directory, training checkpoint, or run directory (its newest)")
+        sp.add_argument(
+            "--model",
+            required=True,
+            help="exported Hugging Face directory, training checkpoint, or run directory (its newest)",
+        )
         sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto, a GPU if any)")
-        sp.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                        help="default: auto (bf16 on GPUs, fp32 on CPUs)")
+        sp.add_argument(
+            "--dtype", choices=DTYPE_CHOICES, default="auto", help="default: auto (bf16 on GPUs, fp32 on CPUs)"
+        )
         sp.add_argument("--json", action="store_true", help="one JSON object")
 
     gen = sub.add_parser("generate", help="generate a continuation of a prompt")
@@ -240,8 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--run-dir", default=None, help="where checkpoints, metrics and TensorBoard logs go")
     tr.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local one)")
     tr.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the latest checkpoint")
-    tr.add_argument("--no-ray", action="store_true",
-                    help="run the engine without Ray: one process, or under torchrun (its world = dp x tp x pp)")
+    tr.add_argument(
+        "--no-ray",
+        action="store_true",
+        help="run the engine without Ray: one process, or under torchrun (its world = dp x tp x pp)",
+    )
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. parallel.tensor=2")
     tr.set_defaults(func=cmd_train)
 
@@ -254,26 +307,39 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="which dp x tp x pp layouts of a preset fit N GPUs: memory and step time")
     pl.add_argument("preset")
     pl.add_argument("--gpus", type=int, required=True, help="GPUs to train on (dp x tp x pp)")
-    pl.add_argument("--gpu-memory", type=float, required=True, metavar="GB",
-                    help="memory per GPU, GiB (40 for an A100 40GB)")
-    pl.add_argument("--gpus-per-node", type=int, default=None,
-                    help="tensor parallelism stays inside a node (default: all GPUs in one node)")
+    pl.add_argument(
+        "--gpu-memory", type=float, required=True, metavar="GB", help="memory per GPU, GiB (40 for an A100 40GB)"
+    )
+    pl.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="tensor parallelism stays inside a node (default: all GPUs in one node)",
+    )
     pl.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's)")
     pl.add_argument("--global-batch", type=int, default=1024, help="sequences per optimizer step")
     pl.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward on one replica")
     pl.add_argument("--precision", choices=PRECISIONS, default="bf16")
     pl.add_argument("--zero-stage", type=int, choices=[0, 1], default=1)
-    pl.add_argument("--activation-checkpointing", choices=["auto", "on", "off"], default="auto",
-                    help="auto: only where a layout needs it to fit")
-    pl.add_argument("--peak-tflops", type=float, default=312.0,
-                    help="dense 16-bit peak TFLOP/s per GPU (312: A100, 989: H100)")
+    pl.add_argument(
+        "--activation-checkpointing",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="auto: only where a layout needs it to fit",
+    )
+    pl.add_argument(
+        "--peak-tflops", type=float, default=312.0, help="dense 16-bit peak TFLOP/s per GPU (312: A100, 989: H100)"
+    )
     pl.add_argument("--mfu", type=float, default=0.40, help="fraction of the peak the layers reach")
     pl.add_argument("--json", action="store_true", help="one JSON object with the feasible and rejected layouts")
     pl.set_defaults(func=cmd_plan)
 
     sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API on Ray Serve")
-    sv.add_argument("--model", required=True,
-                    help="exported Hugging Face directory, training checkpoint, or run directory (its newest)")
+    sv.add_argument(
+        "--model",
+        required=True,
+        help="exported Hugging Face directory, training checkpoint, or run directory (its newest)",
+    )
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--replicas", type=int, default=1, help="Serve replicas, each with its own engine")

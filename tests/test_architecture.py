@@ -38,17 +38,26 @@ SHARED_PLATFORM = [
 """Used by training and serving alike, so they belong to neither."""
 
 RULES: list[tuple[list[str], list[str], str]] = [
-    (["neoxray.model"], ["neoxray.pipelines", "neoxray.platform", "neoxray.cli"],
-     "the model knows neither data formats nor the platform"),
+    (
+        ["neoxray.model"],
+        ["neoxray.pipelines", "neoxray.platform", "neoxray.cli"],
+        "the model knows neither data formats nor the platform",
+    ),
     (["neoxray.model"], ["ray", "deepspeed", "pyarrow", "fastapi", "uvicorn"], "the model is plain PyTorch"),
     (["neoxray.pipelines"], ["neoxray.platform", "neoxray.cli"], "pipelines know no platform"),
     (["neoxray.pipelines"], ["deepspeed", "fastapi"], "pipelines are data only"),
     (["neoxray.platform.serve"], ["neoxray.platform.train"], "serving imports no training module"),
     (["neoxray.platform.train"], ["neoxray.platform.serve"], "training imports no serving module"),
-    (SHARED_PLATFORM, ["neoxray.platform.train", "neoxray.platform.serve"],
-     "checkpoint reading, model loading and the Ray connection are shared by training and serving"),
-    (["neoxray.platform.checkpoint", "neoxray.platform.model_loading"], ["ray", "deepspeed"],
-     "reading a checkpoint needs neither Ray nor DeepSpeed"),
+    (
+        SHARED_PLATFORM,
+        ["neoxray.platform.train", "neoxray.platform.serve"],
+        "checkpoint reading, model loading and the Ray connection are shared by training and serving",
+    ),
+    (
+        ["neoxray.platform.checkpoint", "neoxray.platform.model_loading"],
+        ["ray", "deepspeed"],
+        "reading a checkpoint needs neither Ray nor DeepSpeed",
+    ),
     (SERVE_ENGINE, ["ray", "fastapi", "deepspeed", "uvicorn"], "the inference engine runs without Ray"),
     (TRAIN_ENGINE, ["ray"], "the training engine runs without Ray"),
     (["neoxray.model", "neoxray.pipelines", "neoxray.platform"], ["neoxray.cli"], "only the entry point is the CLI"),

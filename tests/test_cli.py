@@ -26,23 +26,51 @@ def assert_clean_error(proc, *needles):
 
 def test_generate_json_greedy_matches_transformers(tiny_model_dir):
     prompt = "The Python language"
-    out = json.loads(run_cli("generate", "--model", str(tiny_model_dir), "--prompt", prompt,
-                             "--max-new-tokens", "16", "--greedy", "--json").stdout)
+    out = json.loads(
+        run_cli(
+            "generate",
+            "--model",
+            str(tiny_model_dir),
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "16",
+            "--greedy",
+            "--json",
+        ).stdout
+    )
     assert set(out) >= {"text", "token_ids"}
     _, tok = load_model_and_tokenizer(tiny_model_dir)
     ids = tok.encode(prompt)
     ref = GPTNeoXForCausalLM.from_pretrained(tiny_model_dir).eval()
-    expect = ref.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
-                          eos_token_id=tok.eod_id, pad_token_id=tok.eod_id)[0, len(ids):].tolist()
+    expect = ref.generate(
+        torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=tok.eod_id, pad_token_id=tok.eod_id
+    )[0, len(ids) :].tolist()
     assert out["token_ids"] == expect
     assert out["text"] == tok.decode([t for t in expect if t != tok.eod_id])
-    plain = run_cli("generate", "--model", str(tiny_model_dir), "--prompt", prompt, "--max-new-tokens", "16", "--greedy")
+    plain = run_cli(
+        "generate", "--model", str(tiny_model_dir), "--prompt", prompt, "--max-new-tokens", "16", "--greedy"
+    )
     assert plain.stdout.startswith(prompt)
 
 
 def test_generate_sampling_with_seed_is_reproducible(tiny_model_dir):
-    args = ("generate", "--model", str(tiny_model_dir), "--prompt", "Hello", "--max-new-tokens", "8",
-            "--temperature", "1.2", "--top-p", "0.9", "--seed", "5", "--json")
+    args = (
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "1.2",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "5",
+        "--json",
+    )
     assert json.loads(run_cli(*args).stdout) == json.loads(run_cli(*args).stdout)
 
 
@@ -57,8 +85,9 @@ def test_score_json(tiny_model_dir):
 
 
 def test_cli_errors_are_one_line(tmp_path, tiny_model_dir):
-    assert_clean_error(run_cli("generate", "--model", str(tmp_path / "missing"), "--prompt", "x", check=False),
-                       "not found", "missing")
+    assert_clean_error(
+        run_cli("generate", "--model", str(tmp_path / "missing"), "--prompt", "x", check=False), "not found", "missing"
+    )
     other = tmp_path / "bert"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
@@ -69,33 +98,71 @@ def test_cli_errors_are_one_line(tmp_path, tiny_model_dir):
         (notok / f).write_bytes((tiny_model_dir / f).read_bytes())
     assert_clean_error(run_cli("score", "--model", str(notok), "--text", "x", check=False), "tokenizer")
     long_prompt = "word " * 200  # the tiny model's context is 64 tokens
-    assert_clean_error(run_cli("generate", "--model", str(tiny_model_dir), "--prompt", long_prompt, check=False),
-                       "context")
+    assert_clean_error(
+        run_cli("generate", "--model", str(tiny_model_dir), "--prompt", long_prompt, check=False), "context"
+    )
     assert_clean_error(run_cli("score", "--model", str(tiny_model_dir), "--text", long_prompt, check=False), "context")
 
 
 def test_tokenizer_train_then_model_init_then_generate(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
-    docs = [{"text": f"Document {i}: the rotary embedding rotates queries and keys by position {i}.",
-             "meta": {"pile_set_name": "Test"}} for i in range(300)]
+    docs = [
+        {
+            "text": f"Document {i}: the rotary embedding rotates queries and keys by position {i}.",
+            "meta": {"pile_set_name": "Test"},
+        }
+        for i in range(300)
+    ]
     corpus.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
     run_cli("tokenizer", "train", "--input", str(corpus), "--vocab-size", "400", "--output", str(tmp_path / "tok"))
     run_cli("model", "init", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "m"))
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["architectures"] == ["GPTNeoXForCausalLM"] and cfg["eos_token_id"] == 0
-    out = json.loads(run_cli("generate", "--model", str(tmp_path / "m"), "--prompt", "Document",
-                             "--max-new-tokens", "5", "--seed", "0", "--json").stdout)
+    out = json.loads(
+        run_cli(
+            "generate",
+            "--model",
+            str(tmp_path / "m"),
+            "--prompt",
+            "Document",
+            "--max-new-tokens",
+            "5",
+            "--seed",
+            "0",
+            "--json",
+        ).stdout
+    )
     assert 1 <= len(out["token_ids"]) <= 5
-    assert_clean_error(run_cli("tokenizer", "train", "--input", str(tmp_path / "nope.jsonl"), "--vocab-size", "300",
-                               "--output", str(tmp_path / "t2"), check=False), "nope.jsonl")
+    assert_clean_error(
+        run_cli(
+            "tokenizer",
+            "train",
+            "--input",
+            str(tmp_path / "nope.jsonl"),
+            "--vocab-size",
+            "300",
+            "--output",
+            str(tmp_path / "t2"),
+            check=False,
+        ),
+        "nope.jsonl",
+    )
 
 
 @pytest.mark.skipif(not SHARED_TOKENIZER.exists(), reason=f"{SHARED_TOKENIZER} not present")
 def test_model_init_with_the_gpt_neox_20b_tokenizer(tmp_path):
-    run_cli("model", "init", "--preset", "tiny-neox", "--tokenizer", str(SHARED_TOKENIZER), "--out", str(tmp_path / "m"))
+    run_cli(
+        "model", "init", "--preset", "tiny-neox", "--tokenizer", str(SHARED_TOKENIZER), "--out", str(tmp_path / "m")
+    )
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["vocab_size"] == 50304
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(tmp_path / "m")("Hello, my dog is cute")["input_ids"] == [
-        12092, 13, 619, 4370, 310, 20295]
+        12092,
+        13,
+        619,
+        4370,
+        310,
+        20295,
+    ]

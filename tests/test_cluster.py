@@ -9,6 +9,7 @@ ports, temp directories and token; its processes get their own RAY_* environment
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -35,11 +36,24 @@ RAY = str(VENV_BIN / "ray") if (VENV_BIN / "ray").exists() else shutil.which("ra
 # the job's training run: tiny model, dp 1 x tp 1 x pp 2 (one pipeline stage per node), a checkpoint every step
 STEPS, MORE = 3, 5
 TRAIN = [
-    "model.overrides.vocab_size=1024", "model.overrides.max_seq_len=64", "train.seq_len=32",
-    "parallel.data=1", "parallel.tensor=1", "parallel.pipeline=2",
-    "train.global_batch=8", "train.micro_batch=2", "schedule.warmup_steps=1", f"schedule.decay_steps={MORE}",
-    "optimizer.lr=3e-3", "optimizer.min_lr=3e-4", "train.seed=7", "data.seed=11",
-    "checkpoint.every=1", "checkpoint.keep=2", "eval.every=0", "logging.tensorboard=false",
+    "model.overrides.vocab_size=1024",
+    "model.overrides.max_seq_len=64",
+    "train.seq_len=32",
+    "parallel.data=1",
+    "parallel.tensor=1",
+    "parallel.pipeline=2",
+    "train.global_batch=8",
+    "train.micro_batch=2",
+    "schedule.warmup_steps=1",
+    f"schedule.decay_steps={MORE}",
+    "optimizer.lr=3e-3",
+    "optimizer.min_lr=3e-4",
+    "train.seed=7",
+    "data.seed=11",
+    "checkpoint.every=1",
+    "checkpoint.keep=2",
+    "eval.every=0",
+    "logging.tensorboard=false",
 ]
 
 
@@ -65,8 +79,9 @@ def layout_of(train_args: list[str]) -> tuple[int, int, int]:
 # ---------------------------------------------------------------------------------------------------------
 # Ray cluster launcher configs
 # ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, instance_key, instance", [("aws", "InstanceType", "p4d.24xlarge"),
-                                                          ("gcp", "machineType", "a2-highgpu-8g")])
+@pytest.mark.parametrize(
+    "name, instance_key, instance", [("aws", "InstanceType", "p4d.24xlarge"), ("gcp", "machineType", "a2-highgpu-8g")]
+)
 def test_launcher_config_validates_against_rays_schema(name, instance_key, instance):
     import jsonschema
     import ray
@@ -195,8 +210,8 @@ def test_grafana_dashboard_plots_only_metrics_neoxray_exports():
         assert metrics, expr
         for name in metrics:
             # Ray exports ray.util.metrics gauges to Prometheus with a "ray_" prefix
-            assert name.startswith("ray_neoxray_train_") and name[len("ray_neoxray_train_"):] in GAUGES, name
-            used.add(name[len("ray_neoxray_train_"):])
+            assert name.startswith("ray_neoxray_train_") and name[len("ray_neoxray_train_") :] in GAUGES, name
+            used.add(name[len("ray_neoxray_train_") :])
     assert used == set(GAUGES), set(GAUGES) - used  # a panel for every gauge
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
 
@@ -230,8 +245,14 @@ class TwoNodeCluster:
         # the venv's console scripts (neoxray, ray) for the job's shell, appended so that every other tool
         # (a C++ toolchain, ninja for DeepSpeed's JIT ops) resolves as it does for this test process
         path = base.get("PATH", "") + os.pathsep + str(VENV_BIN)
-        self.node_env = {**base, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
-                         "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+        self.node_env = {
+            **base,
+            "PATH": path,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "PYTHONUNBUFFERED": "1",
+        }
         self.client_env = {**self.node_env, "RAY_ADDRESS": self.dashboard_url}
         self.procs: list[subprocess.Popen] = []
         self.logfiles: list = []
@@ -243,29 +264,78 @@ class TwoNodeCluster:
     def _start_node(self, name: str, args: list[str]) -> subprocess.Popen:
         temp = self.root / name
         temp.mkdir(parents=True, exist_ok=True)
-        log = open(self.root / f"{name}.log", "wb")
+        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 (closed in stop(), after the node exits)
         self.logfiles.append(log)
-        proc = subprocess.Popen([RAY, "start", *args, "--temp-dir", str(temp), "--num-cpus", str(self.cpus),
-                                 "--object-store-memory", str(200 * 1024**2), "--disable-usage-stats", "--block"],
-                                env=self.node_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                RAY,
+                "start",
+                *args,
+                "--temp-dir",
+                str(temp),
+                "--num-cpus",
+                str(self.cpus),
+                "--object-store-memory",
+                str(200 * 1024**2),
+                "--disable-usage-stats",
+                "--block",
+            ],
+            env=self.node_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.procs.append(proc)
         return proc
 
     def start(self, timeout: float = 120) -> None:
         a = iter(self.node_ports)
-        self._start_node("head", [
-            "--head", "--port", str(self.gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard),
-            "--ray-client-server-port", str(self.client), "--resources", json.dumps({"head_node": 1}),
-            "--dashboard-agent-listen-port", str(next(a)), "--dashboard-agent-grpc-port", str(next(a)),
-            "--runtime-env-agent-port", str(next(a)), "--metrics-export-port", str(next(a)),
-        ])
-        self.wait(lambda: socket.create_connection(("127.0.0.1", self.gcs), timeout=1).close() is None, timeout,
-                  "the head's GCS port")
-        self._start_node("worker", [
-            "--address", f"127.0.0.1:{self.gcs}", "--resources", json.dumps({"worker_node": 1}),
-            "--dashboard-agent-listen-port", str(next(a)), "--dashboard-agent-grpc-port", str(next(a)),
-            "--runtime-env-agent-port", str(next(a)), "--metrics-export-port", str(next(a)),
-        ])
+        self._start_node(
+            "head",
+            [
+                "--head",
+                "--port",
+                str(self.gcs),
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(self.dashboard),
+                "--ray-client-server-port",
+                str(self.client),
+                "--resources",
+                json.dumps({"head_node": 1}),
+                "--dashboard-agent-listen-port",
+                str(next(a)),
+                "--dashboard-agent-grpc-port",
+                str(next(a)),
+                "--runtime-env-agent-port",
+                str(next(a)),
+                "--metrics-export-port",
+                str(next(a)),
+            ],
+        )
+        self.wait(
+            lambda: socket.create_connection(("127.0.0.1", self.gcs), timeout=1).close() is None,
+            timeout,
+            "the head's GCS port",
+        )
+        self._start_node(
+            "worker",
+            [
+                "--address",
+                f"127.0.0.1:{self.gcs}",
+                "--resources",
+                json.dumps({"worker_node": 1}),
+                "--dashboard-agent-listen-port",
+                str(next(a)),
+                "--dashboard-agent-grpc-port",
+                str(next(a)),
+                "--runtime-env-agent-port",
+                str(next(a)),
+                "--metrics-export-port",
+                str(next(a)),
+            ],
+        )
         self.wait(lambda: len(self.alive_nodes()) == 2, timeout, "two alive nodes")
 
     def wait(self, ready, timeout: float, what: str) -> None:
@@ -296,9 +366,16 @@ class TwoNodeCluster:
 
     def state(self, resource: str, **filters) -> list[dict]:
         """The state API (what `ray list RESOURCE --detail` asks the dashboard), filtered by equality."""
-        query = urllib.parse.urlencode({"limit": 1000, "detail": 1, "filter_keys": list(filters),
-                                        "filter_predicates": ["="] * len(filters),
-                                        "filter_values": list(filters.values())}, doseq=True)
+        query = urllib.parse.urlencode(
+            {
+                "limit": 1000,
+                "detail": 1,
+                "filter_keys": list(filters),
+                "filter_predicates": ["="] * len(filters),
+                "filter_values": list(filters.values()),
+            },
+            doseq=True,
+        )
         return self.api(f"/api/v0/{resource}?{query}")["data"]["result"]["result"]
 
     def alive_nodes(self) -> list[dict]:
@@ -310,8 +387,9 @@ class TwoNodeCluster:
         cmd = [RAY, *args, *address]
         proc = subprocess.run(cmd, env=self.client_env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-8000:]}\n"
-                                 f"{proc.stderr[-8000:]}")
+            raise AssertionError(
+                f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-8000:]}\n{proc.stderr[-8000:]}"
+            )
         return proc
 
     def logs(self, tail: int = 3000) -> str:
@@ -325,28 +403,20 @@ class TwoNodeCluster:
 
         victims = []
         for p in self.procs:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 root = psutil.Process(p.pid)
                 victims += [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
         for v in victims:  # every process of both node trees (workers run in process groups of their own)
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 v.terminate()
-            except psutil.NoSuchProcess:
-                pass
         _, alive = psutil.wait_procs(victims, timeout=5)
         for v in alive:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 v.kill()
-            except psutil.NoSuchProcess:
-                pass
         psutil.wait_procs(alive, timeout=5)
         for p in self.procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
         for f in self.logfiles:
             f.close()
 
@@ -399,10 +469,31 @@ def test_ray_job_submit_on_two_nodes_trains_and_resumes(two_nodes, sample_tokeni
     # the RayJob's entrypoint: prepare, then train; `--working-dir .` uploads the checkout (Ray leaves out what
     # .gitignore lists: .venv/, runs/, ...)
     t0 = time.time()
-    prepare = ["neoxray", "prepare", "--input", str(small), "--tokenizer", str(sample_tokenizer_dir), "--seq-len", "32",
-               "--output", str(data), "--workers", "1", "--quiet"]
-    train = ["neoxray", "train", "--config", "configs/tiny-cpu.yaml", "--run-dir", str(run), f"data.path={data}",
-             *TRAIN]
+    prepare = [
+        "neoxray",
+        "prepare",
+        "--input",
+        str(small),
+        "--tokenizer",
+        str(sample_tokenizer_dir),
+        "--seq-len",
+        "32",
+        "--output",
+        str(data),
+        "--workers",
+        "1",
+        "--quiet",
+    ]
+    train = [
+        "neoxray",
+        "train",
+        "--config",
+        "configs/tiny-cpu.yaml",
+        "--run-dir",
+        str(run),
+        f"data.path={data}",
+        *TRAIN,
+    ]
     entrypoint = f"{shlex.join(prepare)} && {shlex.join([*train, f'train.steps={STEPS}'])}"  # as in the RayJob
     first = cluster.ray("job", "submit", "--working-dir", ".", "--", "sh", "-c", entrypoint, cwd=ROOT, timeout=400)
     t1 = time.time()
@@ -410,8 +501,9 @@ def test_ray_job_submit_on_two_nodes_trains_and_resumes(two_nodes, sample_tokeni
     assert (data / "manifest.json").exists()
 
     # Ray Train's workers ran on both nodes (the state API, through the dashboard, with the token)
-    actors = json.loads(cluster.ray("list", "actors", "--detail", "--format", "json",
-                                    "--filter", "class_name=RayTrainWorker").stdout)
+    actors = json.loads(
+        cluster.ray("list", "actors", "--detail", "--format", "json", "--filter", "class_name=RayTrainWorker").stdout
+    )
     assert len(actors) == 2, actors
     assert {a["node_id"] for a in actors} == {head, other}, (actors, nodes)
 
@@ -427,18 +519,42 @@ def test_ray_job_submit_on_two_nodes_trains_and_resumes(two_nodes, sample_tokeni
     # without Ray in one process computes the uninterrupted run's losses
     ref = tmp_path / "ref"
     reference = subprocess.Popen(
-        [str(VENV_BIN / "neoxray"), "train", "--no-ray", "--config", str(ROOT / "configs/tiny-cpu.yaml"),
-         "--run-dir", str(ref), f"data.path={data}", *TRAIN, "parallel.pipeline=1", f"train.steps={MORE}",
-         "checkpoint.every=0"],
-        env={**cluster.node_env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            str(VENV_BIN / "neoxray"),
+            "train",
+            "--no-ray",
+            "--config",
+            str(ROOT / "configs/tiny-cpu.yaml"),
+            "--run-dir",
+            str(ref),
+            f"data.path={data}",
+            *TRAIN,
+            "parallel.pipeline=1",
+            f"train.steps={MORE}",
+            "checkpoint.every=0",
+        ],
+        env={**cluster.node_env, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         # ... submitted with the shipped runtime_env example: its working_dir ".", excludes and env_vars, less
         # `pip` (no package index in CI) and with HF_HOME on this test's disk
         env = yaml.safe_load((ROOT / "cluster/runtime_env.yaml").read_text())
         env.pop("pip")
         env["env_vars"]["HF_HOME"] = str(tmp_path / "hf")
-        cluster.ray("job", "submit", "--runtime-env-json", json.dumps(env), "--", *train, f"train.steps={MORE}",
-                    cwd=ROOT, timeout=300)
+        cluster.ray(
+            "job",
+            "submit",
+            "--runtime-env-json",
+            json.dumps(env),
+            "--",
+            *train,
+            f"train.steps={MORE}",
+            cwd=ROOT,
+            timeout=300,
+        )
         t2 = time.time()
         out, _ = reference.communicate(timeout=300)
     finally:

@@ -52,9 +52,7 @@ class ModelConfig:
             if getattr(self, key) <= 0:
                 raise NeoxrayError(f"model.{key} must be positive, got {getattr(self, key)}")
         if self.d_model % self.n_heads:
-            raise NeoxrayError(
-                f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})"
-            )
+            raise NeoxrayError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
         if not 0.0 <= self.rotary_pct <= 1.0:
             raise NeoxrayError(f"model.rotary_pct must be in [0, 1], got {self.rotary_pct}")
         if self.rotary_dim % 2:
@@ -95,7 +93,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -110,20 +108,102 @@ def pad_vocab(n_tokens: int, multiple: int = 128) -> int:
 
 # name: (layers, d_model, heads, padded vocab, seq, rotary_pct) -- one line each
 _PRESETS: dict[str, dict] = {
-    "neox-20b":    dict(n_layers=44, d_model=6144, n_heads=64, vocab_size=50432, max_seq_len=2048, rotary_pct=0.25, tokenizer_vocab_size=50277),
-    "pythia-70m":  dict(n_layers=6,  d_model=512,  n_heads=8,  vocab_size=50304, max_seq_len=2048, rotary_pct=0.25, tokenizer_vocab_size=50277),
-    "pythia-160m": dict(n_layers=12, d_model=768,  n_heads=12, vocab_size=50304, max_seq_len=2048, rotary_pct=0.25, tokenizer_vocab_size=50277),
-    "pythia-410m": dict(n_layers=24, d_model=1024, n_heads=16, vocab_size=50304, max_seq_len=2048, rotary_pct=0.25, tokenizer_vocab_size=50277),
-    "pythia-1b":   dict(n_layers=16, d_model=2048, n_heads=8,  vocab_size=50304, max_seq_len=2048, rotary_pct=0.25, tokenizer_vocab_size=50277),
-    "pythia-1.4b": dict(n_layers=24, d_model=2048, n_heads=16, vocab_size=50304, max_seq_len=2048, rotary_pct=0.25, tokenizer_vocab_size=50277),
-    "pythia-2.8b": dict(n_layers=32, d_model=2560, n_heads=32, vocab_size=50304, max_seq_len=2048, rotary_pct=0.25, tokenizer_vocab_size=50277),
-    "pythia-6.9b": dict(n_layers=32, d_model=4096, n_heads=32, vocab_size=50432, max_seq_len=2048, rotary_pct=0.25, tokenizer_vocab_size=50277),
-    "pythia-12b":  dict(n_layers=36, d_model=5120, n_heads=40, vocab_size=50688, max_seq_len=2048, rotary_pct=0.25, tokenizer_vocab_size=50277),
+    "neox-20b": dict(
+        n_layers=44,
+        d_model=6144,
+        n_heads=64,
+        vocab_size=50432,
+        max_seq_len=2048,
+        rotary_pct=0.25,
+        tokenizer_vocab_size=50277,
+    ),
+    "pythia-70m": dict(
+        n_layers=6,
+        d_model=512,
+        n_heads=8,
+        vocab_size=50304,
+        max_seq_len=2048,
+        rotary_pct=0.25,
+        tokenizer_vocab_size=50277,
+    ),
+    "pythia-160m": dict(
+        n_layers=12,
+        d_model=768,
+        n_heads=12,
+        vocab_size=50304,
+        max_seq_len=2048,
+        rotary_pct=0.25,
+        tokenizer_vocab_size=50277,
+    ),
+    "pythia-410m": dict(
+        n_layers=24,
+        d_model=1024,
+        n_heads=16,
+        vocab_size=50304,
+        max_seq_len=2048,
+        rotary_pct=0.25,
+        tokenizer_vocab_size=50277,
+    ),
+    "pythia-1b": dict(
+        n_layers=16,
+        d_model=2048,
+        n_heads=8,
+        vocab_size=50304,
+        max_seq_len=2048,
+        rotary_pct=0.25,
+        tokenizer_vocab_size=50277,
+    ),
+    "pythia-1.4b": dict(
+        n_layers=24,
+        d_model=2048,
+        n_heads=16,
+        vocab_size=50304,
+        max_seq_len=2048,
+        rotary_pct=0.25,
+        tokenizer_vocab_size=50277,
+    ),
+    "pythia-2.8b": dict(
+        n_layers=32,
+        d_model=2560,
+        n_heads=32,
+        vocab_size=50304,
+        max_seq_len=2048,
+        rotary_pct=0.25,
+        tokenizer_vocab_size=50277,
+    ),
+    "pythia-6.9b": dict(
+        n_layers=32,
+        d_model=4096,
+        n_heads=32,
+        vocab_size=50432,
+        max_seq_len=2048,
+        rotary_pct=0.25,
+        tokenizer_vocab_size=50277,
+    ),
+    "pythia-12b": dict(
+        n_layers=36,
+        d_model=5120,
+        n_heads=40,
+        vocab_size=50688,
+        max_seq_len=2048,
+        rotary_pct=0.25,
+        tokenizer_vocab_size=50277,
+    ),
     # test and laptop sizes: `tiny` pairs with the 4096-token tokenizer trained on the bundled sample,
     # `tiny-neox` with the real GPT-NeoX-20B tokenizer, `tiny-seq` is the sequential-residual form.
-    "tiny":        dict(n_layers=2,  d_model=64,   n_heads=4,  vocab_size=4096,  max_seq_len=256,  rotary_pct=0.25),
-    "tiny-neox":   dict(n_layers=2,  d_model=64,   n_heads=4,  vocab_size=50304, max_seq_len=256,  rotary_pct=0.25, tokenizer_vocab_size=50277),
-    "tiny-seq":    dict(n_layers=2,  d_model=64,   n_heads=4,  vocab_size=4096,  max_seq_len=256,  rotary_pct=1.0,  parallel_residual=False),
+    "tiny": dict(n_layers=2, d_model=64, n_heads=4, vocab_size=4096, max_seq_len=256, rotary_pct=0.25),
+    "tiny-neox": dict(
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        vocab_size=50304,
+        max_seq_len=256,
+        rotary_pct=0.25,
+        tokenizer_vocab_size=50277,
+    ),
+    "tiny-seq": dict(
+        n_layers=2, d_model=64, n_heads=4, vocab_size=4096, max_seq_len=256, rotary_pct=1.0, parallel_residual=False
+    ),
 }
 
 

@@ -13,8 +13,8 @@ grows. Written once here, so `neoxray generate` and the HTTP endpoint stop at ex
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -41,7 +41,7 @@ class SamplingParams:
     """Stop strings: generation ends when the text contains one; the returned text ends before it."""
     stop_at_eod: bool = True
 
-    def validate(self) -> "SamplingParams":
+    def validate(self) -> SamplingParams:
         if self.max_new_tokens < 0:
             raise NeoxrayError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -136,7 +136,7 @@ class StopChecker:
             end -= 1
         for s in self.stops:
             for m in range(min(len(s) - 1, end - emitted), 0, -1):
-                if text[end - m:end] == s[:m]:
+                if text[end - m : end] == s[:m]:
                     end -= m
                     break
         return end
@@ -156,7 +156,7 @@ class IncrementalDetokenizer:
         """The decoded text of `generated` (the same list, grown since the previous call)."""
         if self.tokenizer is None:
             return ""
-        ids = [t for t in generated[self._done:] if t != self.eod_id]
+        ids = [t for t in generated[self._done :] if t != self.eod_id]
         tail = self.tokenizer.decode(ids)
         if tail.endswith(REPLACEMENT):  # a character still being spelled: decode these tokens again next time
             return self._text + tail

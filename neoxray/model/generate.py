@@ -7,8 +7,8 @@ prompts once, then each step feeds one new token per sequence and attends over t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ class KVCache:
         self.length = 0
 
     @classmethod
-    def for_model(cls, model: GPTNeoX, batch: int, max_len: int) -> "KVCache":
+    def for_model(cls, model: GPTNeoX, batch: int, max_len: int) -> KVCache:
         p = next(model.parameters())
         c = model.config
         n_local_heads = model.layers[0].attention.query_key_value.out_features // (3 * c.head_dim)
@@ -39,8 +39,8 @@ class KVCache:
         end = self.length + k.shape[2]
         if end > self.k[layer_idx].shape[2]:
             raise NeoxrayError(f"KV cache overflow: {end} positions > {self.k[layer_idx].shape[2]}")
-        self.k[layer_idx][:, :, self.length:end] = k
-        self.v[layer_idx][:, :, self.length:end] = v
+        self.k[layer_idx][:, :, self.length : end] = k
+        self.v[layer_idx][:, :, self.length : end] = v
         return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
 
 
@@ -58,7 +58,7 @@ class Generation:
 def generate(
     model: GPTNeoX,
     prompts: Sequence[Sequence[int]],
-    params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+    params: SamplingParams | Sequence[SamplingParams] | None = None,
     tokenizer=None,
     eod_id: int | None = None,
 ) -> list[Generation]:
@@ -67,6 +67,7 @@ def generate(
     if not prompts:
         return []
     b = len(prompts)
+    params = SamplingParams() if params is None else params
     params = [params] * b if isinstance(params, SamplingParams) else list(params)
     if len(params) != b:
         raise NeoxrayError(f"{len(params)} sampling params for {b} prompts")
@@ -95,8 +96,8 @@ def generate(
     ids = torch.zeros((b, P), dtype=torch.long)  # left padding; masked out, so any id will do
     valid = torch.zeros((b, P), dtype=torch.bool)
     for i, prompt in enumerate(prompts):
-        ids[i, P - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
-        valid[i, P - len(prompt):] = True
+        ids[i, P - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        valid[i, P - len(prompt) :] = True
     ids, valid = ids.to(device), valid.to(device)
     padded = not bool(valid.all())
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [b, P]

@@ -12,17 +12,17 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from neoxray.errors import NeoxrayError
+from neoxray.model import precision
 from neoxray.model.config import ModelConfig
 from neoxray.model.gptneox import GPTNeoX, build_model
-from neoxray.model import precision
 
 HF_PREFIX = "gpt_neox."
 WEIGHTS_NAME = "model.safetensors"
@@ -165,7 +165,7 @@ def weight_files(model_dir: str | os.PathLike) -> dict[str, Path]:
     single = d / WEIGHTS_NAME
     if single.exists():
         with safe_open(single, framework="pt") as f:
-            return {k: single for k in f.keys()}
+            return dict.fromkeys(f.keys(), single)
     if any(d.glob("*.bin")) or any(d.glob("*.pt")):
         raise NeoxrayError(
             f"{d}: only pickled weights (*.bin/*.pt) found; neoxray reads safetensors only "
@@ -254,12 +254,15 @@ def save_pretrained(
         for filename, names in split.filename_to_tensors.items():
             save_file({n: state[n] for n in names}, tmp / filename, metadata={"format": "pt"})
         if split.is_sharded:
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                     "weight_map": split.tensor_to_filename}
+            index = {
+                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                "weight_map": split.tensor_to_filename,
+            }
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
         (tmp / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype), indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}, indent=2))
+        (tmp / "generation_config.json").write_text(
+            json.dumps({"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}, indent=2)
+        )
         if tokenizer is not None:
             tokenizer.save(tmp, model_max_length=model.config.max_seq_len)
         if out.exists():

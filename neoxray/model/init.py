@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn

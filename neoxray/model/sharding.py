@@ -59,4 +59,6 @@ def read_shard(param: torch.Tensor, source) -> torch.Tensor:
         raise NeoxrayError(
             f"tensor has shape {_shape(source)}, the model expects {tuple(full_shape(param))} (before sharding)"
         )
-    return read_slice(source, getattr(param, "tp_dim", None), getattr(param, "tp_rank", 0), getattr(param, "tp_size", 1))
+    return read_slice(
+        source, getattr(param, "tp_dim", None), getattr(param, "tp_rank", 0), getattr(param, "tp_size", 1)
+    )

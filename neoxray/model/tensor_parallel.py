@@ -36,6 +36,7 @@ from neoxray.errors import NeoxrayError
 from neoxray.model.gptneox import MLP, Attention, cross_entropy
 from neoxray.model.sharding import shard
 
+
 # ---------------------------------------------------------------------------------------------------------
 # groups
 # ---------------------------------------------------------------------------------------------------------
@@ -196,8 +197,16 @@ class ColumnParallelLinear(_TPModule):
     Parameters are left uninitialised (fill them with `neoxray.model.init.init_parameters` or a checkpoint),
     or use `from_linear` to shard an existing nn.Linear."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, group=None,
-                 gather_output: bool = False, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        group=None,
+        gather_output: bool = False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self._init_group(group)
         _check_divisible(out_features, self.tp_size, "output features")
@@ -213,10 +222,17 @@ class ColumnParallelLinear(_TPModule):
         self._tag()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group, gather_output: bool = False) -> "ColumnParallelLinear":
+    def from_linear(cls, linear: nn.Linear, group, gather_output: bool = False) -> ColumnParallelLinear:
         w = linear.weight
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, group, gather_output,
-                device=w.device, dtype=w.dtype)
+        m = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            group,
+            gather_output,
+            device=w.device,
+            dtype=w.dtype,
+        )
         m._copy_from({"weight": w, "bias": linear.bias})
         return m.train(linear.training)
 
@@ -227,8 +243,10 @@ class ColumnParallelLinear(_TPModule):
         return gather_from_tp_region(y, self.group) if self.gather_output else y
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features} (of {self.full_out_features}), "
-                f"bias={self.bias is not None}, tp={self.tp_rank}/{self.tp_size}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features} (of {self.full_out_features}), "
+            f"bias={self.bias is not None}, tp={self.tp_rank}/{self.tp_size}"
+        )
 
 
 class RowParallelLinear(_TPModule):
@@ -251,7 +269,7 @@ class RowParallelLinear(_TPModule):
         self._tag()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group) -> "RowParallelLinear":
+    def from_linear(cls, linear: nn.Linear, group) -> RowParallelLinear:
         w = linear.weight
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, group, device=w.device, dtype=w.dtype)
         m._copy_from({"weight": w, "bias": linear.bias})
@@ -264,8 +282,10 @@ class RowParallelLinear(_TPModule):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features} (of {self.full_in_features}), out_features={self.out_features}, "
-                f"bias={self.bias is not None}, tp={self.tp_rank}/{self.tp_size}")
+        return (
+            f"in_features={self.in_features} (of {self.full_in_features}), out_features={self.out_features}, "
+            f"bias={self.bias is not None}, tp={self.tp_rank}/{self.tp_size}"
+        )
 
 
 class VocabParallelEmbedding(_TPModule):
@@ -285,10 +305,12 @@ class VocabParallelEmbedding(_TPModule):
         self._tag()
 
     @classmethod
-    def from_embedding(cls, emb: nn.Embedding, group) -> "VocabParallelEmbedding":
+    def from_embedding(cls, emb: nn.Embedding, group) -> VocabParallelEmbedding:
         if emb.padding_idx is not None or emb.max_norm is not None or emb.sparse or emb.scale_grad_by_freq:
-            raise NeoxrayError("VocabParallelEmbedding supports plain embeddings only "
-                               "(no padding_idx, max_norm, sparse or scale_grad_by_freq)")
+            raise NeoxrayError(
+                "VocabParallelEmbedding supports plain embeddings only "
+                "(no padding_idx, max_norm, sparse or scale_grad_by_freq)"
+            )
         w = emb.weight
         m = cls(emb.num_embeddings, emb.embedding_dim, group, device=w.device, dtype=w.dtype)
         m._copy_from({"weight": w})
@@ -303,8 +325,10 @@ class VocabParallelEmbedding(_TPModule):
         return reduce_from_tp_region(x, self.group)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_embeddings} (of {self.full_num_embeddings}, from id {self.vocab_start}), "
-                f"{self.embedding_dim}, tp={self.tp_rank}/{self.tp_size}")
+        return (
+            f"{self.num_embeddings} (of {self.full_num_embeddings}, from id {self.vocab_start}), "
+            f"{self.embedding_dim}, tp={self.tp_rank}/{self.tp_size}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -355,8 +379,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.logits_dtype), None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, group,
-                                 ignore_index: int = -100) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, group, ignore_index: int = -100
+) -> torch.Tensor:
     """Mean next-token loss from this rank's vocab shard of the logits [b, s, V/tp] (rank r holding vocab
     columns [r V/tp, (r+1) V/tp)) and the full labels [b, s]; labels equal to `ignore_index` are left out.
     Computed in fp32; with a size-1 group it equals F.cross_entropy on the full logits."""

@@ -15,9 +15,9 @@ import json
 import os
 import re
 import sys
+from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable
 
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -134,7 +134,7 @@ class Tokenizer:
         return out
 
     @classmethod
-    def load(cls, source: str | os.PathLike) -> "Tokenizer":
+    def load(cls, source: str | os.PathLike) -> Tokenizer:
         """Load from a folder holding tokenizer.json, a tokenizer.json file, or a hub id like EleutherAI/gpt-neox-20b.
 
         The hub is only asked when `source` is not an existing path and looks like owner/name.

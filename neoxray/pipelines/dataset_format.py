@@ -14,6 +14,7 @@ for people and for reruns.
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 from neoxray.errors import NeoxrayError
 from neoxray.pipelines import fs
@@ -53,3 +54,58 @@ def read_manifest(path: str, required: bool = True) -> dict | None:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise NeoxrayError(f"{manifest_path}: unsupported format {found!r} (expected {FORMAT})")
     return manifest
+
+
+def build_manifest(results, input_list, options, tok_info, seq_len, dtype, files) -> dict:
+    """The manifest of a finished `neoxray prepare` run, from its per-chunk statistics (`results["chunks"]`: file
+    -> chunk -> bad-row counts and (split, component, documents, tokens) tuples) and its packed streams
+    (`results["packed"]`: rows, files and dropped tokens per file, split and component). Documents, tokens,
+    rows and dropped tokens are totalled per split, component and input file; no usable document is an error."""
+    chunks, packed = results["chunks"], results["packed"]
+    bad: Counter = Counter()
+    components: dict[str, dict] = {}
+    per_file = [{"documents": 0, "tokens": 0, "rows": 0, "dropped_tokens": 0} for _ in files]
+    splits = {s: {"documents": 0, "tokens": 0, "rows": 0, "dropped_tokens": 0, "files": []} for s in SPLITS}
+    for f, by_chunk in chunks.items():
+        for c in sorted(by_chunk):
+            bad.update(by_chunk[c]["bad"])
+            for split, comp, docs, tokens in by_chunk[c]["stats"]:
+                entry = components.setdefault(comp, {"documents": 0, "tokens": 0})
+                entry["documents"] += docs
+                entry["tokens"] += tokens
+                per_file[f]["documents"] += docs
+                per_file[f]["tokens"] += tokens
+                splits[SPLITS[split]]["documents"] += docs
+                splits[SPLITS[split]]["tokens"] += tokens
+    for stream in sorted(packed, key=lambda s: (s["file_idx"], SPLITS.index(s["split"]), s["component"] or "")):
+        rows = sum(p["rows"] for p in stream["parts"])
+        sp = splits[stream["split"]]
+        sp["rows"] += rows
+        sp["dropped_tokens"] += stream["dropped_tokens"]
+        sp["files"].extend(stream["parts"])
+        per_file[stream["file_idx"]]["rows"] += rows
+        per_file[stream["file_idx"]]["dropped_tokens"] += stream["dropped_tokens"]
+    documents = sum(s["documents"] for s in splits.values())
+    tokens = sum(s["tokens"] for s in splits.values())
+    if documents == 0:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(bad.items())) or "none"
+        raise NeoxrayError(
+            f"no usable documents in {len(files)} input file(s) "
+            f"({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}); bad rows: {reasons}"
+        )
+    return {
+        "format": FORMAT,
+        "seq_len": seq_len,
+        "row_length": seq_len + 1,
+        "dtype": dtype,
+        "documents": documents,
+        "tokens": tokens,
+        "rows": sum(s["rows"] for s in splits.values()),
+        "dropped_tokens": sum(s["dropped_tokens"] for s in splits.values()),
+        "bad_rows": dict(sorted(bad.items())),
+        "components": dict(sorted(components.items())),
+        "splits": splits,
+        "tokenizer": tok_info,
+        "inputs": [{**i, **per_file[k]} for k, i in enumerate(input_list)],
+        "options": options,
+    }

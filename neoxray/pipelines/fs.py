@@ -227,7 +227,7 @@ def move(src: str, dst: str) -> None:
     fs.create_dir(b, recursive=True)
     for entry in fs.get_file_info(pafs.FileSelector(a, recursive=True)):
         if entry.type == pafs.FileType.File:
-            rel = entry.path[len(a.rstrip("/")):].lstrip("/")
+            rel = entry.path[len(a.rstrip("/")) :].lstrip("/")
             fs.move(entry.path, f"{b.rstrip('/')}/{rel}")
     fs.delete_dir(a)
 
@@ -333,7 +333,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike], suffixes: tuple[str, ...]
             base_inner = inner.rstrip("/")
             for i in sorted(infos, key=lambda x: x.path):
                 if i.type == pafs.FileType.File and ok(i.path):
-                    rel = i.path[len(base_inner):].lstrip("/") if i.path.startswith(base_inner) else i.base_name
+                    rel = i.path[len(base_inner) :].lstrip("/") if i.path.startswith(base_inner) else i.base_name
                     out.append(join(uri, rel))
         else:
             raise NeoxrayError(f"{what} {item}: no such file or directory")

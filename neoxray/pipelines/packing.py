@@ -54,16 +54,23 @@ def _write_rows(path: str, values: np.ndarray, row_len: int, row_group_rows: int
     offsets = pa.array(np.arange(0, n * row_len + 1, row_len, dtype=np.int32))
     table = pa.table({TOKEN_COLUMN: pa.ListArray.from_arrays(offsets, pa.array(values))})
     with fs.open_output(path) as sink:
-        pq.write_table(table, sink, row_group_size=row_group_rows, compression=COMPRESSION,
-                       use_dictionary=False, write_statistics=False)
+        pq.write_table(
+            table,
+            sink,
+            row_group_size=row_group_rows,
+            compression=COMPRESSION,
+            use_dictionary=False,
+            write_statistics=False,
+        )
 
 
 class _StreamPacker:
     """The packer of one stream (split, component) of one input file: buffers its ids and writes a part file
     each time `rows_per_file` rows are complete; `finish` writes the last, shorter part and drops the rest."""
 
-    def __init__(self, file_idx: int, split: int, comp: str, out_dir: str, row_len: int, rows_per_file: int,
-                 row_group_rows: int):
+    def __init__(
+        self, file_idx: int, split: int, comp: str, out_dir: str, row_len: int, rows_per_file: int, row_group_rows: int
+    ):
         self.file_idx, self.split, self.comp = file_idx, split, comp
         self.out_dir, self.row_len = out_dir, row_len
         self.rows_per_file, self.row_group_rows = rows_per_file, row_group_rows
@@ -96,12 +103,19 @@ class _StreamPacker:
         rows = self.pending_len // self.row_len
         if rows:
             self.emit(rows)
-        return {"file_idx": self.file_idx, "split": SPLITS[self.split], "component": self.comp or None,
-                "tokens": self.tokens, "dropped_tokens": self.pending_len, "parts": self.parts}
+        return {
+            "file_idx": self.file_idx,
+            "split": SPLITS[self.split],
+            "component": self.comp or None,
+            "tokens": self.tokens,
+            "dropped_tokens": self.pending_len,
+            "parts": self.parts,
+        }
 
 
-def pack_file(file_idx: int, chunk_paths: list[str], out_dir: str, seq_len: int, rows_per_file: int,
-              row_group_rows: int) -> list[dict]:
+def pack_file(
+    file_idx: int, chunk_paths: list[str], out_dir: str, seq_len: int, rows_per_file: int, row_group_rows: int
+) -> list[dict]:
     """Pack one input file's token streams (chunk files, in order) into Parquet rows of seq_len + 1 ids.
 
     Returns one entry per stream (split, component): its part files and how many tokens the packing dropped.
@@ -115,7 +129,6 @@ def pack_file(file_idx: int, chunk_paths: list[str], out_dir: str, seq_len: int,
         for split, comp, ids in zip(table["split"].to_pylist(), table["component"].to_pylist(), table["ids"]):
             key = (split, comp)
             if key not in streams:
-                streams[key] = _StreamPacker(file_idx, split, comp, out_dir, seq_len + 1, rows_per_file,
-                                             row_group_rows)
+                streams[key] = _StreamPacker(file_idx, split, comp, out_dir, seq_len + 1, rows_per_file, row_group_rows)
             streams[key].add(ids.values.to_numpy(zero_copy_only=False))
     return [streams[k].finish() for k in sorted(streams)]

@@ -47,10 +47,10 @@ from neoxray.errors import NeoxrayError
 from neoxray.model.tokenizer import TOKENIZER_FILE, Tokenizer
 from neoxray.pipelines import fs
 from neoxray.pipelines.dataset_format import (
-    FORMAT,
     MANIFEST,
     SPLITS,
     TOKENIZER_DIR,
+    build_manifest,
     read_manifest,
     token_dtype,
 )
@@ -99,8 +99,14 @@ def _read_chunks(item: dict, text_key: str, chunk_bytes: int) -> Iterator[dict]:
     chunk = 0
 
     def row(last: bool) -> dict:  # the file's bad-row counts travel with its last chunk
-        return {"file_idx": file_idx, "chunk_idx": chunk, "texts": texts, "components": comps,
-                "bad": json.dumps(dict(bad) if last else {}), "last": last}
+        return {
+            "file_idx": file_idx,
+            "chunk_idx": chunk,
+            "texts": texts,
+            "components": comps,
+            "bad": json.dumps(dict(bad) if last else {}),
+            "last": last,
+        }
 
     for text, name in iter_documents(path, text_key, bad=bad, labelled=bad):
         texts.append(text)
@@ -117,8 +123,16 @@ def _read_chunks(item: dict, text_key: str, chunk_bytes: int) -> Iterator[dict]:
 class _Tokenize:
     """Ray Data actor: the tokenizer is built once, here; each call tokenizes chunks and writes their streams."""
 
-    def __init__(self, tokenizer_file: str, eod_id: int, dtype: str, val_fraction: float, by_component: bool,
-                 chunk_dir: str, threads: int = 1):
+    def __init__(
+        self,
+        tokenizer_file: str,
+        eod_id: int,
+        dtype: str,
+        val_fraction: float,
+        by_component: bool,
+        chunk_dir: str,
+        threads: int = 1,
+    ):
         # the Rust thread pool reads this once, at its first use: one tokenizer thread per reserved CPU
         os.environ["RAYON_NUM_THREADS"] = str(threads)
         import tokenizers
@@ -162,17 +176,23 @@ class _Tokenize:
         if streams:
             keys = sorted(streams)
             value_type = pa.from_numpy_dtype(self.dtype)
-            table = pa.table({
-                "split": pa.array([k[0] for k in keys], pa.int8()),
-                "component": pa.array([k[1] for k in keys], pa.string()),
-                "ids": pa.array([np.asarray(streams[k], dtype=self.dtype) for k in keys], pa.list_(value_type)),
-            })
+            table = pa.table(
+                {
+                    "split": pa.array([k[0] for k in keys], pa.int8()),
+                    "component": pa.array([k[1] for k in keys], pa.string()),
+                    "ids": pa.array([np.asarray(streams[k], dtype=self.dtype) for k in keys], pa.list_(value_type)),
+                }
+            )
             path = fs.join(self.chunk_dir, f"f{row['file_idx']:05d}-c{row['chunk_idx']:07d}.arrow")
             with fs.open_output(path) as sink, pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)
         return {
-            "file_idx": row["file_idx"], "chunk_idx": row["chunk_idx"], "last": row["last"], "path": path,
-            "text_bytes": text_bytes, "bad": row["bad"],
+            "file_idx": row["file_idx"],
+            "chunk_idx": row["chunk_idx"],
+            "last": row["last"],
+            "path": path,
+            "text_bytes": text_bytes,
+            "bad": row["bad"],
             "stats": json.dumps([[sp, c, d, t] for (sp, c), (d, t) in sorted(stats.items())]),
         }
 
@@ -180,9 +200,17 @@ class _Tokenize:
 def _chunk_result_schema():
     import pyarrow as pa
 
-    return pa.schema([("file_idx", pa.int64()), ("chunk_idx", pa.int64()), ("last", pa.bool_()),
-                      ("path", pa.string()), ("text_bytes", pa.int64()), ("bad", pa.string()),
-                      ("stats", pa.string())])
+    return pa.schema(
+        [
+            ("file_idx", pa.int64()),
+            ("chunk_idx", pa.int64()),
+            ("last", pa.bool_()),
+            ("path", pa.string()),
+            ("text_bytes", pa.int64()),
+            ("bad", pa.string()),
+            ("stats", pa.string()),
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------------------- progress
@@ -201,10 +229,13 @@ class _Progress:
         if self.enabled and (force or now - self.last >= PROGRESS_EVERY_S):
             self.last = now
             dt = max(now - self.start, 1e-9)
-            print(f"prepare: {self.docs:,} documents ({self.docs / dt:,.0f}/s), {self.bytes / 1e6:,.1f} MB "
-                  f"({self.bytes / 1e6 / dt:,.2f} MB/s), {self.tokens / 1e6:,.2f}M tokens "
-                  f"({self.tokens / 1e6 / dt:,.3f}M tokens/s); {self.files_done}/{self.n_files} files tokenized",
-                  file=self.out, flush=True)
+            print(
+                f"prepare: {self.docs:,} documents ({self.docs / dt:,.0f}/s), {self.bytes / 1e6:,.1f} MB "
+                f"({self.bytes / 1e6 / dt:,.2f} MB/s), {self.tokens / 1e6:,.2f}M tokens "
+                f"({self.tokens / 1e6 / dt:,.3f}M tokens/s); {self.files_done}/{self.n_files} files tokenized",
+                file=self.out,
+                flush=True,
+            )
 
 
 # ----------------------------------------------------------------------------------------------------- driver
@@ -301,12 +332,16 @@ def prepare(
 
     existing = read_manifest(out, required=False)
     if existing is not None and not overwrite:
-        same = (existing.get("options") == options and existing.get("tokenizer") == tok_info
-                and [{"path": i["path"], "size": i["size"]} for i in existing.get("inputs", [])] == input_list)
+        same = (
+            existing.get("options") == options
+            and existing.get("tokenizer") == tok_info
+            and [{"path": i["path"], "size": i["size"]} for i in existing.get("inputs", [])] == input_list
+        )
         if not same:
             raise NeoxrayError(
                 f"output {output} already holds a dataset prepared from other inputs or options "
-                f"(see {fs.join(out, MANIFEST)}); pass --overwrite to replace it, or choose another --output")
+                f"(see {fs.join(out, MANIFEST)}); pass --overwrite to replace it, or choose another --output"
+            )
         say(f"prepare: {output} is already prepared ({MANIFEST} present); nothing to do (--overwrite rebuilds it)")
         return PrepareResult(out, existing, skipped=True, seconds=time.monotonic() - t0)
 
@@ -319,14 +354,30 @@ def prepare(
         for sub in ("chunks", *SPLITS):
             fs.makedirs(fs.join(tmp, sub))
         _save_tokenizer(tok, fs.join(tmp, TOKENIZER_DIR))
-        results = _run_pipeline(files, sizes, tok, dtype, seq_len, val_fraction, text_key, by_component,
-                                workers, chunk_bytes, rows_per_file, row_group_rows, tmp, progress, say)
-        manifest = _build_manifest(results, input_list, options, tok_info, seq_len, dtype, files)
+        results = _run_pipeline(
+            files,
+            sizes,
+            tok,
+            dtype,
+            seq_len,
+            val_fraction,
+            text_key,
+            by_component,
+            workers,
+            chunk_bytes,
+            rows_per_file,
+            row_group_rows,
+            tmp,
+            progress,
+            say,
+        )
+        manifest = build_manifest(results, input_list, options, tok_info, seq_len, dtype, files)
         if manifest["splits"]["train"]["rows"] == 0:
             raise NeoxrayError(
                 f"no training rows: {manifest['tokens']:,} tokens from {len(files)} input file(s) "
                 f"({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}) do not fill one row of "
-                f"{seq_len + 1} tokens per file; use a smaller --seq-len or more data")
+                f"{seq_len + 1} tokens per file; use a smaller --seq-len or more data"
+            )
         fs.delete(fs.join(tmp, "chunks"))
         # commit: the old manifest goes first (the folder stops looking finished), the new one comes last
         fs.delete(fs.join(out, MANIFEST))
@@ -339,11 +390,13 @@ def prepare(
         raise
     _discard(tmp)
     seconds = time.monotonic() - t0
-    say(f"prepare: wrote {manifest['splits']['train']['rows']:,} train and "
+    say(
+        f"prepare: wrote {manifest['splits']['train']['rows']:,} train and "
         f"{manifest['splits']['validation']['rows']:,} validation rows of {seq_len + 1} tokens "
         f"({manifest['documents']:,} documents, {manifest['tokens']:,} tokens, "
         f"{sum(manifest['bad_rows'].values()):,} bad rows) to {out} in {seconds:,.1f} s "
-        f"({manifest['tokens'] / max(seconds, 1e-9) / 1e6:,.3f}M tokens/s)")
+        f"({manifest['tokens'] / max(seconds, 1e-9) / 1e6:,.3f}M tokens/s)"
+    )
     return PrepareResult(out, manifest, skipped=False, seconds=seconds)
 
 
@@ -374,8 +427,23 @@ def _discard(path: str) -> None:
         time.sleep(0.25)
 
 
-def _run_pipeline(files, sizes, tok, dtype, seq_len, val_fraction, text_key, by_component, workers, chunk_bytes,
-                  rows_per_file, row_group_rows, tmp, progress, say) -> dict:
+def _run_pipeline(
+    files,
+    sizes,
+    tok,
+    dtype,
+    seq_len,
+    val_fraction,
+    text_key,
+    by_component,
+    workers,
+    chunk_bytes,
+    rows_per_file,
+    row_group_rows,
+    tmp,
+    progress,
+    say,
+) -> dict:
     ray = _ensure_ray()
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
@@ -386,8 +454,12 @@ def _run_pipeline(files, sizes, tok, dtype, seq_len, val_fraction, text_key, by_
         raise NeoxrayError(f"--workers {workers}: the Ray cluster has only {cpus} CPUs")
 
     ctx = DataContext.get_current()
-    saved = (ctx.target_max_block_size, ctx.enable_progress_bars, ctx.print_on_execution_start,
-             ctx.enable_auto_log_stats)
+    saved = (
+        ctx.target_max_block_size,
+        ctx.enable_progress_bars,
+        ctx.print_on_execution_start,
+        ctx.enable_auto_log_stats,
+    )
     data_logger = logging.getLogger("ray.data")
     saved_level = data_logger.level
     # one chunk per block, so that chunks spread over the actor pool instead of queueing behind each other
@@ -413,16 +485,30 @@ def _run_pipeline(files, sizes, tok, dtype, seq_len, val_fraction, text_key, by_
     pending: dict = {}  # ObjectRef -> file index
     packed: list[dict] = []
     try:
-        ds = ray.data.from_items([{"file_idx": i, "path": p} for i, p in enumerate(files)],
-                                 override_num_blocks=len(files))
-        ds = ds.flat_map(_read_chunks, fn_kwargs={"text_key": text_key, "chunk_bytes": chunk_bytes},
-                         num_cpus=0, compute=TaskPoolStrategy(size=max(1, min(len(files), workers))))
+        ds = ray.data.from_items(
+            [{"file_idx": i, "path": p} for i, p in enumerate(files)], override_num_blocks=len(files)
+        )
+        ds = ds.flat_map(
+            _read_chunks,
+            fn_kwargs={"text_key": text_key, "chunk_bytes": chunk_bytes},
+            num_cpus=0,
+            compute=TaskPoolStrategy(size=max(1, min(len(files), workers))),
+        )
         ds = ds.map_batches(
             _Tokenize,
-            fn_constructor_kwargs={"tokenizer_file": tokenizer_file, "eod_id": tok.eod_id, "dtype": dtype,
-                                   "val_fraction": val_fraction, "by_component": by_component,
-                                   "chunk_dir": chunk_dir},
-            batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(size=workers), num_cpus=1)
+            fn_constructor_kwargs={
+                "tokenizer_file": tokenizer_file,
+                "eod_id": tok.eod_id,
+                "dtype": dtype,
+                "val_fraction": val_fraction,
+                "by_component": by_component,
+                "chunk_dir": chunk_dir,
+            },
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=workers),
+            num_cpus=1,
+        )
 
         def collect_packed(block: bool) -> None:
             while True:
@@ -462,60 +548,15 @@ def _run_pipeline(files, sizes, tok, dtype, seq_len, val_fraction, text_key, by_
             raise err from None
         raise
     finally:
-        (ctx.target_max_block_size, ctx.enable_progress_bars, ctx.print_on_execution_start,
-         ctx.enable_auto_log_stats) = saved
+        (
+            ctx.target_max_block_size,
+            ctx.enable_progress_bars,
+            ctx.print_on_execution_start,
+            ctx.enable_auto_log_stats,
+        ) = saved
         data_logger.setLevel(saved_level)
         caught.__exit__(None, None, None)
     missing = [files[i] for i in range(len(files)) if i not in last_chunk]
     if missing:
         raise NeoxrayError(f"prepare: input {missing[0]} was not read to its end")
     return {"chunks": chunks, "packed": packed}
-
-
-def _build_manifest(results, input_list, options, tok_info, seq_len, dtype, files) -> dict:
-    chunks, packed = results["chunks"], results["packed"]
-    bad: Counter = Counter()
-    components: dict[str, dict] = {}
-    per_file = [{"documents": 0, "tokens": 0, "rows": 0, "dropped_tokens": 0} for _ in files]
-    splits = {s: {"documents": 0, "tokens": 0, "rows": 0, "dropped_tokens": 0, "files": []} for s in SPLITS}
-    for f, by_chunk in chunks.items():
-        for c in sorted(by_chunk):
-            bad.update(by_chunk[c]["bad"])
-            for split, comp, docs, tokens in by_chunk[c]["stats"]:
-                entry = components.setdefault(comp, {"documents": 0, "tokens": 0})
-                entry["documents"] += docs
-                entry["tokens"] += tokens
-                per_file[f]["documents"] += docs
-                per_file[f]["tokens"] += tokens
-                splits[SPLITS[split]]["documents"] += docs
-                splits[SPLITS[split]]["tokens"] += tokens
-    for stream in sorted(packed, key=lambda s: (s["file_idx"], SPLITS.index(s["split"]), s["component"] or "")):
-        rows = sum(p["rows"] for p in stream["parts"])
-        sp = splits[stream["split"]]
-        sp["rows"] += rows
-        sp["dropped_tokens"] += stream["dropped_tokens"]
-        sp["files"].extend(stream["parts"])
-        per_file[stream["file_idx"]]["rows"] += rows
-        per_file[stream["file_idx"]]["dropped_tokens"] += stream["dropped_tokens"]
-    documents = sum(s["documents"] for s in splits.values())
-    tokens = sum(s["tokens"] for s in splits.values())
-    if documents == 0:
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(bad.items())) or "none"
-        raise NeoxrayError(f"no usable documents in {len(files)} input file(s) "
-                           f"({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}); bad rows: {reasons}")
-    return {
-        "format": FORMAT,
-        "seq_len": seq_len,
-        "row_length": seq_len + 1,
-        "dtype": dtype,
-        "documents": documents,
-        "tokens": tokens,
-        "rows": sum(s["rows"] for s in splits.values()),
-        "dropped_tokens": sum(s["dropped_tokens"] for s in splits.values()),
-        "bad_rows": dict(sorted(bad.items())),
-        "components": dict(sorted(components.items())),
-        "splits": splits,
-        "tokenizer": tok_info,
-        "inputs": [{**i, **per_file[k]} for k, i in enumerate(input_list)],
-        "options": options,
-    }

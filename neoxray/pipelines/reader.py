@@ -96,8 +96,7 @@ def permute(indices, n: int, key: int) -> np.ndarray:
 class PackedDataset:
     """The rows of one split of a prepared dataset (optionally one component of it), in storage order."""
 
-    def __init__(self, path: str, split: str = "train", component: str | None = None,
-                 cache_bytes: int = 64 << 20):
+    def __init__(self, path: str, split: str = "train", component: str | None = None, cache_bytes: int = 64 << 20):
         self.path = fs.normalize(path)
         if split not in SPLITS:
             raise NeoxrayError(f"{path}: unknown split {split!r} (expected one of {', '.join(SPLITS)})")
@@ -111,12 +110,14 @@ class PackedDataset:
             if not self.manifest["options"].get("by_component"):
                 raise NeoxrayError(
                     f"{path}: prepared without --by-component, so rows mix components; "
-                    f"component {component!r} cannot be selected")
+                    f"component {component!r} cannot be selected"
+                )
             available = sorted({e["component"] for e in entries})
             entries = [e for e in entries if e["component"] == component]
             if not entries:
-                raise NeoxrayError(f"{path}: no {split} rows of component {component!r} "
-                                   f"(available: {', '.join(available) or 'none'})")
+                raise NeoxrayError(
+                    f"{path}: no {split} rows of component {component!r} (available: {', '.join(available) or 'none'})"
+                )
         self.files = [fs.join(self.path, e["path"]) for e in entries]
         self.file_components = [e.get("component") for e in entries]
         counts = np.array([int(e["rows"]) for e in entries], dtype=np.int64)
@@ -262,7 +263,8 @@ class BlendedDataset:
         seq = {d.seq_len for d in datasets}
         if len(seq) != 1:
             raise NeoxrayError(
-                "blended datasets must share seq_len; got " + ", ".join(f"{d.path}: {d.seq_len}" for d in datasets))
+                "blended datasets must share seq_len; got " + ", ".join(f"{d.path}: {d.seq_len}" for d in datasets)
+            )
         for d, w in zip(datasets, weights):
             if w > 0 and len(d) == 0:
                 raise NeoxrayError(f"{d!r} has no rows but a positive blend weight")
@@ -319,8 +321,9 @@ class BlendedDataset:
         return out
 
 
-def open_blend(specs: Sequence[str] | str, weights: Sequence[float] | None = None, split: str = "train",
-               seed: int = 0) -> BlendedDataset:
+def open_blend(
+    specs: Sequence[str] | str, weights: Sequence[float] | None = None, split: str = "train", seed: int = 0
+) -> BlendedDataset:
     """A BlendedDataset from data specs ('DIR' or 'DIR#Component'), with optional weights."""
     if isinstance(specs, str):
         specs = [specs]
@@ -353,7 +356,8 @@ class BatchSampler:
             raise NeoxrayError(f"micro-batch size {m} does not divide the per-rank batch {self.per_rank}")
         if self.consumed_samples < 0 or self.consumed_samples % g:
             raise NeoxrayError(
-                f"consumed_samples {self.consumed_samples} is not a multiple of the global batch size {g}")
+                f"consumed_samples {self.consumed_samples} is not a multiple of the global batch size {g}"
+            )
 
     @property
     def per_rank(self) -> int:
@@ -378,7 +382,7 @@ class BatchSampler:
         while True:
             share = self.rank_samples(step)
             for k in range(0, self.per_rank, self.micro):
-                yield step, share[k:k + self.micro]
+                yield step, share[k : k + self.micro]
             step += 1
 
 
@@ -405,10 +409,20 @@ def _to_batch(step: int, samples: np.ndarray, rows: np.ndarray, as_torch: bool) 
     return batch
 
 
-def iter_batches(data, global_batch_size: int, *, dp_rank: int = 0, dp_size: int = 1,
-                 micro_batch_size: int | None = None, seed: int = 0, consumed_samples: int = 0,
-                 num_steps: int | None = None, split: str = "train", as_torch: bool = True,
-                 prefetch: int = 2) -> Iterator[dict]:
+def iter_batches(
+    data,
+    global_batch_size: int,
+    *,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    micro_batch_size: int | None = None,
+    seed: int = 0,
+    consumed_samples: int = 0,
+    num_steps: int | None = None,
+    split: str = "train",
+    as_torch: bool = True,
+    prefetch: int = 2,
+) -> Iterator[dict]:
     """This data-parallel rank's micro-batches, in the deterministic order, from `consumed_samples` on.
 
     `data`: a prepared folder ('DIR' or 'DIR#Component'), a list of them (equal weights), a `PackedDataset`

@@ -89,7 +89,7 @@ class CheckpointSource(TensorSource):
             f = self.path / entry["file"]
             with safe_open(f, framework="pt") as sf:
                 dims = json.loads((sf.metadata() or {}).get("tp_dims", "{}"))
-                for key in sf.keys():
+                for key in sf.keys():  # noqa: SIM118 (a safetensors file handle, not a dict)
                     self._index.setdefault(key, []).append((entry["tp"], f, dims.get(key)))
         self.saved_tp = self.meta["layout"]["tp"]
 

@@ -16,7 +16,9 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None):
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS")
-    context = ray.init(address=address, log_to_driver=True) if address else ray.init(num_cpus=num_cpus, log_to_driver=True)
+    context = (
+        ray.init(address=address, log_to_driver=True) if address else ray.init(num_cpus=num_cpus, log_to_driver=True)
+    )
     _dashboard["url"] = getattr(context, "dashboard_url", None) or None
     return ray
 

@@ -23,9 +23,14 @@ def models(tiny_model_dir):
 
 
 def hf_greedy(ref, prompt, n, eod=None):
-    out = ref.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                       eos_token_id=eod if eod is not None else -1, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = ref.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=eod if eod is not None else -1,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def test_greedy_matches_transformers_token_for_token(models):
@@ -47,7 +52,7 @@ def test_incremental_logits_equal_full_forward(models):
     seq = PROMPTS[0] + out[0].token_ids
     with torch.no_grad():
         full = model(torch.tensor([seq]))[0]
-    assert full[len(PROMPTS[0]) - 1:-1].argmax(-1).tolist() == out[0].token_ids
+    assert full[len(PROMPTS[0]) - 1 : -1].argmax(-1).tolist() == out[0].token_ids
 
 
 def test_stops_at_end_of_document(models):
@@ -62,11 +67,17 @@ def test_stops_at_end_of_document(models):
 
 def test_stop_strings_cut_the_text(models):
     model, tok, _ = models
-    free = generate(model, [PROMPTS[1]], SamplingParams(max_new_tokens=30, greedy=True, stop_at_eod=False), tokenizer=tok)[0]
+    free = generate(
+        model, [PROMPTS[1]], SamplingParams(max_new_tokens=30, greedy=True, stop_at_eod=False), tokenizer=tok
+    )[0]
     assert len(free.text) > 6
     stop = free.text[4:6]
-    got = generate(model, [PROMPTS[1]], SamplingParams(max_new_tokens=30, greedy=True, stop=[stop], stop_at_eod=False),
-                   tokenizer=tok)[0]
+    got = generate(
+        model,
+        [PROMPTS[1]],
+        SamplingParams(max_new_tokens=30, greedy=True, stop=[stop], stop_at_eod=False),
+        tokenizer=tok,
+    )[0]
     assert got.finish_reason == "stop" and got.text == free.text[: free.text.index(stop)]
     assert stop not in got.text
 
@@ -78,16 +89,24 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(models):
     again = generate(model, [PROMPTS[2]], p, eod_id=-1)[0].token_ids
     in_batch = generate(model, [PROMPTS[0], PROMPTS[2]], [SamplingParams(max_new_tokens=5, seed=1), p], eod_id=-1)[1]
     assert alone == again == in_batch.token_ids
-    others = {tuple(generate(model, [PROMPTS[2]], SamplingParams(max_new_tokens=16, temperature=1.5, seed=s,
-                                                                  stop_at_eod=False), eod_id=-1)[0].token_ids)
-              for s in range(5)}
+    others = {
+        tuple(
+            generate(
+                model,
+                [PROMPTS[2]],
+                SamplingParams(max_new_tokens=16, temperature=1.5, seed=s, stop_at_eod=False),
+                eod_id=-1,
+            )[0].token_ids
+        )
+        for s in range(5)
+    }
     assert len(others) > 1, "different seeds should give different samples at temperature 1.5"
 
 
 def test_top_k_and_top_p_filter():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    gens = lambda: [torch.Generator().manual_seed(i) for i in range(1)]  # noqa: E731
-    draws = lambda p: {sample_next(logits, [p], [torch.Generator().manual_seed(s)])[0].item() for s in range(200)}  # noqa: E731
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(1)]
+    draws = lambda p: {sample_next(logits, [p], [torch.Generator().manual_seed(s)])[0].item() for s in range(200)}
     assert draws(SamplingParams(top_k=1)) == {0}
     assert draws(SamplingParams(top_k=2)) == {0, 1}
     assert draws(SamplingParams(top_p=0.5)) == {0}
@@ -104,7 +123,9 @@ def test_context_limits(models):
         generate(model, [[1] * ctx], SamplingParams(max_new_tokens=1), eod_id=-1)
     with pytest.raises(NeoxrayError, match="empty"):
         generate(model, [[]], SamplingParams(), eod_id=-1)
-    out = generate(model, [[1] * (ctx - 3)], SamplingParams(max_new_tokens=50, greedy=True, stop_at_eod=False), eod_id=-1)[0]
+    out = generate(
+        model, [[1] * (ctx - 3)], SamplingParams(max_new_tokens=50, greedy=True, stop_at_eod=False), eod_id=-1
+    )[0]
     assert len(out.token_ids) == 3 and out.finish_reason == "length"
     with pytest.raises(NeoxrayError, match="top_p"):
         generate(model, [[1]], SamplingParams(top_p=0.0), eod_id=-1)

@@ -68,9 +68,14 @@ def test_init_is_small_init_and_wang_init():
     m = build_model(cfg, seed=0)
     small, wang = math.sqrt(2 / (5 * 256)), 2 / (4 * math.sqrt(256))
     layer = m.layers[1]
-    for w, std in [(layer.attention.query_key_value.weight, small), (layer.mlp.dense_h_to_4h.weight, small),
-                   (m.embed_in.weight, small), (m.embed_out.weight, small),
-                   (layer.attention.dense.weight, wang), (layer.mlp.dense_4h_to_h.weight, wang)]:
+    for w, std in [
+        (layer.attention.query_key_value.weight, small),
+        (layer.mlp.dense_h_to_4h.weight, small),
+        (m.embed_in.weight, small),
+        (m.embed_out.weight, small),
+        (layer.attention.dense.weight, wang),
+        (layer.mlp.dense_4h_to_h.weight, wang),
+    ]:
         assert w.std().item() == pytest.approx(std, rel=0.05)
         assert abs(w.mean().item()) < std / 10
     assert all(torch.all(p == 0) for n, p in m.named_parameters() if n.endswith("bias"))

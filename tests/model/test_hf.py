@@ -39,11 +39,14 @@ def hf_reference(cfg: ModelConfig, seed: int) -> GPTNeoXForCausalLM:
     return GPTNeoXForCausalLM(hf_cfg).eval()
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "L{}-d{}-h{}-V{}-rot{}-{}".format(*s[:5], "par" if s[5] else "seq"))
+@pytest.mark.parametrize(
+    "shape", SHAPES, ids=lambda s: "L{}-d{}-h{}-V{}-rot{}-{}".format(*s[:5], "par" if s[5] else "seq")
+)
 def test_logits_match_transformers(shape):
     n_layers, d, h, v, rot, par = shape
-    cfg = ModelConfig(n_layers=n_layers, d_model=d, n_heads=h, vocab_size=v, max_seq_len=64,
-                      rotary_pct=rot, parallel_residual=par)
+    cfg = ModelConfig(
+        n_layers=n_layers, d_model=d, n_heads=h, vocab_size=v, max_seq_len=64, rotary_pct=rot, parallel_residual=par
+    )
     ref = hf_reference(cfg, seed=n_layers * 100 + d)
     ours = build_model(cfg, seed=None)
     ours.load_state_dict({from_hf_name(k): t for k, t in ref.state_dict().items()})

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import tempfile
 import time
 import traceback
@@ -28,8 +27,8 @@ from torch import nn
 from neoxray.errors import NeoxrayError
 from neoxray.model.config import ModelConfig
 from neoxray.model.gptneox import GPTNeoX, Layer, cross_entropy, rotary_cos_sin
-from neoxray.model.init import init_parameters, layer_offset, param_seed
-from neoxray.model.sharding import full_shape, read_shard, shard
+from neoxray.model.init import init_parameters, layer_offset
+from neoxray.model.sharding import full_shape, shard
 from neoxray.model.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -161,8 +160,13 @@ def check_parity(group, cfg_kw):
         if getattr(p, "tp_dim", None) is None:
             soft.true(all_equal_across_ranks(p.detach(), group), f"replicated parameter differs across ranks: {name}")
     with torch.no_grad():  # and the next forward still agrees
-        soft.close(tp_loss(tp(inputs), labels, group), cross_entropy(plain(inputs), labels), "loss after step",
-                   rtol=1e-5, atol=0)
+        soft.close(
+            tp_loss(tp(inputs), labels, group),
+            cross_entropy(plain(inputs), labels),
+            "loss after step",
+            rtol=1e-5,
+            atol=0,
+        )
     soft.check()
 
 
@@ -191,11 +195,21 @@ def check_materialised_rewrite(group):
     assert isinstance(model.embed_in, VocabParallelEmbedding) and isinstance(model.embed_out, ColumnParallelLinear)
     assert model.embed_out.bias is None
     assert att.query_key_value.out_features == 3 * cfg.d_model // size and att.dense.in_features == cfg.d_model // size
-    assert mlp.dense_h_to_4h.out_features == cfg.ffn_dim // size and mlp.dense_4h_to_h.in_features == cfg.ffn_dim // size
+    assert (
+        mlp.dense_h_to_4h.out_features == cfg.ffn_dim // size and mlp.dense_4h_to_h.in_features == cfg.ffn_dim // size
+    )
     assert model.embed_in.num_embeddings == V // size and model.embed_in.vocab_start == rank * V // size
 
-    dims = {"embed_in.weight": 0, "embed_out.weight": 0, "query_key_value.weight": 0, "query_key_value.bias": 0,
-            "dense_h_to_4h.weight": 0, "dense_h_to_4h.bias": 0, "attention.dense.weight": 1, "dense_4h_to_h.weight": 1}
+    dims = {
+        "embed_in.weight": 0,
+        "embed_out.weight": 0,
+        "query_key_value.weight": 0,
+        "query_key_value.bias": 0,
+        "dense_h_to_4h.weight": 0,
+        "dense_h_to_4h.bias": 0,
+        "attention.dense.weight": 1,
+        "dense_4h_to_h.weight": 1,
+    }
     for name, p in model.named_parameters():
         want = next((d for k, d in dims.items() if name.endswith(k)), None)
         assert getattr(p, "tp_dim", None) == want, name
@@ -209,7 +223,7 @@ def check_materialised_rewrite(group):
     # QKV rows are [q_h | k_h | v_h] per head: this rank holds heads [rank H/tp, (rank+1) H/tp) whole
     h_local, hd = cfg.n_heads // size, cfg.head_dim
     per_head = full["layers.0.attention.query_key_value.weight"].view(cfg.n_heads, 3 * hd, cfg.d_model)
-    mine = per_head[rank * h_local:(rank + 1) * h_local].reshape(-1, cfg.d_model)
+    mine = per_head[rank * h_local : (rank + 1) * h_local].reshape(-1, cfg.d_model)
     assert torch.equal(att.query_key_value.weight, mine)
 
     model.to(torch.bfloat16)
@@ -239,7 +253,9 @@ def check_vocab_parallel_cross_entropy(group):
             what = f"{dtype} ignore_index={ignore_index}"
             soft.true(loss.dtype == torch.float32 and mine_in.grad.dtype == dtype, f"{what}: dtypes")
             soft.close(loss, ref, f"{what}: loss", rtol=1e-6, atol=0)
-            soft.close(mine_in.grad.float(), shard(ref_in.grad.float(), 2, rank, size), f"{what}: grad", rtol=0, atol=tol)
+            soft.close(
+                mine_in.grad.float(), shard(ref_in.grad.float(), 2, rank, size), f"{what}: grad", rtol=0, atol=tol
+            )
     x = shard(full, 2, rank, size)
     soft.close(tp_loss(x, labels, group), cross_entropy(full, labels), "tp_loss", rtol=1e-6, atol=0)
     soft.check()
@@ -260,7 +276,7 @@ def check_primitives(group):
     y.sum().backward()
     soft.true(torch.equal(x.grad, torch.ones(2, 3)), "reduce: grad")
 
-    mine = lambda r: torch.randn(2, 3, generator=torch.Generator().manual_seed(200 + r))  # noqa: E731
+    mine = lambda r: torch.randn(2, 3, generator=torch.Generator().manual_seed(200 + r))
     x = mine(rank).requires_grad_()
     y = gather_from_tp_region(x, group)
     soft.true(torch.equal(y, torch.cat([mine(r) for r in range(size)], dim=-1)), "gather: values")
@@ -277,7 +293,9 @@ def check_primitives(group):
     (col(x1) ** 2).sum().backward()
     (lin(x2) ** 2).sum().backward()
     soft.close(x1.grad, x2.grad, "gather_output: input grad", rtol=1e-5, atol=1e-6)
-    soft.close(col.weight.grad, shard(lin.weight.grad, 0, rank, size), "gather_output: weight grad", rtol=1e-5, atol=1e-6)
+    soft.close(
+        col.weight.grad, shard(lin.weight.grad, 0, rank, size), "gather_output: weight grad", rtol=1e-5, atol=1e-6
+    )
     soft.check()
 
 
@@ -329,8 +347,11 @@ def check_size_errors(group):
     """Sizes that do not divide by the group name the config key, and leave the model untouched."""
     size = group_size(group)
     assert size in (2, 4)
-    for kw, key in ((dict(d_model=48, n_heads=3), "model.n_heads"), (dict(vocab_size=511), "model.vocab_size"),
-                    (dict(intermediate_size=129), "model.intermediate_size")):
+    for kw, key in (
+        (dict(d_model=48, n_heads=3), "model.n_heads"),
+        (dict(vocab_size=511), "model.vocab_size"),
+        (dict(intermediate_size=129), "model.intermediate_size"),
+    ):
         with torch.device("meta"):
             m = GPTNeoX(tiny(**kw))
         try:
@@ -339,8 +360,9 @@ def check_size_errors(group):
             assert key in str(e), str(e)
         else:
             raise AssertionError(f"no NeoxrayError for {kw}")
-        assert not any(isinstance(x, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding))
-                       for x in m.modules()), "model changed before the error"
+        assert not any(
+            isinstance(x, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)) for x in m.modules()
+        ), "model changed before the error"
     try:
         shard(torch.zeros(6, 5), 1, 0, size)
     except NeoxrayError as e:
@@ -356,8 +378,13 @@ def _worker_checks(groups: dict):
             checks[f"{label}-parity-{cname}"] = (check_parity, group, kw)
         if label == "tp2-sub":
             continue
-        for fn in (check_materialised_rewrite, check_vocab_parallel_cross_entropy, check_primitives,
-                   check_pipeline_pieces, check_size_errors):
+        for fn in (
+            check_materialised_rewrite,
+            check_vocab_parallel_cross_entropy,
+            check_primitives,
+            check_pipeline_pieces,
+            check_size_errors,
+        ):
             checks[f"{label}-{fn.__name__[6:]}"] = (fn, group)
     return checks
 
@@ -369,8 +396,9 @@ def check_names(world: int) -> list[str]:
 
 def _worker(rank: int, world: int, tmp: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=30))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world, timeout=timedelta(seconds=30)
+    )
     groups = {f"tp{world}": dist.new_group(list(range(world)))}
     if world == 4:  # two tensor-parallel groups of 2: [0, 1] and [2, 3] (every rank creates every group)
         subs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -420,14 +448,19 @@ def worlds():
     return lambda n: cache[n] if n in cache else cache.setdefault(n, spawn_world(n))
 
 
-@pytest.mark.parametrize("n, check", [(n, c) for n in (2, 4) for c in check_names(n)],
-                         ids=[f"world{n}-{c}" for n in (2, 4) for c in check_names(n)])
+@pytest.mark.parametrize(
+    "n, check",
+    [(n, c) for n in (2, 4) for c in check_names(n)],
+    ids=[f"world{n}-{c}" for n in (2, 4) for c in check_names(n)],
+)
 def test_distributed(worlds, n, check):
     ranks = worlds(n)
     failures = [
-        f"rank {r}:\n{res['results'][check]}" if check in res["results"]
+        f"rank {r}:\n{res['results'][check]}"
+        if check in res["results"]
         else f"rank {r} never finished this check; the world died: {res['died']}"
-        for r, res in enumerate(ranks) if res["results"].get(check, "missing")
+        for r, res in enumerate(ranks)
+        if res["results"].get(check, "missing")
     ]
     assert not failures, "\n".join(failures)
 
@@ -485,79 +518,3 @@ def test_vocab_parallel_cross_entropy_single_rank_equals_f_cross_entropy():
     with pytest.raises(RuntimeError, match="only once"):
         loss.backward()
     assert tp_loss(ref_in, labels, None) == cross_entropy(ref_in, labels)
-
-
-def test_init_is_deterministic_layout_independent_and_named():
-    cfg = tiny(d_model=128, n_layers=4)
-    a, b, c = plain_model(cfg, 1), plain_model(cfg, 1), plain_model(cfg, 2)
-    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
-    assert not torch.equal(a.embed_in.weight, c.embed_in.weight)
-    # same name -> same numbers, whatever else the module holds
-    layer = Layer(cfg, 3)
-    init_parameters(layer, 1, config=cfg, prefix="layers.3.")
-    stage = nn.ModuleList([Layer(cfg, 2), Layer(cfg, 3)])
-    init_parameters(stage, 1, config=cfg, name_map=layer_offset(2))
-    for name, p in layer.named_parameters():
-        assert torch.equal(p, a.get_parameter(f"layers.3.{name}")) and torch.equal(p, stage[1].get_parameter(name))
-    assert layer_offset(4)("layers.0.mlp.dense_h_to_4h.weight") == "layers.4.mlp.dense_h_to_4h.weight"
-    assert layer_offset(4)("embed_out.weight") == "embed_out.weight"
-    assert param_seed(1, "embed_in.weight") == param_seed(1, "embed_in.weight") != param_seed(2, "embed_in.weight")
-    # GPT-NeoX's rule
-    small, wang = math.sqrt(2 / (5 * 128)), 2 / (4 * math.sqrt(128))
-    for w, std in ((a.layers[1].attention.query_key_value.weight, small), (a.embed_in.weight, small),
-                   (a.embed_out.weight, small), (a.layers[1].mlp.dense_h_to_4h.weight, small),
-                   (a.layers[1].attention.dense.weight, wang), (a.layers[1].mlp.dense_4h_to_h.weight, wang)):
-        assert w.std().item() == pytest.approx(std, rel=0.05)
-    assert all(torch.all(p == 0) for n, p in a.named_parameters() if n.endswith("bias"))
-    assert torch.all(a.layers[0].input_layernorm.weight == 1) and torch.all(a.final_layer_norm.weight == 1)
-    # any dtype: the same draw, cast
-    half = copy.deepcopy(a).to(torch.bfloat16)
-    init_parameters(half, 1)
-    assert torch.equal(half.embed_in.weight, a.embed_in.weight.to(torch.bfloat16))
-
-
-def test_init_refuses_what_it_cannot_name():
-    cfg = tiny()
-    with pytest.raises(NeoxrayError, match="not a GPT-NeoX parameter name"):
-        init_parameters(Layer(cfg, 0), 0, config=cfg)  # names lack "layers.0."
-    with pytest.raises(NeoxrayError, match="both map to"):
-        init_parameters(nn.ModuleList([Layer(cfg, 0), Layer(cfg, 1)]), 0, config=cfg, name_map=lambda n: "layers.0." + n[2:])
-    with pytest.raises(NeoxrayError, match="n_layers"):
-        init_parameters(Layer(cfg, 0), 0, prefix="layers.0.")  # wang_init needs L
-    with pytest.raises(NeoxrayError, match="no entry"):
-        init_parameters(nn.Linear(4, 4), 0, name_map={})
-    with torch.device("meta"):
-        m = GPTNeoX(cfg)
-    with pytest.raises(NeoxrayError, match="meta device"):
-        init_parameters(m, 0)
-
-
-def test_sharding_attributes_survive_to_empty_and_helpers():
-    with torch.device("meta"):
-        m = ColumnParallelLinear(8, 6)
-    m.weight.custom = "kept"  # e.g. an attribute an optimizer wrapper reads
-    m.to_empty(device="cpu")
-    assert (m.weight.tp_dim, m.weight.tp_rank, m.weight.tp_size, m.weight.custom) == (0, 0, 1, "kept")
-    assert m.weight.device.type == "cpu"
-    with pytest.raises(NeoxrayError, match="dim 0"):
-        shard(torch.zeros(5, 4), 0, 0, 2)
-    p = torch.zeros(3, 8)
-    p.tp_dim, p.tp_rank, p.tp_size = 0, 1, 2
-    assert full_shape(p) == (6, 8) and full_shape(torch.zeros(2)) == (2,)
-
-
-def test_read_shard_reads_only_the_rank_slice_from_safetensors(tmp_path):
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    full = torch.arange(48.0).view(6, 8)
-    save_file({"w": full}, str(tmp_path / "w.safetensors"))
-    rows, cols = torch.zeros(3, 8), torch.zeros(6, 4)
-    rows.tp_dim, rows.tp_rank, rows.tp_size = 0, 1, 2
-    cols.tp_dim, cols.tp_rank, cols.tp_size = 1, 0, 2
-    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
-        assert torch.equal(read_shard(rows, f.get_slice("w")), full[3:])
-        assert torch.equal(read_shard(cols, f.get_slice("w")), full[:, :4])
-        assert torch.equal(read_shard(torch.zeros(6, 8), f.get_slice("w")), full)
-        with pytest.raises(NeoxrayError, match="shape"):
-            read_shard(torch.zeros(3, 3), f.get_slice("w"))

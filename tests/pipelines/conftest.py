@@ -61,8 +61,11 @@ def read_rows(out: Path, manifest: dict, split: str) -> dict:
 
 
 def tree_hashes(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def write_zst(path: Path, body: str) -> None:
@@ -95,8 +98,14 @@ def crafted(tmp_path_factory):
         "nested/b.jsonl.gz": docs[40:90],
         "nested/deeper/c.jsonl.zst": docs[90:150] + [(big, "Big")],
     }
-    bad_lines = ["{not json\n", json.dumps([1, 2]) + "\n", json.dumps({"meta": {}}) + "\n",
-                 json.dumps({"text": 7}) + "\n", json.dumps({"text": ""}) + "\n", "\n"]
+    bad_lines = [
+        "{not json\n",
+        json.dumps([1, 2]) + "\n",
+        json.dumps({"meta": {}}) + "\n",
+        json.dumps({"text": 7}) + "\n",
+        json.dumps({"text": ""}) + "\n",
+        "\n",
+    ]
     for name, ds in files.items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,8 +121,15 @@ def crafted(tmp_path_factory):
         else:
             write_zst(path, body)
     (root / "nested" / "notes.md").write_text("not an input")
-    bad = {"invalid_json": 1, "not_an_object": 1, "missing_text": 1, "text_not_string": 1, "empty_text": 1,
-           "invalid_utf8": 1, "missing_meta": 1}
+    bad = {
+        "invalid_json": 1,
+        "not_an_object": 1,
+        "missing_text": 1,
+        "text_not_string": 1,
+        "empty_text": 1,
+        "invalid_utf8": 1,
+        "missing_meta": 1,
+    }
     return root, files, bad
 
 
@@ -122,6 +138,15 @@ def small(ray_local, crafted, tok_file, tmp_path_factory):
     """A prepared dataset of a few hundred rows, with components packed apart, and its row count."""
     root, _, _ = crafted
     out = tmp_path_factory.mktemp("reader") / "ds"
-    prepare([str(root / "a.jsonl"), str(root / "nested" / "b.jsonl.gz")], tok_file, 16, str(out), val_fraction=0.1,
-            workers=2, by_component=True, rows_per_file=2048, progress=False)
+    prepare(
+        [str(root / "a.jsonl"), str(root / "nested" / "b.jsonl.gz")],
+        tok_file,
+        16,
+        str(out),
+        val_fraction=0.1,
+        workers=2,
+        by_component=True,
+        rows_per_file=2048,
+        progress=False,
+    )
     return str(out)

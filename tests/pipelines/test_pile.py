@@ -18,8 +18,16 @@ from tests.pipelines.conftest import pile_line
 
 
 def test_pile_reader_counts_empty_text_and_missing_meta(tmp_path):
-    body = (pile_line("kept") + json.dumps({"text": ""}) + "\n" + json.dumps({"text": "no meta"}) + "\n"
-            + json.dumps({"text": "bad meta", "meta": "x"}) + "\n" + '{"text": "\\ud800 lone surrogate"}\n')
+    body = (
+        pile_line("kept")
+        + json.dumps({"text": ""})
+        + "\n"
+        + json.dumps({"text": "no meta"})
+        + "\n"
+        + json.dumps({"text": "bad meta", "meta": "x"})
+        + "\n"
+        + '{"text": "\\ud800 lone surrogate"}\n'
+    )
     (tmp_path / "a.jsonl").write_text(body)
     bad, labelled = Counter(), Counter()
     docs = list(iter_documents(tmp_path / "a.jsonl", bad=bad, labelled=labelled))
@@ -38,9 +46,12 @@ def test_filesystem_uris_through_fsspec():
     with mem.open("/nx-test/corpus/sub/b.jsonl", "wb") as f:
         f.write(pile_line("remote two", "Other").encode())
     assert fs.expand_inputs(["memory://nx-test/corpus"], (".jsonl", ".jsonl.zst")) == [
-        "memory://nx-test/corpus/a.jsonl.zst", "memory://nx-test/corpus/sub/b.jsonl"]
+        "memory://nx-test/corpus/a.jsonl.zst",
+        "memory://nx-test/corpus/sub/b.jsonl",
+    ]
     assert fs.expand_inputs(["memory://nx-test/corpus/*.zst"], (".jsonl.zst",)) == [
-        "memory://nx-test/corpus/a.jsonl.zst"]
+        "memory://nx-test/corpus/a.jsonl.zst"
+    ]
     assert list(iter_documents("memory://nx-test/corpus/a.jsonl.zst")) == [("remote one", "Test")]
     with pytest.raises(NeoxrayError, match="memory://nx-test/missing.jsonl"):
         fs.expand_inputs(["memory://nx-test/missing.jsonl"], (".jsonl",))

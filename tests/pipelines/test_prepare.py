@@ -71,13 +71,15 @@ def test_prepare_sample_matches_raw_tokenizers(sample_prepared, tok_file):
         rows = len(stream) // L
         assert m["splits"][split]["rows"] == rows > 0
         assert m["splits"][split]["dropped_tokens"] == len(stream) - rows * L <= 256
-        assert m["splits"][split]["documents"] == sum(is_validation(t, 0.05) == (split == "validation")
-                                                      for t, _ in docs)
+        assert m["splits"][split]["documents"] == sum(
+            is_validation(t, 0.05) == (split == "validation") for t, _ in docs
+        )
         got = read_rows(out, m, split)
         assert list(got) == [(0, None)]
-        assert np.array_equal(got[(0, None)].reshape(-1), stream[:rows * L])
-        assert pq.read_schema(out / m["splits"][split]["files"][0]["path"]).field("input_ids").type.value_type \
-            == "uint16"
+        assert np.array_equal(got[(0, None)].reshape(-1), stream[: rows * L])
+        assert (
+            pq.read_schema(out / m["splits"][split]["files"][0]["path"]).field("input_ids").type.value_type == "uint16"
+        )
     assert m["rows"] == m["splits"]["train"]["rows"] + m["splits"]["validation"]["rows"]
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
 
@@ -87,9 +89,17 @@ def test_prepare_crafted_inputs_glob_and_directory(ray_local, crafted, tok_file,
     root, files, bad = crafted
     out = tmp_path / "out"
     # a plain file, a glob and a directory (searched recursively; notes.md is ignored)
-    result = prepare([str(root / "a.jsonl"), str(root / "nested" / "*.gz"), str(root / "nested" / "deeper")],
-                     tok_file, 64, str(out), val_fraction=0.1, workers=2, chunk_bytes=200_000, rows_per_file=50,
-                     progress=False)
+    result = prepare(
+        [str(root / "a.jsonl"), str(root / "nested" / "*.gz"), str(root / "nested" / "deeper")],
+        tok_file,
+        64,
+        str(out),
+        val_fraction=0.1,
+        workers=2,
+        chunk_bytes=200_000,
+        rows_per_file=50,
+        progress=False,
+    )
     m = result.manifest
     assert [Path(i["path"]).name for i in m["inputs"]] == ["a.jsonl", "b.jsonl.gz", "c.jsonl.zst"]
     assert m["bad_rows"] == bad
@@ -107,7 +117,7 @@ def test_prepare_crafted_inputs_glob_and_directory(ray_local, crafted, tok_file,
             total_rows += rows
             assert m["inputs"][k]["documents"] == len(ds)
             if rows:
-                assert np.array_equal(got[(k, None)].reshape(-1), stream[:rows * 65]), (name, split)
+                assert np.array_equal(got[(k, None)].reshape(-1), stream[: rows * 65]), (name, split)
             else:
                 assert (k, None) not in got
         assert m["splits"][split]["rows"] == total_rows
@@ -129,8 +139,9 @@ def test_prepare_is_byte_identical_across_reruns_and_workers(ray_local, crafted,
 def test_by_component_packs_each_component_apart(ray_local, crafted, tok_file, tmp_path):
     root, files, _ = crafted
     out = tmp_path / "bc"
-    m = prepare([str(root)], tok_file, 32, str(out), val_fraction=0.0, workers=2, by_component=True,
-                progress=False).manifest
+    m = prepare(
+        [str(root)], tok_file, 32, str(out), val_fraction=0.0, workers=2, by_component=True, progress=False
+    ).manifest
     raw = tokenizers.Tokenizer.from_file(tok_file)
     got = read_rows(out, m, "train")
     expected_rows = 0
@@ -139,7 +150,7 @@ def test_by_component_packs_each_component_apart(ray_local, crafted, tok_file, t
             rows = len(stream) // 33
             expected_rows += rows
             if rows:
-                assert np.array_equal(got[(k, comp)].reshape(-1), stream[:rows * 33])
+                assert np.array_equal(got[(k, comp)].reshape(-1), stream[: rows * 33])
     assert m["splits"]["train"]["rows"] == expected_rows
     gh = PackedDataset(str(out), component="Github")
     assert len(gh) == sum(len(v) for (k, c), v in got.items() if c == "Github")
@@ -172,12 +183,21 @@ def test_rerun_is_a_noop_overwrite_rebuilds_and_conflicts_are_errors(ray_local, 
 def test_failed_run_leaves_no_manifest_and_keeps_the_old_dataset(ray_local, crafted, tok_file, tmp_path):
     root, _, _ = crafted
     cut = tmp_path / "zz-cut.jsonl.zst"
-    cut.write_bytes(zstandard.ZstdCompressor().compress(
-        "".join(pile_line(f"document {i} " * 40) for i in range(400)).encode())[:-20])
+    cut.write_bytes(
+        zstandard.ZstdCompressor().compress("".join(pile_line(f"document {i} " * 40) for i in range(400)).encode())[
+            :-20
+        ]
+    )
     fresh = tmp_path / "fresh"
     with pytest.raises(NeoxrayError, match="zz-cut.jsonl.zst.*truncated"):
-        prepare([str(root / "a.jsonl"), str(root / "nested" / "b.jsonl.gz"), str(cut)], tok_file, 64, str(fresh),
-                workers=2, progress=False)
+        prepare(
+            [str(root / "a.jsonl"), str(root / "nested" / "b.jsonl.gz"), str(cut)],
+            tok_file,
+            64,
+            str(fresh),
+            workers=2,
+            progress=False,
+        )
     assert not (fresh / MANIFEST).exists()
     assert not list(fresh.glob("*/*.parquet")) and not list(fresh.glob(".tmp*"))
     # over a finished dataset, a failing --overwrite run leaves the old one intact
@@ -185,8 +205,7 @@ def test_failed_run_leaves_no_manifest_and_keeps_the_old_dataset(ray_local, craf
     prepare([str(root / "a.jsonl")], tok_file, 64, str(done), workers=1, progress=False)
     before = tree_hashes(done)
     with pytest.raises(NeoxrayError, match="zz-cut"):
-        prepare([str(root / "a.jsonl"), str(cut)], tok_file, 64, str(done), workers=1, overwrite=True,
-                progress=False)
+        prepare([str(root / "a.jsonl"), str(cut)], tok_file, 64, str(done), workers=1, overwrite=True, progress=False)
     assert tree_hashes(done) == before
 
 
@@ -194,10 +213,22 @@ def test_uri_paths_give_the_same_dataset(ray_local, crafted, tok_file, tmp_path)
     """file:// URIs take the pyarrow-filesystem code path (as s3:// and gs:// do) and give the same rows."""
     root, _, _ = crafted
     local, remote = tmp_path / "local", tmp_path / "remote"
-    prepare([str(root / "a.jsonl"), str(root / "nested" / "b.jsonl.gz")], tok_file, 64, str(local), workers=1,
-            progress=False)
-    m = prepare([f"file://{root}/a.jsonl", f"file://{root}/nested/*.gz"], tok_file, 64, f"file://{remote}",
-                workers=2, progress=False).manifest
+    prepare(
+        [str(root / "a.jsonl"), str(root / "nested" / "b.jsonl.gz")],
+        tok_file,
+        64,
+        str(local),
+        workers=1,
+        progress=False,
+    )
+    m = prepare(
+        [f"file://{root}/a.jsonl", f"file://{root}/nested/*.gz"],
+        tok_file,
+        64,
+        f"file://{remote}",
+        workers=2,
+        progress=False,
+    ).manifest
     assert m["inputs"][0]["path"] == f"file://{root}/a.jsonl"
     parts = {k: v for k, v in tree_hashes(local).items() if k != MANIFEST}
     assert parts == {k: v for k, v in tree_hashes(remote).items() if k != MANIFEST} and parts
@@ -227,8 +258,15 @@ def test_large_vocabularies_are_stored_as_int32(ray_local, tmp_path):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(tmp_path / "big.json"))
     (tmp_path / "in.jsonl").write_text(pile_line("w69999 w1 w65600 zzz") * 5)
-    m = prepare([str(tmp_path / "in.jsonl")], str(tmp_path / "big.json"), 4, str(tmp_path / "o"), val_fraction=0,
-                workers=1, progress=False).manifest
+    m = prepare(
+        [str(tmp_path / "in.jsonl")],
+        str(tmp_path / "big.json"),
+        4,
+        str(tmp_path / "o"),
+        val_fraction=0,
+        workers=1,
+        progress=False,
+    ).manifest
     assert m["dtype"] == "int32" and m["rows"] == 5
     rows = PackedDataset(str(tmp_path / "o")).take(np.arange(5))
     assert rows.dtype == np.int32
@@ -241,17 +279,40 @@ def test_cli_prepare_runs_and_errors_are_one_line(ray_local, crafted, tok_file, 
     # the CLI joins the test's cluster, as it does when it runs as a Ray job entrypoint
     monkeypatch.setenv("RAY_ADDRESS", ray_local.get_runtime_context().gcs_address)
     out = tmp_path / "cli"
-    proc = run_cli("prepare", "--input", str(root / "a.jsonl"), "--tokenizer", tok_file, "--seq-len", "64",
-                   "--output", str(out), "--workers", "1", "--json")
+    proc = run_cli(
+        "prepare",
+        "--input",
+        str(root / "a.jsonl"),
+        "--tokenizer",
+        tok_file,
+        "--seq-len",
+        "64",
+        "--output",
+        str(out),
+        "--workers",
+        "1",
+        "--json",
+    )
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["output"] == str(out) and not summary["skipped"] and summary["rows"] > 0
     assert "documents" in proc.stderr and "tokens/s" in proc.stderr  # progress and the final rate
     assert json.loads((out / MANIFEST).read_text())["rows"] == summary["rows"]
-    again = run_cli("prepare", "--input", str(root / "a.jsonl"), "--tokenizer", tok_file, "--seq-len", "64",
-                    "--output", str(out))
+    again = run_cli(
+        "prepare", "--input", str(root / "a.jsonl"), "--tokenizer", tok_file, "--seq-len", "64", "--output", str(out)
+    )
     assert "nothing to do" in again.stderr
-    missing = run_cli("prepare", "--input", str(tmp_path / "missing.jsonl"), "--tokenizer", tok_file,
-                      "--seq-len", "64", "--output", str(tmp_path / "o"), check=False)
+    missing = run_cli(
+        "prepare",
+        "--input",
+        str(tmp_path / "missing.jsonl"),
+        "--tokenizer",
+        tok_file,
+        "--seq-len",
+        "64",
+        "--output",
+        str(tmp_path / "o"),
+        check=False,
+    )
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     lines = [line for line in missing.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "missing.jsonl" in lines[0], missing.stderr
@@ -294,9 +355,27 @@ def test_interrupted_cli_run_leaves_nothing_that_looks_finished(ray_local, tok_f
     driver.write_text(STOP_AFTER_FIRST_CHUNK)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     with open(log, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, str(driver), str(marker), "prepare", "--input", str(src),
-                                 "--tokenizer", tok_file, "--seq-len", "64", "--output", str(out), "--workers", "1"],
-                                env=env, stderr=stderr, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(driver),
+                str(marker),
+                "prepare",
+                "--input",
+                str(src),
+                "--tokenizer",
+                tok_file,
+                "--seq-len",
+                "64",
+                "--output",
+                str(out),
+                "--workers",
+                "1",
+            ],
+            env=env,
+            stderr=stderr,
+            text=True,
+        )
     try:
         deadline = time.monotonic() + 300  # only a guard against a hang: the loop ends on the marker
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:

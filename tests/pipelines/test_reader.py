@@ -38,8 +38,8 @@ def test_order_is_deterministic_and_each_epoch_covers_every_row_once(small):
     order = BlendedDataset([data], seed=7)
     _, rows = order.locate(np.arange(3 * n))
     for e in range(3):
-        assert np.array_equal(np.sort(rows[e * n:(e + 1) * n]), np.arange(n))
-    assert not np.array_equal(rows[:n], rows[n:2 * n])  # a new shuffle every epoch
+        assert np.array_equal(np.sort(rows[e * n : (e + 1) * n]), np.arange(n))
+    assert not np.array_equal(rows[:n], rows[n : 2 * n])  # a new shuffle every epoch
     _, again = BlendedDataset([PackedDataset(small)], seed=7).locate(np.arange(3 * n))
     assert np.array_equal(rows, again)
     _, other = BlendedDataset([data], seed=8).locate(np.arange(n))
@@ -49,8 +49,10 @@ def test_order_is_deterministic_and_each_epoch_covers_every_row_once(small):
 
 def test_dp_ranks_get_disjoint_shares_of_each_global_batch(small):
     G, D = 12, 3
-    per_rank = [list(iter_batches(small, G, dp_rank=r, dp_size=D, micro_batch_size=2, seed=1, num_steps=4,
-                                  as_torch=False)) for r in range(D)]
+    per_rank = [
+        list(iter_batches(small, G, dp_rank=r, dp_size=D, micro_batch_size=2, seed=1, num_steps=4, as_torch=False))
+        for r in range(D)
+    ]
     whole = BlendedDataset([PackedDataset(small)], seed=1)
     for step in range(4):
         seen = []
@@ -70,8 +72,7 @@ def test_dp_ranks_get_disjoint_shares_of_each_global_batch(small):
 
 def test_resume_continues_without_replay(small, monkeypatch):
     G = 8
-    full = list(iter_batches(small, G, dp_rank=1, dp_size=2, micro_batch_size=2, seed=3, num_steps=6,
-                             as_torch=False))
+    full = list(iter_batches(small, G, dp_rank=1, dp_size=2, micro_batch_size=2, seed=3, num_steps=6, as_torch=False))
     data = PackedDataset(small)
     read: list = []
     original = PackedDataset.take
@@ -81,8 +82,19 @@ def test_resume_continues_without_replay(small, monkeypatch):
         return original(self, rows)
 
     monkeypatch.setattr(PackedDataset, "take", spy)
-    tail = list(iter_batches(data, G, dp_rank=1, dp_size=2, micro_batch_size=2, seed=3, consumed_samples=4 * G,
-                             num_steps=2, as_torch=False))
+    tail = list(
+        iter_batches(
+            data,
+            G,
+            dp_rank=1,
+            dp_size=2,
+            micro_batch_size=2,
+            seed=3,
+            consumed_samples=4 * G,
+            num_steps=2,
+            as_torch=False,
+        )
+    )
     assert len(tail) == 4 and [b["step"] for b in tail] == [4, 4, 5, 5]
     for a, b in zip(full[-4:], tail):
         assert np.array_equal(a["sample_idx"], b["sample_idx"]) and np.array_equal(a["input_ids"], b["input_ids"])
@@ -103,7 +115,7 @@ def test_blend_follows_its_weights_in_every_prefix(small):
     assert np.abs(counts - n * np.array([0.7, 0.3])).max() <= 1.0
     # each dataset walks its own shuffled epochs: its first len(d) draws cover it exactly once
     for d, (name, data) in enumerate(comps.items()):
-        mine = rows[ds == d][:len(data)]
+        mine = rows[ds == d][: len(data)]
         assert np.array_equal(np.sort(mine), np.arange(len(data))), name
     same = open_blend([f"{small}#Github", f"{small}#Python-Docs"], weights=[7, 3], seed=0)
     assert np.array_equal(same.locate(np.arange(1000))[1], rows[:1000])
@@ -128,10 +140,12 @@ def _train_loop(config):
 
     rank = ray.train.get_context().get_world_rank()
     # layout A: 2 data-parallel replicas; layout B: 1 replica split over 2 tensor-parallel peers (dp rank 0)
-    dp = [b["sample_idx"].tolist() for b in iter_batches(config["path"], 8, dp_rank=rank, dp_size=2,
-                                                          seed=5, num_steps=3)]
-    tp = [b["input_ids"].sum().item() for b in iter_batches(config["path"], 8, dp_rank=0, dp_size=1, seed=5,
-                                                             num_steps=3)]
+    dp = [
+        b["sample_idx"].tolist() for b in iter_batches(config["path"], 8, dp_rank=rank, dp_size=2, seed=5, num_steps=3)
+    ]
+    tp = [
+        b["input_ids"].sum().item() for b in iter_batches(config["path"], 8, dp_rank=0, dp_size=1, seed=5, num_steps=3)
+    ]
     shard_rows = []
     for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=16):
         assert batch["input_ids"].shape[1] == config["seq_len"]
@@ -147,9 +161,12 @@ def test_ray_train_workers_get_their_shares(ray_local, small, tmp_path):
     data = PackedDataset(small)
     ds = ray_dataset(small)
     trainer = TorchTrainer(
-        _train_loop, train_loop_config={"path": small, "out": str(tmp_path), "seq_len": data.seq_len},
-        scaling_config=ScalingConfig(num_workers=2, use_gpu=False), datasets={"train": ds},
-        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="data"))
+        _train_loop,
+        train_loop_config={"path": small, "out": str(tmp_path), "seq_len": data.seq_len},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+        datasets={"train": ds},
+        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="data"),
+    )
     trainer.fit()
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in range(2):  # the explicit per-replica split: rank r's samples of each global batch

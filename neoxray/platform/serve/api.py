@@ -44,8 +44,9 @@ from neoxray.platform.serve.request import InvalidRequest
 from neoxray.platform.serve.serving import ApiError, OpenAIServing, ServeObserver
 
 
-def error_response(status: int, message: str, type_: str, param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, type_: str, param: str | None = None, code: str | None = None
+) -> JSONResponse:
     return _json(ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code)), status)
 
 
@@ -61,9 +62,14 @@ def _field_of(loc) -> str:
     return parts[0] if parts else "body"
 
 
-def create_app(engine: InferenceEngine, model_name: str | None = None, api_key: str | None = None,
-               observer: ServeObserver | None = None, stats_period_s: float = 1.0,
-               shutdown_timeout_s: float | None = None) -> FastAPI:
+def create_app(
+    engine: InferenceEngine,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    observer: ServeObserver | None = None,
+    stats_period_s: float = 1.0,
+    shutdown_timeout_s: float | None = None,
+) -> FastAPI:
     """The FastAPI app serving `engine` (whose background thread must be running). With
     `shutdown_timeout_s`, the app's shutdown drains the engine (finishing running requests for up to that
     long) and stops it: a replica going away lets its requests finish."""
@@ -118,8 +124,13 @@ def create_app(engine: InferenceEngine, model_name: str | None = None, api_key: 
             given = request.headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-                return error_response(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
-                                      "authentication_error", None, "invalid_api_key")
+                return error_response(
+                    401,
+                    "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                    "authentication_error",
+                    None,
+                    "invalid_api_key",
+                )
         return await call_next(request)
 
     # -- routes ----------------------------------------------------------------------------------------------
@@ -152,14 +163,20 @@ def create_app(engine: InferenceEngine, model_name: str | None = None, api_key: 
         result = await serving.create_completion(body)
         if isinstance(result, CompletionResponse):
             return _json(result)
-        return StreamingResponse(result, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            result, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     return app
 
 
-def run_standalone(engine: InferenceEngine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                   model_name: str | None = None) -> None:
+def run_standalone(
+    engine: InferenceEngine,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    model_name: str | None = None,
+) -> None:
     """Serve one engine with uvicorn in this process (no Ray): for a single machine, and for GPU hosts where
     Ray is not installed."""
     import uvicorn

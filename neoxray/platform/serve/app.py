@@ -69,10 +69,12 @@ class ServeArgs(BaseModel):
         from neoxray.platform.serve.engine import InferenceEngine
 
         dtype = to_dtype(self.dtype)
-        config = EngineConfig(max_num_seqs=self.max_num_seqs, kv_cache_tokens=self.kv_cache_tokens,
-                              prefill_chunk=self.prefill_chunk)
-        return InferenceEngine.from_path(self.model, device=self.device, dtype=dtype, config=config,
-                                         model_name=self.name)
+        config = EngineConfig(
+            max_num_seqs=self.max_num_seqs, kv_cache_tokens=self.kv_cache_tokens, prefill_chunk=self.prefill_chunk
+        )
+        return InferenceEngine.from_path(
+            self.model, device=self.device, dtype=dtype, config=config, model_name=self.name
+        )
 
 
 @serve.deployment(name="neoxray")
@@ -88,8 +90,12 @@ class NeoxrayServer:
         from neoxray.platform.serve.api import create_app
         from neoxray.platform.serve.metrics import RayServeMetrics
 
-        return create_app(self.engine, api_key=self.args.api_key, observer=RayServeMetrics(self.engine.model_name),
-                          shutdown_timeout_s=self.args.graceful_shutdown_timeout_s)
+        return create_app(
+            self.engine,
+            api_key=self.args.api_key,
+            observer=RayServeMetrics(self.engine.model_name),
+            shutdown_timeout_s=self.args.graceful_shutdown_timeout_s,
+        )
 
     def check_health(self) -> None:
         """Serve restarts a replica whose engine thread has died."""
@@ -118,8 +124,11 @@ def build_app(args: ServeArgs) -> serve.Application:
     if args.min_replicas is not None or args.max_replicas is not None:
         lo = args.min_replicas if args.min_replicas is not None else 1
         hi = args.max_replicas if args.max_replicas is not None else max(lo, 1)
-        options["autoscaling_config"] = {"min_replicas": lo, "max_replicas": max(hi, lo),
-                                         "target_ongoing_requests": args.target_ongoing_requests}
+        options["autoscaling_config"] = {
+            "min_replicas": lo,
+            "max_replicas": max(hi, lo),
+            "target_ongoing_requests": args.target_ongoing_requests,
+        }
     else:
         options["num_replicas"] = args.num_replicas
     return NeoxrayServer.options(**options).bind(args.model_dump())

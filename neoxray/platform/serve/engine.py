@@ -63,9 +63,12 @@ class InferenceEngine:
         self.scheduler = Scheduler(c, self.cache)
         self.runner = ModelRunner(model, self.cache)
         self.output_processor = OutputProcessor(
-            tokenizer, eod_id=tokenizer.eod_id if tokenizer is not None else cfg.eos_token_id,
+            tokenizer,
+            eod_id=tokenizer.eod_id if tokenizer is not None else cfg.eos_token_id,
             vocab_limit=getattr(tokenizer, "vocab_size", None) or cfg.vocab_size,  # rows past it are padding
-            max_seq_len=cfg.max_seq_len, device=self.device)
+            max_seq_len=cfg.max_seq_len,
+            device=self.device,
+        )
         self._inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -89,8 +92,14 @@ class InferenceEngine:
 
     # -- construction ------------------------------------------------------------------------------------
     @classmethod
-    def from_path(cls, path, device: str = "auto", dtype: torch.dtype | None = None,
-                  config: EngineConfig | None = None, model_name: str | None = None) -> InferenceEngine:
+    def from_path(
+        cls,
+        path,
+        device: str = "auto",
+        dtype: torch.dtype | None = None,
+        config: EngineConfig | None = None,
+        model_name: str | None = None,
+    ) -> InferenceEngine:
         """An exported Hugging Face directory, a training checkpoint, or a run directory (its newest checkpoint)."""
         from neoxray.platform.model_loading import load_for_inference
 
@@ -107,11 +116,17 @@ class InferenceEngine:
         if req.max_tokens < 0:
             raise InvalidRequest(f"max_tokens must be >= 0, got {req.max_tokens}", "max_tokens")
         if n + req.max_tokens > self.max_seq_len:
-            raise InvalidRequest(f"prompt ({n} tokens) plus max_tokens ({req.max_tokens}) exceeds the model's "
-                                 f"context of {self.max_seq_len} tokens", "max_tokens")
+            raise InvalidRequest(
+                f"prompt ({n} tokens) plus max_tokens ({req.max_tokens}) exceeds the model's "
+                f"context of {self.max_seq_len} tokens",
+                "max_tokens",
+            )
         if self.cache.blocks_for(n + req.max_tokens) > self.cache.num_blocks:
-            raise InvalidRequest(f"prompt plus max_tokens ({n + req.max_tokens} tokens) exceeds the KV cache "
-                                 f"({self.cache.num_blocks * self.cache.block_size} tokens)", "max_tokens")
+            raise InvalidRequest(
+                f"prompt plus max_tokens ({n + req.max_tokens} tokens) exceeds the KV cache "
+                f"({self.cache.num_blocks * self.cache.block_size} tokens)",
+                "max_tokens",
+            )
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
             raise InvalidRequest(f"logprobs must be between 0 and 20, got {req.logprobs}", "logprobs")
         if req.sampling.stop and self.tokenizer is None:
@@ -124,8 +139,9 @@ class InferenceEngine:
     def check_token_ids(self, ids: Sequence[int], param: str) -> None:
         bad = [t for t in ids if not 0 <= t < self.vocab_limit]
         if bad:
-            raise InvalidRequest(f"{param} has token ids outside the vocabulary [0, {self.vocab_limit}): {bad[:5]}",
-                                 param)
+            raise InvalidRequest(
+                f"{param} has token ids outside the vocabulary [0, {self.vocab_limit}): {bad[:5]}", param
+            )
 
     # -- submission (any thread) ---------------------------------------------------------------------------
     def add_request(self, req: Request, sink: Callable[[Output], None]) -> str:

@@ -28,19 +28,25 @@ class RayServeMetrics(ServeObserver):
 
         keys = ("model",)
         self.tags = {"model": model_name}
-        hist = lambda n: Histogram(n, description=METRICS[n], boundaries=LATENCY_BOUNDS, tag_keys=keys)  # noqa: E731
+        hist = lambda n: Histogram(n, description=METRICS[n], boundaries=LATENCY_BOUNDS, tag_keys=keys)
         self.ttft = hist("neoxray_serve_time_to_first_token_s")
         self.itl = hist("neoxray_serve_inter_token_latency_s")
         self.latency = hist("neoxray_serve_request_latency_s")
-        self.prompt_tokens = Counter("neoxray_serve_prompt_tokens", description=METRICS["neoxray_serve_prompt_tokens"],
-                                     tag_keys=keys)
-        self.generation_tokens = Counter("neoxray_serve_generation_tokens",
-                                         description=METRICS["neoxray_serve_generation_tokens"], tag_keys=keys)
-        self.finished = Counter("neoxray_serve_requests_finished",
-                                description=METRICS["neoxray_serve_requests_finished"],
-                                tag_keys=("model", "finish_reason"))
-        self.gauges = {k: Gauge(f"neoxray_serve_{k}", description=METRICS[f"neoxray_serve_{k}"], tag_keys=keys)
-                       for k in ("running_requests", "waiting_requests", "kv_cache_usage")}
+        self.prompt_tokens = Counter(
+            "neoxray_serve_prompt_tokens", description=METRICS["neoxray_serve_prompt_tokens"], tag_keys=keys
+        )
+        self.generation_tokens = Counter(
+            "neoxray_serve_generation_tokens", description=METRICS["neoxray_serve_generation_tokens"], tag_keys=keys
+        )
+        self.finished = Counter(
+            "neoxray_serve_requests_finished",
+            description=METRICS["neoxray_serve_requests_finished"],
+            tag_keys=("model", "finish_reason"),
+        )
+        self.gauges = {
+            k: Gauge(f"neoxray_serve_{k}", description=METRICS[f"neoxray_serve_{k}"], tag_keys=keys)
+            for k in ("running_requests", "waiting_requests", "kv_cache_usage")
+        }
 
     def on_output(self, out: Output, since_previous_s: float | None) -> None:
         if out.time_to_first_token_s is not None:

@@ -33,9 +33,9 @@ class ModelRunner:
         ids = torch.zeros((b, s_max), dtype=torch.long)
         table = torch.zeros((b, n_blocks), dtype=torch.long)
         for i, (seq, st, n) in enumerate(zip(seqs, starts, lengths)):
-            ids[i, :n] = torch.as_tensor(seq.tokens[st:st + n], dtype=torch.long)
+            ids[i, :n] = torch.as_tensor(seq.tokens[st : st + n], dtype=torch.long)
             blocks = seq.blocks[:n_blocks]
-            table[i, :len(blocks)] = torch.as_tensor(blocks, dtype=torch.long)
+            table[i, : len(blocks)] = torch.as_tensor(blocks, dtype=torch.long)
         # [b, t]: the cache slot of each key position of each row
         read_slots = (table[:, :, None] * bs + torch.arange(bs)).reshape(b, -1)[:, :t_max]
         q = torch.arange(s_max)[None]  # [1, s]

@@ -44,14 +44,14 @@ class OutputProcessor:
         """logp [n, V]: log-probabilities after the prompt positions start .. start + n - 1 of `s`; records those
         of the prompt tokens that follow them."""
         k = s.req.logprobs or 0
-        for j, t in enumerate(s.tokens[start + 1:start + logp.shape[0] + 1]):  # targets inside the prompt
+        for j, t in enumerate(s.tokens[start + 1 : start + logp.shape[0] + 1]):  # targets inside the prompt
             s.prompt_lp.append(_entry(logp[j], t, k))
 
     def process(self, seqs: list[SequenceState], logits: torch.Tensor) -> list[Output]:
         """logits [r, V] fp32 for the next token of each of seqs -> the Output of each (finish_reason set for
         those that end now; a scoring-only request ends here without a token)."""
         if self.vocab_limit < logits.shape[-1]:
-            logits[:, self.vocab_limit:] = float("-inf")  # padding rows of the embedding never come out
+            logits[:, self.vocab_limit :] = float("-inf")  # padding rows of the embedding never come out
         next_ids = sample_next(logits, [s.req.sampling for s in seqs], [s.generator for s in seqs]).tolist()
         want_lp = [i for i, s in enumerate(seqs) if s.req.logprobs is not None]
         logp = F.log_softmax(logits[want_lp], dim=-1) if want_lp else None
@@ -80,12 +80,17 @@ class OutputProcessor:
         if hit >= 0:
             text, reason = text[:hit], "stop"
         if reason is None:
-            text = text[:s.stop.safe_end(text, s.emitted_chars)]
-        delta = text[s.emitted_chars:]
+            text = text[: s.stop.safe_end(text, s.emitted_chars)]
+        delta = text[s.emitted_chars :]
         s.emitted_chars = max(s.emitted_chars, len(text))
-        out = Output(request_id=s.req.request_id, token_ids=[s.generated[-1]], text=delta,
-                     logprobs=s.pending_lp if s.req.logprobs is not None else None,
-                     prompt_tokens=s.prompt_len, generated_tokens=len(s.generated))
+        out = Output(
+            request_id=s.req.request_id,
+            token_ids=[s.generated[-1]],
+            text=delta,
+            logprobs=s.pending_lp if s.req.logprobs is not None else None,
+            prompt_tokens=s.prompt_len,
+            generated_tokens=len(s.generated),
+        )
         if first:
             out.prompt_logprobs = s.prompt_lp
             out.time_to_first_token_s = s.first_token_at - s.arrival
@@ -97,10 +102,17 @@ class OutputProcessor:
 
     def final(self, s: SequenceState, reason: str, error: str | None = None) -> Output:
         """The last Output of a request that ends without a new token (abort, scoring only, engine failure)."""
-        out = Output(request_id=s.req.request_id, token_ids=[], text="", finish_reason=reason,
-                     prompt_tokens=s.prompt_len, generated_tokens=len(s.generated), error=error,
-                     latency_s=time.perf_counter() - s.arrival,
-                     logprobs=[] if s.req.logprobs is not None else None)
+        out = Output(
+            request_id=s.req.request_id,
+            token_ids=[],
+            text="",
+            finish_reason=reason,
+            prompt_tokens=s.prompt_len,
+            generated_tokens=len(s.generated),
+            error=error,
+            latency_s=time.perf_counter() - s.arrival,
+            logprobs=[] if s.req.logprobs is not None else None,
+        )
         if not s.generated:
             out.prompt_logprobs = s.prompt_lp
         return out

@@ -6,11 +6,11 @@ answer of the API, errors included, is one of the response models here."""
 from __future__ import annotations
 
 import json
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
-Prompt = Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
+Prompt = str | list[str] | list[StrictInt] | list[list[StrictInt]]
 
 
 class _Strict(BaseModel):

@@ -47,8 +47,9 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise NeoxrayError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
-            raise NeoxrayError(f"engine.kv_cache_tokens must be >= block_size ({self.block_size}), "
-                               f"got {self.kv_cache_tokens}")
+            raise NeoxrayError(
+                f"engine.kv_cache_tokens must be >= block_size ({self.block_size}), got {self.kv_cache_tokens}"
+            )
         return self
 
 
@@ -101,12 +102,18 @@ class Output:
         """One Output covering this one, then `later` (of the same request)."""
         a, b = self, later
         return Output(
-            request_id=a.request_id, token_ids=a.token_ids + b.token_ids, text=a.text + b.text,
+            request_id=a.request_id,
+            token_ids=a.token_ids + b.token_ids,
+            text=a.text + b.text,
             logprobs=None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or []),
             prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
-            finish_reason=b.finish_reason, prompt_tokens=b.prompt_tokens, generated_tokens=b.generated_tokens,
-            error=a.error or b.error, time_to_first_token_s=a.time_to_first_token_s or b.time_to_first_token_s,
-            latency_s=b.latency_s)
+            finish_reason=b.finish_reason,
+            prompt_tokens=b.prompt_tokens,
+            generated_tokens=b.generated_tokens,
+            error=a.error or b.error,
+            time_to_first_token_s=a.time_to_first_token_s or b.time_to_first_token_s,
+            latency_s=b.latency_s,
+        )
 
 
 @dataclass
@@ -131,7 +138,8 @@ class Completion:
             text="".join(o.text for o in outs),
             finish_reason=outs[-1].finish_reason if outs else "abort",
             logprobs=list(itertools.chain.from_iterable(o.logprobs or [] for o in outs))
-            if req.logprobs is not None else None,
+            if req.logprobs is not None
+            else None,
             prompt_logprobs=next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None),
             prompt_tokens=len(req.prompt_ids),
         )

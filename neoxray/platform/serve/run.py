@@ -24,8 +24,9 @@ def _sigterm_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def run_serve(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
-              no_ray: bool = False) -> None:
+def run_serve(
+    args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, address: str | None = None, no_ray: bool = False
+) -> None:
     _sigterm_as_interrupt()
     if no_ray:
         return _run_standalone(args, host, port)
@@ -40,8 +41,10 @@ def run_serve(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, addres
     url = f"http://{host}:{port}"
     try:
         serve.start(http_options={"host": host, "port": port})
-        _log(f"deploying {args.model} on Ray Serve ({args.num_replicas if args.max_replicas is None else 'autoscaling'} "
-             f"replica(s), {args.num_gpus:g} GPU each); the first start loads the model")
+        _log(
+            f"deploying {args.model} on Ray Serve ({args.num_replicas if args.max_replicas is None else 'autoscaling'} "
+            f"replica(s), {args.num_gpus:g} GPU each); the first start loads the model"
+        )
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         _log(f"serving at {url}/v1 (OpenAI-compatible: /v1/completions, /v1/models, /v1/embeddings; /health)")
         _log(f"Ray dashboard: {dashboard_url()}; Ctrl-C to stop")

@@ -56,8 +56,14 @@ Choice = tuple[list[int], str, Request]
 class ApiError(Exception):
     """A refusal: the HTTP status and OpenAI's error fields."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
@@ -88,8 +94,13 @@ class OpenAIServing:
     # -- checks and prompts ------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
-            raise ApiError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
-                           "invalid_request_error", "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"model {model!r} does not exist; this server serves {self.model_name!r}",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
 
     def prompts_of(self, prompt, field: str) -> list[tuple[list[int], str]]:
         """-> [(token ids, text)] for a string, strings, token ids or token-id lists."""
@@ -121,11 +132,23 @@ class OpenAIServing:
         reqs = []
         for j in range(body.n):
             sampling = SamplingParams(
-                temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
-                greedy=body.temperature == 0.0, seed=None if body.seed is None else body.seed + j,
-                stop=body.stops, stop_at_eod=not body.ignore_eos)
-            reqs.append(Request(ids, max_tokens=max_tokens, sampling=sampling, logprobs=body.logprobs,
-                                prompt_logprobs=body.echo and body.logprobs is not None))
+                temperature=body.temperature,
+                top_k=max(body.top_k, 0),
+                top_p=body.top_p,
+                greedy=body.temperature == 0.0,
+                seed=None if body.seed is None else body.seed + j,
+                stop=body.stops,
+                stop_at_eod=not body.ignore_eos,
+            )
+            reqs.append(
+                Request(
+                    ids,
+                    max_tokens=max_tokens,
+                    sampling=sampling,
+                    logprobs=body.logprobs,
+                    prompt_logprobs=body.echo and body.logprobs is not None,
+                )
+            )
         return reqs
 
     # -- simple routes -----------------------------------------------------------------------------------
@@ -135,15 +158,21 @@ class OpenAIServing:
         return HealthResponse(model=self.model_name, **self.engine.stats())
 
     def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.model_name, created=int(time.time()),
-                                         max_model_len=self.engine.max_seq_len)])
+        return ModelList(
+            data=[ModelCard(id=self.model_name, created=int(time.time()), max_model_len=self.engine.max_seq_len)]
+        )
 
     def tokenizer_info(self) -> TokenizerInfo:
         tok = self.tokenizer
         eod = tok.decode([self.engine.eod_id])
-        return TokenizerInfo(eos_token=eod, bos_token=eod, pad_token=tok.decode([tok.pad_id]),
-                             model_max_length=self.engine.max_seq_len, tokenizer_class="GPTNeoXTokenizer",
-                             vocab_size=tok.vocab_size)
+        return TokenizerInfo(
+            eos_token=eod,
+            bos_token=eod,
+            pad_token=tok.decode([tok.pad_id]),
+            model_max_length=self.engine.max_seq_len,
+            tokenizer_class="GPTNeoXTokenizer",
+            vocab_size=tok.vocab_size,
+        )
 
     def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         self.check_model(body.model)
@@ -164,16 +193,20 @@ class OpenAIServing:
         items = self.prompts_of(body.input, "input")
         for ids, _ in items:
             if len(ids) > engine.max_seq_len:
-                raise ApiError(400, f"input has {len(ids)} tokens; the model's context is {engine.max_seq_len}",
-                               param="input")
+                raise ApiError(
+                    400, f"input has {len(ids)} tokens; the model's context is {engine.max_seq_len}", param="input"
+                )
         if not engine.alive:
             raise ApiError(503, "the inference engine is not running", "server_error")
         vectors = await engine.run_on_engine(lambda: engine.embed([ids for ids, _ in items]))
         if body.encoding_format == "base64":
             vectors = [base64.b64encode(np.asarray(v, dtype=np.float32).tobytes()).decode() for v in vectors]
         n = sum(len(ids) for ids, _ in items)
-        return EmbeddingResponse(data=[EmbeddingData(index=i, embedding=v) for i, v in enumerate(vectors)],
-                                 model=self.model_name, usage=EmbeddingUsage(prompt_tokens=n, total_tokens=n))
+        return EmbeddingResponse(
+            data=[EmbeddingData(index=i, embedding=v) for i, v in enumerate(vectors)],
+            model=self.model_name,
+            usage=EmbeddingUsage(prompt_tokens=n, total_tokens=n),
+        )
 
     # -- completions -------------------------------------------------------------------------------------
     async def create_completion(self, body: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
@@ -208,8 +241,9 @@ class OpenAIServing:
         except EngineDead as e:
             raise ApiError(503, str(e), "server_error") from None
 
-    async def _complete(self, body: CompletionRequest, choices: list[Choice], prompt_tokens: int, cid: str,
-                        created: int) -> CompletionResponse:
+    async def _complete(
+        self, body: CompletionRequest, choices: list[Choice], prompt_tokens: int, cid: str, created: int
+    ) -> CompletionResponse:
         async def one(req: Request) -> list[Output]:
             return [o async for o in self._outputs(req)]
 
@@ -225,16 +259,29 @@ class OpenAIServing:
             gen_lp = [e for o in outs for e in (o.logprobs or [])]
             prompt_lp = next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None)
             completion_tokens += len(gen_ids)
-            answer.append(CompletionChoice(
-                index=idx, text=(text if body.echo else "") + "".join(o.text for o in outs),
-                logprobs=self._logprobs(body, ids, text, prompt_lp, gen_lp, gen_ids, body.echo),
-                finish_reason=outs[-1].finish_reason))
-        return CompletionResponse(id=cid, created=created, model=self.model_name, choices=answer,
-                                  usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                                  total_tokens=prompt_tokens + completion_tokens))
+            answer.append(
+                CompletionChoice(
+                    index=idx,
+                    text=(text if body.echo else "") + "".join(o.text for o in outs),
+                    logprobs=self._logprobs(body, ids, text, prompt_lp, gen_lp, gen_ids, body.echo),
+                    finish_reason=outs[-1].finish_reason,
+                )
+            )
+        return CompletionResponse(
+            id=cid,
+            created=created,
+            model=self.model_name,
+            choices=answer,
+            usage=UsageInfo(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            ),
+        )
 
-    async def _stream(self, body: CompletionRequest, choices: list[Choice], prompt_tokens: int, cid: str,
-                      created: int) -> AsyncIterator[str]:
+    async def _stream(
+        self, body: CompletionRequest, choices: list[Choice], prompt_tokens: int, cid: str, created: int
+    ) -> AsyncIterator[str]:
         q: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, req: Request) -> None:
@@ -245,8 +292,9 @@ class OpenAIServing:
                 await q.put((i, None, e))
 
         def chunk(parts: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
-            return CompletionStreamChunk(id=cid, created=created, model=self.model_name, choices=parts,
-                                         usage=usage).sse()
+            return CompletionStreamChunk(
+                id=cid, created=created, model=self.model_name, choices=parts, usage=usage
+            ).sse()
 
         tasks = [asyncio.create_task(pump(i, r)) for i, (_, _, r) in enumerate(choices)]
         generated: dict[int, list[int]] = {i: [] for i in range(len(choices))}
@@ -279,30 +327,40 @@ class OpenAIServing:
                     ids, text, _ = choices[i]
                     echo_now = body.echo and i not in echoed
                     echoed.add(i)
-                    lp = self._logprobs(body, ids, text, out.prompt_logprobs, out.logprobs or [], out.token_ids,
-                                        echo_now)
+                    lp = self._logprobs(
+                        body, ids, text, out.prompt_logprobs, out.logprobs or [], out.token_ids, echo_now
+                    )
                     if lp is not None and not echo_now and generated[i]:  # offsets continue after earlier tokens
-                        lp.text_offset = self._offsets(generated[i] + out.token_ids, len(text))[len(generated[i]):]
+                        lp.text_offset = self._offsets(generated[i] + out.token_ids, len(text))[len(generated[i]) :]
                     generated[i].extend(out.token_ids)
                     piece = (text if echo_now else "") + out.text
                     if piece or lp is not None or out.finish_reason:
-                        yield chunk([CompletionChoice(index=i, text=piece, logprobs=lp,
-                                                      finish_reason=out.finish_reason)])
+                        yield chunk(
+                            [CompletionChoice(index=i, text=piece, logprobs=lp, finish_reason=out.finish_reason)]
+                        )
                     if out.finish_reason is not None:
                         remaining -= 1
             if body.stream_options and body.stream_options.include_usage:
                 ct = sum(len(v) for v in generated.values())
-                yield chunk([], UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=ct,
-                                          total_tokens=prompt_tokens + ct))
+                yield chunk(
+                    [], UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=ct, total_tokens=prompt_tokens + ct)
+                )
             yield "data: [DONE]\n\n"
         finally:
             for t in tasks:  # a client that went away: cancelling the pumps aborts their requests
                 t.cancel()
 
     # -- log-probabilities -------------------------------------------------------------------------------
-    def _logprobs(self, body: CompletionRequest, ids: list[int], prompt_text: str,
-                  prompt_lp: list[TokenLogprob] | None, gen_lp: list[TokenLogprob], gen_ids: list[int],
-                  echo_prompt: bool) -> CompletionLogprobs | None:
+    def _logprobs(
+        self,
+        body: CompletionRequest,
+        ids: list[int],
+        prompt_text: str,
+        prompt_lp: list[TokenLogprob] | None,
+        gen_lp: list[TokenLogprob],
+        gen_ids: list[int],
+        echo_prompt: bool,
+    ) -> CompletionLogprobs | None:
         """A choice's logprobs block (None unless asked for): the prompt's entries first when it is echoed."""
         if body.logprobs is None:
             return None
@@ -319,7 +377,7 @@ class OpenAIServing:
                 top.setdefault(tok, e.logprob)
                 tops.append(top)
         offs = (self._offsets(ids, 0) if echo_prompt else []) + self._offsets(gen_ids, len(prompt_text))
-        return CompletionLogprobs(tokens=toks, token_logprobs=lps, top_logprobs=tops, text_offset=offs[:len(toks)])
+        return CompletionLogprobs(tokens=toks, token_logprobs=lps, top_logprobs=tops, text_offset=offs[: len(toks)])
 
     def _offsets(self, ids: list[int], base: int) -> list[int]:
         """Character offset of each token of `ids` in text that starts at `base`."""

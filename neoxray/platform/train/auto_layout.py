@@ -8,13 +8,15 @@ import sys
 
 from neoxray.errors import NeoxrayError
 from neoxray.model.info import GIB
-from neoxray.model.precision import resolve_device, use_gpu as wants_gpu
+from neoxray.model.precision import resolve_device
+from neoxray.model.precision import use_gpu as wants_gpu
 from neoxray.platform.train.config import with_layout
 from neoxray.platform.train.plan import Assumptions, Cluster, Layout, Plan, Training, plan
 
 
-def cluster_from_nodes(nodes: list[dict], use_gpu: bool, gpu_memory_gib: float | None = None,
-                       workers: int | None = None) -> Cluster:
+def cluster_from_nodes(
+    nodes: list[dict], use_gpu: bool, gpu_memory_gib: float | None = None, workers: int | None = None
+) -> Cluster:
     """The `Cluster` to plan for from `ray.nodes()` (dicts with "Alive" and "Resources"). On GPUs: their
     count, the fewest GPUs on a GPU node (tensor parallelism stays inside one) and `gpu_memory_gib` (which
     the caller must supply). On CPUs (no GPUs, or train.device=cpu): every CPU is a worker, as the driver
@@ -25,8 +27,10 @@ def cluster_from_nodes(nodes: list[dict], use_gpu: bool, gpu_memory_gib: float |
     counts = [(int(r.get(key, 0)), r) for r in alive if int(r.get(key, 0)) >= 1]
     total = sum(c for c, _ in counts)
     if total < 1:
-        raise NeoxrayError(f"parallel: auto found no {key}s in the Ray cluster"
-                           + ("; use train.device=cpu to plan over CPU workers" if use_gpu else ""))
+        raise NeoxrayError(
+            f"parallel: auto found no {key}s in the Ray cluster"
+            + ("; use train.device=cpu to plan over CPU workers" if use_gpu else "")
+        )
     if workers is not None and not 1 <= workers <= total:
         raise NeoxrayError(f"parallel.workers={workers} must be between 1 and the cluster's {total} {key}s")
     if gpu_memory_gib is None:
@@ -34,8 +38,7 @@ def cluster_from_nodes(nodes: list[dict], use_gpu: bool, gpu_memory_gib: float |
             raise NeoxrayError("parallel: auto needs the GPUs' memory: set parallel.gpu_memory_gb")
         gpu_memory_gib = min(r.get("memory", 0) / c for c, r in counts) / GIB
         if not gpu_memory_gib > 0:
-            raise NeoxrayError("parallel: auto could not read the nodes' memory from Ray; "
-                               "set parallel.gpu_memory_gb")
+            raise NeoxrayError("parallel: auto could not read the nodes' memory from Ray; set parallel.gpu_memory_gb")
     n = workers or total
     return Cluster(gpus=n, gpu_memory_gib=gpu_memory_gib, gpus_per_node=min(min(c for c, _ in counts), n))
 
@@ -43,9 +46,14 @@ def cluster_from_nodes(nodes: list[dict], use_gpu: bool, gpu_memory_gib: float |
 def training_of(cfg) -> Training:
     """The planner's `Training` for a run config (`neoxray.platform.train.config.RunConfig`)."""
     model = cfg.model_config()
-    return Training(global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch,
-                    seq_len=cfg.seq_len(model), precision=cfg.train.precision, zero_stage=cfg.parallel.zero_stage,
-                    activation_checkpointing=cfg.model.activation_checkpointing)
+    return Training(
+        global_batch=cfg.train.global_batch,
+        micro_batch=cfg.train.micro_batch,
+        seq_len=cfg.seq_len(model),
+        precision=cfg.train.precision,
+        zero_stage=cfg.parallel.zero_stage,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+    )
 
 
 def resolve_auto_layout(cfg, cluster: Cluster, assumptions: Assumptions | None = None):
@@ -56,8 +64,11 @@ def resolve_auto_layout(cfg, cluster: Cluster, assumptions: Assumptions | None =
     model = cfg.model_config()
     assumptions = assumptions or Assumptions(peak_tflops=cfg.logging.peak_tflops)
     result = plan(model, cluster, training_of(cfg), assumptions)
-    pins = {k: v for k, v in (("data", cfg.parallel.data), ("tensor", cfg.parallel.tensor),
-                              ("pipeline", cfg.parallel.pipeline)) if v is not None}
+    pins = {
+        k: v
+        for k, v in (("data", cfg.parallel.data), ("tensor", cfg.parallel.tensor), ("pipeline", cfg.parallel.pipeline))
+        if v is not None
+    }
     attr = {"data": "dp", "tensor": "tp", "pipeline": "pp"}
     ok = [x for x in result.feasible if all(getattr(x, attr[k]) == v for k, v in pins.items())]
     if ok:
@@ -83,10 +94,12 @@ def describe_choice(choice: Layout, result: Plan) -> str:
     """One line for the driver's log: the layout `parallel: auto` took, and why."""
     c = result.cluster
     workers = f"{c.gpus} worker{'s' if c.gpus > 1 else ''}"
-    return (f"parallel: auto chose dp={choice.dp} tp={choice.tp} pp={choice.pp} for {workers} of "
-            f"{c.gpu_memory_gib:.1f} GiB ({c.per_node()} per node): about {choice.memory / GIB:.1f} GiB per worker, "
-            f"estimated step {choice.time.total_s:.3g} s, first of {len(result.feasible)} feasible layouts "
-            f"({len(result.rejected)} rejected; `neoxray plan` shows them)")
+    return (
+        f"parallel: auto chose dp={choice.dp} tp={choice.tp} pp={choice.pp} for {workers} of "
+        f"{c.gpu_memory_gib:.1f} GiB ({c.per_node()} per node): about {choice.memory / GIB:.1f} GiB per worker, "
+        f"estimated step {choice.time.total_s:.3g} s, first of {len(result.feasible)} feasible layouts "
+        f"({len(result.rejected)} rejected; `neoxray plan` shows them)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -119,15 +132,19 @@ def gpu_memory_gib(ray, nodes, timeout_s: float = 120.0) -> float:
         return torch.cuda.get_device_properties(0).total_memory
 
     gpu_nodes = [n["NodeID"] for n in nodes if n.get("Alive", True) and n.get("Resources", {}).get("GPU", 0) >= 1]
-    refs = [total_memory.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
-            for node in gpu_nodes]
+    refs = [
+        total_memory.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+        for node in gpu_nodes
+    ]
     try:
         values = ray.get(refs, timeout=timeout_s)
     except Exception as e:  # busy GPUs (GetTimeoutError), a node without CUDA, ...
         for ref in refs:
             ray.cancel(ref, force=True)
-        raise NeoxrayError(f"parallel: auto could not read the GPUs' memory on the cluster ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}); set parallel.gpu_memory_gb") from None
+        raise NeoxrayError(
+            f"parallel: auto could not read the GPUs' memory on the cluster ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); set parallel.gpu_memory_gb"
+        ) from None
     return min(values) / 2**30
 
 
@@ -159,5 +176,3 @@ def auto_layout_local(cfg):
     if isinstance(box[0], str):
         raise NeoxrayError(box[0])
     return with_layout(cfg, *box[0])
-
-

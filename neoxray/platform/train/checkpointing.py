@@ -110,8 +110,11 @@ def restore_training_state(engine, source: CheckpointSource) -> dict:
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
     if zero is not None:  # ZeRO-1: create the (lazily made) Adam state on the flat fp32 partitions, then link
         for flat in zero:
-            base.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
-                                "exp_avg_sq": torch.zeros_like(flat)}
+            base.state[flat] = {
+                "step": torch.tensor(float(step)),
+                "exp_avg": torch.zeros_like(flat),
+                "exp_avg_sq": torch.zeros_like(flat),
+            }
         _relink_zero_state(engine)
     with torch.no_grad():
         for name, p in engine.named_parameters():
@@ -134,8 +137,6 @@ def restore_training_state(engine, source: CheckpointSource) -> dict:
     if same_layout and rng_file.exists():
         with safe_open(rng_file, framework="pt") as f:
             torch.set_rng_state(f.get_tensor("cpu"))
-            if torch.cuda.is_available() and "cuda" in f.keys():
+            if torch.cuda.is_available() and "cuda" in f.keys():  # noqa: SIM118 (a safetensors handle)
                 torch.cuda.set_rng_state(f.get_tensor("cuda"))
     return meta
-
-

@@ -26,9 +26,16 @@ def make_data_fn(cfg):
                 f"data with --seq-len {seq} or set train.seq_len={blend.seq_len}"
             )
         dp = engine.layout[0]
-        for batch in iter_batches(blend, cfg.train.global_batch, dp_rank=engine.coord.dp, dp_size=dp,
-                                  micro_batch_size=cfg.train.micro_batch, seed=cfg.data.seed,
-                                  consumed_samples=consumed_samples, split=split):
+        for batch in iter_batches(
+            blend,
+            cfg.train.global_batch,
+            dp_rank=engine.coord.dp,
+            dp_size=dp,
+            micro_batch_size=cfg.train.micro_batch,
+            seed=cfg.data.seed,
+            consumed_samples=consumed_samples,
+            split=split,
+        ):
             yield batch[INPUT_IDS], batch[LABELS]
 
     return data_fn

@@ -16,6 +16,7 @@ FP16_MIN_LOSS_SCALE = 1
 # we log ourselves; DeepSpeed's own periodic print is pushed out of reach
 DEEPSPEED_STEPS_PER_PRINT = 10**12
 
+
 def deepspeed_config(cfg: RunConfig) -> dict:
     """The DeepSpeed JSON config for `deepspeed.initialize`. We pass our own torch AdamW and set the learning
     rate ourselves (`lr_at`), so there is no `optimizer` or `scheduler` entry; DeepSpeed owns the batch
@@ -25,8 +26,10 @@ def deepspeed_config(cfg: RunConfig) -> dict:
     if precision not in PRECISIONS:
         raise NeoxrayError(f"train.precision={precision!r} must be one of {', '.join(PRECISIONS)}")
     if cfg.parallel.zero_stage not in ZERO_STAGES:
-        raise NeoxrayError(f"parallel.zero_stage={cfg.parallel.zero_stage}: DeepSpeed's pipeline engine supports "
-                           f"ZeRO stages 0 and 1 only")
+        raise NeoxrayError(
+            f"parallel.zero_stage={cfg.parallel.zero_stage}: DeepSpeed's pipeline engine supports "
+            f"ZeRO stages 0 and 1 only"
+        )
     ds: dict[str, Any] = {
         "train_batch_size": cfg.train.global_batch,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,

@@ -35,7 +35,8 @@ def absolute_paths(cfg):
 
 def run_train(cfg, run_dir: str | None = None, address: str | None = None, max_failures: int = 2):
     """Validate, then train under Ray Train. Returns the Ray `Result`."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from neoxray.platform.train.config import dump_yaml, resolved, to_dict, validate
@@ -55,12 +56,18 @@ def run_train(cfg, run_dir: str | None = None, address: str | None = None, max_f
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = wants_gpu(cfg.train.device, gpus, world)
     if cfg.train.device == "auto" and 0 < gpus < world:
-        print(f"[neoxray] the layout needs {world} GPUs and the cluster has {gpus:g}: training on CPUs "
-              f"(set train.device=cuda to wait for GPUs, or choose a smaller layout)", file=sys.stderr)
+        print(
+            f"[neoxray] the layout needs {world} GPUs and the cluster has {gpus:g}: training on CPUs "
+            f"(set train.device=cuda to wait for GPUs, or choose a smaller layout)",
+            file=sys.stderr,
+        )
     backend = cfg.parallel.resolve_backend(use_gpu)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    print(f"[neoxray] run {cfg.name}: layout dp={dp} tp={tp} pp={pp} ({world} workers, "
-          f"{'GPU' if use_gpu else 'CPU'}, {backend}); run dir {run_dir}", file=sys.stderr)
+    print(
+        f"[neoxray] run {cfg.name}: layout dp={dp} tp={tp} pp={pp} ({world} workers, "
+        f"{'GPU' if use_gpu else 'CPU'}, {backend}); run dir {run_dir}",
+        file=sys.stderr,
+    )
     env = {"PYTHONUNBUFFERED": "1"}
     if not use_gpu:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -68,8 +75,9 @@ def run_train(cfg, run_dir: str | None = None, address: str | None = None, max_f
         ray_train_loop,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir)},
         torch_config=TorchConfig(backend=backend),
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
+        scaling_config=ScalingConfig(
+            num_workers=world, use_gpu=use_gpu, resources_per_worker=None if use_gpu else {"CPU": 1}
+        ),
         run_config=RayRunConfig(
             name=run_dir.name,
             storage_path=str(run_dir.parent),

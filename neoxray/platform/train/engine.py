@@ -13,7 +13,7 @@ Build order, per rank:
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -80,8 +80,9 @@ class TrainEngine:
         ]
         groups = [g for g in groups if g["params"]]
         o = cfg.optimizer
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                      fused=self.device.type == "cuda")
+        optimizer = torch.optim.AdamW(
+            groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=self.device.type == "cuda"
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_multiplier)
         self.ds_config = deepspeed_config(cfg)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

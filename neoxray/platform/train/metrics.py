@@ -29,9 +29,17 @@ class MetricsSink:
     printed for every `print_every`-th step, the last step (`total_steps`), steps with a validation loss and
     events (such as a resume)."""
 
-    def __init__(self, run_dir, run_name: str, tensorboard: bool = True, ray_metrics: bool = True,
-                 metrics_file: str | None = "metrics.jsonl", stream=sys.stdout, print_every: int = 1,
-                 total_steps: int | None = None):
+    def __init__(
+        self,
+        run_dir,
+        run_name: str,
+        tensorboard: bool = True,
+        ray_metrics: bool = True,
+        metrics_file: str | None = "metrics.jsonl",
+        stream=sys.stdout,
+        print_every: int = 1,
+        total_steps: int | None = None,
+    ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / metrics_file if metrics_file else None
@@ -52,8 +60,9 @@ class MetricsSink:
                 from ray.util.metrics import Gauge
 
                 if ray.is_initialized():
-                    self.gauges = {k: Gauge(f"neoxray_train_{k}", description=d, tag_keys=("run",))
-                                   for k, d in GAUGES.items()}
+                    self.gauges = {
+                        k: Gauge(f"neoxray_train_{k}", description=d, tag_keys=("run",)) for k, d in GAUGES.items()
+                    }
             except ImportError:
                 pass
         self.tags = {"run": run_name}
@@ -89,9 +98,16 @@ class MetricsSink:
 
 def format_line(m: dict) -> str:
     parts = [f"step {m.get('step')}"]
-    for key, fmt in (("loss", "{:.4f}"), ("val_loss", "{:.4f}"), ("lr", "{:.3e}"), ("grad_norm", "{:.3f}"),
-                     ("tokens_per_s", "{:,.0f}"), ("tflops_per_gpu", "{:.2f}"), ("mfu", "{:.3f}"),
-                     ("loss_scale", "{:g}")):
+    for key, fmt in (
+        ("loss", "{:.4f}"),
+        ("val_loss", "{:.4f}"),
+        ("lr", "{:.3e}"),
+        ("grad_norm", "{:.3f}"),
+        ("tokens_per_s", "{:,.0f}"),
+        ("tflops_per_gpu", "{:.2f}"),
+        ("mfu", "{:.3f}"),
+        ("loss_scale", "{:g}"),
+    ):
         if m.get(key) is not None:
             parts.append(f"{key} " + fmt.format(m[key]))
     return " | ".join(parts)

@@ -79,5 +79,3 @@ class HeadPipe(Piece):
 def no_decay(name: str) -> bool:
     """GPT-NeoX applies weight decay to weight matrices only: not to biases or LayerNorm parameters."""
     return name.endswith("bias") or "layernorm" in name or "layer_norm" in name
-
-

@@ -207,14 +207,26 @@ class Layout:
     def to_dict(self) -> dict:
         b = self.busiest
         return {
-            "dp": self.dp, "tp": self.tp, "pp": self.pp, "micro_batches": self.micro_batches,
-            "activation_checkpointing": self.activation_checkpointing, "bubble": self.bubble,
-            "busiest_stage": b.stage, "memory_bytes": self.memory, "memory_limit_bytes": self.memory_limit,
-            "memory": {"weights": b.weights, "gradients": b.gradients, "optimizer": b.optimizer,
-                       "activations": b.activations, "activations_checkpointed": b.activations_checkpointed,
-                       "overhead": b.overhead},
+            "dp": self.dp,
+            "tp": self.tp,
+            "pp": self.pp,
+            "micro_batches": self.micro_batches,
+            "activation_checkpointing": self.activation_checkpointing,
+            "bubble": self.bubble,
+            "busiest_stage": b.stage,
+            "memory_bytes": self.memory,
+            "memory_limit_bytes": self.memory_limit,
+            "memory": {
+                "weights": b.weights,
+                "gradients": b.gradients,
+                "optimizer": b.optimizer,
+                "activations": b.activations,
+                "activations_checkpointed": b.activations_checkpointed,
+                "overhead": b.overhead,
+            },
             "stages": [dataclasses.asdict(s) for s in self.stages],
-            "step_time_s": self.time.total_s, "step_time": dataclasses.asdict(self.time),
+            "step_time_s": self.time.total_s,
+            "step_time": dataclasses.asdict(self.time),
             "tokens_per_s": self.tokens_per_s,
         }
 
@@ -295,8 +307,9 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int) -> int:
     return n
 
 
-def layer_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, tp: int, act_bytes: int,
-                           flash_attention: bool = True) -> int:
+def layer_activation_bytes(
+    model: ModelConfig, seq_len: int, micro_batch: int, tp: int, act_bytes: int, flash_attention: bool = True
+) -> int:
     """Activations one layer keeps for its backward pass, one micro-batch, no checkpointing (Korthikanti et
     al. 2022 with tensor parallelism): s b d (10 + 24 / t + 5 a s / (d t)) bytes at 16 bits, the last term
     (attention scores) only without flash attention; x act_bytes / 2."""
@@ -321,8 +334,16 @@ def _bytes_per_parameter(precision: str, zero_stage: int, dp: int) -> tuple[int,
     return g, max(float(g), (g + 4) / dp), 12 / dp
 
 
-def stage_memory(model: ModelConfig, dp: int, tp: int, pp: int, stage: int, training: Training,
-                 assumptions: Assumptions = Assumptions(), micro_batches: int | None = None) -> StageMemory:
+def stage_memory(
+    model: ModelConfig,
+    dp: int,
+    tp: int,
+    pp: int,
+    stage: int,
+    training: Training,
+    assumptions: Assumptions = Assumptions(),
+    micro_batches: int | None = None,
+) -> StageMemory:
     """Bytes one GPU of stage `stage` holds under the layout (dp, tp, pp) (module docstring)."""
     s = training.seq_len or model.max_seq_len
     b = training.micro_batch
@@ -340,15 +361,29 @@ def stage_memory(model: ModelConfig, dp: int, tp: int, pp: int, stage: int, trai
     activations = in_flight * layers * per_layer + head
     checkpointed = in_flight * layers * layer_input + (per_layer if layers else 0) + head
     return StageMemory(
-        stage=stage, layers=layers, parameters=n_params, in_flight=in_flight,
-        weights=n_params * w, gradients=int(n_params * g), optimizer=int(n_params * o),
-        activations=activations, activations_checkpointed=checkpointed,
+        stage=stage,
+        layers=layers,
+        parameters=n_params,
+        in_flight=in_flight,
+        weights=n_params * w,
+        gradients=int(n_params * g),
+        optimizer=int(n_params * o),
+        activations=activations,
+        activations_checkpointed=checkpointed,
         overhead=int(assumptions.overhead_gib * GIB),
     )
 
 
-def step_time(model: ModelConfig, dp: int, tp: int, pp: int, training: Training, checkpointing: bool,
-              gpus_per_node: int, assumptions: Assumptions = Assumptions()) -> StepTime:
+def step_time(
+    model: ModelConfig,
+    dp: int,
+    tp: int,
+    pp: int,
+    training: Training,
+    checkpointing: bool,
+    gpus_per_node: int,
+    assumptions: Assumptions = Assumptions(),
+) -> StepTime:
     """Estimated optimizer step time of the layout (module docstring). Ranks are numbered tensor-parallel
     fastest, then data-parallel, then pipeline (DeepSpeed's topology), so a data-parallel group spans dp x tp
     consecutive ranks: inside one node when dp x tp <= gpus_per_node."""
@@ -396,8 +431,9 @@ def factorizations(n: int) -> list[tuple[int, int, int]]:
     return [(n // (tp * pp), tp, pp) for tp in divs for pp in divs if (n // tp) % pp == 0]
 
 
-def plan(model: ModelConfig, cluster: Cluster, training: Training = Training(),
-         assumptions: Assumptions = Assumptions()) -> Plan:
+def plan(
+    model: ModelConfig, cluster: Cluster, training: Training = Training(), assumptions: Assumptions = Assumptions()
+) -> Plan:
     """Every (dp, tp, pp) for `cluster.gpus` devices: feasible layouts fastest first (ties: less memory), the
     others with the reason each fails."""
     _check_inputs(model, cluster, training, assumptions)
@@ -412,8 +448,9 @@ def plan(model: ModelConfig, cluster: Cluster, training: Training = Training(),
             continue
         m = training.global_batch // (dp * training.micro_batch)
         stages = tuple(stage_memory(model, dp, tp, pp, i, training, assumptions, m) for i in range(pp))
-        options = [training.activation_checkpointing] if training.activation_checkpointing is not None \
-            else [False, True]
+        options = (
+            [training.activation_checkpointing] if training.activation_checkpointing is not None else [False, True]
+        )
         chosen = None
         for ckpt in options:
             need = max(st.total(ckpt) for st in stages)
@@ -425,18 +462,33 @@ def plan(model: ModelConfig, cluster: Cluster, training: Training = Training(),
             busiest = max(stages, key=lambda st: st.total(ckpt))
             need = busiest.total(ckpt)
             how = "with" if ckpt else "without"
-            out.rejected.append(Rejected(
-                dp, tp, pp,
-                f"needs {need / GIB:.1f} GiB per GPU > {limit / GIB:.1f} GiB usable of {cluster.gpu_memory_gib:g} "
-                f"GiB (stage {busiest.stage}, {how} activation checkpointing)",
-                memory_bytes=need,
-            ))
+            out.rejected.append(
+                Rejected(
+                    dp,
+                    tp,
+                    pp,
+                    f"needs {need / GIB:.1f} GiB per GPU > {limit / GIB:.1f} GiB usable of {cluster.gpu_memory_gib:g} "
+                    f"GiB (stage {busiest.stage}, {how} activation checkpointing)",
+                    memory_bytes=need,
+                )
+            )
             continue
         busiest = max(stages, key=lambda st: st.total(chosen))
         timing = step_time(model, dp, tp, pp, training, chosen, per_node, assumptions)
-        out.feasible.append(Layout(dp=dp, tp=tp, pp=pp, micro_batches=m, activation_checkpointing=chosen,
-                                   busiest=busiest, stages=stages, time=timing,
-                                   tokens_per_step=training.global_batch * s, memory_limit=limit))
+        out.feasible.append(
+            Layout(
+                dp=dp,
+                tp=tp,
+                pp=pp,
+                micro_batches=m,
+                activation_checkpointing=chosen,
+                busiest=busiest,
+                stages=stages,
+                time=timing,
+                tokens_per_step=training.global_batch * s,
+                memory_limit=limit,
+            )
+        )
     out.feasible.sort(key=lambda x: (round(x.time.total_s, 9), x.memory, x.tp, x.pp))
     out.rejected.sort(key=lambda r: (r.memory_bytes is None, r.memory_bytes or 0))  # closest misses first
     return out
@@ -455,13 +507,15 @@ def _check_inputs(model: ModelConfig, cluster: Cluster, training: Training, a: A
     if training.micro_batch < 1:
         problems.append(f"the micro-batch must be >= 1, got {training.micro_batch}")
     if training.seq_len is not None and not 1 <= training.seq_len <= model.max_seq_len:
-        problems.append(f"the sequence length must be in [1, {model.max_seq_len}] (the model's max_seq_len), "
-                        f"got {training.seq_len}")
+        problems.append(
+            f"the sequence length must be in [1, {model.max_seq_len}] (the model's max_seq_len), got {training.seq_len}"
+        )
     if training.precision not in PRECISIONS:
         problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {training.precision!r}")
     if training.zero_stage not in (0, 1):
-        problems.append(f"ZeRO stage must be 0 or 1 (DeepSpeed's pipeline engine supports no other), "
-                        f"got {training.zero_stage}")
+        problems.append(
+            f"ZeRO stage must be 0 or 1 (DeepSpeed's pipeline engine supports no other), got {training.zero_stage}"
+        )
     if not a.peak_tflops > 0:
         problems.append(f"peak TFLOP/s must be > 0, got {a.peak_tflops}")
     if not 0 < a.mfu <= 1:
@@ -474,8 +528,7 @@ def _check_inputs(model: ModelConfig, cluster: Cluster, training: Training, a: A
         raise NeoxrayError("; ".join(problems))
 
 
-def _structural_problem(model: ModelConfig, training: Training, per_node: int, dp: int, tp: int,
-                        pp: int) -> str | None:
+def _structural_problem(model: ModelConfig, training: Training, per_node: int, dp: int, tp: int, pp: int) -> str | None:
     """Why (dp, tp, pp) cannot run at all, whatever the memory; None when it can."""
     if model.n_heads % tp:
         return f"tp {tp} does not divide {model.n_heads} heads"
@@ -491,56 +544,8 @@ def _structural_problem(model: ModelConfig, training: Training, per_node: int, d
         return f"pp {pp} > {model.n_layers} layers"
     unit = dp * training.micro_batch
     if training.global_batch % unit:
-        return (f"global batch {training.global_batch} is not divisible by dp {dp} x micro-batch "
-                f"{training.micro_batch} = {unit}")
+        return (
+            f"global batch {training.global_batch} is not divisible by dp {dp} x micro-batch "
+            f"{training.micro_batch} = {unit}"
+        )
     return None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# output
-# ---------------------------------------------------------------------------------------------------------
-def _gib(n: int) -> str:
-    return f"{n / GIB:.1f}"
-
-
-def format_plan(p: Plan) -> str:
-    """The plan as a table: feasible layouts fastest first, then the rejected ones with their reasons."""
-    c, t, a = p.cluster, p.training, p.assumptions
-    zero = f"ZeRO-{t.zero_stage}" if t.zero_stage else "no ZeRO"
-    ckpt = {None: "activation checkpointing where needed", True: "activation checkpointing",
-            False: "no activation checkpointing"}[t.activation_checkpointing]
-    lines = [
-        f"{p.model.name} ({p.model.num_parameters() / 1e9:.2f} B parameters) on {c.gpus} GPUs of "
-        f"{c.gpu_memory_gib:g} GiB, {c.per_node()} per node: seq {p.seq_len}, global batch {t.global_batch}, "
-        f"micro-batch {t.micro_batch}, {t.precision}, {zero}, {ckpt}",
-        "",
-    ]
-    if p.feasible:
-        lines.append(f"{len(p.feasible)} feasible layout(s), fastest first (GiB per GPU on the busiest pipeline "
-                     f"stage; usable {_gib(p.feasible[0].memory_limit)} GiB):")
-        head = (f"{'#':>3} {'dp':>4} {'tp':>3} {'pp':>3} {'micro':>6} {'bubble':>7} {'ckpt':>5} {'stage':>5} "
-                f"{'weights':>8} {'grads':>7} {'optim':>7} {'act':>7} {'act/ckpt':>8} {'total':>7} "
-                f"{'step s':>9} {'tokens/s':>10}")
-        lines.append(head)
-        for i, x in enumerate(p.feasible, 1):
-            b = x.busiest
-            lines.append(
-                f"{i:>3} {x.dp:>4} {x.tp:>3} {x.pp:>3} {x.micro_batches:>6} {x.bubble:>7.1%} "
-                f"{'yes' if x.activation_checkpointing else 'no':>5} {b.stage:>5} {_gib(b.weights):>8} "
-                f"{_gib(b.gradients):>7} {_gib(b.optimizer):>7} {_gib(b.activations):>7} "
-                f"{_gib(b.activations_checkpointed):>8} {_gib(x.memory):>7} {x.time.total_s:>9.2f} "
-                f"{x.tokens_per_s:>10,.0f}"
-            )
-    else:
-        lines.append("no feasible layout")
-    if p.rejected:
-        lines += ["", f"{len(p.rejected)} rejected layout(s):"]
-        lines += [f"  dp {r.dp:>3} tp {r.tp:>3} pp {r.pp:>3}: {r.reason}" for r in p.rejected]
-    lines += [
-        "",
-        f"assumptions: {a.peak_tflops:g} TFLOP/s peak per GPU at {a.mfu:.0%} MFU; all-reduce "
-        f"{a.tp_bandwidth_gbs:g} GB/s in a node, {a.dp_bandwidth_gbs:g} GB/s between nodes; "
-        f"{'fused' if a.flash_attention else 'unfused'} attention; {a.overhead_gib:g} GiB overhead and "
-        f"{a.reserve_fraction:.0%} reserve per GPU (docs/planner.md)",
-    ]
-    return "\n".join(lines)

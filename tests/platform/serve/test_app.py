@@ -28,8 +28,11 @@ def test_shipped_serve_config_validates_and_builds(tiny_model_dir):
     from neoxray.platform.serve.app import ServeArgs, build_app
 
     raw = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
-    schema = ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") \
+    schema = (
+        ServeDeploySchema.model_validate(raw)
+        if hasattr(ServeDeploySchema, "model_validate")
         else ServeDeploySchema.parse_obj(raw)
+    )
     app_cfg = schema.applications[0]
     assert app_cfg.import_path == "neoxray.platform.serve.app:build_app"
     ServeArgs(**app_cfg.args)  # every key the shipped config sets is a known, valid argument
@@ -59,8 +62,9 @@ class Server:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(engine, **kw), host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(create_app(engine, **kw), host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -86,8 +90,11 @@ def test_a_full_queue_gets_503_and_the_server_recovers(model_tok):
         codes = []
 
         def one():
-            codes.append(requests.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 4},
-                                       timeout=60).status_code)
+            codes.append(
+                requests.post(
+                    srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=60
+                ).status_code
+            )
 
         threads = [threading.Thread(target=one) for _ in range(4)]
         for t in threads:
@@ -132,8 +139,9 @@ def test_a_dead_engine_fails_health_and_requests_with_503(model_tok):
 def test_graceful_stop_finishes_running_requests(model_tok):
     engine = InferenceEngine(*model_tok).start()
     results = []
-    reqs = [Request([3, 4, 5], max_tokens=40, sampling=SamplingParams(greedy=True, stop_at_eod=False))
-            for _ in range(4)]
+    reqs = [
+        Request([3, 4, 5], max_tokens=40, sampling=SamplingParams(greedy=True, stop_at_eod=False)) for _ in range(4)
+    ]
     for r in reqs:
         engine.add_request(r, lambda o: o.finish_reason and results.append(o.finish_reason))
     engine.stop(timeout=30, drain=True)
@@ -154,7 +162,7 @@ def test_grafana_serving_dashboard_plots_every_serve_metric():
     used = set()
     for expr in exprs:
         for name in re.findall(r"\bray_[A-Za-z0-9_:]+", expr):
-            base = re.sub(r"_(bucket|total)$", "", name[len("ray_"):])  # Prometheus suffixes of histograms, counters
+            base = re.sub(r"_(bucket|total)$", "", name[len("ray_") :])  # Prometheus suffixes of histograms, counters
             assert base in METRICS, name
             used.add(base)
     assert used == set(METRICS), set(METRICS) - used

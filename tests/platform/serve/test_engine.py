@@ -80,10 +80,12 @@ def test_seed_reproduces_whatever_else_is_in_the_batch(model_tok):
     alone = engine(model_tok).run_until_done([Request(PROMPTS[0], max_tokens=16, sampling=sampled)])[0]
     others = [Request(p, max_tokens=10, sampling=dataclasses.replace(sampled, seed=i)) for i, p in enumerate(PROMPTS)]
     mixed = engine(model_tok, max_num_seqs=4).run_until_done(
-        others[:3] + [Request(PROMPTS[0], max_tokens=16, sampling=sampled)] + others[3:])[3]
+        others[:3] + [Request(PROMPTS[0], max_tokens=16, sampling=sampled)] + others[3:]
+    )[3]
     assert mixed.token_ids == alone.token_ids
     other_seed = engine(model_tok).run_until_done(
-        [Request(PROMPTS[0], max_tokens=16, sampling=dataclasses.replace(sampled, seed=99))])[0]
+        [Request(PROMPTS[0], max_tokens=16, sampling=dataclasses.replace(sampled, seed=99))]
+    )[0]
     assert other_seed.token_ids != alone.token_ids
 
 
@@ -91,7 +93,7 @@ def test_stop_string_cuts_the_text_and_streaming_never_leaks_it(model_tok):
     _, tok = model_tok
     free = engine(model_tok).run_until_done([Request(PROMPTS[4], max_tokens=20, sampling=GREEDY)])[0]
     text = free.text
-    stop = text[len(text) // 2: len(text) // 2 + 3]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
     assert len(stop) == 3 and stop.strip()
     eng = engine(model_tok)
     outs = []

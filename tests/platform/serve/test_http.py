@@ -53,8 +53,13 @@ def local_model(serve_model_dir):
 
 
 def start_server(args: list[str], log: Path, url: str, timeout: float = 240) -> subprocess.Popen:
-    proc = subprocess.Popen([*neoxray_exe(), "serve", *args], stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [*neoxray_exe(), "serve", *args],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -75,7 +80,9 @@ def stop_server(proc: subprocess.Popen, log: Path, sig=signal.SIGINT) -> int:
         return proc.wait(timeout=90)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(f"neoxray serve did not stop on {signal.Signals(sig).name}:\n{log.read_text()[-4000:]}")
+        raise AssertionError(
+            f"neoxray serve did not stop on {signal.Signals(sig).name}:\n{log.read_text()[-4000:]}"
+        ) from None
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +92,24 @@ def server(ray_local, serve_model_dir, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     gcs = ray_local.get_runtime_context().gcs_address
-    proc = start_server(["--model", str(serve_model_dir), "--port", str(port), "--address", gcs, "--api-key", KEY,
-                         "--name", "tiny", "--max-num-seqs", "8"], log, url)
+    proc = start_server(
+        [
+            "--model",
+            str(serve_model_dir),
+            "--port",
+            str(port),
+            "--address",
+            gcs,
+            "--api-key",
+            KEY,
+            "--name",
+            "tiny",
+            "--max-num-seqs",
+            "8",
+        ],
+        log,
+        url,
+    )
     yield url
     assert stop_server(proc, log, signal.SIGTERM) == 0, log.read_text()[-4000:]  # what process managers send
 
@@ -103,8 +126,11 @@ def client(url):
 
 
 def greedy_cli(model_dir, prompt, n):
-    return json.loads(run_cli("generate", "--model", str(model_dir), "--prompt", prompt, "--max-new-tokens", str(n),
-                              "--greedy", "--json").stdout)
+    return json.loads(
+        run_cli(
+            "generate", "--model", str(model_dir), "--prompt", prompt, "--max-new-tokens", str(n), "--greedy", "--json"
+        ).stdout
+    )
 
 
 # ------------------------------------------------------------------------------------------------- completions
@@ -125,8 +151,16 @@ def test_openai_client_greedy_equals_neoxray_generate(server, serve_model_dir):
 def test_openai_client_streaming_matches_the_whole_answer(server):
     c = client(server)
     whole = c.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=30, temperature=0)
-    chunks = list(c.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=30, temperature=0, stream=True,
-                                       stream_options={"include_usage": True}))
+    chunks = list(
+        c.completions.create(
+            model="tiny",
+            prompt=PROMPTS[2],
+            max_tokens=30,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
     assert text == whole.choices[0].text
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason
@@ -139,7 +173,9 @@ def test_n_seed_and_prompt_lists(server):
     assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
     again = c.completions.create(model="tiny", prompt=PROMPTS[:2], max_tokens=8, temperature=1.0, n=2, seed=7)
     assert [ch.text for ch in again.choices] == [ch.text for ch in r.choices]
-    ids = requests.post(server + "/tokenize", json={"prompt": PROMPTS[0]}, headers={"Authorization": f"Bearer {KEY}"}).json()
+    ids = requests.post(
+        server + "/tokenize", json={"prompt": PROMPTS[0]}, headers={"Authorization": f"Bearer {KEY}"}
+    ).json()
     by_ids = c.completions.create(model="tiny", prompt=ids["tokens"], max_tokens=8, temperature=0)
     by_text = c.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0)
     assert by_ids.choices[0].text == by_text.choices[0].text
@@ -148,8 +184,11 @@ def test_n_seed_and_prompt_lists(server):
 def test_echo_logprobs_equal_neoxray_score(server, serve_model_dir):
     text = PROMPTS[2] + " and its licence"
     want = json.loads(run_cli("score", "--model", str(serve_model_dir), "--text", text, "--json").stdout)
-    r = post(server, "/v1/completions", {"model": "tiny", "prompt": text, "max_tokens": 0, "echo": True,
-                                         "logprobs": 1, "temperature": 0})
+    r = post(
+        server,
+        "/v1/completions",
+        {"model": "tiny", "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0},
+    )
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     lp = choice["logprobs"]
@@ -159,8 +198,11 @@ def test_echo_logprobs_equal_neoxray_score(server, serve_model_dir):
     assert "".join(lp["tokens"]) == text
     assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
     # with one generated token, as lm-evaluation-harness asks: the arrays cover prompt + 1
-    r = post(server, "/v1/completions", {"model": "tiny", "prompt": want["tokens"], "max_tokens": 1, "echo": True,
-                                         "logprobs": 1, "temperature": 0})
+    r = post(
+        server,
+        "/v1/completions",
+        {"model": "tiny", "prompt": want["tokens"], "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0},
+    )
     assert len(r.json()["choices"][0]["logprobs"]["token_logprobs"]) == len(want["tokens"]) + 1
 
 
@@ -172,14 +214,16 @@ def test_32_concurrent_requests_are_all_answered_correctly(server, local_model):
 
     model, tok = local_model
     prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(32)]
-    want = generate(model, [tok.encode(p) for p in prompts], SamplingParams(max_new_tokens=16, greedy=True),
-                    tokenizer=tok)
+    want = generate(
+        model, [tok.encode(p) for p in prompts], SamplingParams(max_new_tokens=16, greedy=True), tokenizer=tok
+    )
     steps_before = requests.get(server + "/health").json()["steps"]
 
     async def main():
         c = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
-        return await asyncio.gather(*(c.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0)
-                                      for p in prompts))
+        return await asyncio.gather(
+            *(c.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0) for p in prompts)
+        )
 
     got = asyncio.run(main())
     assert [r.choices[0].text for r in got] == [w.text for w in want]
@@ -195,8 +239,10 @@ def test_lm_eval_local_completions_loglikelihood(server, local_model, tmp_path, 
     from neoxray.model.generate import score
 
     model, tok = local_model
-    docs = [{"context": PROMPTS[i], "continuation": c} for i, c in
-            enumerate([", name):", "import sys", " is a charity", " 2001 Python", " 10):"])]
+    docs = [
+        {"context": PROMPTS[i], "continuation": c}
+        for i, c in enumerate([", name):", "import sys", " is a charity", " 2001 Python", " 10):"])
+    ]
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
     (tmp_path / "task.yaml").write_text(
@@ -208,17 +254,28 @@ def test_lm_eval_local_completions_loglikelihood(server, local_model, tmp_path, 
         "doc_to_text: '{{context}}'\n"
         "doc_to_target: '{{continuation}}'\n"
         "target_delimiter: ''\n"
-        "metric_list:\n  - metric: perplexity\n  - metric: acc\n")
+        "metric_list:\n  - metric: perplexity\n  - metric: acc\n"
+    )
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = lm_eval.simple_evaluate(
         model="local-completions",
-        model_args={"base_url": server + "/v1/completions", "model": "tiny", "tokenizer_backend": "remote",
-                    "auth_token": KEY, "num_concurrent": 4, "max_retries": 1, "tokenized_requests": True,
-                    "max_length": 256},
-        tasks=["neoxray_tiny_loglikelihood"], task_manager=TaskManager(include_path=str(tmp_path)),
-        log_samples=True, bootstrap_iters=0)
+        model_args={
+            "base_url": server + "/v1/completions",
+            "model": "tiny",
+            "tokenizer_backend": "remote",
+            "auth_token": KEY,
+            "num_concurrent": 4,
+            "max_retries": 1,
+            "tokenized_requests": True,
+            "max_length": 256,
+        },
+        tasks=["neoxray_tiny_loglikelihood"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True,
+        bootstrap_iters=0,
+    )
     samples = sorted(out["samples"]["neoxray_tiny_loglikelihood"], key=lambda s: s["doc_id"])
     for doc, sample in zip(docs, samples):
         context, continuation = doc["context"], doc["continuation"]
@@ -227,12 +284,12 @@ def test_lm_eval_local_completions_loglikelihood(server, local_model, tmp_path, 
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         ctx = tok.encode(context)
         whole = tok.encode(context + continuation)
-        lps = score(model, whole)[len(ctx):]
+        lps = score(model, whole)[len(ctx) :]
         ll, greedy = sample["resps"][0][0]
         assert float(ll) == pytest.approx(sum(lps), abs=1e-3)
         with torch.no_grad():
-            argmax = model(torch.tensor([whole]))[0, len(ctx) - 1:-1].argmax(-1).tolist()
-        assert bool(greedy) == (argmax == whole[len(ctx):])
+            argmax = model(torch.tensor([whole]))[0, len(ctx) - 1 : -1].argmax(-1).tolist()
+        assert bool(greedy) == (argmax == whole[len(ctx) :])
     assert "perplexity,none" in out["results"]["neoxray_tiny_loglikelihood"]
 
 
@@ -244,9 +301,13 @@ def test_embeddings_tokenize_detokenize_tokenizer_info(server, local_model):
     assert len(e.data) == 2 and len(e.data[0].embedding) == model.config.d_model
     assert sum(x * x for x in e.data[0].embedding) == pytest.approx(1.0, abs=1e-4)
     h = {"Authorization": f"Bearer {KEY}"}
-    ids = requests.post(server + "/tokenize", json={"prompt": "hello world", "add_special_tokens": False}, headers=h).json()
+    ids = requests.post(
+        server + "/tokenize", json={"prompt": "hello world", "add_special_tokens": False}, headers=h
+    ).json()
     assert ids["tokens"] == tok.encode("hello world") and ids["count"] == len(ids["tokens"])
-    assert requests.post(server + "/detokenize", json={"tokens": ids["tokens"]}, headers=h).json() == {"prompt": "hello world"}
+    assert requests.post(server + "/detokenize", json={"tokens": ids["tokens"]}, headers=h).json() == {
+        "prompt": "hello world"
+    }
     info = requests.get(server + "/tokenizer_info", headers=h).json()
     assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 256
 
@@ -296,9 +357,13 @@ def test_invalid_json_wrong_model_and_auth(server):
 
 def test_a_client_that_disconnects_frees_its_batch_slot(server):
     before = requests.get(server + "/health").json()["requests_aborted"]
-    with requests.post(server + "/v1/completions", json={"prompt": "x", "max_tokens": 250, "stream": True,
-                                                         "ignore_eos": True, "temperature": 0},
-                       headers={"Authorization": f"Bearer {KEY}"}, stream=True, timeout=60) as r:
+    with requests.post(
+        server + "/v1/completions",
+        json={"prompt": "x", "max_tokens": 250, "stream": True, "ignore_eos": True, "temperature": 0},
+        headers={"Authorization": f"Bearer {KEY}"},
+        stream=True,
+        timeout=60,
+    ) as r:
         lines = r.iter_lines()
         assert next(line for line in lines if line).startswith(b"data: ")
     deadline = time.monotonic() + 30
@@ -316,8 +381,12 @@ def test_serve_metrics_reach_the_prometheus_export(server, ray_local):
     node = ray_local._private.worker.global_worker.node
     url = f"http://127.0.0.1:{node.metrics_export_port}/metrics"
     post(server, "/v1/completions", {"prompt": "metrics", "max_tokens": 4})
-    want = ("ray_neoxray_serve_time_to_first_token_s", "ray_neoxray_serve_generation_tokens",
-            "ray_neoxray_serve_running_requests", "ray_neoxray_serve_kv_cache_usage")
+    want = (
+        "ray_neoxray_serve_time_to_first_token_s",
+        "ray_neoxray_serve_generation_tokens",
+        "ray_neoxray_serve_running_requests",
+        "ray_neoxray_serve_kv_cache_usage",
+    )
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:
         try:
@@ -336,8 +405,9 @@ def test_serve_without_ray_answers_the_same(serve_model_dir, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
-    proc = start_server(["--model", str(serve_model_dir), "--port", str(port), "--no-ray", "--name", "tiny"], log, url,
-                        timeout=60)
+    proc = start_server(
+        ["--model", str(serve_model_dir), "--port", str(port), "--no-ray", "--name", "tiny"], log, url, timeout=60
+    )
     try:
         r = post(url, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 24, "temperature": 0}, key=None)
         assert r.status_code == 200, r.text

@@ -121,22 +121,25 @@ def test_a_file_overrides_only_what_it_sets(tmp_path):
 
 def test_overrides_of_each_kind(tmp_path):
     p = write(tmp_path, "parallel:\n  data: 4\ntrain:\n  steps: 100\n")
-    cfg = load_run_config(p, [
-        "parallel.data=2",                 # int, over the file
-        "train.steps=5",
-        "model.preset=pythia-70m",         # string
-        "data.path=/x",
-        "optimizer.betas=[0.9,0.95]",      # list
-        "optimizer.lr=3e-4",               # float written without a dot
-        "optimizer.min_lr=0",              # int accepted for a float
-        "model.activation_checkpointing=true",  # bool
-        "schedule.warmup_steps=2",
-        "data.validation_path=null",       # null
-        "train.seq_len=",                  # empty value is null
-        "model.overrides.max_seq_len=512", # one ModelConfig field
-        "name=exp1",
-        "logging.metrics_file=m.jsonl",
-    ])
+    cfg = load_run_config(
+        p,
+        [
+            "parallel.data=2",  # int, over the file
+            "train.steps=5",
+            "model.preset=pythia-70m",  # string
+            "data.path=/x",
+            "optimizer.betas=[0.9,0.95]",  # list
+            "optimizer.lr=3e-4",  # float written without a dot
+            "optimizer.min_lr=0",  # int accepted for a float
+            "model.activation_checkpointing=true",  # bool
+            "schedule.warmup_steps=2",
+            "data.validation_path=null",  # null
+            "train.seq_len=",  # empty value is null
+            "model.overrides.max_seq_len=512",  # one ModelConfig field
+            "name=exp1",
+            "logging.metrics_file=m.jsonl",
+        ],
+    )
     assert cfg.parallel.data == 2 and cfg.train.steps == 5
     assert cfg.model.preset == "pythia-70m" and cfg.data.path == "/x"
     assert cfg.optimizer.betas == [0.9, 0.95] and cfg.optimizer.lr == 3e-4
@@ -227,11 +230,13 @@ def test_wrong_types_name_the_key(tmp_path):
     assert "optimizer.betas" in error_of(load_run_config, None, ["optimizer.betas=0.9"])
     assert "item 1" in error_of(load_run_config, None, ["optimizer.betas=[0.9, x]"])
     assert "model.activation_checkpointing must be true or false" in error_of(
-        load_run_config, None, ["model.activation_checkpointing=1"])
+        load_run_config, None, ["model.activation_checkpointing=1"]
+    )
     msg = error_of(load_run_config, None, ["train.precision=bf61"])
     assert "train.precision must be one of" in msg and "did you mean 'bf16'" in msg
     assert "model.overrides.n_layers must be an integer" in error_of(
-        load_run_config, None, ["model.overrides.n_layers=two"])
+        load_run_config, None, ["model.overrides.n_layers=two"]
+    )
     assert "train must be a mapping" in error_of(load_run_config, write(tmp_path, "train: 5\n", "t.yaml"))
     assert "a mapping of sections" in error_of(load_run_config, write(tmp_path, "- 1\n", "l.yaml"))
     assert "expected KEY=VALUE" in error_of(load_run_config, None, ["train.steps"])
@@ -273,22 +278,25 @@ def test_global_batch_must_divide_by_micro_batch_times_data():
     msg = invalid("train.global_batch=10", "train.micro_batch=2", "parallel.data=2")
     assert "train.global_batch=10" in msg and "train.micro_batch=2 x parallel.data=2 = 4" in msg
     assert "8 or 12" in msg  # the nearest valid global batches
-    assert "1, 5" in msg      # micro-batches that would divide 10 / 2
+    assert "1, 5" in msg  # micro-batches that would divide 10 / 2
     assert "train.global_batch=10 is not divisible" in error_of(
-        gradient_accumulation_steps, load_run_config(None, ["train.global_batch=10", "parallel.data=2"]))
+        gradient_accumulation_steps, load_run_config(None, ["train.global_batch=10", "parallel.data=2"])
+    )
 
 
 def test_other_validation_errors_name_their_keys():
     assert "train.seq_len=512 exceeds the model's max_seq_len=256" in invalid("train.seq_len=512")
     assert "parallel.zero_stage=2" in invalid("parallel.zero_stage=2")
-    assert "optimizer.lr=0.0001 is below optimizer.min_lr=0.001" in invalid("optimizer.lr=1e-4",
-                                                                          "optimizer.min_lr=1e-3")
+    assert "optimizer.lr=0.0001 is below optimizer.min_lr=0.001" in invalid(
+        "optimizer.lr=1e-4", "optimizer.min_lr=1e-3"
+    )
     assert "train.steps=0 must be > 0" in invalid("train.steps=0")
     assert "checkpoint.every=-1" in invalid("checkpoint.every=-1")
     msg = invalid("model.preset=tinyy")
     assert "model.preset='tinyy'" in msg and "did you mean 'tiny'" in msg
     assert "schedule.warmup_steps=5 and schedule.warmup_fraction=0.1" in invalid(
-        "schedule.warmup_steps=5", "schedule.warmup_fraction=0.1")
+        "schedule.warmup_steps=5", "schedule.warmup_fraction=0.1"
+    )
     assert "optimizer.betas" in invalid("optimizer.betas=[0.9]")
     assert "train.precision=fp16 needs GPUs" in invalid("train.precision=fp16", "train.device=cpu")
     assert "parallel.pipeline_partition" in invalid("parallel.pipeline_partition=best")
@@ -301,27 +309,43 @@ def test_other_validation_errors_name_their_keys():
 
 # ---------------------------------------------------------------------------------------- the lr schedule
 def test_cosine_schedule_shape():
-    cfg = load_run_config(None, ["train.steps=100", "schedule.warmup_steps=10", "optimizer.lr=1e-3",
-                                 "optimizer.min_lr=1e-4"])
+    cfg = load_run_config(
+        None, ["train.steps=100", "schedule.warmup_steps=10", "optimizer.lr=1e-3", "optimizer.min_lr=1e-4"]
+    )
     lrs = [cfg.lr_at(s) for s in range(0, 121)]
     assert lrs[0] == 0.0
     assert lrs[10] == pytest.approx(1e-3) and max(lrs) == pytest.approx(1e-3)
     assert lrs[5] == pytest.approx(0.5e-3)  # linear warmup
-    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))        # rising during warmup
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # rising during warmup
     assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:101]))  # falling after it
-    assert lrs[55] == pytest.approx((1e-3 + 1e-4) / 2)            # cosine midpoint
+    assert lrs[55] == pytest.approx((1e-3 + 1e-4) / 2)  # cosine midpoint
     assert lrs[100] == pytest.approx(1e-4) and all(x == pytest.approx(1e-4) for x in lrs[100:])
     assert cfg.lr_multiplier(10) == pytest.approx(1.0)
 
 
 def test_linear_constant_fraction_and_decay_steps():
-    lin = load_run_config(None, ["train.steps=100", "schedule.warmup_steps=0", "schedule.style=linear",
-                                 "optimizer.lr=1.0", "optimizer.min_lr=0.0"])
+    lin = load_run_config(
+        None,
+        [
+            "train.steps=100",
+            "schedule.warmup_steps=0",
+            "schedule.style=linear",
+            "optimizer.lr=1.0",
+            "optimizer.min_lr=0.0",
+        ],
+    )
     assert [lin.lr_at(s) for s in (0, 25, 50, 100, 200)] == pytest.approx([1.0, 0.75, 0.5, 0.0, 0.0])
     const = apply_overrides(lin, ["schedule.style=constant", "schedule.warmup_steps=4"])
     assert [const.lr_at(s) for s in (0, 2, 4, 50, 500)] == pytest.approx([0.0, 0.5, 1.0, 1.0, 1.0])
-    frac = apply_overrides(lin, ["schedule.warmup_steps=null", "schedule.warmup_fraction=0.1",
-                                 "schedule.decay_steps=50", "schedule.style=cosine"])
+    frac = apply_overrides(
+        lin,
+        [
+            "schedule.warmup_steps=null",
+            "schedule.warmup_fraction=0.1",
+            "schedule.decay_steps=50",
+            "schedule.style=cosine",
+        ],
+    )
     assert frac.warmup_steps() == 5 and frac.decay_steps() == 50
     assert frac.lr_at(5) == pytest.approx(1.0) and frac.lr_at(50) == pytest.approx(0.0)
     assert frac.lr_at(80) == 0.0  # min_lr after the decay, before train.steps
@@ -359,8 +383,16 @@ def _known_deepspeed_keys() -> set[str]:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_deepspeed_config_contents(precision, deepspeed_parser):
-    cfg = load_run_config(None, ["parallel.data=2", "train.global_batch=16", "train.micro_batch=2",
-                                 "optimizer.clip_grad=0.5", f"train.precision={precision}"])
+    cfg = load_run_config(
+        None,
+        [
+            "parallel.data=2",
+            "train.global_batch=16",
+            "train.micro_batch=2",
+            "optimizer.clip_grad=0.5",
+            f"train.precision={precision}",
+        ],
+    )
     ds = deepspeed_config(cfg)
     assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 4 == gradient_accumulation_steps(cfg)

@@ -19,8 +19,7 @@ def steps(sink, n):
 
 def test_console_prints_every_n_steps_the_last_and_evaluations_the_file_gets_all(tmp_path):
     out = io.StringIO()
-    sink = MetricsSink(tmp_path, "run", tensorboard=False, ray_metrics=False, stream=out, print_every=3,
-                       total_steps=10)
+    sink = MetricsSink(tmp_path, "run", tensorboard=False, ray_metrics=False, stream=out, print_every=3, total_steps=10)
     sink.log({"event": "resumed", "step": 0, "consumed_samples": 0})
     steps(sink, 10)
     printed = [line.split(" | ")[0] for line in out.getvalue().splitlines()]

@@ -53,7 +53,7 @@ def test_stage_layers_match_deepspeeds_partition():
         for pp in range(1, min(n_layers, 12) + 1):
             weights = [0] + [1] * n_layers + [0]
             parts = partition_balanced(weights, pp)
-            counts = [sum(weights[parts[i]:parts[i + 1]]) for i in range(pp)]
+            counts = [sum(weights[parts[i] : parts[i + 1]]) for i in range(pp)]
             assert stage_layers(n_layers, pp) == counts, (n_layers, pp)
             assert parts[1] >= 1 and parts[-2] <= n_layers, "embedding on stage 0, head on the last stage"
 
@@ -73,7 +73,8 @@ def test_stage_parameters_add_up_to_the_model(preset):
 
 def test_factorizations_cover_every_product():
     assert sorted(factorizations(8)) == sorted(
-        (dp, tp, pp) for dp in range(1, 9) for tp in range(1, 9) for pp in range(1, 9) if dp * tp * pp == 8)
+        (dp, tp, pp) for dp in range(1, 9) for tp in range(1, 9) for pp in range(1, 9) if dp * tp * pp == 8
+    )
     assert factorizations(1) == [(1, 1, 1)]
 
 
@@ -89,8 +90,9 @@ def test_bytes_per_parameter_by_precision_and_zero():
         ("fp16", 1, 4, (2, 2, 12 / 4)),
         ("bf16", 0, 4, (2, 6, 12)),
     ]:
-        m = stage_memory(model, dp, 1, 1, 0, Training(global_batch=64, micro_batch=1, precision=precision,
-                                                         zero_stage=zero))
+        m = stage_memory(
+            model, dp, 1, 1, 0, Training(global_batch=64, micro_batch=1, precision=precision, zero_stage=zero)
+        )
         assert (m.weights, m.gradients, m.optimizer) == tuple(int(n * x) for x in expect), precision
 
 
@@ -165,8 +167,9 @@ def test_rejections_name_their_reason():
     p = plan(model, Cluster(gpus=24, gpu_memory_gib=80, gpus_per_node=6), Training(global_batch=72, micro_batch=2))
     by = layouts(p)
     assert by[(3, 8, 1)].reason == "tp 8 does not divide 12 heads"
-    assert by[(6, 4, 1)].reason == ("tp 4 does not divide 6 GPUs per node (a tensor-parallel group would span two "
-                                   "nodes)")
+    assert by[(6, 4, 1)].reason == (
+        "tp 4 does not divide 6 GPUs per node (a tensor-parallel group would span two nodes)"
+    )
     assert by[(2, 12, 1)].reason == "tp 12 > 6 GPUs per node"
     assert by[(1, 1, 24)].reason == "pp 24 > 12 layers"
     assert by[(24, 1, 1)].reason == "global batch 72 is not divisible by dp 24 x micro-batch 2 = 48"
@@ -217,8 +220,14 @@ def test_cli_plan_json_and_table():
     assert set(out) >= {"model", "cluster", "training", "assumptions", "feasible", "rejected"}
     feasible = {(x["dp"], x["tp"], x["pp"]): x for x in out["feasible"]}
     assert (12, 2, 4) in feasible and feasible[(12, 2, 4)]["memory_bytes"] < 40 * GIB
-    assert set(feasible[(12, 2, 4)]["memory"]) == {"weights", "gradients", "optimizer", "activations",
-                                                  "activations_checkpointed", "overhead"}
+    assert set(feasible[(12, 2, 4)]["memory"]) == {
+        "weights",
+        "gradients",
+        "optimizer",
+        "activations",
+        "activations_checkpointed",
+        "overhead",
+    }
     rejected = {(x["dp"], x["tp"], x["pp"]): x["reason"] for x in out["rejected"]}
     assert rejected[(24, 1, 4)].startswith("needs ")
     assert [x["step_time_s"] for x in out["feasible"]] == sorted(x["step_time_s"] for x in out["feasible"])
@@ -232,12 +241,16 @@ def test_cli_plan_json_and_table():
 
 @pytest.mark.e2e
 def test_cli_plan_errors_are_one_line():
-    assert_clean_error(run_cli("plan", "neox-21b", "--gpus", "8", "--gpu-memory", "40", check=False),
-                       "unknown model preset 'neox-21b'")
-    assert_clean_error(run_cli("plan", "tiny", "--gpus", "0", "--gpu-memory", "40", check=False),
-                       "number of GPUs must be a positive integer, got 0")
-    assert_clean_error(run_cli("plan", "tiny", "--gpus", "4", "--gpu-memory", "-1", check=False),
-                       "GPU memory must be > 0")
+    assert_clean_error(
+        run_cli("plan", "neox-21b", "--gpus", "8", "--gpu-memory", "40", check=False), "unknown model preset 'neox-21b'"
+    )
+    assert_clean_error(
+        run_cli("plan", "tiny", "--gpus", "0", "--gpu-memory", "40", check=False),
+        "number of GPUs must be a positive integer, got 0",
+    )
+    assert_clean_error(
+        run_cli("plan", "tiny", "--gpus", "4", "--gpu-memory", "-1", check=False), "GPU memory must be > 0"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,8 +261,13 @@ def gpu_node(gpus: int, alive: bool = True) -> dict:
 
 
 def test_cluster_from_ray_nodes():
-    nodes = [{"Alive": True, "Resources": {"CPU": 4.0, "memory": 8 * GIB}}, gpu_node(8), gpu_node(8),
-             gpu_node(8, alive=False), gpu_node(4)]
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 4.0, "memory": 8 * GIB}},
+        gpu_node(8),
+        gpu_node(8),
+        gpu_node(8, alive=False),
+        gpu_node(4),
+    ]
     c = cluster_from_nodes(nodes, use_gpu=True, gpu_memory_gib=80)
     assert c == Cluster(gpus=20, gpu_memory_gib=80, gpus_per_node=4)  # the smallest GPU node bounds tp
     assert cluster_from_nodes(nodes, True, 80, workers=16).gpus == 16
@@ -258,8 +276,10 @@ def test_cluster_from_ray_nodes():
     with pytest.raises(NeoxrayError, match="set parallel.gpu_memory_gb"):
         cluster_from_nodes(nodes, True, None)
     # a CPU-only cluster: every CPU a worker, each with its node's Ray memory shared among the node's CPUs
-    cpus = [{"Alive": True, "Resources": {"CPU": 8.0, "memory": 16 * GIB}},
-            {"Alive": True, "Resources": {"CPU": 4.0, "memory": 12 * GIB}}]
+    cpus = [
+        {"Alive": True, "Resources": {"CPU": 8.0, "memory": 16 * GIB}},
+        {"Alive": True, "Resources": {"CPU": 4.0, "memory": 12 * GIB}},
+    ]
     assert cluster_from_nodes(cpus, use_gpu=False) == Cluster(gpus=12, gpu_memory_gib=2.0, gpus_per_node=4)
     with pytest.raises(NeoxrayError, match="found no GPUs"):
         cluster_from_nodes(cpus, use_gpu=True, gpu_memory_gib=40)
@@ -274,15 +294,23 @@ def test_parallel_auto_takes_the_plans_first_choice(tmp_path):
     assert choice is result.feasible[0] and not new.parallel.auto and new.parallel.world_size() == 8
     validate(new)
     # pins are kept
-    pinned = load_run_config(None, ["parallel=auto", "parallel.tensor=2", "train.global_batch=8",
-                                    "train.micro_batch=2"])
+    pinned = load_run_config(
+        None, ["parallel=auto", "parallel.tensor=2", "train.global_batch=8", "train.micro_batch=2"]
+    )
     new, choice, _ = resolve_auto_layout(pinned, cluster)
     assert new.parallel.tensor == 2 and choice.tp == 2
     # the YAML form, with the GPU memory given
     (tmp_path / "run.yaml").write_text("parallel:\n  auto: true\n  pipeline: 4\n  gpu_memory_gb: 40\n")
-    yaml_cfg = load_run_config(tmp_path / "run.yaml", ["model.preset=neox-20b", "train.global_batch=1536",
-                                                       "train.micro_batch=4", "train.precision=bf16",
-                                                       "model.activation_checkpointing=true"])
+    yaml_cfg = load_run_config(
+        tmp_path / "run.yaml",
+        [
+            "model.preset=neox-20b",
+            "train.global_batch=1536",
+            "train.micro_batch=4",
+            "train.precision=bf16",
+            "model.activation_checkpointing=true",
+        ],
+    )
     assert yaml_cfg.parallel.auto and yaml_cfg.parallel.data is None and yaml_cfg.parallel.pipeline == 4
     cluster = cluster_from_nodes([gpu_node(8) for _ in range(12)], True, yaml_cfg.parallel.gpu_memory_gb)
     new, choice, result = resolve_auto_layout(yaml_cfg, cluster)
@@ -291,8 +319,9 @@ def test_parallel_auto_takes_the_plans_first_choice(tmp_path):
 
 
 def test_parallel_auto_errors_name_the_keys():
-    cfg = load_run_config(None, ["parallel=auto", "model.preset=neox-20b", "train.global_batch=64",
-                                 "train.micro_batch=4"])
+    cfg = load_run_config(
+        None, ["parallel=auto", "model.preset=neox-20b", "train.global_batch=64", "train.micro_batch=4"]
+    )
     tiny_gpus = Cluster(gpus=8, gpu_memory_gib=16, gpus_per_node=8)
     with pytest.raises(NeoxrayError) as e:
         resolve_auto_layout(cfg, tiny_gpus)
@@ -303,8 +332,10 @@ def test_parallel_auto_errors_name_the_keys():
     match = r"with parallel.tensor=3: dp \d+ tp 3 pp \d+: tp 3 does not divide 4 heads"
     with pytest.raises(NeoxrayError, match=match):
         resolve_auto_layout(pinned, Cluster(gpus=6, gpu_memory_gib=16))
-    for override, needle in [("parallel.workers=0", "parallel.workers=0 must be >= 1"),
-                             ("parallel.gpu_memory_gb=0", "parallel.gpu_memory_gb=0.0 must be > 0")]:
+    for override, needle in [
+        ("parallel.workers=0", "parallel.workers=0 must be >= 1"),
+        ("parallel.gpu_memory_gb=0", "parallel.gpu_memory_gb=0.0 must be > 0"),
+    ]:
         with pytest.raises(NeoxrayError, match=needle):
             validate(load_run_config(None, ["parallel=auto", override]))
 
@@ -312,8 +343,15 @@ def test_parallel_auto_errors_name_the_keys():
 # ---------------------------------------------------------------------------------------------------------
 # the memory model against the real engine (CPU, gloo): bytes of the tensors each rank holds
 # ---------------------------------------------------------------------------------------------------------
-ENGINE_BASE = ["model.preset=tiny", "model.overrides.vocab_size=1024", "model.overrides.max_seq_len=64",
-               "train.seq_len=32", "train.global_batch=4", "train.micro_batch=1", "train.steps=1"]
+ENGINE_BASE = [
+    "model.preset=tiny",
+    "model.overrides.vocab_size=1024",
+    "model.overrides.max_seq_len=64",
+    "train.seq_len=32",
+    "train.global_batch=4",
+    "train.micro_batch=1",
+    "train.steps=1",
+]
 # world size -> (dp, tp, pp, precision) built one after another in the same processes
 ENGINE_LAYOUTS = {
     1: [(1, 1, 1, "fp32"), (1, 1, 1, "bf16")],
@@ -372,6 +410,7 @@ def held_bytes(engine) -> dict:
         def wrapped(*args, **kwargs):
             snapshot()
             return fn(*args, **kwargs)
+
         return wrapped
 
     engine.engine.allreduce_gradients = before(engine.engine.allreduce_gradients)
@@ -391,8 +430,15 @@ def held_bytes(engine) -> dict:
 
 
 def _engine_worker(rank: int, world: int, tmp: str, port: int) -> None:
-    os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        DS_ACCELERATOR="cpu",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     import torch
 
     from neoxray.platform.train.engine import TrainEngine
@@ -402,8 +448,16 @@ def _engine_worker(rank: int, world: int, tmp: str, port: int) -> None:
     for dp, tp, pp, precision in ENGINE_LAYOUTS[world]:
         entry = {"layout": [dp, tp, pp], "precision": precision}
         try:
-            cfg = load_run_config(None, [*ENGINE_BASE, f"parallel.data={dp}", f"parallel.tensor={tp}",
-                                         f"parallel.pipeline={pp}", f"train.precision={precision}"])
+            cfg = load_run_config(
+                None,
+                [
+                    *ENGINE_BASE,
+                    f"parallel.data={dp}",
+                    f"parallel.tensor={tp}",
+                    f"parallel.pipeline={pp}",
+                    f"train.precision={precision}",
+                ],
+            )
             engine = TrainEngine(cfg)
             entry.update(stage=engine.coord.pp, **held_bytes(engine))
             del engine
@@ -426,8 +480,9 @@ def spawn_engines(worlds: list[int], timeout_s: float = 240) -> list[dict]:
         runs = {}
         for world in worlds:
             Path(tmp, str(world)).mkdir()
-            runs[world] = mp.spawn(_engine_worker, args=(world, str(Path(tmp, str(world))), free_port()),
-                                   nprocs=world, join=False)
+            runs[world] = mp.spawn(
+                _engine_worker, args=(world, str(Path(tmp, str(world))), free_port()), nprocs=world, join=False
+            )
         deadline, died = time.monotonic() + timeout_s, []
         for world, ctx in runs.items():
             try:
@@ -465,8 +520,9 @@ def test_memory_model_matches_the_tensors_the_engine_holds(engine_bytes):
     report = []
     for e in engine_bytes:
         dp, tp, pp = e["layout"]
-        planned = stage_memory(model, dp, tp, pp, e["stage"],
-                               Training(global_batch=4, micro_batch=1, seq_len=32, precision=e["precision"]))
+        planned = stage_memory(
+            model, dp, tp, pp, e["stage"], Training(global_batch=4, micro_batch=1, seq_len=32, precision=e["precision"])
+        )
         assert e["snapshots"] >= 2  # at least before the step and inside the torch optimizer step
         for key in ("weights", "gradients", "optimizer"):
             want, got = getattr(planned, key), e[key]

@@ -20,10 +20,22 @@ pytestmark = pytest.mark.e2e  # real Ray Train runs
 
 STEPS = 5
 BASE = [
-    "model.preset=tiny", "model.overrides.vocab_size=1024", "model.overrides.max_seq_len=64",
-    "train.seq_len=32", "train.global_batch=8", "train.micro_batch=2", f"train.steps={STEPS}",
-    "optimizer.lr=3e-3", "optimizer.min_lr=3e-4", "schedule.warmup_steps=1", f"schedule.decay_steps={STEPS}",
-    "train.seed=7", "data.seed=11", "logging.tensorboard=true", f"eval.every={STEPS}", "eval.batches=1",
+    "model.preset=tiny",
+    "model.overrides.vocab_size=1024",
+    "model.overrides.max_seq_len=64",
+    "train.seq_len=32",
+    "train.global_batch=8",
+    "train.micro_batch=2",
+    f"train.steps={STEPS}",
+    "optimizer.lr=3e-3",
+    "optimizer.min_lr=3e-4",
+    "schedule.warmup_steps=1",
+    f"schedule.decay_steps={STEPS}",
+    "train.seed=7",
+    "data.seed=11",
+    "logging.tensorboard=true",
+    f"eval.every={STEPS}",
+    "eval.batches=1",
 ]
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2)]
 
@@ -34,8 +46,7 @@ def prepared(tmp_path_factory, sample_tokenizer_dir, ray_local):
     from neoxray.pipelines.prepare import prepare
 
     out = tmp_path_factory.mktemp("data") / "sample-32"
-    prepare([str(SAMPLE)],
-            str(sample_tokenizer_dir), 32, str(out), workers=2, progress=False)
+    prepare([str(SAMPLE)], str(sample_tokenizer_dir), 32, str(out), workers=2, progress=False)
     return out
 
 
@@ -43,8 +54,18 @@ def cfg_for(data, name, layout=(1, 1, 1), extra=()):
     from neoxray.platform.train.config import load_run_config
 
     dp, tp, pp = layout
-    return load_run_config(None, [*BASE, f"data.path={data}", f"name={name}", f"parallel.data={dp}",
-                                  f"parallel.tensor={tp}", f"parallel.pipeline={pp}", *extra])
+    return load_run_config(
+        None,
+        [
+            *BASE,
+            f"data.path={data}",
+            f"name={name}",
+            f"parallel.data={dp}",
+            f"parallel.tensor={tp}",
+            f"parallel.pipeline={pp}",
+            *extra,
+        ],
+    )
 
 
 def losses(run_dir, key="loss") -> dict[int, float]:
@@ -78,7 +99,7 @@ def test_every_layout_trains_the_same_model(prepared, reference, ray_local, tmp_
     assert sorted(ref) == list(range(1, STEPS + 1))
     assert ref[STEPS] < ref[1], "the tiny model should learn something in 5 steps"
     for layout in LAYOUTS:
-        run_dir = tmp_path / ("run-%d%d%d" % layout)
+        run_dir = tmp_path / "run-{}{}{}".format(*layout)
         run_train(cfg_for(prepared, run_dir.name, layout, ["checkpoint.every=3"]), run_dir=str(run_dir))
         got = losses(run_dir)
         assert sorted(got) == list(range(1, STEPS + 1)), layout
@@ -97,9 +118,15 @@ def test_every_layout_trains_the_same_model(prepared, reference, ray_local, tmp_
 
     # a (2,2,2) checkpoint continues under (1,2,1): the same loss curve
     relayout = tmp_path / "relayout"
-    run_train(cfg_for(prepared, "relayout", (1, 2, 1),
-                      [f"checkpoint.load_from={tmp_path / 'run-222' / 'checkpoint-step-0000003'}"]),
-              run_dir=str(relayout))
+    run_train(
+        cfg_for(
+            prepared,
+            "relayout",
+            (1, 2, 1),
+            [f"checkpoint.load_from={tmp_path / 'run-222' / 'checkpoint-step-0000003'}"],
+        ),
+        run_dir=str(relayout),
+    )
     got = losses(relayout)
     assert sorted(got) == [4, 5]
     assert_same(got, ref, [4, 5])
@@ -121,7 +148,8 @@ def test_every_layout_trains_the_same_model(prepared, reference, ray_local, tmp_
     assert json.loads(run_cli(*gen, "--model", str(run_dir)).stdout) == out
     score = ("score", "--text", "def main(", "--json")
     assert json.loads(run_cli(*score, "--model", str(run_dir)).stdout)["logprobs"] == pytest.approx(
-        json.loads(run_cli(*score, "--model", str(tmp_path / "hf222")).stdout)["logprobs"], abs=1e-5)
+        json.loads(run_cli(*score, "--model", str(tmp_path / "hf222")).stdout)["logprobs"], abs=1e-5
+    )
 
     # serving takes the run directory as it is (its newest checkpoint): the same model as the export
     from neoxray.model.decoding import SamplingParams
@@ -150,8 +178,9 @@ def _kill_one_worker_after(run_dir: Path, step: int, killed: list, timeout=300):
         snapshot = run_dir / "checkpoint_manager_snapshot.json"
         registered = snapshot.exists() and "checkpoint-step-0000003" in snapshot.read_text()
         if max(m, default=0) >= step and registered:
-            workers = [p for p in psutil.Process(raylet).children(recursive=True)
-                       if "RayTrainWorker" in " ".join(p.cmdline())]
+            workers = [
+                p for p in psutil.Process(raylet).children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())
+            ]
             if workers:
                 victim = sorted(workers, key=lambda p: p.pid)[-1]
                 os.kill(victim.pid, signal.SIGKILL)
@@ -166,8 +195,18 @@ def test_worker_sigkill_is_survived_and_restart_resumes_exactly(prepared, ray_lo
     steps = 12
     extra = [f"train.steps={steps}", f"schedule.decay_steps={steps + 2}", "checkpoint.every=3"]
     ref_dir = tmp_path / "ref"
-    run_cli("train", "--no-ray", "--run-dir", str(ref_dir), *BASE, f"data.path={prepared}", "name=ref",
-            f"train.steps={steps + 2}", f"schedule.decay_steps={steps + 2}", "checkpoint.every=0")
+    run_cli(
+        "train",
+        "--no-ray",
+        "--run-dir",
+        str(ref_dir),
+        *BASE,
+        f"data.path={prepared}",
+        "name=ref",
+        f"train.steps={steps + 2}",
+        f"schedule.decay_steps={steps + 2}",
+        "checkpoint.every=0",
+    )
     ref = losses(ref_dir)
 
     run_dir = tmp_path / "faulty"
@@ -184,8 +223,10 @@ def test_worker_sigkill_is_survived_and_restart_resumes_exactly(prepared, ray_lo
     assert_same(got, ref, range(1, steps + 1))
 
     # restarting the same run (same name and storage) resumes from its latest checkpoint
-    run_train(cfg_for(prepared, "faulty", (2, 1, 1), [f"train.steps={steps + 2}", f"schedule.decay_steps={steps + 2}"]),
-              run_dir=str(run_dir))
+    run_train(
+        cfg_for(prepared, "faulty", (2, 1, 1), [f"train.steps={steps + 2}", f"schedule.decay_steps={steps + 2}"]),
+        run_dir=str(run_dir),
+    )
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == steps + 2
     assert [r for r in records if r.get("event") == "resumed"][-1]["step"] == steps
@@ -207,8 +248,10 @@ def test_finetune_from_hf_starts_at_transformers_loss(prepared, ray_local, tmp_p
     hf = GPTNeoXForCausalLM(GPTNeoXConfig(**{k: v for k, v in config_to_hf(cfg).items() if k != "neoxray"}))
     hf.save_pretrained(tmp_path / "hf")
     run_dir = tmp_path / "ft"
-    run_train(cfg_for(prepared, "ft", (1, 2, 1), [f"model.init_from={tmp_path / 'hf'}", "train.steps=1"]),
-              run_dir=str(run_dir))
+    run_train(
+        cfg_for(prepared, "ft", (1, 2, 1), [f"model.init_from={tmp_path / 'hf'}", "train.steps=1"]),
+        run_dir=str(run_dir),
+    )
     batch = next(iter_batches(open_blend([str(prepared)], seed=11), 8, seed=11))
     with torch.no_grad():
         logits = hf.eval()(batch["input_ids"]).logits

@@ -202,9 +202,7 @@ def _unknown_key(dotted: str, source: str) -> NeoxrayError:
     hint = suggest(parts[1], valid, prefix=section + ".")
     if not hint:  # right field, wrong section: `train.lr` -> `optimizer.lr`
         hint = suggest(parts[1], _all_dotted_keys(), leaf=True)
-    return NeoxrayError(
-        f"unknown key '{dotted}' in {source}{hint}; keys of {section}: {', '.join(valid)}"
-    )
+    return NeoxrayError(f"unknown key '{dotted}' in {source}{hint}; keys of {section}: {', '.join(valid)}")
 
 
 def _all_dotted_keys() -> list[str]:

@@ -203,7 +203,6 @@ class TrainSection:
     """Where the workers run: `auto` uses GPUs when the cluster has them."""
 
 
-
 @dataclass
 class CheckpointSection:
     """Training checkpoints under `<run_dir>/checkpoints` (weights, optimizer, data position)."""
@@ -323,8 +322,6 @@ LAYOUT = ("data", "tensor", "pipeline")
 NOT_OVERRIDABLE = {"name": "model.preset", "activation_checkpointing": "model.activation_checkpointing"}
 
 
-
-
 def check_model_overrides(overrides: dict, key: str, source: str | None = None) -> None:
     fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in NOT_OVERRIDABLE]
     where = f" in {source}" if source else ""
@@ -339,7 +336,7 @@ def check_model_overrides(overrides: dict, key: str, source: str | None = None) 
 
 
 def suggest(word: str, candidates: typing.Iterable[str], prefix: str = "", leaf: bool = False) -> str:
-    """" (did you mean 'X'?)" for the closest candidate (by the last dotted part when `leaf`), or ""."""
+    """ " (did you mean 'X'?)" for the closest candidate (by the last dotted part when `leaf`), or ""."""
     candidates = list(candidates)
     if leaf:
         by_leaf: dict[str, str] = {}

@@ -12,6 +12,7 @@ from neoxray.model.config import ModelConfig
 from neoxray.model.precision import PRECISIONS
 from neoxray.platform.train.config.schema import LAYOUT, ZERO_STAGES, RunConfig, require_layout
 
+
 def validate(cfg: RunConfig) -> None:
     """Check the whole run before any worker starts; every problem found is reported in one NeoxrayError
     (problems separated by '; '), each naming its key(s)."""
@@ -41,23 +42,30 @@ def validate(cfg: RunConfig) -> None:
         bad = [f"{k}={v}" for k, v in shards.items() if v % tp]
         if bad:
             ok = _divisors(math.gcd(*shards.values()))
-            err(f"parallel.tensor={tp} does not divide {' and '.join(bad)} (tensor parallelism splits heads, "
-                f"vocabulary rows and MLP columns evenly); valid parallel.tensor values: {_list(ok)}")
+            err(
+                f"parallel.tensor={tp} does not divide {' and '.join(bad)} (tensor parallelism splits heads, "
+                f"vocabulary rows and MLP columns evenly); valid parallel.tensor values: {_list(ok)}"
+            )
     if model is not None and p.pipeline is not None and p.pipeline > model.n_layers:
-        err(f"parallel.pipeline={p.pipeline} exceeds model.n_layers={model.n_layers} (every pipeline stage "
-            f"needs at least one layer); use parallel.pipeline <= {model.n_layers}")
+        err(
+            f"parallel.pipeline={p.pipeline} exceeds model.n_layers={model.n_layers} (every pipeline stage "
+            f"needs at least one layer); use parallel.pipeline <= {model.n_layers}"
+        )
     if p.zero_stage not in ZERO_STAGES:
-        err(f"parallel.zero_stage={p.zero_stage} is not supported: DeepSpeed's pipeline engine supports ZeRO "
-            f"stages 0 and 1 only")
+        err(
+            f"parallel.zero_stage={p.zero_stage} is not supported: DeepSpeed's pipeline engine supports ZeRO "
+            f"stages 0 and 1 only"
+        )
     method = p.pipeline_partition.lower()
     if not (method in ("parameters", "uniform") or (method.startswith("type:") and len(method) > 5)):
-        err(f"parallel.pipeline_partition={p.pipeline_partition!r} is not a DeepSpeed partition method "
-            f"(use 'type:REGEX', 'parameters' or 'uniform')")
+        err(
+            f"parallel.pipeline_partition={p.pipeline_partition!r} is not a DeepSpeed partition method "
+            f"(use 'type:REGEX', 'parameters' or 'uniform')"
+        )
     if p.workers is not None and p.workers < 1:
         err(f"parallel.workers={p.workers} must be >= 1 (or null for every worker of the cluster)")
     if p.gpu_memory_gb is not None and not p.gpu_memory_gb > 0:
-        err(f"parallel.gpu_memory_gb={p.gpu_memory_gb} must be > 0 (GiB per GPU; or null to read it from the "
-            f"cluster)")
+        err(f"parallel.gpu_memory_gb={p.gpu_memory_gb} must be > 0 (GiB per GPU; or null to read it from the cluster)")
     if p.backend not in ("auto", "nccl", "gloo"):
         err(f"parallel.backend={p.backend!r} must be one of 'auto', 'nccl', 'gloo'")
     if p.backend == "nccl" and cfg.train.device == "cpu":
@@ -80,8 +88,10 @@ def validate(cfg: RunConfig) -> None:
         if t.seq_len <= 0:
             err(f"train.seq_len={t.seq_len} must be > 0")
         elif model is not None and t.seq_len > model.max_seq_len:
-            err(f"train.seq_len={t.seq_len} exceeds the model's max_seq_len={model.max_seq_len} "
-                f"(raise it with model.overrides.max_seq_len)")
+            err(
+                f"train.seq_len={t.seq_len} exceeds the model's max_seq_len={model.max_seq_len} "
+                f"(raise it with model.overrides.max_seq_len)"
+            )
     if t.precision not in PRECISIONS:
         err(f"train.precision={t.precision!r} must be one of {', '.join(PRECISIONS)}")
     if t.device not in ("auto", "cpu", "cuda"):
@@ -109,8 +119,10 @@ def validate(cfg: RunConfig) -> None:
     # schedule
     s = cfg.schedule
     if s.warmup_steps is not None and s.warmup_fraction is not None:
-        err(f"schedule.warmup_steps={s.warmup_steps} and schedule.warmup_fraction={s.warmup_fraction} are both "
-            f"set; set one (the other to null)")
+        err(
+            f"schedule.warmup_steps={s.warmup_steps} and schedule.warmup_fraction={s.warmup_fraction} are both "
+            f"set; set one (the other to null)"
+        )
     if s.warmup_steps is not None and s.warmup_steps < 0:
         err(f"schedule.warmup_steps={s.warmup_steps} must be >= 0")
     if s.warmup_fraction is not None and not 0.0 <= s.warmup_fraction <= 1.0:
@@ -118,8 +130,10 @@ def validate(cfg: RunConfig) -> None:
     if s.decay_steps is not None and s.decay_steps <= 0:
         err(f"schedule.decay_steps={s.decay_steps} must be > 0 (or null for train.steps)")
     elif s.style != "constant" and s.warmup_steps is not None and s.warmup_steps > cfg.decay_steps():
-        err(f"schedule.warmup_steps={s.warmup_steps} exceeds the decay steps ({cfg.decay_steps()}, "
-            f"schedule.decay_steps or train.steps)")
+        err(
+            f"schedule.warmup_steps={s.warmup_steps} exceeds the decay steps ({cfg.decay_steps()}, "
+            f"schedule.decay_steps or train.steps)"
+        )
     if s.style not in ("cosine", "linear", "constant"):
         err(f"schedule.style={s.style!r} must be one of cosine, linear, constant")
 
@@ -130,8 +144,9 @@ def validate(cfg: RunConfig) -> None:
         err("data.path must name a prepared dataset directory (or a non-empty list of them)")
     if d.weights is not None:
         if len(d.weights) != len(paths):
-            err(f"data.weights has {len(d.weights)} entries but data.path has {len(paths)}; give one weight "
-                f"per dataset")
+            err(
+                f"data.weights has {len(d.weights)} entries but data.path has {len(paths)}; give one weight per dataset"
+            )
         elif any(w < 0 for w in d.weights) or not sum(d.weights) > 0:
             err(f"data.weights={d.weights} must be >= 0 with a positive sum")
 
@@ -158,6 +173,7 @@ def validate(cfg: RunConfig) -> None:
 def check_paths(cfg: RunConfig) -> None:
     """Check that the input paths exist on this machine (`data.path`, `data.validation_path`,
     `model.init_from`); separate from `validate` because a driver may name paths only the workers see."""
+
     def absent(p) -> bool:  # URIs (s3://, gs://, ...) are read through the data reader's filesystems
         return "://" not in str(p) and not Path(p).exists()
 
