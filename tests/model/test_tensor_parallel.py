@@ -394,10 +394,23 @@ def check_names(world: int) -> list[str]:
     return list(_worker_checks(dict.fromkeys(labels)))
 
 
+GLOO_TIMEOUT_S = 200
+"""gloo's timeout, for the rendezvous and every collective (the barrier after each check too): ranks that start
+on a loaded machine can arrive long apart, so it is generous; a rank that fails inside a collective still ends
+the world this long after, well before WORLD_DEADLINE_S, and the world's error is reported."""
+WORLD_DEADLINE_S = 600
+"""A failure guard for a whole world (spawning returns as soon as every rank is done): a world that hangs
+outside gloo's reach is ended and reported."""
+
+
 def _worker(rank: int, world: int, tmp: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world, timeout=timedelta(seconds=30)
+        "gloo",
+        init_method=f"file://{tmp}/store",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=GLOO_TIMEOUT_S),
     )
     groups = {f"tp{world}": dist.new_group(list(range(world)))}
     if world == 4:  # two tensor-parallel groups of 2: [0, 1] and [2, 3] (every rank creates every group)
@@ -412,8 +425,8 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         except Exception:
             results[name] = traceback.format_exc()
         times[name] = time.perf_counter() - t0
-        # written after every check: if a rank fails inside a collective the others time out (30 s) and
-        # the world dies, but what finished is still reported, and the rest is reported as unfinished
+        # written after every check: if a rank fails inside a collective the others time out (GLOO_TIMEOUT_S)
+        # and the world dies, but what finished is still reported, and the rest is reported as unfinished
         Path(tmp, f"rank{rank}.json").write_text(json.dumps({"results": results, "times": times}))
         dist.barrier()
     dist.destroy_process_group()
@@ -423,11 +436,11 @@ def spawn_world(n: int) -> list[dict]:
     """Spawn a gloo world of n CPU processes that runs every check on every rank; returns each rank's results."""
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.spawn(_worker, args=(n, tmp), nprocs=n, join=False)
-        deadline, died = time.monotonic() + 240, None
+        deadline, died = time.monotonic() + WORLD_DEADLINE_S, None
         try:
             while not ctx.join(timeout=5):
                 if time.monotonic() > deadline:
-                    died = "did not finish in 240 s"
+                    died = f"did not finish in {WORLD_DEADLINE_S} s"
                     break
         except Exception as e:  # a rank raised outside a check (e.g. a collective timed out): others are ended
             died = str(e)

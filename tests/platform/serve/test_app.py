@@ -1,5 +1,6 @@
 """The Serve config and typed app builder, and the API's failure modes on one in-process server (uvicorn, no
-Ray): a full queue, a dead engine, graceful shutdown."""
+Ray): a full queue, a dead engine, a client that disconnects, graceful shutdown. In-process, the tests can hold
+the engine thread at a chosen point, so what they check never depends on how fast the machine is."""
 
 from __future__ import annotations
 
@@ -67,9 +68,15 @@ class Server:
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started and time.monotonic() < deadline:
+        deadline = time.monotonic() + 120  # a failure guard: the loop ends as soon as uvicorn listens
+        while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
+        if not self.server.started:
+            self.close()
+            raise AssertionError(
+                f"uvicorn did not start on port {self.port}"
+                + (" (its thread exited)" if not self.thread.is_alive() else " in 120 s")
+            )
 
     def close(self):
         self.server.should_exit = True
@@ -81,10 +88,21 @@ def model_tok(tiny_model_dir):
     return load_model_and_tokenizer(tiny_model_dir)
 
 
+def wait_until(condition, what, timeout: float = 120):
+    """Poll `condition` until it is true; the deadline is a failure guard only (it never decides a pass).
+    `what` (a string, or a function returning one, called on failure) says what was awaited."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what() if callable(what) else what}: not reached in {timeout} s")
+        time.sleep(0.02)
+
+
 def test_a_full_queue_gets_503_and_the_server_recovers(model_tok):
     engine = InferenceEngine(*model_tok, EngineConfig(max_num_seqs=1, max_waiting=1)).start()
-    gate = threading.Event()
-    engine.call(gate.wait)  # hold the engine thread so that requests pile up
+    gate, held = threading.Event(), threading.Event()
+    engine.call(lambda: (held.set(), gate.wait()))  # hold the engine thread so that requests pile up
+    assert held.wait(60), "the engine thread did not take the call"  # the inbox is empty again: room for one
     srv = Server(engine)
     try:
         codes = []
@@ -92,24 +110,28 @@ def test_a_full_queue_gets_503_and_the_server_recovers(model_tok):
         def one():
             codes.append(
                 requests.post(
-                    srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=60
+                    srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=300
                 ).status_code
             )
 
         threads = [threading.Thread(target=one) for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(1.5)
+        # the first request to reach the engine fills the one waiting place (the engine thread cannot take it
+        # while held); every later one finds the queue full and is refused at once, while the first still waits
+        wait_until(lambda: len(codes) >= 3, lambda: f"3 refusals while the engine is held (got {codes})")
+        assert codes == [503] * 3, codes
         gate.set()
         for t in threads:
-            t.join(60)
-        assert sorted(codes)[0] == 200 and 503 in codes, codes
-        r = requests.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=60)
+            t.join(300)
+        assert not any(t.is_alive() for t in threads)
+        assert sorted(codes) == [200, 503, 503, 503], codes
+        r = requests.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=300)
         assert r.status_code == 200
     finally:
         gate.set()
         srv.close()
-        engine.stop(timeout=10)
+        engine.stop(timeout=60)
 
 
 def test_a_dead_engine_fails_health_and_requests_with_503(model_tok):
@@ -144,10 +166,57 @@ def test_graceful_stop_finishes_running_requests(model_tok):
     ]
     for r in reqs:
         engine.add_request(r, lambda o: o.finish_reason and results.append(o.finish_reason))
-    engine.stop(timeout=30, drain=True)
+    engine.stop(timeout=300, drain=True)  # a failure guard: the drain returns as soon as the work is done
     assert results == ["length"] * 4
     with pytest.raises(NeoxrayError, match="stopped"):
         engine.add_request(reqs[0], lambda o: None)
+
+
+def test_a_client_that_disconnects_frees_its_batch_slot(model_tok):
+    """A streaming client goes away mid-generation: its request is aborted and its batch row and KV blocks are
+    freed. The engine cannot produce a second token until the abort has been queued (its first decode waits for
+    the gate), and every later step takes in aborts first, so the request cannot finish on its own first,
+    however fast the engine is."""
+    engine = InferenceEngine(*model_tok).start()
+    gate, aborted = threading.Event(), threading.Event()
+    decode, abort = engine._decode, engine.abort
+
+    def held_decode(seqs):  # the first token comes from the prefill; a second one waits here for the gate
+        gate.wait()
+        decode(seqs)
+
+    def seen_abort(request_id):
+        abort(request_id)
+        aborted.set()
+
+    engine._decode, engine.abort = held_decode, seen_abort
+    srv = Server(engine)
+    try:
+        with requests.post(
+            srv.url + "/v1/completions",
+            # logprobs: every token makes a chunk, even one whose text is held back (an incomplete character)
+            json={"prompt": "x", "max_tokens": 32, "stream": True, "ignore_eos": True, "temperature": 0, "logprobs": 0},
+            stream=True,
+            timeout=300,
+        ) as r:
+            assert r.status_code == 200
+            assert next(line for line in r.iter_lines() if line).startswith(b"data: ")
+        assert aborted.wait(120), "the server did not abort the request of the client that went away"
+        gate.set()
+
+        def freed():
+            s = engine.stats()
+            return s["requests_aborted"] == 1 and s["running"] == 0 and s["kv_blocks_used"] == 0
+
+        wait_until(freed, lambda: f"the disconnected request frees its slot and KV blocks ({engine.stats()})")
+        s = engine.stats()
+        # aborted, not finished by length: the abort is taken in before the decode that waited (1 token) or the
+        # step after it (2 tokens), whichever the engine thread reached first
+        assert s["requests_finished"] == 0 and s["generated_tokens"] <= 2, s
+    finally:
+        gate.set()
+        srv.close()
+        engine.stop(timeout=60)
 
 
 def test_grafana_serving_dashboard_plots_every_serve_metric():

@@ -1,6 +1,7 @@
 """The inference engine alone (no Ray, no HTTP): continuous batching gives each request exactly what it gets
 alone, log-probabilities equal a full forward, seeds reproduce, stop strings cut and stream cleanly, the KV
-cache budget and aborts are honoured, and a long prompt does not stall running requests."""
+cache budget and aborts are honoured, a long prompt does not stall running requests, and concurrent requests
+share engine steps."""
 
 from __future__ import annotations
 
@@ -59,6 +60,30 @@ def test_continuous_batching_equals_each_request_alone(model_tok):
         assert outs[r.request_id][-1].finish_reason == "length"
     s = eng.stats()
     assert s["kv_blocks_used"] == 0 and s["running"] == 0 and s["requests_finished"] == len(reqs)
+
+
+def test_concurrent_requests_share_engine_steps(model_tok):
+    """32 requests that arrive together are decoded as one batch: one step prefills every prompt (they fit in
+    one chunk) and gives each its first token, and every later step gives each a token, so 32 x 16 tokens take
+    16 steps, not 512. Each still gets exactly what it gets alone."""
+    eng = engine(model_tok)  # 32 batch rows, a 512-token prefill chunk; not started: the test drives the steps
+    reqs = [Request(PROMPTS[i % len(PROMPTS)] + [i], max_tokens=16, sampling=GREEDY) for i in range(32)]
+    assert sum(len(r.prompt_ids) for r in reqs) <= eng.config.prefill_chunk
+    outs = {r.request_id: [] for r in reqs}
+    for r in reqs:
+        eng.add_request(r, outs[r.request_id].append)
+    peak = 0
+    while eng.has_work():
+        eng.step()
+        peak = max(peak, eng.stats()["running"])
+    generated = eng.stats()["generated_tokens"]
+    assert generated == 32 * 16 and peak == 32
+    assert eng.steps == 16, f"{eng.steps} engine steps for {generated} tokens: requests were not batched"
+    want = generate(
+        model_tok[0], [r.prompt_ids for r in reqs], dataclasses.replace(GREEDY, max_new_tokens=16), eod_id=-1
+    )
+    for r, w in zip(reqs, want):
+        assert [t for o in outs[r.request_id] for t in o.token_ids] == w.token_ids
 
 
 def test_logprobs_and_prompt_logprobs_equal_a_full_forward(model_tok):
@@ -196,5 +221,5 @@ def test_background_thread_serves_asyncio_callers_and_stops_gracefully(model_tok
         for p, c in zip(PROMPTS, results):
             assert c.token_ids == reference(model_tok, p, 8)
     finally:
-        eng.stop(timeout=10)
+        eng.stop(timeout=60)  # a failure guard: nothing is left to drain, the thread ends at once
     assert not eng.alive

@@ -1,7 +1,9 @@
 """End to end: `neoxray serve` deploys the Ray Serve application on a real local Ray cluster, and real clients
 talk to its HTTP endpoint: the `openai` client (completions, streaming), lm-evaluation-harness's
-`local-completions` model, 32 concurrent requests, the error cases, auth, disconnects, metrics. A second
-test runs the same API without Ray (`--no-ray`, uvicorn)."""
+`local-completions` model, 32 concurrent requests, the error cases, auth, metrics. A second test runs the same
+API without Ray (`--no-ray`, uvicorn). What needs the engine held at a chosen point (a full queue, a client that
+disconnects mid-stream) is tested on an in-process server in test_app.py; that concurrent requests share engine
+steps is shown on the engine alone in test_engine.py."""
 
 from __future__ import annotations
 
@@ -217,19 +219,15 @@ def test_32_concurrent_requests_are_all_answered_correctly(server, local_model):
     want = generate(
         model, [tok.encode(p) for p in prompts], SamplingParams(max_new_tokens=16, greedy=True), tokenizer=tok
     )
-    steps_before = requests.get(server + "/health").json()["steps"]
 
     async def main():
-        c = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        c = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=300)
         return await asyncio.gather(
             *(c.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0) for p in prompts)
         )
 
     got = asyncio.run(main())
     assert [r.choices[0].text for r in got] == [w.text for w in want]
-    steps = requests.get(server + "/health").json()["steps"] - steps_before
-    generated = sum(len(w.token_ids) for w in want)
-    assert steps < generated / 3, f"{steps} engine steps for {generated} tokens: requests were not batched"
 
 
 def test_lm_eval_local_completions_loglikelihood(server, local_model, tmp_path, monkeypatch):
@@ -355,27 +353,6 @@ def test_invalid_json_wrong_model_and_auth(server):
     assert post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
-def test_a_client_that_disconnects_frees_its_batch_slot(server):
-    before = requests.get(server + "/health").json()["requests_aborted"]
-    with requests.post(
-        server + "/v1/completions",
-        json={"prompt": "x", "max_tokens": 250, "stream": True, "ignore_eos": True, "temperature": 0},
-        headers={"Authorization": f"Bearer {KEY}"},
-        stream=True,
-        timeout=60,
-    ) as r:
-        lines = r.iter_lines()
-        assert next(line for line in lines if line).startswith(b"data: ")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        h = requests.get(server + "/health").json()
-        if h["requests_aborted"] > before and h["running"] == 0 and h["kv_blocks_used"] == 0:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError(f"the disconnected request still holds its slot: {h}")
-
-
 def test_serve_metrics_reach_the_prometheus_export(server, ray_local):
     """The replica's neoxray_serve_* metrics are exported where the Ray dashboard and Prometheus read them."""
     node = ray_local._private.worker.global_worker.node
@@ -387,7 +364,7 @@ def test_serve_metrics_reach_the_prometheus_export(server, ray_local):
         "ray_neoxray_serve_running_requests",
         "ray_neoxray_serve_kv_cache_usage",
     )
-    deadline, text = time.monotonic() + 60, ""
+    deadline, text = time.monotonic() + 300, ""  # a failure guard: the loop ends as soon as all are exported
     while time.monotonic() < deadline:
         try:
             text = urllib.request.urlopen(url, timeout=5).read().decode()
@@ -395,9 +372,9 @@ def test_serve_metrics_reach_the_prometheus_export(server, ray_local):
             text = ""
         if all(w in text for w in want):
             return
-        time.sleep(2)
+        time.sleep(1)
     missing = [w for w in want if w not in text]
-    raise AssertionError(f"not exported after 60 s: {missing}")
+    raise AssertionError(f"not exported after 300 s: {missing}")
 
 
 # ------------------------------------------------------------------------------------------------- without Ray
@@ -405,9 +382,7 @@ def test_serve_without_ray_answers_the_same(serve_model_dir, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
-    proc = start_server(
-        ["--model", str(serve_model_dir), "--port", str(port), "--no-ray", "--name", "tiny"], log, url, timeout=60
-    )
+    proc = start_server(["--model", str(serve_model_dir), "--port", str(port), "--no-ray", "--name", "tiny"], log, url)
     try:
         r = post(url, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 24, "temperature": 0}, key=None)
         assert r.status_code == 200, r.text
