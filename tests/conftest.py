@@ -51,12 +51,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cli(*args, check=True, timeout=300):
-    """Run the installed console script in a fresh process, as a user would."""
+def run_cli(*args, check=True, timeout=300, env=None):
+    """Run the installed console script in a fresh process, as a user would (`env`: its environment, default
+    this process's)."""
     exe = Path(sys.executable).with_name("neoxray")
     cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "neoxray.cli"]), *args]
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        cmd, capture_output=True, text=True, timeout=timeout, env={**(env or os.environ), "PYTHONUNBUFFERED": "1"}
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

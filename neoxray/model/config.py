@@ -11,6 +11,19 @@ from dataclasses import dataclass, field
 
 from neoxray.errors import NeoxrayError
 
+FUNCTION_FIELDS = (
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "vocab_size",
+    "ffn_dim",
+    "parallel_residual",
+    "rotary_pct",
+    "rotary_base",
+    "layernorm_eps",
+)
+"""What a set of weights computes depends on these (`ffn_dim` is `intermediate_size` resolved)."""
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -88,6 +101,17 @@ class ModelConfig:
         """Training FLOPs per token: 6 N_matmul + 12 L d seq (forward and backward, attention scores included)."""
         s = seq_len or self.max_seq_len
         return 6 * self.matmul_parameters() + 12 * self.n_layers * self.d_model * s
+
+    def function_differences(self, other: ModelConfig) -> list[str]:
+        """The fields that make `other` compute a different function from this config's weights (the
+        architecture: shapes, residual form, rotary settings, LayerNorm epsilon), as "field: self vs other".
+        Context length, token ids, activation checkpointing and the preset name change no computation."""
+        out = []
+        for name in FUNCTION_FIELDS:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                out.append(f"{name} {mine} vs {theirs}")
+        return out
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -28,6 +28,8 @@ EOD_TOKEN = "<|endoftext|>"
 """End of document; GPT-NeoX also uses it as BOS and UNK."""
 PAD_TOKEN = "<|padding|>"
 TOKENIZER_FILE = "tokenizer.json"
+SAVED_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")
+"""What `Tokenizer.save` writes into a folder."""
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -125,7 +127,7 @@ class Tokenizer:
         try:
             out.mkdir(parents=True, exist_ok=True)
             (out / TOKENIZER_FILE).write_text(self.to_json(), encoding="utf-8")
-            for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
+            for name, obj in zip(SAVED_FILES[1:], (config, special)):
                 (out / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
         except (FileExistsError, NotADirectoryError):
             raise NeoxrayError(f"cannot save tokenizer: {out} exists and is not a directory") from None

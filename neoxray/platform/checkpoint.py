@@ -2,10 +2,12 @@
 and export. Training writes them (`neoxray.platform.train.checkpointing`, collective, DeepSpeed); training,
 serving, export and evaluation read them through this module, which needs neither Ray nor DeepSpeed.
 
-A checkpoint directory (one per saved step, written through `ray.train.report(checkpoint=...)` or directly):
+A checkpoint directory, RUN_DIR/checkpoint-step-NNNNNNN (written by every rank into a staging directory that
+rank 0 renames into place once all files are on disk):
 
     meta.json                      step, consumed_samples, layout (dp, tp, pp), the resolved run config, the
-                                   model config, tokenizer info, the list of shard files; written by rank 0
+                                   model config, tokenizer identity, the list of shard files, and the size and
+                                   sha256 of every other file (`files`); written by rank 0, last
     shard-pp{P}-tp{T}.safetensors  written by the data-parallel rank 0 of each (pipeline stage, tensor rank):
                                    for each parameter of that stage, under its plain-model name N:
                                    "model/N" (the weights; the fp32 master copy under mixed precision),
@@ -17,12 +19,20 @@ A checkpoint directory (one per saved step, written through `ray.train.report(ch
 Because each tensor is stored with its tensor-parallel split dimension and its plain-model name, a checkpoint
 saved under one (dp, tp, pp) loads under any other: shards are concatenated along the split dimension and
 re-sliced for the new tensor-parallel size, and pipeline stages find their layers by name. A checkpoint
-counts as complete only when `meta.json` is present and every shard it lists exists with the listed size.
+counts as complete when `meta.json` is present and every file it lists exists with the listed size
+(`read_meta`), and as intact when every file also has the listed sha256 (`verify_checkpoint`): a flipped byte
+is found before any tensor is used. `newest_intact_checkpoint` is how every run finds where to resume: the
+newest intact checkpoint of its run directory, setting damaged ones aside (renamed `damaged-...`, never
+deleted) with a message naming them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -37,6 +47,9 @@ FORMAT = "neoxray-checkpoint-v1"
 OPT_KEYS = ("exp_avg", "exp_avg_sq")
 CHECKPOINT_PREFIX = "checkpoint-step-"
 """A run directory holds one checkpoint per saved step: RUN_DIR/checkpoint-step-0000100/."""
+DAMAGED_PREFIX = "damaged-"
+"""A checkpoint that failed verification is renamed RUN_DIR/damaged-checkpoint-step-N (kept, never read)."""
+_CHECKPOINT_DIR = re.compile(re.escape(CHECKPOINT_PREFIX) + r"(\d{7})")
 
 
 def shard_name(pp: int, tp: int) -> str:
@@ -51,11 +64,44 @@ def checkpoint_dir_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:07d}"
 
 
-def latest_checkpoint(run_dir) -> Path | None:
-    """The newest complete checkpoint of a run directory (Ray Train's and the local launcher's layout)."""
+def list_checkpoints(run_dir) -> list[Path]:
+    """The checkpoint directories of a run directory that have a meta.json, oldest first."""
     root = Path(run_dir)
-    done = sorted(p for p in root.glob(CHECKPOINT_PREFIX + "*") if (p / META).exists()) if root.is_dir() else []
-    return done[-1] if done else None
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _CHECKPOINT_DIR.fullmatch(p.name) and (p / META).exists()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """The newest complete checkpoint of a run directory (sizes checked, not checksums; see
+    `newest_intact_checkpoint` for where a run resumes)."""
+    for p in reversed(list_checkpoints(run_dir)):
+        try:
+            read_meta(p)
+            return p
+        except NeoxrayError:
+            continue
+    return None
+
+
+def newest_intact_checkpoint(run_dir, say: Callable[[str], None] = print) -> Path | None:
+    """The newest checkpoint of `run_dir` whose every file has its recorded size and sha256. Newer ones that
+    fail are renamed `damaged-<name>` (so that no later step of this run mistakes them for its own) and
+    reported through `say`, naming the file at fault."""
+    for p in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(p)
+            return p
+        except NeoxrayError as e:
+            aside = p.with_name(DAMAGED_PREFIX + p.name)
+            n = 1
+            while aside.exists():
+                n += 1
+                aside = p.with_name(f"{DAMAGED_PREFIX}{n}-{p.name}")
+            p.rename(aside)
+            say(f"[neoxray] checkpoint {p} is damaged ({e}); set aside as {aside.name}, resuming from an older one")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -84,6 +130,8 @@ class CheckpointSource(TensorSource):
     def __init__(self, path):
         self.path = Path(path)
         self.meta = read_meta(self.path)
+        self._digests = {n: e["sha256"] for n, e in _listed_files(self.meta).items() if "sha256" in e}
+        self._verified: set[str] = set()
         self._index: dict[str, list[tuple[int, Path, int | None]]] = {}  # key -> [(tp rank, file, dim)]
         for entry in self.meta["shards"]:
             f = self.path / entry["file"]
@@ -99,19 +147,27 @@ class CheckpointSource(TensorSource):
     def keys(self):
         return list(self._index)
 
+    def _read(self, f: Path, key: str) -> torch.Tensor:
+        """A tensor of one of this checkpoint's files, the file's sha256 checked the first time it is read."""
+        if f.name in self._digests and f.name not in self._verified:
+            if file_digest(f) != self._digests[f.name]:
+                raise NeoxrayError(f"{self.path}: {f.name} does not match the checksum in {META} (damaged)")
+            self._verified.add(f.name)
+        return _read(f, key)
+
     def get(self, key, tp_dim, tp_rank, tp_size):
         entries = sorted(self._index.get(key, []))
         if not entries:
             raise NeoxrayError(f"{self.path}: checkpoint has no tensor {key!r}")
         saved_dim = entries[0][2]
         if saved_dim is None or len(entries) == 1:
-            full = _read(entries[0][1], key)
+            full = self._read(entries[0][1], key)
             return full if tp_dim is None else shard(full, tp_dim, tp_rank, tp_size)
         if tp_dim is not None and tp_dim != saved_dim:
             raise NeoxrayError(f"{self.path}: {key} was split on dim {saved_dim}, the model splits dim {tp_dim}")
         if len(entries) == tp_size:  # same tensor-parallel size: this rank's own file
-            return _read(entries[tp_rank][1], key)
-        full = torch.cat([_read(f, key) for _, f, _ in entries], dim=saved_dim)
+            return self._read(entries[tp_rank][1], key)
+        full = torch.cat([self._read(f, key) for _, f, _ in entries], dim=saved_dim)
         return full if tp_dim is None else shard(full, tp_dim, tp_rank, tp_size)
 
 
@@ -147,8 +203,30 @@ def _read(path: Path, key: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 # meta.json and completeness
 # ---------------------------------------------------------------------------------------------------------
+def file_digest(path) -> str:
+    """Hex sha256 of a file's bytes (read in 8 MiB pieces; hashlib releases the GIL, so files hash in
+    parallel threads)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _listed_files(meta: dict) -> dict[str, dict]:
+    """file name -> {"bytes", "sha256"?} for every file meta.json vouches for (older checkpoints list only their
+    shards, by size)."""
+    files = dict(meta.get("files") or {})
+    for entry in meta["shards"]:
+        files.setdefault(
+            entry["file"], {"bytes": entry["bytes"], **({"sha256": entry["sha256"]} if "sha256" in entry else {})}
+        )
+    return files
+
+
 def read_meta(path) -> dict:
-    """meta.json of a complete checkpoint; a missing, foreign or incomplete checkpoint is a NeoxrayError."""
+    """meta.json of a complete checkpoint (every listed file present with its size); a missing, foreign or
+    incomplete checkpoint is a NeoxrayError."""
     path = Path(path)
     meta_path = path / META
     if not path.is_dir():
@@ -161,11 +239,31 @@ def read_meta(path) -> dict:
         raise NeoxrayError(f"{meta_path}: invalid JSON ({e})") from None
     if meta.get("format") != FORMAT:
         raise NeoxrayError(f"{meta_path}: unknown checkpoint format {meta.get('format')!r}")
-    for entry in meta["shards"]:
-        f = path / entry["file"]
+    for name, entry in _listed_files(meta).items():
+        f = path / name
         if not f.exists() or f.stat().st_size != entry["bytes"]:
-            raise NeoxrayError(f"{path}: incomplete checkpoint: shard {entry['file']} is missing or truncated")
+            raise NeoxrayError(f"{path}: incomplete checkpoint: {name} is missing or has the wrong size")
     return meta
+
+
+def verify_checkpoint(path, threads: int = 8) -> dict:
+    """meta.json of an intact checkpoint: complete, and every file it lists has its recorded sha256 (hashed in
+    `threads` parallel threads). A damaged file is a NeoxrayError naming it."""
+    path = Path(path)
+    meta = read_meta(path)
+    listed = {name: e["sha256"] for name, e in _listed_files(meta).items() if "sha256" in e}
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(listed) or 1))) as pool:
+        digests = dict(zip(listed, pool.map(lambda n: file_digest(path / n), listed)))
+    bad = sorted(n for n, d in digests.items() if d != listed[n])
+    if bad:
+        raise NeoxrayError(f"{path}: {', '.join(bad)} do not match the checksums in {META} (damaged)")
+    return meta
+
+
+def check_finite(name: str, t: torch.Tensor, where) -> None:
+    """A NeoxrayError naming the tensor when it holds NaN or infinity: such weights are never used or passed on."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise NeoxrayError(f"{where}: tensor {name} holds non-finite values (NaN or infinity)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -201,5 +299,7 @@ def load_checkpoint_model(checkpoint_dir, device="cpu", dtype: torch.dtype = tor
     model.to_empty(device=device)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(source.get(f"model/{name}", None, 0, 1))
+            t = source.get(f"model/{name}", None, 0, 1)
+            check_finite(name, t, source.path)
+            p.copy_(t)
     return model.to(dtype), source

@@ -13,7 +13,16 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from neoxray.platform.checkpoint import FORMAT, META, OPT_KEYS, CheckpointSource, rng_file_name, shard_name
+from neoxray.model.tokenizer import SAVED_FILES
+from neoxray.platform.checkpoint import (
+    FORMAT,
+    META,
+    OPT_KEYS,
+    CheckpointSource,
+    file_digest,
+    rng_file_name,
+    shard_name,
+)
 
 
 def _relink_zero_state(engine) -> None:
@@ -62,21 +71,28 @@ def save_checkpoint(engine, out_dir, extra_meta: dict, tokenizer=None) -> Path:
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, out / rng_file_name(engine.rank))
-    written = None
+    rng_file = out / rng_file_name(engine.rank)
+    save_file(rng, rng_file)
+    files = {rng_file.name: _described(rng_file)}
+    shard = None
     if c.dp == 0:
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         f = out / shard_name(c.pp, c.tp)
         save_file(cpu, f, metadata={"tp_dims": json.dumps(dims)})
-        written = {"file": f.name, "pp": c.pp, "tp": c.tp, "bytes": f.stat().st_size}
-    # ranks may write to different machines' local directories (Ray uploads them into one): gather the list
+        files[f.name] = _described(f)
+        shard = {"file": f.name, "pp": c.pp, "tp": c.tp, **files[f.name]}
+    # every rank's file names, sizes and checksums, for rank 0's meta.json
     everyone = [None] * engine.world_size
-    dist.all_gather_object(everyone, written)
+    dist.all_gather_object(everyone, (shard, files))
     if engine.rank == 0:
         dp, tp, pp = engine.layout
-        shards = sorted((w for w in everyone if w is not None), key=lambda w: (w["pp"], w["tp"]))
+        shards = sorted((w for w, _ in everyone if w is not None), key=lambda w: (w["pp"], w["tp"]))
+        listed = {name: d for _, fs in everyone for name, d in fs.items()}
+        identity = None
         if tokenizer is not None:
             tokenizer.save(out, model_max_length=engine.model_config.max_seq_len)
+            listed.update({name: _described(out / name) for name in SAVED_FILES})
+            identity = {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id}
         meta = {
             "format": FORMAT,
             "step": engine.step,
@@ -86,12 +102,18 @@ def save_checkpoint(engine, out_dir, extra_meta: dict, tokenizer=None) -> Path:
             "precision": engine.cfg.train.precision,
             "loss_scale": _loss_scale(engine),
             "shards": shards,
+            "files": dict(sorted(listed.items())),
+            "tokenizer": identity,
             **extra_meta,
         }
         tmp = out / (META + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2, default=str))
         os.replace(tmp, out / META)  # written last: its presence marks the checkpoint complete
     return out
+
+
+def _described(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": file_digest(path)}
 
 
 def _loss_scale(engine):

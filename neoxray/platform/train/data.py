@@ -25,7 +25,7 @@ def make_data_fn(cfg):
                 f"data.path {paths}: rows hold {blend.seq_len} + 1 tokens, but train.seq_len is {seq}; prepare the "
                 f"data with --seq-len {seq} or set train.seq_len={blend.seq_len}"
             )
-        dp = engine.layout[0]
+        dp, vocab = engine.layout[0], engine.model_config.vocab_size
         for batch in iter_batches(
             blend,
             cfg.train.global_batch,
@@ -36,6 +36,12 @@ def make_data_fn(cfg):
             consumed_samples=consumed_samples,
             split=split,
         ):
+            top = max(int(batch[INPUT_IDS].max()), int(batch[LABELS].max()))
+            if top >= vocab:
+                raise NeoxrayError(
+                    f"data.path {paths}: token id {top} at or past the model's vocabulary of {vocab} "
+                    f"(model.vocab_size); the data does not fit this model"
+                )
             yield batch[INPUT_IDS], batch[LABELS]
 
     return data_fn

@@ -7,11 +7,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
-from neoxray.errors import NeoxrayError
+from neoxray.errors import NeoxrayError, find_user_error
 from neoxray.model.precision import use_gpu as wants_gpu
-from neoxray.platform.ray_cluster import connect_ray, started_here
+from neoxray.platform.ray_cluster import connect_ray, dashboard_url, started_here
+from neoxray.platform.train.preflight import nothing_to_train, preflight
+from neoxray.platform.train.progress import Progress, follow, summary
 
 
 def absolute_paths(cfg):
@@ -33,60 +37,118 @@ def absolute_paths(cfg):
     )
 
 
-def run_train(cfg, run_dir: str | None = None, address: str | None = None, max_failures: int = 2):
-    """Validate, then train under Ray Train. Returns the Ray `Result`."""
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
-    from neoxray.platform.train.config import dump_yaml, resolved, to_dict, validate
-    from neoxray.platform.train.ray_worker import ray_train_loop
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def run_train(
+    cfg, run_dir: str | None = None, address: str | None = None, max_failures: int = 2, verbose: bool = False
+):
+    """Validate and check the run (`preflight`), then train under Ray Train. A `NeoxrayError` in any worker (a
+    user error: bad data, a non-finite loss) ends the run at once as one line; a fault (a killed worker, a lost
+    node) restarts the worker group from the newest intact checkpoint, up to `max_failures` times. The console
+    shows the progress (followed from metrics.jsonl) and a summary; the workers' own output (Ray Train,
+    DeepSpeed) only with `verbose`. Returns the Ray `Result` of the last attempt."""
+    from neoxray.platform.train.config import dump_yaml, resolved, validate
 
     validate(cfg)
     cfg = absolute_paths(resolved(cfg))
     run_dir = Path(run_dir or cfg.run_dir or Path("runs") / cfg.name).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    checked = preflight(cfg, run_dir, _say)
+    if checked.finished_at is not None:
+        raise nothing_to_train(run_dir, checked, cfg.train.steps)
+    cfg = checked.cfg
     if cfg.parallel.auto:
         from neoxray.platform.train.auto_layout import auto_layout_on_ray
 
-        cfg = auto_layout_on_ray(cfg, connect_ray(address))
+        cfg = auto_layout_on_ray(cfg, connect_ray(address, verbose=verbose))
     dp, tp, pp = cfg.parallel.data, cfg.parallel.tensor, cfg.parallel.pipeline
     world = dp * tp * pp
-    ray = connect_ray(address, num_cpus=max(world, 2) if started_here(address) else None)
+    ray = connect_ray(address, num_cpus=max(world, 2) if started_here(address) else None, verbose=verbose)
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = wants_gpu(cfg.train.device, gpus, world)
     if cfg.train.device == "auto" and 0 < gpus < world:
-        print(
+        _say(
             f"[neoxray] the layout needs {world} GPUs and the cluster has {gpus:g}: training on CPUs "
-            f"(set train.device=cuda to wait for GPUs, or choose a smaller layout)",
-            file=sys.stderr,
+            f"(set train.device=cuda to wait for GPUs, or choose a smaller layout)"
         )
-    backend = cfg.parallel.resolve_backend(use_gpu)
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    print(
+    _say(
         f"[neoxray] run {cfg.name}: layout dp={dp} tp={tp} pp={pp} ({world} workers, "
-        f"{'GPU' if use_gpu else 'CPU'}, {backend}); run dir {run_dir}",
-        file=sys.stderr,
+        f"{'GPU' if use_gpu else 'CPU'}, {cfg.parallel.resolve_backend(use_gpu)}); run dir {run_dir}"
     )
-    env = {"PYTHONUNBUFFERED": "1"}
+    _say(f"[neoxray] Ray dashboard: {dashboard_url()}")
+    started = time.monotonic()
+    for attempt in range(max_failures + 1):
+        if attempt:
+            checked = preflight(cfg, run_dir, _say)  # where the last attempt's newest intact checkpoint is
+            if checked.finished_at is not None:
+                return None  # the failure came after the final checkpoint: the run is complete
+        stop = threading.Event()
+        watcher = None
+        if cfg.logging.metrics_file and not verbose:
+            watcher = follow(run_dir / cfg.logging.metrics_file, Progress(cfg.train.steps, cfg.logging.every), stop)
+        try:
+            result, error = _fit(cfg, run_dir, checked.resume_from, use_gpu, world, console=verbose)
+        finally:
+            stop.set()
+            if watcher is not None:
+                watcher.join(timeout=10)
+        if error is None:
+            _say(summary(run_dir, time.monotonic() - started, cfg.logging.metrics_file))
+            return result
+        user_error = find_user_error(error)
+        if user_error is not None:
+            raise user_error
+        if attempt == max_failures:
+            raise NeoxrayError(f"training failed after {max_failures} restart(s): {_first_line(error)}")
+        _say(
+            f"[neoxray] the worker group failed ({_first_line(error)}); restarting it from the newest checkpoint "
+            f"(restart {attempt + 1} of {max_failures}, --max-failures)"
+        )
+    return None
+
+
+def _fit(cfg, run_dir: Path, resume_from: str | None, use_gpu: bool, world: int, console: bool):
+    """One attempt: a TorchTrainer of `world` workers running `ray_train_loop`, with Ray's own retries off
+    (the caller decides what is retried). Returns (Ray Result or None, the error or None)."""
+    from ray.train import FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from neoxray.platform.train.config import to_dict
+    from neoxray.platform.train.ray_worker import ray_train_loop
+
+    env = {"PYTHONUNBUFFERED": "1", **({"NEOXRAY_VERBOSE": "1"} if console else {})}
     if not use_gpu:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     trainer = TorchTrainer(
         ray_train_loop,
-        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir)},
-        torch_config=TorchConfig(backend=backend),
+        train_loop_config={
+            "config": to_dict(cfg),
+            "run_dir": str(run_dir),
+            "resume_from": resume_from,
+            "console": console,
+        },
+        torch_config=TorchConfig(backend=cfg.parallel.resolve_backend(use_gpu)),
         scaling_config=ScalingConfig(
             num_workers=world, use_gpu=use_gpu, resources_per_worker=None if use_gpu else {"CPU": 1}
         ),
         run_config=RayRunConfig(
             name=run_dir.name,
             storage_path=str(run_dir.parent),
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep or None),
+            failure_config=FailureConfig(max_failures=0),
             worker_runtime_env={"env_vars": env},
         ),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise NeoxrayError(f"training failed: {result.error}")
-    return result
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray Train raises TrainingFailedError (a worker group or controller failure)
+        return None, e
+    return result, result.error

@@ -14,72 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SAMPLE, run_cli
+from tests.conftest import run_cli
+from tests.platform.train.conftest import BASE, LAYOUTS, STEPS, assert_same, cfg_for, losses
 
 pytestmark = pytest.mark.e2e  # real Ray Train runs
-
-STEPS = 5
-BASE = [
-    "model.preset=tiny",
-    "model.overrides.vocab_size=1024",
-    "model.overrides.max_seq_len=64",
-    "train.seq_len=32",
-    "train.global_batch=8",
-    "train.micro_batch=2",
-    f"train.steps={STEPS}",
-    "optimizer.lr=3e-3",
-    "optimizer.min_lr=3e-4",
-    "schedule.warmup_steps=1",
-    f"schedule.decay_steps={STEPS}",
-    "train.seed=7",
-    "data.seed=11",
-    "logging.tensorboard=true",
-    f"eval.every={STEPS}",
-    "eval.batches=1",
-]
-LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2)]
-
-
-@pytest.fixture(scope="session")
-def prepared(tmp_path_factory, sample_tokenizer_dir, ray_local):
-    """The bundled sample, tokenized with the sample tokenizer and packed into rows of 33 tokens."""
-    from neoxray.pipelines.prepare import prepare
-
-    out = tmp_path_factory.mktemp("data") / "sample-32"
-    prepare([str(SAMPLE)], str(sample_tokenizer_dir), 32, str(out), workers=2, progress=False)
-    return out
-
-
-def cfg_for(data, name, layout=(1, 1, 1), extra=()):
-    from neoxray.platform.train.config import load_run_config
-
-    dp, tp, pp = layout
-    return load_run_config(
-        None,
-        [
-            *BASE,
-            f"data.path={data}",
-            f"name={name}",
-            f"parallel.data={dp}",
-            f"parallel.tensor={tp}",
-            f"parallel.pipeline={pp}",
-            *extra,
-        ],
-    )
-
-
-def losses(run_dir, key="loss") -> dict[int, float]:
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
-        if key in m:
-            out[m["step"]] = m[key]
-    return out
-
-
-def assert_same(a: dict, b: dict, steps):
-    for s in steps:
-        assert abs(a[s] - b[s]) <= 1e-4 * abs(b[s]), f"step {s}: {a[s]} != {b[s]}"
 
 
 @pytest.fixture(scope="session")
@@ -165,19 +103,38 @@ def test_every_layout_trains_the_same_model(prepared, reference, ray_local, tmp_
     assert greedy(from_run) == greedy(InferenceEngine.from_path(tmp_path / "hf222", device="cpu"))
 
 
-def _kill_one_worker_after(run_dir: Path, step: int, killed: list, timeout=300):
-    """Once `step` is logged and Ray Train has registered the checkpoint before it (its snapshot names it),
-    SIGKILL one Ray Train worker process of this test's cluster."""
+HOLD_AT = 4
+
+
+def _held_train_loop(payload: dict) -> None:
+    """The workers' loop, held after step HOLD_AT until the test has killed one of them (a marker file beside
+    the run directory), so the kill lands mid-run on any machine. Imported by the workers from this module."""
+    from neoxray.platform.train.config import from_dict
+    from neoxray.platform.train.ray_worker import RayReporter
+    from neoxray.platform.train.worker import run_worker
+
+    marker = Path(payload["run_dir"]).parent / "worker-killed"
+
+    class Held(RayReporter):
+        def report(self, metrics):
+            super().report(metrics)
+            while metrics["step"] == HOLD_AT and not marker.exists():
+                time.sleep(0.05)
+
+    run_worker(from_dict(payload["config"]), payload["run_dir"], Held(), payload.get("resume_from"))
+
+
+def _kill_one_worker_when_held(run_dir: Path, killed: list, timeout=600):
+    """Once step HOLD_AT is logged and the checkpoint before it is on disk, SIGKILL one Ray Train worker of this
+    test's cluster, then release the others (they are held until then)."""
     import psutil
     import ray
 
     raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid  # this test's cluster
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        m = losses(run_dir) if (run_dir / "metrics.jsonl").exists() else {}
-        snapshot = run_dir / "checkpoint_manager_snapshot.json"
-        registered = snapshot.exists() and "checkpoint-step-0000003" in snapshot.read_text()
-        if max(m, default=0) >= step and registered:
+    deadline = time.monotonic() + timeout  # a guard: the workers wait for us
+    while time.monotonic() < deadline:
+        logged = losses(run_dir) if (run_dir / "metrics.jsonl").exists() else {}
+        if max(logged, default=0) >= HOLD_AT and (run_dir / "checkpoint-step-0000003" / "meta.json").exists():
             workers = [
                 p for p in psutil.Process(raylet).children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())
             ]
@@ -185,11 +142,13 @@ def _kill_one_worker_after(run_dir: Path, step: int, killed: list, timeout=300):
                 victim = sorted(workers, key=lambda p: p.pid)[-1]
                 os.kill(victim.pid, signal.SIGKILL)
                 killed.append(victim.pid)
+                (run_dir.parent / "worker-killed").touch()
                 return
         time.sleep(0.2)
 
 
-def test_worker_sigkill_is_survived_and_restart_resumes_exactly(prepared, ray_local, tmp_path):
+def test_worker_sigkill_is_survived_and_restart_resumes_exactly(prepared, ray_local, tmp_path, monkeypatch):
+    from neoxray.platform.train import ray_worker
     from neoxray.platform.train.driver import run_train
 
     steps = 12
@@ -211,9 +170,11 @@ def test_worker_sigkill_is_survived_and_restart_resumes_exactly(prepared, ray_lo
 
     run_dir = tmp_path / "faulty"
     killed: list = []
-    watcher = threading.Thread(target=_kill_one_worker_after, args=(run_dir, 4, killed), daemon=True)
+    watcher = threading.Thread(target=_kill_one_worker_when_held, args=(run_dir, killed), daemon=True)
     watcher.start()
-    run_train(cfg_for(prepared, "faulty", (2, 1, 1), extra), run_dir=str(run_dir), max_failures=2)
+    with monkeypatch.context() as m:
+        m.setattr(ray_worker, "ray_train_loop", _held_train_loop)
+        run_train(cfg_for(prepared, "faulty", (2, 1, 1), extra), run_dir=str(run_dir), max_failures=2)
     watcher.join()
     assert killed, "no worker was killed"
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

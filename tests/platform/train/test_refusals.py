@@ -1,0 +1,271 @@
+"""Training refuses state that does not fit, before it runs, and says so in one line: another architecture's
+checkpoint, a damaged checkpoint (skipped, named, set aside; the run resumes from the newest intact one), a
+non-finite loss (the run stops before a checkpoint of it exists), data that does not fit the model, a finished
+run started again. User errors raised inside Ray Train workers end the run at once; they are never retried.
+Each test here failed on the code before these checks existed (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import SAMPLE, run_cli
+from tests.platform.train.conftest import cfg_for, losses
+
+pytestmark = pytest.mark.e2e  # training runs in real processes and on the session's Ray cluster
+
+SMALL = [
+    "model.preset=tiny",
+    "model.overrides.vocab_size=1024",
+    "model.overrides.max_seq_len=32",
+    "train.global_batch=4",
+    "train.micro_batch=2",
+    "schedule.warmup_steps=1",
+    "schedule.decay_steps=8",
+    "checkpoint.every=2",
+    "checkpoint.keep=0",
+    "logging.tensorboard=false",
+    "train.seed=3",
+]
+
+
+def train(data, run_dir, *extra, check=True):
+    """`neoxray train --no-ray` in a fresh process, as a user runs it."""
+    return run_cli("train", "--no-ray", "--run-dir", str(run_dir), *SMALL, f"data.path={data}", *extra, check=check)
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file under `root` -> its sha256: to show a refused run touched nothing."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def one_error_line(proc, *needles) -> str:
+    """The run failed with exactly one `neoxray: error:` line, no traceback, naming every needle."""
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("neoxray: error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+def records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def base_run(prepared, tmp_path_factory):
+    """A 4-step run with checkpoints at steps 2 and 4; tests copy it before changing anything."""
+    run = tmp_path_factory.mktemp("base") / "run"
+    train(prepared, run, "train.steps=4")
+    assert sorted(p.name for p in run.glob("checkpoint-step-*")) == [
+        "checkpoint-step-0000002",
+        "checkpoint-step-0000004",
+    ]
+    return run
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
+
+
+def test_another_architectures_checkpoint_is_refused_touching_nothing(prepared, base_run, tmp_path):
+    run = copy_of(base_run, tmp_path)
+    before = tree(run)
+    proc = train(prepared, run, "train.steps=8", "model.preset=tiny-seq", check=False)  # same shapes, other model
+    one_error_line(proc, "checkpoint-step-0000004", "parallel_residual True vs False", "rotary_pct 0.25 vs 1.0")
+    assert tree(run) == before
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_newest_intact_one(prepared, base_run, tmp_path):
+    run = copy_of(base_run, tmp_path)
+    shard = next((run / "checkpoint-step-0000004").glob("shard-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-64] ^= 0xFF  # a flipped byte in the Adam state or the weights: same size, other content
+    shard.write_bytes(bytes(data))
+    proc = train(prepared, run, "train.steps=6")
+    assert "checkpoint-step-0000004 is damaged" in proc.stderr and shard.name in proc.stderr
+    assert (run / "damaged-checkpoint-step-0000004" / shard.name).read_bytes() == bytes(data)  # kept, not deleted
+    ref = losses(base_run)
+    got = losses(run)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in (3, 4):  # redone from the intact step-2 checkpoint: exactly the original run's steps
+        assert abs(got[step] - ref[step]) <= 1e-5 * ref[step], step
+    steps = [r["step"] for r in records(run) if "loss" in r]
+    assert steps == sorted(set(steps)), "metrics.jsonl holds a step twice after the resume"
+    assert [r["step"] for r in records(run) if r.get("event") == "resumed"] == [2]
+
+
+def test_a_non_finite_loss_stops_the_run_before_any_checkpoint_of_it(prepared, tmp_path):
+    run = tmp_path / "run"
+    proc = train(
+        prepared,
+        run,
+        "train.steps=6",
+        "schedule.warmup_steps=0",
+        "checkpoint.every=1",
+        "optimizer.lr=1e20",
+        "optimizer.min_lr=0",
+        "optimizer.clip_grad=0",
+        check=False,
+    )
+    line = one_error_line(proc, "step 2", "loss is nan", "checkpoint-step-0000001")
+    assert "stopped before writing a checkpoint" in line
+    assert sorted(p.name for p in run.glob("checkpoint-step-*")) == ["checkpoint-step-0000001"]
+
+
+def test_export_refuses_non_finite_weights(base_run, tmp_path):
+    ckpt = copy_of(base_run, tmp_path) / "checkpoint-step-0000004"
+    shard = next(ckpt.glob("shard-*.safetensors"))
+    tensors = load_file(shard)
+    tensors["model/embed_in.weight"][0, 0] = float("nan")
+    save_file(tensors, shard, metadata={"tp_dims": "{}"})
+    meta = json.loads((ckpt / "meta.json").read_text())  # a consistent checkpoint of a bad state
+    digest = hashlib.sha256(shard.read_bytes()).hexdigest()
+    meta["files"][shard.name] = {"bytes": shard.stat().st_size, "sha256": digest}
+    for entry in meta["shards"]:
+        entry.update(bytes=shard.stat().st_size, sha256=digest)
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    proc = run_cli("export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf"), check=False)
+    one_error_line(proc, "embed_in.weight", "non-finite")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_finished_run_started_again_with_fewer_steps_says_so(prepared, base_run, tmp_path):
+    run = copy_of(base_run, tmp_path)
+    before = tree(run)
+    one_error_line(train(prepared, run, "train.steps=2", check=False), "already at step 4 >= train.steps 2")
+    assert tree(run) == before
+
+
+def test_metrics_hold_each_step_once_after_a_resume(prepared, base_run, tmp_path):
+    run = copy_of(base_run, tmp_path)
+    shutil.rmtree(run / "checkpoint-step-0000004")  # as if the run had died after logging steps 3 and 4
+    train(prepared, run, "train.steps=5")
+    steps = [r["step"] for r in records(run) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_a_shipped_config_runs_a_short_smoke_run(prepared, tmp_path):
+    """configs/tiny-cpu.yaml warms up for 10 steps: a 4-step run shortens the warmup, with a warning."""
+    proc = run_cli(
+        "train",
+        "--no-ray",
+        "--config",
+        "configs/tiny-cpu.yaml",
+        "--run-dir",
+        str(tmp_path / "run"),
+        f"data.path={prepared}",
+        "train.steps=4",
+        "train.seq_len=32",
+        "model.overrides.vocab_size=1024",
+        "parallel.data=1",
+        "parallel.tensor=1",
+        "parallel.pipeline=1",
+        "train.global_batch=4",
+    )
+    assert "warmup (10 steps) is longer than the run's decay (4 steps); shortened" in proc.stderr
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------------------------------------- on Ray
+def test_removing_a_checkpoint_by_hand_leaves_the_run_resumable(prepared, ray_local, tmp_path):
+    from neoxray.platform.train.driver import run_train
+
+    run = tmp_path / "run"
+    extra = ["train.steps=4", "checkpoint.every=2", "checkpoint.keep=0", "eval.every=0"]
+    run_train(cfg_for(prepared, "by-hand", (2, 1, 1), extra), run_dir=str(run))
+    shutil.rmtree(run / "checkpoint-step-0000004")
+    run_train(cfg_for(prepared, "by-hand", (2, 1, 1), ["train.steps=6", *extra[1:]]), run_dir=str(run))
+    assert [r["step"] for r in records(run) if r.get("event") == "resumed"] == [2]
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.fixture(scope="module")
+def mismatched(tmp_path_factory, ray_local):
+    """Datasets that do not fit the tiny model: tokenized with a 5,000-token vocabulary (tiny has 4,096 rows),
+    and one without a validation split."""
+    from neoxray.pipelines.prepare import prepare
+    from neoxray.pipelines.tokenizer_training import train_tokenizer_from_files
+    from tests.pipelines.conftest import pile_line, sample_docs
+
+    root = tmp_path_factory.mktemp("mismatch")
+    src = root / "docs.jsonl"
+    src.write_text("".join(pile_line(t, c) for t, c in sample_docs()[:300]))
+    train_tokenizer_from_files([str(SAMPLE)], 5000, str(root / "tok5k"))
+    prepare([str(src)], str(root / "tok5k"), 32, str(root / "big-vocab"), workers=1, progress=False)
+    prepare([str(src)], str(root / "tok5k"), 32, str(root / "no-val"), workers=1, val_fraction=0.0, progress=False)
+    return root
+
+
+@pytest.mark.parametrize(
+    "data, extra, needles",
+    [
+        ("big-vocab", [], ["5,000-token vocabulary", "1,024 rows"]),
+        (
+            "big-vocab",
+            ["model.overrides.vocab_size=5120", "train.seq_len=16"],
+            ["rows hold 32 + 1 tokens", "train.seq_len is 16"],
+        ),
+        ("no-val", ["model.overrides.vocab_size=5120", "eval.every=1"], ["no validation rows", "eval.every=1"]),
+    ],
+    ids=["vocabulary", "row-length", "empty-validation"],
+)
+def test_data_that_does_not_fit_is_refused_before_any_worker_starts(
+    mismatched, ray_local, tmp_path, data, extra, needles
+):
+    from neoxray.errors import NeoxrayError
+    from neoxray.platform.train.driver import run_train
+
+    cfg = cfg_for(
+        mismatched / data,
+        "mismatch",
+        (1, 2, 1),
+        ["model.overrides.max_seq_len=32", "train.steps=2", "eval.every=0", *extra],
+    )
+    t0 = time.monotonic()
+    with pytest.raises(NeoxrayError) as e:
+        run_train(cfg, run_dir=str(tmp_path / "run"))
+    assert all(n in str(e.value) for n in needles), str(e.value)
+    assert not (tmp_path / "run").exists(), "nothing is written for a refused run"
+    assert time.monotonic() - t0 < 30
+
+
+def test_a_user_error_in_a_worker_ends_the_run_at_once_as_one_line(prepared, ray_local, tmp_path):
+    """A NeoxrayError raised inside Ray Train workers (here: a non-finite loss at step 2) is not retried."""
+    env_address = ray_local.get_runtime_context().gcs_address
+    proc = run_cli(
+        "train",
+        "--run-dir",
+        str(tmp_path / "run"),
+        *SMALL,
+        f"data.path={prepared}",
+        "train.steps=6",
+        "parallel.data=2",
+        "train.device=cpu",
+        "schedule.warmup_steps=0",
+        "optimizer.lr=1e20",
+        "optimizer.min_lr=0",
+        "optimizer.clip_grad=0",
+        "--max-failures",
+        "2",
+        check=False,
+        env={**os.environ, "RAY_ADDRESS": env_address},
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.rstrip().splitlines()[-1].startswith("neoxray: error: step 2: loss is nan")
+    assert "restarting it from the newest checkpoint" not in proc.stderr  # no retry of a user error
+    assert [r["step"] for r in records(tmp_path / "run") if "loss" in r] == [1]
