@@ -18,12 +18,17 @@ echo "== 2/6 prepare: Ray Data tokenizes and packs the sample into rows of 129 t
 neoxray prepare --input "$SAMPLE" --tokenizer "$RUN/tokenizer" --seq-len 128 --output "$RUN/data"
 
 echo "== 3/6 train: tiny GPT-NeoX, dp 2 x tp 2 x pp 2 = 8 Ray Train workers (DeepSpeed pipeline + ZeRO-1), $STEPS steps"
+if [ -d "$RUN/train" ]; then
+  echo "(a fresh run: the previous demo's training run in $RUN/train is replaced)"
+  rm -rf "$RUN/train"
+fi
 neoxray train --config configs/tiny-cpu.yaml --run-dir "$RUN/train" data.path="$RUN/data" train.steps="$STEPS"
+neoxray report "$RUN/train"
 
 echo "== 4/6 export: merge the sharded checkpoint into a Hugging Face directory -> $RUN/model"
 neoxray export --checkpoint "$RUN/train" --out "$RUN/model"
 
-echo "== 5/6 generate from the trained model"
+echo "== 5/6 generate from the trained model (a tiny model after a few minutes of training writes gibberish)"
 neoxray generate --model "$RUN/model" --prompt "def __init__(self" --max-new-tokens 40 --temperature 0.7 --top-k 40 --seed 0
 
 PORT="${NEOXRAY_DEMO_PORT:-8000}"
@@ -45,12 +50,14 @@ curl -sSf "$URL/v1/completions" -H "Content-Type: application/json" -d "$REQUEST
 
 cat <<MSG
 
-run directory     $RUN/train  (config.yaml, metrics.jsonl)
+run directory     $RUN/train  (config.yaml, metrics.jsonl, TensorBoard event files in tensorboard/)
+plots             $RUN/train/report.html  (open it in a browser)
 checkpoints       $(ls -d "$RUN"/train/checkpoint-step-* | tr '\n' ' ')
-TensorBoard       tensorboard --logdir $RUN/train/tensorboard
-Ray dashboard     http://127.0.0.1:8265 while a cluster runs (start one with 'ray start --head' and submit with
-                  'ray job submit --working-dir . -- neoxray train --config configs/tiny-cpu.yaml
-                   data.path=$(cd "$RUN" && pwd)/data --run-dir $(cd "$RUN" && pwd)/job'; see docs/cluster.md)
+Ray dashboard     the demo's cluster stops with each command; to watch a run there, start one with
+                  'ray start --head' (it prints the dashboard's address; 'ray get-auth-token' prints the token
+                  to sign in with) and submit with 'ray job submit --working-dir . -- neoxray train --config
+                  configs/tiny-cpu.yaml data.path=$(cd "$RUN" && pwd)/data --run-dir $(cd "$RUN" && pwd)/job';
+                  see docs/cluster.md
 exported model    $RUN/model  (transformers.AutoModelForCausalLM.from_pretrained("$RUN/model"))
 endpoint          $URL/v1 served it (log: $RUN/serve.log); serve it again with
                   'neoxray serve --model $RUN/model' and point any OpenAI client at that URL

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -19,11 +23,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def verbose() -> bool:
+    """`neoxray train --verbose` (NEOXRAY_VERBOSE=1, passed on to Ray Train workers): DeepSpeed's own output."""
+    return os.environ.get("NEOXRAY_VERBOSE", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Keep DeepSpeed's set-up chatter (op builds, topology dumps, partition tables) off the console unless
+    `verbose()`; its warnings still show."""
+    if verbose():
+        yield
+        return
+    ds_logger = logging.getLogger("DeepSpeed")
+    level = ds_logger.level
+    ds_logger.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        ds_logger.setLevel(level)
+
+
 def init_distributed(backend: str = "auto", device: str = "auto") -> None:
     """Join the default process group. Under Ray Train (or torchrun) it already exists or the usual env vars
     (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) describe it; a plain `python` process becomes a world of one.
     `backend` auto: nccl when the workers run on GPUs (`device`, see `worker_device`), else gloo."""
-    import deepspeed
+    with quiet():
+        import deepspeed
 
     if backend == "auto":
         backend = "nccl" if resolve_device(device) == "cuda" else "gloo"
@@ -33,7 +60,8 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> None:
                 RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
             )
         dist.init_process_group(backend=backend)
-    deepspeed.init_distributed(dist_backend=dist.get_backend())  # DeepSpeed's comm layer over the same group
+    with quiet():
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # DeepSpeed's comm layer over the same group
 
 
 @dataclass(frozen=True)

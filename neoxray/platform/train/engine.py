@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from neoxray.errors import NeoxrayError
 from neoxray.model.tensor_parallel import tp_loss
-from neoxray.platform.train.distributed import Coord, init_distributed, worker_device
+from neoxray.platform.train.distributed import Coord, init_distributed, quiet, worker_device
 from neoxray.platform.train.pipe import EmbeddingPipe, HeadPipe, LayerPipe, Piece, no_decay
 
 
@@ -33,9 +33,10 @@ class TrainEngine:
     resume or Hugging Face fine-tuning); without it pieces are initialised from `cfg.train.seed`."""
 
     def __init__(self, cfg, loader=None):
-        import deepspeed
-        from deepspeed.pipe import LayerSpec, PipelineModule
-        from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
+        with quiet():
+            import deepspeed
+            from deepspeed.pipe import LayerSpec, PipelineModule
+            from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
 
         from neoxray.platform.train.deepspeed_config import deepspeed_config
 
@@ -53,7 +54,8 @@ class TrainEngine:
         c = topo.get_coord(self.rank)
         self.coord = Coord(dp=c.data, tp=c.model, pp=c.pipe)
         self.layout = (dp, tp, pp)
-        grid = PipelineParallelGrid(topology=topo)
+        with quiet():
+            grid = PipelineParallelGrid(topology=topo)
         self.tp_group = grid.get_slice_parallel_group()
         self.dp_group = grid.get_data_parallel_group()
         self.device = worker_device(cfg.train.device)
@@ -65,12 +67,13 @@ class TrainEngine:
         specs += [LayerSpec(LayerPipe, mc, i, self.tp_group, seed, self.device, loader) for i in range(mc.n_layers)]
         specs += [LayerSpec(HeadPipe, mc, self.tp_group, seed, self.device, loader)]
         tp_group = self.tp_group
-        module = PipelineModule(
-            layers=specs,
-            topology=topo,
-            loss_fn=lambda logits, labels: tp_loss(logits, labels, tp_group),
-            partition_method=cfg.parallel.pipeline_partition,
-        )
+        with quiet():
+            module = PipelineModule(
+                layers=specs,
+                topology=topo,
+                loss_fn=lambda logits, labels: tp_loss(logits, labels, tp_group),
+                partition_method=cfg.parallel.pipeline_partition,
+            )
         self.pieces = [m for m in module.forward_funcs if isinstance(m, Piece)]
 
         named = [(n, p) for piece in self.pieces for n, p in piece.canonical_parameters()]
@@ -85,9 +88,10 @@ class TrainEngine:
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_multiplier)
         self.ds_config = deepspeed_config(cfg)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
-        )
+        with quiet():
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+            )
         self.step = 0
         self.consumed_samples = 0
         self.seq_len = cfg.seq_len(self.model_config)
@@ -105,8 +109,10 @@ class TrainEngine:
         self.engine.global_steps = step
         self.engine.global_samples = consumed_samples
         self.scheduler.last_epoch = step
-        for g, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_lr()):
-            g["lr"] = lr
+        for g, base, factor in zip(
+            self.scheduler.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas
+        ):
+            g["lr"] = base * factor(step)
         self.scheduler._last_lr = [g["lr"] for g in self.scheduler.optimizer.param_groups]
 
     # -- one optimizer step (collective) -----------------------------------------------------------------

@@ -1,13 +1,17 @@
-"""One place that fans training metrics out: console, RUN_DIR/metrics.jsonl, TensorBoard event files and
-Ray metrics (`ray.util.metrics`, names `neoxray_train_*`, shown in the Ray dashboard and on the Prometheus
-export port). Only one rank (global rank 0) writes; Ray metrics are skipped where Ray is not running."""
+"""One place that fans training metrics out: RUN_DIR/metrics.jsonl, TensorBoard event files, Ray metrics
+(`ray.util.metrics`, names `neoxray_train_*`, shown in the Ray dashboard and on the Prometheus export port) and
+the console progress (`progress.Progress`). Only one rank (global rank 0) writes; Ray metrics are skipped where
+Ray is not running."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+from neoxray.platform.train.progress import Progress
 
 GAUGES = {
     "loss": "training loss of the last optimizer step",
@@ -25,9 +29,8 @@ GAUGES = {
 
 
 class MetricsSink:
-    """Every record goes to `metrics_file` (None: no file), TensorBoard and the Ray gauges; a console line is
-    printed for every `print_every`-th step, the last step (`total_steps`), steps with a validation loss and
-    events (such as a resume)."""
+    """Every record goes to `metrics_file` (None: no file), TensorBoard and the Ray gauges; with a `stream`, the
+    progress is printed there (every `print_every` steps in a log, redrawn in place on a terminal)."""
 
     def __init__(
         self,
@@ -44,9 +47,7 @@ class MetricsSink:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / metrics_file if metrics_file else None
         self._file = self.path.open("a", buffering=1) if self.path is not None else None
-        self.stream = stream
-        self.print_every = max(1, int(print_every))
-        self.total_steps = total_steps
+        self.progress = Progress(total_steps or 0, print_every, stream) if stream is not None else None
         self.writer = None
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -67,6 +68,25 @@ class MetricsSink:
                 pass
         self.tags = {"run": run_name}
 
+    def rewind(self, step: int) -> None:
+        """Drop the file's records of steps after `step` (a run resuming there redoes them), so that
+        metrics.jsonl never holds one step twice. The file is rewritten whole and renamed into place."""
+        if self.path is None or not self.path.exists():
+            return
+        self._file.close()
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if not isinstance(record.get("step"), int) or record["step"] <= step:
+                kept.append(line)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self._file = self.path.open("a", buffering=1)
+
     def log(self, metrics: dict) -> None:
         record = {"time": time.time(), **metrics}
         if self._file is not None:
@@ -79,35 +99,13 @@ class MetricsSink:
                 self.writer.add_scalar(f"train/{k}", v, step)
             if k in self.gauges:
                 self.gauges[k].set(float(v), tags=self.tags)
-        if self.stream is not None and self._prints(metrics):
-            self.stream.write(format_line(metrics) + "\n")
-            self.stream.flush()
-
-    def _prints(self, metrics: dict) -> bool:
-        step = metrics.get("step")
-        if "event" in metrics or "val_loss" in metrics or not isinstance(step, int):
-            return True
-        return step % self.print_every == 0 or step == self.total_steps
+        if self.progress is not None:
+            self.progress.update(metrics)
 
     def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
         if self._file is not None:
             self._file.close()
         if self.writer is not None:
             self.writer.close()
-
-
-def format_line(m: dict) -> str:
-    parts = [f"step {m.get('step')}"]
-    for key, fmt in (
-        ("loss", "{:.4f}"),
-        ("val_loss", "{:.4f}"),
-        ("lr", "{:.3e}"),
-        ("grad_norm", "{:.3f}"),
-        ("tokens_per_s", "{:,.0f}"),
-        ("tflops_per_gpu", "{:.2f}"),
-        ("mfu", "{:.3f}"),
-        ("loss_scale", "{:g}"),
-    ):
-        if m.get(key) is not None:
-            parts.append(f"{key} " + fmt.format(m[key]))
-    return " | ".join(parts)
