@@ -7,8 +7,8 @@
 
 Manifest fields the reader relies on: `format` (== FORMAT), `seq_len`, `row_length` (seq_len + 1), `dtype`,
 `splits.{train,validation}.{rows,files}` (each file entry: path, rows, row_groups, component), `options.by_component`,
-`tokenizer` (sha256, vocab_size, eod_id). Everything else (documents, tokens, bad_rows, components, inputs) is
-for people and for reruns.
+`tokenizer` (sha256, vocab_size, eod_id). Everything else (documents, tokens, bad_rows (dropped, by reason),
+documents_without_component (kept), components, inputs) is for people and for reruns.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ TOKENIZER_DIR = "tokenizer"
 TOKEN_COLUMN = "input_ids"
 """The Parquet column holding each row's seq_len + 1 token ids."""
 INPUT_IDS, LABELS = "input_ids", "labels"
+KEPT_REASONS = ("missing_meta",)
+"""Row counts the reader reports that are not drops: a document without meta.pile_set_name is kept (component
+`unknown`) and counted in the manifest's `documents_without_component`, apart from `bad_rows`."""
 """Training batch keys: a row's first seq_len ids, and its last seq_len ids (the next-token targets)."""
 
 
@@ -102,7 +105,8 @@ def build_manifest(results, input_list, options, tok_info, seq_len, dtype, files
         "tokens": tokens,
         "rows": sum(s["rows"] for s in splits.values()),
         "dropped_tokens": sum(s["dropped_tokens"] for s in splits.values()),
-        "bad_rows": dict(sorted(bad.items())),
+        "bad_rows": {k: v for k, v in sorted(bad.items()) if k not in KEPT_REASONS},
+        "documents_without_component": sum(bad[k] for k in KEPT_REASONS),
         "components": dict(sorted(components.items())),
         "splits": splits,
         "tokenizer": tok_info,

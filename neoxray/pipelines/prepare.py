@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from neoxray.errors import NeoxrayError
+from neoxray.errors import NeoxrayError, find_user_error
 from neoxray.model.tokenizer import TOKENIZER_FILE, Tokenizer
 from neoxray.pipelines import fs
 from neoxray.pipelines.dataset_format import (
@@ -239,21 +239,6 @@ class _Progress:
 
 
 # ----------------------------------------------------------------------------------------------------- driver
-def _find_neoxray_error(exc: BaseException) -> NeoxrayError | None:
-    """The NeoxrayError behind a Ray / Ray Data exception chain, if there is one."""
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, NeoxrayError):
-            return NeoxrayError(str(e.args[0]) if e.args else str(e))
-        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
-    return None
-
-
 def _options(seq_len, val_fraction, text_key, by_component, rows_per_file, row_group_rows) -> dict:
     return {
         "seq_len": seq_len,
@@ -393,11 +378,24 @@ def prepare(
     say(
         f"prepare: wrote {manifest['splits']['train']['rows']:,} train and "
         f"{manifest['splits']['validation']['rows']:,} validation rows of {seq_len + 1} tokens "
-        f"({manifest['documents']:,} documents, {manifest['tokens']:,} tokens, "
-        f"{sum(manifest['bad_rows'].values()):,} bad rows) to {out} in {seconds:,.1f} s "
-        f"({manifest['tokens'] / max(seconds, 1e-9) / 1e6:,.3f}M tokens/s)"
+        f"({manifest['documents']:,} documents, {manifest['tokens']:,} tokens) to {out} in {seconds:,.1f} s "
+        f"({manifest['tokens'] / max(seconds, 1e-9) / 1e6:,.3f}M tokens/s); "
+        f"{_dropped(manifest['bad_rows'])}"
     )
+    if manifest["documents_without_component"]:
+        say(
+            f"prepare: {manifest['documents_without_component']:,} documents without meta.pile_set_name were kept, "
+            f"as component {UNKNOWN_COMPONENT!r}"
+        )
     return PrepareResult(out, manifest, skipped=False, seconds=seconds)
+
+
+def _dropped(bad: dict) -> str:
+    """'N bad rows dropped (reason: n, ...)' or 'no bad rows'."""
+    total = sum(bad.values())
+    if not total:
+        return "no bad rows"
+    return f"{total:,} bad rows dropped ({', '.join(f'{k}: {v}' for k, v in bad.items())})"
 
 
 def _save_tokenizer(tok, directory: str) -> None:
@@ -467,7 +465,8 @@ def _run_pipeline(
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
-    data_logger.setLevel(logging.ERROR)
+    # a failed task is re-raised here (a NeoxrayError as its one line): Ray Data's own report of it is noise
+    data_logger.setLevel(logging.CRITICAL)
     caught = warnings.catch_warnings()
     caught.__enter__()
     # Ray Data's advice about pools larger than the number of inputs: a small job simply uses fewer actors
@@ -543,7 +542,7 @@ def _run_pipeline(
     except BaseException as e:
         for ref in pending:
             ray.cancel(ref, force=True)
-        err = _find_neoxray_error(e) if isinstance(e, Exception) else None
+        err = find_user_error(e) if isinstance(e, Exception) else None
         if err is not None:
             raise err from None
         raise

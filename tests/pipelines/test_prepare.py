@@ -102,7 +102,8 @@ def test_prepare_crafted_inputs_glob_and_directory(ray_local, crafted, tok_file,
     )
     m = result.manifest
     assert [Path(i["path"]).name for i in m["inputs"]] == ["a.jsonl", "b.jsonl.gz", "c.jsonl.zst"]
-    assert m["bad_rows"] == bad
+    assert m["bad_rows"] == {k: v for k, v in bad.items() if k != "missing_meta"}  # dropped rows only
+    assert m["documents_without_component"] == bad["missing_meta"] == 1  # kept, reported apart
     raw = tokenizers.Tokenizer.from_file(tok_file)
     all_docs = [d for ds in files.values() for d in ds]
     assert m["documents"] == len(all_docs)
@@ -316,6 +317,33 @@ def test_cli_prepare_runs_and_errors_are_one_line(ray_local, crafted, tok_file, 
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     lines = [line for line in missing.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "missing.jsonl" in lines[0], missing.stderr
+
+
+def test_a_corrupt_input_is_one_line_not_buried_in_rays_retry_output(ray_local, sample_tokenizer_dir, tmp_path):
+    """A truncated .zst shard: the CLI's error names the file in one line; no traceback, no retry report."""
+    shard = tmp_path / "truncated.jsonl.zst"
+    shard.write_bytes(SAMPLE.read_bytes()[:200_000])
+    proc = run_cli(
+        "prepare",
+        "--input",
+        str(shard),
+        "--tokenizer",
+        str(sample_tokenizer_dir),
+        "--seq-len",
+        "32",
+        "--output",
+        str(tmp_path / "out"),
+        check=False,
+        env={**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address},
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "Failed to apply UDF" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("neoxray: error:")]
+    assert errors == [
+        f"neoxray: error: {shard}: corrupt or truncated file (compressed file ended before the "
+        f"end-of-frame marker was reached)"
+    ]
+    assert not (tmp_path / "out" / MANIFEST).exists()
 
 
 # `neoxray prepare` in a process of its own, as the console script runs it, with one change: after the first
