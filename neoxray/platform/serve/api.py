@@ -1,15 +1,21 @@
-"""The HTTP API over one inference engine: OpenAI's completions, models and embeddings, plus vLLM-style
-/tokenize, /detokenize and /tokenizer_info, and /health. A FastAPI app: Ray Serve hosts it in each replica
-(`neoxray.platform.serve.app`), and `neoxray serve --no-ray` runs it under uvicorn alone.
+"""The HTTP API: OpenAI's completions, models and embeddings, plus vLLM-style /tokenize, /detokenize and
+/tokenizer_info, and /health. A FastAPI app over an engine client (`neoxray.platform.serve.client`): the Ray
+Serve application's ingress hosts it over the model deployment (`neoxray.platform.serve.app`), and
+`neoxray serve --no-ray` runs it under uvicorn over an engine in the same process.
 
-Thin: each route hands its parsed request (`neoxray.platform.serve.protocol`) to `OpenAIServing`
-(`neoxray.platform.serve.serving`) and sends back the response model it returns, as `json.dumps` of all its
-fields (nulls included). Here are only the app's lifespan (engine stats to the observer; a graceful drain on
-shutdown), the bearer-token check, and the error handlers.
+Thin: each route reads its body, parses it into its request model (`neoxray.platform.serve.protocol`), hands it
+to `OpenAIServing` (`neoxray.platform.serve.serving`) and sends back the response model it returns, as
+`json.dumps` of all its fields (nulls included). Here are only the body's reading and parsing, the bearer-token
+check, the error handlers, and (over an in-process engine) the app's lifespan: engine stats to the observer and
+a graceful drain on shutdown.
 
-Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a bad request (the
-message and `param` name the field), 401 for a missing or wrong API key, 404 for an unknown model, 503 when
-the engine's queue is full or the engine has stopped. User input never reaches a 500.
+Bodies are read by the routes themselves, not by FastAPI: at most `max_request_bytes` (413 beyond it, refused
+from its Content-Length before anything is read), as JSON whatever the Content-Type says (a request without
+one included), parsed on a worker thread when large. Every answer that is not a success has OpenAI's shape,
+{"error": {"message", "type", "param", "code"}}: 400 for a bad request (the message and `param` name the field;
+a body that is not UTF-8, not JSON or nested too deeply), 401 for a missing or wrong API key, 404 for an unknown
+model or route, 405 for a wrong method, 413 for a body that is too large, 503 (with Retry-After) when no
+engine can take the request. User input never reaches a 500.
 """
 
 from __future__ import annotations
@@ -17,14 +23,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
 
-from neoxray.platform.serve.engine import InferenceEngine
+from neoxray.platform.serve.client import EngineClient, LocalEngineClient, ServeObserver
+from neoxray.platform.serve.limits import ServingLimits
 from neoxray.platform.serve.protocol import (
     CompletionRequest,
     CompletionResponse,
@@ -41,13 +50,24 @@ from neoxray.platform.serve.protocol import (
     TokenizerInfo,
 )
 from neoxray.platform.serve.request import InvalidRequest
-from neoxray.platform.serve.serving import ApiError, OpenAIServing, ServeObserver
+from neoxray.platform.serve.serving import UNAVAILABLE, ApiError, OpenAIServing
+
+PARSE_ON_LOOP_BYTES = 64 * 1024
+"""Bodies up to this size are parsed on the event loop; larger ones on a worker thread."""
 
 
 def error_response(
-    status: int, message: str, type_: str, param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    type_: str,
+    param: str | None = None,
+    code: str | None = None,
+    retry_after_s: float | None = None,
 ) -> JSONResponse:
-    return _json(ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code)), status)
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # no lone surrogate reaches the encoder
+    headers = {"Retry-After": str(max(1, round(retry_after_s)))} if retry_after_s is not None else None
+    body = ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code))
+    return JSONResponse(body.model_dump(), status, headers=headers)
 
 
 def _json(body: BaseModel, status: int = 200) -> JSONResponse:
@@ -62,49 +82,109 @@ def _field_of(loc) -> str:
     return parts[0] if parts else "body"
 
 
+def _validation_error(errs: list) -> ApiError:
+    first = errs[0] if errs else {"loc": ("body",), "msg": "invalid request"}
+    field = _field_of(first.get("loc", ()))
+    if first.get("type") == "json_invalid":
+        msg = f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+        field = "body"
+    elif first.get("type") == "extra_forbidden":
+        msg = f"unknown field {field!r}"
+    elif field == "body":
+        msg = f"request body: {first.get('msg')}"
+    else:
+        msg = f"{field}: {first.get('msg')}"
+    return ApiError(400, msg, param=field)
+
+
+def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
+    """A request body -> `model`, or an ApiError (400) saying what is wrong with it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"request body is not valid UTF-8 (byte {e.start})", param="body") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}", param="body") from None
+    except RecursionError:
+        raise ApiError(400, "request body is not valid JSON: nested too deeply", param="body") from None
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise _validation_error(e.errors(include_url=False, include_input=False)) from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply", param="body") from None
+
+
+async def read_body(request: HTTPRequest, model: type[BaseModel], limit: int) -> BaseModel:
+    """Read at most `limit` bytes of the request's body (413 beyond it) and parse it as JSON into `model`,
+    whatever its Content-Type."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if len(raw) <= PARSE_ON_LOOP_BYTES:
+        return parse_body(raw, model)
+    return await asyncio.get_running_loop().run_in_executor(None, parse_body, raw, model)
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"request body is {size} bytes or more; at most {limit} bytes are accepted",
+        param="body",
+        code="request_too_large",
+    )
+
+
 def create_app(
-    engine: InferenceEngine,
+    engine,
     model_name: str | None = None,
     api_key: str | None = None,
     observer: ServeObserver | None = None,
     stats_period_s: float = 1.0,
     shutdown_timeout_s: float | None = None,
+    limits: ServingLimits | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving `engine` (whose background thread must be running). With
-    `shutdown_timeout_s`, the app's shutdown drains the engine (finishing running requests for up to that
-    long) and stops it: a replica going away lets its requests finish."""
-    serving = OpenAIServing(engine, model_name, observer)
+    """The FastAPI app serving `engine`: an `EngineClient`, or an `InferenceEngine` in this process (whose
+    background thread must be running). Over an in-process engine, the app reports its stats to `observer`, and
+    with `shutdown_timeout_s` its shutdown drains the engine (finishing running requests for up to that long)
+    and stops it."""
+    client = engine if isinstance(engine, EngineClient) else LocalEngineClient(engine, observer)
+    limits = limits or ServingLimits()
+    serving = OpenAIServing(client, model_name, limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        if not isinstance(client, LocalEngineClient):
+            yield
+            return
+
         async def poll():
             while True:
                 with contextlib.suppress(Exception):
-                    serving.observer.on_stats(engine.stats())
+                    client.observer.on_stats(client.engine.stats())
                 await asyncio.sleep(stats_period_s)
 
         task = asyncio.create_task(poll())
         yield
         task.cancel()
         if shutdown_timeout_s is not None:
-            await asyncio.get_running_loop().run_in_executor(None, engine.stop, shutdown_timeout_s)
+            await asyncio.get_running_loop().run_in_executor(None, client.engine.stop, shutdown_timeout_s)
 
     app = FastAPI(title="neoxray", description="OpenAI-compatible GPT-NeoX inference", lifespan=lifespan)
 
     # -- errors ----------------------------------------------------------------------------------------------
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {"loc": ("body",), "msg": "invalid request"}
-        field = _field_of(first.get("loc", ()))
-        if first.get("type") == "json_invalid":
-            msg = f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
-            field = "body"
-        elif first.get("type") == "extra_forbidden":
-            msg = f"unknown field {field!r}"
-        else:
-            msg = f"{field}: {first.get('msg')}"
-        return error_response(400, msg, "invalid_request_error", field)
+        return _api_error(request, _validation_error(exc.errors()))
 
     @app.exception_handler(InvalidRequest)
     async def _engine_refused(request, exc: InvalidRequest):
@@ -112,7 +192,25 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return _json(exc.response(), exc.status)
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.retry_after_s)
+
+    for kind in UNAVAILABLE:
+
+        @app.exception_handler(kind)
+        async def _unavailable(request, exc):
+            return _api_error(request, ApiError.unavailable(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, exc: HTTPException):  # unknown routes (404), wrong methods (405)
+        if exc.status_code == 404:
+            msg, code = f"no route {request.method} {request.url.path}", "not_found"
+        elif exc.status_code == 405:
+            msg, code = f"method {request.method} is not allowed on {request.url.path}", "method_not_allowed"
+        else:
+            msg, code = str(exc.detail), None
+        response = error_response(exc.status_code, msg, "invalid_request_error", None, code)
+        response.headers.update(getattr(exc, "headers", None) or {})
+        return response
 
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):  # a bug, not user input: still an OpenAI-shaped answer
@@ -133,34 +231,37 @@ def create_app(
                 )
         return await call_next(request)
 
+    async def body_of(request: HTTPRequest, model: type[BaseModel]):
+        return await read_body(request, model, limits.max_request_bytes)
+
     # -- routes ----------------------------------------------------------------------------------------------
     @app.get("/health", response_model=HealthResponse)
     async def health():
-        return _json(serving.health())
+        return _json(await serving.health())
 
     @app.get("/v1/models", response_model=ModelList)
     async def models():
-        return _json(serving.models())
+        return _json(await serving.models())
 
     @app.get("/tokenizer_info", response_model=TokenizerInfo)
     async def tokenizer_info():
-        return _json(serving.tokenizer_info())
+        return _json(await serving.tokenizer_info())
 
     @app.post("/tokenize", response_model=TokenizeResponse)
-    async def tokenize(body: TokenizeRequest):
-        return _json(serving.tokenize(body))
+    async def tokenize(request: HTTPRequest):
+        return _json(await serving.tokenize(await body_of(request, TokenizeRequest)))
 
     @app.post("/detokenize", response_model=DetokenizeResponse)
-    async def detokenize(body: DetokenizeRequest):
-        return _json(serving.detokenize(body))
+    async def detokenize(request: HTTPRequest):
+        return _json(await serving.detokenize(await body_of(request, DetokenizeRequest)))
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse)
-    async def embeddings(body: EmbeddingRequest):
-        return _json(await serving.embeddings(body))
+    async def embeddings(request: HTTPRequest):
+        return _json(await serving.embeddings(await body_of(request, EmbeddingRequest)))
 
     @app.post("/v1/completions", response_model=CompletionResponse)
-    async def completions(body: CompletionRequest):
-        result = await serving.create_completion(body)
+    async def completions(request: HTTPRequest):
+        result = await serving.create_completion(await body_of(request, CompletionRequest))
         if isinstance(result, CompletionResponse):
             return _json(result)
         return StreamingResponse(
@@ -171,11 +272,12 @@ def create_app(
 
 
 def run_standalone(
-    engine: InferenceEngine,
+    engine,
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
     model_name: str | None = None,
+    limits: ServingLimits | None = None,
 ) -> None:
     """Serve one engine with uvicorn in this process (no Ray): for a single machine, and for GPU hosts where
     Ray is not installed."""
@@ -183,6 +285,6 @@ def run_standalone(
 
     engine.start()
     try:
-        uvicorn.run(create_app(engine, model_name, api_key), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(engine, model_name, api_key, limits=limits), host=host, port=port, log_level="warning")
     finally:
         engine.stop(timeout=30)

@@ -1,5 +1,15 @@
-"""The Ray Serve application: one deployment whose replicas each load the model, run an inference engine
-(continuous batching) and answer the OpenAI-compatible HTTP API (`neoxray.platform.serve.api`).
+"""The Ray Serve application: an ingress in front of the model, as vLLM's (and Ray Serve LLM's) OpenAI router
+sits in front of its LLM server deployments.
+
+- `NeoxrayIngress` (`ingress_replicas` replicas, no model): the HTTP API (`neoxray.platform.serve.api`): routes,
+  auth, body limits, parsing, tokenizing on threads, OpenAI-shaped errors. It reaches the model through a
+  Serve DeploymentHandle (`ServeEngineClient`), so it outlives what happens there: Serve's backpressure (the
+  handle's `BackPressureError`) becomes an OpenAI-shaped 503 with Retry-After, and a model replica that dies
+  mid-request becomes a 503, or ends a stream with an error event and `data: [DONE]`.
+- `NeoxrayModel` (`num_replicas`, or autoscaling, each with `num_gpus`): one InferenceEngine per replica
+  (continuous batching), the health check, the graceful drain, and the `neoxray_serve_*` Ray metrics. Its
+  `generate` streams what the engine has ready, merged per step, so the extra hop costs one message per step
+  rather than one per token; a cancelled call (the client went away) aborts the engine requests.
 
 Deploy it with `neoxray serve --model DIR`, or from a Serve config (`configs/serve.yaml`):
 
@@ -12,95 +22,161 @@ Deploy it with `neoxray serve --model DIR`, or from a Serve config (`configs/ser
 `build_app` is a typed application builder: Serve validates `args` against `ServeArgs` before anything runs.
 """
 
-import os
-from typing import Literal
+from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Sequence
+
 from ray import serve
+from ray.exceptions import RayError, RayTaskError
+from ray.serve.exceptions import BackPressureError, RayServeException
 
-from neoxray.platform.serve.request import EngineConfig
+from neoxray.errors import NeoxrayError
+from neoxray.platform.serve.args import ServeArgs
+from neoxray.platform.serve.client import Batch, EngineClient, EngineUnavailable
+from neoxray.platform.serve.request import EngineInfo, Request
 
+__all__ = ["NeoxrayIngress", "NeoxrayModel", "ServeArgs", "ServeEngineClient", "build_app"]
 
-class ServeArgs(BaseModel):
-    """Arguments of the Serve application (the `args` of a Serve config, or `neoxray serve` flags)."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    model: str
-    """An exported Hugging Face GPT-NeoX directory, a training checkpoint, or a run directory (its newest
-    checkpoint). Every replica's node must see this path (shared storage, or the same path on every node)."""
-    name: str | None = None
-    """The model id clients send and /v1/models lists (default: the directory's name)."""
-    api_key: str | None = None
-    """Bearer token every request must carry (default: the NEOXRAY_API_KEY environment variable; unset: none)."""
-    device: str = "auto"
-    """auto (cuda when the replica has a GPU), cpu, cuda."""
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 on GPUs, fp32 on CPUs."""
-    num_replicas: int = Field(1, ge=1)
-    """Fixed replica count (ignored when min_replicas/max_replicas set autoscaling bounds)."""
-    min_replicas: int | None = Field(None, ge=0)
-    """Autoscaling lower bound."""
-    max_replicas: int | None = Field(None, ge=1)
-    """Autoscaling upper bound."""
-    target_ongoing_requests: float = Field(16, gt=0)
-    """Autoscaling target: ongoing requests per replica."""
-    num_gpus: float = Field(0, ge=0)
-    """GPUs per replica."""
-    num_cpus: float = Field(1, ge=0)
-    """CPUs per replica."""
-    max_ongoing_requests: int = Field(64, ge=1)
-    """Requests a replica handles at once; more wait in Serve's queue."""
-    max_queued_requests: int = Field(256, ge=-1)
-    """Requests waiting in Serve's queue per deployment handle beyond which Serve answers 503 (-1: no limit)."""
-    max_num_seqs: int = Field(32, ge=1)
-    """Engine: requests decoded together in one batch."""
-    kv_cache_tokens: int | None = Field(None, ge=1)
-    """Engine: KV cache token budget (default: max_num_seqs x the model's context)."""
-    prefill_chunk: int = Field(512, ge=1)
-    """Engine: most prompt tokens prefilled per step."""
-    health_check_period_s: float = Field(10, gt=0)
-    graceful_shutdown_timeout_s: float = Field(30, ge=0)
-    """How long a stopping replica lets running requests finish."""
-
-    def build_engine(self):
-        """Load the model and make its (not yet started) InferenceEngine, as these arguments say."""
-        from neoxray.model.precision import to_dtype
-        from neoxray.platform.serve.engine import InferenceEngine
-
-        dtype = to_dtype(self.dtype)
-        config = EngineConfig(
-            max_num_seqs=self.max_num_seqs, kv_cache_tokens=self.kv_cache_tokens, prefill_chunk=self.prefill_chunk
-        )
-        return InferenceEngine.from_path(
-            self.model, device=self.device, dtype=dtype, config=config, model_name=self.name
-        )
+HEALTH_TIMEOUT_S = 10.0
+"""How long /health waits for a model replica's counters before answering 503."""
 
 
-@serve.deployment(name="neoxray")
-@serve.ingress()
-class NeoxrayServer:
-    """One replica: the model, its engine thread, and the HTTP API."""
+@serve.deployment(name="NeoxrayModel")
+class NeoxrayModel:
+    """One model replica: the model, its engine thread, and the calls the ingress makes."""
 
-    def __init__(self, args: dict):
+    def __init__(self, args: dict, stats_period_s: float = 1.0):
+        from neoxray.platform.serve.client import LocalEngineClient
+        from neoxray.platform.serve.metrics import RayServeMetrics
+
         self.args = ServeArgs(**args)
         self.engine = self.args.build_engine().start()
+        self.client = LocalEngineClient(self.engine, RayServeMetrics(self.engine.model_name))
+        self._stop = threading.Event()
+        threading.Thread(target=self._report_stats, args=(stats_period_s,), name="neoxray-stats", daemon=True).start()
+
+    def _report_stats(self, period_s: float) -> None:
+        while not self._stop.wait(period_s):
+            with contextlib.suppress(Exception):  # metrics must never take the replica down
+                self.client.observer.on_stats(self.engine.stats())
+
+    def info(self) -> tuple[EngineInfo, object]:
+        """What the ingress needs to check and tokenize requests: the engine's bounds and its tokenizer."""
+        return self.engine.info, self.engine.tokenizer
+
+    async def generate(self, requests: Sequence[Request]) -> AsyncIterator[Batch]:
+        """The Outputs of one HTTP request's choices, merged per engine step (`LocalEngineClient.generate`)."""
+        async for batch in self.client.generate(requests):
+            yield batch
+
+    async def embed(self, token_lists: Sequence[Sequence[int]]) -> list[list[float]]:
+        return await self.client.embed(token_lists)
+
+    async def stats(self) -> dict:
+        return await self.client.stats()
+
+    def check_health(self) -> None:
+        """Serve replaces a replica whose engine thread has died."""
+        if not self.engine.alive:
+            raise RuntimeError(f"inference engine is not running: {self.engine.error!r}")
+
+    async def __del__(self):
+        """Serve has stopped routing to this replica and waited for its requests (graceful_shutdown_timeout_s):
+        stop the engine, finishing whatever is left as far as the remaining time allows."""
+        self._stop.set()
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.stop, 5.0)
+
+
+class ServeEngineClient(EngineClient):
+    """The model deployment, reached through a Serve DeploymentHandle; Serve's and Ray's failures become the
+    engine client's (`EngineUnavailable`, or the engine's own error raised in the replica)."""
+
+    def __init__(self, handle, health_timeout_s: float = HEALTH_TIMEOUT_S):
+        self.handle = handle
+        self.health_timeout_s = health_timeout_s
+        self._lock: asyncio.Lock | None = None
+        self.info: EngineInfo | None = None
+        self.tokenizer = None
+
+    async def ready(self) -> None:
+        if self.info is not None:
+            return
+        self._lock = self._lock or asyncio.Lock()
+        async with self._lock:
+            if self.info is None:
+                try:
+                    self.info, self.tokenizer = await self.handle.info.remote()
+                except Exception as e:
+                    raise _translate(e) from None
+
+    async def generate(self, requests: Sequence[Request]) -> AsyncIterator[Batch]:
+        response = self.handle.options(stream=True).generate.remote(list(requests))
+        finished = False
+        try:
+            it = response.__aiter__()
+            while True:
+                try:
+                    batch = await it.__anext__()
+                except StopAsyncIteration:
+                    finished = True
+                    return
+                except Exception as e:
+                    finished = True  # nothing left to cancel
+                    raise _translate(e) from None
+                yield batch
+        finally:
+            if not finished:  # the consumer went away: the replica's generator is cancelled, aborting its requests
+                response.cancel()
+
+    async def embed(self, token_lists: Sequence[Sequence[int]]) -> list[list[float]]:
+        try:
+            return await self.handle.embed.remote([list(t) for t in token_lists])
+        except Exception as e:
+            raise _translate(e) from None
+
+    async def stats(self) -> dict:
+        try:
+            return await asyncio.wait_for(self.handle.stats.remote(), self.health_timeout_s)
+        except asyncio.TimeoutError:
+            raise EngineUnavailable(
+                f"no model replica answered within {self.health_timeout_s:g} s (starting, or every one busy)",
+                retry_after_s=1,
+            ) from None
+        except Exception as e:
+            raise _translate(e) from None
+
+
+def _translate(e: Exception) -> Exception:
+    """Serve's and Ray's exceptions from a call to the model deployment -> what the serving layer answers."""
+    if isinstance(e, BackPressureError):
+        return EngineUnavailable(
+            f"server overloaded: {e.message} retry later", retry_after_s=e.retry_after_s or 1, code="server_overloaded"
+        )
+    if isinstance(e, RayTaskError):  # raised by the replica's code: the engine's own errors pass through
+        cause = getattr(e, "cause", None)
+        return cause if isinstance(cause, NeoxrayError) else e
+    if isinstance(e, (RayError, RayServeException)):  # the replica died, or none is reachable
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return EngineUnavailable(f"the model replica serving this request went away ({first}); retry", retry_after_s=1)
+    return e
+
+
+@serve.deployment(name="NeoxrayIngress")
+@serve.ingress()
+class NeoxrayIngress:
+    """One ingress replica: the HTTP API over the model deployment's handle."""
+
+    def __init__(self, model, args: dict):
+        self.args = ServeArgs(**args)
+        self.client = ServeEngineClient(model)
 
     def __serve_build_asgi_app__(self):
         from neoxray.platform.serve.api import create_app
-        from neoxray.platform.serve.metrics import RayServeMetrics
 
-        return create_app(
-            self.engine,
-            api_key=self.args.api_key,
-            observer=RayServeMetrics(self.engine.model_name),
-            shutdown_timeout_s=self.args.graceful_shutdown_timeout_s,
-        )
-
-    def check_health(self) -> None:
-        """Serve restarts a replica whose engine thread has died."""
-        if not self.engine.alive:
-            raise RuntimeError(f"inference engine is not running: {self.engine.error!r}")
+        return create_app(self.client, model_name=self.args.name, api_key=self.args.api_key, limits=self.args.limits())
 
 
 def build_app(args: ServeArgs) -> serve.Application:
@@ -108,13 +184,12 @@ def build_app(args: ServeArgs) -> serve.Application:
     model=DIR`, or `import_path` in a Serve config)."""
     if isinstance(args, dict):
         args = ServeArgs(**args)
-    if args.api_key is None and os.environ.get("NEOXRAY_API_KEY"):
-        args = args.model_copy(update={"api_key": os.environ["NEOXRAY_API_KEY"]})
+    args = args.with_env_api_key()
     from neoxray.platform.model_loading import resolve_model_path
 
     _, path = resolve_model_path(args.model)  # a wrong path fails here, naming it, not in a replica's log
     args = args.model_copy(update={"model": str(path.resolve())})  # replicas run in other directories
-    options = dict(
+    model = dict(
         ray_actor_options={"num_gpus": args.num_gpus, "num_cpus": args.num_cpus},
         max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests,
@@ -123,12 +198,23 @@ def build_app(args: ServeArgs) -> serve.Application:
     )
     if args.min_replicas is not None or args.max_replicas is not None:
         lo = args.min_replicas if args.min_replicas is not None else 1
-        hi = args.max_replicas if args.max_replicas is not None else max(lo, 1)
-        options["autoscaling_config"] = {
+        hi = max(args.max_replicas if args.max_replicas is not None else max(lo, 1), lo)
+        model["autoscaling_config"] = {
             "min_replicas": lo,
-            "max_replicas": max(hi, lo),
+            "max_replicas": hi,
             "target_ongoing_requests": args.target_ongoing_requests,
         }
     else:
-        options["num_replicas"] = args.num_replicas
-    return NeoxrayServer.options(**options).bind(args.model_dump())
+        model["num_replicas"] = hi = args.num_replicas
+    # the ingress takes every request at once (its queue is unbounded, so Serve's proxy never answers for it in
+    # plain text); what bounds the load is the model deployment's queue, which the ingress reports as a 503
+    queued = max(args.max_queued_requests, 0)
+    ingress = dict(
+        num_replicas=args.ingress_replicas,
+        ray_actor_options={"num_cpus": args.ingress_num_cpus},
+        max_ongoing_requests=max(1024, 2 * hi * (args.max_ongoing_requests + queued)),
+        max_queued_requests=-1,
+        graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
+    )
+    dumped = args.model_dump()
+    return NeoxrayIngress.options(**ingress).bind(NeoxrayModel.options(**model).bind(dumped), dumped)

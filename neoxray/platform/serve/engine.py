@@ -6,10 +6,11 @@ loop) submit requests and receive their tokens as they are produced.
 
 One engine step:
     1. take in new requests and aborts;
-    2. admit waiting requests (`neoxray.platform.serve.scheduler`: first come first served, batch rows, KV
-       blocks reserved for the prompt plus `max_tokens`, so no request is ever preempted);
-    3. prefill: up to `prefill_chunk` prompt tokens of the admitted requests, in one forward
-       (`neoxray.platform.serve.model_runner`);
+    2. admit waiting requests (`neoxray.platform.serve.scheduler`: fair across groups, i.e. HTTP requests, and
+       first come first served within one; batch rows; KV blocks reserved for the prompt plus `max_tokens`, so
+       no request is ever preempted);
+    3. prefill: up to `prefill_chunk` prompt tokens of the admitted requests (each group's first prompt before
+       any group's second), in one forward (`neoxray.platform.serve.model_runner`);
     4. decode: one new token for every running request, in one batched forward.
 Tokens, text, stop strings and log-probabilities come from `neoxray.platform.serve.output_processor`. A request
 joins the decode batch on the step after its prompt is in the cache and leaves it when it finishes (end of
@@ -37,7 +38,7 @@ from neoxray.platform.serve.request import (
     Completion,
     EngineConfig,
     EngineDead,
-    InvalidRequest,
+    EngineInfo,
     Output,
     QueueFull,
     Request,
@@ -107,53 +108,45 @@ class InferenceEngine:
         return cls(model, tokenizer, config, model_name=model_name or name)
 
     # -- request checks (no engine state touched; safe from any thread) ----------------------------------
+    @property
+    def info(self) -> EngineInfo:
+        """What this engine serves and the bounds a request must keep (plain data: it travels to the ingress)."""
+        return EngineInfo(
+            model_name=self.model_name,
+            max_seq_len=self.max_seq_len,
+            vocab_limit=self.vocab_limit,
+            eod_id=self.eod_id,
+            num_blocks=self.cache.num_blocks,
+            block_size=self.cache.block_size,
+            has_tokenizer=self.tokenizer is not None,
+        )
+
     def check(self, req: Request) -> None:
-        """Raise NeoxrayError naming what is wrong with a request that this engine cannot serve."""
-        n = len(req.prompt_ids)
-        if n == 0:
-            raise InvalidRequest("prompt is empty", "prompt")
-        self.check_token_ids(req.prompt_ids, "prompt")
-        if req.max_tokens < 0:
-            raise InvalidRequest(f"max_tokens must be >= 0, got {req.max_tokens}", "max_tokens")
-        if n + req.max_tokens > self.max_seq_len:
-            raise InvalidRequest(
-                f"prompt ({n} tokens) plus max_tokens ({req.max_tokens}) exceeds the model's "
-                f"context of {self.max_seq_len} tokens",
-                "max_tokens",
-            )
-        if self.cache.blocks_for(n + req.max_tokens) > self.cache.num_blocks:
-            raise InvalidRequest(
-                f"prompt plus max_tokens ({n + req.max_tokens} tokens) exceeds the KV cache "
-                f"({self.cache.num_blocks * self.cache.block_size} tokens)",
-                "max_tokens",
-            )
-        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
-            raise InvalidRequest(f"logprobs must be between 0 and 20, got {req.logprobs}", "logprobs")
-        if req.sampling.stop and self.tokenizer is None:
-            raise InvalidRequest("stop strings need a tokenizer", "stop")
-        try:
-            req.sampling.validate()
-        except NeoxrayError as e:
-            raise InvalidRequest(str(e), None) from None
+        """Raise InvalidRequest naming what is wrong with a request that this engine cannot serve."""
+        self.info.check(req)
 
     def check_token_ids(self, ids: Sequence[int], param: str) -> None:
-        bad = [t for t in ids if not 0 <= t < self.vocab_limit]
-        if bad:
-            raise InvalidRequest(
-                f"{param} has token ids outside the vocabulary [0, {self.vocab_limit}): {bad[:5]}", param
-            )
+        self.info.check_token_ids(ids, param)
 
     # -- submission (any thread) ---------------------------------------------------------------------------
     def add_request(self, req: Request, sink: Callable[[Output], None]) -> str:
         """Queue a request; `sink` is called on the engine thread with each Output (the last has a
         finish_reason). Raises NeoxrayError for a bad request, QueueFull, or EngineDead."""
-        self.check(req)
+        self.add_requests([(req, sink)])
+        return req.request_id
+
+    def add_requests(self, items: Sequence[tuple[Request, Callable[[Output], None]]]) -> None:
+        """Queue several requests (the choices of one HTTP request) at once: all of them or, when one is invalid
+        or they do not all fit in the waiting queue, none."""
+        for req, _ in items:
+            self.check(req)
         if not self.alive and self._thread is not None:
             raise EngineDead(f"the inference engine has stopped: {self.error!r}")
-        if self._inbox.qsize() + len(self.scheduler.waiting) >= self.config.max_waiting:
+        if self._inbox.qsize() + len(self.scheduler.waiting) + len(items) > self.config.max_waiting:
             raise QueueFull(f"{self.config.max_waiting} requests are already waiting")
-        self._inbox.put(("add", SequenceState(req=req, sink=sink, arrival=time.perf_counter())))
-        return req.request_id
+        now = time.perf_counter()
+        for req, sink in items:
+            self._inbox.put(("add", SequenceState(req=req, sink=sink, arrival=now)))
 
     def abort(self, request_id: str) -> None:
         """Stop a request (a client went away): its batch row and cache blocks are freed on the next step."""

@@ -1,10 +1,11 @@
 """Serving metrics as Ray metrics (`ray.util.metrics`, names `neoxray_serve_*`): they show in the Ray
-dashboard's metrics view and on each node's Prometheus export port (with Ray's `ray_` prefix)."""
+dashboard's metrics view and on each node's Prometheus export port (with Ray's `ray_` prefix). Recorded in each
+model replica of the Serve application, where the engine runs (`neoxray.platform.serve.app.NeoxrayModel`)."""
 
 from __future__ import annotations
 
+from neoxray.platform.serve.client import ServeObserver
 from neoxray.platform.serve.request import Output
-from neoxray.platform.serve.serving import ServeObserver
 
 LATENCY_BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 """Histogram bucket edges in seconds."""

@@ -32,7 +32,7 @@ class CompletionRequest(_Strict):
     """New tokens at most (None: up to the context length). 0 with echo + logprobs scores the prompt only."""
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: StrictInt = Field(-1, ge=-1)
+    top_k: StrictInt = Field(-1, ge=-1, le=2**31 - 1)
     """Extension (as in vLLM): keep the k most likely tokens; -1 or 0 keeps all."""
     n: StrictInt = Field(1, ge=1, le=64)
     best_of: StrictInt | None = None
@@ -43,8 +43,8 @@ class CompletionRequest(_Strict):
     echo: StrictBool = False
     """Prepend the prompt to the text (and to the logprobs arrays)."""
     stop: str | list[str] | None = None
-    seed: StrictInt | None = None
-    """Same seed and same request give the same output, whatever else the server is doing."""
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    """Same seed and same request give the same output, whatever else the server is doing (a 64-bit integer)."""
     ignore_eos: StrictBool = False
     """Extension (as in vLLM): keep generating after the end-of-document token (for benchmarks)."""
     presence_penalty: float = 0.0

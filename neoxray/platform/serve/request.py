@@ -1,10 +1,13 @@
-"""What goes into and comes out of the inference engine: its configuration (`EngineConfig`), a request
-(`Request`: prompt ids, token budget, sampling, log-probabilities), the streamed deltas it produces (`Output`,
-`TokenLogprob`), a request's whole result (`Completion`), and the errors it raises. Plain data, no torch."""
+"""What goes into and comes out of the inference engine: its configuration (`EngineConfig`), what it can serve
+(`EngineInfo`, with the checks of a request against it), a request (`Request`: prompt ids, token budget,
+sampling, log-probabilities, the group it belongs to), the streamed deltas it produces (`Output`,
+`TokenLogprob`), a request's whole result (`Completion`), and the errors it raises. Plain data, no torch: the
+serving layer checks requests against an `EngineInfo` in another process than the engine's."""
 
 from __future__ import annotations
 
 import itertools
+import math
 import uuid
 from dataclasses import dataclass, field
 
@@ -41,11 +44,16 @@ class EngineConfig:
     """Most prompt tokens prefilled in one engine step."""
     max_waiting: int = 1024
     """Most requests waiting for admission; beyond it `add_request` raises QueueFull."""
+    max_running_per_group: int | None = None
+    """Most requests of one group (the sequences of one HTTP request: n x prompts) in the batch at once, so that
+    one request cannot take every batch row while others wait (None: no cap)."""
 
     def validate(self) -> EngineConfig:
         for name in ("max_num_seqs", "block_size", "prefill_chunk", "max_waiting"):
             if getattr(self, name) < 1:
                 raise NeoxrayError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_running_per_group is not None and self.max_running_per_group < 1:
+            raise NeoxrayError(f"engine.max_running_per_group must be >= 1, got {self.max_running_per_group}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
             raise NeoxrayError(
                 f"engine.kv_cache_tokens must be >= block_size ({self.block_size}), got {self.kv_cache_tokens}"
@@ -65,6 +73,80 @@ class Request:
     prompt_logprobs: bool = False
     """Also score the prompt (echo): the log-probability of each prompt token given the ones before it."""
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    group: str | None = None
+    """The requests of one group (one HTTP request's choices) share the batch fairly with other groups: admission
+    goes to the group with the fewest requests running, and a group holds at most `max_running_per_group`
+    batch rows. None: a group of its own."""
+
+    @property
+    def group_key(self) -> str:
+        return self.group if self.group is not None else self.request_id
+
+
+SAMPLING_EPS = 1e-5
+"""Temperatures below this (but above 0) are refused by the engine: dividing fp32 logits by them overflows."""
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""Seeds a random generator takes (torch's manual_seed)."""
+TOP_K_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an engine serves and the bounds a request must keep: enough to check a request anywhere (the
+    serving layer checks in the ingress process, before the request travels to a model replica)."""
+
+    model_name: str
+    max_seq_len: int
+    vocab_limit: int
+    """Token ids from here on are padding rows of the embedding: refused in prompts, never sampled."""
+    eod_id: int
+    num_blocks: int
+    block_size: int
+    has_tokenizer: bool = True
+
+    def check(self, req: Request) -> None:
+        """Raise InvalidRequest, naming the field, for a request this engine cannot serve."""
+        n = len(req.prompt_ids)
+        if n == 0:
+            raise InvalidRequest("prompt is empty", "prompt")
+        self.check_token_ids(req.prompt_ids, "prompt")
+        if req.max_tokens < 0:
+            raise InvalidRequest(f"max_tokens must be >= 0, got {req.max_tokens}", "max_tokens")
+        if n + req.max_tokens > self.max_seq_len:
+            raise InvalidRequest(
+                f"prompt ({n} tokens) plus max_tokens ({req.max_tokens}) exceeds the model's "
+                f"context of {self.max_seq_len} tokens",
+                "max_tokens",
+            )
+        if math.ceil((n + req.max_tokens) / self.block_size) > self.num_blocks:
+            raise InvalidRequest(
+                f"prompt plus max_tokens ({n + req.max_tokens} tokens) exceeds the KV cache "
+                f"({self.num_blocks * self.block_size} tokens)",
+                "max_tokens",
+            )
+        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
+            raise InvalidRequest(f"logprobs must be between 0 and 20, got {req.logprobs}", "logprobs")
+        sp = req.sampling
+        if sp.stop and not self.has_tokenizer:
+            raise InvalidRequest("stop strings need a tokenizer", "stop")
+        try:
+            sp.validate()
+        except NeoxrayError as e:
+            raise InvalidRequest(str(e), None) from None
+        # bounds whose violation would fail inside the engine step, taking every running request with it
+        if not sp.is_greedy and sp.temperature < SAMPLING_EPS:
+            raise InvalidRequest(f"temperature must be 0 (greedy) or >= {SAMPLING_EPS}", "temperature")
+        if sp.seed is not None and not SEED_RANGE[0] <= sp.seed <= SEED_RANGE[1]:
+            raise InvalidRequest(f"seed must be a 64-bit integer, got {sp.seed}", "seed")
+        if sp.top_k > TOP_K_MAX:
+            raise InvalidRequest(f"top_k must be <= {TOP_K_MAX}, got {sp.top_k}", "top_k")
+
+    def check_token_ids(self, ids, param: str) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab_limit]
+        if bad:
+            raise InvalidRequest(
+                f"{param} has token ids outside the vocabulary [0, {self.vocab_limit}): {bad[:5]}", param
+            )
 
 
 @dataclass

@@ -1,14 +1,14 @@
 """The `neoxray serve` driver: start (or join) a Ray cluster, deploy the Serve application, keep it up until
-interrupted, then take it down gracefully. `--no-ray` serves one engine with uvicorn in this process."""
+interrupted, then take it down gracefully. `--no-ray` serves one engine with uvicorn in this process, behind
+the same HTTP API (no Ray is imported then)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
 
-from neoxray.platform.serve.app import ServeArgs
+from neoxray.platform.serve.args import ServeArgs
 
 APP_NAME = "neoxray"
 
@@ -25,9 +25,15 @@ def _sigterm_as_interrupt() -> None:
 
 
 def run_serve(
-    args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, address: str | None = None, no_ray: bool = False
+    args: ServeArgs,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: str | None = None,
+    no_ray: bool = False,
+    verbose: bool = False,
 ) -> None:
     _sigterm_as_interrupt()
+    args = args.with_env_api_key()  # an empty NEOXRAY_API_KEY is refused before anything starts
     if no_ray:
         return _run_standalone(args, host, port)
     from ray import serve
@@ -36,14 +42,15 @@ def run_serve(
     from neoxray.platform.serve.app import build_app
 
     app = build_app(args)  # validates args and the model path before any cluster work
-    connect_ray(address)
+    connect_ray(address, verbose=verbose)
     _sigterm_as_interrupt()  # again: joining Ray installs its own SIGTERM handler, which would abort the process
     url = f"http://{host}:{port}"
     try:
         serve.start(http_options={"host": host, "port": port})
         _log(
             f"deploying {args.model} on Ray Serve ({args.num_replicas if args.max_replicas is None else 'autoscaling'} "
-            f"replica(s), {args.num_gpus:g} GPU each); the first start loads the model"
+            f"model replica(s), {args.num_gpus:g} GPU each, behind {args.ingress_replicas} ingress replica(s)); "
+            "the first start loads the model"
         )
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         _log(f"serving at {url}/v1 (OpenAI-compatible: /v1/completions, /v1/models, /v1/embeddings; /health)")
@@ -66,4 +73,4 @@ def _run_standalone(args: ServeArgs, host: str, port: int) -> None:
 
     engine = args.build_engine()
     _log(f"serving {engine.model_name} at http://{host}:{port}/v1 without Ray (one engine, uvicorn)")
-    run_standalone(engine, host=host, port=port, api_key=args.api_key or os.environ.get("NEOXRAY_API_KEY"))
+    run_standalone(engine, host=host, port=port, api_key=args.api_key, model_name=args.name, limits=args.limits())

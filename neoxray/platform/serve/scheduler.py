@@ -1,11 +1,15 @@
 """Scheduling for the inference engine: the state of each request it holds (`SequenceState`) and the
 `Scheduler`, which owns the waiting and running lists and decides, each engine step,
-    - which waiting requests are admitted: first come first served, while a batch row is free and the KV
-      cache has room for the prompt plus `max_tokens` (blocks are reserved on admission, so no request is
-      ever preempted);
-    - which prompt chunks are prefilled: up to `prefill_chunk` prompt tokens of the admitted requests, in
-      admission order (a long prompt is split over several steps, so it never stalls running requests for
-      more than one chunk's compute);
+    - which waiting requests are admitted, while a batch row is free and the KV cache has room for the prompt
+      plus `max_tokens` (blocks are reserved on admission, so no request is ever preempted). Fair across
+      groups (a group is one HTTP request's choices: n x prompts): the next row goes to the waiting group with
+      the fewest requests running, the earliest first among equals, and a group never holds more than
+      `max_running_per_group` rows. Requests that are each a group of their own (the usual case) are
+      therefore admitted first come, first served; one request of many choices cannot take the whole batch;
+    - which prompt chunks are prefilled: up to `prefill_chunk` prompt tokens of the admitted requests, each
+      group's first prompt before any group's second, otherwise in admission order (a long prompt is split
+      over several steps, so it never stalls running requests for more than one chunk's compute, and a short
+      request waits for at most one prompt of each group ahead of it, not for all of a large request's);
     - which requests decode: every admitted request whose prompt is in the cache.
 A finished or aborted request is released at once: it leaves its list and its blocks go back to the pool.
 """
@@ -64,6 +68,7 @@ class Scheduler:
         self.waiting: list[SequenceState] = []
         self.running: list[SequenceState] = []  # admitted: prefilling or decoding, in admission order
         self._by_id: dict[str, SequenceState] = {}
+        self._running_per_group: dict[str, int] = {}
 
     def add(self, s: SequenceState) -> None:
         self._by_id[s.req.request_id] = s
@@ -79,32 +84,62 @@ class Scheduler:
         return list(self.running) + list(self.waiting)
 
     def admit(self) -> list[SequenceState]:
-        """Admit waiting requests in arrival order while a batch row is free and the cache has blocks for
-        the prompt plus max_tokens; returns the newly admitted ones."""
+        """Admit waiting requests while a batch row is free and the cache has blocks for the prompt plus
+        max_tokens, fairly across groups (see the module's docstring); returns the newly admitted ones."""
         admitted = []
         while self.waiting and len(self.running) < self.config.max_num_seqs:
-            s = self.waiting[0]
+            s = self._next_waiting()
+            if s is None:
+                break  # every waiting group holds its share of the batch
             blocks = self.cache.allocate(self.cache.blocks_for(s.prompt_len + s.req.max_tokens))
             if blocks is None:
-                break  # first come, first served: wait for blocks to be freed
-            self.waiting.pop(0)
+                break  # the request whose turn it is waits for blocks to be freed; nobody overtakes it
+            self.waiting.remove(s)
             s.blocks = blocks
             s.tokens = list(s.req.prompt_ids)
             self.running.append(s)
+            group = s.req.group_key
+            self._running_per_group[group] = self._running_per_group.get(group, 0) + 1
             admitted.append(s)
         return admitted
 
+    def _next_waiting(self) -> SequenceState | None:
+        """The waiting request whose turn it is: the earliest of the group with the fewest running requests
+        (the earliest such group among equals), skipping groups at their cap."""
+        cap = self.config.max_running_per_group
+        best, best_running, seen = None, 0, set()
+        for s in self.waiting:  # arrival order
+            group = s.req.group_key
+            if group in seen:
+                continue
+            seen.add(group)
+            running = self._running_per_group.get(group, 0)
+            if cap is not None and running >= cap:
+                continue
+            if best is None or running < best_running:
+                best, best_running = s, running
+                if running == 0:
+                    break  # no group runs fewer than none: the earliest such one is next
+        return best
+
     def prefill_chunks(self) -> list[tuple[SequenceState, int, int]]:
-        """This step's prompt chunks: (request, first position, tokens), at most prefill_chunk tokens in all,
-        spread over the admitted requests in order."""
+        """This step's prompt chunks: (request, first position, tokens), at most prefill_chunk tokens in all:
+        each group's first prompt still in prefill before any group's second, otherwise in admission order."""
+        rank: dict[str, int] = {}
+        order = []
+        for i, s in enumerate(self.running):
+            if s.in_prefill:
+                group = s.req.group_key
+                rank[group] = rank.get(group, -1) + 1
+                order.append((rank[group], i, s))
+        order.sort(key=lambda t: t[:2])
         budget, rows = self.config.prefill_chunk, []
-        for s in self.running:
+        for _, _, s in order:
             if budget <= 0:
                 break
-            if s.in_prefill:
-                n = min(budget, s.prompt_len - s.computed)
-                rows.append((s, s.computed, n))
-                budget -= n
+            n = min(budget, s.prompt_len - s.computed)
+            rows.append((s, s.computed, n))
+            budget -= n
         return rows
 
     def decoding(self, prefilled: list[SequenceState]) -> list[SequenceState]:
@@ -117,6 +152,12 @@ class Scheduler:
         s.finished = True
         if s in self.running:
             self.running.remove(s)
+            group = s.req.group_key
+            left = self._running_per_group.get(group, 1) - 1
+            if left > 0:
+                self._running_per_group[group] = left
+            else:
+                self._running_per_group.pop(group, None)
         if s in self.waiting:
             self.waiting.remove(s)
         if s.blocks:

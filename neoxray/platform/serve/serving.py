@@ -1,15 +1,21 @@
-"""The OpenAI-compatible serving layer over one inference engine (after vLLM's `OpenAIServingCompletion`):
-it turns a parsed request (`neoxray.platform.serve.protocol`) into engine requests and the engine's Outputs
-into the protocol's response models. No HTTP here: `neoxray.platform.serve.api` maps routes onto it.
+"""The OpenAI-compatible serving layer (after vLLM's `OpenAIServingCompletion`): it turns a parsed request
+(`neoxray.platform.serve.protocol`) into engine requests and the engine's Outputs into the protocol's response
+models. No HTTP here (`neoxray.platform.serve.api` maps routes onto it), and no engine either: it reaches one
+through an `EngineClient` (`neoxray.platform.serve.client`): in this process, or a model replica of the Serve
+application.
 
 - prompts: a string, strings, token ids or token-id lists, each checked (the model served, the vocabulary,
-  the context) before anything reaches the engine;
-- completions: `n` choices per prompt (seed + j for choice j), echo, log-probabilities with text offsets;
-  the whole answer, or server-sent events in which whatever is ready goes out together;
-- embeddings (run on the engine thread), tokenize / detokenize / tokenizer_info (vLLM's routes that
-  lm-evaluation-harness's remote tokenizer uses), models, health.
+  the context, the request's limits: `neoxray.platform.serve.limits`) before anything reaches the engine; a
+  text too long to fit the context is refused before it is tokenized, and tokenizing runs on a thread pool,
+  never on the event loop;
+- completions: `n` choices per prompt (seed + j for choice j), sent to the engine as one group (the engine
+  shares its batch fairly between groups), echo, log-probabilities with text offsets; the whole answer, or
+  server-sent events in which whatever is ready goes out together;
+- embeddings, tokenize / detokenize / tokenizer_info (vLLM's routes that lm-evaluation-harness's remote
+  tokenizer uses), models, health.
 Refusals are `ApiError`s (an HTTP status and OpenAI's error fields); the engine's own `InvalidRequest` names
-the field too. A client that goes away cancels its choices, which aborts their engine requests.
+the field too. Once a stream has started, a failure ends it with an error event and `data: [DONE]`. A client
+that goes away closes its generator, which aborts its engine requests.
 """
 
 from __future__ import annotations
@@ -18,13 +24,15 @@ import asyncio
 import base64
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
 
 from neoxray.model.decoding import SamplingParams
-from neoxray.platform.serve.engine import InferenceEngine
+from neoxray.platform.serve.client import EngineClient, EngineUnavailable, merge_ready
+from neoxray.platform.serve.limits import ServingLimits, prompt_char_bound
 from neoxray.platform.serve.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -47,14 +55,19 @@ from neoxray.platform.serve.protocol import (
     TokenizerInfo,
     UsageInfo,
 )
-from neoxray.platform.serve.request import EngineDead, Output, QueueFull, Request, TokenLogprob
+from neoxray.platform.serve.request import SAMPLING_EPS, EngineDead, Output, QueueFull, Request, TokenLogprob
 
 Choice = tuple[list[int], str, Request]
 """One choice of a completion: its prompt's token ids and text, and its engine request."""
 
+UNAVAILABLE = (QueueFull, EngineDead, EngineUnavailable)
+"""What an engine client raises when no engine can serve a request now: 503."""
+READY_TIMEOUT_S = 30.0
+"""How long /health waits for the engine's description (the first call, while a model replica starts)."""
+
 
 class ApiError(Exception):
-    """A refusal: the HTTP status and OpenAI's error fields."""
+    """A refusal: the HTTP status and OpenAI's error fields (and Retry-After, in seconds, when it helps)."""
 
     def __init__(
         self,
@@ -63,33 +76,58 @@ class ApiError(Exception):
         type_: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        retry_after_s: float | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.retry_after_s = retry_after_s
 
     def response(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
 
-
-class ServeObserver:
-    """Hooks for metrics (`neoxray.platform.serve.metrics.RayServeMetrics` records them as Ray metrics)."""
-
-    def on_output(self, out: Output, since_previous_s: float | None) -> None:
-        """Each Output of each request; since_previous_s is the gap after the previous one (None for the first)."""
-
-    def on_stats(self, stats: dict) -> None:
-        """The engine's stats(), about once a second."""
+    @classmethod
+    def unavailable(cls, e: BaseException) -> ApiError:
+        """The 503 for an engine that cannot serve now (`UNAVAILABLE`)."""
+        if isinstance(e, QueueFull):
+            return cls(
+                503, f"server overloaded: {e}; retry later", "server_error", code="server_overloaded", retry_after_s=1
+            )
+        if isinstance(e, EngineUnavailable):
+            return cls(503, str(e), "server_error", code=e.code, retry_after_s=e.retry_after_s)
+        return cls(503, str(e), "server_error", code="model_unavailable")
 
 
 class OpenAIServing:
-    """The API's answers for one engine (whose background thread must be running), named `model_name`."""
+    """The API's answers for the engine behind `client`, named `model_name` (default: the engine's name)."""
 
-    def __init__(self, engine: InferenceEngine, model_name: str | None = None, observer: ServeObserver | None = None):
-        self.engine = engine
-        self.model_name = model_name or engine.model_name
-        self.tokenizer = engine.tokenizer
-        self.observer = observer or ServeObserver()
+    def __init__(
+        self,
+        client: EngineClient,
+        model_name: str | None = None,
+        limits: ServingLimits | None = None,
+        tokenizer_threads: int = 4,
+    ):
+        self.client = client
+        self.limits = limits or ServingLimits()
+        self._name = model_name
+        self._pool = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="neoxray-tokenize")
+        self._setup_done = False
+
+    async def ready(self) -> None:
+        """Know the engine (its bounds and tokenizer); the first call may wait for the model to be up."""
+        if self._setup_done:
+            return
+        await self.client.ready()
+        self.info = self.client.info
+        self.tokenizer = self.client.tokenizer
+        self.model_name = self._name or self.info.model_name
+        self.max_prompt_chars = prompt_char_bound(self.tokenizer, self.info.max_seq_len)
         self._token_str = lru_cache(maxsize=65536)(lambda t: self.tokenizer.decode([t]))
+        self._setup_done = True
+
+    async def _off_loop(self, fn, *args):
+        """fn(*args) on the tokenizer threads: long texts never hold the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # -- checks and prompts ------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -102,40 +140,62 @@ class OpenAIServing:
                 "model_not_found",
             )
 
-    def prompts_of(self, prompt, field: str) -> list[tuple[list[int], str]]:
-        """-> [(token ids, text)] for a string, strings, token ids or token-id lists."""
+    @staticmethod
+    def items_of(prompt, field: str) -> list:
+        """The prompts of a string, strings, token ids or token-id lists (not yet tokenized)."""
         if isinstance(prompt, str):
-            items = [prompt]
-        elif not prompt:
+            return [prompt]
+        if not prompt:
             raise ApiError(400, f"{field} is empty", param=field)
-        elif isinstance(prompt[0], int):
-            items = [list(prompt)]
-        else:
-            items = list(prompt)
+        if isinstance(prompt[0], int):
+            return [list(prompt)]
+        return list(prompt)
+
+    async def prompts_of(self, items: Sequence, field: str) -> list[tuple[list[int], str]]:
+        """-> [(token ids, text)] of each prompt. What cannot fit the context is refused first, without
+        tokenizing; then texts are tokenized (and token ids decoded) on the tokenizer threads."""
+        ctx = self.info.max_seq_len
+        for item in items:
+            if isinstance(item, str):
+                if self.max_prompt_chars is not None and len(item) > self.max_prompt_chars:
+                    raise ApiError(
+                        400,
+                        f"{field} has {len(item)} characters, more than any text of {ctx} tokens (the model's "
+                        f"context) can have with this tokenizer ({self.max_prompt_chars})",
+                        param=field,
+                    )
+            else:
+                if len(item) > ctx:
+                    raise ApiError(400, f"{field} has {len(item)} tokens; the model's context is {ctx}", param=field)
+                self.info.check_token_ids(item, field)
+        return await self._off_loop(self._tokenize_items, list(items), field)
+
+    def _tokenize_items(self, items: list, field: str) -> list[tuple[list[int], str]]:
+        texts = [item for item in items if isinstance(item, str)]
+        for text in texts:
+            check_unicode(text, field)
+        encoded = iter(self.tokenizer.encode_batch(texts) if texts else [])  # releases the GIL while it works
         out = []
         for item in items:
             if isinstance(item, str):
-                ids = self.tokenizer.encode(item)
-                text = item
+                ids, text = next(encoded), item
             else:
-                ids = list(item)
-                self.engine.check_token_ids(ids, field)
-                text = self.tokenizer.decode(ids)
+                ids, text = list(item), self.tokenizer.decode(item)
             if not ids:
                 raise ApiError(400, f"{field} is empty (it encodes to no tokens)", param=field)
             out.append((ids, text))
         return out
 
-    def engine_requests(self, body: CompletionRequest, ids: list[int]) -> list[Request]:
-        """The `n` engine requests of one prompt (choice j samples with seed + j)."""
-        max_tokens = body.max_tokens if body.max_tokens is not None else max(0, self.engine.max_seq_len - len(ids))
+    def engine_requests(self, body: CompletionRequest, ids: list[int], group: str) -> list[Request]:
+        """The `n` engine requests of one prompt (choice j samples with seed + j), in the request's group."""
+        max_tokens = body.max_tokens if body.max_tokens is not None else max(0, self.info.max_seq_len - len(ids))
         reqs = []
         for j in range(body.n):
             sampling = SamplingParams(
                 temperature=body.temperature,
                 top_k=max(body.top_k, 0),
                 top_p=body.top_p,
-                greedy=body.temperature == 0.0,
+                greedy=body.temperature < SAMPLING_EPS,  # as vLLM: a vanishing temperature is greedy
                 seed=None if body.seed is None else body.seed + j,
                 stop=body.stops,
                 stop_at_eod=not body.ignore_eos,
@@ -147,61 +207,88 @@ class OpenAIServing:
                     sampling=sampling,
                     logprobs=body.logprobs,
                     prompt_logprobs=body.echo and body.logprobs is not None,
+                    group=group,
                 )
             )
         return reqs
 
     # -- simple routes -----------------------------------------------------------------------------------
-    def health(self) -> HealthResponse:
-        if not self.engine.alive:
-            raise ApiError(503, f"the inference engine is not running ({self.engine.error!r})", "server_error")
-        return HealthResponse(model=self.model_name, **self.engine.stats())
+    async def health(self) -> HealthResponse:
+        try:
+            await asyncio.wait_for(self.ready(), READY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ApiError(503, "the model is not ready yet", "server_error", code="model_unavailable") from None
+        except UNAVAILABLE as e:
+            raise ApiError.unavailable(e) from None
+        try:
+            stats = await self.client.stats()
+        except UNAVAILABLE as e:
+            raise ApiError.unavailable(e) from None
+        return HealthResponse(model=self.model_name, **stats)
 
-    def models(self) -> ModelList:
+    async def models(self) -> ModelList:
+        await self.ready()
         return ModelList(
-            data=[ModelCard(id=self.model_name, created=int(time.time()), max_model_len=self.engine.max_seq_len)]
+            data=[ModelCard(id=self.model_name, created=int(time.time()), max_model_len=self.info.max_seq_len)]
         )
 
-    def tokenizer_info(self) -> TokenizerInfo:
+    async def tokenizer_info(self) -> TokenizerInfo:
+        await self.ready()
         tok = self.tokenizer
-        eod = tok.decode([self.engine.eod_id])
+        eod = tok.decode([self.info.eod_id])
         return TokenizerInfo(
             eos_token=eod,
             bos_token=eod,
             pad_token=tok.decode([tok.pad_id]),
-            model_max_length=self.engine.max_seq_len,
+            model_max_length=self.info.max_seq_len,
             tokenizer_class="GPTNeoXTokenizer",
             vocab_size=tok.vocab_size,
         )
 
-    def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        await self.ready()
         self.check_model(body.model)
-        ids = self.tokenizer.encode(body.prompt)
-        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.engine.max_seq_len)
 
-    def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        def work():
+            check_unicode(body.prompt, "prompt")
+            return self.tokenizer.encode_batch([body.prompt])[0]
+
+        ids = await self._off_loop(work)
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.info.max_seq_len)
+
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        await self.ready()
         self.check_model(body.model)
         vocab = self.tokenizer.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise ApiError(400, f"tokens has ids outside the vocabulary [0, {vocab}): {bad[:5]}", param="tokens")
-        return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
+        return DetokenizeResponse(prompt=await self._off_loop(self.tokenizer.decode, body.tokens))
 
     async def embeddings(self, body: EmbeddingRequest) -> EmbeddingResponse:
+        await self.ready()
         self.check_model(body.model)
-        engine = self.engine
-        items = self.prompts_of(body.input, "input")
-        for ids, _ in items:
-            if len(ids) > engine.max_seq_len:
-                raise ApiError(
-                    400, f"input has {len(ids)} tokens; the model's context is {engine.max_seq_len}", param="input"
-                )
-        if not engine.alive:
-            raise ApiError(503, "the inference engine is not running", "server_error")
-        vectors = await engine.run_on_engine(lambda: engine.embed([ids for ids, _ in items]))
+        limits, ctx = self.limits, self.info.max_seq_len
+        items = self.items_of(body.input, "input")
+        if len(items) > limits.max_embedding_inputs:
+            raise ApiError(
+                400, f"input has {len(items)} items; at most {limits.max_embedding_inputs} per request", param="input"
+            )
+        prompts = await self.prompts_of(items, "input")
+        for ids, _ in prompts:
+            if len(ids) > ctx:
+                raise ApiError(400, f"input has {len(ids)} tokens; the model's context is {ctx}", param="input")
+        n = sum(len(ids) for ids, _ in prompts)
+        if n > limits.max_embedding_tokens:
+            raise ApiError(
+                400, f"input has {n} tokens in all; at most {limits.max_embedding_tokens} per request", param="input"
+            )
+        try:
+            vectors = await self.client.embed([ids for ids, _ in prompts])
+        except UNAVAILABLE as e:
+            raise ApiError.unavailable(e) from None
         if body.encoding_format == "base64":
             vectors = [base64.b64encode(np.asarray(v, dtype=np.float32).tobytes()).decode() for v in vectors]
-        n = sum(len(ids) for ids, _ in items)
         return EmbeddingResponse(
             data=[EmbeddingData(index=i, embedding=v) for i, v in enumerate(vectors)],
             model=self.model_name,
@@ -210,61 +297,95 @@ class OpenAIServing:
 
     # -- completions -------------------------------------------------------------------------------------
     async def create_completion(self, body: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
-        """The whole answer, or (`body.stream`) the server-sent events to send. Everything is checked before
-        either starts, so a bad request is refused with its status, never halfway through a stream."""
+        """The whole answer, or (`body.stream`) the server-sent events to send. Everything is checked, and the
+        engine has taken the request, before either starts: a refusal (a bad request, a full queue) is an HTTP
+        status, never an event halfway through a stream."""
+        await self.ready()
         self.check_model(body.model)
-        items = self.prompts_of(body.prompt, "prompt")
-        choices: list[Choice] = [(ids, text, r) for ids, text in items for r in self.engine_requests(body, ids)]
+        items = self.items_of(body.prompt, "prompt")
+        seqs, most = len(items) * body.n, self.limits.max_seqs_per_request
+        if seqs > most:
+            param = "n" if body.n > 1 else "prompt"
+            raise ApiError(
+                400,
+                f"{param}: the request asks for {seqs} sequences (n={body.n} x {len(items)} prompts); "
+                f"at most {most} per request",
+                param=param,
+            )
+        prompts = await self.prompts_of(items, "prompt")
+        group = f"cmpl-{uuid.uuid4().hex}"
+        choices: list[Choice] = [
+            (ids, text, r) for ids, text in prompts for r in self.engine_requests(body, ids, group)
+        ]
         for _, _, r in choices:
-            self.engine.check(r)  # InvalidRequest: a 400 naming the field
-        if not self.engine.alive:
-            raise ApiError(503, f"the inference engine is not running ({self.engine.error!r})", "server_error")
-        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        prompt_tokens = sum(len(ids) for ids, _ in items)
-        if body.stream:
-            return self._stream(body, choices, prompt_tokens, cid, created)
-        return await self._complete(body, choices, prompt_tokens, cid, created)
-
-    async def _outputs(self, req: Request) -> AsyncIterator[Output]:
-        """The engine's Outputs for `req`, reported to the observer; engine trouble becomes a 503."""
-        last = None
+            self.info.check(r)  # InvalidRequest: a 400 naming the field
+        created = int(time.time())
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
+        batches = self.client.generate([r for _, _, r in choices])
         try:
-            async for out in self.engine.stream(req):
-                now = time.perf_counter()
-                self.observer.on_output(out, None if last is None else now - last)
-                last = now
-                if out.error:
-                    raise ApiError(503, out.error, "server_error")
-                yield out
-        except QueueFull as e:
-            raise ApiError(503, f"server overloaded: {e}; retry later", "server_error") from None
-        except EngineDead as e:
-            raise ApiError(503, str(e), "server_error") from None
+            first = await anext(batches)
+        except UNAVAILABLE as e:
+            raise ApiError.unavailable(e) from None
+        except BaseException:
+            await batches.aclose()
+            raise
+        if body.stream:
+            return self._stream(body, choices, first, batches, prompt_tokens, group, created)
+        try:
+            return await self._complete(body, choices, first, batches, prompt_tokens, group, created)
+        finally:  # done, failed, or the client went away: nothing of it keeps running
+            await batches.aclose()
 
     async def _complete(
-        self, body: CompletionRequest, choices: list[Choice], prompt_tokens: int, cid: str, created: int
+        self,
+        body: CompletionRequest,
+        choices: list[Choice],
+        first: list[tuple[int, Output]],
+        batches: AsyncIterator[list[tuple[int, Output]]],
+        prompt_tokens: int,
+        cid: str,
+        created: int,
     ) -> CompletionResponse:
-        async def one(req: Request) -> list[Output]:
-            return [o async for o in self._outputs(req)]
+        outs: list[list[Output]] = [[] for _ in choices]
 
-        tasks = [asyncio.ensure_future(one(r)) for _, _, r in choices]
+        def take(batch):
+            for i, out in batch:
+                if out.error:
+                    raise ApiError(503, out.error, "server_error", code="model_unavailable")
+                outs[i].append(out)
+
+        take(first)
         try:
-            results = await asyncio.gather(*tasks)
-        finally:  # one choice failed (or the client went away): the others stop too, freeing their rows
-            for t in tasks:
-                t.cancel()
+            async for batch in batches:
+                take(batch)
+        except UNAVAILABLE as e:
+            raise ApiError.unavailable(e) from None
+        if any(not o or o[-1].finish_reason is None for o in outs):
+            raise ApiError(503, "the model's answer ended early; retry", "server_error", code="model_unavailable")
+        # text offsets decode every prefix of long prompts (echo): on the tokenizer threads, not the event loop
+        return await self._off_loop(self._answer, body, choices, outs, prompt_tokens, cid, created)
+
+    def _answer(
+        self,
+        body: CompletionRequest,
+        choices: list[Choice],
+        outs: list[list[Output]],
+        prompt_tokens: int,
+        cid: str,
+        created: int,
+    ) -> CompletionResponse:
         answer, completion_tokens = [], 0
-        for idx, ((ids, text, _), outs) in enumerate(zip(choices, results)):
-            gen_ids = [t for o in outs for t in o.token_ids]
-            gen_lp = [e for o in outs for e in (o.logprobs or [])]
-            prompt_lp = next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None)
+        for idx, ((ids, text, _), outs_i) in enumerate(zip(choices, outs)):
+            gen_ids = [t for o in outs_i for t in o.token_ids]
+            gen_lp = [e for o in outs_i for e in (o.logprobs or [])]
+            prompt_lp = next((o.prompt_logprobs for o in outs_i if o.prompt_logprobs is not None), None)
             completion_tokens += len(gen_ids)
             answer.append(
                 CompletionChoice(
                     index=idx,
-                    text=(text if body.echo else "") + "".join(o.text for o in outs),
+                    text=(text if body.echo else "") + "".join(o.text for o in outs_i),
                     logprobs=self._logprobs(body, ids, text, prompt_lp, gen_lp, gen_ids, body.echo),
-                    finish_reason=outs[-1].finish_reason,
+                    finish_reason=outs_i[-1].finish_reason,
                 )
             )
         return CompletionResponse(
@@ -280,49 +401,56 @@ class OpenAIServing:
         )
 
     async def _stream(
-        self, body: CompletionRequest, choices: list[Choice], prompt_tokens: int, cid: str, created: int
+        self,
+        body: CompletionRequest,
+        choices: list[Choice],
+        first: list[tuple[int, Output]],
+        batches: AsyncIterator[list[tuple[int, Output]]],
+        prompt_tokens: int,
+        cid: str,
+        created: int,
     ) -> AsyncIterator[str]:
         q: asyncio.Queue = asyncio.Queue()
+        q.put_nowait(first)
+        END = object()
 
-        async def pump(i: int, req: Request) -> None:
+        async def pump() -> None:
             try:
-                async for out in self._outputs(req):
-                    await q.put((i, out, None))
-            except ApiError as e:
-                await q.put((i, None, e))
+                async for batch in batches:
+                    q.put_nowait(batch)
+                q.put_nowait(END)
+            except Exception as e:  # the engine or its replica failed: ends the stream with an error event
+                q.put_nowait(e)
 
         def chunk(parts: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
             return CompletionStreamChunk(
                 id=cid, created=created, model=self.model_name, choices=parts, usage=usage
             ).sse()
 
-        tasks = [asyncio.create_task(pump(i, r)) for i, (_, _, r) in enumerate(choices)]
+        task = asyncio.create_task(pump())
         generated: dict[int, list[int]] = {i: [] for i in range(len(choices))}
         echoed: set[int] = set()
-        remaining = len(choices)
+        remaining = set(range(len(choices)))
+        failure: ApiError | None = None
         try:
-            while remaining:
+            while remaining and failure is None:
                 # whatever is ready goes out together: when the client or the proxy lags behind the engine,
                 # consecutive outputs of a choice are merged into one chunk instead of queueing up one per token
                 ready = [await q.get()]
                 while not q.empty():
                     ready.append(q.get_nowait())
-                events: list[tuple[int, Output | None, ApiError | None]] = []
-                mergeable: dict[int, int] = {}  # choice -> position in events of its latest output
-                for i, out, err in ready:
-                    j = mergeable.get(i)
-                    if err is None and j is not None:
-                        events[j] = (i, events[j][1].merged(out), None)
+                outs: list[tuple[int, Output]] = []
+                for item in ready:
+                    if item is END:
+                        failure = ApiError(503, "the model's answer ended early; retry", "server_error")
+                    elif isinstance(item, BaseException):
+                        failure = _stream_failure(item)
                     else:
-                        events.append((i, out, err))
-                        if err is None:
-                            mergeable[i] = len(events) - 1
-                        else:
-                            mergeable.pop(i, None)
-                for i, out, err in events:
-                    if err is not None:
-                        yield err.response().sse()
-                        remaining -= 1
+                        outs.extend(item)
+                for i, out in merge_ready(outs):
+                    if out.error:
+                        yield ApiError(503, out.error, "server_error", code="model_unavailable").response().sse()
+                        remaining.discard(i)
                         continue
                     ids, text, _ = choices[i]
                     echo_now = body.echo and i not in echoed
@@ -339,16 +467,17 @@ class OpenAIServing:
                             [CompletionChoice(index=i, text=piece, logprobs=lp, finish_reason=out.finish_reason)]
                         )
                     if out.finish_reason is not None:
-                        remaining -= 1
-            if body.stream_options and body.stream_options.include_usage:
+                        remaining.discard(i)
+            if failure is not None and remaining:
+                yield failure.response().sse()
+            elif body.stream_options and body.stream_options.include_usage:
                 ct = sum(len(v) for v in generated.values())
                 yield chunk(
                     [], UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=ct, total_tokens=prompt_tokens + ct)
                 )
             yield "data: [DONE]\n\n"
         finally:
-            for t in tasks:  # a client that went away: cancelling the pumps aborts their requests
-                t.cancel()
+            task.cancel()  # a client that went away: the pump's generator closes, which aborts its requests
 
     # -- log-probabilities -------------------------------------------------------------------------------
     def _logprobs(
@@ -383,3 +512,27 @@ class OpenAIServing:
         """Character offset of each token of `ids` in text that starts at `base`."""
         prefixes = self.tokenizer.backend.decode_batch([ids[:i] for i in range(len(ids))], skip_special_tokens=False)
         return [base + len(p) for p in prefixes]
+
+
+def check_unicode(text: str, field: str) -> None:
+    """Refuse a text the tokenizer cannot take: a lone surrogate (JSON's "\\ud800") is no Unicode character."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(
+            400,
+            f"{field} holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), which is not "
+            "valid Unicode",
+            param=field,
+        ) from None
+
+
+def _stream_failure(e: BaseException) -> ApiError:
+    """The error event that ends a stream whose engine or model replica failed."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, UNAVAILABLE):
+        return ApiError.unavailable(e)
+    return ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error")

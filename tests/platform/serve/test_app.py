@@ -5,7 +5,6 @@ the engine thread at a chosen point, so what they check never depends on how fas
 from __future__ import annotations
 
 import threading
-import time
 import types
 
 import pytest
@@ -17,7 +16,8 @@ from neoxray.model.decoding import SamplingParams
 from neoxray.model.hf import load_model_and_tokenizer
 from neoxray.platform.serve.engine import InferenceEngine
 from neoxray.platform.serve.request import EngineConfig, Request
-from tests.conftest import ROOT, free_port, run_cli
+from tests.conftest import ROOT, run_cli
+from tests.platform.serve.support import Server, wait_until
 
 
 def test_shipped_serve_config_validates_and_builds(tiny_model_dir):
@@ -55,47 +55,9 @@ def test_serve_cli_refuses_a_missing_model_before_starting_anything():
 
 
 # ------------------------------------------------------------------------------------------------ in-process
-class Server:
-    def __init__(self, engine, **kw):
-        import uvicorn
-
-        from neoxray.platform.serve.api import create_app
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(create_app(engine, **kw), host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 120  # a failure guard: the loop ends as soon as uvicorn listens
-        while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not self.server.started:
-            self.close()
-            raise AssertionError(
-                f"uvicorn did not start on port {self.port}"
-                + (" (its thread exited)" if not self.thread.is_alive() else " in 120 s")
-            )
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
 @pytest.fixture()
 def model_tok(tiny_model_dir):
     return load_model_and_tokenizer(tiny_model_dir)
-
-
-def wait_until(condition, what, timeout: float = 120):
-    """Poll `condition` until it is true; the deadline is a failure guard only (it never decides a pass).
-    `what` (a string, or a function returning one, called on failure) says what was awaited."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what() if callable(what) else what}: not reached in {timeout} s")
-        time.sleep(0.02)
 
 
 def test_a_full_queue_gets_503_and_the_server_recovers(model_tok):
@@ -135,13 +97,13 @@ def test_a_full_queue_gets_503_and_the_server_recovers(model_tok):
 
 
 def test_a_dead_engine_fails_health_and_requests_with_503(model_tok):
-    from neoxray.platform.serve.app import NeoxrayServer
+    from neoxray.platform.serve.app import NeoxrayModel
 
     engine = InferenceEngine(*model_tok).start()
     srv = Server(engine)
     try:
         assert requests.get(srv.url + "/health").status_code == 200
-        NeoxrayServer.func_or_class.check_health(types.SimpleNamespace(engine=engine))  # healthy: no error
+        NeoxrayModel.func_or_class.check_health(types.SimpleNamespace(engine=engine))  # healthy: no error
 
         def broken(*a, **k):
             raise RuntimeError("simulated device failure")
@@ -151,7 +113,7 @@ def test_a_dead_engine_fails_health_and_requests_with_503(model_tok):
         assert r.status_code == 503 and "simulated device failure" in r.json()["error"]["message"]
         assert requests.get(srv.url + "/health").status_code == 503
         with pytest.raises(RuntimeError, match="simulated device failure"):
-            NeoxrayServer.func_or_class.check_health(types.SimpleNamespace(engine=engine))
+            NeoxrayModel.func_or_class.check_health(types.SimpleNamespace(engine=engine))
         r = requests.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=60)
         assert r.status_code == 503
     finally:

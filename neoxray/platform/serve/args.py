@@ -1,0 +1,130 @@
+"""The arguments of the serving application (`ServeArgs`): the `args` of a Serve config (configs/serve.yaml,
+validated by Serve against this model before anything runs) and what `neoxray serve`'s flags set. No Ray here,
+so that `neoxray serve --no-ray` runs where Ray is not installed."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from neoxray.errors import NeoxrayError
+from neoxray.platform.serve import limits as L
+from neoxray.platform.serve.request import EngineConfig
+
+API_KEY_ENV = "NEOXRAY_API_KEY"
+
+
+class ServeArgs(BaseModel):
+    """Arguments of the Serve application (the `args` of a Serve config, or `neoxray serve` flags)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str
+    """An exported Hugging Face GPT-NeoX directory, a training checkpoint, or a run directory (its newest
+    checkpoint). Every model replica's node must see this path (shared storage, or the same path on every node)."""
+    name: str | None = None
+    """The model id clients send and /v1/models lists (default: the directory's name)."""
+    api_key: str | None = None
+    """Bearer token every request must carry (default: the NEOXRAY_API_KEY environment variable; unset: none).
+    An empty key is refused: it would turn authentication off without saying so."""
+    device: str = "auto"
+    """auto (cuda when the replica has a GPU), cpu, cuda."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 on GPUs, fp32 on CPUs."""
+    num_replicas: int = Field(1, ge=1)
+    """Fixed model replica count (ignored when min_replicas/max_replicas set autoscaling bounds)."""
+    min_replicas: int | None = Field(None, ge=0)
+    """Autoscaling lower bound (model replicas)."""
+    max_replicas: int | None = Field(None, ge=1)
+    """Autoscaling upper bound (model replicas)."""
+    target_ongoing_requests: float = Field(16, gt=0)
+    """Autoscaling target: ongoing requests per model replica."""
+    num_gpus: float = Field(0, ge=0)
+    """GPUs per model replica."""
+    num_cpus: float = Field(1, ge=0)
+    """CPUs per model replica."""
+    ingress_replicas: int = Field(1, ge=1)
+    """Replicas of the ingress (HTTP, auth, parsing, tokenizing; no model), each calling the model replicas."""
+    ingress_num_cpus: float = Field(0.5, ge=0)
+    """CPUs per ingress replica."""
+    max_ongoing_requests: int = Field(64, ge=1)
+    """Requests a model replica handles at once; more wait in Serve's queue."""
+    max_queued_requests: int = Field(256, ge=-1)
+    """Requests waiting in Serve's queue for a model replica, per ingress replica, beyond which the ingress
+    answers 503 with Retry-After (-1: no limit)."""
+    max_num_seqs: int = Field(32, ge=1)
+    """Engine: sequences decoded together in one batch."""
+    max_running_per_request: int | None = Field(None, ge=1)
+    """Engine: most sequences of one request (n x prompts) in the batch at once, so that a request of many
+    sequences leaves rows for others (default: half of max_num_seqs, at least 1)."""
+    kv_cache_tokens: int | None = Field(None, ge=1)
+    """Engine: KV cache token budget (default: max_num_seqs x the model's context)."""
+    prefill_chunk: int = Field(512, ge=1)
+    """Engine: most prompt tokens prefilled per step."""
+    max_request_bytes: int = Field(L.DEFAULT_MAX_REQUEST_BYTES, ge=1024)
+    """Most bytes of a request body; larger ones are refused with 413 before they are read."""
+    max_seqs_per_request: int = Field(L.DEFAULT_MAX_SEQS_PER_REQUEST, ge=1)
+    """Most sequences (n x prompts) of one completion request; more is a 400 naming `n` (or `prompt`)."""
+    max_embedding_inputs: int = Field(L.DEFAULT_MAX_EMBEDDING_INPUTS, ge=1)
+    """Most inputs of one /v1/embeddings request (400 naming `input` beyond it)."""
+    max_embedding_tokens: int = Field(L.DEFAULT_MAX_EMBEDDING_TOKENS, ge=1)
+    """Most tokens of one /v1/embeddings request, all inputs together (400 naming `input` beyond it)."""
+    health_check_period_s: float = Field(10, gt=0)
+    """How often Serve checks a model replica's engine thread (a dead one is replaced)."""
+    graceful_shutdown_timeout_s: float = Field(30, ge=0)
+    """How long a stopping replica lets running requests finish."""
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must not be empty: an empty key would turn authentication off (omit it for no key)")
+        return v
+
+    def with_env_api_key(self) -> ServeArgs:
+        """These arguments with the key from NEOXRAY_API_KEY when none is given; a NEOXRAY_API_KEY that is set
+        but empty is refused (it would turn authentication off without saying so)."""
+        if self.api_key is not None or API_KEY_ENV not in os.environ:
+            return self
+        key = os.environ[API_KEY_ENV]
+        if not key.strip():
+            raise NeoxrayError(
+                f"{API_KEY_ENV} is set but empty: an empty key would turn authentication off "
+                f"(unset {API_KEY_ENV} for no key)"
+            )
+        return self.model_copy(update={"api_key": key})
+
+    @property
+    def running_per_request(self) -> int:
+        return self.max_running_per_request or max(1, self.max_num_seqs // 2)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            max_num_seqs=self.max_num_seqs,
+            kv_cache_tokens=self.kv_cache_tokens,
+            prefill_chunk=self.prefill_chunk,
+            max_running_per_group=self.running_per_request,
+        )
+
+    def limits(self) -> L.ServingLimits:
+        return L.ServingLimits(
+            max_request_bytes=self.max_request_bytes,
+            max_seqs_per_request=self.max_seqs_per_request,
+            max_embedding_inputs=self.max_embedding_inputs,
+            max_embedding_tokens=self.max_embedding_tokens,
+        )
+
+    def build_engine(self):
+        """Load the model and make its (not yet started) InferenceEngine, as these arguments say."""
+        from neoxray.model.precision import to_dtype
+        from neoxray.platform.serve.engine import InferenceEngine
+
+        return InferenceEngine.from_path(
+            self.model,
+            device=self.device,
+            dtype=to_dtype(self.dtype),
+            config=self.engine_config(),
+            model_name=self.name,
+        )

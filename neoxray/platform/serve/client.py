@@ -1,0 +1,140 @@
+"""Engine clients: how the serving layer (`neoxray.platform.serve.serving`) reaches an inference engine, wherever
+it runs. `LocalEngineClient` drives an engine in this process (`neoxray serve --no-ray`, the tests, and, inside
+each model replica of the Ray Serve application, the replica's own engine); the Serve application's ingress
+uses `neoxray.platform.serve.app.ServeEngineClient`, which calls the model deployment through a Serve
+DeploymentHandle. Both answer the same four calls:
+
+- `ready()`: the engine's `EngineInfo` and tokenizer are known (`info`, `tokenizer`);
+- `generate(requests)`: submit the choices of one HTTP request as one group and yield, as they come, lists of
+  (choice index, Output): whatever is ready together goes in one list, consecutive Outputs of one choice
+  merged, so a consumer that lags behind the engine gets fewer, larger pieces instead of one per token.
+  Closing the iterator (a client that went away) aborts the choices still running;
+- `embed(token_lists)`: embeddings, one input per engine call, so running requests keep decoding between them;
+- `stats()`: the engine's counters (EngineDead when its thread has stopped).
+
+Failures are `QueueFull` and `EngineDead` (`neoxray.platform.serve.request`) and `EngineUnavailable` (no engine
+can take the request now, or the one serving it went away); the serving layer answers each with a 503.
+No Ray and no HTTP here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+
+from neoxray.errors import NeoxrayError
+from neoxray.platform.serve.request import EngineDead, EngineInfo, Output, Request
+
+Batch = list[tuple[int, Output]]
+"""What one step of `EngineClient.generate` yields: (choice index, Output) pairs, at most one per choice."""
+
+
+class EngineUnavailable(NeoxrayError):
+    """No engine can take the request now (a full queue upstream), or the one serving it went away; the
+    caller answers 503, with Retry-After when `retry_after_s` is set."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None, code: str = "model_unavailable"):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.code = code
+
+
+class ServeObserver:
+    """Hooks for metrics (`neoxray.platform.serve.metrics.RayServeMetrics` records them as Ray metrics); called
+    where the engine runs."""
+
+    def on_output(self, out: Output, since_previous_s: float | None) -> None:
+        """Each Output of each request; since_previous_s is the gap after the previous one (None for the first)."""
+
+    def on_stats(self, stats: dict) -> None:
+        """The engine's stats(), about once a second."""
+
+
+def merge_ready(ready: Sequence[tuple[int, Output]]) -> Batch:
+    """`ready` with the Outputs of each choice merged into one, in the order each choice first appears."""
+    merged: Batch = []
+    where: dict[int, int] = {}
+    for i, out in ready:
+        j = where.get(i)
+        if j is None:
+            where[i] = len(merged)
+            merged.append((i, out))
+        else:
+            merged[j] = (i, merged[j][1].merged(out))
+    return merged
+
+
+class EngineClient:
+    """The interface the serving layer uses (see the module's docstring)."""
+
+    info: EngineInfo
+    tokenizer: object
+
+    async def ready(self) -> None:
+        raise NotImplementedError
+
+    def generate(self, requests: Sequence[Request]) -> AsyncIterator[Batch]:
+        raise NotImplementedError
+
+    async def embed(self, token_lists: Sequence[Sequence[int]]) -> list[list[float]]:
+        raise NotImplementedError
+
+    async def stats(self) -> dict:
+        raise NotImplementedError
+
+
+class LocalEngineClient(EngineClient):
+    """An `InferenceEngine` in this process (its background thread must be running), reporting each Output to
+    `observer`."""
+
+    def __init__(self, engine, observer: ServeObserver | None = None):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.observer = observer or ServeObserver()
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.engine.info
+
+    async def ready(self) -> None:
+        return None
+
+    async def generate(self, requests: Sequence[Request]) -> AsyncIterator[Batch]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def sink(i: int):
+            return lambda out: loop.call_soon_threadsafe(q.put_nowait, (i, out))
+
+        self.engine.add_requests([(r, sink(i)) for i, r in enumerate(requests)])  # all or none
+        unfinished = set(range(len(requests)))
+        last: dict[int, float] = {}
+        try:
+            while unfinished:
+                ready = [await q.get()]
+                while not q.empty():
+                    ready.append(q.get_nowait())
+                now = time.perf_counter()
+                for i, out in ready:
+                    self.observer.on_output(out, now - last[i] if i in last else None)
+                    last[i] = now
+                    if out.finish_reason is not None:
+                        unfinished.discard(i)
+                yield merge_ready(ready)
+        finally:  # closed early (the consumer went away, or failed): stop what still runs
+            for i in unfinished:
+                self.engine.abort(requests[i].request_id)
+
+    async def embed(self, token_lists: Sequence[Sequence[int]]) -> list[list[float]]:
+        engine, out = self.engine, []
+        for ids in token_lists:  # one input per engine call: decoding steps run in between
+            if not engine.alive:
+                raise EngineDead(f"the inference engine is not running ({engine.error!r})")
+            out.extend(await engine.run_on_engine(lambda ids=ids: engine.embed([ids])))
+        return out
+
+    async def stats(self) -> dict:
+        if not self.engine.alive:
+            raise EngineDead(f"the inference engine is not running ({self.engine.error!r})")
+        return self.engine.stats()

@@ -1,0 +1,111 @@
+"""What the serving tests share: an in-process HTTP server over an engine (uvicorn on a thread, no Ray), a
+condition wait, and a stand-in for the model deployment that parks requests until its replica is killed, so
+that the tests can hold a Serve deployment in a chosen state (a request running, one queued) and break it.
+Imported by Ray Serve replicas too (the stand-in), so nothing here runs at import."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import ray
+from ray import serve
+
+from tests.conftest import free_port
+
+
+class Server:
+    """`create_app(engine, **kw)` under uvicorn on a thread of this process, at `self.url`."""
+
+    def __init__(self, engine, **kw):
+        import uvicorn
+
+        from neoxray.platform.serve.api import create_app
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(create_app(engine, **kw), host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), f"uvicorn listens on {self.port}")
+        if not self.server.started:
+            raise AssertionError(f"uvicorn did not start on port {self.port} (its thread exited)")
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def wait_until(condition, what, timeout: float = 120):
+    """Poll `condition` until it is true; the deadline is a failure guard only (it never decides a pass).
+    `what` (a string, or a function returning one, called on failure) says what was awaited."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what() if callable(what) else what}: not reached in {timeout} s")
+        time.sleep(0.02)
+
+
+@ray.remote(num_cpus=0)
+class Arrivals:
+    """Counts the requests that reached the stand-in model (any of its replicas)."""
+
+    def __init__(self):
+        self.n = self.cancelled = 0
+
+    def add(self) -> None:
+        self.n += 1
+
+    def count(self) -> int:
+        return self.n
+
+    def cancel(self) -> None:
+        self.cancelled += 1
+
+    def cancellations(self) -> int:
+        return self.cancelled
+
+
+@serve.deployment(name="NeoxrayModel")
+class ParkingModel:
+    """Answers the ingress as `neoxray.platform.serve.app.NeoxrayModel` does, without an engine: a request whose
+    prompt starts with the token of "park" gets one token, then waits for ever (until its replica is killed);
+    any other request gets one token and finishes. A parked request that is cancelled is counted."""
+
+    def __init__(self, model_dir: str, arrivals):
+        from neoxray.model.hf import load_model_and_tokenizer
+
+        model, self.tokenizer = load_model_and_tokenizer(model_dir)
+        from neoxray.platform.serve.engine import InferenceEngine
+
+        self._info = InferenceEngine(model, self.tokenizer).info
+        self.park_id = self.tokenizer.encode("park")[0]
+        self.arrivals = arrivals
+
+    def info(self):
+        return self._info, self.tokenizer
+
+    async def generate(self, requests):
+        from neoxray.platform.serve.request import Output
+
+        await self.arrivals.add.remote()
+        parks = requests[0].prompt_ids[0] == self.park_id
+        yield [
+            (i, Output(r.request_id, [5], "x", finish_reason=None if parks else "length"))
+            for i, r in enumerate(requests)
+        ]
+        if parks:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:  # the ingress cancelled the call: its client went away
+                self.arrivals.cancel.remote()
+                raise
+
+    async def embed(self, token_lists):
+        return [[1.0] for _ in token_lists]
+
+    async def stats(self) -> dict:
+        return {"running": 0, "waiting": 0}
