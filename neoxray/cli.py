@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from neoxray.errors import NeoxrayError
@@ -145,9 +146,9 @@ def cmd_train(args) -> None:
     cfg = load_run_config(args.config, args.overrides)
     check_paths(cfg)
     if args.no_ray:
-        run_local(cfg, run_dir=args.run_dir)
+        run_local(cfg, run_dir=args.run_dir, verbose=args.verbose)
     else:
-        run_train(cfg, run_dir=args.run_dir, address=args.address, max_failures=args.max_failures)
+        run_train(cfg, run_dir=args.run_dir, address=args.address, max_failures=args.max_failures, verbose=args.verbose)
 
 
 def cmd_export(args) -> None:
@@ -157,6 +158,12 @@ def cmd_export(args) -> None:
     ckpt = resolve_checkpoint_path(args.checkpoint)  # a run directory: its newest complete checkpoint
     out = export_checkpoint(ckpt, args.out, dtype=_dtype(args.dtype))
     print(f"exported {ckpt} to {out}")
+
+
+def cmd_report(args) -> None:
+    from neoxray.platform.train.report import write_report
+
+    print(f"wrote {write_report(args.run_dir, args.out)}")
 
 
 def cmd_plan(args) -> None:
@@ -184,53 +191,85 @@ def cmd_plan(args) -> None:
 def cmd_serve(args) -> None:
     from pydantic import ValidationError
 
-    from neoxray.platform.serve.app import ServeArgs
+    from neoxray.platform.serve.args import ServeArgs
     from neoxray.platform.serve.run import run_serve
 
+    given = dict(
+        model=args.model,
+        name=args.name,
+        api_key=args.api_key,
+        device=args.device,
+        dtype=args.dtype,
+        num_replicas=args.replicas,
+        num_gpus=args.num_gpus,
+        max_ongoing_requests=args.max_ongoing_requests,
+        max_queued_requests=args.max_queued_requests,
+        max_num_seqs=args.max_num_seqs,
+        max_running_per_request=args.max_running_per_request,
+        kv_cache_tokens=args.kv_cache_tokens,
+        max_request_bytes=args.max_request_bytes,
+        max_seqs_per_request=args.max_seqs_per_request,
+        max_embedding_inputs=args.max_embedding_inputs,
+        max_embedding_tokens=args.max_embedding_tokens,
+    )
     try:
-        serve_args = ServeArgs(
-            model=args.model,
-            name=args.name,
-            api_key=args.api_key,
-            device=args.device,
-            dtype=args.dtype,
-            num_replicas=args.replicas,
-            num_gpus=args.num_gpus,
-            max_ongoing_requests=args.max_ongoing_requests,
-            max_queued_requests=args.max_queued_requests,
-            max_num_seqs=args.max_num_seqs,
-            kv_cache_tokens=args.kv_cache_tokens,
-        )
+        serve_args = ServeArgs(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
         err = e.errors()[0]
-        raise NeoxrayError(f"serve: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    run_serve(serve_args, host=args.host, port=args.port, address=args.address, no_ray=args.no_ray)
+        msg = err["msg"].removeprefix("Value error, ")
+        raise NeoxrayError(f"serve: {'.'.join(map(str, err['loc']))}: {msg}") from None
+    run_serve(
+        serve_args, host=args.host, port=args.port, address=args.address, no_ray=args.no_ray, verbose=args.verbose
+    )
 
 
 # ----------------------------------------------------------------------------------------------- parser
+def _parser_class():
+    class Parser(argparse.ArgumentParser):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("formatter_class", _Help)
+            super().__init__(*args, **kwargs)
+
+    return Parser
+
+
+class _Help(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless there is none to show or the text already gives it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS))
+        if shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="neoxray", description="GPT-NeoX-family models on Ray.")
-    sub = p.add_subparsers(dest="command", required=True)
+    from neoxray import __version__
+
+    p = argparse.ArgumentParser(prog="neoxray", description="GPT-NeoX-family models on Ray.", formatter_class=_Help)
+    p.add_argument("--version", action="version", version=f"neoxray {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_parser_class())
 
     model = sub.add_parser("model", help="model presets: info, init").add_subparsers(dest="model_cmd", required=True)
     info = model.add_parser("info", help="parameters, FLOPs per token and training memory of a preset")
-    info.add_argument("preset")
+    info.add_argument("preset", help="a preset name: neox-20b, pythia-70m ... pythia-12b, tiny, tiny-neox, tiny-seq")
     info.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (preset's by default)")
     info.add_argument("--json", action="store_true", help="one JSON object")
     info.set_defaults(func=cmd_model_info)
     init = model.add_parser("init", help="write a randomly initialised model as a Hugging Face directory")
-    init.add_argument("--preset", required=True)
+    init.add_argument("--preset", required=True, help="the architecture (see `neoxray model info`)")
     init.add_argument("--tokenizer", required=True, help="tokenizer.json, a directory holding one, or a hub id")
-    init.add_argument("--out", required=True)
-    init.add_argument("--seed", type=int, default=0)
-    init.add_argument("--dtype", choices=PRECISIONS, default="fp32")
+    init.add_argument("--out", required=True, help="the Hugging Face directory to write")
+    init.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    init.add_argument("--dtype", choices=PRECISIONS, default="fp32", help="the stored dtype")
     init.set_defaults(func=cmd_model_init)
 
     tok = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tok_cmd", required=True)
     train = tok.add_parser("train", help="train a GPT-NeoX-style byte-level BPE on text or Pile shards")
     train.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
-    train.add_argument("--vocab-size", type=int, required=True)
-    train.add_argument("--output", required=True)
+    train.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary (at least 258)")
+    train.add_argument("--output", required=True, help="the folder to save the tokenizer in")
     train.set_defaults(func=cmd_tokenizer_train)
 
     prep = sub.add_parser("prepare", help="tokenize and pack Pile-format shards into a training dataset (Ray Data)")
@@ -270,26 +309,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate a continuation of a prompt")
     model_args(gen)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--greedy", action="store_true")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="new tokens at most")
+    gen.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    gen.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling: keep the tokens of this probability mass"
+    )
+    gen.add_argument(
+        "--seed", type=int, default=None, help="sampling seed: the same seed gives the same text (default: random)"
+    )
+    gen.add_argument("--stop", action="append", help="stop string, repeatable; in bash $'\\n\\n' is two newlines")
     gen.set_defaults(func=cmd_generate)
 
     sc = sub.add_parser("score", help="per-token log-probabilities of a text")
     model_args(sc)
-    sc.add_argument("--text", required=True)
+    sc.add_argument("--text", required=True, help="the text to score")
     sc.set_defaults(func=cmd_score)
 
     tr = sub.add_parser("train", help="3D-parallel training on Ray Train (DeepSpeed pipeline + ZeRO-1, Megatron TP)")
     tr.add_argument("--config", default=None, help="run config YAML (overrides the defaults)")
     tr.add_argument("--run-dir", default=None, help="where checkpoints, metrics and TensorBoard logs go")
     tr.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local one)")
-    tr.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the latest checkpoint")
+    tr.add_argument(
+        "--max-failures",
+        type=int,
+        default=2,
+        help="restarts of the worker group after a fault (a killed worker, a lost node), from the newest checkpoint; "
+        "user errors are never retried",
+    )
+    tr.add_argument(
+        "--verbose", action="store_true", help="show Ray's, Ray Train's and DeepSpeed's own output on the console"
+    )
     tr.add_argument(
         "--no-ray",
         action="store_true",
@@ -300,12 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="merge a training checkpoint into a Hugging Face GPT-NeoX directory")
     ex.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run directory (its newest)")
-    ex.add_argument("--out", required=True)
-    ex.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
+    ex.add_argument("--out", required=True, help="the Hugging Face directory to write")
+    ex.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="stored dtype; auto: the training precision")
     ex.set_defaults(func=cmd_export)
 
+    rp = sub.add_parser("report", help="an HTML page with plots of a training run (loss, lr, grad norm, throughput)")
+    rp.add_argument("run_dir", help="the run directory (holds metrics.jsonl)")
+    rp.add_argument("--out", default=None, help="where to write the page (default: RUN_DIR/report.html)")
+    rp.set_defaults(func=cmd_report)
+
     pl = sub.add_parser("plan", help="which dp x tp x pp layouts of a preset fit N GPUs: memory and step time")
-    pl.add_argument("preset")
+    pl.add_argument("preset", help="a preset name (see `neoxray model info`)")
     pl.add_argument("--gpus", type=int, required=True, help="GPUs to train on (dp x tp x pp)")
     pl.add_argument(
         "--gpu-memory", type=float, required=True, metavar="GB", help="memory per GPU, GiB (40 for an A100 40GB)"
@@ -319,8 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's)")
     pl.add_argument("--global-batch", type=int, default=1024, help="sequences per optimizer step")
     pl.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward on one replica")
-    pl.add_argument("--precision", choices=PRECISIONS, default="bf16")
-    pl.add_argument("--zero-stage", type=int, choices=[0, 1], default=1)
+    pl.add_argument("--precision", choices=PRECISIONS, default="bf16", help="training precision")
+    pl.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=[0, 1],
+        default=1,
+        help="ZeRO stage (DeepSpeed's pipeline engine takes 0 or 1)",
+    )
     pl.add_argument(
         "--activation-checkpointing",
         choices=["auto", "on", "off"],
@@ -341,18 +404,65 @@ def build_parser() -> argparse.ArgumentParser:
         help="exported Hugging Face directory, training checkpoint, or run directory (its newest)",
     )
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--replicas", type=int, default=1, help="Serve replicas, each with its own engine")
-    sv.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica")
+    sv.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    sv.add_argument("--replicas", type=int, default=1, help="model replicas, each with its own engine (default 1)")
+    sv.add_argument("--num-gpus", type=float, default=0, help="GPUs per model replica (default 0)")
     sv.add_argument("--name", default=None, help="model id clients send (default: the directory name)")
-    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or NEOXRAY_API_KEY)")
+    sv.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health (default: NEOXRAY_API_KEY, else "
+        "none; an empty key is refused)",
+    )
     sv.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local one)")
-    sv.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    sv.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
-    sv.add_argument("--max-ongoing-requests", type=int, default=64, help="per replica")
-    sv.add_argument("--max-queued-requests", type=int, default=256, help="beyond this Serve answers 503")
-    sv.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together per replica")
-    sv.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache token budget per replica")
+    sv.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    sv.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="default auto: bf16 on GPUs, fp32 on CPUs")
+    sv.add_argument(
+        "--max-ongoing-requests", type=int, default=64, help="requests a model replica takes at once (default 64)"
+    )
+    sv.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=256,
+        help="requests queued for the model replicas beyond which the server answers 503 (default 256; -1: none)",
+    )
+    sv.add_argument(
+        "--max-num-seqs", type=int, default=32, help="sequences decoded together per model replica (default 32)"
+    )
+    sv.add_argument(
+        "--max-running-per-request",
+        type=int,
+        default=None,
+        help="most sequences of one request in the batch at once (default: half of --max-num-seqs)",
+    )
+    sv.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        default=None,
+        help="KV cache token budget per model replica (default: max-num-seqs x the context)",
+    )
+    sv.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=None,
+        help="largest request body accepted; larger ones get 413 (default 8388608, 8 MiB)",
+    )
+    sv.add_argument(
+        "--max-seqs-per-request",
+        type=int,
+        default=None,
+        help="most sequences (n x prompts) one completion request may ask for (default 64)",
+    )
+    sv.add_argument(
+        "--max-embedding-inputs", type=int, default=None, help="most inputs of one embeddings request (default 128)"
+    )
+    sv.add_argument(
+        "--max-embedding-tokens",
+        type=int,
+        default=None,
+        help="most tokens of one embeddings request, all inputs together (default 65536)",
+    )
+    sv.add_argument("--verbose", action="store_true", help="show Ray's and Ray Serve's own output on the console")
     sv.add_argument("--no-ray", action="store_true", help="one engine under uvicorn in this process, without Ray")
     sv.set_defaults(func=cmd_serve)
     return p
@@ -360,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")):
+        from neoxray.platform.ray_cluster import require_token_auth
+
+        require_token_auth()  # before anything imports Ray: a cluster we start has token auth by our choice
     try:
         args.func(args)
     except NeoxrayError as e:

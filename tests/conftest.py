@@ -72,6 +72,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never the newest `ray start` cluster on the machine, which Ray would join
             num_cpus=8,
             include_dashboard=False,
             log_to_driver=False,

@@ -256,7 +256,9 @@ def _ensure_ray():
     import ray
 
     if not ray.is_initialized():
-        ray.init(logging_level=logging.ERROR, log_to_driver=False)
+        # RAY_ADDRESS (a Ray job sets it), else a local cluster of our own ("local": never the newest
+        # `ray start` cluster on the machine, which a bare ray.init() would join)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.ERROR, log_to_driver=False)
     return ray
 
 

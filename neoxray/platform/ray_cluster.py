@@ -2,7 +2,8 @@
 or RAY_ADDRESS (a `ray start` cluster, or the cluster of a `ray job submit`), else start a local one.
 
 A local cluster is started with token authentication on by our choice (RAY_AUTH_MODE=token, set before Ray is
-imported; Ray keeps or creates the token in ~/.ray/auth_token, which `ray get-auth-token` prints), the dashboard
+imported: the CLI calls `require_token_auth` first thing; Ray keeps or creates the token in ~/.ray/auth_token,
+which `ray get-auth-token` prints), the dashboard
 on 127.0.0.1, and no Ray Client server. Quiet by default: Ray's own log lines and the workers' output reach the
 console only with `verbose` (the drivers print what a person needs: progress, the dashboard's address, errors).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 _dashboard: dict[str, str | None] = {"url": None}
 
@@ -20,7 +22,7 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, verbose
     Already connected (a Ray job's driver, a test session): nothing changes."""
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # before `import ray`: Ray reads it once
+        require_token_auth()
     import ray
 
     if ray.is_initialized():
@@ -29,9 +31,19 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, verbose
     if address:
         context = ray.init(address=address, **quiet)
     else:
-        context = ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", **quiet)
+        # "local": a new cluster of our own, never the newest `ray start` cluster on the machine (Ray's default)
+        context = ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", **quiet)
     _dashboard["url"] = getattr(context, "dashboard_url", None) or None
     return ray
+
+
+def require_token_auth() -> None:
+    """Token authentication for a cluster this process starts, by our choice: RAY_AUTH_MODE=token unless the
+    environment says otherwise. Ray reads the mode once, when it is imported, so this must run first; where Ray
+    is already imported (a test session, a library caller), its own default for a new local cluster is token
+    authentication too."""
+    if "ray" not in sys.modules:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def started_here(address: str | None = None) -> bool:
