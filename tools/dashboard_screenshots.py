@@ -86,7 +86,7 @@ def main() -> None:
             [str(BIN / "ray"), "get-auth-token"], capture_output=True, text=True, env=env, check=True
         ).stdout.strip()
         job_env = {**env, "RAY_ADDRESS": address}
-        run_dir = work / "run"
+        run_dir = work / "dashboard-demo"  # Ray Train names the run after the run directory
         start(
             [
                 str(BIN / "neoxray"),
@@ -135,13 +135,30 @@ def main() -> None:
             page = browser.new_page(viewport={"width": 1440, "height": 900})
             signed = page.request.post(f"{url}/api/authenticate", headers={"Authorization": f"Bearer {token}"})
             assert signed.ok, f"sign-in with the cluster's token failed: {signed.status}"
-            for name, route, needle in (("train", "#/train", "dashboard-demo"), ("serve", "#/serve", "neoxray")):
+            shots = [
+                ("overview", "#/overview", "NeoxrayModel"),  # recent jobs and the Serve deployments
+                ("jobs", "#/jobs", "neoxray train"),  # the training driver's job
+                ("serve", "#/serve", "neoxray"),  # the Serve application
+            ]
+            for name, route, needle in shots:
                 page.goto(f"{url}/{route}")
-                page.wait_for_selector(f"text={needle}", timeout=120_000)
+                try:
+                    page.wait_for_selector(f"text={needle}", timeout=120_000)
+                except Exception:
+                    page.screenshot(path=str(work / f"missing-{name}.png"))
+                    raise SystemExit(f"the dashboard's {route} page never showed {needle!r} (see {work})") from None
                 page.wait_for_timeout(1500)  # let the tables fill in before the picture is taken
                 path = out / f"dashboard-{name}.png"
                 page.screenshot(path=str(path))
                 print(f"{route}: shows {needle!r}; saved {path}")
+                if name == "jobs":  # the training run, on its job's page (Ray Train's runs of that driver)
+                    page.locator("tr", has_text="neoxray train").locator("a").first.click()
+                    page.wait_for_selector("text=dashboard-demo", timeout=120_000)
+                    page.wait_for_timeout(3000)
+                    page.screenshot(path=str(out / "dashboard-train.png"), full_page=True)
+                    print(
+                        f"the training job's page names the run 'dashboard-demo'; saved {out / 'dashboard-train.png'}"
+                    )
             browser.close()
     finally:
         for p in reversed(procs):
