@@ -75,7 +75,13 @@ class InferenceEngine:
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self.steps = 0
-        self.counters = {"prompt_tokens": 0, "generated_tokens": 0, "requests_finished": 0, "requests_aborted": 0}
+        self.counters = {
+            "prompt_tokens": 0,
+            "prefix_cache_tokens": 0,
+            "generated_tokens": 0,
+            "requests_finished": 0,
+            "requests_aborted": 0,
+        }
 
     @property
     def eod_id(self) -> int:
@@ -236,6 +242,7 @@ class InferenceEngine:
         self._drain_inbox()
         for s in self.scheduler.admit():
             self.output_processor.start(s)
+            self.counters["prefix_cache_tokens"] += s.reused
         prefill = self._prefill()
         decoding = self.scheduler.decoding(prefill)
         if decoding:
@@ -250,6 +257,7 @@ class InferenceEngine:
             return []
         seqs, starts, lengths = zip(*rows)
         hidden = self.runner.forward(seqs, starts, lengths)  # [b, c, d]
+        self.scheduler.prefilled(rows)
         done = []
         for i, (s, start, n) in enumerate(rows):
             s.computed += n

@@ -38,14 +38,15 @@ class OutputProcessor:
         s.stop = StopChecker(s.req.sampling, self.eod_id, min(s.req.max_tokens, self.max_seq_len - s.prompt_len))
         s.detokenizer = IncrementalDetokenizer(self.tokenizer, self.eod_id)
         if s.req.prompt_logprobs:
-            s.prompt_lp = [TokenLogprob(s.req.prompt_ids[0], None)]
+            s.prompt_lp = [TokenLogprob(s.req.prompt_ids[0], None)] if s.req.score_from == 0 else []
 
     def add_prompt_logprobs(self, s: SequenceState, logp: torch.Tensor, start: int) -> None:
         """logp [n, V]: log-probabilities after the prompt positions start .. start + n - 1 of `s`; records those
         of the prompt tokens that follow them."""
         k = s.req.logprobs or 0
         for j, t in enumerate(s.tokens[start + 1 : start + logp.shape[0] + 1]):  # targets inside the prompt
-            s.prompt_lp.append(_entry(logp[j], t, k))
+            if start + 1 + j >= s.req.score_from:
+                s.prompt_lp.append(_entry(logp[j], t, k))
 
     def process(self, seqs: list[SequenceState], logits: torch.Tensor) -> list[Output]:
         """logits [r, V] fp32 for the next token of each of seqs -> the Output of each (finish_reason set for

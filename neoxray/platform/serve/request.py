@@ -47,6 +47,9 @@ class EngineConfig:
     max_running_per_group: int | None = None
     """Most requests of one group (the sequences of one HTTP request: n x prompts) in the batch at once, so that
     one request cannot take every batch row while others wait (None: no cap)."""
+    prefix_caching: bool = True
+    """Share the KV cache blocks of a common prompt prefix between requests (`kv_cache`): computed once, reused
+    by every request that starts with the same tokens."""
 
     def validate(self) -> EngineConfig:
         for name in ("max_num_seqs", "block_size", "prefill_chunk", "max_waiting"):
@@ -72,6 +75,9 @@ class Request:
     """None: no log-probabilities; k >= 0: the chosen token's log-probability and the k most likely ones."""
     prompt_logprobs: bool = False
     """Also score the prompt (echo): the log-probability of each prompt token given the ones before it."""
+    score_from: int = 0
+    """With prompt_logprobs: score only the prompt tokens from this index on (a context's tokens need no
+    scores when only its continuation is judged), which lets the context come from the prefix cache."""
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     group: str | None = None
     """The requests of one group (one HTTP request's choices) share the batch fairly with other groups: admission
@@ -126,6 +132,8 @@ class EngineInfo:
             )
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
             raise InvalidRequest(f"logprobs must be between 0 and 20, got {req.logprobs}", "logprobs")
+        if not 0 <= req.score_from <= n:
+            raise InvalidRequest(f"score_from must be between 0 and the prompt's {n} tokens, got {req.score_from}")
         sp = req.sampling
         if sp.stop and not self.has_tokenizer:
             raise InvalidRequest("stop strings need a tokenizer", "stop")

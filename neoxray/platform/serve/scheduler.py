@@ -11,7 +11,11 @@
       over several steps, so it never stalls running requests for more than one chunk's compute, and a short
       request waits for at most one prompt of each group ahead of it, not for all of a large request's);
     - which requests decode: every admitted request whose prompt is in the cache.
-A finished or aborted request is released at once: it leaves its list and its blocks go back to the pool.
+With prefix caching a request starts from the longest computed prefix of its prompt in the cache (its first
+blocks are shared, its `computed` count starts past them) and publishes its own full prompt blocks for later
+requests; a request whose next prompt block is being computed by another request waits for it instead of
+computing it again. A finished or aborted request is released at once: it leaves its list and its blocks go
+back to the pool (shared ones stay with their other holders).
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class SequenceState:
     pending_lp: list[TokenLogprob] = field(default_factory=list)  # not yet in an Output
     first_token_at: float | None = None
     finished: bool = False
+    names: list[bytes] = field(default_factory=list)  # prefix-cache names of its full prompt blocks
+    reused: int = 0  # prompt tokens taken from the prefix cache
 
     @property
     def prompt_len(self) -> int:
@@ -72,7 +78,22 @@ class Scheduler:
 
     def add(self, s: SequenceState) -> None:
         self._by_id[s.req.request_id] = s
+        if self.config.prefix_caching:
+            s.names = self.cache.names(s.req.prompt_ids, s.prompt_len // self.cache.block_size)
         self.waiting.append(s)
+
+    def _reusable(self, s: SequenceState) -> int:
+        """How many leading prompt blocks `s` may take from the cache: never the position whose output it
+        needs first (the last prompt token's, or the first scored token's predecessor)."""
+        if not s.names:
+            return 0
+        limit = s.prompt_len - 1
+        if s.req.prompt_logprobs:
+            limit = min(limit, max(0, s.req.score_from - 1))
+        return min(len(s.names), limit // self.cache.block_size)
+
+    def _waits_for_prefix(self, s: SequenceState) -> bool:
+        return bool(s.names) and self.cache.peek(s.names[: self._reusable(s)])[1]
 
     def get(self, request_id: str) -> SequenceState | None:
         return self._by_id.get(request_id)
@@ -91,11 +112,16 @@ class Scheduler:
             s = self._next_waiting()
             if s is None:
                 break  # every waiting group holds its share of the batch
-            blocks = self.cache.allocate(self.cache.blocks_for(s.prompt_len + s.req.max_tokens))
+            shared = self.cache.hold(self.cache.peek(s.names[: self._reusable(s)])[0]) if s.names else []
+            blocks = self.cache.allocate(self.cache.blocks_for(s.prompt_len + s.req.max_tokens) - len(shared))
             if blocks is None:
+                self.cache.release(shared)
                 break  # the request whose turn it is waits for blocks to be freed; nobody overtakes it
             self.waiting.remove(s)
-            s.blocks = blocks
+            s.blocks = shared + blocks
+            s.computed = s.reused = len(shared) * self.cache.block_size
+            for i in range(len(shared), len(s.names)):
+                self.cache.publish(s.names[i], s.blocks[i])
             s.tokens = list(s.req.prompt_ids)
             self.running.append(s)
             group = s.req.group_key
@@ -110,7 +136,7 @@ class Scheduler:
         best, best_running, seen = None, 0, set()
         for s in self.waiting:  # arrival order
             group = s.req.group_key
-            if group in seen:
+            if group in seen or self._waits_for_prefix(s):
                 continue
             seen.add(group)
             running = self._running_per_group.get(group, 0)
@@ -141,6 +167,13 @@ class Scheduler:
             rows.append((s, s.computed, n))
             budget -= n
         return rows
+
+    def prefilled(self, rows: list[tuple[SequenceState, int, int]]) -> None:
+        """After a prefill forward: the published blocks it completed may now be shared."""
+        bs = self.cache.block_size
+        for s, start, n in rows:
+            for i in range(start // bs, min(len(s.names), (start + n) // bs)):
+                self.cache.mark_computed(s.blocks[i])
 
     def decoding(self, prefilled: list[SequenceState]) -> list[SequenceState]:
         """The requests that decode one token this step: all running ones whose prompt is in the cache, except

@@ -66,7 +66,9 @@ def test_concurrent_requests_share_engine_steps(model_tok):
     """32 requests that arrive together are decoded as one batch: one step prefills every prompt (they fit in
     one chunk) and gives each its first token, and every later step gives each a token, so 32 x 16 tokens take
     16 steps, not 512. Each still gets exactly what it gets alone."""
-    eng = engine(model_tok)  # 32 batch rows, a 512-token prefill chunk; not started: the test drives the steps
+    # 32 batch rows, a 512-token prefill chunk, no prefix reuse (it would make the requests that share a prompt
+    # wait one step for the first one's blocks); not started: the test drives the steps
+    eng = engine(model_tok, prefix_caching=False)
     reqs = [Request(PROMPTS[i % len(PROMPTS)] + [i], max_tokens=16, sampling=GREEDY) for i in range(32)]
     assert sum(len(r.prompt_ids) for r in reqs) <= eng.config.prefill_chunk
     outs = {r.request_id: [] for r in reqs}
@@ -223,3 +225,37 @@ def test_background_thread_serves_asyncio_callers_and_stops_gracefully(model_tok
     finally:
         eng.stop(timeout=60)  # a failure guard: nothing is left to drain, the thread ends at once
     assert not eng.alive
+
+
+def test_prefix_reuse_computes_a_shared_context_once_and_changes_no_result(model_tok):
+    """Four continuations of one 40-token context (multiple-choice scoring): with prefix reuse the context's
+    two full blocks are computed once and shared; scores and tokens equal those without reuse; a request that
+    needs the context's own scores (score_from 0) never takes it from the cache."""
+    context = list(range(300, 340))
+    choices = [[7, 8], [9], [10, 11, 12], [13]]
+
+    def run(prefix_caching):
+        eng = engine(model_tok, prefix_caching=prefix_caching, block_size=16)
+        reqs = [
+            Request(context + c, max_tokens=0, prompt_logprobs=True, logprobs=1, score_from=len(context))
+            for c in choices
+        ]
+        reqs.append(Request(context + [14], max_tokens=5, sampling=GREEDY))  # generation shares it too
+        reqs.append(Request(context + [15], max_tokens=0, prompt_logprobs=True))  # scores every token
+        done = eng.run_until_done(reqs)
+        return done, eng.stats()
+
+    with_reuse, stats = run(True)
+    without, plain = run(False)
+    assert plain["prefix_cache_tokens"] == 0
+    assert stats["prefix_cache_tokens"] == 4 * 32  # 3 more choices and the generation took 2 blocks each
+    assert stats["prompt_tokens"] == plain["prompt_tokens"] - 4 * 32
+    for a, b in zip(with_reuse, without):
+        assert a.token_ids == b.token_ids
+        assert [e.token_id for e in a.prompt_logprobs or []] == [e.token_id for e in b.prompt_logprobs or []]
+        for x, y in zip(a.prompt_logprobs or [], b.prompt_logprobs or []):
+            assert (x.logprob is None and y.logprob is None) or abs(x.logprob - y.logprob) < 1e-5
+    first = with_reuse[0].prompt_logprobs
+    assert [e.token_id for e in first] == choices[0]  # scored from the first continuation token on
+    assert len(with_reuse[-1].prompt_logprobs) == len(context) + 1  # the whole prompt, the first without a score
+    assert stats["kv_blocks_used"] == 0  # every block returned (shared ones cached for later, not held)
