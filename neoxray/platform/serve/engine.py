@@ -250,25 +250,34 @@ class InferenceEngine:
         self.steps += 1
 
     def _prefill(self) -> list[SequenceState]:
-        """Prefill this step's prompt chunks in one forward; requests whose prompt completes get their first
-        token sampled. Returns the requests that took part."""
+        """Prefill this step's prompt chunks, rows of similar length in one forward each (a 5-token continuation
+        is not padded to a 500-token context); requests whose prompt completes get their first token sampled.
+        Returns the requests that took part."""
         rows = self.scheduler.prefill_chunks()
         if not rows:
             return []
-        seqs, starts, lengths = zip(*rows)
-        hidden = self.runner.forward(seqs, starts, lengths)  # [b, c, d]
+        done, last = [], []
+        for bucket in _length_buckets(rows):
+            seqs, starts, lengths = zip(*bucket)
+            hidden = self.runner.forward(seqs, starts, lengths)  # [b, c, d]
+            scored = []  # (request, first position, its hidden states) of the positions whose scores are wanted
+            for i, (s, start, n) in enumerate(bucket):
+                s.computed += n
+                self.counters["prompt_tokens"] += n
+                if s.req.prompt_logprobs:  # log-probability of each prompt token after this chunk's positions
+                    lo = min(n, max(0, s.req.score_from - 1 - start))  # earlier positions predict unscored tokens
+                    if lo < n:
+                        scored.append((s, start + lo, hidden[i, lo:n]))
+                if not s.in_prefill:
+                    done.append(s)
+                    last.append(hidden[i, n - 1])
+            if scored:  # one output head and log-softmax for every scored position of the bucket
+                logp = self.runner.log_probs(torch.cat([h for _, _, h in scored]))
+                for (s, first, _), part in zip(scored, logp.split([h.shape[0] for _, _, h in scored])):
+                    self.output_processor.add_prompt_logprobs(s, part, first)
         self.scheduler.prefilled(rows)
-        done = []
-        for i, (s, start, n) in enumerate(rows):
-            s.computed += n
-            self.counters["prompt_tokens"] += n
-            if s.req.prompt_logprobs:  # log-probability of each prompt token after this chunk's positions
-                self.output_processor.add_prompt_logprobs(s, self.runner.log_probs(hidden[i, :n]), start)
-            if not s.in_prefill:
-                done.append((i, s, n))
         if done:
-            last = torch.stack([hidden[i, n - 1] for i, _, n in done])  # [r, d]
-            self._sample_and_emit([s for _, s, _ in done], self.runner.logits(last))
+            self._sample_and_emit(done, self.runner.logits(torch.stack(last)))  # [r, d] -> [r, V]
         return [s for s, _, _ in rows]
 
     def _decode(self, seqs: list[SequenceState]) -> None:
@@ -352,6 +361,18 @@ class InferenceEngine:
         """Mean of the final-LayerNorm hidden states over each text's tokens, L2-normalised (`ModelRunner.embed`).
         Runs on the calling thread (use `run_on_engine` when the engine thread is running)."""
         return self.runner.embed(token_lists)
+
+
+def _length_buckets(rows: list[tuple[SequenceState, int, int]]) -> list[list[tuple[SequenceState, int, int]]]:
+    """Rows grouped by length (each group's longest at most twice its shortest): one forward per group pads
+    little, and a group per factor of two keeps the number of forwards small."""
+    groups: list[list[tuple[SequenceState, int, int]]] = []
+    for row in sorted(rows, key=lambda r: r[2]):
+        if groups and row[2] <= 2 * groups[-1][0][2]:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
 
 
 def _deliver(s: SequenceState, out: Output) -> None:

@@ -68,7 +68,8 @@ class EngineConfig:
 class Request:
     prompt_ids: list[int]
     max_tokens: int = 16
-    """New tokens at most (0: only the prompt is scored, for echo + logprobs)."""
+    """New tokens at most. 0 with prompt_logprobs: only the prompt is scored; its last token is then only a
+    target, never fed to the model (as transformers' scoring does), so it may be one token past the context."""
     sampling: SamplingParams = field(default_factory=SamplingParams)
     """temperature / top_k / top_p / seed / stop strings / stop_at_eod (its max_new_tokens is ignored)."""
     logprobs: int | None = None
@@ -118,7 +119,8 @@ class EngineInfo:
         self.check_token_ids(req.prompt_ids, "prompt")
         if req.max_tokens < 0:
             raise InvalidRequest(f"max_tokens must be >= 0, got {req.max_tokens}", "max_tokens")
-        if n + req.max_tokens > self.max_seq_len:
+        fed = n - 1 if (req.max_tokens == 0 and req.prompt_logprobs and n > 1) else n  # a last target is not fed
+        if fed + req.max_tokens > self.max_seq_len:
             raise InvalidRequest(
                 f"prompt ({n} tokens) plus max_tokens ({req.max_tokens}) exceeds the model's "
                 f"context of {self.max_seq_len} tokens",

@@ -60,8 +60,15 @@ class SequenceState:
         return len(self.req.prompt_ids)
 
     @property
+    def feed_len(self) -> int:
+        """Prompt tokens that go through the model: all of them, but for a scoring-only request (max_tokens 0,
+        prompt log-probabilities) the last one, which is only a target (as transformers' scoring does)."""
+        n = self.prompt_len
+        return n - 1 if (self.req.max_tokens == 0 and self.req.prompt_logprobs and n > 1) else n
+
+    @property
     def in_prefill(self) -> bool:
-        return self.computed < self.prompt_len
+        return self.computed < self.feed_len
 
 
 class Scheduler:
@@ -87,7 +94,7 @@ class Scheduler:
         needs first (the last prompt token's, or the first scored token's predecessor)."""
         if not s.names:
             return 0
-        limit = s.prompt_len - 1
+        limit = s.feed_len - 1  # at least one token goes through the model
         if s.req.prompt_logprobs:
             limit = min(limit, max(0, s.req.score_from - 1))
         return min(len(s.names), limit // self.cache.block_size)
@@ -163,7 +170,7 @@ class Scheduler:
         for _, _, s in order:
             if budget <= 0:
                 break
-            n = min(budget, s.prompt_len - s.computed)
+            n = min(budget, s.feed_len - s.computed)
             rows.append((s, s.computed, n))
             budget -= n
         return rows
