@@ -223,6 +223,33 @@ def cmd_serve(args) -> None:
     )
 
 
+def cmd_eval(args) -> None:
+    from neoxray.platform.eval.run import EvalArgs, run_eval
+
+    run_eval(
+        EvalArgs(
+            model=args.model,
+            tasks=[t.strip() for t in (args.tasks or "").split(",") if t.strip()],
+            suite=args.suite,
+            num_fewshot=args.num_fewshot,
+            limit=args.limit,
+            include_path=args.include_path or [],
+            batch_size=args.batch_size,
+            replicas=args.replicas,
+            num_gpus=args.num_gpus,
+            kv_cache_tokens=args.kv_cache_tokens,
+            output=args.output,
+            log_samples=args.log_samples,
+            json=args.json,
+            device=args.device,
+            dtype=args.dtype,
+            address=args.address,
+            bootstrap_iters=args.bootstrap_iters,
+            verbose=args.verbose,
+        )
+    )
+
+
 # ----------------------------------------------------------------------------------------------- parser
 def _parser_class():
     class Parser(argparse.ArgumentParser):
@@ -465,6 +492,73 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--verbose", action="store_true", help="show Ray's and Ray Serve's own output on the console")
     sv.add_argument("--no-ray", action="store_true", help="one engine under uvicorn in this process, without Ray")
     sv.set_defaults(func=cmd_serve)
+
+    ev = sub.add_parser("eval", help="lm-evaluation-harness tasks on neoxray's inference engine (docs/evaluation.md)")
+    ev.add_argument(
+        "--model",
+        required=True,
+        help="exported Hugging Face directory, training checkpoint, or run directory (its newest)",
+    )
+    which = ev.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--tasks", default=None, help="comma-separated lm-eval task or group names (globs such as mmlu_* too)"
+    )
+    which.add_argument(
+        "--suite",
+        choices=["model-card", "leaderboard"],
+        default=None,
+        help="the GPT-NeoX-20B model card's tables, with the card's figures beside ours: model-card (zero-shot "
+        "LAMBADA, SciQ, PIQA, TriviaQA, ARC-Challenge) or leaderboard (the Open LLM Leaderboard's seven)",
+    )
+    ev.add_argument(
+        "--num-fewshot", type=int, default=None, help="few-shot examples per prompt (default: each task's own)"
+    )
+    ev.add_argument("--limit", type=float, default=None, help="documents per task at most; below 1, that share of them")
+    ev.add_argument(
+        "--include-path",
+        action="append",
+        default=None,
+        help="a folder of task YAMLs (local tasks, local data; they override built-in tasks of the same name), "
+        "repeatable",
+    )
+    ev.add_argument("--batch-size", type=int, default=32, help="sequences in each engine's batch (its max_num_seqs)")
+    ev.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="engines, each with its own copy of the model; more than 1 (or --address) runs them on Ray",
+    )
+    ev.add_argument("--num-gpus", type=float, default=0, help="GPUs per Ray replica")
+    ev.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        default=None,
+        help="KV cache budget per engine in tokens (default: batch-size x (context + 1), at most the larger of "
+        "8192 and 4 x (context + 1))",
+    )
+    ev.add_argument("--output", default=None, help="write lm-eval's results JSON to this file")
+    ev.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="also write each task's per-sample records beside --output (<stem>_samples_<task>.jsonl)",
+    )
+    ev.add_argument("--json", action="store_true", help="print lm-eval's results JSON instead of the table")
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (auto: a GPU if any)")
+    ev.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 on GPUs, fp32 on CPUs")
+    ev.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (runs the engines on Ray; default with --replicas > 1: "
+        "RAY_ADDRESS, else a local one)",
+    )
+    ev.add_argument(
+        "--bootstrap-iters",
+        type=int,
+        default=100000,
+        help="bootstrap resamples for the stderr of perplexity-like metrics (lm-eval's default; 0: no stderrs)",
+    )
+    ev.add_argument("--verbose", action="store_true", help="show Ray's own output on the console")
+    ev.set_defaults(func=cmd_eval)
     return p
 
 

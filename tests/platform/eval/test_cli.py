@@ -1,0 +1,112 @@
+"""`neoxray eval` as a user runs it (a fresh process, offline): the model card suite end to end on local stand-ins
+of its five tasks, the results JSON (`--output`, `--json`), lm-eval's table with the card's column, and the
+one-line errors (an unknown task with the closest names, a dataset that cannot be fetched offline, a missing
+model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.platform.eval.conftest import CARD_DIR, OFFLINE, TASKS, TASKS_DIR
+
+pytestmark = pytest.mark.e2e
+
+
+def neoxray_eval(*args, check=True, timeout=300):
+    """`neoxray eval ARGS` from the repository root (the local tasks' data paths are relative to it), offline."""
+    exe = Path(sys.executable).with_name("neoxray")
+    cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "neoxray.cli"])]
+    env = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [*cmd, "eval", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, check=False
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"neoxray eval {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_model_card_suite_end_to_end(long_model_dir, tmp_path):
+    """Local stand-ins of the card's five tasks (same names, formats and metrics) shadow lm-eval's own from
+    --include-path; stdout is lm-eval's table, then the card's GPT-NeoX-20B column beside ours."""
+    out = tmp_path / "results.json"
+    proc = neoxray_eval(
+        "--model", str(long_model_dir), "--suite", "model-card", "--include-path", str(CARD_DIR),
+        "--output", str(out), "--log-samples", "--bootstrap-iters", "1000",
+    )  # fmt: skip
+    table, _, card = proc.stdout.partition("GPT-NeoX-20B model card, zero-shot")
+    assert re.search(r"^\|\s*Tasks\s*\|Version\|\s*Filter\s*\|n-shot\|\s*Metric\s*\|", table, re.M), proc.stdout
+    for task in ("lambada_openai", "sciq", "piqa", "triviaqa", "arc_challenge"):
+        assert f"|{task}" in table
+    assert "GPT-NeoX-20B (card)" in card and "Stderr" in card
+    for label, figure in [("LAMBADA (OpenAI)", "0.720"), ("SciQ", "0.928"), ("PIQA", "0.779"), ("TriviaQA", "0.259")]:
+        row = next(line for line in card.splitlines() if line.startswith(f"|{label}"))
+        assert figure in row
+    assert "Traceback" not in proc.stderr
+
+    results = json.loads(out.read_text())  # lm-eval's results object, as lm-eval writes it
+    assert {"results", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config"} <= results.keys()
+    assert "samples" not in results
+    assert results["results"]["lambada_openai"].keys() >= {"acc,none", "acc_stderr,none", "perplexity,none"}
+    assert "exact_match,remove_whitespace" in results["results"]["triviaqa"]
+    assert results["n-shot"]["sciq"] == 0 and results["config"]["model"] == "neoxray"
+    assert results["configs"]["piqa"]["dataset_path"] == "json"  # the stand-in, not the hub's piqa
+    for task in results["results"]:
+        lines = (tmp_path / f"results_samples_{task}.jsonl").read_text().splitlines()
+        assert len(lines) == results["n-samples"][task]["effective"]
+
+
+def test_json_output_equals_the_file(tiny_model_dir, tmp_path):
+    out = tmp_path / "r.json"
+    proc = neoxray_eval(
+        "--model", str(tiny_model_dir), "--tasks", ",".join(TASKS), "--include-path", str(TASKS_DIR),
+        "--limit", "3", "--json", "--output", str(out), "--bootstrap-iters", "0", "--batch-size", "4",
+    )  # fmt: skip
+    printed = json.loads(proc.stdout)
+    assert printed == json.loads(out.read_text())
+    assert sorted(printed["results"]) == sorted(TASKS)
+    assert {t: printed["n-samples"][t]["effective"] for t in TASKS} == dict.fromkeys(TASKS, 3)
+    assert printed["config"]["model_args"].startswith(f"pretrained={tiny_model_dir},")
+
+
+def one_line_error(proc) -> str:
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("neoxray: error: ")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def test_an_unknown_task_lists_the_closest_names(tiny_model_dir):
+    proc = neoxray_eval("--model", str(tiny_model_dir), "--tasks", "lambada_openai,hellaswagg", check=False)
+    line = one_line_error(proc)
+    assert "unknown task 'hellaswagg'; did you mean: hellaswag" in line
+
+
+def test_a_dataset_that_cannot_be_fetched_offline_says_how_to_provide_it(tiny_model_dir):
+    proc = neoxray_eval("--model", str(tiny_model_dir), "--tasks", "sciq", check=False)
+    line = one_line_error(proc)
+    assert line.startswith("neoxray: error: task sciq: cannot load dataset allenai/sciq (")
+    assert "HF_DATASETS_OFFLINE=1" in line and "--include-path" in line
+
+
+def test_a_missing_model_is_the_same_error_as_generate(tmp_path):
+    missing = str(tmp_path / "nope")
+    proc = neoxray_eval("--model", missing, "--tasks", "sciq", check=False)
+    generate = subprocess.run(
+        [sys.executable, "-m", "neoxray.cli", "generate", "--model", missing, "--prompt", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert one_line_error(proc) == one_line_error(generate) == f"neoxray: error: model not found: {missing}"
+    usage = neoxray_eval("--model", missing, check=False)  # neither --tasks nor --suite: argparse's usage error
+    assert usage.returncode == 2 and "one of the arguments --tasks --suite is required" in usage.stderr
