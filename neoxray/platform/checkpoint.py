@@ -49,6 +49,8 @@ CHECKPOINT_PREFIX = "checkpoint-step-"
 """A run directory holds one checkpoint per saved step: RUN_DIR/checkpoint-step-0000100/."""
 DAMAGED_PREFIX = "damaged-"
 """A checkpoint that failed verification is renamed RUN_DIR/damaged-checkpoint-step-N (kept, never read)."""
+EVAL_PIN = ".evaluation-pending"
+"""A file in a checkpoint directory that `eval.tasks` has yet to evaluate: rotation (`keep`) leaves it alone."""
 _CHECKPOINT_DIR = re.compile(re.escape(CHECKPOINT_PREFIX) + r"(\d{7})")
 
 
@@ -71,6 +73,18 @@ def list_checkpoints(run_dir) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if _CHECKPOINT_DIR.fullmatch(p.name) and (p / META).exists()]
     return sorted(found, key=lambda p: p.name)
+
+
+def prune_checkpoints(run_dir, keep: int) -> list[Path]:
+    """Delete the oldest checkpoints of `run_dir` beyond the newest `keep` (0: keep all); never the newest one,
+    never one pinned for evaluation (`EVAL_PIN`). Returns what was deleted."""
+    import shutil
+
+    done = list_checkpoints(run_dir)
+    gone = [p for p in (done[:-keep] if keep else []) if not (p / EVAL_PIN).exists()]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
 
 
 def latest_checkpoint(run_dir) -> Path | None:

@@ -85,22 +85,33 @@ def run_train(
     )
     _say(f"[neoxray] Ray dashboard: {dashboard_url()}")
     started = time.monotonic()
+    evaluator = None
+    if cfg.eval.tasks:
+        from neoxray.platform.train.evaluation import CheckpointEvaluator
+
+        evaluator = CheckpointEvaluator(cfg, run_dir, ray, _say)
     for attempt in range(max_failures + 1):
         if attempt:
             checked = preflight(cfg, run_dir, _say)  # where the last attempt's newest intact checkpoint is
             if checked.finished_at is not None:
                 return None  # the failure came after the final checkpoint: the run is complete
         stop = threading.Event()
-        watcher = None
+        watchers = []
         if cfg.logging.metrics_file and not verbose:
-            watcher = follow(run_dir / cfg.logging.metrics_file, Progress(cfg.train.steps, cfg.logging.every), stop)
+            watchers.append(
+                follow(run_dir / cfg.logging.metrics_file, Progress(cfg.train.steps, cfg.logging.every), stop)
+            )
+        if evaluator is not None:
+            watchers.append(_every(5.0, evaluator.poll, stop))
         try:
             result, error = _fit(cfg, run_dir, checked.resume_from, use_gpu, world, console=verbose)
         finally:
             stop.set()
-            if watcher is not None:
-                watcher.join(timeout=10)
+            for w in watchers:
+                w.join(timeout=10)
         if error is None:
+            if evaluator is not None:
+                evaluator.finish()
             _say(summary(run_dir, time.monotonic() - started, cfg.logging.metrics_file))
             return result
         user_error = find_user_error(error)
@@ -113,6 +124,22 @@ def run_train(
             f"(restart {attempt + 1} of {max_failures}, --max-failures)"
         )
     return None
+
+
+def _every(period_s: float, fn, stop: threading.Event) -> threading.Thread:
+    """A daemon thread calling `fn` every `period_s` seconds until `stop` is set; an exception in `fn` is
+    reported and the thread goes on (a side job never stops training)."""
+
+    def run() -> None:
+        while not stop.wait(period_s):
+            try:
+                fn()
+            except Exception as e:
+                _say(f"[neoxray] {fn.__qualname__} failed: {_first_line(e)}")
+
+    thread = threading.Thread(target=run, name="neoxray-every", daemon=True)
+    thread.start()
+    return thread
 
 
 def _fit(cfg, run_dir: Path, resume_from: str | None, use_gpu: bool, world: int, console: bool):

@@ -31,6 +31,11 @@ def run_local(cfg, run_dir: str | None = None, verbose: bool = False) -> list[di
     if verbose:
         os.environ["NEOXRAY_VERBOSE"] = "1"
     validate(cfg)
+    if cfg.eval.tasks:
+        raise NeoxrayError(
+            f"eval.tasks={cfg.eval.tasks} runs on Ray actors beside the training run: train on Ray (without "
+            f"--no-ray), or evaluate checkpoints afterwards with `neoxray eval --model RUN_DIR`"
+        )
     cfg = resolved(cfg)
     run_dir = Path(run_dir or cfg.run_dir or Path("runs") / cfg.name).resolve()
     if resolve_device(cfg.train.device) == "cpu":

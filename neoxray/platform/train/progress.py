@@ -60,8 +60,8 @@ class Progress:
                 self._print(f"resumed at step {record['step']} from its checkpoint", final=True)
             return
         step = record.get("step")
-        if not isinstance(step, int):
-            return
+        if not isinstance(step, int) or "eval" in record or "eval_error" in record:
+            return  # evaluations of checkpoints are announced by the driver itself
         if self.started is None:
             self.started = (step - 1, time.monotonic() - float(record.get("step_time_s") or 0.0))
         if record.get("val_loss") is not None:

@@ -1,5 +1,6 @@
 """`neoxray report RUN_DIR`: one self-contained HTML page (RUN_DIR/report.html) with plots of a run's training
-and validation loss, learning rate, gradient norm and throughput, read from metrics.jsonl and drawn with
+and validation loss, learning rate, gradient norm, throughput and evaluation scores (`eval.tasks`), read from
+metrics.jsonl and drawn with
 matplotlib (embedded as PNG), plus the run's config and checkpoints. Open it in any browser; nothing else is
 needed to read it."""
 
@@ -36,6 +37,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue  # a line cut short by a crash
     return records
+
+
+def _flat_eval(result: dict) -> dict[str, float]:
+    """{task: {metric: value}} -> {"task metric": value}."""
+    return {f"{task} {metric}": v for task, metrics in result.items() for metric, v in metrics.items()}
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -94,6 +100,10 @@ def write_report(run_dir, out: str | os.PathLike | None = None) -> Path:
     if resumes:
         facts.append(("resumed at steps", ", ".join(map(str, resumes))))
     panels = [(t, _plot(records, t, s, scale)) for t, s, scale in PANELS]
+    flat = [{"step": r["step"], **_flat_eval(r["eval"])} for r in records if isinstance(r.get("eval"), dict)]
+    keys = sorted({k for r in flat for k in r if k != "step"})
+    if keys:
+        panels.append(("Evaluation (lm-eval)", _plot(flat, "Evaluation (lm-eval)", [(k, k) for k in keys], "linear")))
     config = run_dir / "config.yaml"
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",

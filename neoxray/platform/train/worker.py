@@ -14,7 +14,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from neoxray.errors import NeoxrayError
-from neoxray.platform.checkpoint import CheckpointSource, HFSource, checkpoint_dir_name, list_checkpoints
+from neoxray.platform.checkpoint import EVAL_PIN, CheckpointSource, HFSource, checkpoint_dir_name, prune_checkpoints
 from neoxray.platform.train.checkpointing import restore_training_state, save_checkpoint
 from neoxray.platform.train.config import to_dict
 from neoxray.platform.train.engine import TrainEngine
@@ -33,9 +33,10 @@ class CheckpointWriter:
     deletes the oldest beyond `keep` (0: keep all). The newest checkpoint is never deleted, and damaged ones
     are set aside under another name before a run starts, so rotation only ever sees intact ones."""
 
-    def __init__(self, run_dir, keep: int = 0):
+    def __init__(self, run_dir, keep: int = 0, pin: bool = False):
         self.root = Path(run_dir)
         self.keep = keep
+        self.pin = pin  # mark each new checkpoint for evaluation (eval.tasks): rotation leaves it until then
         self.newest: str | None = None
 
     @contextlib.contextmanager
@@ -52,10 +53,9 @@ class CheckpointWriter:
         if dist.get_rank() == 0:
             shutil.rmtree(dest, ignore_errors=True)
             tmp.rename(dest)
-            done = list_checkpoints(self.root)
-            for old in done[: -self.keep] if self.keep else []:
-                if old != dest:
-                    shutil.rmtree(old, ignore_errors=True)
+            if self.pin:
+                (dest / EVAL_PIN).touch()
+            prune_checkpoints(self.root, self.keep)
         self.newest = str(dest)
         dist.barrier()
 
@@ -91,7 +91,7 @@ def train_worker(
     engine = TrainEngine(cfg, loader=loader)
     if source is not None:
         restore_training_state(engine, source)
-    writer = CheckpointWriter(run_dir, keep=cfg.checkpoint.keep)
+    writer = CheckpointWriter(run_dir, keep=cfg.checkpoint.keep, pin=bool(cfg.eval.tasks))
     writer.newest = resume_from
     sink = metrics_sink_fn(engine) if (metrics_sink_fn is not None and engine.rank == 0) else None
     if sink is not None:

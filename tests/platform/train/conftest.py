@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, run_cli
 
 STEPS = 5
 BASE = [
@@ -72,3 +72,13 @@ def losses(run_dir, key="loss") -> dict[int, float]:
 def assert_same(a: dict, b: dict, steps):
     for s in steps:
         assert abs(a[s] - b[s]) <= 1e-4 * abs(b[s]), f"step {s}: {a[s]} != {b[s]}"
+
+
+@pytest.fixture(scope="session")
+def reference(prepared, tmp_path_factory):
+    """The plain single-process run of the same engine, without Ray (`neoxray train --no-ray`), in a fresh
+    process: STEPS + 2 steps with the schedule of the STEPS-step runs... and one for the resume tests."""
+    root = tmp_path_factory.mktemp("ref")
+    args = [f"{o}" for o in BASE] + [f"data.path={prepared}", "name=ref"]
+    run_cli("train", "--no-ray", "--run-dir", str(root / "ref"), *args, "checkpoint.every=0")
+    return root / "ref"

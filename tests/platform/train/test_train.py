@@ -20,16 +20,6 @@ from tests.platform.train.conftest import BASE, LAYOUTS, STEPS, assert_same, cfg
 pytestmark = pytest.mark.e2e  # real Ray Train runs
 
 
-@pytest.fixture(scope="session")
-def reference(prepared, tmp_path_factory):
-    """The plain single-process run of the same engine, without Ray (`neoxray train --no-ray`), in a fresh
-    process: STEPS + 2 steps with the schedule of the STEPS-step runs... and one for the resume tests."""
-    root = tmp_path_factory.mktemp("ref")
-    args = [f"{o}" for o in BASE] + [f"data.path={prepared}", "name=ref"]
-    run_cli("train", "--no-ray", "--run-dir", str(root / "ref"), *args, "checkpoint.every=0")
-    return root / "ref"
-
-
 def test_every_layout_trains_the_same_model(prepared, reference, ray_local, tmp_path):
     from neoxray.platform.train.driver import run_train
 

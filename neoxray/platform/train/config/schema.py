@@ -238,12 +238,26 @@ class LoggingSection:
 
 @dataclass
 class EvalSection:
-    """Periodic evaluation loss on held-out data."""
+    """Evaluation while training: the validation loss on held-out data every `every` steps (in the training
+    loop), and lm-evaluation-harness tasks on each new checkpoint (on Ray actors of their own, beside the run)."""
 
     every: int = 0
-    """Evaluate every this many optimizer steps; 0: never."""
+    """Compute the validation loss every this many optimizer steps; 0: never."""
     batches: int = 10
-    """Global batches per evaluation."""
+    """Global batches per validation loss."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks (names, as `neoxray eval --tasks` takes them) to run on each new checkpoint
+    while training goes on; empty: none. Needs Ray (the tasks run on separate actors, never blocking training);
+    results go to metrics.jsonl as {"step": N, "eval": {task: {metric: value}}}, TensorBoard and the Ray
+    metrics `neoxray_eval_*`. A failed evaluation is reported and never stops training."""
+    num_fewshot: int | None = None
+    """Few-shot examples per task (null: each task's default)."""
+    limit: int | None = None
+    """At most this many examples per task (null: all), to keep evaluations short beside training."""
+    include_path: str | None = None
+    """A folder of extra lm-eval task YAMLs (local tasks with local data files, for clusters without the hub)."""
+    resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    """Ray resources of each evaluation actor, e.g. {CPU: 1} or {GPU: 1}."""
 
 
 @dataclass

@@ -159,6 +159,14 @@ def validate(cfg: RunConfig) -> None:
         err(f"eval.every={cfg.eval.every} must be >= 0 (0: never)")
     if cfg.eval.every > 0 and cfg.eval.batches < 1:
         err(f"eval.batches={cfg.eval.batches} must be >= 1 when eval.every > 0")
+    if any(not isinstance(t, str) or not t.strip() for t in cfg.eval.tasks):
+        err(f"eval.tasks={cfg.eval.tasks} must be task names")
+    if cfg.eval.num_fewshot is not None and cfg.eval.num_fewshot < 0:
+        err(f"eval.num_fewshot={cfg.eval.num_fewshot} must be >= 0 (or null for each task's default)")
+    if cfg.eval.limit is not None and cfg.eval.limit < 1:
+        err(f"eval.limit={cfg.eval.limit} must be >= 1 (or null for every example)")
+    if any(not (isinstance(v, int | float) and v >= 0) for v in cfg.eval.resources.values()):
+        err(f"eval.resources={cfg.eval.resources} must map resource names to amounts >= 0, e.g. {{CPU: 1}}")
     if not cfg.name or "/" in cfg.name or "\\" in cfg.name or cfg.name in (".", ".."):
         err(f"name={cfg.name!r} must be a plain directory name (no path separators)")
 
