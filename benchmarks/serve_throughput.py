@@ -159,7 +159,7 @@ async def run_clients(send, prompts: list[list[int]], clients: int, per_client: 
 
 def engine_sender(engine, max_tokens: int):
     from neoxray.model.decoding import SamplingParams
-    from neoxray.platform.serve.request import Request
+    from neoxray.platform.inference.request import Request
 
     async def send(prompt):
         t0 = time.perf_counter()
@@ -297,8 +297,8 @@ def main(argv=None) -> int:
     # neoxray
     results = []
     if args.mode == "engine":
-        from neoxray.platform.serve.engine import InferenceEngine
-        from neoxray.platform.serve.request import EngineConfig
+        from neoxray.platform.inference.engine import InferenceEngine
+        from neoxray.platform.inference.request import EngineConfig
 
         engine = InferenceEngine(
             ours,

@@ -12,14 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "neoxray"
 MAX_LINES = 600
 
-SERVE_ENGINE = [
-    "neoxray.platform.serve.engine",
-    "neoxray.platform.serve.scheduler",
-    "neoxray.platform.serve.model_runner",
-    "neoxray.platform.serve.output_processor",
-    "neoxray.platform.serve.kv_cache",
-    "neoxray.platform.serve.request",
-]
+INFERENCE = ["neoxray.platform.inference"]
 """The inference engine: plain PyTorch, so that GPU machines without Ray (and `--no-ray`) run it."""
 TRAIN_ENGINE = [
     "neoxray.platform.train.engine",
@@ -46,8 +39,22 @@ RULES: list[tuple[list[str], list[str], str]] = [
     (["neoxray.model"], ["ray", "deepspeed", "pyarrow", "fastapi", "uvicorn"], "the model is plain PyTorch"),
     (["neoxray.pipelines"], ["neoxray.platform", "neoxray.cli"], "pipelines know no platform"),
     (["neoxray.pipelines"], ["deepspeed", "fastapi"], "pipelines are data only"),
-    (["neoxray.platform.serve"], ["neoxray.platform.train"], "serving imports no training module"),
+    (
+        ["neoxray.platform.serve"],
+        ["neoxray.platform.train", "neoxray.platform.eval"],
+        "serving imports no training or evaluation module",
+    ),
     (["neoxray.platform.train"], ["neoxray.platform.serve"], "training imports no serving module"),
+    (
+        ["neoxray.platform.eval"],
+        ["neoxray.platform.serve", "neoxray.platform.train"],
+        "evaluation runs on the inference engine, not on the server or the trainer",
+    ),
+    (
+        INFERENCE,
+        ["neoxray.platform.serve", "neoxray.platform.train", "neoxray.platform.eval"],
+        "the inference engine is used by serving and evaluation and knows neither",
+    ),
     (
         SHARED_PLATFORM,
         ["neoxray.platform.train", "neoxray.platform.serve"],
@@ -58,7 +65,7 @@ RULES: list[tuple[list[str], list[str], str]] = [
         ["ray", "deepspeed"],
         "reading a checkpoint needs neither Ray nor DeepSpeed",
     ),
-    (SERVE_ENGINE, ["ray", "fastapi", "deepspeed", "uvicorn"], "the inference engine runs without Ray"),
+    (INFERENCE, ["ray", "fastapi", "deepspeed", "uvicorn"], "the inference engine runs without Ray"),
     (TRAIN_ENGINE, ["ray"], "the training engine runs without Ray"),
     (["neoxray.model", "neoxray.pipelines", "neoxray.platform"], ["neoxray.cli"], "only the entry point is the CLI"),
 ]
@@ -182,7 +189,7 @@ def test_the_checker_catches_planted_violations_and_cycles(tmp_path):
         "model/c.py": "def g():\n    from neoxray.model import b\n",  # c -> b: a cycle, hidden in a function
         "platform/__init__.py": "",
         "platform/serve/__init__.py": "",
-        "platform/serve/engine.py": "import ray\nfrom ..train.engine import X\n",
+        "platform/inference/engine.py": "import ray\nfrom ..train.engine import X\n",
         "platform/train/__init__.py": "",
         "platform/train/engine.py": "X = 1\n",
     }
@@ -193,8 +200,8 @@ def test_the_checker_catches_planted_violations_and_cycles(tmp_path):
     assert graph["neoxray.model.b"] == {"neoxray.model.c"}
     found = violations(graph)
     assert any(v.startswith("neoxray.model.a imports neoxray.platform.train.engine") for v in found)
-    assert any(v.startswith("neoxray.platform.serve.engine imports neoxray.platform.train.engine") for v in found)
-    assert any(v.startswith("neoxray.platform.serve.engine imports ray ") for v in found)
+    assert any(v.startswith("neoxray.platform.inference.engine imports neoxray.platform.train.engine") for v in found)
+    assert any(v.startswith("neoxray.platform.inference.engine imports ray ") for v in found)
     assert cycles(graph) == [["neoxray.model.b", "neoxray.model.c"]]
 
 

@@ -115,9 +115,9 @@ class EngineRunner:
 
     def __init__(self, model_path: str, options: EngineOptions = EngineOptions()):
         from neoxray.model.precision import to_dtype
+        from neoxray.platform.inference.engine import InferenceEngine
+        from neoxray.platform.inference.request import EngineConfig
         from neoxray.platform.model_loading import load_for_inference
-        from neoxray.platform.serve.engine import InferenceEngine
-        from neoxray.platform.serve.request import EngineConfig
 
         dtype = None if options.dtype == "auto" else to_dtype(options.dtype, "--dtype")
         model, tokenizer, name = load_for_inference(model_path, device=options.device, dtype=dtype)
@@ -151,7 +151,7 @@ class EngineRunner:
     # -- requests ---------------------------------------------------------------------------------------------
     def score(self, items: Sequence[ScoreItem], progress: Progress = None) -> list[tuple[float, bool]]:
         """(log-likelihood of the scored tokens, whether each is the most likely token at its position) per item."""
-        from neoxray.platform.serve.request import Request
+        from neoxray.platform.inference.request import Request
 
         for it in items:
             if not 0 < it.n_scored < len(it.tokens) or len(it.tokens) > self.max_length + 1:
@@ -180,7 +180,7 @@ class EngineRunner:
 
     def generate(self, items: Sequence[GenItem], progress: Progress = None) -> list[list[int]]:
         """The generated token ids of each item (its stop string or end-of-document token included, as made)."""
-        from neoxray.platform.serve.request import Request
+        from neoxray.platform.inference.request import Request
 
         for it in items:
             if len(it.prompt) + it.max_tokens > self.max_length:
@@ -193,7 +193,7 @@ class EngineRunner:
 
     def _run(self, requests: list, progress: Progress) -> list:
         """Serve `requests` on the engine, `self.window` ahead of what it runs; their Completions in order."""
-        from neoxray.platform.serve.request import Completion
+        from neoxray.platform.inference.request import Completion
 
         engine = self.engine
         collected: list[list] = [[] for _ in requests]

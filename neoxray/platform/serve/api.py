@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
+from neoxray.platform.inference.request import InvalidRequest
 from neoxray.platform.serve.client import EngineClient, LocalEngineClient, ServeObserver
 from neoxray.platform.serve.limits import ServingLimits
 from neoxray.platform.serve.protocol import (
@@ -49,7 +50,6 @@ from neoxray.platform.serve.protocol import (
     TokenizeResponse,
     TokenizerInfo,
 )
-from neoxray.platform.serve.request import InvalidRequest
 from neoxray.platform.serve.serving import UNAVAILABLE, ApiError, OpenAIServing
 
 PARSE_ON_LOOP_BYTES = 64 * 1024

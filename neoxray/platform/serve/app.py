@@ -34,9 +34,9 @@ from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RayServeException
 
 from neoxray.errors import NeoxrayError
+from neoxray.platform.inference.request import EngineInfo, Request
 from neoxray.platform.serve.args import ServeArgs
 from neoxray.platform.serve.client import Batch, EngineClient, EngineUnavailable
-from neoxray.platform.serve.request import EngineInfo, Request
 
 __all__ = ["NeoxrayIngress", "NeoxrayModel", "ServeArgs", "ServeEngineClient", "build_app"]
 

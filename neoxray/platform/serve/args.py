@@ -10,8 +10,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from neoxray.errors import NeoxrayError
+from neoxray.platform.inference.request import EngineConfig
 from neoxray.platform.serve import limits as L
-from neoxray.platform.serve.request import EngineConfig
 
 API_KEY_ENV = "NEOXRAY_API_KEY"
 
@@ -119,7 +119,7 @@ class ServeArgs(BaseModel):
     def build_engine(self):
         """Load the model and make its (not yet started) InferenceEngine, as these arguments say."""
         from neoxray.model.precision import to_dtype
-        from neoxray.platform.serve.engine import InferenceEngine
+        from neoxray.platform.inference.engine import InferenceEngine
 
         return InferenceEngine.from_path(
             self.model,

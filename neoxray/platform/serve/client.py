@@ -12,7 +12,7 @@ DeploymentHandle. Both answer the same four calls:
 - `embed(token_lists)`: embeddings, one input per engine call, so running requests keep decoding between them;
 - `stats()`: the engine's counters (EngineDead when its thread has stopped).
 
-Failures are `QueueFull` and `EngineDead` (`neoxray.platform.serve.request`) and `EngineUnavailable` (no engine
+Failures are `QueueFull` and `EngineDead` (`neoxray.platform.inference.request`) and `EngineUnavailable` (no engine
 can take the request now, or the one serving it went away); the serving layer answers each with a 503.
 No Ray and no HTTP here.
 """
@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from neoxray.errors import NeoxrayError
-from neoxray.platform.serve.request import EngineDead, EngineInfo, Output, Request
+from neoxray.platform.inference.request import EngineDead, EngineInfo, Output, Request
 
 Batch = list[tuple[int, Output]]
 """What one step of `EngineClient.generate` yields: (choice index, Output) pairs, at most one per choice."""

@@ -4,8 +4,8 @@ model replica of the Serve application, where the engine runs (`neoxray.platform
 
 from __future__ import annotations
 
+from neoxray.platform.inference.request import Output
 from neoxray.platform.serve.client import ServeObserver
-from neoxray.platform.serve.request import Output
 
 LATENCY_BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 """Histogram bucket edges in seconds."""

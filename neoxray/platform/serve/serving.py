@@ -31,6 +31,7 @@ from functools import lru_cache
 import numpy as np
 
 from neoxray.model.decoding import SamplingParams
+from neoxray.platform.inference.request import SAMPLING_EPS, EngineDead, Output, QueueFull, Request, TokenLogprob
 from neoxray.platform.serve.client import EngineClient, EngineUnavailable, merge_ready
 from neoxray.platform.serve.limits import ServingLimits, prompt_char_bound
 from neoxray.platform.serve.protocol import (
@@ -55,7 +56,6 @@ from neoxray.platform.serve.protocol import (
     TokenizerInfo,
     UsageInfo,
 )
-from neoxray.platform.serve.request import SAMPLING_EPS, EngineDead, Output, QueueFull, Request, TokenLogprob
 
 Choice = tuple[list[int], str, Request]
 """One choice of a completion: its prompt's token ids and text, and its engine request."""

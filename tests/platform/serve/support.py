@@ -79,7 +79,7 @@ class ParkingModel:
         from neoxray.model.hf import load_model_and_tokenizer
 
         model, self.tokenizer = load_model_and_tokenizer(model_dir)
-        from neoxray.platform.serve.engine import InferenceEngine
+        from neoxray.platform.inference.engine import InferenceEngine
 
         self._info = InferenceEngine(model, self.tokenizer).info
         self.park_id = self.tokenizer.encode("park")[0]
@@ -89,7 +89,7 @@ class ParkingModel:
         return self._info, self.tokenizer
 
     async def generate(self, requests):
-        from neoxray.platform.serve.request import Output
+        from neoxray.platform.inference.request import Output
 
         await self.arrivals.add.remote()
         parks = requests[0].prompt_ids[0] == self.park_id

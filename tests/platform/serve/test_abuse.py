@@ -82,7 +82,7 @@ def watched(tiny_model_dir):
     """An in-process server whose tokenizer records its calls (characters asked for) and holds a text that
     starts with HOLD until released."""
     from neoxray.model.hf import load_model_and_tokenizer
-    from neoxray.platform.serve.engine import InferenceEngine
+    from neoxray.platform.inference.engine import InferenceEngine
 
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     calls, entered, release = [], threading.Event(), threading.Event()
@@ -137,8 +137,8 @@ def test_a_small_request_is_served_while_a_flood_request_holds_the_queue(tiny_mo
     single 4-token sequence arrive, in that order, on a batch of 4 rows: the small one finishes before any
     sequence of the flood (first come first served kept it waiting for the whole first wave)."""
     from neoxray.model.hf import load_model_and_tokenizer
-    from neoxray.platform.serve.engine import InferenceEngine
-    from neoxray.platform.serve.request import EngineConfig
+    from neoxray.platform.inference.engine import InferenceEngine
+    from neoxray.platform.inference.request import EngineConfig
 
     engine = InferenceEngine(*load_model_and_tokenizer(tiny_model_dir), EngineConfig(max_num_seqs=4)).start()
     engine.config.max_running_per_group = 2  # what `neoxray serve` sets: half of the batch rows

@@ -14,8 +14,8 @@ import yaml
 from neoxray.errors import NeoxrayError
 from neoxray.model.decoding import SamplingParams
 from neoxray.model.hf import load_model_and_tokenizer
-from neoxray.platform.serve.engine import InferenceEngine
-from neoxray.platform.serve.request import EngineConfig, Request
+from neoxray.platform.inference.engine import InferenceEngine
+from neoxray.platform.inference.request import EngineConfig, Request
 from tests.conftest import ROOT, run_cli
 from tests.platform.serve.support import Server, wait_until
 

@@ -12,7 +12,7 @@ import pytest
 
 from neoxray.errors import NeoxrayError
 from neoxray.model.tokenizer import Tokenizer
-from neoxray.platform.serve.request import InvalidRequest, Request
+from neoxray.platform.inference.request import InvalidRequest, Request
 from tests.conftest import SHARED_TOKENIZER
 
 
@@ -58,8 +58,8 @@ def test_the_character_bound_never_refuses_a_prompt_that_fits(sample_tokenizer_d
 
 
 def serving(model_tok, **limits):
+    from neoxray.platform.inference.engine import InferenceEngine
     from neoxray.platform.serve.client import LocalEngineClient
-    from neoxray.platform.serve.engine import InferenceEngine
     from neoxray.platform.serve.limits import ServingLimits
     from neoxray.platform.serve.serving import OpenAIServing
 
@@ -86,7 +86,7 @@ def test_embedding_requests_are_bounded(model_tok):
 
 def test_values_that_would_fail_the_engine_step_are_refused(model_tok):
     from neoxray.model.decoding import SamplingParams
-    from neoxray.platform.serve.engine import InferenceEngine
+    from neoxray.platform.inference.engine import InferenceEngine
 
     engine = InferenceEngine(*model_tok)
     for param, sampling in (

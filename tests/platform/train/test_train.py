@@ -81,8 +81,8 @@ def test_every_layout_trains_the_same_model(prepared, reference, ray_local, tmp_
 
     # serving takes the run directory as it is (its newest checkpoint): the same model as the export
     from neoxray.model.decoding import SamplingParams
-    from neoxray.platform.serve.engine import InferenceEngine
-    from neoxray.platform.serve.request import Request
+    from neoxray.platform.inference.engine import InferenceEngine
+    from neoxray.platform.inference.request import Request
 
     def greedy(engine):
         req = Request([5, 6, 7], max_tokens=8, sampling=SamplingParams(greedy=True, stop_at_eod=False))

@@ -13,8 +13,8 @@ import torch
 from neoxray.model.decoding import SamplingParams
 from neoxray.model.generate import generate, score
 from neoxray.model.hf import load_model_and_tokenizer
-from neoxray.platform.serve.engine import InferenceEngine
-from neoxray.platform.serve.request import EngineConfig, InvalidRequest, Request
+from neoxray.platform.inference.engine import InferenceEngine
+from neoxray.platform.inference.request import EngineConfig, InvalidRequest, Request
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 200, 300, 400], [17], list(range(20, 45)), [7, 7, 7]]
 GREEDY = SamplingParams(greedy=True, stop_at_eod=False)

@@ -12,8 +12,8 @@ import pytest
 from neoxray.model.decoding import SamplingParams
 from neoxray.model.generate import generate
 from neoxray.model.hf import load_model_and_tokenizer
-from neoxray.platform.serve.engine import InferenceEngine
-from neoxray.platform.serve.request import EngineConfig, Request
+from neoxray.platform.inference.engine import InferenceEngine
+from neoxray.platform.inference.request import EngineConfig, Request
 
 GREEDY = SamplingParams(greedy=True, stop_at_eod=False)
 

@@ -6,16 +6,16 @@ loop) submit requests and receive their tokens as they are produced.
 
 One engine step:
     1. take in new requests and aborts;
-    2. admit waiting requests (`neoxray.platform.serve.scheduler`: fair across groups, i.e. HTTP requests, and
+    2. admit waiting requests (`neoxray.platform.inference.scheduler`: fair across groups, i.e. HTTP requests, and
        first come first served within one; batch rows; KV blocks reserved for the prompt plus `max_tokens`, so
        no request is ever preempted);
     3. prefill: up to `prefill_chunk` prompt tokens of the admitted requests (each group's first prompt before
-       any group's second), in one forward (`neoxray.platform.serve.model_runner`);
+       any group's second), in one forward (`neoxray.platform.inference.model_runner`);
     4. decode: one new token for every running request, in one batched forward.
-Tokens, text, stop strings and log-probabilities come from `neoxray.platform.serve.output_processor`. A request
+Tokens, text, stop strings and log-probabilities come from `neoxray.platform.inference.output_processor`. A request
 joins the decode batch on the step after its prompt is in the cache and leaves it when it finishes (end of
 document, a stop string, `max_tokens`, the context length) or is aborted; its blocks are freed at once. The
-cache itself is `neoxray.platform.serve.kv_cache`; requests and outputs are `neoxray.platform.serve.request`.
+cache itself is `neoxray.platform.inference.kv_cache`; requests and outputs are `neoxray.platform.inference.request`.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ import torch
 
 from neoxray.errors import NeoxrayError
 from neoxray.model.gptneox import GPTNeoX
-from neoxray.platform.serve.kv_cache import PagedKVCache
-from neoxray.platform.serve.model_runner import ModelRunner
-from neoxray.platform.serve.output_processor import OutputProcessor
-from neoxray.platform.serve.request import (
+from neoxray.platform.inference.kv_cache import PagedKVCache
+from neoxray.platform.inference.model_runner import ModelRunner
+from neoxray.platform.inference.output_processor import OutputProcessor
+from neoxray.platform.inference.request import (
     Completion,
     EngineConfig,
     EngineDead,
@@ -43,7 +43,7 @@ from neoxray.platform.serve.request import (
     QueueFull,
     Request,
 )
-from neoxray.platform.serve.scheduler import Scheduler, SequenceState
+from neoxray.platform.inference.scheduler import Scheduler, SequenceState
 
 
 class InferenceEngine:

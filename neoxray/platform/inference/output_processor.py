@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from neoxray.model.decoding import IncrementalDetokenizer, StopChecker, sample_next, seeded_generator
-from neoxray.platform.serve.request import Output, TokenLogprob
-from neoxray.platform.serve.scheduler import SequenceState
+from neoxray.platform.inference.request import Output, TokenLogprob
+from neoxray.platform.inference.scheduler import SequenceState
 
 
 class OutputProcessor:

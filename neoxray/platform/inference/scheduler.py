@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from neoxray.model.decoding import IncrementalDetokenizer, StopChecker
-from neoxray.platform.serve.kv_cache import PagedKVCache
-from neoxray.platform.serve.request import EngineConfig, Output, Request, TokenLogprob
+from neoxray.platform.inference.kv_cache import PagedKVCache
+from neoxray.platform.inference.request import EngineConfig, Output, Request, TokenLogprob
 
 
 @dataclass

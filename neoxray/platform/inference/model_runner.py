@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from neoxray.model.gptneox import GPTNeoX
-from neoxray.platform.serve.kv_cache import PagedKVCache
-from neoxray.platform.serve.scheduler import SequenceState
+from neoxray.platform.inference.kv_cache import PagedKVCache
+from neoxray.platform.inference.scheduler import SequenceState
 
 
 class ModelRunner:
