@@ -21,3 +21,5 @@ run benchmarks/train_throughput.py --preset neox-20b --layers 4 --micro-batch 4 
 # serving: the inference engine driven directly (Ray is not on the GPU machines); transformers in the same process
 run benchmarks/serve_throughput.py --preset pythia-1.4b --mode engine --device cuda --dtype bf16 --clients 1,32 --requests-per-client 1 --prompt-len 128 --max-tokens 128 --hf-single-requests 2 --static-batches 32 --json "$OUT/serve_p14.json"
 run benchmarks/serve_throughput.py --preset neox-20b --mode engine --device cuda --dtype bf16 --clients 1,16 --requests-per-client 1 --prompt-len 128 --max-tokens 128 --hf-single-requests 2 --static-batches 16 --json "$OUT/serve_20b.json"
+# evaluation: neoxray's lm-eval backend against lm-eval's hf backend (lm-eval must be on the machine)
+run benchmarks/eval_throughput.py --preset pythia-1.4b --device cuda --batch-size 32 --questions 200 --json "$OUT/eval_p14.json"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The embedded default, end to end on a CPU, offline: tokenizer -> Ray Data prepare -> 3D-parallel training
-# (dp 2 x tp 2 x pp 2 on a local Ray cluster) -> export to a Hugging Face directory -> generation -> serving
+# (dp 2 x tp 2 x pp 2 on a local Ray cluster) -> export to a Hugging Face directory -> generation -> evaluation
+# with lm-evaluation-harness on a held-out task -> serving
 # the model on Ray Serve behind an OpenAI-compatible endpoint, and one completion request over HTTP.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,13 +12,13 @@ STEPS="${NEOXRAY_DEMO_STEPS:-100}"
 SAMPLE=neoxray/pipelines/sample/sample.jsonl.zst
 mkdir -p "$RUN"
 
-echo "== 1/6 tokenizer: byte-level BPE (4096 tokens) trained on the bundled sample -> $RUN/tokenizer"
+echo "== 1/7 tokenizer: byte-level BPE (4096 tokens) trained on the bundled sample -> $RUN/tokenizer"
 [ -f "$RUN/tokenizer/tokenizer.json" ] || neoxray tokenizer train --input "$SAMPLE" --vocab-size 4096 --output "$RUN/tokenizer"
 
-echo "== 2/6 prepare: Ray Data tokenizes and packs the sample into rows of 129 tokens -> $RUN/data"
+echo "== 2/7 prepare: Ray Data tokenizes and packs the sample into rows of 129 tokens -> $RUN/data"
 neoxray prepare --input "$SAMPLE" --tokenizer "$RUN/tokenizer" --seq-len 128 --output "$RUN/data"
 
-echo "== 3/6 train: tiny GPT-NeoX, dp 2 x tp 2 x pp 2 = 8 Ray Train workers (DeepSpeed pipeline + ZeRO-1), $STEPS steps"
+echo "== 3/7 train: tiny GPT-NeoX, dp 2 x tp 2 x pp 2 = 8 Ray Train workers (DeepSpeed pipeline + ZeRO-1), $STEPS steps"
 if [ -d "$RUN/train" ]; then
   echo "(a fresh run: the previous demo's training run in $RUN/train is replaced)"
   rm -rf "$RUN/train"
@@ -25,15 +26,20 @@ fi
 neoxray train --config configs/tiny-cpu.yaml --run-dir "$RUN/train" data.path="$RUN/data" train.steps="$STEPS"
 neoxray report "$RUN/train"
 
-echo "== 4/6 export: merge the sharded checkpoint into a Hugging Face directory -> $RUN/model"
+echo "== 4/7 export: merge the sharded checkpoint into a Hugging Face directory -> $RUN/model"
 neoxray export --checkpoint "$RUN/train" --out "$RUN/model"
 
-echo "== 5/6 generate from the trained model (a tiny model after a few minutes of training writes gibberish)"
+echo "== 5/7 generate from the trained model (a tiny model after a few minutes of training writes gibberish)"
 neoxray generate --model "$RUN/model" --prompt "def __init__(self" --max-new-tokens 40 --temperature 0.7 --top-k 40 --seed 0
+
+echo "== 6/7 eval: lm-evaluation-harness on neoxray's engine, a last-word task from the sample's held-out documents"
+python scripts/heldout_task.py "$SAMPLE" "$RUN/eval"
+neoxray eval --model "$RUN/model" --tasks neoxray_heldout_lastword --include-path "$RUN/eval" --bootstrap-iters 0 \
+    --output "$RUN/eval/results.json"
 
 PORT="${NEOXRAY_DEMO_PORT:-8000}"
 URL="http://127.0.0.1:$PORT"
-echo "== 6/6 serve: Ray Serve hosts the exported model at $URL/v1 (OpenAI-compatible); one completion over HTTP"
+echo "== 7/7 serve: Ray Serve hosts the exported model at $URL/v1 (OpenAI-compatible); one completion over HTTP"
 neoxray serve --model "$RUN/model" --port "$PORT" --name demo >"$RUN/serve.log" 2>&1 &
 SERVE_PID=$!
 # SIGTERM, not SIGINT: a non-interactive shell starts background jobs with SIGINT ignored
@@ -59,6 +65,7 @@ Ray dashboard     the demo's cluster stops with each command; to watch a run the
                   configs/tiny-cpu.yaml data.path=$(cd "$RUN" && pwd)/data --run-dir $(cd "$RUN" && pwd)/job';
                   see docs/cluster.md
 exported model    $RUN/model  (transformers.AutoModelForCausalLM.from_pretrained("$RUN/model"))
+evaluation        $RUN/eval/results.json  (lm-eval's results; neoxray eval --suite model-card for the card's table)
 endpoint          $URL/v1 served it (log: $RUN/serve.log); serve it again with
                   'neoxray serve --model $RUN/model' and point any OpenAI client at that URL
 MSG
