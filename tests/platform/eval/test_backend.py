@@ -127,6 +127,29 @@ def test_grouping_by_context_changes_no_result(tiny_model_dir, local_tm, neoxray
     assert_same_requests(other, neoxray_results, rtol=1e-6)
 
 
+def test_prefix_reuse_changes_no_result(tiny_model_dir, local_tm, neoxray_results):
+    """The engine's prefix cache shares each multiple-choice context among its continuations: switched off,
+    every answer is the same (and the shared run really took tokens from the cache)."""
+    from neoxray.platform.eval.lm import NeoxrayLM
+
+    other = evaluate("neoxray", f"pretrained={tiny_model_dir},device=cpu,prefix_caching=false", local_tm)
+    assert_same_results(other, neoxray_results)
+    assert_same_requests(other, neoxray_results, rtol=1e-6)
+    lm = NeoxrayLM(pretrained=str(tiny_model_dir), device="cpu")
+    try:
+        context, choices = "The quick brown fox jumps over the lazy dog and runs into the woods", [" a", " b", " c"]
+        lm.loglikelihood([_ll(context, c) for c in choices], disable_tqdm=True)
+        assert lm._runner.engine.stats()["prefix_cache_tokens"] > 0  # the in-process engine
+    finally:
+        lm.close()
+
+
+def _ll(context: str, continuation: str):
+    from lm_eval.api.instance import Instance
+
+    return Instance("loglikelihood", {}, (context, continuation), 0)
+
+
 def test_the_backend_is_registered_beside_lm_evals_own():
     from lm_eval.api.registry import get_model
 
