@@ -1,13 +1,16 @@
 """The prepared-dataset format: what `neoxray prepare` writes and the training reader reads (docs/data.md).
 
     DIR/manifest.json            written last: a DIR without it is unfinished
-    DIR/train/part-*.parquet     one column, `input_ids`: rows of seq_len + 1 token ids (uint16 or int32)
+    DIR/train/part-*.parquet     `input_ids`: rows of seq_len + 1 token ids (uint16 or int32); with content
+                                   prompt-completion also `loss_mask` (seq_len + 1 uint8 per row, aligned with
+                                   the ids) and `trained_labels` (int32 per row: sum of loss_mask[1:])
     DIR/validation/part-*.parquet
     DIR/tokenizer/               the tokenizer the data was prepared with
 
-Manifest fields the reader relies on: `format` (== FORMAT), `seq_len`, `row_length` (seq_len + 1), `dtype`,
-`splits.{train,validation}.{rows,files}` (each file entry: path, rows, row_groups, component), `options.by_component`,
-`tokenizer` (sha256, vocab_size, eod_id). Everything else (documents, tokens, bad_rows (dropped, by reason),
+Manifest fields the reader relies on: `format` (== FORMAT), `content` (CONTENTS; absent in datasets written
+before it existed: TEXT), `seq_len`, `row_length` (seq_len + 1), `dtype`, `splits.{train,validation}.{rows,files}`
+(each file entry: path, rows, component), `options.by_component`, `tokenizer` (sha256, vocab_size, eod_id).
+Everything else (documents, tokens, loss_tokens, trained_labels, bad_rows (dropped, by reason),
 documents_without_component (kept), components, inputs) is for people and for reruns.
 """
 
@@ -27,11 +30,30 @@ TOKENIZER_DIR = "tokenizer"
 """DIR/tokenizer/: the tokenizer the data was prepared with (tokenizer.json and the files AutoTokenizer needs)."""
 TOKEN_COLUMN = "input_ids"
 """The Parquet column holding each row's seq_len + 1 token ids."""
+LOSS_MASK_COLUMN = "loss_mask"
+"""The Parquet column (content prompt-completion only) of each row's seq_len + 1 loss-mask values (uint8, 0 or 1),
+aligned with its ids: mask[j] belongs to ids[j] as a *target*, 1 where ids[j] is a completion token or the EOD that
+ends a completion, 0 on prompt tokens. mask[0] is kept for alignment only (a row's first id is never a label)."""
+TRAINED_COLUMN = "trained_labels"
+"""The Parquet column (content prompt-completion only): per row, how many of its seq_len labels are trained
+(the sum of loss_mask[1:]); the reader counts a global batch's trained labels from it without reading masks."""
 INPUT_IDS, LABELS = "input_ids", "labels"
+"""Training batch keys: a row's first seq_len ids, and its last seq_len ids (the next-token targets)."""
+LOSS_MASK = "loss_mask"
+"""Training batch key, only when the data holds masked rows: bool [b, seq_len] aligned with `labels`. The
+convention: for a row of ids x[0..N] and stored mask m[0..N], input_ids = x[:N], labels = x[1:], loss_mask =
+m[1:], so loss_mask[:, t] says whether labels[:, t] (token t + 1, predicted at position t) is trained (False:
+set that label to -100). Absent for text data, whose every label is trained."""
+GLOBAL_TRAINED_LABELS = "global_trained_labels"
+"""Training batch key, always present: the number of trained labels in the whole global batch the micro-batch
+belongs to (every rank and micro-batch of it), to divide the summed loss by, whatever the layout."""
+TEXT, PROMPT_COMPLETION = "text", "prompt-completion"
+CONTENTS = (TEXT, PROMPT_COMPLETION)
+"""Manifest `content`: what the rows hold. text: documents, every token trained; prompt-completion: prompt tokens
+(mask 0) followed by completion tokens and EOD (mask 1)."""
 KEPT_REASONS = ("missing_meta",)
 """Row counts the reader reports that are not drops: a document without meta.pile_set_name is kept (component
 `unknown`) and counted in the manifest's `documents_without_component`, apart from `bad_rows`."""
-"""Training batch keys: a row's first seq_len ids, and its last seq_len ids (the next-token targets)."""
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -56,41 +78,47 @@ def read_manifest(path: str, required: bool = True) -> dict | None:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise NeoxrayError(f"{manifest_path}: unsupported format {found!r} (expected {FORMAT})")
+    content_of(manifest, manifest_path)
     return manifest
 
 
-def build_manifest(results, input_list, options, tok_info, seq_len, dtype, files) -> dict:
+def content_of(manifest: dict, where: str = "manifest") -> str:
+    """The manifest's `content` (TEXT for datasets written before the field existed); another value is an error."""
+    content = manifest.get("content", TEXT)
+    if content not in CONTENTS:
+        raise NeoxrayError(f"{where}: unsupported content {content!r} (expected one of {', '.join(CONTENTS)})")
+    return content
+
+
+def build_manifest(results, input_list, options, tok_info, seq_len, dtype, files, content=TEXT) -> dict:
     """The manifest of a finished `neoxray prepare` run, from its per-chunk statistics (`results["chunks"]`: file
-    -> chunk -> bad-row counts and (split, component, documents, tokens) tuples) and its packed streams
-    (`results["packed"]`: rows, files and dropped tokens per file, split and component). Documents, tokens,
-    rows and dropped tokens are totalled per split, component and input file; no usable document is an error."""
+    -> chunk -> bad-row counts and (split, component, documents, tokens, loss tokens) tuples) and its packed
+    streams (`results["packed"]`: rows, trained labels, files and dropped tokens per file, split and component).
+    The counts are totalled per split, component and input file; no usable document is an error."""
     chunks, packed = results["chunks"], results["packed"]
+    doc_keys = ("documents", "tokens", "loss_tokens")
+    row_keys = ("rows", "trained_labels", "dropped_tokens")
     bad: Counter = Counter()
     components: dict[str, dict] = {}
-    per_file = [{"documents": 0, "tokens": 0, "rows": 0, "dropped_tokens": 0} for _ in files]
-    splits = {s: {"documents": 0, "tokens": 0, "rows": 0, "dropped_tokens": 0, "files": []} for s in SPLITS}
+    per_file = [dict.fromkeys(doc_keys + row_keys, 0) for _ in files]
+    splits = {s: {**dict.fromkeys(doc_keys + row_keys, 0), "files": []} for s in SPLITS}
     for f, by_chunk in chunks.items():
         for c in sorted(by_chunk):
             bad.update(by_chunk[c]["bad"])
-            for split, comp, docs, tokens in by_chunk[c]["stats"]:
-                entry = components.setdefault(comp, {"documents": 0, "tokens": 0})
-                entry["documents"] += docs
-                entry["tokens"] += tokens
-                per_file[f]["documents"] += docs
-                per_file[f]["tokens"] += tokens
-                splits[SPLITS[split]]["documents"] += docs
-                splits[SPLITS[split]]["tokens"] += tokens
+            for split, comp, *counts in by_chunk[c]["stats"]:
+                entry = components.setdefault(comp, dict.fromkeys(doc_keys, 0))
+                for key, n in zip(doc_keys, counts):
+                    entry[key] += n
+                    per_file[f][key] += n
+                    splits[SPLITS[split]][key] += n
     for stream in sorted(packed, key=lambda s: (s["file_idx"], SPLITS.index(s["split"]), s["component"] or "")):
-        rows = sum(p["rows"] for p in stream["parts"])
         sp = splits[stream["split"]]
-        sp["rows"] += rows
-        sp["dropped_tokens"] += stream["dropped_tokens"]
         sp["files"].extend(stream["parts"])
-        per_file[stream["file_idx"]]["rows"] += rows
-        per_file[stream["file_idx"]]["dropped_tokens"] += stream["dropped_tokens"]
-    documents = sum(s["documents"] for s in splits.values())
-    tokens = sum(s["tokens"] for s in splits.values())
-    if documents == 0:
+        for key in row_keys:
+            sp[key] += stream[key]
+            per_file[stream["file_idx"]][key] += stream[key]
+    total = {k: sum(s[k] for s in splits.values()) for k in doc_keys + row_keys}
+    if total["documents"] == 0:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(bad.items())) or "none"
         raise NeoxrayError(
             f"no usable documents in {len(files)} input file(s) "
@@ -98,13 +126,11 @@ def build_manifest(results, input_list, options, tok_info, seq_len, dtype, files
         )
     return {
         "format": FORMAT,
+        "content": content,
         "seq_len": seq_len,
         "row_length": seq_len + 1,
         "dtype": dtype,
-        "documents": documents,
-        "tokens": tokens,
-        "rows": sum(s["rows"] for s in splits.values()),
-        "dropped_tokens": sum(s["dropped_tokens"] for s in splits.values()),
+        **total,
         "bad_rows": {k: v for k, v in sorted(bad.items()) if k not in KEPT_REASONS},
         "documents_without_component": sum(bad[k] for k in KEPT_REASONS),
         "components": dict(sorted(components.items())),

@@ -1,7 +1,9 @@
-"""Stage 3 of `neoxray prepare`: one input file's token streams -> Parquet rows of seq_len + 1 token ids.
+"""Token streams: the chunk files the tokenizer actors of `neoxray prepare` write (`ChunkStreams`), and stage 3,
+one input file's streams -> Parquet rows of seq_len + 1 token ids (`pack_file`).
 
-    DIR/.tmp-*/chunks/f<file>-c<chunk>.arrow     written by the tokenizer actors (one row per split and
-      |                                          component of the chunk: its ids, EOD after every document)
+    DIR/.tmp-*/chunks/f<file>-c<chunk>.arrow     written by the tokenizer actors (`ChunkStreams`: one row per
+      |                                          split and component of the chunk: its ids, EOD after every
+      |                                          document, and for masked content the loss mask of each id)
       v
     pack_file (a Ray task per input file)        concatenates each stream (split, component) in chunk order and
       |                                          cuts it into rows of seq_len + 1 ids that cross document
@@ -10,8 +12,10 @@
       v
     DIR/.tmp-*/{train,validation}/part-<file>[-<component tag>]-<part>.parquet
 
-The file names, rows per file, row groups and compression are fixed (`layout_for`, `COMPRESSION`), so that the
-same streams always give byte-identical files. The format itself is in `dataset_format` and docs/data.md.
+A loss mask travels with its ids through every step (same buffers, same cuts), so it stays aligned across
+document boundaries, row boundaries and the dropped remainder. The file names, rows per file, row groups and
+compression are fixed (`layout_for`, `COMPRESSION`), so that the same streams always give byte-identical files.
+The format itself is in `dataset_format` and docs/data.md.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import re
 import numpy as np
 
 from neoxray.pipelines import fs
-from neoxray.pipelines.dataset_format import SPLITS, TOKEN_COLUMN
+from neoxray.pipelines.dataset_format import LOSS_MASK_COLUMN, SPLITS, TOKEN_COLUMN, TRAINED_COLUMN
 
 TARGET_FILE_BYTES = 64 << 20
 """Rows per Parquet file are chosen so that a file holds about this many bytes of (uncompressed) uint16 ids."""
@@ -45,28 +49,89 @@ def layout_for(seq_len: int, dtype: str) -> tuple[int, int]:
     return per_file, group
 
 
-def _write_rows(path: str, values: np.ndarray, row_len: int, row_group_rows: int) -> None:
-    """Write `values` (a whole number of rows of `row_len` ids) as one Parquet file of the fixed layout."""
+class ChunkStreams:
+    """One chunk's token streams, keyed by (split, component), as a tokenizer actor builds them: `add` appends
+    a document (prompt ids, then its other ids, then EOD; the mask, when `masked`, is 0 on the prompt and 1 on the
+    rest), `write` stores them for `pack_file`."""
+
+    def __init__(self, eod: int, dtype: str, masked: bool):
+        self.eod, self.dtype, self.masked = int(eod), np.dtype(dtype), masked
+        self.ids: dict[tuple[int, str], list[int]] = {}
+        self.masks: dict[tuple[int, str], list[int]] = {}
+
+    def add(self, key: tuple[int, str], prompt: list[int], ids: list[int]) -> None:
+        stream = self.ids.get(key)
+        if stream is None:
+            stream = self.ids[key] = []
+            self.masks[key] = []
+        stream.extend(prompt)
+        stream.extend(ids)
+        stream.append(self.eod)
+        if self.masked:
+            mask = self.masks[key]
+            mask.extend([0] * len(prompt))
+            mask.extend([1] * (len(ids) + 1))
+
+    def write(self, path: str) -> bool:
+        """Write the streams as one Arrow IPC file at `path`; False (nothing written) when there are none."""
+        import pyarrow as pa
+
+        if not self.ids:
+            return False
+        keys = sorted(self.ids)
+        columns = {
+            "split": pa.array([k[0] for k in keys], pa.int8()),
+            "component": pa.array([k[1] for k in keys], pa.string()),
+            "ids": pa.array(
+                [np.asarray(self.ids[k], dtype=self.dtype) for k in keys], pa.list_(pa.from_numpy_dtype(self.dtype))
+            ),
+        }
+        if self.masked:
+            columns["mask"] = pa.array([np.asarray(self.masks[k], dtype=np.uint8) for k in keys], pa.list_(pa.uint8()))
+        table = pa.table(columns)
+        with fs.open_output(path) as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        return True
+
+
+def _list_column(values: np.ndarray, row_len: int):
+    import pyarrow as pa
+
+    offsets = pa.array(np.arange(0, len(values) + 1, row_len, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values))
+
+
+def _write_rows(path: str, values: np.ndarray, mask: np.ndarray | None, row_len: int, row_group_rows: int) -> int:
+    """Write `values` (a whole number of rows of `row_len` ids) and their `mask` (None: unmasked content) as one
+    Parquet file of the fixed layout. Returns the number of trained labels in it (mask 1 at positions 1..)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     n = len(values) // row_len
-    offsets = pa.array(np.arange(0, n * row_len + 1, row_len, dtype=np.int32))
-    table = pa.table({TOKEN_COLUMN: pa.ListArray.from_arrays(offsets, pa.array(values))})
+    columns = {TOKEN_COLUMN: _list_column(values, row_len)}
+    if mask is None:
+        trained = n * (row_len - 1)
+    else:
+        per_row = mask.reshape(n, row_len)[:, 1:].sum(axis=1, dtype=np.int64)
+        columns[LOSS_MASK_COLUMN] = _list_column(mask, row_len)
+        columns[TRAINED_COLUMN] = pa.array(per_row.astype(np.int32))
+        trained = int(per_row.sum())
     with fs.open_output(path) as sink:
         pq.write_table(
-            table,
+            pa.table(columns),
             sink,
             row_group_size=row_group_rows,
             compression=COMPRESSION,
             use_dictionary=False,
             write_statistics=False,
         )
+    return trained
 
 
 class _StreamPacker:
-    """The packer of one stream (split, component) of one input file: buffers its ids and writes a part file
-    each time `rows_per_file` rows are complete; `finish` writes the last, shorter part and drops the rest."""
+    """The packer of one stream (split, component) of one input file: buffers its ids (and their mask) and writes
+    a part file each time `rows_per_file` rows are complete; `finish` writes the last, shorter part and drops the
+    rest."""
 
     def __init__(
         self, file_idx: int, split: int, comp: str, out_dir: str, row_len: int, rows_per_file: int, row_group_rows: int
@@ -76,28 +141,44 @@ class _StreamPacker:
         self.rows_per_file, self.row_group_rows = rows_per_file, row_group_rows
         self.per_file_tokens = rows_per_file * row_len
         self.pending: list[np.ndarray] = []
+        self.pending_mask: list[np.ndarray] | None = None
         self.pending_len = 0
-        self.tokens = 0
+        self.tokens = self.rows = self.trained = 0
         self.parts: list[dict] = []
 
-    def add(self, ids: np.ndarray) -> None:
+    def add(self, ids: np.ndarray, mask: np.ndarray | None) -> None:
+        if mask is not None:
+            if len(mask) != len(ids):
+                raise ValueError(f"a stream of {len(ids)} ids has a mask of {len(mask)}")
+            if self.pending_mask is None:
+                self.pending_mask = []
+            self.pending_mask.append(mask)
         self.pending.append(ids)
         self.pending_len += len(ids)
         self.tokens += len(ids)
         while self.pending_len >= self.per_file_tokens:
             self.emit(self.rows_per_file)
 
+    @staticmethod
+    def _cut(parts: list[np.ndarray], take: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        buf = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        rest = buf[take:]
+        return buf[:take], ([rest] if len(rest) else [])
+
     def emit(self, rows: int) -> None:
-        buf = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
         take = rows * self.row_len
+        values, self.pending = self._cut(self.pending, take)
+        mask = None
+        if self.pending_mask is not None:
+            mask, self.pending_mask = self._cut(self.pending_mask, take)
+        self.pending_len -= take
         tag = f"-{component_tag(self.comp)}" if self.comp else ""
         name = f"part-{self.file_idx:05d}{tag}-{len(self.parts):05d}.parquet"
         split_name = SPLITS[self.split]
-        _write_rows(fs.join(self.out_dir, split_name, name), buf[:take], self.row_len, self.row_group_rows)
+        path = fs.join(self.out_dir, split_name, name)
+        self.trained += _write_rows(path, values, mask, self.row_len, self.row_group_rows)
+        self.rows += rows
         self.parts.append({"path": f"{split_name}/{name}", "rows": rows, "component": self.comp or None})
-        rest = buf[take:]
-        self.pending = [rest] if len(rest) else []
-        self.pending_len = len(rest)
 
     def finish(self) -> dict:
         rows = self.pending_len // self.row_len
@@ -108,6 +189,8 @@ class _StreamPacker:
             "split": SPLITS[self.split],
             "component": self.comp or None,
             "tokens": self.tokens,
+            "rows": self.rows,
+            "trained_labels": self.trained,
             "dropped_tokens": self.pending_len,
             "parts": self.parts,
         }
@@ -116,9 +199,11 @@ class _StreamPacker:
 def pack_file(
     file_idx: int, chunk_paths: list[str], out_dir: str, seq_len: int, rows_per_file: int, row_group_rows: int
 ) -> list[dict]:
-    """Pack one input file's token streams (chunk files, in order) into Parquet rows of seq_len + 1 ids.
+    """Pack one input file's token streams (chunk files, in order) into Parquet rows of seq_len + 1 ids (and their
+    loss masks, when the chunks carry them).
 
-    Returns one entry per stream (split, component): its part files and how many tokens the packing dropped.
+    Returns one entry per stream (split, component): its part files, rows, trained labels and how many tokens the
+    packing dropped.
     """
     import pyarrow as pa
 
@@ -126,9 +211,15 @@ def pack_file(
     for path in chunk_paths:
         with fs.open_random_access(path) as f:
             table = pa.ipc.open_file(f).read_all()
-        for split, comp, ids in zip(table["split"].to_pylist(), table["component"].to_pylist(), table["ids"]):
+        masks = table["mask"] if "mask" in table.column_names else [None] * table.num_rows
+        for split, comp, ids, mask in zip(
+            table["split"].to_pylist(), table["component"].to_pylist(), table["ids"], masks
+        ):
             key = (split, comp)
             if key not in streams:
                 streams[key] = _StreamPacker(file_idx, split, comp, out_dir, seq_len + 1, rows_per_file, row_group_rows)
-            streams[key].add(ids.values.to_numpy(zero_copy_only=False))
+            streams[key].add(
+                ids.values.to_numpy(zero_copy_only=False),
+                None if mask is None else mask.values.to_numpy(zero_copy_only=False),
+            )
     return [streams[k].finish() for k in sorted(streams)]

@@ -1,8 +1,9 @@
-"""Streaming readers for Pile-format shards and plain-text documents.
+"""Streaming readers for Pile-format shards, prompt-completion shards and plain-text documents.
 
 A Pile shard is JSON Lines, optionally gzip- or zstd-compressed: one object per line, the document under
 "text" and its component under meta.pile_set_name, e.g.
-``{"text": "...", "meta": {"pile_set_name": "Github"}}``.
+``{"text": "...", "meta": {"pile_set_name": "Github"}}``. A prompt-completion shard is the same but for its
+text, two keys: ``{"prompt": "Q: 2 + 3 =", "completion": " 5", "meta": {...}}`` (`iter_prompt_completions`).
 
 Everything here streams: a shard is decompressed and parsed one line at a time, never held in memory whole.
 Rows that cannot be used are skipped, not fatal; pass a `collections.Counter` as `bad` to learn how many were
@@ -36,6 +37,17 @@ DOCUMENT_SUFFIXES = JSONL_SUFFIXES + TEXT_SUFFIXES
 
 BAD_ROW_REASONS = ("invalid_utf8", "invalid_json", "not_an_object", "missing_text", "text_not_string", "empty_text")
 """Why a row was skipped: the keys a `bad` counter may receive."""
+PROMPT_COMPLETION_BAD_ROW_REASONS = (
+    "invalid_utf8",
+    "invalid_json",
+    "not_an_object",
+    "missing_prompt",
+    "missing_completion",
+    "prompt_not_string",
+    "completion_not_string",
+    "empty_completion",
+)
+"""Why a prompt-completion row was skipped (an empty prompt is allowed)."""
 LABELLED_ROW_REASONS = ("missing_meta",)
 """Why a kept row has no component: the keys a `labelled` counter may receive."""
 
@@ -169,13 +181,71 @@ def parse_pile_line(
         if bad is not None:
             bad[reason] += 1
         return None
+    return obj[text_key], _component(obj, labelled)
+
+
+def _component(obj: dict, labelled: Counter | None) -> str | None:
+    """meta.pile_set_name of a usable row, or None (counted in `labelled` as "missing_meta")."""
     meta = obj.get("meta")
     name = meta.get("pile_set_name") if isinstance(meta, dict) else None
     if not isinstance(name, str):
         name = None
         if labelled is not None:
             labelled["missing_meta"] += 1
-    return obj[text_key], name
+    return name
+
+
+def parse_prompt_completion_line(
+    line: str, bad: Counter | None = None, labelled: Counter | None = None
+) -> tuple[str, str, str | None] | None:
+    """Parse one JSON line into (prompt, completion, pile_set_name), or return None (and count the reason in
+    `bad`) if unusable. A row gets one reason, the first of PROMPT_COMPLETION_BAD_ROW_REASONS' checks in this
+    order: invalid_json, not_an_object, missing_prompt, missing_completion, prompt_not_string,
+    completion_not_string, empty_completion, invalid_utf8 (lone surrogates in either string). The prompt may be
+    empty. Blank lines return None without being counted; a missing component is counted in `labelled`."""
+    if not line.strip():
+        return None
+    reason = None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        reason = "invalid_json"
+    else:
+        if not isinstance(obj, dict):
+            reason = "not_an_object"
+        elif "prompt" not in obj:
+            reason = "missing_prompt"
+        elif "completion" not in obj:
+            reason = "missing_completion"
+        elif not isinstance(obj["prompt"], str):
+            reason = "prompt_not_string"
+        elif not isinstance(obj["completion"], str):
+            reason = "completion_not_string"
+        elif not obj["completion"]:
+            reason = "empty_completion"
+        else:
+            try:
+                obj["prompt"].encode("utf-8")
+                obj["completion"].encode("utf-8")
+            except UnicodeEncodeError:
+                reason = "invalid_utf8"
+    if reason is not None:
+        if bad is not None:
+            bad[reason] += 1
+        return None
+    return obj["prompt"], obj["completion"], _component(obj, labelled)
+
+
+def iter_prompt_completions(
+    path: str | Path, bad: Counter | None = None, labelled: Counter | None = None
+) -> Iterator[tuple[str, str, str | None]]:
+    """Yield (prompt, completion, pile_set_name) for each usable row of the JSON Lines file `path` (.jsonl,
+    .jsonl.gz, .jsonl.zst; local or a URI), streaming; bad rows are skipped and counted in `bad` by reason
+    (PROMPT_COMPLETION_BAD_ROW_REASONS), rows without a component counted in `labelled`."""
+    for line in open_text_lines(_as_path(path), bad):
+        row = parse_prompt_completion_line(line, bad, labelled)
+        if row is not None:
+            yield row
 
 
 def iter_documents(

@@ -1,4 +1,4 @@
-"""`neoxray prepare`: Pile-format shards -> tokenized, packed Parquet datasets, on Ray Data.
+"""`neoxray prepare`: Pile-format (or prompt-completion) shards -> tokenized, packed Parquet datasets, on Ray Data.
 
     inputs (files, folders, globs; local or s3:// gs:// ...)
       |  Ray Data: from_items(files) -> flat_map(read)        one task per input file streams its lines and cuts
@@ -8,7 +8,9 @@
       |                                                       encoded with `encode_batch`, EOD appended after
       |                                                       every document, documents routed to train or
       |                                                       validation by a hash of their text, and the chunk's
-      |                                                       token streams written to DIR/.tmp-*/chunks/
+      |                                                       token streams written to DIR/.tmp-*/chunks/ (with
+      |                                                       content prompt-completion: prompt and completion
+      |                                                       encoded apart, with a loss mask 0 on the prompt)
       v
     packing.pack_file (a Ray task per input file, started as soon as all of that file's chunks are tokenized)
       |   concatenates the file's streams in chunk order and cuts them into rows of seq_len + 1 tokens that
@@ -47,15 +49,18 @@ from neoxray.errors import NeoxrayError, find_user_error
 from neoxray.model.tokenizer import TOKENIZER_FILE, Tokenizer
 from neoxray.pipelines import fs
 from neoxray.pipelines.dataset_format import (
+    CONTENTS,
     MANIFEST,
     SPLITS,
+    TEXT,
     TOKENIZER_DIR,
     build_manifest,
+    content_of,
     read_manifest,
     token_dtype,
 )
-from neoxray.pipelines.packing import COMPRESSION, layout_for, pack_file
-from neoxray.pipelines.pile import JSONL_SUFFIXES, iter_documents
+from neoxray.pipelines.packing import COMPRESSION, ChunkStreams, layout_for, pack_file
+from neoxray.pipelines.pile import JSONL_SUFFIXES, iter_documents, iter_prompt_completions
 
 UNKNOWN_COMPONENT = "unknown"
 """The component of a document whose row has no meta.pile_set_name."""
@@ -89,11 +94,13 @@ class PrepareResult:
 
 
 # ------------------------------------------------------------------------------------------ stage 1: reading
-def _read_chunks(item: dict, text_key: str, chunk_bytes: int) -> Iterator[dict]:
-    """One input file -> its documents in order, in chunks of about `chunk_bytes` characters."""
+def _read_chunks(item: dict, text_key: str, chunk_bytes: int, content: str = TEXT) -> Iterator[dict]:
+    """One input file -> its documents in order, in chunks of about `chunk_bytes` characters. With content
+    prompt-completion, `texts` holds the completions and `prompts` their prompts (else `prompts` is empty)."""
     file_idx, path = int(item["file_idx"]), str(item["path"])
     bad: Counter = Counter()
     texts: list[str] = []
+    prompts: list[str] = []
     comps: list[str] = []
     size = 0
     chunk = 0
@@ -103,19 +110,27 @@ def _read_chunks(item: dict, text_key: str, chunk_bytes: int) -> Iterator[dict]:
             "file_idx": file_idx,
             "chunk_idx": chunk,
             "texts": texts,
+            "prompts": prompts,
             "components": comps,
             "bad": json.dumps(dict(bad) if last else {}),
             "last": last,
         }
 
-    for text, name in iter_documents(path, text_key, bad=bad, labelled=bad):
+    if content == TEXT:
+        docs = ((None, text, name) for text, name in iter_documents(path, text_key, bad=bad, labelled=bad))
+    else:
+        docs = iter_prompt_completions(path, bad=bad, labelled=bad)
+    for prompt, text, name in docs:
         texts.append(text)
         comps.append(UNKNOWN_COMPONENT if name is None else name)
         size += len(text)
+        if prompt is not None:
+            prompts.append(prompt)
+            size += len(prompt)
         if size >= chunk_bytes:
             yield row(False)
             chunk += 1
-            texts, comps, size = [], [], 0
+            texts, prompts, comps, size = [], [], [], 0
     yield row(True)
 
 
@@ -131,6 +146,7 @@ class _Tokenize:
         val_fraction: float,
         by_component: bool,
         chunk_dir: str,
+        content: str = TEXT,
         threads: int = 1,
     ):
         # the Rust thread pool reads this once, at its first use: one tokenizer thread per reserved CPU
@@ -144,6 +160,7 @@ class _Tokenize:
         self.threshold = validation_threshold(val_fraction)
         self.by_component = by_component
         self.chunk_dir = chunk_dir
+        self.masked = content != TEXT
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -151,41 +168,28 @@ class _Tokenize:
         return pa.Table.from_pylist([self._chunk(row) for row in batch.to_pylist()], schema=_chunk_result_schema())
 
     def _chunk(self, row: dict) -> dict:
-        import pyarrow as pa
-
         texts, comps = row["texts"], row["components"]
         encodings = self.encode(texts, add_special_tokens=False) if texts else []
-        streams: dict[tuple[int, str], list[int]] = {}
-        stats: dict[tuple[int, str], list[int]] = {}  # (split, component) -> [documents, tokens]
+        prompts = row["prompts"] if self.masked else [None] * len(texts)
+        # prompt-completion: the two parts are encoded apart and concatenated, so the mask's boundary is exact
+        prompt_encodings = self.encode(prompts, add_special_tokens=False) if self.masked and texts else prompts
+        streams = ChunkStreams(self.eod, self.dtype, self.masked)
+        stats: dict[tuple[int, str], list[int]] = {}  # (split, component) -> [documents, tokens, loss tokens]
         text_bytes = 0
-        for text, comp, enc in zip(texts, comps, encodings):
-            data = text.encode("utf-8")
+        for text, prompt, comp, enc, prompt_enc in zip(texts, prompts, comps, encodings, prompt_encodings):
+            data = text.encode("utf-8") if prompt is None else prompt.encode("utf-8") + text.encode("utf-8")
             text_bytes += len(data)
             split = 1 if text_hash64(data) < self.threshold else 0
+            prompt_ids = [] if prompt_enc is None else prompt_enc.ids
             ids = enc.ids
-            key = (split, comp if self.by_component else "")
-            stream = streams.get(key)
-            if stream is None:
-                stream = streams[key] = []
-            stream.extend(ids)
-            stream.append(self.eod)
-            s = stats.setdefault((split, comp), [0, 0])
+            streams.add((split, comp if self.by_component else ""), prompt_ids, ids)
+            s = stats.setdefault((split, comp), [0, 0, 0])
             s[0] += 1
-            s[1] += len(ids) + 1
-        path = ""
-        if streams:
-            keys = sorted(streams)
-            value_type = pa.from_numpy_dtype(self.dtype)
-            table = pa.table(
-                {
-                    "split": pa.array([k[0] for k in keys], pa.int8()),
-                    "component": pa.array([k[1] for k in keys], pa.string()),
-                    "ids": pa.array([np.asarray(streams[k], dtype=self.dtype) for k in keys], pa.list_(value_type)),
-                }
-            )
-            path = fs.join(self.chunk_dir, f"f{row['file_idx']:05d}-c{row['chunk_idx']:07d}.arrow")
-            with fs.open_output(path) as sink, pa.ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table)
+            s[1] += len(prompt_ids) + len(ids) + 1
+            s[2] += len(ids) + 1  # every token of a text, the completion and its EOD of a prompt-completion
+        path = fs.join(self.chunk_dir, f"f{row['file_idx']:05d}-c{row['chunk_idx']:07d}.arrow")
+        if not streams.write(path):
+            path = ""
         return {
             "file_idx": row["file_idx"],
             "chunk_idx": row["chunk_idx"],
@@ -193,7 +197,7 @@ class _Tokenize:
             "path": path,
             "text_bytes": text_bytes,
             "bad": row["bad"],
-            "stats": json.dumps([[sp, c, d, t] for (sp, c), (d, t) in sorted(stats.items())]),
+            "stats": json.dumps([[sp, c, *counts] for (sp, c), counts in sorted(stats.items())]),
         }
 
 
@@ -239,13 +243,14 @@ class _Progress:
 
 
 # ----------------------------------------------------------------------------------------------------- driver
-def _options(seq_len, val_fraction, text_key, by_component, rows_per_file, row_group_rows) -> dict:
+def _options(seq_len, val_fraction, text_key, by_component, rows_per_file, row_group_rows, content=TEXT) -> dict:
+    hashed = "text" if content == TEXT else "prompt + completion"
     return {
         "seq_len": seq_len,
         "val_fraction": val_fraction,
-        "text_key": text_key,
+        "text_key": text_key if content == TEXT else None,
         "by_component": by_component,
-        "split_hash": "blake2b-64(text utf-8) < val_fraction * 2^64 -> validation",
+        "split_hash": f"blake2b-64({hashed} utf-8) < val_fraction * 2^64 -> validation",
         "rows_per_file": rows_per_file,
         "row_group_rows": row_group_rows,
         "compression": COMPRESSION,
@@ -271,6 +276,7 @@ def prepare(
     val_fraction: float = DEFAULT_VAL_FRACTION,
     workers: int | None = None,
     text_key: str = "text",
+    content: str = TEXT,
     by_component: bool = False,
     overwrite: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -281,6 +287,8 @@ def prepare(
     """Tokenize and pack Pile-format inputs into DIR=`output` (see the module docstring and docs/data.md).
 
     `inputs`: files, folders (searched recursively for .jsonl, .jsonl.gz, .jsonl.zst) or globs, local or URIs.
+    `content`: "text" (Pile rows: `text_key`, every token trained) or "prompt-completion" (`prompt` and
+    `completion` keys; rows get a loss mask that trains only the completion and its EOD).
     `tokenizer`: a tokenizer.json, a folder holding one, or a hub id. `workers`: size of the tokenizer actor pool
     (default: the cluster's CPUs less one). Connects to the running Ray cluster (RAY_ADDRESS, a Ray job) or
     starts a local one. A finished `output` with the same inputs and options is left alone (skipped=True);
@@ -297,6 +305,10 @@ def prepare(
         raise NeoxrayError(f"--workers must be at least 1, got {workers}")
     if chunk_bytes < 1:
         raise NeoxrayError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    if content not in CONTENTS:
+        raise NeoxrayError(f"--format {content!r}: unknown input format (expected one of {', '.join(CONTENTS)})")
+    if content != TEXT and text_key != "text":
+        raise NeoxrayError(f"--text-key applies to --format text only; {content} rows have prompt and completion keys")
     out = fs.normalize(output)
     if fs.is_file(out):
         raise NeoxrayError(f"output {output}: exists and is a file, expected a folder")
@@ -313,14 +325,15 @@ def prepare(
         row_group_rows = min(row_group_rows, rows_per_file)
     else:
         rows_per_file = default_rows
-    options = _options(seq_len, val_fraction, text_key, by_component, rows_per_file, row_group_rows)
+    options = _options(seq_len, val_fraction, text_key, by_component, rows_per_file, row_group_rows, content)
     tok_info = {"sha256": tok.sha256, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id}
     input_list = [{"path": p, "size": s} for p, s in zip(files, sizes)]
 
     existing = read_manifest(out, required=False)
     if existing is not None and not overwrite:
         same = (
-            existing.get("options") == options
+            content_of(existing) == content
+            and existing.get("options") == options
             and existing.get("tokenizer") == tok_info
             and [{"path": i["path"], "size": i["size"]} for i in existing.get("inputs", [])] == input_list
         )
@@ -349,6 +362,7 @@ def prepare(
             seq_len,
             val_fraction,
             text_key,
+            content,
             by_component,
             workers,
             chunk_bytes,
@@ -358,7 +372,7 @@ def prepare(
             progress,
             say,
         )
-        manifest = build_manifest(results, input_list, options, tok_info, seq_len, dtype, files)
+        manifest = build_manifest(results, input_list, options, tok_info, seq_len, dtype, files, content)
         if manifest["splits"]["train"]["rows"] == 0:
             raise NeoxrayError(
                 f"no training rows: {manifest['tokens']:,} tokens from {len(files)} input file(s) "
@@ -435,6 +449,7 @@ def _run_pipeline(
     seq_len,
     val_fraction,
     text_key,
+    content,
     by_component,
     workers,
     chunk_bytes,
@@ -491,7 +506,7 @@ def _run_pipeline(
         )
         ds = ds.flat_map(
             _read_chunks,
-            fn_kwargs={"text_key": text_key, "chunk_bytes": chunk_bytes},
+            fn_kwargs={"text_key": text_key, "chunk_bytes": chunk_bytes, "content": content},
             num_cpus=0,
             compute=TaskPoolStrategy(size=max(1, min(len(files), workers))),
         )
@@ -504,6 +519,7 @@ def _run_pipeline(
                 "val_fraction": val_fraction,
                 "by_component": by_component,
                 "chunk_dir": chunk_dir,
+                "content": content,
             },
             batch_size=1,
             batch_format="pyarrow",

@@ -5,21 +5,18 @@ Index-based: nothing is streamed through a shuffle buffer, so any position of th
 
 - `PackedDataset(path, split, component)`: the rows of one prepared dataset, in storage order (the manifest's
   file order). `take(rows)` reads only the Parquet row groups that hold those rows (with a small LRU cache).
-- `BlendedDataset(datasets, weights, seed)`: the training order, an endless sequence of samples. With one
-  dataset, sample i is row `permute(i mod R)` of epoch `i // R`, where the permutation of each epoch is a keyed
-  Feistel bijection of [0, R) derived from (seed, epoch). With several datasets (or several components of one),
-  a fixed interleaving schedule decides which dataset each sample comes from, so that every dataset's share of
-  any prefix stays within a sample or two of its weight (the property of GPT-NeoX's greedy blend), and each
-  dataset walks its own shuffled epochs. Where a sample comes from is computed from its index alone (exact
-  integer and correctly rounded arithmetic): O(1) memory, no replay, the same on every machine and numpy
-  version.
+- `BlendedDataset(datasets, weights, seed)`: the training order, an endless sequence of samples: sample i of one
+  dataset is row `permute(i mod R)` of epoch `i // R` (a keyed Feistel bijection per epoch); with several, a
+  fixed interleaving schedule keeps every dataset's share of any prefix within a sample or two of its weight
+  (as GPT-NeoX's greedy blend does), each walking its own shuffled epochs. Computed from the index alone (exact
+  arithmetic): O(1) memory, no replay, the same on every machine and numpy version.
 - `BatchSampler`: global batch s covers samples [s*G, (s+1)*G); data-parallel rank r of D gets the slice
   [s*G + r*G/D, s*G + (r+1)*G/D), cut into micro-batches. It starts at `consumed_samples` (from a checkpoint).
   Tensor- and pipeline-parallel peers pass the same dp_rank and therefore get identical batches.
-- `iter_batches(...)`: the above as dicts of torch tensors: input_ids = row[:-1], labels = row[1:].
-- `ray_dataset(path)`: a prepared split as a `ray.data.Dataset` (for `ray.train.get_dataset_shard`, evaluation,
-  inspection). Training that needs the deterministic, resumable order calls `iter_batches` inside each Ray
-  Train worker with its own dp rank (an explicit per-replica split); it needs no Ray at all.
+- `iter_batches(...)`: the above as dicts of torch tensors: input_ids = row[:-1], labels = row[1:], for masked data
+  loss_mask = mask[1:], and the number of trained labels of the whole global batch (to normalise the loss by).
+- `ray_dataset(path)`: a prepared split as a `ray.data.Dataset` (`get_dataset_shard`, evaluation, inspection); the
+  resumable order is `iter_batches` in each Ray Train worker with its own dp rank (it needs no Ray at all).
 """
 
 from __future__ import annotations
@@ -34,7 +31,19 @@ import numpy as np
 
 from neoxray.errors import NeoxrayError
 from neoxray.pipelines import fs
-from neoxray.pipelines.dataset_format import INPUT_IDS, LABELS, SPLITS, TOKEN_COLUMN, read_manifest
+from neoxray.pipelines.dataset_format import (
+    GLOBAL_TRAINED_LABELS,
+    INPUT_IDS,
+    LABELS,
+    LOSS_MASK,
+    LOSS_MASK_COLUMN,
+    SPLITS,
+    TEXT,
+    TOKEN_COLUMN,
+    TRAINED_COLUMN,
+    content_of,
+    read_manifest,
+)
 
 BLEND_PERIOD = 1 << 16
 """Weights are quantized to integers summing to about this; the blend schedule repeats with this period."""
@@ -94,7 +103,10 @@ def permute(indices, n: int, key: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------- packed dataset
 class PackedDataset:
-    """The rows of one split of a prepared dataset (optionally one component of it), in storage order."""
+    """The rows of one split of a prepared dataset (optionally one component of it), in storage order.
+
+    `masked`: the rows carry a loss mask (content prompt-completion). Text datasets, including those written
+    before masks existed, are unmasked: every label is trained (their mask reads as all ones)."""
 
     def __init__(self, path: str, split: str = "train", component: str | None = None, cache_bytes: int = 64 << 20):
         self.path = fs.normalize(path)
@@ -105,6 +117,8 @@ class PackedDataset:
         self.seq_len: int = int(self.manifest["seq_len"])
         self.row_length: int = self.seq_len + 1
         self.dtype = np.dtype(self.manifest["dtype"])
+        self.content: str = content_of(self.manifest, self.path)
+        self.masked: bool = self.content != TEXT
         entries = self.manifest["splits"][split]["files"]
         if component is not None:
             if not self.manifest["options"].get("by_component"):
@@ -131,10 +145,11 @@ class PackedDataset:
         self._group_index: dict[int, np.ndarray] = {}
         self._cache: OrderedDict = OrderedDict()
         self._cached_bytes = 0
+        self._trained: dict[int, np.ndarray] = {}
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        for k in ("_handles", "_group_index", "_cache", "_cached_bytes"):
+        for k in ("_handles", "_group_index", "_cache", "_cached_bytes", "_trained"):
             state.pop(k, None)
         return state
 
@@ -161,12 +176,49 @@ class PackedDataset:
 
     def take(self, rows) -> np.ndarray:
         """Rows (storage order) as an array [len(rows), seq_len + 1] of the stored dtype."""
+        return self._take(rows, with_mask=False)[0]
+
+    def take_with_mask(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        """(rows as in `take`, their loss masks: uint8 [len(rows), seq_len + 1], aligned with the ids; all ones
+        for unmasked data). The mask of label i (= id i + 1) is mask[i + 1]."""
+        return self._take(rows, with_mask=True)  # type: ignore[return-value]
+
+    def trained_labels(self, rows) -> np.ndarray:
+        """Per row (storage order), how many of its seq_len labels are trained (int64 [len(rows)]): seq_len for
+        unmasked data; else read from the rows' `trained_labels` column (each file's once, then kept: 4 bytes a
+        row), without reading masks or ids."""
+        rows = self._check_rows(rows)
+        if not self.masked:
+            return np.full(len(rows), self.seq_len, dtype=np.int64)
+        out = np.empty(len(rows), dtype=np.int64)
+        file_idx = np.searchsorted(self._starts, rows, side="right") - 1
+        for f in np.unique(file_idx):
+            sel = file_idx == f
+            out[sel] = self._file_trained(int(f))[rows[sel] - self._starts[f]]
+        return out
+
+    def _file_trained(self, f: int) -> np.ndarray:
+        counts = self._trained.get(f)
+        if counts is None:
+            column = self._parquet(f).read(columns=[TRAINED_COLUMN]).column(0)
+            counts = column.to_numpy().astype(np.int64)
+            if len(counts) != self._starts[f + 1] - self._starts[f]:
+                raise NeoxrayError(f"{self.files[f]}: its {TRAINED_COLUMN} column does not match its rows")
+            self._trained[f] = counts
+        return counts
+
+    def _check_rows(self, rows) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        out = np.empty((len(rows), self.row_length), dtype=self.dtype)
-        if not len(rows):
-            return out
-        if rows.min() < 0 or rows.max() >= self.num_rows:
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.num_rows):
             raise IndexError(f"rows must be in [0, {self.num_rows}) for {self!r}")
+        return rows
+
+    def _take(self, rows, with_mask: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        rows = self._check_rows(rows)
+        out = np.empty((len(rows), self.row_length), dtype=self.dtype)
+        mask = np.ones((len(rows), self.row_length), dtype=np.uint8) if with_mask else None
+        if not len(rows):
+            return out, mask
         file_idx = np.searchsorted(self._starts, rows, side="right") - 1
         local = rows - self._starts[file_idx]
         for f in np.unique(file_idx):
@@ -177,8 +229,11 @@ class PackedDataset:
             positions = np.flatnonzero(in_file)
             for g in np.unique(group):
                 sel = group == g
-                out[positions[sel]] = self._row_group(int(f), int(g))[within[sel]]
-        return out
+                ids_block, mask_block = self._row_group(int(f), int(g))
+                out[positions[sel]] = ids_block[within[sel]]
+                if mask is not None and mask_block is not None:
+                    mask[positions[sel]] = mask_block[within[sel]]
+        return out, mask
 
     def _group_starts(self, f: int) -> np.ndarray:
         """First row (within file f) of each of its row groups, from the Parquet footer."""
@@ -211,23 +266,32 @@ class PackedDataset:
             self._handles.move_to_end(f)
         return handle
 
-    def _row_group(self, f: int, g: int) -> np.ndarray:
+    def _row_group(self, f: int, g: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(ids [rows, seq_len + 1], loss mask of the same shape or None when unmasked) of row group g of file f."""
         key = (f, g)
         block = self._cache.get(key)
         if block is not None:
             self._cache.move_to_end(key)
             return block
-        table = self._parquet(f).read_row_group(g, columns=[TOKEN_COLUMN])
-        column = table.column(0).combine_chunks()
-        values = column.flatten().to_numpy()
-        if len(values) != len(column) * self.row_length:
-            raise NeoxrayError(f"{self.files[f]}: row group {g} does not hold rows of {self.row_length} ids")
-        block = values.reshape(len(column), self.row_length).astype(self.dtype, copy=False)
+        columns = [TOKEN_COLUMN, LOSS_MASK_COLUMN] if self.masked else [TOKEN_COLUMN]
+        try:
+            table = self._parquet(f).read_row_group(g, columns=columns)
+        except (KeyError, ValueError) as e:
+            raise NeoxrayError(f"{self.files[f]}: row group {g} lacks a column of {', '.join(columns)} ({e})") from None
+        arrays = []
+        for name in columns:
+            column = table.column(name).combine_chunks()
+            values = column.flatten().to_numpy()
+            if len(values) != len(column) * self.row_length:
+                raise NeoxrayError(f"{self.files[f]}: row group {g} does not hold rows of {self.row_length} {name}")
+            arrays.append(values.reshape(len(column), self.row_length))
+        mask_block = arrays[1].astype(np.uint8, copy=False) if self.masked else None
+        block = (arrays[0].astype(self.dtype, copy=False), mask_block)
         self._cache[key] = block
-        self._cached_bytes += block.nbytes
+        self._cached_bytes += sum(b.nbytes for b in block if b is not None)
         while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
             _, old = self._cache.popitem(last=False)
-            self._cached_bytes -= old.nbytes
+            self._cached_bytes -= sum(b.nbytes for b in old if b is not None)
         return block
 
     def iter_rows(self, batch_size: int = 256) -> Iterator[np.ndarray]:
@@ -247,6 +311,7 @@ class BlendedDataset:
     """The deterministic training order over one or more `PackedDataset`s (an endless sequence of samples).
 
     `weights` are sample proportions (normalised; default equal). See the module docstring for the order.
+    Masked and unmasked datasets may be blended (`masked` when any is): unmasked rows train every label.
     """
 
     def __init__(self, datasets: Sequence[PackedDataset], weights: Sequence[float] | None = None, seed: int = 0):
@@ -271,6 +336,7 @@ class BlendedDataset:
         self.datasets, self.seed = datasets, int(seed)
         self.seq_len = datasets[0].seq_len
         self.dtype = np.result_type(*[d.dtype for d in datasets])
+        self.masked = any(d.masked for d in datasets)
         total = sum(weights)
         self.weights = [w / total for w in weights]
         if len(datasets) == 1:
@@ -313,12 +379,40 @@ class BlendedDataset:
 
     def take(self, samples) -> np.ndarray:
         """Samples of the order as an array [len(samples), seq_len + 1]."""
+        return self._take(samples, with_mask=False)[0]
+
+    def take_with_mask(self, samples) -> tuple[np.ndarray, np.ndarray]:
+        """(samples as in `take`, their loss masks: uint8 [len(samples), seq_len + 1], all ones where unmasked)."""
+        return self._take(samples, with_mask=True)  # type: ignore[return-value]
+
+    def _take(self, samples, with_mask: bool) -> tuple[np.ndarray, np.ndarray | None]:
         ds, rows = self.locate(samples)
         out = np.empty((len(rows), self.seq_len + 1), dtype=self.dtype)
+        mask = np.empty((len(rows), self.seq_len + 1), dtype=np.uint8) if with_mask else None
+        for d in np.unique(ds):
+            sel, data = ds == d, self.datasets[int(d)]
+            if mask is None:
+                out[sel] = data.take(rows[sel])
+            else:
+                out[sel], mask[sel] = data.take_with_mask(rows[sel])
+        return out, mask
+
+    def trained_labels(self, samples) -> np.ndarray:
+        """Per sample, how many of its seq_len labels are trained (int64; reads no ids and no masks)."""
+        ds, rows = self.locate(samples)
+        out = np.empty(len(rows), dtype=np.int64)
         for d in np.unique(ds):
             sel = ds == d
-            out[sel] = self.datasets[int(d)].take(rows[sel])
+            out[sel] = self.datasets[int(d)].trained_labels(rows[sel])
         return out
+
+    def global_trained_labels(self, step: int, global_batch_size: int) -> int:
+        """Trained labels in global batch `step` (samples [step * G, (step + 1) * G)), the same on every rank: the
+        divisor of the summed token losses of all its micro-batches. G * seq_len when nothing is masked."""
+        if not self.masked:
+            return global_batch_size * self.seq_len
+        start = step * global_batch_size
+        return int(self.trained_labels(np.arange(start, start + global_batch_size, dtype=np.int64)).sum())
 
 
 def open_blend(
@@ -398,14 +492,19 @@ def _as_order(data, split: str, seed: int) -> BlendedDataset:
     raise TypeError(f"cannot read training data from {type(data).__name__}")
 
 
-def _to_batch(step: int, samples: np.ndarray, rows: np.ndarray, as_torch: bool) -> dict:
+def _to_batch(step: int, samples: np.ndarray, fetched: tuple, as_torch: bool) -> dict:
+    rows, mask, trained = fetched
     rows = rows.astype(np.int64)
     batch = {INPUT_IDS: rows[:, :-1], LABELS: rows[:, 1:], "sample_idx": samples, "step": step}
+    if mask is not None:
+        batch[LOSS_MASK] = mask[:, 1:].astype(bool)
+    batch[GLOBAL_TRAINED_LABELS] = trained
     if as_torch:
         import torch
 
-        for k in (INPUT_IDS, LABELS, "sample_idx"):
-            batch[k] = torch.from_numpy(np.ascontiguousarray(batch[k]))
+        for k in (INPUT_IDS, LABELS, LOSS_MASK, "sample_idx"):
+            if k in batch:
+                batch[k] = torch.from_numpy(np.ascontiguousarray(batch[k]))
     return batch
 
 
@@ -427,12 +526,21 @@ def iter_batches(
 
     `data`: a prepared folder ('DIR' or 'DIR#Component'), a list of them (equal weights), a `PackedDataset`
     or a `BlendedDataset` (its own seed then applies). Each item is a dict: `input_ids` and `labels` ([b,
-    seq_len], int64; labels are input_ids shifted by one), `sample_idx` ([b], positions in the order) and
-    `step` (the global batch it belongs to). `num_steps` global batches are produced (None: endless). Reads
-    run `prefetch` micro-batches ahead in a background thread. Works without Ray.
+    seq_len], int64; labels are input_ids shifted by one), `sample_idx` ([b], positions in the order), `step`
+    (the global batch it belongs to) and `global_trained_labels` (int: trained labels in that whole global
+    batch); when the data is masked also `loss_mask` ([b, seq_len], bool, aligned with labels: False means
+    set the label to -100). `num_steps` global batches are produced (None: endless). Reads run `prefetch`
+    micro-batches ahead in a background thread. Works without Ray.
     """
     order = _as_order(data, split, seed)
     sampler = BatchSampler(global_batch_size, dp_rank, dp_size, micro_batch_size, consumed_samples)
+    last: list = [None, 0]  # (global batch, its trained labels): counted once per global batch
+
+    def fetch(step: int, samples: np.ndarray) -> tuple:
+        if last[0] != step:
+            last[:] = step, order.global_trained_labels(step, global_batch_size)
+        return (*order._take(samples, with_mask=order.masked), last[1])
+
     stop = None if num_steps is None else sampler.start_step + int(num_steps)
 
     def plan() -> Iterator[tuple[int, np.ndarray]]:
@@ -443,14 +551,14 @@ def iter_batches(
 
     if prefetch <= 0:
         for step, samples in plan():
-            yield _to_batch(step, samples, order.take(samples), as_torch)
+            yield _to_batch(step, samples, fetch(step, samples), as_torch)
         return
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neoxray-data")
     queue: list = []
     try:
         todo = plan()
         for step, samples in todo:
-            queue.append((step, samples, pool.submit(order.take, samples)))
+            queue.append((step, samples, pool.submit(fetch, step, samples)))
             if len(queue) > prefetch:
                 s, idx, fut = queue.pop(0)
                 yield _to_batch(s, idx, fut.result(), as_torch)
@@ -464,16 +572,20 @@ def iter_batches(
 # ------------------------------------------------------------------------------------------------- Ray Data
 def _rows_to_training(batch: dict) -> dict:
     rows = np.stack([np.asarray(r, dtype=np.int64) for r in batch[TOKEN_COLUMN]])
-    return {INPUT_IDS: rows[:, :-1], LABELS: rows[:, 1:]}
+    out = {INPUT_IDS: rows[:, :-1], LABELS: rows[:, 1:]}
+    if LOSS_MASK_COLUMN in batch:
+        out[LOSS_MASK] = np.stack([np.asarray(m, dtype=bool) for m in batch[LOSS_MASK_COLUMN]])[:, 1:]
+    return out
 
 
 def ray_dataset(path: str, split: str = "train", component: str | None = None, training_columns: bool = True):
     """A prepared split as a `ray.data.Dataset` (`ray.data.read_parquet` over the manifest's files).
 
-    With `training_columns` (default) rows are {input_ids: [seq_len], labels: [seq_len]} int64 tensors, ready
-    for `iter_torch_batches`; otherwise the stored `input_ids` rows of seq_len + 1 ids. Row order is Ray
-    Data's (not the deterministic training order): use it with `ray.train.get_dataset_shard`, for evaluation
-    or inspection; for resumable training use `iter_batches` in each worker.
+    With `training_columns` (default) rows are {input_ids: [seq_len], labels: [seq_len]} int64 tensors (and, for
+    masked data, loss_mask: [seq_len] bool, the mask of the labels), ready for `iter_torch_batches`; otherwise
+    the stored columns (`input_ids` rows of seq_len + 1 ids; `loss_mask` and `trained_labels` when masked).
+    Row order is Ray Data's, not the training order: for `ray.train.get_dataset_shard`, evaluation or
+    inspection; resumable training uses `iter_batches` in each worker.
     """
     import ray.data
 

@@ -17,7 +17,9 @@ import tokenizers
 import zstandard
 
 from neoxray.pipelines.prepare import prepare
-from tests.conftest import SAMPLE, SHARED_TOKENIZER
+from tests.conftest import ROOT, SAMPLE, SHARED_TOKENIZER
+
+INSTRUCTIONS = ROOT / "neoxray" / "pipelines" / "sample" / "instructions.jsonl"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -44,6 +46,51 @@ def expected_streams(docs, raw: tokenizers.Tokenizer, val_fraction: float, by_co
         key = ("validation" if is_validation(text, val_fraction) else "train", comp if by_component else None)
         streams.setdefault(key, []).extend(enc.ids + [eod])
     return {k: np.array(v, dtype=np.int64) for k, v in streams.items()}
+
+
+def pc_line(prompt, completion, name="Test") -> str:
+    return json.dumps({"prompt": prompt, "completion": completion, "meta": {"pile_set_name": name}}) + "\n"
+
+
+def instruction_docs() -> list[tuple[str, str, str]]:
+    """The bundled prompt-completion sample as (prompt, completion, component), read without neoxray's reader."""
+    with open(INSTRUCTIONS, encoding="utf-8") as f:
+        return [(o["prompt"], o["completion"], o["meta"]["pile_set_name"]) for o in map(json.loads, f)]
+
+
+def expected_pc_streams(docs, raw: tokenizers.Tokenizer, val_fraction: float, by_component=False) -> dict:
+    """{(split, component or None): (ids, mask)} of prompt-completion documents, computed with raw tokenizers:
+    prompt ids (mask 0), completion ids and EOD (mask 1), the split by the hash of prompt + completion."""
+    eod = raw.token_to_id("<|endoftext|>")
+    streams: dict = {}
+    for prompt, completion, comp in docs:
+        p, c = (raw.encode(t, add_special_tokens=False).ids if t else [] for t in (prompt, completion))
+        key = (
+            "validation" if is_validation(prompt + completion, val_fraction) else "train",
+            comp if by_component else None,
+        )
+        ids, mask = streams.setdefault(key, ([], []))
+        ids.extend(p + c + [eod])
+        mask.extend([0] * len(p) + [1] * (len(c) + 1))
+    return {k: (np.array(i, dtype=np.int64), np.array(m, dtype=np.uint8)) for k, (i, m) in streams.items()}
+
+
+def read_masked_rows(out: Path, manifest: dict, split: str) -> dict:
+    """{(input file index, component): (ids [n, N+1], masks [n, N+1])} read straight from the Parquet files."""
+    got: dict = {}
+    L = manifest["row_length"]
+    for entry in manifest["splits"][split]["files"]:
+        table = pq.read_table(out / entry["path"])
+        assert table.schema.names == ["input_ids", "loss_mask", "trained_labels"]
+        assert str(table.schema.field("loss_mask").type.value_type) == "uint8"
+        ids = table.column("input_ids").combine_chunks().flatten().to_numpy().reshape(-1, L)
+        masks = table.column("loss_mask").combine_chunks().flatten().to_numpy().reshape(-1, L)
+        assert np.array_equal(table.column("trained_labels").to_numpy(), masks[:, 1:].sum(axis=1))
+        assert ids.shape == masks.shape == (entry["rows"], L)
+        key = (int(Path(entry["path"]).name.split("-")[1]), entry["component"])
+        old = got.get(key, (ids[:0], masks[:0]))
+        got[key] = (np.concatenate([old[0], ids]), np.concatenate([old[1], masks]))
+    return got
 
 
 def read_rows(out: Path, manifest: dict, split: str) -> dict:

@@ -51,13 +51,15 @@ def test_prepare_sample_matches_raw_tokenizers(sample_prepared, tok_file):
     assert m["documents"] == len(docs) == 1410
     assert m["tokens"] == sum(len(s) for s in streams.values())
     assert m["bad_rows"] == {}
+    assert m["content"] == "text" and m["loss_tokens"] == m["tokens"]  # every token of a text is trained
     assert m["dtype"] == token_dtype(raw.get_vocab_size()) == "uint16"
     # per component, with an independent tokenization
     comp: dict = {}
     for (_text, name), enc in zip(docs, raw.encode_batch([t for t, _ in docs], add_special_tokens=False)):
-        c = comp.setdefault(name, {"documents": 0, "tokens": 0})
+        c = comp.setdefault(name, {"documents": 0, "tokens": 0, "loss_tokens": 0})
         c["documents"] += 1
         c["tokens"] += len(enc.ids) + 1
+        c["loss_tokens"] += len(enc.ids) + 1  # text: every token is trained
     assert m["components"] == comp and set(comp) == {"Github", "Python-Docs", "Licenses"}
     assert m["tokenizer"]["vocab_size"] == raw.get_vocab_size() and m["tokenizer"]["eod_id"] == 0
     from neoxray.model.tokenizer import Tokenizer
@@ -81,6 +83,7 @@ def test_prepare_sample_matches_raw_tokenizers(sample_prepared, tok_file):
             pq.read_schema(out / m["splits"][split]["files"][0]["path"]).field("input_ids").type.value_type == "uint16"
         )
     assert m["rows"] == m["splits"]["train"]["rows"] + m["splits"]["validation"]["rows"]
+    assert m["trained_labels"] == m["rows"] * 256
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
 
 
