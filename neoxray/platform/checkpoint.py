@@ -118,6 +118,24 @@ def newest_intact_checkpoint(run_dir, say: Callable[[str], None] = print) -> Pat
     return None
 
 
+def resolve_model_path(path) -> tuple[str, Path]:
+    """-> ("hf" | "checkpoint", directory); a NeoxrayError naming the path when it is neither."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise NeoxrayError(f"model not found: {path}")
+    if (p / "config.json").exists():
+        return "hf", p
+    if (p / META).exists():
+        return "checkpoint", p
+    newest = latest_checkpoint(p) if p.is_dir() else None
+    if newest is not None:
+        return "checkpoint", Path(newest)
+    raise NeoxrayError(
+        f"{path}: not a Hugging Face model directory (no config.json), a neoxray checkpoint "
+        f"(no {META}) or a run directory with a complete checkpoint"
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # reading tensors by plain-model name, for any target tensor-parallel rank and size
 # ---------------------------------------------------------------------------------------------------------

@@ -79,6 +79,8 @@ class NeoxrayLM(TemplateLM):
         prefill_chunk, kv_cache_tokens, prefix_caching: the engine's settings (None: its defaults; the prefix
             cache is on).
         verbose: Ray's own output on the console.
+        lora: a peft LoRA adapter directory for `pretrained` (`neoxray eval --lora`), merged into the weights as
+            each engine loads them (with Ray: a path on the replicas' machines).
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class NeoxrayLM(TemplateLM):
         kv_cache_tokens: int | None = None,
         prefix_caching: bool = True,
         verbose: bool = False,
+        lora: str | None = None,
     ):
         super().__init__()
         batch = DEFAULT_BATCH if batch_size in (None, "", "auto") else _int("batch_size", batch_size, 1)
@@ -106,11 +109,13 @@ class NeoxrayLM(TemplateLM):
             prefill_chunk=None if prefill_chunk is None else _int("prefill_chunk", prefill_chunk, 1),
             kv_cache_tokens=None if kv_cache_tokens is None else _int("kv_cache_tokens", kv_cache_tokens, 1),
             prefix_caching=_bool("prefix_caching", prefix_caching),
+            lora=str(lora) if lora not in (None, "") else None,
         )
         self.replicas = _int("replicas", replicas, 1)
         self.group_by_context = _bool("group_by_context", group_by_context)
         self._max_gen_toks = _int("max_gen_toks", max_gen_toks, 1)
         self.batch_size = batch
+        self._options = options
         if self.replicas == 1 and not address:
             from neoxray.platform.eval.runner import EngineRunner
 
@@ -164,6 +169,7 @@ class NeoxrayLM(TemplateLM):
             "model_dtype": self.info.dtype,
             "max_length": self.info.max_length,
             "replicas": self.replicas,
+            "lora": self._options.lora,
         }
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:

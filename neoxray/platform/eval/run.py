@@ -38,6 +38,8 @@ class EvalArgs:
     address: str | None = None
     bootstrap_iters: int = 100000
     verbose: bool = False
+    lora: str | None = None
+    """A peft LoRA adapter directory for the model (`--lora`), merged into its weights as they load."""
 
     def check(self) -> EvalArgs:
         if bool(self.tasks) == bool(self.suite):
@@ -75,6 +77,8 @@ class EvalArgs:
     def model_args(self) -> dict:
         """The backend's arguments (recorded as the results' `config.model_args`)."""
         args = dict(pretrained=self.model, device=self.device, dtype=self.dtype, batch_size=self.batch_size)
+        if self.lora:
+            args["lora"] = self.lora
         if self.kv_cache_tokens is not None:
             args["kv_cache_tokens"] = self.kv_cache_tokens
         if self.uses_ray:
@@ -97,14 +101,22 @@ def run_eval(args: EvalArgs) -> dict:
     if not args.uses_ray:  # the model's files are here: a wrong path fails now, not after the datasets load
         from neoxray.platform.model_loading import resolve_model_path
 
-        resolve_model_path(args.model)
+        kind, path = resolve_model_path(args.model)
+        if args.lora:  # and the adapter against the model's config: a wrong one fails now too
+            from neoxray.platform.model_loading import model_config_of, read_lora_for
+
+            read_lora_for(args.lora, model_config_of(kind, path))
     names = [t.task for t in suite.tasks] if suite else list(args.tasks)
     tm = task_manager(names, args.include_path)
     names = resolve_names(tm, names)
     _log(f"loading {len(names)} task(s): {', '.join(names)}")
     shots = {t.task: t.num_fewshot for t in suite.tasks} if suite else None
     task_objs = load_tasks(tm, names, shots)
-    _log(f"loading the model {args.model}" + (f" on {args.replicas} Ray replica(s)" if args.uses_ray else ""))
+    _log(
+        f"loading the model {args.model}"
+        + (f" with the LoRA adapter {args.lora}" if args.lora else "")
+        + (f" on {args.replicas} Ray replica(s)" if args.uses_ray else "")
+    )
     model_args = args.model_args()
     lm = NeoxrayLM(**model_args)
     try:
@@ -136,9 +148,10 @@ def run_eval(args: EvalArgs) -> dict:
         print(to_json(results))
     else:
         shots_text = "per suite" if suite else args.num_fewshot
+        lora_text = f" + LoRA {args.lora}" if args.lora else ""
         print(
-            f"neoxray ({args.model}), limit: {args.lm_limit}, num_fewshot: {shots_text}, batch_size: {args.batch_size}"
-            + (f", replicas: {args.replicas}" if args.uses_ray else "")
+            f"neoxray ({args.model}{lora_text}), limit: {args.lm_limit}, num_fewshot: {shots_text}, "
+            f"batch_size: {args.batch_size}" + (f", replicas: {args.replicas}" if args.uses_ray else "")
         )
         print(results_table(results))
         if suite:

@@ -85,6 +85,8 @@ class EngineOptions:
     """KV cache budget in tokens (None: `default_kv_cache_tokens`)."""
     prefix_caching: bool = True
     """Share the KV cache blocks of common prompt prefixes between requests (the engine's prefix cache)."""
+    lora: str | None = None
+    """A peft LoRA adapter directory merged into the model's weights as it loads (`--lora`); None: the base."""
 
 
 def default_prefill_chunk(window: int) -> int:
@@ -111,7 +113,8 @@ def submission_order(items: Sequence[ScoreItem], group_by_context: bool) -> list
 
 class EngineRunner:
     """A model loaded as `neoxray serve` loads it (`--model`: an exported Hugging Face directory, a training
-    checkpoint, or a run directory's newest checkpoint) behind one InferenceEngine driven on the calling thread."""
+    checkpoint, or a run directory's newest checkpoint; `options.lora`: a peft adapter merged into it) behind one
+    InferenceEngine driven on the calling thread."""
 
     def __init__(self, model_path: str, options: EngineOptions = EngineOptions()):
         from neoxray.model.precision import to_dtype
@@ -120,7 +123,7 @@ class EngineRunner:
         from neoxray.platform.model_loading import load_for_inference
 
         dtype = None if options.dtype == "auto" else to_dtype(options.dtype, "--dtype")
-        model, tokenizer, name = load_for_inference(model_path, device=options.device, dtype=dtype)
+        model, tokenizer, name = load_for_inference(model_path, device=options.device, dtype=dtype, lora=options.lora)
         self.tokenizer = tokenizer
         self.max_length = model.config.max_seq_len
         window = self.max_length + 1  # a scoring window: the context plus its last target token
