@@ -13,6 +13,13 @@ transformers `generate` one request at a time, and statically batched (c prompts
     python benchmarks/serve_throughput.py --preset neox-20b --mode engine --device cuda --dtype bf16 \
         --clients 1,16 --prompt-len 128 --max-tokens 128
 
+Multi-LoRA (`--loras N`): N random rank-`--lora-rank` adapters on all four linears of every layer (written and
+read in peft's format), loaded into one engine (or `neoxray serve --lora NAME=DIR ...`); the largest client count
+runs twice on it, all clients on the base model, then client i on adapter i mod N, and the ratio of the two
+throughputs is printed (the issue's goal: >= 0.8 on CPU). The transformers baselines are skipped then.
+
+    python benchmarks/serve_throughput.py --preset pythia-70m --mode engine --loras 4 --clients 32
+
 `--mode engine` imports only torch, transformers, tokenizers and neoxray (runs where Ray is absent);
 `--mode http` starts `neoxray serve` (Ray Serve; `--no-ray-server` for uvicorn alone) and uses aiohttp.
 Random weights: throughput does not depend on them. Transformers' and neoxray's models share the same
@@ -133,12 +140,13 @@ def hf_generate(hf, batch: list[list[int]], max_tokens: int, device) -> float:
 # neoxray: the engine directly, or the HTTP endpoint
 # -------------------------------------------------------------------------------------------------------
 async def run_clients(send, prompts: list[list[int]], clients: int, per_client: int) -> dict:
-    """c clients, each sending per_client requests back to back; send(prompt) -> (ttft_s, latency_s, tokens)."""
+    """c clients, each sending per_client requests back to back; send(prompt, client index) -> (ttft_s,
+    latency_s, tokens)."""
     records = []
 
     async def client(i):
         for j in range(per_client):
-            records.append(await send(prompts[(i * per_client + j) % len(prompts)]))
+            records.append(await send(prompts[(i * per_client + j) % len(prompts)], i))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
@@ -157,14 +165,17 @@ async def run_clients(send, prompts: list[list[int]], clients: int, per_client: 
     }
 
 
-def engine_sender(engine, max_tokens: int):
+def engine_sender(engine, max_tokens: int, loras: list[str] | None = None):
+    """Client i's requests use adapter loras[i mod len] (None: the base model)."""
     from neoxray.model.decoding import SamplingParams
     from neoxray.platform.inference.request import Request
 
-    async def send(prompt):
+    async def send(prompt, client=0):
         t0 = time.perf_counter()
         ttft, n = None, 0
-        req = Request(list(prompt), max_tokens=max_tokens, sampling=SamplingParams(greedy=True, stop_at_eod=False))
+        sampling = SamplingParams(greedy=True, stop_at_eod=False)
+        lora = loras[client % len(loras)] if loras else None
+        req = Request(list(prompt), max_tokens=max_tokens, sampling=sampling, lora=lora)
         async for out in engine.stream(req):
             if out.token_ids and ttft is None:
                 ttft = time.perf_counter() - t0
@@ -174,10 +185,10 @@ def engine_sender(engine, max_tokens: int):
     return send
 
 
-def http_sender(session, url: str, model: str, max_tokens: int):
-    async def send(prompt):
+def http_sender(session, url: str, model: str, max_tokens: int, loras: list[str] | None = None):
+    async def send(prompt, client=0):
         body = {
-            "model": model,
+            "model": loras[client % len(loras)] if loras else model,
             "prompt": prompt,
             "max_tokens": max_tokens,
             "temperature": 0,
@@ -204,7 +215,7 @@ def http_sender(session, url: str, model: str, max_tokens: int):
     return send
 
 
-def start_http_server(model_dir: Path, args, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_http_server(model_dir: Path, args, log_path: Path, extra=()) -> tuple[subprocess.Popen, str]:
     import requests
 
     port = free_port()
@@ -226,6 +237,7 @@ def start_http_server(model_dir: Path, args, log_path: Path) -> tuple[subprocess
         "--dtype",
         {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[args.torch_dtype],
     ]
+    cmd += list(extra)
     if args.no_ray_server:
         cmd.append("--no-ray")
     proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -260,6 +272,8 @@ def main(argv=None) -> int:
     p.add_argument("--static-batches", default=None, help="static batch sizes for transformers (default: --clients)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write the results here too")
+    p.add_argument("--loras", type=int, default=0, help="multi-LoRA: this many adapters vs the base alone")
+    p.add_argument("--lora-rank", type=int, default=16, help="rank of each --loras adapter")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -282,6 +296,9 @@ def main(argv=None) -> int:
         f"{args.preset}{f' ({args.layers} layers)' if args.layers else ''}: {cfg.num_parameters():,} parameters, "
         f"{args.device} {args.torch_dtype}, prompt {args.prompt_len}, {args.max_tokens} new tokens per request"
     )
+
+    if args.loras:
+        return lora_benchmark(args, cfg, ours, tok, tmp, hf)
 
     # transformers: one at a time, then static batches
     hf_generate(hf, prompts[:1], 4, args.device)  # warm-up
@@ -385,6 +402,124 @@ def main(argv=None) -> int:
         f"transformers: one at a time {hf_single['tokens_per_s']:.1f} tok/s; static batches "
         + ", ".join(f"{b}: {v['tokens_per_s']:.1f}" for b, v in hf_static.items())
     )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------------
+# multi-LoRA: the same engine, its largest client count on the base alone and spread over N adapters
+# -------------------------------------------------------------------------------------------------------
+def write_adapters(cfg, n: int, rank: int, out: Path) -> dict[str, Path]:
+    """n random adapters (all four linears, every layer) in peft's format."""
+    from neoxray.model.lora import TARGETS, LoRAAdapter, LoRASpec
+    from neoxray.model.peft_format import write_peft_adapter
+
+    d, f = cfg.d_model, cfg.ffn_dim
+    shapes = {"query_key_value": (d, 3 * d), "dense": (d, d), "dense_h_to_4h": (d, f), "dense_4h_to_h": (f, d)}
+    sub = {"query_key_value": "attention", "dense": "attention", "dense_h_to_4h": "mlp", "dense_4h_to_h": "mlp"}
+    dirs = {}
+    for k in range(n):
+        g = torch.Generator().manual_seed(k)
+        tensors = {}
+        for layer in range(cfg.n_layers):
+            for t in TARGETS:
+                i, o = shapes[t]
+                tensors[f"layers.{layer}.{sub[t]}.{t}.lora_A"] = torch.randn(rank, i, generator=g) / i**0.5
+                tensors[f"layers.{layer}.{sub[t]}.{t}.lora_B"] = torch.randn(o, rank, generator=g) * 0.01
+        adapter = LoRAAdapter(LoRASpec(r=rank, alpha=2.0 * rank), tensors, name=f"lora{k}")
+        dirs[f"lora{k}"] = write_peft_adapter(adapter, out / f"lora{k}")
+    return dirs
+
+
+def lora_benchmark(args, cfg, ours, tok, tmp: Path, hf) -> int:
+    c = max(args.clients_list)
+    dirs = write_adapters(cfg, args.loras, args.lora_rank, tmp / "loras")
+    names = list(dirs)
+    n_req = c * args.requests_per_client
+    base_prompts = prompts_for(n_req, args.prompt_len, tok, seed=1)
+    lora_prompts = prompts_for(n_req, args.prompt_len, tok, seed=2)  # fresh prompts: no prefix-cache advantage
+    del hf
+    results = {}
+    if args.mode == "engine":
+        from neoxray.platform.inference.engine import InferenceEngine
+        from neoxray.platform.inference.request import EngineConfig
+
+        engine = InferenceEngine(
+            ours,
+            tok,
+            EngineConfig(
+                max_num_seqs=c,
+                kv_cache_tokens=c * (args.prompt_len + args.max_tokens + 16),
+                max_loras=args.loras,
+                max_lora_rank=args.lora_rank,
+            ),
+        )
+        for name, d in dirs.items():
+            engine.add_lora(name, engine.read_lora(d, name), str(d))
+        engine.start()
+        warm = prompts_for(len(names), args.prompt_len, tok, seed=3)
+        asyncio.run(run_clients(engine_sender(engine, 4, names), warm, len(names), 1))  # warm-up, every adapter
+        results["base"] = asyncio.run(
+            run_clients(engine_sender(engine, args.max_tokens), base_prompts, c, args.requests_per_client)
+        )
+        results["loras"] = asyncio.run(
+            run_clients(engine_sender(engine, args.max_tokens, names), lora_prompts, c, args.requests_per_client)
+        )
+        results["mixed_forwards"] = engine.runner.mixed_forwards
+        engine.stop(timeout=10)
+    else:
+        import aiohttp
+
+        from neoxray.model.hf import save_pretrained
+
+        model_dir = save_pretrained(ours, tmp / "model", tokenizer=tok)
+        extra = [x for name, d in dirs.items() for x in ("--lora", f"{name}={d}")] + ["--max-loras", str(args.loras)]
+        proc, url = start_http_server(model_dir, args, tmp / "serve.log", extra)
+
+        async def measure(prompts, loras, clients, max_tokens):
+            conn = aiohttp.TCPConnector(limit=0)
+            async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=3600)) as s:
+                send = http_sender(s, url, "bench", max_tokens, loras)
+                return await run_clients(send, prompts, clients, args.requests_per_client)
+
+        try:
+            asyncio.run(measure(prompts_for(len(names), args.prompt_len, tok, seed=3), names, len(names), 4))
+            results["base"] = asyncio.run(measure(base_prompts, None, c, args.max_tokens))
+            results["loras"] = asyncio.run(measure(lora_prompts, names, c, args.max_tokens))
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+    ratio = results["loras"]["tokens_per_s"] / results["base"]["tokens_per_s"]
+    report = {
+        "benchmark": "serve_throughput --loras",
+        "date": now(),
+        "machine": machine() + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "layers": cfg.n_layers,
+        "device": args.device,
+        "dtype": str(args.torch_dtype),
+        "mode": args.mode + (" (no Ray)" if args.no_ray_server and args.mode == "http" else ""),
+        "clients": c,
+        "prompt_len": args.prompt_len,
+        "max_tokens": args.max_tokens,
+        "loras": args.loras,
+        "lora_rank": args.lora_rank,
+        **results,
+        "ratio_loras_vs_base": ratio,
+    }
+    print(f"\n{'run':>28} {'tok/s':>10} {'p50 lat s':>10} {'p99 lat s':>10} {'p50 TTFT':>9}")
+    for key, label in (("base", f"{c} clients, base model"), ("loras", f"{c} clients, {args.loras} adapters")):
+        r = results[key]
+        print(
+            f"{label:>28} {r['tokens_per_s']:>10.1f} {r['latency_p50_s']:>10.3f} {r['latency_p99_s']:>10.3f} "
+            f"{r['ttft_p50_s']:>9.3f}"
+        )
+    print(f"multi-LoRA / base-only throughput: {ratio:.2f}x (goal on CPU: >= 0.8x)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -16,6 +16,10 @@ Tokens, text, stop strings and log-probabilities come from `neoxray.platform.inf
 joins the decode batch on the step after its prompt is in the cache and leaves it when it finishes (end of
 document, a stop string, `max_tokens`, the context length) or is aborted; its blocks are freed at once. The
 cache itself is `neoxray.platform.inference.kv_cache`; requests and outputs are `neoxray.platform.inference.request`.
+
+LoRA (`EngineConfig.max_loras` > 0): the model is wrapped with adapter slots (`neoxray.platform.inference.adapters`);
+`add_lora` / `remove_lora` change the set between steps, a request names its adapter (`Request.lora`), and
+every forward binds each row's own adapter, so requests of different adapters share prefill and decode steps.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 
 from neoxray.errors import NeoxrayError
 from neoxray.model.gptneox import GPTNeoX
+from neoxray.platform.inference.adapters import AdapterSlots, unknown_message
 from neoxray.platform.inference.kv_cache import PagedKVCache
 from neoxray.platform.inference.model_runner import ModelRunner
 from neoxray.platform.inference.output_processor import OutputProcessor
@@ -39,9 +44,11 @@ from neoxray.platform.inference.request import (
     EngineConfig,
     EngineDead,
     EngineInfo,
+    InvalidRequest,
     Output,
     QueueFull,
     Request,
+    UnknownAdapter,
 )
 from neoxray.platform.inference.scheduler import Scheduler, SequenceState
 
@@ -60,9 +67,10 @@ class InferenceEngine:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         c = self.config
+        self.adapters = AdapterSlots(model, c.max_loras, c.max_lora_rank)
         self.cache = PagedKVCache.for_model(model, c.kv_cache_tokens or c.max_num_seqs * cfg.max_seq_len, c.block_size)
         self.scheduler = Scheduler(c, self.cache)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, self.adapters)
         self.output_processor = OutputProcessor(
             tokenizer,
             eod_id=tokenizer.eod_id if tokenizer is not None else cfg.eos_token_id,
@@ -125,6 +133,7 @@ class InferenceEngine:
             num_blocks=self.cache.num_blocks,
             block_size=self.cache.block_size,
             has_tokenizer=self.tokenizer is not None,
+            max_loras=self.config.max_loras,
         )
 
     def check(self, req: Request) -> None:
@@ -146,6 +155,8 @@ class InferenceEngine:
         or they do not all fit in the waiting queue, none."""
         for req, _ in items:
             self.check(req)
+            if req.lora is not None and not self.adapters.known(req.lora):
+                raise UnknownAdapter(unknown_message(req.lora), "model")
         if not self.alive and self._thread is not None:
             raise EngineDead(f"the inference engine has stopped: {self.error!r}")
         if self._inbox.qsize() + len(self.scheduler.waiting) + len(items) > self.config.max_waiting:
@@ -157,6 +168,30 @@ class InferenceEngine:
     def abort(self, request_id: str) -> None:
         """Stop a request (a client went away): its batch row and cache blocks are freed on the next step."""
         self._inbox.put(("abort", request_id))
+
+    # -- LoRA adapters -------------------------------------------------------------------------------------------
+    def read_lora(self, path, name: str | None = None):
+        """A peft LoRA adapter directory -> LoRAAdapter, checked against this model's shapes (any thread: it only
+        reads files). A bad directory is an InvalidRequest naming `lora_path`."""
+        from neoxray.model.peft_format import read_peft_adapter
+
+        try:
+            return read_peft_adapter(path, self.model.config, name)
+        except NeoxrayError as e:
+            raise InvalidRequest(str(e), "lora_path") from None
+
+    def add_lora(self, name: str, adapter, source: str | None = None) -> list[str]:
+        """Load `adapter` (from `read_lora`) as `name`; returns the idle adapters evicted to make room. On the
+        engine thread (`run_on_engine`) once it runs."""
+        return self.adapters.add(name, adapter, source)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload adapter `name` (AdapterBusy while requests use it). On the engine thread once it runs."""
+        self.adapters.remove(name)
+
+    def loras(self) -> list[dict]:
+        """The loaded adapters: [{name, source, slot, requests}] (a snapshot; any thread)."""
+        return self.adapters.describe()
 
     def call(self, fn: Callable[[], object]) -> queue.Queue:
         """Run fn() on the engine thread between steps (it may use the model); the result or exception
@@ -223,6 +258,12 @@ class InferenceEngine:
                 return
             block = False
             if kind == "add":
+                try:  # the adapter was checked on submission; an unload queued before it may have removed it since
+                    item.lora_slot, item.prefix_salt = self.adapters.acquire(item.req.lora)
+                except UnknownAdapter as e:
+                    self._finish(item, "abort", error=str(e))
+                    continue
+                item.lora_held = item.req.lora is not None
                 self.scheduler.add(item)
             elif kind == "abort":
                 s = self.scheduler.get(item)
@@ -291,7 +332,7 @@ class InferenceEngine:
         for s, out in zip(seqs, self.output_processor.process(seqs, logits)):
             self.counters["generated_tokens"] += len(out.token_ids)
             if out.finish_reason is not None:
-                self.scheduler.release(s)
+                self._release(s)
                 self.counters["requests_finished"] += 1
             _deliver(s, out)
 
@@ -299,9 +340,15 @@ class InferenceEngine:
         """End a request without a new token (abort, engine failure)."""
         if s.finished:
             return
-        self.scheduler.release(s)
+        self._release(s)
         self.counters["requests_aborted" if reason == "abort" else "requests_finished"] += 1
         _deliver(s, self.output_processor.final(s, reason, error))
+
+    def _release(self, s: SequenceState) -> None:
+        self.scheduler.release(s)
+        if s.lora_held:
+            self.adapters.release(s.req.lora)
+            s.lora_held = False
 
     # -- state ---------------------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -314,6 +361,8 @@ class InferenceEngine:
             "kv_cache_usage": used / self.cache.num_blocks,
             "steps": self.steps,
             **self.counters,
+            "lora_adapters": len(self.adapters.slot),
+            "lora_mixed_forwards": self.runner.mixed_forwards,
         }
 
     # -- conveniences ----------------------------------------------------------------------------------------
@@ -357,10 +406,13 @@ class InferenceEngine:
             raise result
         return result
 
-    def embed(self, token_lists: Sequence[Sequence[int]]) -> list[list[float]]:
-        """Mean of the final-LayerNorm hidden states over each text's tokens, L2-normalised (`ModelRunner.embed`).
-        Runs on the calling thread (use `run_on_engine` when the engine thread is running)."""
-        return self.runner.embed(token_lists)
+    def embed(self, token_lists: Sequence[Sequence[int]], lora: str | None = None) -> list[list[float]]:
+        """Mean of the final-LayerNorm hidden states over each text's tokens, L2-normalised (`ModelRunner.embed`),
+        of the base model or adapter `lora`. Runs on the calling thread (use `run_on_engine` when the engine
+        thread is running)."""
+        if lora is not None and not self.adapters.known(lora):
+            raise UnknownAdapter(unknown_message(lora), "model")
+        return self.runner.embed(token_lists, None if lora is None else self.adapters.slot[lora])
 
 
 def _length_buckets(rows: list[tuple[SequenceState, int, int]]) -> list[list[tuple[SequenceState, int, int]]]:

@@ -102,9 +102,10 @@ class PagedKVCache:
         self.computed.discard(block)
 
     # -- prefix reuse ----------------------------------------------------------------------------------------
-    def names(self, tokens: Sequence[int], n_blocks: int) -> list[bytes]:
-        """The names of the first `n_blocks` full blocks of `tokens` (each chained to the one before)."""
-        out, prev, bs = [], b"", self.block_size
+    def names(self, tokens: Sequence[int], n_blocks: int, salt: bytes = b"") -> list[bytes]:
+        """The names of the first `n_blocks` full blocks of `tokens` (each chained to the one before, the first to
+        `salt`: what else than the tokens the keys and values depend on, such as a LoRA adapter)."""
+        out, prev, bs = [], salt, self.block_size
         for i in range(n_blocks):
             prev = hashlib.blake2b(prev + repr(list(tokens[i * bs : (i + 1) * bs])).encode(), digest_size=16).digest()
             out.append(prev)

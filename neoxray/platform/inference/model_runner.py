@@ -1,6 +1,8 @@
 """The model side of the inference engine: one batched forward of rows of new tokens (prompt chunks or one
 decode token each) against the paged KV cache, the fp32 logits and log-probabilities of chosen positions, and
-embeddings (mean-pooled final hidden states). It knows token ids and block tables, not requests' text."""
+embeddings (mean-pooled final hidden states). It knows token ids and block tables, not requests' text. With
+LoRA adapters (`neoxray.platform.inference.adapters`) each row applies its request's adapter: the rows' slots
+are bound before the forward, so one forward serves rows of different adapters together."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from neoxray.model.gptneox import GPTNeoX
+from neoxray.platform.inference.adapters import AdapterSlots
 from neoxray.platform.inference.kv_cache import PagedKVCache
 from neoxray.platform.inference.scheduler import SequenceState
 
@@ -18,10 +21,13 @@ from neoxray.platform.inference.scheduler import SequenceState
 class ModelRunner:
     """Runs `model` against `cache` (the engine's only user of the model's forward)."""
 
-    def __init__(self, model: GPTNeoX, cache: PagedKVCache):
+    def __init__(self, model: GPTNeoX, cache: PagedKVCache, adapters: AdapterSlots | None = None):
         self.model = model
         self.cache = cache
+        self.adapters = adapters
         self.device = next(model.parameters()).device
+        self.mixed_forwards = 0
+        """Forwards whose rows applied more than one adapter (the base counting as one): batches were shared."""
 
     def forward(self, seqs: Sequence[SequenceState], starts: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
         """Run rows of new tokens (row i: tokens starts[i] .. starts[i] + lengths[i] of its request) through the
@@ -46,6 +52,10 @@ class ModelRunner:
         # a key is visible when it is at or before the query's position; padding queries see position 0 only
         mask = torch.arange(t_max)[None, None] <= torch.where(valid, positions, 0)[:, :, None]  # [b, s, t]
         self.cache.bind(write_rows.to(dev), write_slots.to(dev), read_slots.to(dev))
+        if self.adapters is not None and self.adapters.multi is not None:
+            slots = [seq.lora_slot for seq in seqs]
+            self.adapters.bind(slots)
+            self.mixed_forwards += len(set(slots)) > 1
         return self.model.hidden_states(ids.to(dev), positions.to(dev), mask[:, None].to(dev), self.cache)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -57,11 +67,14 @@ class ModelRunner:
         return F.log_softmax(self.logits(hidden), dim=-1)
 
     @torch.inference_mode()
-    def embed(self, token_lists: Sequence[Sequence[int]]) -> list[list[float]]:
+    def embed(self, token_lists: Sequence[Sequence[int]], slot: int | None = None) -> list[list[float]]:
         """Mean of the final-LayerNorm hidden states over each text's tokens, L2-normalised: features for
-        downstream tasks, as the GPT-NeoX-20B model card suggests. No cache: each text runs alone."""
+        downstream tasks, as the GPT-NeoX-20B model card suggests. No cache: each text runs alone (with the
+        adapter in `slot`, None: the base)."""
         out = []
         for ids in token_lists:
+            if self.adapters is not None:
+                self.adapters.bind([slot])
             x = torch.as_tensor(list(ids), dtype=torch.long, device=self.device)[None]
             h = self.model.hidden_states(x)[0].float().mean(0)  # [d]
             out.append(F.normalize(h, dim=0).tolist())

@@ -23,6 +23,14 @@ class InvalidRequest(NeoxrayError):
         self.param = param
 
 
+class UnknownAdapter(InvalidRequest):
+    """A request or call names a LoRA adapter this engine does not hold (the serving layer answers 404)."""
+
+
+class AdapterBusy(NeoxrayError):
+    """A LoRA adapter cannot be unloaded (or make room) now: requests are running or waiting on it (409)."""
+
+
 class QueueFull(NeoxrayError):
     """The engine's waiting queue is full: the caller should answer 503 / retry later."""
 
@@ -50,11 +58,21 @@ class EngineConfig:
     prefix_caching: bool = True
     """Share the KV cache blocks of a common prompt prefix between requests (`kv_cache`): computed once, reused
     by every request that starts with the same tokens."""
+    max_loras: int = 0
+    """LoRA adapter slots (`neoxray.platform.inference.adapters`): adapters held at once, each request applying
+    its own (or none) inside shared batches. 0: no LoRA (the model runs unwrapped)."""
+    max_lora_rank: int = 16
+    """The largest adapter rank a slot holds (slot memory grows with it; compute follows the ranks in use)."""
 
     def validate(self) -> EngineConfig:
         for name in ("max_num_seqs", "block_size", "prefill_chunk", "max_waiting"):
             if getattr(self, name) < 1:
                 raise NeoxrayError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_loras < 0 or self.max_lora_rank < 1:
+            raise NeoxrayError(
+                f"engine.max_loras must be >= 0 and engine.max_lora_rank >= 1, got {self.max_loras} and "
+                f"{self.max_lora_rank}"
+            )
         if self.max_running_per_group is not None and self.max_running_per_group < 1:
             raise NeoxrayError(f"engine.max_running_per_group must be >= 1, got {self.max_running_per_group}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
@@ -84,6 +102,9 @@ class Request:
     """The requests of one group (one HTTP request's choices) share the batch fairly with other groups: admission
     goes to the group with the fewest requests running, and a group holds at most `max_running_per_group`
     batch rows. None: a group of its own."""
+    lora: str | None = None
+    """The LoRA adapter (its name in the engine, `InferenceEngine.add_lora`) this request applies; None: the base
+    model. Its KV cache blocks are never shared with requests of another adapter (or of the base)."""
 
     @property
     def group_key(self) -> str:
@@ -110,6 +131,8 @@ class EngineInfo:
     num_blocks: int
     block_size: int
     has_tokenizer: bool = True
+    max_loras: int = 0
+    """LoRA adapter slots (0: this engine serves the base model only)."""
 
     def check(self, req: Request) -> None:
         """Raise InvalidRequest, naming the field, for a request this engine cannot serve."""

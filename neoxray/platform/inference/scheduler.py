@@ -14,8 +14,10 @@
 With prefix caching a request starts from the longest computed prefix of its prompt in the cache (its first
 blocks are shared, its `computed` count starts past them) and publishes its own full prompt blocks for later
 requests; a request whose next prompt block is being computed by another request waits for it instead of
-computing it again. A finished or aborted request is released at once: it leaves its list and its blocks go
-back to the pool (shared ones stay with their other holders).
+computing it again. Block names are salted with the request's LoRA adapter (`SequenceState.prefix_salt`), so
+requests of different adapters, whose keys and values differ, never share blocks. A finished or aborted
+request is released at once: it leaves its list and its blocks go back to the pool (shared ones stay with their
+other holders).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class SequenceState:
     finished: bool = False
     names: list[bytes] = field(default_factory=list)  # prefix-cache names of its full prompt blocks
     reused: int = 0  # prompt tokens taken from the prefix cache
+    lora_slot: int | None = None  # its LoRA adapter's slot (None: the base model), set on intake
+    lora_held: bool = False  # counted as a user of its adapter (`AdapterSlots.acquire`) until released
+    prefix_salt: bytes = b""  # its adapter's prefix-cache salt: KV blocks are shared within one adapter only
 
     @property
     def prompt_len(self) -> int:
@@ -86,7 +91,7 @@ class Scheduler:
     def add(self, s: SequenceState) -> None:
         self._by_id[s.req.request_id] = s
         if self.config.prefix_caching:
-            s.names = self.cache.names(s.req.prompt_ids, s.prompt_len // self.cache.block_size)
+            s.names = self.cache.names(s.req.prompt_ids, s.prompt_len // self.cache.block_size, s.prefix_salt)
         self.waiting.append(s)
 
     def _reusable(self, s: SequenceState) -> int:

@@ -1,7 +1,8 @@
-"""The HTTP API: OpenAI's completions, models and embeddings, plus vLLM-style /tokenize, /detokenize and
-/tokenizer_info, and /health. A FastAPI app over an engine client (`neoxray.platform.serve.client`): the Ray
-Serve application's ingress hosts it over the model deployment (`neoxray.platform.serve.app`), and
-`neoxray serve --no-ray` runs it under uvicorn over an engine in the same process.
+"""The HTTP API: OpenAI's completions, models and embeddings, plus vLLM-style /tokenize, /detokenize,
+/tokenizer_info and /v1/load_lora_adapter, /v1/unload_lora_adapter, and /health. A FastAPI app over an engine
+client (`neoxray.platform.serve.client`): the Ray Serve application's ingress hosts it over the model deployment
+(`neoxray.platform.serve.app`), and `neoxray serve --no-ray` runs it under uvicorn over an engine in the same
+process.
 
 Thin: each route reads its body, parses it into its request model (`neoxray.platform.serve.protocol`), hands it
 to `OpenAIServing` (`neoxray.platform.serve.serving`) and sends back the response model it returns, as
@@ -13,8 +14,9 @@ Bodies are read by the routes themselves, not by FastAPI: at most `max_request_b
 from its Content-Length before anything is read), as JSON whatever the Content-Type says (a request without
 one included), parsed on a worker thread when large. Every answer that is not a success has OpenAI's shape,
 {"error": {"message", "type", "param", "code"}}: 400 for a bad request (the message and `param` name the field;
-a body that is not UTF-8, not JSON or nested too deeply), 401 for a missing or wrong API key, 404 for an unknown
-model or route, 405 for a wrong method, 413 for a body that is too large, 503 (with Retry-After) when no
+a body that is not UTF-8, not JSON or nested too deeply; a bad LoRA adapter directory), 401 for a missing or wrong
+API key, 404 for an unknown model (or LoRA adapter) or route, 405 for a wrong method, 409 for a LoRA adapter in use
+(or no idle slot to load one into), 413 for a body that is too large, 503 (with Retry-After) when no
 engine can take the request. User input never reaches a 500.
 """
 
@@ -32,7 +34,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from neoxray.platform.inference.request import InvalidRequest
+from neoxray.platform.inference.request import AdapterBusy, InvalidRequest, UnknownAdapter
 from neoxray.platform.serve.client import EngineClient, LocalEngineClient, ServeObserver
 from neoxray.platform.serve.limits import ServingLimits
 from neoxray.platform.serve.protocol import (
@@ -45,10 +47,13 @@ from neoxray.platform.serve.protocol import (
     ErrorInfo,
     ErrorResponse,
     HealthResponse,
+    LoadLoRAAdapterRequest,
+    LoRAAdapterResponse,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
     TokenizerInfo,
+    UnloadLoRAAdapterRequest,
 )
 from neoxray.platform.serve.serving import UNAVAILABLE, ApiError, OpenAIServing
 
@@ -152,14 +157,15 @@ def create_app(
     stats_period_s: float = 1.0,
     shutdown_timeout_s: float | None = None,
     limits: ServingLimits | None = None,
+    lora_updates_refused: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `engine`: an `EngineClient`, or an `InferenceEngine` in this process (whose
     background thread must be running). Over an in-process engine, the app reports its stats to `observer`, and
     with `shutdown_timeout_s` its shutdown drains the engine (finishing running requests for up to that long)
-    and stops it."""
+    and stops it. `lora_updates_refused`: why the LoRA load/unload routes refuse (None: they work)."""
     client = engine if isinstance(engine, EngineClient) else LocalEngineClient(engine, observer)
     limits = limits or ServingLimits()
-    serving = OpenAIServing(client, model_name, limits)
+    serving = OpenAIServing(client, model_name, limits, lora_updates_refused=lora_updates_refused)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -189,6 +195,14 @@ def create_app(
     @app.exception_handler(InvalidRequest)
     async def _engine_refused(request, exc: InvalidRequest):
         return error_response(400, str(exc), "invalid_request_error", exc.param)
+
+    @app.exception_handler(UnknownAdapter)
+    async def _unknown_model(request, exc: UnknownAdapter):
+        return error_response(404, str(exc), "invalid_request_error", exc.param, "model_not_found")
+
+    @app.exception_handler(AdapterBusy)
+    async def _adapter_busy(request, exc: AdapterBusy):
+        return error_response(409, str(exc), "invalid_request_error", "lora_name", "adapter_busy")
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
@@ -258,6 +272,14 @@ def create_app(
     @app.post("/v1/embeddings", response_model=EmbeddingResponse)
     async def embeddings(request: HTTPRequest):
         return _json(await serving.embeddings(await body_of(request, EmbeddingRequest)))
+
+    @app.post("/v1/load_lora_adapter", response_model=LoRAAdapterResponse)
+    async def load_lora_adapter(request: HTTPRequest):
+        return _json(await serving.load_lora_adapter(await body_of(request, LoadLoRAAdapterRequest)))
+
+    @app.post("/v1/unload_lora_adapter", response_model=LoRAAdapterResponse)
+    async def unload_lora_adapter(request: HTTPRequest):
+        return _json(await serving.unload_lora_adapter(await body_of(request, UnloadLoRAAdapterRequest)))
 
     @app.post("/v1/completions", response_model=CompletionResponse)
     async def completions(request: HTTPRequest):

@@ -9,7 +9,9 @@ sits in front of its LLM server deployments.
 - `NeoxrayModel` (`num_replicas`, or autoscaling, each with `num_gpus`): one InferenceEngine per replica
   (continuous batching), the health check, the graceful drain, and the `neoxray_serve_*` Ray metrics. Its
   `generate` streams what the engine has ready, merged per step, so the extra hop costs one message per step
-  rather than one per token; a cancelled call (the client went away) aborts the engine requests.
+  rather than one per token; a cancelled call (the client went away) aborts the engine requests. Each replica
+  loads the `loras` adapters; runtime loads and unloads reach one replica, so they are refused (one line) when
+  the deployment may have several.
 
 Deploy it with `neoxray serve --model DIR`, or from a Serve config (`configs/serve.yaml`):
 
@@ -28,6 +30,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 from ray import serve
 from ray.exceptions import RayError, RayTaskError
@@ -38,7 +41,7 @@ from neoxray.platform.inference.request import EngineInfo, Request
 from neoxray.platform.serve.args import ServeArgs
 from neoxray.platform.serve.client import Batch, EngineClient, EngineUnavailable
 
-__all__ = ["NeoxrayIngress", "NeoxrayModel", "ServeArgs", "ServeEngineClient", "build_app"]
+__all__ = ["NeoxrayIngress", "NeoxrayModel", "ServeArgs", "ServeEngineClient", "build_app", "lora_updates_refused"]
 
 HEALTH_TIMEOUT_S = 10.0
 """How long /health waits for a model replica's counters before answering 503."""
@@ -72,11 +75,20 @@ class NeoxrayModel:
         async for batch in self.client.generate(requests):
             yield batch
 
-    async def embed(self, token_lists: Sequence[Sequence[int]]) -> list[list[float]]:
-        return await self.client.embed(token_lists)
+    async def embed(self, token_lists: Sequence[Sequence[int]], lora: str | None = None) -> list[list[float]]:
+        return await self.client.embed(token_lists, lora)
 
     async def stats(self) -> dict:
         return await self.client.stats()
+
+    async def loras(self) -> list[dict]:
+        return await self.client.loras()
+
+    async def load_lora(self, name: str, path: str) -> list[str]:
+        return await self.client.load_lora(name, path)
+
+    async def unload_lora(self, name: str) -> None:
+        await self.client.unload_lora(name)
 
     def check_health(self) -> None:
         """Serve replaces a replica whose engine thread has died."""
@@ -131,9 +143,22 @@ class ServeEngineClient(EngineClient):
             if not finished:  # the consumer went away: the replica's generator is cancelled, aborting its requests
                 response.cancel()
 
-    async def embed(self, token_lists: Sequence[Sequence[int]]) -> list[list[float]]:
+    async def embed(self, token_lists: Sequence[Sequence[int]], lora: str | None = None) -> list[list[float]]:
+        lists = [list(t) for t in token_lists]
+        return await (self._call("embed", lists) if lora is None else self._call("embed", lists, lora))
+
+    async def loras(self) -> list[dict]:
+        return await self._call("loras")
+
+    async def load_lora(self, name: str, path: str) -> list[str]:
+        return await self._call("load_lora", name, path)
+
+    async def unload_lora(self, name: str) -> None:
+        await self._call("unload_lora", name)
+
+    async def _call(self, method: str, *args):
         try:
-            return await self.handle.embed.remote([list(t) for t in token_lists])
+            return await getattr(self.handle, method).remote(*args)
         except Exception as e:
             raise _translate(e) from None
 
@@ -176,7 +201,25 @@ class NeoxrayIngress:
     def __serve_build_asgi_app__(self):
         from neoxray.platform.serve.api import create_app
 
-        return create_app(self.client, model_name=self.args.name, api_key=self.args.api_key, limits=self.args.limits())
+        a = self.args
+        return create_app(
+            self.client,
+            model_name=a.name,
+            api_key=a.api_key,
+            limits=a.limits(),
+            lora_updates_refused=lora_updates_refused(a),
+        )
+
+
+def lora_updates_refused(args: ServeArgs) -> str | None:
+    """Why the ingress refuses runtime LoRA adapter changes (None: it does not): a call through the handle
+    reaches one model replica, so with several (or autoscaling) their adapter sets would drift apart."""
+    if args.num_replicas > 1 or args.min_replicas is not None or args.max_replicas is not None:
+        return (
+            "runtime LoRA adapter changes need one fixed model replica (each replica holds its own adapters); "
+            "list the adapters in `loras` instead"
+        )
+    return None
 
 
 def build_app(args: ServeArgs) -> serve.Application:
@@ -188,7 +231,13 @@ def build_app(args: ServeArgs) -> serve.Application:
     from neoxray.platform.model_loading import resolve_model_path
 
     _, path = resolve_model_path(args.model)  # a wrong path fails here, naming it, not in a replica's log
-    args = args.model_copy(update={"model": str(path.resolve())})  # replicas run in other directories
+    from neoxray.model.peft_format import read_adapter_config
+
+    loras = {}
+    for name, lora_dir in args.loras.items():
+        read_adapter_config(lora_dir)  # a bad adapter directory fails here, naming it
+        loras[name] = str(Path(lora_dir).expanduser().resolve())
+    args = args.model_copy(update={"model": str(path.resolve()), "loras": loras})  # replicas run elsewhere
     model = dict(
         ray_actor_options={"num_gpus": args.num_gpus, "num_cpus": args.num_cpus},
         max_ongoing_requests=args.max_ongoing_requests,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from neoxray.errors import NeoxrayError
 from neoxray.platform.inference.request import EngineConfig
@@ -75,6 +75,16 @@ class ServeArgs(BaseModel):
     """How often Serve checks a model replica's engine thread (a dead one is replaced)."""
     graceful_shutdown_timeout_s: float = Field(30, ge=0)
     """How long a stopping replica lets running requests finish."""
+    loras: dict[str, str] = Field(default_factory=dict)
+    """LoRA adapters served on the base model: name -> peft adapter directory (`neoxray serve --lora NAME=DIR`).
+    A request's `model` names an adapter (or the base for none); requests of different adapters share batches.
+    Every model replica's node must see these paths."""
+    max_loras: int | None = Field(None, ge=0)
+    """Adapters a model replica holds at once (slots; default: the number of `loras`). Loading one more at run
+    time (POST /v1/load_lora_adapter) unloads the least recently used idle adapter; 0 with no `loras`: no LoRA."""
+    max_lora_rank: int | None = Field(None, ge=1)
+    """The largest adapter rank the slots hold (default: the largest rank of `loras`, at least 16). Slot memory
+    is max_loras x max_lora_rank x (inputs + outputs) of every adapted linear; compute follows the ranks in use."""
 
     @field_validator("api_key")
     @classmethod
@@ -82,6 +92,40 @@ class ServeArgs(BaseModel):
         if v is not None and not v.strip():
             raise ValueError("must not be empty: an empty key would turn authentication off (omit it for no key)")
         return v
+
+    @field_validator("loras")
+    @classmethod
+    def _lora_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, path in v.items():
+            if not name.strip() or name != name.strip() or len(name) > 256:
+                raise ValueError(f"LoRA adapter name {name!r}: must be non-empty, without surrounding spaces")
+            if not str(path).strip():
+                raise ValueError(f"LoRA adapter {name!r}: the directory is empty")
+        return v
+
+    @model_validator(mode="after")
+    def _lora_slots(self) -> ServeArgs:
+        if self.max_loras is not None and len(self.loras) > self.max_loras:
+            raise ValueError(f"max_loras is {self.max_loras}, fewer than the {len(self.loras)} adapters in loras")
+        if self.name is not None and self.name in self.loras:
+            raise ValueError(f"LoRA adapter name {self.name!r} is the base model's name")
+        return self
+
+    @property
+    def lora_slots(self) -> int:
+        return self.max_loras if self.max_loras is not None else len(self.loras)
+
+    def lora_rank(self) -> int:
+        """max_lora_rank, or the largest rank of `loras` (from their adapter_config.json), at least 16."""
+        if self.max_lora_rank is not None:
+            return self.max_lora_rank
+        from neoxray.model.peft_format import read_adapter_config
+
+        ranks = [16]
+        for path in self.loras.values():
+            cfg = read_adapter_config(path)  # a NeoxrayError naming a bad directory
+            ranks += [int(cfg["r"]), *(int(r) for r in (cfg.get("rank_pattern") or {}).values())]
+        return max(ranks)
 
     def with_env_api_key(self) -> ServeArgs:
         """These arguments with the key from NEOXRAY_API_KEY when none is given; a NEOXRAY_API_KEY that is set
@@ -100,12 +144,14 @@ class ServeArgs(BaseModel):
     def running_per_request(self) -> int:
         return self.max_running_per_request or max(1, self.max_num_seqs // 2)
 
-    def engine_config(self) -> EngineConfig:
+    def engine_config(self, lora_rank: int | None = None) -> EngineConfig:
         return EngineConfig(
             max_num_seqs=self.max_num_seqs,
             kv_cache_tokens=self.kv_cache_tokens,
             prefill_chunk=self.prefill_chunk,
             max_running_per_group=self.running_per_request,
+            max_loras=self.lora_slots,
+            max_lora_rank=lora_rank or self.max_lora_rank or 16,
         )
 
     def limits(self) -> L.ServingLimits:
@@ -117,14 +163,24 @@ class ServeArgs(BaseModel):
         )
 
     def build_engine(self):
-        """Load the model and make its (not yet started) InferenceEngine, as these arguments say."""
+        """Load the model and make its (not yet started) InferenceEngine, as these arguments say, with the
+        `loras` loaded (a bad adapter directory is a NeoxrayError naming it, checked before the model loads)."""
         from neoxray.model.precision import to_dtype
         from neoxray.platform.inference.engine import InferenceEngine
 
-        return InferenceEngine.from_path(
+        rank = self.lora_rank()
+        engine = InferenceEngine.from_path(
             self.model,
             device=self.device,
             dtype=to_dtype(self.dtype),
-            config=self.engine_config(),
+            config=self.engine_config(rank),
             model_name=self.name,
         )
+        for name, path in self.loras.items():
+            if name == engine.model_name:
+                raise NeoxrayError(f"LoRA adapter name {name!r} is the base model's name; give it another")
+            try:
+                engine.add_lora(name, engine.read_lora(path, name), str(path))
+            except NeoxrayError as e:
+                raise NeoxrayError(f"LoRA adapter {name!r}: {e}") from None
+        return engine

@@ -10,7 +10,9 @@ DeploymentHandle. Both answer the same four calls:
   merged, so a consumer that lags behind the engine gets fewer, larger pieces instead of one per token.
   Closing the iterator (a client that went away) aborts the choices still running;
 - `embed(token_lists)`: embeddings, one input per engine call, so running requests keep decoding between them;
-- `stats()`: the engine's counters (EngineDead when its thread has stopped).
+- `stats()`: the engine's counters (EngineDead when its thread has stopped);
+- `loras()`, `load_lora(name, path)`, `unload_lora(name)`: the LoRA adapters the engine holds, and changing
+  them between engine steps (`neoxray.platform.inference.adapters`).
 
 Failures are `QueueFull` and `EngineDead` (`neoxray.platform.inference.request`) and `EngineUnavailable` (no engine
 can take the request now, or the one serving it went away); the serving layer answers each with a 503.
@@ -77,10 +79,21 @@ class EngineClient:
     def generate(self, requests: Sequence[Request]) -> AsyncIterator[Batch]:
         raise NotImplementedError
 
-    async def embed(self, token_lists: Sequence[Sequence[int]]) -> list[list[float]]:
+    async def embed(self, token_lists: Sequence[Sequence[int]], lora: str | None = None) -> list[list[float]]:
         raise NotImplementedError
 
     async def stats(self) -> dict:
+        raise NotImplementedError
+
+    async def loras(self) -> list[dict]:
+        """[{name, source, slot, requests}] of each loaded adapter."""
+        raise NotImplementedError
+
+    async def load_lora(self, name: str, path: str) -> list[str]:
+        """Load a peft adapter directory as `name`; returns the idle adapters evicted to make room."""
+        raise NotImplementedError
+
+    async def unload_lora(self, name: str) -> None:
         raise NotImplementedError
 
 
@@ -126,13 +139,29 @@ class LocalEngineClient(EngineClient):
             for i in unfinished:
                 self.engine.abort(requests[i].request_id)
 
-    async def embed(self, token_lists: Sequence[Sequence[int]]) -> list[list[float]]:
+    async def embed(self, token_lists: Sequence[Sequence[int]], lora: str | None = None) -> list[list[float]]:
         engine, out = self.engine, []
         for ids in token_lists:  # one input per engine call: decoding steps run in between
-            if not engine.alive:
-                raise EngineDead(f"the inference engine is not running ({engine.error!r})")
-            out.extend(await engine.run_on_engine(lambda ids=ids: engine.embed([ids])))
+            self._check_alive()
+            out.extend(await engine.run_on_engine(lambda ids=ids: engine.embed([ids], lora)))
         return out
+
+    def _check_alive(self) -> None:
+        if not self.engine.alive:
+            raise EngineDead(f"the inference engine is not running ({self.engine.error!r})")
+
+    async def loras(self) -> list[dict]:
+        return self.engine.loras()
+
+    async def load_lora(self, name: str, path: str) -> list[str]:
+        engine = self.engine
+        adapter = await asyncio.get_running_loop().run_in_executor(None, engine.read_lora, path, name)  # file I/O
+        self._check_alive()
+        return await engine.run_on_engine(lambda: engine.add_lora(name, adapter, str(path)))  # between steps
+
+    async def unload_lora(self, name: str) -> None:
+        self._check_alive()
+        await self.engine.run_on_engine(lambda: self.engine.remove_lora(name))
 
     async def stats(self) -> dict:
         if not self.engine.alive:

@@ -192,11 +192,40 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "neoxray"
     max_model_len: int
+    root: str | None = None
+    """What the model was loaded from (a LoRA adapter's directory; as vLLM)."""
+    parent: str | None = None
+    """A LoRA adapter's base model id (None for the base itself; as vLLM)."""
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class LoadLoRAAdapterRequest(_Strict):
+    """POST /v1/load_lora_adapter (vLLM's route)."""
+
+    lora_name: str = Field(min_length=1, max_length=256)
+    """The model id requests will send to use the adapter."""
+    lora_path: str = Field(min_length=1, max_length=4096)
+    """A peft LoRA adapter directory the server can read (adapter_config.json, adapter_model.safetensors)."""
+
+
+class UnloadLoRAAdapterRequest(_Strict):
+    """POST /v1/unload_lora_adapter (vLLM's route)."""
+
+    lora_name: str = Field(min_length=1, max_length=256)
+
+
+class LoRAAdapterResponse(BaseModel):
+    """The answer of the load and unload routes."""
+
+    object: Literal["lora_adapter"] = "lora_adapter"
+    lora_name: str
+    status: Literal["loaded", "unloaded"]
+    evicted: list[str] = Field(default_factory=list)
+    """Idle adapters unloaded (least recently used first) to make room for this one."""
 
 
 class TokenizeResponse(BaseModel):

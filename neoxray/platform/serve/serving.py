@@ -12,7 +12,9 @@ application.
   shares its batch fairly between groups), echo, log-probabilities with text offsets; the whole answer, or
   server-sent events in which whatever is ready goes out together;
 - embeddings, tokenize / detokenize / tokenizer_info (vLLM's routes that lm-evaluation-harness's remote
-  tokenizer uses), models, health.
+  tokenizer uses), models, health;
+- LoRA adapters (`neoxray.platform.serve.lora_serving`): a request's `model` names the base or an adapter;
+  /v1/models lists both; adapters are loaded and unloaded at run time.
 Refusals are `ApiError`s (an HTTP status and OpenAI's error fields); the engine's own `InvalidRequest` names
 the field too. Once a stream has started, a failure ends it with an error event and `data: [DONE]`. A client
 that goes away closes its generator, which aborts its engine requests.
@@ -34,6 +36,7 @@ from neoxray.model.decoding import SamplingParams
 from neoxray.platform.inference.request import SAMPLING_EPS, EngineDead, Output, QueueFull, Request, TokenLogprob
 from neoxray.platform.serve.client import EngineClient, EngineUnavailable, merge_ready
 from neoxray.platform.serve.limits import ServingLimits, prompt_char_bound
+from neoxray.platform.serve.lora_serving import LoRAServing
 from neoxray.platform.serve.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -49,8 +52,6 @@ from neoxray.platform.serve.protocol import (
     ErrorInfo,
     ErrorResponse,
     HealthResponse,
-    ModelCard,
-    ModelList,
     TokenizeRequest,
     TokenizeResponse,
     TokenizerInfo,
@@ -97,8 +98,9 @@ class ApiError(Exception):
         return cls(503, str(e), "server_error", code="model_unavailable")
 
 
-class OpenAIServing:
-    """The API's answers for the engine behind `client`, named `model_name` (default: the engine's name)."""
+class OpenAIServing(LoRAServing):
+    """The API's answers for the engine behind `client`, named `model_name` (default: the engine's name).
+    `lora_updates_refused`: why runtime LoRA adapter changes are refused (None: allowed)."""
 
     def __init__(
         self,
@@ -106,8 +108,10 @@ class OpenAIServing:
         model_name: str | None = None,
         limits: ServingLimits | None = None,
         tokenizer_threads: int = 4,
+        lora_updates_refused: str | None = None,
     ):
         self.client = client
+        self.lora_updates_refused = lora_updates_refused
         self.limits = limits or ServingLimits()
         self._name = model_name
         self._pool = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="neoxray-tokenize")
@@ -130,16 +134,6 @@ class OpenAIServing:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # -- checks and prompts ------------------------------------------------------------------------------
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise ApiError(
-                404,
-                f"model {model!r} does not exist; this server serves {self.model_name!r}",
-                "invalid_request_error",
-                "model",
-                "model_not_found",
-            )
-
     @staticmethod
     def items_of(prompt, field: str) -> list:
         """The prompts of a string, strings, token ids or token-id lists (not yet tokenized)."""
@@ -186,8 +180,11 @@ class OpenAIServing:
             out.append((ids, text))
         return out
 
-    def engine_requests(self, body: CompletionRequest, ids: list[int], group: str) -> list[Request]:
-        """The `n` engine requests of one prompt (choice j samples with seed + j), in the request's group."""
+    def engine_requests(
+        self, body: CompletionRequest, ids: list[int], group: str, lora: str | None = None
+    ) -> list[Request]:
+        """The `n` engine requests of one prompt (choice j samples with seed + j), in the request's group, with
+        LoRA adapter `lora` (None: the base)."""
         max_tokens = body.max_tokens if body.max_tokens is not None else max(0, self.info.max_seq_len - len(ids))
         reqs = []
         for j in range(body.n):
@@ -208,6 +205,7 @@ class OpenAIServing:
                     logprobs=body.logprobs,
                     prompt_logprobs=body.echo and body.logprobs is not None,
                     group=group,
+                    lora=lora,
                 )
             )
         return reqs
@@ -226,12 +224,6 @@ class OpenAIServing:
             raise ApiError.unavailable(e) from None
         return HealthResponse(model=self.model_name, **stats)
 
-    async def models(self) -> ModelList:
-        await self.ready()
-        return ModelList(
-            data=[ModelCard(id=self.model_name, created=int(time.time()), max_model_len=self.info.max_seq_len)]
-        )
-
     async def tokenizer_info(self) -> TokenizerInfo:
         await self.ready()
         tok = self.tokenizer
@@ -247,7 +239,7 @@ class OpenAIServing:
 
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         await self.ready()
-        self.check_model(body.model)
+        await self.resolve_model(body.model)
 
         def work():
             check_unicode(body.prompt, "prompt")
@@ -258,7 +250,7 @@ class OpenAIServing:
 
     async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
         await self.ready()
-        self.check_model(body.model)
+        await self.resolve_model(body.model)
         vocab = self.tokenizer.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
@@ -267,7 +259,7 @@ class OpenAIServing:
 
     async def embeddings(self, body: EmbeddingRequest) -> EmbeddingResponse:
         await self.ready()
-        self.check_model(body.model)
+        lora = await self.resolve_model(body.model)
         limits, ctx = self.limits, self.info.max_seq_len
         items = self.items_of(body.input, "input")
         if len(items) > limits.max_embedding_inputs:
@@ -284,14 +276,14 @@ class OpenAIServing:
                 400, f"input has {n} tokens in all; at most {limits.max_embedding_tokens} per request", param="input"
             )
         try:
-            vectors = await self.client.embed([ids for ids, _ in prompts])
+            vectors = await self.client.embed([ids for ids, _ in prompts], lora)
         except UNAVAILABLE as e:
             raise ApiError.unavailable(e) from None
         if body.encoding_format == "base64":
             vectors = [base64.b64encode(np.asarray(v, dtype=np.float32).tobytes()).decode() for v in vectors]
         return EmbeddingResponse(
             data=[EmbeddingData(index=i, embedding=v) for i, v in enumerate(vectors)],
-            model=self.model_name,
+            model=lora or self.model_name,
             usage=EmbeddingUsage(prompt_tokens=n, total_tokens=n),
         )
 
@@ -301,7 +293,7 @@ class OpenAIServing:
         engine has taken the request, before either starts: a refusal (a bad request, a full queue) is an HTTP
         status, never an event halfway through a stream."""
         await self.ready()
-        self.check_model(body.model)
+        lora = self.adapter_of(body.model)
         items = self.items_of(body.prompt, "prompt")
         seqs, most = len(items) * body.n, self.limits.max_seqs_per_request
         if seqs > most:
@@ -315,7 +307,7 @@ class OpenAIServing:
         prompts = await self.prompts_of(items, "prompt")
         group = f"cmpl-{uuid.uuid4().hex}"
         choices: list[Choice] = [
-            (ids, text, r) for ids, text in prompts for r in self.engine_requests(body, ids, group)
+            (ids, text, r) for ids, text in prompts for r in self.engine_requests(body, ids, group, lora)
         ]
         for _, _, r in choices:
             self.info.check(r)  # InvalidRequest: a 400 naming the field
@@ -391,7 +383,7 @@ class OpenAIServing:
         return CompletionResponse(
             id=cid,
             created=created,
-            model=self.model_name,
+            model=self.adapter_of(body.model) or self.model_name,  # as vLLM: the adapter's name, or the base's
             choices=answer,
             usage=UsageInfo(
                 prompt_tokens=prompt_tokens,
@@ -422,10 +414,10 @@ class OpenAIServing:
             except Exception as e:  # the engine or its replica failed: ends the stream with an error event
                 q.put_nowait(e)
 
+        served = self.adapter_of(body.model) or self.model_name
+
         def chunk(parts: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
-            return CompletionStreamChunk(
-                id=cid, created=created, model=self.model_name, choices=parts, usage=usage
-            ).sse()
+            return CompletionStreamChunk(id=cid, created=created, model=served, choices=parts, usage=usage).sse()
 
         task = asyncio.create_task(pump())
         generated: dict[int, list[int]] = {i: [] for i in range(len(choices))}

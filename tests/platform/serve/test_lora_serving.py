@@ -1,0 +1,242 @@
+"""Multi-LoRA serving over HTTP (an in-process server: uvicorn on a thread over an engine, no Ray), with
+adapters written by peft itself: a request's `model` names an adapter or the base; /v1/models lists both (with
+`parent`); 32 concurrent requests mixing the base and 3 adapters each get peft's greedy answer and were batched
+together; echo log-probabilities equal peft's; adapters are loaded and unloaded at run time behind the API key,
+the least recently used idle one is evicted past max_loras, and none when all are busy; unknown adapters are 404
+and bad adapter directories 400 in OpenAI's error shape, and the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from pydantic import ValidationError
+
+from neoxray.errors import NeoxrayError
+from neoxray.platform.serve.args import ServeArgs
+from tests.platform.inference.test_multi_lora import PeftReference, write_peft_adapters
+from tests.platform.serve.support import Server, wait_until
+
+KEY = "lora-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 200, 300, 400, 500], list(range(20, 45))]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    dirs = write_peft_adapters(tiny_model_dir, tmp_path_factory.mktemp("peft"))
+    ref = PeftReference(tiny_model_dir, dirs)
+    args = ServeArgs(model=str(tiny_model_dir), loras={n: str(d) for n, d in dirs.items()}, max_loras=3, api_key=KEY)
+    engine = args.build_engine().start()
+    srv = Server(engine, api_key=KEY, limits=args.limits())
+    yield srv, engine, dirs, ref
+    srv.close()
+    engine.stop(timeout=10)
+
+
+def post(srv, route, body, headers=AUTH, **kw):
+    return requests.post(srv.url + route, json=body, headers=headers, timeout=300, **kw)
+
+
+def complete(srv, model, prompt, **kw):
+    body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True, **kw}
+    return post(srv, "/v1/completions", body)
+
+
+def token_strings(engine, ids):
+    return [engine.tokenizer.decode([t]) for t in ids]
+
+
+def assert_error(r, status, code=None, param=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert "\n" not in err["message"]
+    if code is not None:
+        assert err["code"] == code, err
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+def test_models_lists_the_base_and_each_adapter_with_its_parent(setup):
+    srv, engine, dirs, _ = setup
+    data = requests.get(srv.url + "/v1/models", headers=AUTH, timeout=30).json()["data"]
+    base = data[0]
+    assert base["id"] == engine.model_name == "tiny" and base["parent"] is None
+    cards = {c["id"]: c for c in data[1:]}
+    assert set(cards) == set(dirs)
+    for name, card in cards.items():
+        assert card["parent"] == "tiny" and card["root"] == str(dirs[name]) and card["object"] == "model"
+
+
+def test_32_concurrent_requests_mixing_base_and_adapters_are_each_right_and_batched(setup):
+    srv, engine, dirs, ref = setup
+    names = ["tiny", *dirs]
+    jobs = [(names[i % 4], PROMPTS[(i // 4) % 4]) for i in range(32)]
+    before = engine.runner.mixed_forwards
+    with ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(lambda j: complete(srv, j[0], j[1], logprobs=0), jobs))
+    for (model, prompt), r in zip(jobs, responses):
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == model  # as vLLM answers: the adapter's name, or the base's
+        want = ref.greedy(None if model == "tiny" else model, prompt, 8)
+        assert r.json()["choices"][0]["logprobs"]["tokens"] == token_strings(engine, want), (model, prompt)
+    mixed = engine.runner.mixed_forwards - before
+    assert mixed > 0, "no forward held rows of different adapters"
+    health = requests.get(srv.url + "/health", timeout=30).json()
+    assert health["lora_mixed_forwards"] >= mixed and health["lora_adapters"] == 3
+
+
+def test_echo_logprobs_and_streaming_per_adapter_equal_peft(setup):
+    srv, engine, dirs, ref = setup
+    prompt = PROMPTS[2]
+    for name in dirs:
+        r = complete(srv, name, prompt, max_tokens=0, echo=True, logprobs=1)
+        assert r.status_code == 200, r.text
+        got = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+        assert got[0] is None and got[1:] == pytest.approx(ref.prompt_logprobs(name, prompt), abs=2e-4)
+        r = complete(srv, name, prompt, stream=True, logprobs=0)
+        tokens = []
+        for line in r.iter_lines():
+            if line.startswith(b"data: {"):
+                assert json.loads(line[6:])["model"] == name
+                tokens += json.loads(line[6:])["choices"][0]["logprobs"]["tokens"]
+        assert tokens == token_strings(engine, ref.greedy(name, prompt, 8))
+    # the other routes take adapter names too; embeddings apply the adapter
+    assert post(srv, "/tokenize", {"model": "beta", "prompt": "hello"}).status_code == 200
+    emb = [
+        post(srv, "/v1/embeddings", {"model": m, "input": [prompt]}).json()["data"][0]["embedding"]
+        for m in ("tiny", "alpha")
+    ]
+    assert emb[0] != emb[1]
+
+
+def test_load_unload_and_least_recently_used_eviction_at_run_time(setup, tmp_path):
+    srv, engine, dirs, ref = setup
+    body = {"lora_name": "delta", "lora_path": str(dirs["gamma"])}
+    assert_error(post(srv, "/v1/load_lora_adapter", body, headers={}), 401, "invalid_api_key")
+    assert_error(post(srv, "/v1/unload_lora_adapter", {"lora_name": "alpha"}, headers={}), 401)
+    for name in ("alpha", "beta", "gamma"):  # alpha is now the least recently used
+        assert complete(srv, name, PROMPTS[0]).status_code == 200
+    r = post(srv, "/v1/load_lora_adapter", body)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"object": "lora_adapter", "lora_name": "delta", "status": "loaded", "evicted": ["alpha"]}
+    ids = [c["id"] for c in requests.get(srv.url + "/v1/models", headers=AUTH, timeout=30).json()["data"]]
+    assert ids == ["tiny", "beta", "gamma", "delta"]
+    assert_error(complete(srv, "alpha", PROMPTS[0]), 404, "model_not_found", "model")
+    r = complete(srv, "delta", PROMPTS[1], logprobs=0)
+    assert r.json()["choices"][0]["logprobs"]["tokens"] == token_strings(engine, ref.greedy("gamma", PROMPTS[1], 8))
+    r = post(srv, "/v1/unload_lora_adapter", {"lora_name": "delta"})
+    assert r.status_code == 200 and r.json()["status"] == "unloaded"
+    assert_error(complete(srv, "delta", PROMPTS[0]), 404, "model_not_found")
+    assert_error(post(srv, "/v1/unload_lora_adapter", {"lora_name": "delta"}), 404, "model_not_found", "lora_name")
+    r = post(srv, "/v1/load_lora_adapter", {"lora_name": "alpha", "lora_path": str(dirs["alpha"])})
+    assert r.status_code == 200 and r.json()["evicted"] == []  # a free slot again
+
+
+def test_no_idle_slot_refuses_a_load_with_409(setup):
+    """Every slot's adapter has a request waiting (the engine thread is held while they queue): a load finds
+    nothing to evict and is refused; once they finish it succeeds."""
+    srv, engine, dirs, _ = setup
+    loaded = [a["name"] for a in engine.loras()]
+    assert len(loaded) == 3
+    gate, held = threading.Event(), threading.Event()
+    engine.call(lambda: (held.set(), gate.wait()))
+    assert held.wait(60)
+    with ThreadPoolExecutor(4) as pool:
+        busy = [pool.submit(complete, srv, n, PROMPTS[0]) for n in loaded]
+        wait_until(lambda: engine._inbox.qsize() == 3, "the three requests reach the engine")
+        load = pool.submit(post, srv, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(dirs["beta"])})
+        wait_until(lambda: engine._inbox.qsize() == 4, "the load reaches the engine")
+        gate.set()
+        err = assert_error(load.result(), 409, "adapter_busy")
+        assert "slots" in err["message"]
+        assert all(f.result().status_code == 200 for f in busy)
+    r = post(srv, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(dirs["beta"])})
+    assert r.status_code == 200 and len(r.json()["evicted"]) == 1
+    evicted = r.json()["evicted"][0]
+    post(srv, "/v1/unload_lora_adapter", {"lora_name": "x"})
+    assert post(srv, "/v1/load_lora_adapter", {"lora_name": evicted, "lora_path": str(dirs[evicted])}).ok
+
+
+def test_error_cases_and_the_server_keeps_serving(setup, tmp_path):
+    srv, engine, dirs, ref = setup
+    assert_error(complete(srv, "no-such-adapter", PROMPTS[0]), 404, "model_not_found", "model")
+    assert_error(post(srv, "/tokenize", {"model": "no-such-adapter", "prompt": "x"}), 404, "model_not_found")
+    assert_error(post(srv, "/v1/embeddings", {"model": "nope", "input": "x"}), 404, "model_not_found")
+    load = "/v1/load_lora_adapter"
+    err = assert_error(post(srv, load, {"lora_name": "m", "lora_path": str(tmp_path / "missing")}), 400)
+    assert err["param"] == "lora_path" and "not found" in err["message"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text("{not json")
+    assert_error(post(srv, load, {"lora_name": "m", "lora_path": str(bad)}), 400, param="lora_path")
+    (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    (bad / "adapter_model.safetensors").write_bytes(b"garbage")
+    assert_error(post(srv, load, {"lora_name": "m", "lora_path": str(bad)}), 400, param="lora_path")
+    assert_error(post(srv, load, {"lora_name": "tiny", "lora_path": str(dirs["beta"])}), 400, param="lora_name")
+    assert_error(post(srv, load, {"lora_name": "beta", "lora_path": str(dirs["beta"])}), 400, param="lora_name")
+    assert_error(post(srv, load, {"lora_name": "m"}), 400, param="lora_path")
+    assert_error(post(srv, load, {"lora_name": "m", "lora_path": "x", "extra": 1}), 400, param="extra")
+    assert "m" not in [a["name"] for a in engine.loras()] and len(engine.loras()) == 3
+    for name in ("tiny", "beta"):  # still serving, and right
+        r = complete(srv, name, PROMPTS[3], logprobs=0)
+        want = ref.greedy(None if name == "tiny" else name, PROMPTS[3], 8)
+        assert r.json()["choices"][0]["logprobs"]["tokens"] == token_strings(engine, want)
+
+
+def test_serve_args_for_loras(tiny_model_dir, tmp_path):
+    with pytest.raises(ValidationError, match="max_loras is 1"):
+        ServeArgs(model="m", loras={"a": "x", "b": "y"}, max_loras=1)
+    with pytest.raises(ValidationError, match="must be non-empty"):
+        ServeArgs(model="m", loras={" ": "x"})
+    with pytest.raises(ValidationError, match="base model's name"):
+        ServeArgs(model="m", name="a", loras={"a": "x"})
+    args = ServeArgs(model="m", loras={"a": "x", "b": "y"})
+    assert args.engine_config(8).max_loras == 2 and args.engine_config(8).max_lora_rank == 8
+    assert ServeArgs(model="m").engine_config().max_loras == 0  # no adapters: the model runs unwrapped
+    with pytest.raises(NeoxrayError, match="missing"):  # a bad directory fails before the model loads
+        ServeArgs(model=str(tiny_model_dir), loras={"a": str(tmp_path / "missing")}).build_engine()
+
+
+def test_adapters_through_the_ray_serve_model_deployment(ray_local, setup, tiny_model_dir):
+    """The same API over a real `NeoxrayModel` replica reached through a Serve DeploymentHandle (what the
+    ingress uses): adapters from `loras`, the adapter's answer, runtime load with eviction, and the engine's
+    refusals crossing the Ray boundary as 404 / 400."""
+    from ray import serve
+
+    from neoxray.platform.serve.app import NeoxrayModel, ServeEngineClient, lora_updates_refused
+    from tests.conftest import free_port
+
+    _, engine, dirs, ref = setup
+    assert lora_updates_refused(ServeArgs(model="m", num_replicas=2)) is not None
+    assert lora_updates_refused(ServeArgs(model="m", max_replicas=3)) is not None
+    assert lora_updates_refused(ServeArgs(model="m")) is None
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    args = ServeArgs(model=str(tiny_model_dir), name="tiny", loras={n: str(dirs[n]) for n in ("alpha", "beta")})
+    deployment = NeoxrayModel.options(name="LoRAModel", ray_actor_options={"num_cpus": 0})
+    handle = serve.run(deployment.bind(args.model_dump()), name="lora-model", route_prefix=None)
+    srv = Server(ServeEngineClient(handle), api_key=KEY)
+    try:
+        ids = [c["id"] for c in requests.get(srv.url + "/v1/models", headers=AUTH, timeout=60).json()["data"]]
+        assert ids == ["tiny", "alpha", "beta"]
+        for name in ("tiny", "alpha", "beta"):
+            r = complete(srv, name, PROMPTS[0], logprobs=0)
+            want = ref.greedy(None if name == "tiny" else name, PROMPTS[0], 8)
+            assert r.json()["choices"][0]["logprobs"]["tokens"] == token_strings(engine, want), name
+        assert_error(complete(srv, "gamma", PROMPTS[0]), 404, "model_not_found")
+        r = post(srv, "/v1/load_lora_adapter", {"lora_name": "gamma", "lora_path": str(dirs["gamma"])})
+        assert r.status_code == 200 and r.json()["evicted"] == ["alpha"], r.text  # max_loras 2: the LRU one goes
+        r = complete(srv, "gamma", PROMPTS[0], logprobs=0)
+        assert r.json()["choices"][0]["logprobs"]["tokens"] == token_strings(engine, ref.greedy("gamma", PROMPTS[0], 8))
+        bad = {"lora_name": "m", "lora_path": "/no/such/dir"}
+        assert_error(post(srv, "/v1/load_lora_adapter", bad), 400)
+        assert_error(post(srv, "/v1/unload_lora_adapter", {"lora_name": "alpha"}), 404, "model_not_found")
+        assert post(srv, "/v1/embeddings", {"model": "gamma", "input": "hello"}).status_code == 200
+    finally:
+        srv.close()
+        serve.delete("lora-model")
