@@ -13,13 +13,17 @@ else
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-run() { echo "### $*" | tee -a "$OUT/log.txt"; timeout 200 python3 "$@" 2>&1 | grep -v "Warning\|warn(" | tee -a "$OUT/log.txt"; }
+run() { echo "### $*" | tee -a "$OUT/log.txt"; timeout "${RUN_TIMEOUT:-200}" python3 "$@" 2>&1 | grep -v "Warning\|warn(" | tee -a "$OUT/log.txt"; }
 run benchmarks/model_step.py --preset pythia-1.4b --batch 8 --seq 2048 --dtype bf16 --steps 6 --rounds 2 --json "$OUT/model_step_p14.json"
 run benchmarks/model_step.py --preset neox-20b --layers 4 --batch 4 --seq 2048 --dtype bf16 --steps 6 --rounds 2 --json "$OUT/model_step_20b4l.json"
 run benchmarks/train_throughput.py --preset pythia-1.4b --micro-batch 8 --seq 2048 --grad-accum 1 --steps 8 --warmup 2 --json "$OUT/train_p14.json"
 run benchmarks/train_throughput.py --preset neox-20b --layers 4 --micro-batch 4 --seq 2048 --grad-accum 1 --steps 8 --warmup 2 --json "$OUT/train_20b4l.json"
 # serving: the inference engine driven directly (Ray is not on the GPU machines); transformers in the same process
 run benchmarks/serve_throughput.py --preset pythia-1.4b --mode engine --device cuda --dtype bf16 --clients 1,32 --requests-per-client 1 --prompt-len 128 --max-tokens 128 --hf-single-requests 2 --static-batches 32 --json "$OUT/serve_p14.json"
+run benchmarks/serve_throughput.py --preset pythia-1.4b --mode engine --device cuda --dtype bf16 --loras 4 --clients 32 --requests-per-client 1 --prompt-len 128 --max-tokens 128 --json "$OUT/serve_lora_p14.json"
 run benchmarks/serve_throughput.py --preset neox-20b --mode engine --device cuda --dtype bf16 --clients 1,16 --requests-per-client 1 --prompt-len 128 --max-tokens 128 --hf-single-requests 2 --static-batches 16 --json "$OUT/serve_20b.json"
 # evaluation: neoxray's lm-eval backend against lm-eval's hf backend (lm-eval must be on the machine)
 run benchmarks/eval_throughput.py --preset pythia-1.4b --device cuda --batch-size 32 --questions 200 --json "$OUT/eval_p14.json"
+# LoRA memory: full fine-tuning vs LoRA rank 8 (all four targets), all 24 layers of the Pythia-1.4B shape, bf16,
+# one fresh process per mode (imports, build, one step each)
+RUN_TIMEOUT=420 run benchmarks/lora_memory.py --device cuda --seq 2048 --micro-batch 1 --json "$OUT/lora_memory_p14.json"

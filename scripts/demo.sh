@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The embedded default, end to end on a CPU, offline: tokenizer -> Ray Data prepare -> 3D-parallel training
 # (dp 2 x tp 2 x pp 2 on a local Ray cluster) -> export to a Hugging Face directory -> generation -> evaluation
-# with lm-evaluation-harness on a held-out task -> serving
-# the model on Ray Serve behind an OpenAI-compatible endpoint, and one completion request over HTTP.
+# with lm-evaluation-harness on a held-out task -> a LoRA fine-tune of the trained model on the bundled
+# prompt-completion sample (loss on completions only), exported as a peft adapter -> serving the model and its
+# adapter side by side on Ray Serve behind an OpenAI-compatible endpoint, one completion request to each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${NEOXRAY_VENV:-.venv}"
@@ -12,13 +13,13 @@ STEPS="${NEOXRAY_DEMO_STEPS:-100}"
 SAMPLE=neoxray/pipelines/sample/sample.jsonl.zst
 mkdir -p "$RUN"
 
-echo "== 1/7 tokenizer: byte-level BPE (4096 tokens) trained on the bundled sample -> $RUN/tokenizer"
+echo "== 1/9 tokenizer: byte-level BPE (4096 tokens) trained on the bundled sample -> $RUN/tokenizer"
 [ -f "$RUN/tokenizer/tokenizer.json" ] || neoxray tokenizer train --input "$SAMPLE" --vocab-size 4096 --output "$RUN/tokenizer"
 
-echo "== 2/7 prepare: Ray Data tokenizes and packs the sample into rows of 129 tokens -> $RUN/data"
+echo "== 2/9 prepare: Ray Data tokenizes and packs the sample into rows of 129 tokens -> $RUN/data"
 neoxray prepare --input "$SAMPLE" --tokenizer "$RUN/tokenizer" --seq-len 128 --output "$RUN/data"
 
-echo "== 3/7 train: tiny GPT-NeoX, dp 2 x tp 2 x pp 2 = 8 Ray Train workers (DeepSpeed pipeline + ZeRO-1), $STEPS steps"
+echo "== 3/9 train: tiny GPT-NeoX, dp 2 x tp 2 x pp 2 = 8 Ray Train workers (DeepSpeed pipeline + ZeRO-1), $STEPS steps"
 if [ -d "$RUN/train" ]; then
   echo "(a fresh run: the previous demo's training run in $RUN/train is replaced)"
   rm -rf "$RUN/train"
@@ -26,21 +27,32 @@ fi
 neoxray train --config configs/tiny-cpu.yaml --run-dir "$RUN/train" data.path="$RUN/data" train.steps="$STEPS"
 neoxray report "$RUN/train"
 
-echo "== 4/7 export: merge the sharded checkpoint into a Hugging Face directory -> $RUN/model"
+echo "== 4/9 export: merge the sharded checkpoint into a Hugging Face directory -> $RUN/model"
 neoxray export --checkpoint "$RUN/train" --out "$RUN/model"
 
-echo "== 5/7 generate from the trained model (a tiny model after a few minutes of training writes gibberish)"
+echo "== 5/9 generate from the trained model (a tiny model after a few minutes of training writes gibberish)"
 neoxray generate --model "$RUN/model" --prompt "def __init__(self" --max-new-tokens 40 --temperature 0.7 --top-k 40 --seed 0
 
-echo "== 6/7 eval: lm-evaluation-harness on neoxray's engine, a last-word task from the sample's held-out documents"
+echo "== 6/9 eval: lm-evaluation-harness on neoxray's engine, a last-word task from the sample's held-out documents"
 python scripts/heldout_task.py "$SAMPLE" "$RUN/eval"
 neoxray eval --model "$RUN/model" --tasks neoxray_heldout_lastword --include-path "$RUN/eval" --bootstrap-iters 0 \
     --output "$RUN/eval/results.json"
 
+echo "== 7/9 prepare instruction data: the bundled prompt-completion sample, a loss mask on the completions -> $RUN/sft-data"
+neoxray prepare --format prompt-completion --input neoxray/pipelines/sample/instructions.jsonl \
+    --tokenizer "$RUN/tokenizer" --seq-len 128 --output "$RUN/sft-data"
+
+echo "== 8/9 LoRA: rank-8 adapters on the frozen trained model, dp 2 x tp 2 x pp 2, then export a peft adapter -> $RUN/adapter"
+rm -rf "$RUN/lora"
+neoxray train --config configs/lora-cpu.yaml --run-dir "$RUN/lora" model.init_from="$RUN/model" \
+    data.path="$RUN/sft-data" train.steps="${NEOXRAY_DEMO_LORA_STEPS:-30}"
+neoxray export --checkpoint "$RUN/lora" --out "$RUN/adapter"
+echo "checkpoint (adapters only): $(du -sh "$(ls -d "$RUN"/lora/checkpoint-step-* | tail -1)" | cut -f1); base model: $(du -sh "$RUN/model" | cut -f1)"
+
 PORT="${NEOXRAY_DEMO_PORT:-8000}"
 URL="http://127.0.0.1:$PORT"
-echo "== 7/7 serve: Ray Serve hosts the exported model at $URL/v1 (OpenAI-compatible); one completion over HTTP"
-neoxray serve --model "$RUN/model" --port "$PORT" --name demo >"$RUN/serve.log" 2>&1 &
+echo "== 9/9 serve: Ray Serve hosts the model and its adapter at $URL/v1 (OpenAI-compatible); one request to each"
+neoxray serve --model "$RUN/model" --lora sft="$RUN/adapter" --port "$PORT" --name demo >"$RUN/serve.log" 2>&1 &
 SERVE_PID=$!
 # SIGTERM, not SIGINT: a non-interactive shell starts background jobs with SIGINT ignored
 stop_serving() { status=$?; { kill -TERM "$SERVE_PID" 2>/dev/null && wait "$SERVE_PID" 2>/dev/null; } || true; exit "$status"; }
@@ -50,8 +62,12 @@ for _ in $(seq 1 240); do
   kill -0 "$SERVE_PID" 2>/dev/null || { echo "neoxray serve failed:"; tail -30 "$RUN/serve.log"; exit 1; }
   sleep 1
 done
+curl -sSf "$URL/v1/models" | python -c 'import json, sys; print("models:", [(m["id"], m.get("parent")) for m in json.load(sys.stdin)["data"]])'
 REQUEST='{"model": "demo", "prompt": "def __init__(self", "max_tokens": 40, "temperature": 0.7, "top_p": 0.95, "seed": 0}'
 echo "POST $URL/v1/completions $REQUEST"
+curl -sSf "$URL/v1/completions" -H "Content-Type: application/json" -d "$REQUEST" | python -m json.tool
+REQUEST='{"model": "sft", "prompt": "Question: What is 12 + 7?\nAnswer:", "max_tokens": 8, "temperature": 0}'
+echo "POST $URL/v1/completions $REQUEST   (the LoRA adapter)"
 curl -sSf "$URL/v1/completions" -H "Content-Type: application/json" -d "$REQUEST" | python -m json.tool
 
 cat <<MSG
@@ -66,8 +82,11 @@ Ray dashboard     the demo's cluster stops with each command; to watch a run the
                   see docs/cluster.md
 exported model    $RUN/model  (transformers.AutoModelForCausalLM.from_pretrained("$RUN/model"))
 evaluation        $RUN/eval/results.json  (lm-eval's results; neoxray eval --suite model-card for the card's table)
-endpoint          $URL/v1 served it (log: $RUN/serve.log); serve it again with
-                  'neoxray serve --model $RUN/model' and point any OpenAI client at that URL
+LoRA run          $RUN/lora  (adapter-only checkpoints); peft adapter $RUN/adapter
+                  (peft.PeftModel.from_pretrained(base, "$RUN/adapter"); docs/finetuning.md)
+endpoint          $URL/v1 served both, "model": "demo" and "model": "sft" (log: $RUN/serve.log); serve them
+                  again with 'neoxray serve --model $RUN/model --lora sft=$RUN/adapter' and point any OpenAI
+                  client at that URL
 MSG
 if [ -n "${NEOXRAY_DEMO_KEEP_SERVING:-}" ]; then
   echo "serving at $URL/v1 until Ctrl-C"

@@ -166,3 +166,19 @@ def test_model_init_with_the_gpt_neox_20b_tokenizer(tmp_path):
         310,
         20295,
     ]
+
+
+def test_lora_flags_errors_are_one_line(tmp_path, tiny_model_dir):
+    """--lora on generate/score and serve, and export --merge of a full checkpoint: one line naming the input."""
+    missing = str(tmp_path / "no-adapter")
+    assert_clean_error(
+        run_cli("generate", "--model", str(tiny_model_dir), "--lora", missing, "--prompt", "x", check=False),
+        "no-adapter",
+    )
+    assert_clean_error(
+        run_cli("serve", "--model", str(tiny_model_dir), "--lora", "just-a-dir", "--no-ray", check=False), "NAME=DIR"
+    )
+    assert_clean_error(
+        run_cli("serve", "--model", str(tiny_model_dir), "--lora", f"a={missing}", "--no-ray", check=False),
+        "no-adapter",
+    )

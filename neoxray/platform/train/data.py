@@ -10,9 +10,15 @@ from neoxray.errors import NeoxrayError
 
 
 def make_data_fn(cfg):
-    """`data_fn(engine, split, consumed_samples)` -> iterator of (input_ids, labels) micro-batches."""
-    from neoxray.pipelines.dataset_format import INPUT_IDS, LABELS
+    """`data_fn(engine, split, consumed_samples)` -> iterator of (input_ids, labels) micro-batches. For masked
+    data (prompt-completion) labels is (labels with -100 where the loss mask drops them, GAS * dp / the global
+    batch's trained labels): `neoxray.platform.train.engine.training_loss` turns it into the mean over the
+    global batch's trained labels."""
+    import torch
+
+    from neoxray.pipelines.dataset_format import GLOBAL_TRAINED_LABELS, INPUT_IDS, LABELS, LOSS_MASK
     from neoxray.pipelines.reader import iter_batches, open_blend
+    from neoxray.platform.train.engine import IGNORE_INDEX
 
     def data_fn(engine, split: str, consumed_samples: int):
         paths = cfg.data.paths()
@@ -42,7 +48,13 @@ def make_data_fn(cfg):
                     f"data.path {paths}: token id {top} at or past the model's vocabulary of {vocab} "
                     f"(model.vocab_size); the data does not fit this model"
                 )
-            yield batch[INPUT_IDS], batch[LABELS]
+            if LOSS_MASK not in batch:
+                yield batch[INPUT_IDS], batch[LABELS]
+                continue
+            trained = int(batch[GLOBAL_TRAINED_LABELS])
+            scale = engine.engine.gradient_accumulation_steps() * dp / trained if trained else 0.0
+            labels = batch[LABELS].masked_fill(~batch[LOSS_MASK], IGNORE_INDEX)
+            yield batch[INPUT_IDS], (labels, torch.tensor([scale], dtype=torch.float32))
 
     return data_fn
 

@@ -8,6 +8,12 @@ Build order, per rank:
      (or loaded from a checkpoint / Hugging Face directory, reading only this rank's shards);
   3. `deepspeed.initialize`: the 1F1B pipeline engine, ZeRO-1 across data parallel, gradient accumulation
      to the global batch, clipping, fp32 / bf16 / fp16 with dynamic loss scaling.
+
+LoRA runs (`lora.rank > 0`) freeze the base in the training precision and give the optimizer (and ZeRO-1, and
+checkpoints) only the adapters. Masked data (prompt-completion) trains only the labels its loss mask keeps: each
+micro-batch's labels come with the global batch's trained-label count N, and its loss is its summed token loss
+times GAS * dp / N, which DeepSpeed's averaging over micro-batches and data parallel turns into the mean over
+the global batch's trained labels, the same figure and gradient under every layout.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from neoxray.model.tensor_parallel import tp_loss
 from neoxray.platform.train.distributed import Coord, init_distributed, quiet, worker_device
 from neoxray.platform.train.pipe import EmbeddingPipe, HeadPipe, LayerPipe, Piece, no_decay
 
+IGNORE_INDEX = -100
+
 
 # ---------------------------------------------------------------------------------------------------------
 # the engine
@@ -30,9 +38,11 @@ from neoxray.platform.train.pipe import EmbeddingPipe, HeadPipe, LayerPipe, Piec
 class TrainEngine:
     """One rank's training engine. Collective: every rank of the world constructs it and calls each method
     that says so, in the same order. `loader(piece)` fills a freshly built piece's parameters (checkpoint
-    resume or Hugging Face fine-tuning); without it pieces are initialised from `cfg.train.seed`."""
+    resume or Hugging Face fine-tuning); without it pieces are initialised from `cfg.train.seed`. In a LoRA run
+    `loader` fills the frozen base and `adapter_loader(piece)` the adapters (resume); without it they are
+    initialised from the seed."""
 
-    def __init__(self, cfg, loader=None):
+    def __init__(self, cfg, loader=None, adapter_loader=None):
         with quiet():
             import deepspeed
             from deepspeed.pipe import LayerSpec, PipelineModule
@@ -63,20 +73,23 @@ class TrainEngine:
         torch.manual_seed(seed)
 
         mc = self.model_config
-        specs = [LayerSpec(EmbeddingPipe, mc, self.tp_group, seed, self.device, loader)]
-        specs += [LayerSpec(LayerPipe, mc, i, self.tp_group, seed, self.device, loader) for i in range(mc.n_layers)]
-        specs += [LayerSpec(HeadPipe, mc, self.tp_group, seed, self.device, loader)]
+        self.lora = cfg.lora.spec()
+        lora = None if self.lora is None else (self.lora, adapter_loader)
+        args = (self.tp_group, seed, self.device, loader, lora)
+        specs = [LayerSpec(EmbeddingPipe, mc, *args)]
+        specs += [LayerSpec(LayerPipe, mc, i, *args) for i in range(mc.n_layers)]
+        specs += [LayerSpec(HeadPipe, mc, *args)]
         tp_group = self.tp_group
         with quiet():
             module = PipelineModule(
                 layers=specs,
                 topology=topo,
-                loss_fn=lambda logits, labels: tp_loss(logits, labels, tp_group),
+                loss_fn=lambda logits, labels: training_loss(logits, labels, tp_group),
                 partition_method=cfg.parallel.pipeline_partition,
             )
         self.pieces = [m for m in module.forward_funcs if isinstance(m, Piece)]
 
-        named = [(n, p) for piece in self.pieces for n, p in piece.canonical_parameters()]
+        named = list(self.named_parameters())
         groups = [
             {"params": [p for n, p in named if not no_decay(n)], "weight_decay": cfg.optimizer.weight_decay},
             {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0},
@@ -100,8 +113,18 @@ class TrainEngine:
 
     # -- parameters by canonical name (this rank's shards) ---------------------------------------------
     def named_parameters(self):
+        """The trained parameters (all of them; in a LoRA run the adapters only) by plain-model name."""
         for piece in self.pieces:
-            yield from piece.canonical_parameters()
+            for name, p in piece.canonical_parameters():
+                if p.requires_grad:
+                    yield name, p
+
+    def frozen_parameters(self):
+        """The parameters a LoRA run does not train (the base), by plain-model name."""
+        for piece in self.pieces:
+            for name, p in piece.canonical_parameters():
+                if not p.requires_grad:
+                    yield name, p
 
     def set_step(self, step: int, consumed_samples: int) -> None:
         """Position the schedule after a resume: the next optimizer step is number `step + 1`."""
@@ -160,6 +183,23 @@ class TrainEngine:
         return float(loss)
 
 
+def training_loss(logits, labels, tp_group):
+    """The loss of one micro-batch: for plain labels their mean cross-entropy; for (labels with -100 at the
+    untrained positions, scale) the summed cross-entropy of the trained labels times `scale` (GAS * dp / the
+    global batch's trained labels; see the module docstring)."""
+    if not isinstance(labels, tuple | list):
+        return tp_loss(logits, labels, tp_group)
+    labels, scale = labels
+    n = int((labels != IGNORE_INDEX).sum())
+    if n == 0:  # nothing of this micro-batch is trained: a zero loss that still reaches every parameter
+        return logits.float().sum() * 0.0
+    return tp_loss(logits, labels, tp_group) * (n * scale.reshape(()).float())
+
+
 def _to_device(batches, device):
     for ids, labels in batches:
-        yield ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if isinstance(labels, tuple | list):
+            labels = tuple(x.to(device, non_blocking=True) for x in labels)
+        else:
+            labels = labels.to(device, non_blocking=True)
+        yield ids.to(device, non_blocking=True), labels

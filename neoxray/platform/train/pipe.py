@@ -1,7 +1,11 @@
 """The layer list of a training run as pipeline pieces: the embedding, each transformer layer, the final norm with
 the output head. DeepSpeed's `PipelineModule` builds only its stage's share of them; each piece is made on the
 meta device, rewritten by `neoxray.model.tensor_parallel.parallelize`, materialised, and initialised
-layout-independently (or loaded). Each piece knows the plain single-model names of its parameters."""
+layout-independently (or loaded). Each piece knows the plain single-model names of its parameters.
+
+A LoRA run (`lora=(spec, adapter_loader)`) then gives each layer's target linears their adapters
+(`neoxray.model.lora.apply_lora`, initialised from the seed independently of the layout, or filled by
+`adapter_loader` on resume) and freezes everything else: the base takes no gradients and no optimizer state."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from neoxray.model.config import ModelConfig
 from neoxray.model.gptneox import Layer, rotary_cos_sin
 from neoxray.model.init import init_parameters
+from neoxray.model.lora import apply_lora, mark_only_lora_trainable
 from neoxray.model.tensor_parallel import parallelize
 
 
@@ -20,13 +25,20 @@ class Piece(nn.Module):
 
     prefix = ""
 
-    def _finish(self, tp_group, seed, device, loader=None):
+    def _finish(self, tp_group, seed, device, loader=None, lora=None):
         parallelize(self, tp_group)  # sharded params carry tp_dim and DeepSpeed's tensor_model_parallel flag
         self.to_empty(device=device)
         if loader is not None:
             loader(self)
         else:
             init_parameters(self, seed, prefix=self.prefix)
+        if lora is not None:
+            spec, adapter_loader = lora
+            if isinstance(self, LayerPipe):
+                apply_lora(self, spec, seed, prefix=self.prefix)
+                if adapter_loader is not None:
+                    adapter_loader(self)
+            mark_only_lora_trainable(self)
 
     def canonical_parameters(self):
         for name, p in self.named_parameters():
@@ -34,11 +46,11 @@ class Piece(nn.Module):
 
 
 class EmbeddingPipe(Piece):
-    def __init__(self, config: ModelConfig, tp_group, seed, device, loader=None):
+    def __init__(self, config: ModelConfig, tp_group, seed, device, loader=None, lora=None):
         super().__init__()
         with torch.device("meta"):
             self.embed_in = nn.Embedding(config.vocab_size, config.d_model)
-        self._finish(tp_group, seed, device, loader)
+        self._finish(tp_group, seed, device, loader, lora)
 
     def forward(self, input_ids):  # [b, s] -> [b, s, d]
         return self.embed_in(input_ids)
@@ -48,13 +60,13 @@ class LayerPipe(Layer, Piece):
     """One transformer layer as a pipeline piece: same parameters and names as `Layer`; computes its rotary
     tables from the sequence length, since only the hidden states travel between pipeline stages."""
 
-    def __init__(self, config: ModelConfig, idx: int, tp_group, seed, device, loader=None):
+    def __init__(self, config: ModelConfig, idx: int, tp_group, seed, device, loader=None, lora=None):
         with torch.device("meta"):
             Layer.__init__(self, config, idx)
         self.config = config
         self.prefix = f"layers.{idx}."
         self.activation_checkpointing = config.activation_checkpointing
-        self._finish(tp_group, seed, device, loader)
+        self._finish(tp_group, seed, device, loader, lora)
 
     def forward(self, x):  # [b, s, d] -> [b, s, d]
         pos = torch.arange(x.shape[1], device=x.device)[None]
@@ -65,12 +77,12 @@ class LayerPipe(Layer, Piece):
 
 
 class HeadPipe(Piece):
-    def __init__(self, config: ModelConfig, tp_group, seed, device, loader=None):
+    def __init__(self, config: ModelConfig, tp_group, seed, device, loader=None, lora=None):
         super().__init__()
         with torch.device("meta"):
             self.final_layer_norm = nn.LayerNorm(config.d_model, eps=config.layernorm_eps)
             self.embed_out = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self._finish(tp_group, seed, device, loader)
+        self._finish(tp_group, seed, device, loader, lora)
 
     def forward(self, x):  # [b, s, d] -> logits [b, s, V / tp]
         return self.embed_out(self.final_layer_norm(x))

@@ -39,6 +39,15 @@ Memory per GPU of a stage, for P = its parameters on one tensor-parallel rank (`
   overhead     `Assumptions.overhead_gib` (CUDA context, cuBLAS workspaces, NCCL and DeepSpeed buffers).
 A layout fits when that total is at most (1 - `Assumptions.reserve_fraction`) x the GPU's memory.
 
+LoRA (`Training.lora_rank` R > 0). The base is frozen in the training precision: its weights count as above,
+but it has no gradients and no optimizer state; those are the adapters' alone (Q parameters per rank,
+`lora_layer_parameters`: A [R, in] and B [out, R] per adapted linear, sharded like the linear). Activations
+add, per adapted linear and layer, the rank-R hidden s b R act bytes, and with dropout the dropped copy of
+the linear's input. In the step time the frozen weights cost 4 FLOPs per weight and token instead of 6 (no
+weight gradients; the input gradients still flow back through them), checkpointing's extra forward is
+then 2/4 of the layers' cost instead of 2/6, and the data-parallel reduction carries only the adapters'
+gradients.
+
 Step time. Stage i's compute per micro-batch is its share of the training FLOPs (`ModelConfig.
 train_flops_per_token`: 6 (4 d^2 + 2 d f) + 12 d s per layer and token, 6 d V for the head), x 4/3 for the
 layers under activation checkpointing (one more forward), at `peak_tflops` x `mfu` on each of its t GPUs; plus
@@ -60,8 +69,7 @@ from dataclasses import dataclass, field
 from neoxray.errors import NeoxrayError
 from neoxray.model.config import ModelConfig
 from neoxray.model.info import GIB
-
-PRECISIONS = ("bf16", "fp16", "fp32")
+from neoxray.platform.train.plan_checks import LORA_TARGETS, PRECISIONS, check_inputs, structural_problem
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,13 @@ class Training:
     """1: ZeRO-1 shards the master weights and Adam states across dp (the engine's default); 0: no sharding."""
     activation_checkpointing: bool | None = None
     """True / False: plan with / without it; None: without where that fits, else with it."""
+    lora_rank: int = 0
+    """0: full training. R > 0: LoRA of rank R on `lora_targets`, as `lora.rank`: the base is frozen (no
+    gradients, no optimizer state), only the adapters train."""
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    """The linear layers LoRA adapts (`lora.targets`)."""
+    lora_dropout: float = 0.0
+    """`lora.dropout`: above 0 each adapted layer keeps a dropped copy of its input for the backward pass."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +147,9 @@ class StageMemory:
     layers: int
     """Transformer layers on this stage."""
     parameters: int
-    """Parameters on one tensor-parallel rank of this stage."""
+    """Parameters on one tensor-parallel rank of this stage (with LoRA: the frozen base and the adapters)."""
+    trainable: int
+    """Of those, the ones that train (all of them, or with LoRA the adapters)."""
     in_flight: int
     """Micro-batches whose activations the 1F1B schedule keeps at once on this stage."""
     weights: int
@@ -307,6 +324,28 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int) -> int:
     return n
 
 
+def _lora_shapes(model: ModelConfig, tp: int, targets) -> list[tuple[int, int, bool]]:
+    """(in, out, column-parallel?) of each adapted linear of one layer, full sizes."""
+    d, f = model.d_model, model.ffn_dim
+    shapes = {
+        "query_key_value": (d, 3 * d, True),
+        "dense": (d, d, False),
+        "dense_h_to_4h": (d, f, True),
+        "dense_4h_to_h": (f, d, False),
+    }
+    return [shapes[t] for t in targets]
+
+
+def lora_layer_parameters(model: ModelConfig, rank: int, tp: int = 1, targets=LORA_TARGETS) -> int:
+    """Adapter parameters of one transformer layer on one tensor-parallel rank: A [r, in] and B [out, r] per
+    adapted linear, sharded as the linear is: a column-parallel layer's B by output rows (A replicated), a
+    row-parallel layer's A by input columns (B replicated)."""
+    n = 0
+    for fan_in, fan_out, column in _lora_shapes(model, tp, targets):
+        n += rank * fan_in + rank * fan_out // tp if column else rank * fan_in // tp + rank * fan_out
+    return n
+
+
 def layer_activation_bytes(
     model: ModelConfig, seq_len: int, micro_batch: int, tp: int, act_bytes: int, flash_attention: bool = True
 ) -> int:
@@ -350,10 +389,19 @@ def stage_memory(
     m = micro_batches if micro_batches is not None else max(1, training.global_batch // (dp * b))
     act = 4 if training.precision == "fp32" else 2
     w, g, o = _bytes_per_parameter(training.precision, training.zero_stage, dp)
-    n_params = stage_parameters(model, tp, pp, stage)
     layers = stage_layers(model.n_layers, pp)[stage]
+    n_params = stage_parameters(model, tp, pp, stage)
+    trainable = n_params
     in_flight = min(pp - stage, m)
     per_layer = layer_activation_bytes(model, s, b, tp, act, assumptions.flash_attention)
+    r = training.lora_rank
+    if r:
+        trainable = layers * lora_layer_parameters(model, r, tp, training.lora_targets)
+        n_params += trainable
+        for fan_in, _, column in _lora_shapes(model, tp, training.lora_targets):
+            per_layer += s * b * r * act  # the rank-r hidden x A^T
+            if training.lora_dropout > 0:
+                per_layer += s * b * (fan_in if column else fan_in // tp) * act  # the dropped copy of x
     layer_input = s * b * model.d_model * act  # [b, s, d], replicated over the tensor-parallel ranks
     head = 0
     if stage == pp - 1:
@@ -364,10 +412,11 @@ def stage_memory(
         stage=stage,
         layers=layers,
         parameters=n_params,
+        trainable=trainable,
         in_flight=in_flight,
         weights=n_params * w,
-        gradients=int(n_params * g),
-        optimizer=int(n_params * o),
+        gradients=int(trainable * g),
+        optimizer=int(trainable * o),
         activations=activations,
         activations_checkpointed=checkpointed,
         overhead=int(assumptions.overhead_gib * GIB),
@@ -393,10 +442,16 @@ def step_time(
     m = training.global_batch // (dp * b)
     d, f, v = model.d_model, model.ffn_dim, model.vocab_size
     act = 4 if training.precision == "fp32" else 2
-    # FLOPs per token, split as ModelConfig.train_flops_per_token splits them
-    layer_flops = 6 * (4 * d * d + 2 * d * f) + 12 * d * s
-    head_flops = 6 * d * v
-    recompute = 4 / 3 if checkpointing else 1.0
+    # FLOPs per token, split as ModelConfig.train_flops_per_token splits them: 2 per weight and token forward,
+    # 2 for the input gradient, 2 for the weight gradient, which a frozen (LoRA) base does not compute; its
+    # adapters cost 6 per adapter parameter
+    r = training.lora_rank
+    per_weight = 4 if r else 6
+    layer_flops = per_weight * (4 * d * d + 2 * d * f) + 12 * d * s
+    if r:
+        layer_flops += 6 * lora_layer_parameters(model, r, 1, training.lora_targets)
+    head_flops = per_weight * d * v
+    recompute = (per_weight + 2) / per_weight if checkpointing else 1.0  # one more forward
     speed = tp * a.peak_tflops * 1e12 * a.mfu  # FLOP/s of one stage (its tp GPUs)
     tokens = b * s  # per micro-batch
     if tp > 1:
@@ -409,7 +464,12 @@ def step_time(
         flops = tokens * (layers * layer_flops * recompute + (head_flops if i == pp - 1 else 0))
         slots.append((flops / speed, layers * per_layer_allreduces * allreduce_s))
     compute, comm = max(slots, key=lambda x: x[0] + x[1])
-    params = max(stage_parameters(model, tp, pp, i) for i in range(pp))
+    if r:  # only the adapters' gradients are reduced
+        params = max(
+            n * lora_layer_parameters(model, r, tp, training.lora_targets) for n in stage_layers(model.n_layers, pp)
+        )
+    else:
+        params = max(stage_parameters(model, tp, pp, i) for i in range(pp))
     grad_bytes = 2 if training.precision == "fp16" else 4  # bf16 reduces its fp32 accumulation buffer
     dp_bw = a.tp_bandwidth_gbs if dp * tp <= gpus_per_node else a.dp_bandwidth_gbs
     dp_s = 2 * (dp - 1) / dp * params * grad_bytes / (dp_bw * 1e9) if dp > 1 else 0.0
@@ -436,13 +496,13 @@ def plan(
 ) -> Plan:
     """Every (dp, tp, pp) for `cluster.gpus` devices: feasible layouts fastest first (ties: less memory), the
     others with the reason each fails."""
-    _check_inputs(model, cluster, training, assumptions)
+    check_inputs(model, cluster, training, assumptions)
     s = training.seq_len or model.max_seq_len
     per_node = cluster.per_node()
     limit = int(cluster.gpu_memory_gib * GIB * (1 - assumptions.reserve_fraction))
     out = Plan(model=model, cluster=cluster, training=training, assumptions=assumptions, seq_len=s)
     for dp, tp, pp in factorizations(cluster.gpus):
-        reason = _structural_problem(model, training, per_node, dp, tp, pp)
+        reason = structural_problem(model, training, per_node, dp, tp, pp)
         if reason:
             out.rejected.append(Rejected(dp, tp, pp, reason))
             continue
@@ -492,60 +552,3 @@ def plan(
     out.feasible.sort(key=lambda x: (round(x.time.total_s, 9), x.memory, x.tp, x.pp))
     out.rejected.sort(key=lambda r: (r.memory_bytes is None, r.memory_bytes or 0))  # closest misses first
     return out
-
-
-def _check_inputs(model: ModelConfig, cluster: Cluster, training: Training, a: Assumptions) -> None:
-    problems = []
-    if not isinstance(cluster.gpus, int) or cluster.gpus < 1:
-        problems.append(f"the number of GPUs must be a positive integer, got {cluster.gpus}")
-    if not cluster.gpu_memory_gib > 0:
-        problems.append(f"the GPU memory must be > 0 GiB, got {cluster.gpu_memory_gib}")
-    if cluster.gpus_per_node is not None and cluster.gpus_per_node < 1:
-        problems.append(f"GPUs per node must be >= 1, got {cluster.gpus_per_node}")
-    if training.global_batch < 1:
-        problems.append(f"the global batch must be >= 1, got {training.global_batch}")
-    if training.micro_batch < 1:
-        problems.append(f"the micro-batch must be >= 1, got {training.micro_batch}")
-    if training.seq_len is not None and not 1 <= training.seq_len <= model.max_seq_len:
-        problems.append(
-            f"the sequence length must be in [1, {model.max_seq_len}] (the model's max_seq_len), got {training.seq_len}"
-        )
-    if training.precision not in PRECISIONS:
-        problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {training.precision!r}")
-    if training.zero_stage not in (0, 1):
-        problems.append(
-            f"ZeRO stage must be 0 or 1 (DeepSpeed's pipeline engine supports no other), got {training.zero_stage}"
-        )
-    if not a.peak_tflops > 0:
-        problems.append(f"peak TFLOP/s must be > 0, got {a.peak_tflops}")
-    if not 0 < a.mfu <= 1:
-        problems.append(f"MFU must be in (0, 1], got {a.mfu}")
-    if not (a.tp_bandwidth_gbs > 0 and a.dp_bandwidth_gbs > 0):
-        problems.append("bandwidths must be > 0 GB/s")
-    if a.overhead_gib < 0 or not 0 <= a.reserve_fraction < 1:
-        problems.append("overhead must be >= 0 and the reserve fraction in [0, 1)")
-    if problems:
-        raise NeoxrayError("; ".join(problems))
-
-
-def _structural_problem(model: ModelConfig, training: Training, per_node: int, dp: int, tp: int, pp: int) -> str | None:
-    """Why (dp, tp, pp) cannot run at all, whatever the memory; None when it can."""
-    if model.n_heads % tp:
-        return f"tp {tp} does not divide {model.n_heads} heads"
-    if model.vocab_size % tp:
-        return f"tp {tp} does not divide {model.vocab_size} vocabulary rows"
-    if model.ffn_dim % tp:
-        return f"tp {tp} does not divide the MLP width {model.ffn_dim}"
-    if tp > per_node:
-        return f"tp {tp} > {per_node} GPUs per node"
-    if per_node % tp:
-        return f"tp {tp} does not divide {per_node} GPUs per node (a tensor-parallel group would span two nodes)"
-    if pp > model.n_layers:
-        return f"pp {pp} > {model.n_layers} layers"
-    unit = dp * training.micro_batch
-    if training.global_batch % unit:
-        return (
-            f"global batch {training.global_batch} is not divisible by dp {dp} x micro-batch "
-            f"{training.micro_batch} = {unit}"
-        )
-    return None

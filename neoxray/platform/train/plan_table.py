@@ -20,10 +20,16 @@ def format_plan(p: Plan) -> str:
         True: "activation checkpointing",
         False: "no activation checkpointing",
     }[t.activation_checkpointing]
+    lora = ""
+    if t.lora_rank:
+        trainable = p.feasible[0].busiest.trainable if p.feasible else None
+        lora = f", LoRA rank {t.lora_rank} on {', '.join(t.lora_targets)} (base frozen)"
+        if trainable is not None:
+            lora += f": {trainable / 1e6:.2f} M trainable parameters on the busiest GPU"
     lines = [
         f"{p.model.name} ({p.model.num_parameters() / 1e9:.2f} B parameters) on {c.gpus} GPUs of "
         f"{c.gpu_memory_gib:g} GiB, {c.per_node()} per node: seq {p.seq_len}, global batch {t.global_batch}, "
-        f"micro-batch {t.micro_batch}, {t.precision}, {zero}, {ckpt}",
+        f"micro-batch {t.micro_batch}, {t.precision}, {zero}, {ckpt}{lora}",
         "",
     ]
     if p.feasible:

@@ -60,6 +60,7 @@ def preflight(cfg, run_dir, say: Callable[[str], None] = print) -> Preflight:
                 f"{resume} holds another model than this run's config ({'; '.join(diffs)}: checkpoint vs run); "
                 f"nothing was changed: fix model.* to match it, or train into a new --run-dir"
             )
+        _check_lora_resume(cfg, resume, meta)
         if int(meta["step"]) >= cfg.train.steps:
             result.finished_at = int(meta["step"])
         saved_tok = (meta.get("tokenizer") or {}).get("sha256")
@@ -74,6 +75,35 @@ def preflight(cfg, run_dir, say: Callable[[str], None] = print) -> Preflight:
     return result
 
 
+def _check_lora_resume(cfg, resume: Path, meta: dict) -> None:
+    """A LoRA run resumes only its own kind of checkpoint: adapters of the same shape, on the same base."""
+    from neoxray.platform.lora_checkpoint import check_base, is_lora, resolve_base
+
+    spec = cfg.lora.spec()
+    if spec is None and is_lora(meta):
+        raise NeoxrayError(
+            f"{resume} is a LoRA checkpoint (adapters only), but lora.rank is 0 in this run's config; set the lora "
+            f"section as it was trained ({meta['lora']}), or train into a new --run-dir"
+        )
+    if spec is None:
+        return
+    if not is_lora(meta):
+        raise NeoxrayError(
+            f"{resume} holds a full model, but lora.rank={cfg.lora.rank} trains adapters; train the adapters into a "
+            f"new --run-dir with model.init_from={resume} as their base"
+        )
+    saved = meta["lora"]
+    now = spec.to_dict()
+    keys = ("r", "alpha", "targets", "use_rslora", "layers")
+    diffs = [f"lora.{'rank' if k == 'r' else k} {saved.get(k)!r} vs {now[k]!r}" for k in keys if saved.get(k) != now[k]]
+    if diffs:
+        raise NeoxrayError(
+            f"{resume} holds other adapters than this run's config ({'; '.join(diffs)}: checkpoint vs run); nothing "
+            f"was changed: fix the lora section to match it, or train into a new --run-dir"
+        )
+    check_base(meta, resume, resolve_base(cfg.model.init_from))
+
+
 def nothing_to_train(run_dir, checked: Preflight, steps: int) -> NeoxrayError:
     """The error for a run started again when its newest checkpoint is already at train.steps."""
     return NeoxrayError(
@@ -85,8 +115,9 @@ def nothing_to_train(run_dir, checked: Preflight, steps: int) -> NeoxrayError:
 def _check_init_from_tokenizer(cfg, data_path: str, data_tok: str) -> None:
     """Fine-tuning: the data must be tokenized with the tokenizer the Hugging Face directory carries."""
     from neoxray.model.tokenizer import Tokenizer
+    from neoxray.platform.lora_checkpoint import resolve_base
 
-    tok_file = Path(cfg.model.init_from) / TOKENIZER_FILE
+    tok_file = resolve_base(cfg.model.init_from).path / TOKENIZER_FILE
     if tok_file.exists() and Tokenizer.load(tok_file).sha256 != data_tok:
         raise NeoxrayError(
             f"data.path {data_path} was prepared with another tokenizer than model.init_from={cfg.model.init_from} "

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from neoxray.platform.checkpoint import latest_checkpoint
+from neoxray.platform.checkpoint import latest_checkpoint, read_meta
 
 BAR = 24
 
@@ -146,7 +146,12 @@ def summary(run_dir: Path, seconds: float, metrics_file: str | None = "metrics.j
     out.append(f"  plots           neoxray report {run_dir}")
     if (run_dir / "tensorboard").exists() and importlib.util.find_spec("tensorboard") is not None:
         out.append(f"  TensorBoard     tensorboard --logdir {run_dir / 'tensorboard'}")
-    if newest is not None:
+    meta = read_meta(newest) if newest is not None else {}
+    if meta.get("lora"):  # adapters only: export a peft adapter, serve it on its base
+        base = meta["base"]["path"]
+        out.append(f"  export          neoxray export --checkpoint {run_dir} --out {run_dir}-adapter  (peft)")
+        out.append(f"  serve           neoxray serve --model {base} --lora {run_dir.name}={run_dir}-adapter")
+    elif newest is not None:
         out.append(f"  export          neoxray export --checkpoint {run_dir} --out {run_dir}-hf")
         out.append(f"  serve           neoxray serve --model {run_dir}")
     return "\n".join(out)

@@ -11,10 +11,13 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from neoxray.errors import NeoxrayError
-from neoxray.platform.checkpoint import EVAL_PIN, CheckpointSource, HFSource, checkpoint_dir_name, prune_checkpoints
+from neoxray.model.lora import LORA_PARAMS
+from neoxray.platform.checkpoint import EVAL_PIN, CheckpointSource, checkpoint_dir_name, prune_checkpoints
+from neoxray.platform.lora_checkpoint import resolve_base
 from neoxray.platform.train.checkpointing import restore_training_state, save_checkpoint
 from neoxray.platform.train.config import to_dict
 from neoxray.platform.train.engine import TrainEngine
@@ -82,13 +85,20 @@ def train_worker(
     consumed_samples)` returns an iterator of this dp rank's (input_ids, labels) micro-batches starting at
     `consumed_samples`. Returns the per-step metrics."""
     source = CheckpointSource(resume_from) if resume_from else None
-    if source is not None:
+    base = resolve_base(cfg.model.init_from) if cfg.model.init_from else None
+    adapter_loader, extra = None, {"run_name": cfg.name, "config": to_dict(cfg)}
+    if cfg.lora.spec() is not None:  # LoRA: the base from model.init_from, frozen; the adapters trained
+        loader = base.source().load_into
+        if source is not None:  # preflight checked it was trained on this base
+            adapter_loader = _adapter_loader(source)
+        extra.update(lora=cfg.lora.spec().to_dict(), base=base.identity() if dist.get_rank() == 0 else None)
+    elif source is not None:
         loader = source.load_into
-    elif cfg.model.init_from:
-        loader = HFSource(cfg.model.init_from).load_into
+    elif base is not None:
+        loader = base.source().load_into
     else:
         loader = None
-    engine = TrainEngine(cfg, loader=loader)
+    engine = TrainEngine(cfg, loader=loader, adapter_loader=adapter_loader)
     if source is not None:
         restore_training_state(engine, source)
     writer = CheckpointWriter(run_dir, keep=cfg.checkpoint.keep, pin=bool(cfg.eval.tasks))
@@ -112,12 +122,25 @@ def train_worker(
                 sink.log(metrics)
             if (every and engine.step % every == 0) or engine.step == cfg.train.steps:
                 with writer.write(engine.step) as tmp:
-                    save_checkpoint(engine, tmp, {"run_name": cfg.name, "config": to_dict(cfg)}, tokenizer)
+                    save_checkpoint(engine, tmp, extra, tokenizer)
             reporter.report(metrics)
     finally:
         if sink is not None:
             sink.close()
     return history
+
+
+def _adapter_loader(source: CheckpointSource):
+    """Fill a piece's adapters (this rank's slices) from a LoRA checkpoint."""
+
+    def load(piece) -> None:
+        with torch.no_grad():
+            for name, p in piece.canonical_parameters():
+                if name.rpartition(".")[2] in LORA_PARAMS:
+                    dim, r, n = getattr(p, "tp_dim", None), getattr(p, "tp_rank", 0), getattr(p, "tp_size", 1)
+                    p.copy_(source.get(f"model/{name}", dim, r, n))
+
+    return load
 
 
 def run_worker(cfg, run_dir, reporter: Reporter, resume_from: str | None = None, console: bool = True) -> list[dict]:

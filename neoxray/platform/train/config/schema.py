@@ -1,6 +1,6 @@
 """The run config's schema: one typed dataclass per section, a docstring per field, defaults everywhere.
 
-A run is described by a `RunConfig`: `model`, `parallel`, `data`, `optimizer`, `schedule`, `train`,
+A run is described by a `RunConfig`: `model`, `lora`, `parallel`, `data`, `optimizer`, `schedule`, `train`,
 `checkpoint`, `logging` and `eval` sections plus a run `name` and `run_dir`. Every field has a default, so a
 YAML file only overrides (`loader`); `validate` checks a whole run; `neoxray.platform.train.deepspeed_config`
 derives DeepSpeed's config from it. Plain data: no torch, no Ray, no DeepSpeed here (the `model.init_from`
@@ -23,6 +23,8 @@ from neoxray.model.config import ModelConfig, get_preset, preset_names
 # DeepSpeed's pipeline engine accepts ZeRO stages below 2 only ("ZeRO-2 and ZeRO-3 are incompatible with
 # pipeline parallelism", deepspeed/runtime/pipe/engine.py)
 ZERO_STAGES = (0, 1)
+LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+"""GPT-NeoX linears LoRA may target (as `neoxray.model.lora.TARGETS`, without importing torch here)."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -37,8 +39,10 @@ class ModelSection:
     overrides: dict[str, Any] = field(default_factory=dict)
     """ModelConfig fields to change on the preset, e.g. `{vocab_size: 1024, max_seq_len: 512}`."""
     init_from: str | None = None
-    """A Hugging Face GPT-NeoX directory to fine-tune from; its `config.json` then gives the architecture
-    (the preset is ignored, `overrides` still apply) and its weights the initial values. Null: random init."""
+    """The model to fine-tune from: a Hugging Face GPT-NeoX directory, a neoxray training checkpoint, or a run
+    directory (its newest checkpoint). It gives the architecture (the preset is ignored, `overrides` still apply)
+    and the initial weights; with `lora.rank > 0` it is the frozen base the adapters train on. Null: random
+    init."""
     activation_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass (less memory, about a third more compute)."""
 
@@ -46,12 +50,14 @@ class ModelSection:
         """The architecture: the preset (or `init_from`'s config.json), overrides, activation checkpointing."""
         check_model_overrides(self.overrides, "model.overrides")
         if self.init_from:
-            from neoxray.model.hf import read_config  # imports torch: only when fine-tuning
+            from neoxray.platform.lora_checkpoint import resolve_base  # imports torch: only when fine-tuning
 
             try:
-                base, _ = read_config(self.init_from)
+                base = resolve_base(self.init_from).config()
             except NeoxrayError as e:
-                raise NeoxrayError(f"model.init_from={self.init_from}: {e}") from None
+                msg = str(e)
+                named = msg.startswith("model.init_from")
+                raise NeoxrayError(msg if named else f"model.init_from={self.init_from}: {msg}") from None
             cfg = dataclasses.replace(base, **self.overrides)
         else:
             if self.preset not in preset_names():
@@ -61,6 +67,39 @@ class ModelSection:
                 )
             cfg = get_preset(self.preset, **self.overrides)
         return dataclasses.replace(cfg, activation_checkpointing=self.activation_checkpointing)
+
+
+@dataclass
+class LoraSection:
+    """LoRA fine-tuning (Hu et al., 2021): low-rank adapters on a frozen base (`model.init_from`). The base gets
+    no gradients and no optimizer state; checkpoints hold only the adapters (`neoxray.platform.lora_checkpoint`),
+    and `neoxray export` writes them as a peft adapter (or, with --merge, a full model)."""
+
+    rank: int = 0
+    """The adapters' rank r (A is [r, in], B is [out, r]); 0: no LoRA, every weight trains."""
+    alpha: float = 16.0
+    """Scale numerator: each update is multiplied by alpha / rank (alpha / sqrt(rank) with `use_rslora`)."""
+    dropout: float = 0.0
+    """Dropout probability on each adapter's input during training, in [0, 1)."""
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Which linears of every layer get an adapter (GPT-NeoX module names, as peft's `target_modules`):
+    query_key_value, dense, dense_h_to_4h, dense_4h_to_h."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling, alpha / sqrt(rank) (peft's `use_rslora`)."""
+
+    def spec(self):
+        """The adapters' shape as a `neoxray.model.lora.LoRASpec`, or None when `rank` is 0."""
+        if not self.rank:
+            return None
+        from neoxray.model.lora import LoRASpec  # imports torch
+
+        return LoRASpec(
+            r=self.rank,
+            alpha=float(self.alpha),
+            dropout=float(self.dropout),
+            targets=tuple(self.targets),
+            use_rslora=self.use_rslora,
+        )
 
 
 @dataclass
@@ -270,6 +309,8 @@ class RunConfig:
     """Where checkpoints, metrics and the resolved config go; null: `runs/<name>`."""
     model: ModelSection = field(default_factory=ModelSection)
     """The model: preset, overrides, fine-tuning source."""
+    lora: LoraSection = field(default_factory=LoraSection)
+    """LoRA adapters on a frozen base (off unless lora.rank > 0)."""
     parallel: ParallelSection = field(default_factory=ParallelSection)
     """The data x tensor x pipeline layout."""
     data: DataSection = field(default_factory=DataSection)
@@ -320,6 +361,7 @@ class RunConfig:
 
 SECTIONS: dict[str, type] = {
     "model": ModelSection,
+    "lora": LoraSection,
     "parallel": ParallelSection,
     "data": DataSection,
     "optimizer": OptimizerSection,

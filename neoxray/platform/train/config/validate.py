@@ -10,7 +10,7 @@ from pathlib import Path
 from neoxray.errors import NeoxrayError
 from neoxray.model.config import ModelConfig
 from neoxray.model.precision import PRECISIONS
-from neoxray.platform.train.config.schema import LAYOUT, ZERO_STAGES, RunConfig, require_layout
+from neoxray.platform.train.config.schema import LAYOUT, LORA_TARGETS, ZERO_STAGES, RunConfig, require_layout
 
 
 def validate(cfg: RunConfig) -> None:
@@ -25,6 +25,8 @@ def validate(cfg: RunConfig) -> None:
         model = cfg.model_config()
     except NeoxrayError as e:
         err(str(e))
+
+    _check_lora(cfg, err)
 
     # parallel
     p = cfg.parallel
@@ -172,6 +174,28 @@ def validate(cfg: RunConfig) -> None:
 
     if errors:
         raise NeoxrayError("; ".join(errors))
+
+
+def _check_lora(cfg: RunConfig, err) -> None:
+    lo = cfg.lora
+    if isinstance(lo.rank, bool) or not isinstance(lo.rank, int) or lo.rank < 0:
+        err(f"lora.rank={lo.rank!r} must be an integer >= 0 (0: no LoRA)")
+        return
+    if not lo.rank:
+        return
+    if not cfg.model.init_from:
+        err(
+            f"lora.rank={lo.rank} trains adapters on a frozen base, but model.init_from is not set; name the base "
+            f"(a Hugging Face directory, a checkpoint or a run directory)"
+        )
+    if not (isinstance(lo.alpha, int | float) and math.isfinite(lo.alpha) and lo.alpha > 0):
+        err(f"lora.alpha={lo.alpha!r} must be a number > 0")
+    if not (isinstance(lo.dropout, int | float) and 0 <= lo.dropout < 1):
+        err(f"lora.dropout={lo.dropout!r} must be a probability in [0, 1)")
+    unknown = [t for t in lo.targets if t not in LORA_TARGETS]
+    if unknown or not lo.targets or len(set(lo.targets)) != len(lo.targets):
+        what = f"unknown module {unknown[0]!r}" if unknown else "empty or repeated"
+        err(f"lora.targets={lo.targets}: {what}; choose from {', '.join(LORA_TARGETS)}")
 
 
 def check_paths(cfg: RunConfig) -> None:
