@@ -75,7 +75,7 @@ def resolve_base(path, key: str = "model.init_from") -> Base:
     try:
         kind, p = resolve_model_path(path)
     except NeoxrayError as e:
-        raise NeoxrayError(f"{key}: {e}") from None
+        raise NeoxrayError(f"{key}={path}: {e}") from None
     if kind == "checkpoint" and is_lora(read_meta(p)):
         raise NeoxrayError(
             f"{key}={path}: {p} is a LoRA checkpoint (adapter weights only); use its base "

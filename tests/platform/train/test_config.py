@@ -54,9 +54,22 @@ def test_the_shipped_run_configs_are_there():
     assert {"tiny-cpu.yaml", "neox-20b.yaml", "pythia-1.4b.yaml"} <= names
 
 
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny preset model as a Hugging Face directory: the base a shipped LoRA config names (the demo's)."""
+    from neoxray.model.gptneox import build_model
+    from neoxray.model.hf import save_pretrained
+
+    out = tmp_path_factory.mktemp("base") / "tiny"
+    save_pretrained(build_model(get_preset("tiny"), seed=0), out)
+    return out
+
+
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_run_config_loads_and_validates(path):
+def test_every_shipped_run_config_loads_and_validates(path, tiny_base):
     cfg = load_run_config(path)
+    if cfg.lora.rank:  # its base is the demo's trained model: here a tiny model of the same shape
+        cfg = load_run_config(path, [f"model.init_from={tiny_base}"])
     validate(cfg)
     assert gradient_accumulation_steps(cfg) * cfg.train.micro_batch * cfg.parallel.data == cfg.train.global_batch
     assert cfg.seq_len() <= cfg.model_config().max_seq_len

@@ -1,7 +1,8 @@
-"""LoRA fine-tuning in the 3D trainer, on a real local Ray cluster: every dp x tp x pp layout trains the same
-adapters (losses within 1e-4), their loss equals peft's on the same base, adapter and batch, checkpoints hold
-only the adapters (and the base's identity), resume and re-layout resume are exact, and the export is a peft
-adapter that peft loads with no missing or unexpected keys (and --merge equals peft's merge_and_unload)."""
+"""LoRA fine-tuning in the 3D trainer on prompt-completion data, on a real local Ray cluster: every dp x tp x pp
+layout trains the same adapters (training and validation losses within 1e-4); the masked loss equals
+transformers' with the prompt labels at -100 and, after training, peft's on the same base, adapter and batch;
+checkpoints hold only the adapters (and the base's identity); resume and re-layout resume are exact; the export
+is a peft adapter that peft loads with no missing or unexpected keys (and --merge equals merge_and_unload)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ LORA = ["lora.rank=4", "lora.alpha=8", "optimizer.lr=3e-2", "optimizer.min_lr=3e
 
 
 @pytest.fixture(scope="module")
-def hf_base(tmp_path_factory):
-    """A random tiny GPT-NeoX written by transformers: the frozen base."""
+def hf_base(tmp_path_factory, sample_tokenizer_dir):
+    """A random tiny GPT-NeoX written by transformers, with the data's tokenizer: the frozen base."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from neoxray.model.config import get_preset
@@ -33,6 +34,9 @@ def hf_base(tmp_path_factory):
     hf = GPTNeoXForCausalLM(GPTNeoXConfig(**{k: v for k, v in config_to_hf(cfg).items() if k != "neoxray"}))
     out = tmp_path_factory.mktemp("base") / "hf"
     hf.save_pretrained(out)
+    from neoxray.model.tokenizer import Tokenizer
+
+    Tokenizer.load(sample_tokenizer_dir).save(out)
     return out
 
 
@@ -48,114 +52,10 @@ def global_batch(prepared, step: int) -> dict:
 
 
 def mean_loss(model, batch) -> float:
+    """transformers' loss over every label of the global batch (no mask)."""
     with torch.no_grad():
         logits = model(batch["input_ids"]).logits
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten()).item()
-
-
-def test_lora_trains_the_same_adapters_under_every_layout_and_equals_peft(prepared, hf_base, ray_local, tmp_path):
-    from peft import PeftModel
-    from transformers import GPTNeoXForCausalLM
-
-    from neoxray.platform.train.driver import run_train
-
-    runs = {}
-    for layout in LAYOUTS:
-        run_dir = tmp_path / "lora-{}{}{}".format(*layout)
-        run_train(lora_cfg(prepared, hf_base, run_dir.name, layout), run_dir=str(run_dir))
-        runs[layout] = run_dir
-    ref = losses(runs[(1, 1, 1)])
-    assert sorted(ref) == list(range(1, STEPS + 1))
-    assert ref[STEPS] < ref[1] - 0.02, "the adapters should learn something in 5 steps"
-    for run_dir in runs.values():
-        assert_same(losses(run_dir), ref, range(1, STEPS + 1))
-        assert_same(losses(run_dir, "val_loss"), losses(runs[(1, 1, 1)], "val_loss"), [STEPS])
-
-    base = GPTNeoXForCausalLM.from_pretrained(hf_base).eval()
-    # B starts at zero: step 1 is the base model's loss on the first global batch
-    assert abs(ref[1] - mean_loss(base, global_batch(prepared, 1))) < 1e-4 * ref[1]
-
-    # checkpoints: adapters and their Adam moments only, megabytes not the base's size, the base's identity
-    ckpt = runs[(2, 2, 2)] / "checkpoint-step-0000003"
-    meta = json.loads((ckpt / "meta.json").read_text())
-    assert meta["lora"]["r"] == 4 and meta["lora"]["alpha"] == 8
-    assert meta["base"]["path"] == str(hf_base.resolve()) and len(meta["base"]["sha256"]) == 64
-    names = set()
-    for shard in meta["shards"]:
-        with safe_open(ckpt / shard["file"], framework="pt") as f:
-            names |= {k.split("/", 1)[1] for k in f.keys()}  # noqa: SIM118 (a safetensors handle)
-    assert names and all(n.rsplit(".", 1)[1] in ("lora_A", "lora_B") for n in names), sorted(names)[:4]
-    assert len(names) == 2 * 4 * 2  # A and B of 4 targets in each of the tiny model's 2 layers
-    stored = sum(s["bytes"] for s in meta["shards"])
-    assert stored < 0.2 * (hf_base / "model.safetensors").stat().st_size
-
-    # export: a peft adapter peft loads with no missing or unexpected keys; its loss on step 4's batch is the
-    # loss the trainer reported at step 4 (the adapter after 3 steps, the same base and batch)
-    peft_dir = tmp_path / "adapter"
-    run_cli("export", "--checkpoint", str(ckpt), "--out", str(peft_dir))
-    config = json.loads((peft_dir / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
-    assert sorted(config["target_modules"]) == sorted(["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"])
-    peft_model = PeftModel.from_pretrained(GPTNeoXForCausalLM.from_pretrained(hf_base), peft_dir).eval()
-    from peft.utils import get_peft_model_state_dict
-
-    assert len(get_peft_model_state_dict(peft_model)) == 2 * 4 * 2
-    step4 = global_batch(prepared, 4)
-    assert abs(mean_loss(peft_model, step4) - ref[4]) < 1e-4 * ref[4]
-    assert abs(mean_loss(base, step4) - ref[4]) > 1e-3  # the adapter changed the model
-
-    # --merge: a full Hugging Face model equal to peft's merge_and_unload
-    merged_dir = tmp_path / "merged"
-    run_cli("export", "--checkpoint", str(ckpt), "--out", str(merged_dir), "--merge")
-    merged = GPTNeoXForCausalLM.from_pretrained(merged_dir).eval()
-    folded = peft_model.merge_and_unload().eval()
-    ids = step4["input_ids"]
-    with torch.no_grad():
-        assert (merged(ids).logits - folded(ids).logits).abs().max().item() < 1e-4
-
-    # re-layout resume: the (2,2,2) checkpoint at step 3 continues under (1,2,1) with the same losses
-    relayout = tmp_path / "relayout"
-    run_train(
-        lora_cfg(prepared, hf_base, "relayout", (1, 2, 1), [f"checkpoint.load_from={ckpt}"]), run_dir=str(relayout)
-    )
-    assert sorted(losses(relayout)) == [4, 5]
-    assert_same(losses(relayout), ref, [4, 5])
-    check_resume(prepared, hf_base, tmp_path, runs[(1, 1, 1)])
-
-
-def check_resume(prepared, hf_base, tmp_path, full):
-    """A LoRA run stopped at step 3 and started again continues bit-identically; another adapter shape, no
-    LoRA, or a base whose files changed is refused before anything runs."""
-    from neoxray.errors import NeoxrayError
-    from neoxray.platform.train.driver import run_train
-
-    part = tmp_path / "part"
-    run_train(lora_cfg(prepared, hf_base, "part", (1, 1, 1), ["train.steps=3"]), run_dir=str(part))
-    # train.steps=3 with the 5-step schedule (schedule.decay_steps=5): continue to 5 in the same run directory
-    run_train(lora_cfg(prepared, hf_base, "part", (1, 1, 1)), run_dir=str(part))
-    got = losses(part)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    assert all(got[s] == losses(full)[s] for s in got), (got, losses(full))  # bit-identical resume
-
-    # another adapter shape, no LoRA at all, or a base whose files changed: refused before anything runs
-    with pytest.raises(NeoxrayError, match=r"lora.rank 4 vs 8"):
-        run_train(lora_cfg(prepared, hf_base, "part", extra=["lora.rank=8", "train.steps=6"]), run_dir=str(part))
-    with pytest.raises(NeoxrayError, match="is a LoRA checkpoint"):
-        run_train(cfg_for(prepared, "part", extra=["train.steps=6"]), run_dir=str(part))
-    changed = tmp_path / "changed-base"
-    changed.mkdir()
-    for f in hf_base.iterdir():
-        (changed / f.name).write_bytes(f.read_bytes())
-    from safetensors.torch import load_file, save_file
-
-    weights = load_file(changed / "model.safetensors")
-    weights["gpt_neox.final_layer_norm.weight"] += 1
-    save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
-    ckpt = part / "checkpoint-step-0000003"
-    with pytest.raises(NeoxrayError, match="base whose files have changed"):
-        run_train(
-            lora_cfg(prepared, changed, "other", extra=[f"checkpoint.load_from={ckpt}"]), run_dir=str(tmp_path / "o")
-        )
 
 
 @pytest.fixture(scope="module")
@@ -187,28 +87,120 @@ def masked_mean_loss(model, batch) -> float:
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).item()
 
 
-def test_masked_loss_equals_transformers_and_every_layout(instructions, hf_base, ray_local, tmp_path):
-    """Prompt-completion data trains only completion tokens: step 1's loss (LoRA's B is zero: the base) equals
-    transformers' loss with the prompt labels at -100 on the same global batch; (1,1,1) and (2,2,2) give the same
-    training and validation losses (the mean is over the global batch's trained labels, not per micro-batch)."""
+def test_lora_trains_the_same_adapters_under_every_layout_and_equals_peft(instructions, hf_base, ray_local, tmp_path):
+    from peft import PeftModel
+    from tokenizers import Tokenizer as RawTokenizer
     from transformers import GPTNeoXForCausalLM
 
-    from neoxray.pipelines.reader import iter_batches, open_blend
     from neoxray.platform.train.driver import run_train
 
-    extra = ["train.steps=3", "schedule.decay_steps=3", "eval.every=3", "checkpoint.every=0"]
     runs = {}
-    for layout in [(1, 1, 1), (2, 2, 2)]:
-        run_dir = tmp_path / "sft-{}{}{}".format(*layout)
-        run_train(lora_cfg(instructions, hf_base, run_dir.name, layout, extra), run_dir=str(run_dir))
+    for layout in LAYOUTS:
+        run_dir = tmp_path / "lora-{}{}{}".format(*layout)
+        run_train(lora_cfg(instructions, hf_base, run_dir.name, layout), run_dir=str(run_dir))
         runs[layout] = run_dir
     ref = losses(runs[(1, 1, 1)])
-    assert_same(losses(runs[(2, 2, 2)]), ref, [1, 2, 3])
-    assert_same(losses(runs[(2, 2, 2)], "val_loss"), losses(runs[(1, 1, 1)], "val_loss"), [3])
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    for run_dir in runs.values():  # the mean is over the global batch's trained labels, not per micro-batch
+        assert_same(losses(run_dir), ref, range(1, STEPS + 1))
+        assert_same(losses(run_dir, "val_loss"), losses(runs[(1, 1, 1)], "val_loss"), [STEPS])
 
-    batch = next(iter_batches(open_blend([str(instructions)], seed=11), 8, seed=11))
-    assert 0 < int(batch["loss_mask"].sum()) < batch["loss_mask"].numel()  # prompts are masked, completions not
     base = GPTNeoXForCausalLM.from_pretrained(hf_base).eval()
-    expect = masked_mean_loss(base, batch)
-    assert abs(ref[1] - expect) < 1e-4 * expect
-    assert abs(ref[1] - mean_loss(base, batch)) > 1e-3  # the unmasked loss is another figure
+    # B starts at zero: step 1 is the base model's loss on the first global batch, with the prompt labels at -100
+    first = global_batch(instructions, 1)
+    assert 0 < int(first["loss_mask"].sum()) < first["loss_mask"].numel()  # prompts masked, completions not
+    assert abs(ref[1] - masked_mean_loss(base, first)) < 1e-4 * ref[1]
+    assert abs(ref[1] - mean_loss(base, first)) > 1e-3  # the unmasked loss is another figure
+
+    # checkpoints: adapters and their Adam moments only, megabytes not the base's size, the base's identity
+    ckpt = runs[(2, 2, 2)] / "checkpoint-step-0000003"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["lora"]["r"] == 4 and meta["lora"]["alpha"] == 8
+    assert meta["base"]["path"] == str(hf_base.resolve()) and len(meta["base"]["sha256"]) == 64
+    names = set()
+    for shard in meta["shards"]:
+        with safe_open(ckpt / shard["file"], framework="pt") as f:
+            names |= {k.split("/", 1)[1] for k in f.keys()}  # noqa: SIM118 (a safetensors handle)
+    assert names and all(n.rsplit(".", 1)[1] in ("lora_A", "lora_B") for n in names), sorted(names)[:4]
+    assert len(names) == 2 * 4 * 2  # A and B of 4 targets in each of the tiny model's 2 layers
+    stored = sum(s["bytes"] for s in meta["shards"])
+    assert stored < 0.2 * (hf_base / "model.safetensors").stat().st_size
+
+    # export: a peft adapter peft loads with no missing or unexpected keys; its loss on step 4's batch is the
+    # loss the trainer reported at step 4 (the adapter after 3 steps, the same base and batch)
+    peft_dir = tmp_path / "adapter"
+    run_cli("export", "--checkpoint", str(ckpt), "--out", str(peft_dir))
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert sorted(config["target_modules"]) == sorted(["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"])
+    peft_model = PeftModel.from_pretrained(GPTNeoXForCausalLM.from_pretrained(hf_base), peft_dir).eval()
+    from peft.utils import get_peft_model_state_dict
+
+    assert len(get_peft_model_state_dict(peft_model)) == 2 * 4 * 2
+    step4 = global_batch(instructions, 4)
+    assert abs(masked_mean_loss(peft_model, step4) - ref[4]) < 1e-4 * ref[4]
+    assert abs(masked_mean_loss(base, step4) - ref[4]) > 1e-3  # the adapter changed the model
+    # `neoxray score --lora` of the exported adapter, and of the LoRA run's checkpoint itself, equal peft's
+    text = "def main(args):\n    return args"
+    ids = RawTokenizer.from_file(str(hf_base / "tokenizer.json")).encode(text).ids
+    with torch.no_grad():
+        lp = torch.log_softmax(peft_model(torch.tensor([ids])).logits[0].float(), -1)
+    want = [lp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+    for model_args in (["--model", str(hf_base), "--lora", str(peft_dir)], ["--model", str(ckpt)]):
+        got = json.loads(run_cli("score", *model_args, "--text", text, "--json").stdout)
+        assert got["tokens"] == ids and got["logprobs"][1:] == pytest.approx(want, abs=1e-4), model_args
+
+    # --merge: a full Hugging Face model equal to peft's merge_and_unload
+    merged_dir = tmp_path / "merged"
+    run_cli("export", "--checkpoint", str(ckpt), "--out", str(merged_dir), "--merge")
+    merged = GPTNeoXForCausalLM.from_pretrained(merged_dir).eval()
+    folded = peft_model.merge_and_unload().eval()
+    ids = step4["input_ids"]
+    with torch.no_grad():
+        assert (merged(ids).logits - folded(ids).logits).abs().max().item() < 1e-4
+
+    # re-layout resume: the (2,2,2) checkpoint at step 3 continues under (1,2,1) with the same losses
+    relayout = tmp_path / "relayout"
+    run_train(
+        lora_cfg(instructions, hf_base, "relayout", (1, 2, 1), [f"checkpoint.load_from={ckpt}"]), run_dir=str(relayout)
+    )
+    assert sorted(losses(relayout)) == [4, 5]
+    assert_same(losses(relayout), ref, [4, 5])
+    check_resume(instructions, hf_base, tmp_path, runs[(1, 1, 1)])
+
+
+def check_resume(instructions, hf_base, tmp_path, part):
+    """A LoRA run whose last checkpoint is gone (removed by hand) resumes from step 3 bit-identically; another
+    adapter shape, no LoRA, or a base whose files changed is refused before anything runs."""
+    import shutil
+
+    from neoxray.errors import NeoxrayError
+    from neoxray.platform.train.driver import run_train
+
+    full = losses(part)
+    shutil.rmtree(part / "checkpoint-step-0000005")
+    run_train(lora_cfg(instructions, hf_base, part.name, (1, 1, 1)), run_dir=str(part))
+    got = losses(part)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert all(got[s] == full[s] for s in got), (got, full)  # bit-identical resume
+
+    # another adapter shape, no LoRA at all, or a base whose files changed: refused before anything runs
+    with pytest.raises(NeoxrayError, match=r"lora.rank 4 vs 8"):
+        run_train(lora_cfg(instructions, hf_base, part.name, extra=["lora.rank=8", "train.steps=6"]), run_dir=str(part))
+    with pytest.raises(NeoxrayError, match="is a LoRA checkpoint"):
+        run_train(cfg_for(instructions, part.name, extra=["train.steps=6"]), run_dir=str(part))
+    changed = tmp_path / "changed-base"
+    changed.mkdir()
+    for f in hf_base.iterdir():
+        (changed / f.name).write_bytes(f.read_bytes())
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(changed / "model.safetensors")
+    weights["gpt_neox.final_layer_norm.weight"] += 1
+    save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
+    ckpt = part / "checkpoint-step-0000003"
+    with pytest.raises(NeoxrayError, match="base whose files have changed"):
+        run_train(
+            lora_cfg(instructions, changed, "other", extra=[f"checkpoint.load_from={ckpt}"]),
+            run_dir=str(tmp_path / "o"),
+        )
