@@ -53,6 +53,9 @@ def training_of(cfg) -> Training:
         precision=cfg.train.precision,
         zero_stage=cfg.parallel.zero_stage,
         activation_checkpointing=cfg.model.activation_checkpointing,
+        lora_rank=cfg.lora.rank,
+        lora_targets=tuple(cfg.lora.targets),
+        lora_dropout=cfg.lora.dropout,
     )
 
 

@@ -584,3 +584,17 @@ def test_cli_plan_lora_rank():
     lora = json.loads(run_cli(*args, "--lora-rank", "8", "--json").stdout)["feasible"][0]
     assert lora["memory_bytes"] < full["memory_bytes"]
     assert "LoRA rank 8" in run_cli(*args, "--lora-rank", "8").stdout
+
+
+def test_parallel_auto_plans_a_lora_run_as_lora():
+    """A LoRA run's `parallel: auto` plans its frozen base and adapters, not full training: the 1.4B model on 8
+    GPUs of 6 GiB fits only as LoRA."""
+    from neoxray.platform.train.auto_layout import training_of
+
+    args = ["parallel=auto", "model.preset=pythia-1.4b", "train.global_batch=64", "train.micro_batch=1"]
+    full, lora = load_run_config(None, args), load_run_config(None, [*args, "lora.rank=8"])
+    assert training_of(lora).lora_rank == 8 and training_of(full).lora_rank == 0
+    cluster = Cluster(gpus=8, gpu_memory_gib=6, gpus_per_node=8)
+    model = get_preset("pythia-1.4b")
+    assert not plan(model, cluster, training_of(full)).feasible
+    assert plan(model, cluster, training_of(lora)).feasible
