@@ -361,64 +361,12 @@ ENGINE_LAYOUTS = {  # dp, tp, pp, precision, LoRA rank (0: full training)
 TOLERANCE = 0.02  # ZeRO pads its flat partitions; Adam's step counters are a few bytes
 
 
-def _storage_bytes(tensors, exclude=frozenset()) -> tuple[int, set]:
-    """Bytes of the distinct storages behind `tensors` (views of one flat buffer count once)."""
-    import torch
-
-    seen: dict[int, int] = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            st = t.untyped_storage()
-            if st.data_ptr() not in exclude and st.nbytes():
-                seen[st.data_ptr()] = st.nbytes()
-    return sum(seen.values()), set(seen)
-
-
-def _tensors_in(obj, depth: int = 0):
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif depth < 3 and isinstance(obj, (list, tuple)):
-        for x in obj:
-            yield from _tensors_in(x, depth + 1)
-    elif depth < 3 and isinstance(obj, dict):
-        for x in obj.values():
-            yield from _tensors_in(x, depth + 1)
-
-
 def held_bytes(engine) -> dict:
-    """One training step of `engine`, and the bytes this rank held: weights (its parameters), gradients (the
-    parameters' .grad and every gradient buffer of DeepSpeed's optimizer wrapper, at their largest: at the end
-    of the last backward, before the step, and inside the torch optimizer's step), optimizer states (the
-    torch optimizer's parameters, i.e. ZeRO's fp32 partitions, and its state tensors)."""
+    """One training step of `engine` on random tokens, and the bytes this rank held (`memory_probe`)."""
     import torch
 
-    params = [p for _, p in engine.named_parameters()] + [p for _, p in engine.frozen_parameters()]
-    trained = [p for _, p in engine.named_parameters()]
-    wrapper = engine.optimizer  # DeepSpeed's ZeRO / BF16 optimizer
-    inner = wrapper.optimizer  # the torch AdamW it drives
-    weights, weight_keys = _storage_bytes(params)
-    masters = [p for g in inner.param_groups for p in g["params"]]
-    _, master_keys = _storage_bytes(masters, exclude=weight_keys)
-    peaks: list[int] = []
+    from neoxray.platform.train.memory_probe import held_step
 
-    def snapshot():
-        buffers = [t for name, v in vars(wrapper).items() if "grad" in name.lower() for t in _tensors_in(v)]
-        grads = [p.grad for p in trained] + [p.grad for p in masters] + buffers
-        assert all(p.grad is None for _, p in engine.frozen_parameters())  # a LoRA base takes no gradients
-        peaks.append(_storage_bytes(grads, exclude=weight_keys | master_keys)[0])
-
-    def before(fn):
-        def wrapped(*args, **kwargs):
-            snapshot()
-            return fn(*args, **kwargs)
-
-        return wrapped
-
-    engine.engine.allreduce_gradients = before(engine.engine.allreduce_gradients)
-    wrapper.step = before(wrapper.step)
-    inner.step = before(inner.step)
     g = torch.Generator().manual_seed(0)
 
     def batches():
@@ -426,10 +374,7 @@ def held_bytes(engine) -> dict:
             ids = torch.randint(0, 1024, (1, 33), generator=g)
             yield ids[:, :-1], ids[:, 1:]
 
-    engine.train_step(batches())
-    states = [t for s in inner.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    optimizer, _ = _storage_bytes(masters + states, exclude=weight_keys)
-    return {"weights": weights, "gradients": max(peaks), "optimizer": optimizer, "snapshots": len(peaks)}
+    return held_step(engine, batches())
 
 
 def _engine_worker(rank: int, world: int, tmp: str, port: int) -> None:
