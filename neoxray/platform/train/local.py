@@ -41,28 +41,32 @@ def run_local(cfg, run_dir: str | None = None, verbose: bool = False) -> list[di
     if resolve_device(cfg.train.device) == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator at import
     init_distributed(cfg.parallel.backend, cfg.train.device)
-    box: list = [None]
-    if dist.get_rank() == 0:
-        try:
-            checked = preflight(cfg, run_dir, _say)
-            if checked.finished_at is not None:
-                raise nothing_to_train(run_dir, checked, cfg.train.steps)
-            box[0] = (to_dict(checked.cfg), checked.resume_from)
-        except NeoxrayError as e:
-            box[0] = str(e)
-    dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], str):
-        raise NeoxrayError(box[0])
-    cfg, resume_from = from_dict(box[0][0]), box[0][1]
-    if cfg.parallel.auto:
-        from neoxray.platform.train.auto_layout import auto_layout_local
+    try:
+        box: list = [None]
+        if dist.get_rank() == 0:
+            try:
+                checked = preflight(cfg, run_dir, _say)
+                if checked.finished_at is not None:
+                    raise nothing_to_train(run_dir, checked, cfg.train.steps)
+                box[0] = (to_dict(checked.cfg), checked.resume_from)
+            except NeoxrayError as e:
+                box[0] = str(e)
+        dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], str):
+            raise NeoxrayError(box[0])
+        cfg, resume_from = from_dict(box[0][0]), box[0][1]
+        if cfg.parallel.auto:
+            from neoxray.platform.train.auto_layout import auto_layout_local
 
-        cfg = auto_layout_local(cfg)
-    if dist.get_rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    started = time.monotonic()
-    history = run_worker(cfg, str(run_dir), Reporter(), resume_from)
-    if dist.get_rank() == 0:
-        _say(summary(run_dir, time.monotonic() - started, cfg.logging.metrics_file))
-    return history
+            cfg = auto_layout_local(cfg)
+        if dist.get_rank() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        started = time.monotonic()
+        history = run_worker(cfg, str(run_dir), Reporter(), resume_from)
+        if dist.get_rank() == 0:
+            _say(summary(run_dir, time.monotonic() - started, cfg.logging.metrics_file))
+        return history
+    finally:  # a process group left alive aborts the interpreter at exit ("terminate called ...") after an error
+        if dist.is_initialized():
+            dist.destroy_process_group()
