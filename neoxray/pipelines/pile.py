@@ -158,30 +158,40 @@ def parse_pile_line(
     """
     if not line.strip():
         return None
-    reason = None
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        reason = "invalid_json"
-    else:
-        if not isinstance(obj, dict):
-            reason = "not_an_object"
-        elif text_key not in obj:
+    obj, reason = _json_object(line)
+    if reason is None:
+        if text_key not in obj:
             reason = "missing_text"
         elif not isinstance(obj[text_key], str):
             reason = "text_not_string"
         elif not obj[text_key]:
             reason = "empty_text"
         else:
-            try:  # JSON escapes can smuggle in lone surrogates, which are not text (and not UTF-8)
-                obj[text_key].encode("utf-8")
-            except UnicodeEncodeError:
-                reason = "invalid_utf8"
+            reason = _utf8_problem(obj[text_key])
     if reason is not None:
         if bad is not None:
             bad[reason] += 1
         return None
     return obj[text_key], _component(obj, labelled)
+
+
+def _json_object(line: str) -> tuple[dict | None, str | None]:
+    """(the line's JSON object, None), or (None, "invalid_json" | "not_an_object")."""
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None, "invalid_json"
+    return (obj, None) if isinstance(obj, dict) else (None, "not_an_object")
+
+
+def _utf8_problem(*texts: str) -> str | None:
+    """ "invalid_utf8" when a text holds a lone surrogate (JSON escapes can smuggle them in: not text, not UTF-8)."""
+    try:
+        for t in texts:
+            t.encode("utf-8")
+    except UnicodeEncodeError:
+        return "invalid_utf8"
+    return None
 
 
 def _component(obj: dict, labelled: Counter | None) -> str | None:
@@ -205,15 +215,9 @@ def parse_prompt_completion_line(
     empty. Blank lines return None without being counted; a missing component is counted in `labelled`."""
     if not line.strip():
         return None
-    reason = None
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        reason = "invalid_json"
-    else:
-        if not isinstance(obj, dict):
-            reason = "not_an_object"
-        elif "prompt" not in obj:
+    obj, reason = _json_object(line)
+    if reason is None:
+        if "prompt" not in obj:
             reason = "missing_prompt"
         elif "completion" not in obj:
             reason = "missing_completion"
@@ -224,11 +228,7 @@ def parse_prompt_completion_line(
         elif not obj["completion"]:
             reason = "empty_completion"
         else:
-            try:
-                obj["prompt"].encode("utf-8")
-                obj["completion"].encode("utf-8")
-            except UnicodeEncodeError:
-                reason = "invalid_utf8"
+            reason = _utf8_problem(obj["prompt"], obj["completion"])
     if reason is not None:
         if bad is not None:
             bad[reason] += 1
