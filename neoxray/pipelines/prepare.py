@@ -61,6 +61,7 @@ from neoxray.pipelines.dataset_format import (
 )
 from neoxray.pipelines.packing import COMPRESSION, ChunkStreams, layout_for, pack_file
 from neoxray.pipelines.pile import JSONL_SUFFIXES, iter_documents, iter_prompt_completions
+from neoxray.ray_connection import connect_ray
 
 UNKNOWN_COMPONENT = "unknown"
 """The component of a document whose row has no meta.pile_set_name."""
@@ -257,16 +258,6 @@ def _options(seq_len, val_fraction, text_key, by_component, rows_per_file, row_g
     }
 
 
-def _ensure_ray():
-    import ray
-
-    if not ray.is_initialized():
-        # RAY_ADDRESS (a Ray job sets it), else a local cluster of our own ("local": never the newest
-        # `ray start` cluster on the machine, which a bare ray.init() would join)
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.ERROR, log_to_driver=False)
-    return ray
-
-
 def prepare(
     inputs: Iterable[str],
     tokenizer: str,
@@ -291,8 +282,8 @@ def prepare(
     `completion` keys; rows get a loss mask that trains only the completion and its EOD).
     `tokenizer`: a tokenizer.json, a folder holding one, or a hub id. `workers`: size of the tokenizer actor pool
     (default: the cluster's CPUs less one). Connects to the running Ray cluster (RAY_ADDRESS, a Ray job) or
-    starts a local one. A finished `output` with the same inputs and options is left alone (skipped=True);
-    with other inputs or options it is an error unless `overwrite`.
+    starts a local one (`neoxray.ray_connection`). A finished `output` with the same inputs and options is left
+    alone (skipped=True); with other inputs or options it is an error unless `overwrite`.
     """
     t0 = time.monotonic()
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -459,7 +450,7 @@ def _run_pipeline(
     progress,
     say,
 ) -> dict:
-    ray = _ensure_ray()
+    ray = connect_ray()
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
