@@ -479,6 +479,8 @@ def _run_pipeline(
     caught.__enter__()
     # Ray Data's advice about pools larger than the number of inputs: a small job simply uses fewer actors
     warnings.filterwarnings("ignore", message=r".*number of concurrent (actors|tasks).*", category=UserWarning)
+    # its notice that `max_restarts` (below) is passed the deprecated way: for us, not the user
+    warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated", category=DeprecationWarning)
     chunk_dir = fs.join(tmp, "chunks")
     tokenizer_file = fs.join(tmp, TOKENIZER_DIR, TOKENIZER_FILE)  # on the output filesystem: every node reaches it
     # readers and packers reserve no CPU: they are light (decompression, JSON, concatenation, Parquet writes),
@@ -516,6 +518,13 @@ def _run_pipeline(
             batch_format="pyarrow",
             compute=ActorPoolStrategy(size=workers),
             num_cpus=1,
+            # no actor restarts: Ray Data ships an actor's constructor arguments (its UDF and its DataContext)
+            # through the object store, where Ray cannot promise them to a restarted actor (ray-project/ray#53727;
+            # its core worker logs an error for every such actor, and Ray Data asks for endless restarts unless
+            # told otherwise). A tokenizer actor that dies ends the run, which leaves no dataset behind; a rerun
+            # starts over. Ray 2.60 accepts this only among `**ray_remote_args`, which it deprecates (to go in
+            # 2.64, with no named replacement yet): revisit when raising Ray's upper bound.
+            max_restarts=0,
         )
 
         def collect_packed(block: bool) -> None:

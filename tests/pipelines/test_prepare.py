@@ -300,6 +300,10 @@ def test_cli_prepare_runs_and_errors_are_one_line(ray_local, crafted, tok_file, 
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["output"] == str(out) and not summary["skipped"] and summary["rows"] > 0
     assert "documents" in proc.stderr and "tokens/s" in proc.stderr  # progress and the final rate
+    # a newcomer sees neoxray's own lines only: no Ray line that reads like a failure (such as the core worker's
+    # error about actors that may restart with constructor arguments in the object store)
+    foreign = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("prepare: ")]
+    assert not foreign, proc.stderr
     assert json.loads((out / MANIFEST).read_text())["rows"] == summary["rows"]
     again = run_cli(
         "prepare", "--input", str(root / "a.jsonl"), "--tokenizer", tok_file, "--seq-len", "64", "--output", str(out)
