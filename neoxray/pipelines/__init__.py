@@ -3,12 +3,13 @@ Data, not the model.
 
 - `pile`: streaming reader of .txt / .jsonl / .jsonl.gz / .jsonl.zst shards, bad rows counted by reason
 - `fs`: local paths and URIs (s3://, gs://, any fsspec protocol) through pyarrow filesystems
-- `dataset_format`: the prepared-dataset format's names (manifest.json, splits, column, token dtype) and
-  `read_manifest`, shared by the writer and the reader
+- `dataset_format`: the prepared-dataset format (manifest.json, splits, column and batch-key names, the label
+  shift, token dtype) and `read_manifest`, shared by the writer and the reader
 - `prepare`: `neoxray prepare` on Ray Data: the driver (checks, temporary folder, commit, progress, manifest.json
   last), reading and the tokenizer actor pool
 - `packing`: the per-file packing stage of `prepare` (token streams -> Parquet rows of seq_len + 1 ids)
-- `reader`: `PackedDataset`, `BlendedDataset`, `BatchSampler`, `iter_batches`, `ray_dataset` for training
+- `packed_dataset`: `PackedDataset` (one prepared split's rows by index) and `ray_dataset`
+- `reader`: the training order: `BlendedDataset`, `BatchSampler`, `iter_batches`
 - `tokenizer_training`: `neoxray tokenizer train`, a byte-level BPE trained on files and shards
 
 The dataset format, mixing and determinism are described in docs/data.md.

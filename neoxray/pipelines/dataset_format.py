@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import numpy as np
+
 from neoxray.errors import NeoxrayError
 from neoxray.pipelines import fs
 
@@ -28,22 +30,22 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
 TOKENIZER_DIR = "tokenizer"
 """DIR/tokenizer/: the tokenizer the data was prepared with (tokenizer.json and the files AutoTokenizer needs)."""
-TOKEN_COLUMN = "input_ids"
-"""The Parquet column holding each row's seq_len + 1 token ids."""
-LOSS_MASK_COLUMN = "loss_mask"
-"""The Parquet column (content prompt-completion only) of each row's seq_len + 1 loss-mask values (uint8, 0 or 1),
-aligned with its ids: mask[j] belongs to ids[j] as a *target*, 1 where ids[j] is a completion token or the EOD that
-ends a completion, 0 on prompt tokens. mask[0] is kept for alignment only (a row's first id is never a label)."""
-TRAINED_COLUMN = "trained_labels"
+INPUT_IDS = "input_ids"
+"""Token ids. The Parquet column: each row's seq_len + 1 ids (uint16 or int32). The training batch key: the first
+seq_len of them, the inputs (int64 [b, seq_len]); `labels_and_mask` makes one from the other."""
+LABELS = "labels"
+"""Training batch key: a row's last seq_len ids, the next-token targets (int64 [b, seq_len])."""
+LOSS_MASK = "loss_mask"
+"""Which tokens are trained (content prompt-completion only). The Parquet column: each row's seq_len + 1 values
+(uint8, 0 or 1), aligned with its ids: mask[j] belongs to ids[j] as a *target*, 1 where ids[j] is a completion
+token or the EOD that ends a completion, 0 on prompt tokens; mask[0] is kept for alignment only (a row's first id
+is never a label). The training batch key, only when the data holds masked rows: bool [b, seq_len] aligned with
+`labels`. The convention: for a row of ids x[0..N] and stored mask m[0..N], input_ids = x[:N], labels = x[1:],
+loss_mask = m[1:], so loss_mask[:, t] says whether labels[:, t] (token t + 1, predicted at position t) is trained
+(False: set that label to -100). Absent from text data, whose every label is trained."""
+TRAINED_LABELS = "trained_labels"
 """The Parquet column (content prompt-completion only): per row, how many of its seq_len labels are trained
 (the sum of loss_mask[1:]); the reader counts a global batch's trained labels from it without reading masks."""
-INPUT_IDS, LABELS = "input_ids", "labels"
-"""Training batch keys: a row's first seq_len ids, and its last seq_len ids (the next-token targets)."""
-LOSS_MASK = "loss_mask"
-"""Training batch key, only when the data holds masked rows: bool [b, seq_len] aligned with `labels`. The
-convention: for a row of ids x[0..N] and stored mask m[0..N], input_ids = x[:N], labels = x[1:], loss_mask =
-m[1:], so loss_mask[:, t] says whether labels[:, t] (token t + 1, predicted at position t) is trained (False:
-set that label to -100). Absent for text data, whose every label is trained."""
 GLOBAL_TRAINED_LABELS = "global_trained_labels"
 """Training batch key, always present: the number of trained labels in the whole global batch the micro-batch
 belongs to (every rank and micro-batch of it), to divide the summed loss by, whatever the layout."""
@@ -54,6 +56,16 @@ CONTENTS = (TEXT, PROMPT_COMPLETION)
 KEPT_REASONS = ("missing_meta",)
 """Row counts the reader reports that are not drops: a document without meta.pile_set_name is kept (component
 `unknown`) and counted in the manifest's `documents_without_component`, apart from `bad_rows`."""
+
+
+def labels_and_mask(rows: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """A training batch's arrays from stored rows of seq_len + 1 ids [b, seq_len + 1] and their stored loss mask
+    (None: unmasked data): `input_ids` = rows[:, :-1], `labels` = rows[:, 1:], `loss_mask` = mask[:, 1:] as bool
+    (see `LOSS_MASK`). The one place the label shift is written."""
+    batch = {INPUT_IDS: rows[:, :-1], LABELS: rows[:, 1:]}
+    if mask is not None:
+        batch[LOSS_MASK] = mask[:, 1:].astype(bool)
+    return batch
 
 
 def token_dtype(vocab_size: int) -> str:

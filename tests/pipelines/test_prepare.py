@@ -20,8 +20,8 @@ import zstandard
 
 from neoxray.errors import NeoxrayError
 from neoxray.pipelines.dataset_format import MANIFEST, token_dtype
+from neoxray.pipelines.packed_dataset import PackedDataset
 from neoxray.pipelines.prepare import prepare
-from neoxray.pipelines.reader import PackedDataset
 from tests.conftest import SAMPLE, run_cli
 from tests.pipelines.conftest import (
     expected_streams,
