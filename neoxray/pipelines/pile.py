@@ -49,7 +49,8 @@ PROMPT_COMPLETION_BAD_ROW_REASONS = (
 )
 """Why a prompt-completion row was skipped (an empty prompt is allowed)."""
 LABELLED_ROW_REASONS = ("missing_meta",)
-"""Why a kept row has no component: the keys a `labelled` counter may receive."""
+"""Why a kept row has no component: the keys a `labelled` counter may receive (such rows are not bad: `neoxray
+prepare` keeps them, as component `unknown`, and counts them apart from the dropped ones)."""
 
 
 def has_document_suffix(path: str | Path) -> bool:
