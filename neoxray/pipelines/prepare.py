@@ -109,13 +109,17 @@ class PrepareJob:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     """Characters of text per unit of tokenizer work."""
     rows_per_file: int | None = None
-    """Rows per Parquet file (default: about 64 MB of ids; `packing.layout_for`)."""
+    """Rows per Parquet file (None: about 64 MB of ids, `packing.layout_for`; the job holds the number it chose)."""
     out: str = field(init=False)
     """`output`, normalized (`fs.normalize`): where the dataset is written."""
     files: list[str] = field(init=False)
+    """The input files `inputs` expand to, in order (the order of the output rows)."""
     sizes: list[int] = field(init=False)
+    """Their sizes in bytes (with the paths, what a rerun is compared by)."""
     tok: Tokenizer = field(init=False)
+    """The tokenizer `tokenizer` names, loaded: saved with the dataset and shipped to the tokenizer actors."""
     row_group_rows: int = field(init=False)
+    """Rows per Parquet row group (`packing.layout_for`, at most `rows_per_file`)."""
 
     def __post_init__(self):
         self._check_options()
