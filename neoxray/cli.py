@@ -293,9 +293,9 @@ COMMANDS = {
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")):
-        from neoxray.platform.ray_cluster import require_token_auth
+        from neoxray.ray_connection import prepare_local_cluster
 
-        require_token_auth()  # before anything imports Ray: a cluster we start has token auth by our choice
+        prepare_local_cluster()  # before anything imports Ray: a cluster we start is closed to the network
     try:
         COMMANDS[args.command](args)
     except NeoxrayError as e:

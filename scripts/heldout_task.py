@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from neoxray.pipelines.dataset_format import text_hash64, validation_threshold
 from neoxray.pipelines.pile import iter_documents
-from neoxray.pipelines.prepare import text_hash64, validation_threshold
 
 TASK = "neoxray_heldout_lastword"
 YAML = """# Held-out passages of the demo's corpus, LAMBADA's format (written by scripts/heldout_task.py).

@@ -26,9 +26,10 @@ TRAIN_ENGINE = [
 SHARED_PLATFORM = [
     "neoxray.platform.checkpoint",
     "neoxray.platform.model_loading",
-    "neoxray.platform.ray_cluster",
 ]
 """Used by training and serving alike, so they belong to neither."""
+BELOW_THE_LAYERS = ["neoxray.errors", "neoxray.ray_connection"]
+"""Used by the pipelines and the platform alike (one error type, one way to connect to Ray), so they know neither."""
 
 RULES: list[tuple[list[str], list[str], str]] = [
     (
@@ -58,7 +59,12 @@ RULES: list[tuple[list[str], list[str], str]] = [
     (
         SHARED_PLATFORM,
         ["neoxray.platform.train", "neoxray.platform.serve"],
-        "checkpoint reading, model loading and the Ray connection are shared by training and serving",
+        "checkpoint reading and model loading are shared by training and serving",
+    ),
+    (
+        BELOW_THE_LAYERS,
+        ["neoxray.model", "neoxray.pipelines", "neoxray.platform", "neoxray.cli"],
+        "errors and the Ray connection sit below every layer that uses them",
     ),
     (
         ["neoxray.platform.checkpoint", "neoxray.platform.model_loading"],
@@ -192,6 +198,7 @@ def test_the_checker_catches_planted_violations_and_cycles(tmp_path):
         "platform/inference/engine.py": "import ray\nfrom ..train.engine import X\n",
         "platform/train/__init__.py": "",
         "platform/train/engine.py": "X = 1\n",
+        "ray_connection.py": "def connect():\n    from neoxray.pipelines import reader\n",  # below the pipelines
     }
     for name, text in files.items():
         (pkg / name).parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +209,7 @@ def test_the_checker_catches_planted_violations_and_cycles(tmp_path):
     assert any(v.startswith("neoxray.model.a imports neoxray.platform.train.engine") for v in found)
     assert any(v.startswith("neoxray.platform.inference.engine imports neoxray.platform.train.engine") for v in found)
     assert any(v.startswith("neoxray.platform.inference.engine imports ray ") for v in found)
+    assert any(v.startswith("neoxray.ray_connection imports neoxray.pipelines ") for v in found)
     assert cycles(graph) == [["neoxray.model.b", "neoxray.model.c"]]
 
 

@@ -16,8 +16,12 @@ documents_without_component (kept), components, inputs) is for people and for re
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
+from collections.abc import Iterable
+
+import numpy as np
 
 from neoxray.errors import NeoxrayError
 from neoxray.pipelines import fs
@@ -28,22 +32,22 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
 TOKENIZER_DIR = "tokenizer"
 """DIR/tokenizer/: the tokenizer the data was prepared with (tokenizer.json and the files AutoTokenizer needs)."""
-TOKEN_COLUMN = "input_ids"
-"""The Parquet column holding each row's seq_len + 1 token ids."""
-LOSS_MASK_COLUMN = "loss_mask"
-"""The Parquet column (content prompt-completion only) of each row's seq_len + 1 loss-mask values (uint8, 0 or 1),
-aligned with its ids: mask[j] belongs to ids[j] as a *target*, 1 where ids[j] is a completion token or the EOD that
-ends a completion, 0 on prompt tokens. mask[0] is kept for alignment only (a row's first id is never a label)."""
-TRAINED_COLUMN = "trained_labels"
+INPUT_IDS = "input_ids"
+"""Token ids. The Parquet column: each row's seq_len + 1 ids (uint16 or int32). The training batch key: the first
+seq_len of them, the inputs (int64 [b, seq_len]); `labels_and_mask` makes one from the other."""
+LABELS = "labels"
+"""Training batch key: a row's last seq_len ids, the next-token targets (int64 [b, seq_len])."""
+LOSS_MASK = "loss_mask"
+"""Which tokens are trained (content prompt-completion only). The Parquet column: each row's seq_len + 1 values
+(uint8, 0 or 1), aligned with its ids: mask[j] belongs to ids[j] as a *target*, 1 where ids[j] is a completion
+token or the EOD that ends a completion, 0 on prompt tokens; mask[0] is kept for alignment only (a row's first id
+is never a label). The training batch key, only when the data holds masked rows: bool [b, seq_len] aligned with
+`labels`. The convention: for a row of ids x[0..N] and stored mask m[0..N], input_ids = x[:N], labels = x[1:],
+loss_mask = m[1:], so loss_mask[:, t] says whether labels[:, t] (token t + 1, predicted at position t) is trained
+(False: set that label to -100). Absent from text data, whose every label is trained."""
+TRAINED_LABELS = "trained_labels"
 """The Parquet column (content prompt-completion only): per row, how many of its seq_len labels are trained
 (the sum of loss_mask[1:]); the reader counts a global batch's trained labels from it without reading masks."""
-INPUT_IDS, LABELS = "input_ids", "labels"
-"""Training batch keys: a row's first seq_len ids, and its last seq_len ids (the next-token targets)."""
-LOSS_MASK = "loss_mask"
-"""Training batch key, only when the data holds masked rows: bool [b, seq_len] aligned with `labels`. The
-convention: for a row of ids x[0..N] and stored mask m[0..N], input_ids = x[:N], labels = x[1:], loss_mask =
-m[1:], so loss_mask[:, t] says whether labels[:, t] (token t + 1, predicted at position t) is trained (False:
-set that label to -100). Absent for text data, whose every label is trained."""
 GLOBAL_TRAINED_LABELS = "global_trained_labels"
 """Training batch key, always present: the number of trained labels in the whole global batch the micro-batch
 belongs to (every rank and micro-batch of it), to divide the summed loss by, whatever the layout."""
@@ -51,9 +55,27 @@ TEXT, PROMPT_COMPLETION = "text", "prompt-completion"
 CONTENTS = (TEXT, PROMPT_COMPLETION)
 """Manifest `content`: what the rows hold. text: documents, every token trained; prompt-completion: prompt tokens
 (mask 0) followed by completion tokens and EOD (mask 1)."""
-KEPT_REASONS = ("missing_meta",)
-"""Row counts the reader reports that are not drops: a document without meta.pile_set_name is kept (component
-`unknown`) and counted in the manifest's `documents_without_component`, apart from `bad_rows`."""
+
+
+def labels_and_mask(rows: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """A training batch's arrays from stored rows of seq_len + 1 ids [b, seq_len + 1] and their stored loss mask
+    (None: unmasked data): `input_ids` = rows[:, :-1], `labels` = rows[:, 1:], `loss_mask` = mask[:, 1:] as bool
+    (see `LOSS_MASK`). The one place the label shift is written."""
+    batch = {INPUT_IDS: rows[:, :-1], LABELS: rows[:, 1:]}
+    if mask is not None:
+        batch[LOSS_MASK] = mask[:, 1:].astype(bool)
+    return batch
+
+
+def validation_threshold(val_fraction: float) -> int:
+    """Documents whose 64-bit text hash is below this go to validation."""
+    return int(round(val_fraction * (1 << 64)))
+
+
+def text_hash64(text: str | bytes) -> int:
+    """The hash that routes a document to train or validation: BLAKE2b (8-byte digest) of its UTF-8, big-endian."""
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -90,27 +112,41 @@ def content_of(manifest: dict, where: str = "manifest") -> str:
     return content
 
 
-def build_manifest(results, input_list, options, tok_info, seq_len, dtype, files, content=TEXT) -> dict:
-    """The manifest of a finished `neoxray prepare` run, from its per-chunk statistics (`results["chunks"]`: file
-    -> chunk -> bad-row counts and (split, component, documents, tokens, loss tokens) tuples) and its packed
-    streams (`results["packed"]`: rows, trained labels, files and dropped tokens per file, split and component).
-    The counts are totalled per split, component and input file; no usable document is an error."""
-    chunks, packed = results["chunks"], results["packed"]
+def build_manifest(
+    chunks: Iterable[dict],
+    packed: Iterable[dict],
+    *,
+    content: str,
+    seq_len: int,
+    dtype: str,
+    tokenizer: dict,
+    inputs: list[dict],
+    options: dict,
+) -> dict:
+    """The manifest of a finished `neoxray prepare` run, from what its stages reported.
+
+    `chunks`: per tokenized chunk, its input file (`file_idx`), the rows its reader dropped (`bad`: [{reason,
+    rows}]) or kept without a component (`without_component`), and per stream of the chunk its `split` (index
+    into SPLITS), `component`, `documents`, `tokens` and `loss_tokens` (`streams`). `packed`: per input file,
+    split and component, the packed rows, trained labels, part files and dropped tokens (`pack_file`). The
+    counts are totalled per split, component and input file (`inputs`: [{path, size}], in order); no usable
+    document is an error."""
     doc_keys = ("documents", "tokens", "loss_tokens")
     row_keys = ("rows", "trained_labels", "dropped_tokens")
     bad: Counter = Counter()
+    without_component = 0
     components: dict[str, dict] = {}
-    per_file = [dict.fromkeys(doc_keys + row_keys, 0) for _ in files]
+    per_file = [dict.fromkeys(doc_keys + row_keys, 0) for _ in inputs]
     splits = {s: {**dict.fromkeys(doc_keys + row_keys, 0), "files": []} for s in SPLITS}
-    for f, by_chunk in chunks.items():
-        for c in sorted(by_chunk):
-            bad.update(by_chunk[c]["bad"])
-            for split, comp, *counts in by_chunk[c]["stats"]:
-                entry = components.setdefault(comp, dict.fromkeys(doc_keys, 0))
-                for key, n in zip(doc_keys, counts):
-                    entry[key] += n
-                    per_file[f][key] += n
-                    splits[SPLITS[split]][key] += n
+    for chunk in chunks:
+        bad.update({b["reason"]: b["rows"] for b in chunk["bad"]})
+        without_component += chunk["without_component"]
+        for stream in chunk["streams"]:
+            entry = components.setdefault(stream["component"], dict.fromkeys(doc_keys, 0))
+            for key in doc_keys:
+                entry[key] += stream[key]
+                per_file[chunk["file_idx"]][key] += stream[key]
+                splits[SPLITS[stream["split"]]][key] += stream[key]
     for stream in sorted(packed, key=lambda s: (s["file_idx"], SPLITS.index(s["split"]), s["component"] or "")):
         sp = splits[stream["split"]]
         sp["files"].extend(stream["parts"])
@@ -119,6 +155,7 @@ def build_manifest(results, input_list, options, tok_info, seq_len, dtype, files
             per_file[stream["file_idx"]][key] += stream[key]
     total = {k: sum(s[k] for s in splits.values()) for k in doc_keys + row_keys}
     if total["documents"] == 0:
+        files = [i["path"] for i in inputs]
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(bad.items())) or "none"
         raise NeoxrayError(
             f"no usable documents in {len(files)} input file(s) "
@@ -131,11 +168,11 @@ def build_manifest(results, input_list, options, tok_info, seq_len, dtype, files
         "row_length": seq_len + 1,
         "dtype": dtype,
         **total,
-        "bad_rows": {k: v for k, v in sorted(bad.items()) if k not in KEPT_REASONS},
-        "documents_without_component": sum(bad[k] for k in KEPT_REASONS),
+        "bad_rows": dict(sorted(bad.items())),
+        "documents_without_component": without_component,
         "components": dict(sorted(components.items())),
         "splits": splits,
-        "tokenizer": tok_info,
-        "inputs": [{**i, **per_file[k]} for k, i in enumerate(input_list)],
+        "tokenizer": tokenizer,
+        "inputs": [{**i, **per_file[k]} for k, i in enumerate(inputs)],
         "options": options,
     }

@@ -26,7 +26,7 @@ import re
 import numpy as np
 
 from neoxray.pipelines import fs
-from neoxray.pipelines.dataset_format import LOSS_MASK_COLUMN, SPLITS, TOKEN_COLUMN, TRAINED_COLUMN
+from neoxray.pipelines.dataset_format import INPUT_IDS, LOSS_MASK, SPLITS, TRAINED_LABELS
 
 TARGET_FILE_BYTES = 64 << 20
 """Rows per Parquet file are chosen so that a file holds about this many bytes of (uncompressed) uint16 ids."""
@@ -108,13 +108,13 @@ def _write_rows(path: str, values: np.ndarray, mask: np.ndarray | None, row_len:
     import pyarrow.parquet as pq
 
     n = len(values) // row_len
-    columns = {TOKEN_COLUMN: _list_column(values, row_len)}
+    columns = {INPUT_IDS: _list_column(values, row_len)}
     if mask is None:
         trained = n * (row_len - 1)
     else:
         per_row = mask.reshape(n, row_len)[:, 1:].sum(axis=1, dtype=np.int64)
-        columns[LOSS_MASK_COLUMN] = _list_column(mask, row_len)
-        columns[TRAINED_COLUMN] = pa.array(per_row.astype(np.int32))
+        columns[LOSS_MASK] = _list_column(mask, row_len)
+        columns[TRAINED_LABELS] = pa.array(per_row.astype(np.int32))
         trained = int(per_row.sum())
     with fs.open_output(path) as sink:
         pq.write_table(

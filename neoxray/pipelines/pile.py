@@ -49,7 +49,8 @@ PROMPT_COMPLETION_BAD_ROW_REASONS = (
 )
 """Why a prompt-completion row was skipped (an empty prompt is allowed)."""
 LABELLED_ROW_REASONS = ("missing_meta",)
-"""Why a kept row has no component: the keys a `labelled` counter may receive."""
+"""Why a kept row has no component: the keys a `labelled` counter may receive (such rows are not bad: `neoxray
+prepare` keeps them, as component `unknown`, and counts them apart from the dropped ones)."""
 
 
 def has_document_suffix(path: str | Path) -> bool:
@@ -138,13 +139,19 @@ def open_text_lines(path: str | Path, bad: Counter | None = None) -> Iterator[st
                 return
             except (zstandard.ZstdError, EOFError, gzip.BadGzipFile, OSError) as e:
                 raise NeoxrayError(f"{path}: corrupt or truncated file ({e})") from None
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                if bad is not None:
-                    bad["invalid_utf8"] += 1
-                continue
-            yield line
+            line = _decode_utf8(raw, bad)
+            if line is not None:
+                yield line
+
+
+def _decode_utf8(data: bytes, bad: Counter | None) -> str | None:
+    """`data` as text, or None (counted in `bad` as "invalid_utf8") when it is not valid UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        if bad is not None:
+            bad["invalid_utf8"] += 1
+        return None
 
 
 def parse_pile_line(
@@ -261,12 +268,8 @@ def iter_documents(
     path = _as_path(path)
     if not _is_jsonl(path):
         with _open_binary(path) as f:
-            data = f.read()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            if bad is not None:
-                bad["invalid_utf8"] += 1
+            text = _decode_utf8(f.read(), bad)
+        if text is None:
             return
         if not text:
             if bad is not None:

@@ -1,16 +1,17 @@
 """`neoxray prepare`: Pile-format (or prompt-completion) shards -> tokenized, packed Parquet datasets, on Ray Data.
 
     inputs (files, folders, globs; local or s3:// gs:// ...)
-      |  Ray Data: from_items(files) -> flat_map(read)        one task per input file streams its lines and cuts
-      |                                                       them into chunks of about `chunk_bytes` of text
-      v
-    map_batches(_Tokenize, ActorPoolStrategy(size=workers))   the tokenizer is built once per actor; each chunk is
-      |                                                       encoded with `encode_batch`, EOD appended after
-      |                                                       every document, documents routed to train or
-      |                                                       validation by a hash of their text, and the chunk's
-      |                                                       token streams written to DIR/.tmp-*/chunks/ (with
-      |                                                       content prompt-completion: prompt and completion
-      |                                                       encoded apart, with a loss mask 0 on the prompt)
+      |  Ray Data: from_items(files) -> map_batches(read_chunks)   one task per input file streams its lines and
+      v                                                           cuts them into chunks of about `chunk_bytes`
+    map_batches(Tokenize, ActorPoolStrategy(size=workers))        the tokenizer the driver loaded is shipped once
+      |                                                           per actor; each chunk is encoded with
+      |                                                           `encode_batch`, EOD appended after every
+      |                                                           document, documents routed to train or
+      |                                                           validation by a hash of their text, and the
+      |                                                           chunk's token streams written to
+      |                                                           DIR/.tmp-*/chunks/ (with content
+      |                                                           prompt-completion: prompt and completion
+      |                                                           encoded apart, with a loss mask 0 on the prompt)
       v
     packing.pack_file (a Ray task per input file, started as soon as all of that file's chunks are tokenized)
       |   concatenates the file's streams in chunk order and cuts them into rows of seq_len + 1 tokens that
@@ -23,15 +24,15 @@ Packing per input file makes the output independent of scheduling: the same inpu
 byte-identical files whatever the number of workers, the chunk size or the cluster. Only the per-file reading is
 sequential; tokenization (the expensive part) spreads over the actor pool, and files are packed in parallel.
 
-This module holds the driver (`prepare`: checks, the temporary folder and the commit, the Ray Data pipeline,
-progress, the manifest) and the first two stages (reading, tokenizing); the packing stage is in
-`neoxray.pipelines.packing`, the format's names and the manifest reader in `neoxray.pipelines.dataset_format`.
-The dataset format is described in docs/data.md; `neoxray.pipelines.reader` reads it back for training.
+This module is the driver: `PrepareJob` (the run's inputs and options, checked and resolved before anything is
+written), the temporary folder and the commit, the Ray Data pipeline and its bookkeeping, progress, the manifest.
+The stages are `neoxray.pipelines.tokenizing` (reading, tokenizing) and `neoxray.pipelines.packing`; the format's
+names and the manifest are `neoxray.pipelines.dataset_format`'s. The format is described in docs/data.md;
+`neoxray.pipelines.packed_dataset` and `neoxray.pipelines.reader` read it back for training.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -39,14 +40,12 @@ import sys
 import time
 import uuid
 import warnings
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-
-import numpy as np
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from neoxray.errors import NeoxrayError, find_user_error
-from neoxray.model.tokenizer import TOKENIZER_FILE, Tokenizer
+from neoxray.model.tokenizer import Tokenizer
 from neoxray.pipelines import fs
 from neoxray.pipelines.dataset_format import (
     CONTENTS,
@@ -59,29 +58,17 @@ from neoxray.pipelines.dataset_format import (
     read_manifest,
     token_dtype,
 )
-from neoxray.pipelines.packing import COMPRESSION, ChunkStreams, layout_for, pack_file
-from neoxray.pipelines.pile import JSONL_SUFFIXES, iter_documents, iter_prompt_completions
+from neoxray.pipelines.packing import COMPRESSION, layout_for, pack_file
+from neoxray.pipelines.pile import JSONL_SUFFIXES
+from neoxray.pipelines.tokenizing import UNKNOWN_COMPONENT, Tokenize, read_chunks
+from neoxray.ray_connection import connect_ray
 
-UNKNOWN_COMPONENT = "unknown"
-"""The component of a document whose row has no meta.pile_set_name."""
 DEFAULT_VAL_FRACTION = 0.01
 DEFAULT_CHUNK_BYTES = 2 << 20
 """Text per unit of tokenizer work (about a second of one core's tokenization)."""
 PROGRESS_EVERY_S = 5.0
 
 _TMP_PREFIX = ".tmp-"
-
-
-# ----------------------------------------------------------------------------------------------------- helpers
-def validation_threshold(val_fraction: float) -> int:
-    """Documents whose 64-bit text hash is below this go to validation."""
-    return int(round(val_fraction * (1 << 64)))
-
-
-def text_hash64(text: str | bytes) -> int:
-    """The hash that routes a document to train or validation: BLAKE2b (8-byte digest) of its UTF-8, big-endian."""
-    data = text.encode("utf-8") if isinstance(text, str) else text
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
 @dataclass
@@ -93,178 +80,155 @@ class PrepareResult:
     seconds: float = 0.0
 
 
-# ------------------------------------------------------------------------------------------ stage 1: reading
-def _read_chunks(item: dict, text_key: str, chunk_bytes: int, content: str = TEXT) -> Iterator[dict]:
-    """One input file -> its documents in order, in chunks of about `chunk_bytes` characters. With content
-    prompt-completion, `texts` holds the completions and `prompts` their prompts (else `prompts` is empty)."""
-    file_idx, path = int(item["file_idx"]), str(item["path"])
-    bad: Counter = Counter()
-    texts: list[str] = []
-    prompts: list[str] = []
-    comps: list[str] = []
-    size = 0
-    chunk = 0
+# --------------------------------------------------------------------------------------------------- the job
+@dataclass
+class PrepareJob:
+    """One `neoxray prepare` run. The fields up to `rows_per_file` are what the caller asked for; creating the job
+    checks them, expands the inputs and loads the tokenizer (`files`, `sizes`, `tok`, the Parquet layout), so that
+    bad input is refused before anything is written. `run` does the work."""
 
-    def row(last: bool) -> dict:  # the file's bad-row counts travel with its last chunk
-        return {
-            "file_idx": file_idx,
-            "chunk_idx": chunk,
-            "texts": texts,
-            "prompts": prompts,
-            "components": comps,
-            "bad": json.dumps(dict(bad) if last else {}),
-            "last": last,
-        }
+    inputs: Iterable[str]
+    """Files, folders (searched recursively for .jsonl, .jsonl.gz, .jsonl.zst) or globs, local or URIs."""
+    tokenizer: str
+    """A tokenizer.json, a folder holding one, or a hub id."""
+    seq_len: int
+    """Tokens per training sequence: rows hold seq_len + 1 ids."""
+    output: str
+    """The dataset folder (local or a URI), as the caller named it (messages name it so)."""
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    """Share of documents (by the hash of their text) that go to the validation split, in [0, 1)."""
+    workers: int | None = None
+    """Size of the tokenizer actor pool (default: the cluster's CPUs less one)."""
+    text_key: str = "text"
+    """The JSON key of a document's text (content text only)."""
+    content: str = TEXT
+    """"text" (Pile rows: `text_key`, every token trained) or "prompt-completion" (`prompt` and `completion` keys;
+    rows get a loss mask that trains only the completion and its EOD)."""
+    by_component: bool = False
+    """Pack each meta.pile_set_name apart, so that components can be selected and mixed at training time."""
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    """Characters of text per unit of tokenizer work."""
+    rows_per_file: int | None = None
+    """Rows per Parquet file (None: about 64 MB of ids, `packing.layout_for`; the job holds the number it chose)."""
+    out: str = field(init=False)
+    """`output`, normalized (`fs.normalize`): where the dataset is written."""
+    files: list[str] = field(init=False)
+    """The input files `inputs` expand to, in order (the order of the output rows)."""
+    sizes: list[int] = field(init=False)
+    """Their sizes in bytes (with the paths, what a rerun is compared by)."""
+    tok: Tokenizer = field(init=False)
+    """The tokenizer `tokenizer` names, loaded: saved with the dataset and shipped to the tokenizer actors."""
+    row_group_rows: int = field(init=False)
+    """Rows per Parquet row group (`packing.layout_for`, at most `rows_per_file`)."""
 
-    if content == TEXT:
-        docs = ((None, text, name) for text, name in iter_documents(path, text_key, bad=bad, labelled=bad))
-    else:
-        docs = iter_prompt_completions(path, bad=bad, labelled=bad)
-    for prompt, text, name in docs:
-        texts.append(text)
-        comps.append(UNKNOWN_COMPONENT if name is None else name)
-        size += len(text)
-        if prompt is not None:
-            prompts.append(prompt)
-            size += len(prompt)
-        if size >= chunk_bytes:
-            yield row(False)
-            chunk += 1
-            texts, prompts, comps, size = [], [], [], 0
-    yield row(True)
+    def __post_init__(self):
+        self._check_options()
+        self.out = fs.normalize(self.output)
+        if fs.is_file(self.out):
+            raise NeoxrayError(f"output {self.output}: exists and is a file, expected a folder")
+        self.files = fs.expand_inputs(self.inputs, JSONL_SUFFIXES, "input")
+        self.sizes = [fs.file_size(p) for p in self.files]
+        self.tok = Tokenizer.load(self.tokenizer)
+        default_rows, self.row_group_rows = layout_for(self.seq_len, self.dtype)
+        if self.rows_per_file is None:
+            self.rows_per_file = default_rows
+        self.row_group_rows = min(self.row_group_rows, self.rows_per_file)
 
-
-# --------------------------------------------------------------------------------------- stage 2: tokenizing
-class _Tokenize:
-    """Ray Data actor: the tokenizer is built once, here; each call tokenizes chunks and writes their streams."""
-
-    def __init__(
-        self,
-        tokenizer_file: str,
-        eod_id: int,
-        dtype: str,
-        val_fraction: float,
-        by_component: bool,
-        chunk_dir: str,
-        content: str = TEXT,
-        threads: int = 1,
-    ):
-        # the Rust thread pool reads this once, at its first use: one tokenizer thread per reserved CPU
-        os.environ["RAYON_NUM_THREADS"] = str(threads)
-        import tokenizers
-
-        self.tok = tokenizers.Tokenizer.from_str(fs.read_bytes(tokenizer_file).decode("utf-8"))
-        self.encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
-        self.eod = int(eod_id)
-        self.dtype = np.dtype(dtype)
-        self.threshold = validation_threshold(val_fraction)
-        self.by_component = by_component
-        self.chunk_dir = chunk_dir
-        self.masked = content != TEXT
-
-    def __call__(self, batch):
-        import pyarrow as pa
-
-        return pa.Table.from_pylist([self._chunk(row) for row in batch.to_pylist()], schema=_chunk_result_schema())
-
-    def _chunk(self, row: dict) -> dict:
-        texts, comps = row["texts"], row["components"]
-        encodings = self.encode(texts, add_special_tokens=False) if texts else []
-        prompts = row["prompts"] if self.masked else [None] * len(texts)
-        # prompt-completion: the two parts are encoded apart and concatenated, so the mask's boundary is exact
-        prompt_encodings = self.encode(prompts, add_special_tokens=False) if self.masked and texts else prompts
-        streams = ChunkStreams(self.eod, self.dtype, self.masked)
-        stats: dict[tuple[int, str], list[int]] = {}  # (split, component) -> [documents, tokens, loss tokens]
-        text_bytes = 0
-        for text, prompt, comp, enc, prompt_enc in zip(texts, prompts, comps, encodings, prompt_encodings):
-            data = text.encode("utf-8") if prompt is None else prompt.encode("utf-8") + text.encode("utf-8")
-            text_bytes += len(data)
-            split = 1 if text_hash64(data) < self.threshold else 0
-            prompt_ids = [] if prompt_enc is None else prompt_enc.ids
-            ids = enc.ids
-            streams.add((split, comp if self.by_component else ""), prompt_ids, ids)
-            s = stats.setdefault((split, comp), [0, 0, 0])
-            s[0] += 1
-            s[1] += len(prompt_ids) + len(ids) + 1
-            s[2] += len(ids) + 1  # every token of a text, the completion and its EOD of a prompt-completion
-        path = fs.join(self.chunk_dir, f"f{row['file_idx']:05d}-c{row['chunk_idx']:07d}.arrow")
-        if not streams.write(path):
-            path = ""
-        return {
-            "file_idx": row["file_idx"],
-            "chunk_idx": row["chunk_idx"],
-            "last": row["last"],
-            "path": path,
-            "text_bytes": text_bytes,
-            "bad": row["bad"],
-            "stats": json.dumps([[sp, c, *counts] for (sp, c), counts in sorted(stats.items())]),
-        }
-
-
-def _chunk_result_schema():
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("file_idx", pa.int64()),
-            ("chunk_idx", pa.int64()),
-            ("last", pa.bool_()),
-            ("path", pa.string()),
-            ("text_bytes", pa.int64()),
-            ("bad", pa.string()),
-            ("stats", pa.string()),
-        ]
-    )
-
-
-# ------------------------------------------------------------------------------------------------- progress
-class _Progress:
-    def __init__(self, enabled: bool, n_files: int, out=sys.stderr):
-        self.enabled, self.n_files, self.out = enabled, n_files, out
-        self.start = self.last = time.monotonic()
-        self.docs = self.bytes = self.tokens = 0
-        self.files_done = 0
-
-    def update(self, docs: int, nbytes: int, tokens: int, force: bool = False) -> None:
-        self.docs += docs
-        self.bytes += nbytes
-        self.tokens += tokens
-        now = time.monotonic()
-        if self.enabled and (force or now - self.last >= PROGRESS_EVERY_S):
-            self.last = now
-            dt = max(now - self.start, 1e-9)
-            print(
-                f"prepare: {self.docs:,} documents ({self.docs / dt:,.0f}/s), {self.bytes / 1e6:,.1f} MB "
-                f"({self.bytes / 1e6 / dt:,.2f} MB/s), {self.tokens / 1e6:,.2f}M tokens "
-                f"({self.tokens / 1e6 / dt:,.3f}M tokens/s); {self.files_done}/{self.n_files} files tokenized",
-                file=self.out,
-                flush=True,
+    def _check_options(self) -> None:
+        if not isinstance(self.seq_len, int) or self.seq_len < 1:
+            raise NeoxrayError(f"--seq-len must be a positive integer, got {self.seq_len}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise NeoxrayError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        self.val_fraction = float(self.val_fraction)
+        if self.workers is not None and self.workers < 1:
+            raise NeoxrayError(f"--workers must be at least 1, got {self.workers}")
+        if self.chunk_bytes < 1:
+            raise NeoxrayError(f"chunk_bytes must be positive, got {self.chunk_bytes}")
+        if self.content not in CONTENTS:
+            raise NeoxrayError(
+                f"--format {self.content!r}: unknown input format (expected one of {', '.join(CONTENTS)})"
             )
+        if self.content != TEXT and self.text_key != "text":
+            raise NeoxrayError(
+                f"--text-key applies to --format text only; {self.content} rows have prompt and completion keys"
+            )
+        if self.rows_per_file is not None and self.rows_per_file < 1:
+            raise NeoxrayError(f"rows_per_file must be positive, got {self.rows_per_file}")
 
+    @property
+    def dtype(self) -> str:
+        return token_dtype(self.tok.vocab_size)
 
-# ----------------------------------------------------------------------------------------------------- driver
-def _options(seq_len, val_fraction, text_key, by_component, rows_per_file, row_group_rows, content=TEXT) -> dict:
-    hashed = "text" if content == TEXT else "prompt + completion"
-    return {
-        "seq_len": seq_len,
-        "val_fraction": val_fraction,
-        "text_key": text_key if content == TEXT else None,
-        "by_component": by_component,
-        "split_hash": f"blake2b-64({hashed} utf-8) < val_fraction * 2^64 -> validation",
-        "rows_per_file": rows_per_file,
-        "row_group_rows": row_group_rows,
-        "compression": COMPRESSION,
-    }
+    def options(self) -> dict:
+        """The manifest's `options`: everything that shapes the output."""
+        hashed = "text" if self.content == TEXT else "prompt + completion"
+        return {
+            "seq_len": self.seq_len,
+            "val_fraction": self.val_fraction,
+            "text_key": self.text_key if self.content == TEXT else None,
+            "by_component": self.by_component,
+            "split_hash": f"blake2b-64({hashed} utf-8) < val_fraction * 2^64 -> validation",
+            "rows_per_file": self.rows_per_file,
+            "row_group_rows": self.row_group_rows,
+            "compression": COMPRESSION,
+        }
 
+    def tokenizer_info(self) -> dict:
+        return {"sha256": self.tok.sha256, "vocab_size": self.tok.vocab_size, "eod_id": self.tok.eod_id}
 
-def _ensure_ray():
-    import ray
+    def input_list(self) -> list[dict]:
+        return [{"path": p, "size": s} for p, s in zip(self.files, self.sizes)]
 
-    if not ray.is_initialized():
-        # RAY_ADDRESS (a Ray job sets it), else a local cluster of our own ("local": never the newest
-        # `ray start` cluster on the machine, which a bare ray.init() would join)
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.ERROR, log_to_driver=False)
-    return ray
+    def prepared(self, manifest: dict) -> bool:
+        """True when `manifest` is of a run with these inputs (paths and sizes), tokenizer and options."""
+        return (
+            content_of(manifest) == self.content
+            and manifest.get("options") == self.options()
+            and manifest.get("tokenizer") == self.tokenizer_info()
+            and [{"path": i["path"], "size": i["size"]} for i in manifest.get("inputs", [])] == self.input_list()
+        )
+
+    def run(self, overwrite: bool = False, progress: bool = True, say: Callable[[str], None] | None = None):
+        """Prepare the dataset (see `prepare`); progress and the summary go to `say` (default: stderr)."""
+        t0 = time.monotonic()
+        say = say or _to_stderr
+        existing = read_manifest(self.out, required=False)
+        if existing is not None and not overwrite:
+            if not self.prepared(existing):
+                raise NeoxrayError(
+                    f"output {self.output} already holds a dataset prepared from other inputs or options "
+                    f"(see {fs.join(self.out, MANIFEST)}); pass --overwrite to replace it, or choose another --output"
+                )
+            done = f"prepare: {self.output} is already prepared ({MANIFEST} present); nothing to do"
+            say(f"{done} (--overwrite rebuilds it)")
+            return PrepareResult(self.out, existing, skipped=True, seconds=time.monotonic() - t0)
+        with _staging(self.out) as tmp:
+            _save_tokenizer(self.tok, fs.join(tmp, TOKENIZER_DIR))
+            manifest = self._manifest(*_run_pipeline(self, tmp, progress, say))
+            _commit(tmp, self.out, manifest)
+        seconds = time.monotonic() - t0
+        _summarize(manifest, self.out, seconds, say)
+        return PrepareResult(self.out, manifest, skipped=False, seconds=seconds)
+
+    def _manifest(self, chunks: list[dict], packed: list[dict]) -> dict:
+        manifest = build_manifest(
+            chunks,
+            packed,
+            content=self.content,
+            seq_len=self.seq_len,
+            dtype=self.dtype,
+            tokenizer=self.tokenizer_info(),
+            inputs=self.input_list(),
+            options=self.options(),
+        )
+        if manifest["splits"]["train"]["rows"] == 0:
+            files = self.files
+            raise NeoxrayError(
+                f"no training rows: {manifest['tokens']:,} tokens from {len(files)} input file(s) "
+                f"({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}) do not fill one row of "
+                f"{self.seq_len + 1} tokens per file; use a smaller --seq-len or more data"
+            )
+        return manifest
 
 
 def prepare(
@@ -273,129 +237,60 @@ def prepare(
     seq_len: int,
     output: str,
     *,
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-    workers: int | None = None,
-    text_key: str = "text",
-    content: str = TEXT,
-    by_component: bool = False,
     overwrite: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    rows_per_file: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    **options,
 ) -> PrepareResult:
-    """Tokenize and pack Pile-format inputs into DIR=`output` (see the module docstring and docs/data.md).
+    """Tokenize and pack Pile-format inputs into the folder `output` (see the module docstring and docs/data.md).
 
-    `inputs`: files, folders (searched recursively for .jsonl, .jsonl.gz, .jsonl.zst) or globs, local or URIs.
-    `content`: "text" (Pile rows: `text_key`, every token trained) or "prompt-completion" (`prompt` and
-    `completion` keys; rows get a loss mask that trains only the completion and its EOD).
-    `tokenizer`: a tokenizer.json, a folder holding one, or a hub id. `workers`: size of the tokenizer actor pool
-    (default: the cluster's CPUs less one). Connects to the running Ray cluster (RAY_ADDRESS, a Ray job) or
-    starts a local one. A finished `output` with the same inputs and options is left alone (skipped=True);
-    with other inputs or options it is an error unless `overwrite`.
-    """
-    t0 = time.monotonic()
-    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise NeoxrayError(f"--seq-len must be a positive integer, got {seq_len}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise NeoxrayError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    val_fraction = float(val_fraction)
-    if workers is not None and workers < 1:
-        raise NeoxrayError(f"--workers must be at least 1, got {workers}")
-    if chunk_bytes < 1:
-        raise NeoxrayError(f"chunk_bytes must be positive, got {chunk_bytes}")
-    if content not in CONTENTS:
-        raise NeoxrayError(f"--format {content!r}: unknown input format (expected one of {', '.join(CONTENTS)})")
-    if content != TEXT and text_key != "text":
-        raise NeoxrayError(f"--text-key applies to --format text only; {content} rows have prompt and completion keys")
-    out = fs.normalize(output)
-    if fs.is_file(out):
-        raise NeoxrayError(f"output {output}: exists and is a file, expected a folder")
+    `options`: `PrepareJob`'s other fields (val_fraction, workers, text_key, content, by_component, chunk_bytes,
+    rows_per_file). Connects to the running Ray cluster (RAY_ADDRESS, a Ray job) or starts a local one
+    (`neoxray.ray_connection`). A finished `output` with the same inputs and options is left alone
+    (skipped=True); with other inputs or options it is an error unless `overwrite`. Progress and the summary go
+    to `log` (default: stderr)."""
+    return PrepareJob(inputs, tokenizer, seq_len, output, **options).run(overwrite, progress, log)
 
-    files = fs.expand_inputs(inputs, JSONL_SUFFIXES, "input")
-    sizes = [fs.file_size(p) for p in files]
 
-    tok = Tokenizer.load(tokenizer)
-    dtype = token_dtype(tok.vocab_size)
-    default_rows, row_group_rows = layout_for(seq_len, dtype)
-    if rows_per_file is not None:
-        if rows_per_file < 1:
-            raise NeoxrayError(f"rows_per_file must be positive, got {rows_per_file}")
-        row_group_rows = min(row_group_rows, rows_per_file)
-    else:
-        rows_per_file = default_rows
-    options = _options(seq_len, val_fraction, text_key, by_component, rows_per_file, row_group_rows, content)
-    tok_info = {"sha256": tok.sha256, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id}
-    input_list = [{"path": p, "size": s} for p, s in zip(files, sizes)]
+def _to_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
-    existing = read_manifest(out, required=False)
-    if existing is not None and not overwrite:
-        same = (
-            content_of(existing) == content
-            and existing.get("options") == options
-            and existing.get("tokenizer") == tok_info
-            and [{"path": i["path"], "size": i["size"]} for i in existing.get("inputs", [])] == input_list
-        )
-        if not same:
-            raise NeoxrayError(
-                f"output {output} already holds a dataset prepared from other inputs or options "
-                f"(see {fs.join(out, MANIFEST)}); pass --overwrite to replace it, or choose another --output"
-            )
-        say(f"prepare: {output} is already prepared ({MANIFEST} present); nothing to do (--overwrite rebuilds it)")
-        return PrepareResult(out, existing, skipped=True, seconds=time.monotonic() - t0)
 
+# ---------------------------------------------------------------------------------------- output folder
+@contextmanager
+def _staging(out: str) -> Iterator[str]:
+    """A fresh temporary folder in `out` (DIR/.tmp-*/ with chunks/, train/, validation/), removed on the way out
+    whatever happens; leftovers of runs that died are removed first (nothing finished lives there)."""
     fs.makedirs(out)
-    for name in fs.list_dir(out):  # leftovers of runs that died: nothing finished lives there
+    for name in fs.list_dir(out):
         if name.startswith(_TMP_PREFIX):
             fs.delete(fs.join(out, name))
     tmp = fs.join(out, f"{_TMP_PREFIX}{uuid.uuid4().hex[:12]}")
     try:
         for sub in ("chunks", *SPLITS):
             fs.makedirs(fs.join(tmp, sub))
-        _save_tokenizer(tok, fs.join(tmp, TOKENIZER_DIR))
-        results = _run_pipeline(
-            files,
-            sizes,
-            tok,
-            dtype,
-            seq_len,
-            val_fraction,
-            text_key,
-            content,
-            by_component,
-            workers,
-            chunk_bytes,
-            rows_per_file,
-            row_group_rows,
-            tmp,
-            progress,
-            say,
-        )
-        manifest = build_manifest(results, input_list, options, tok_info, seq_len, dtype, files, content)
-        if manifest["splits"]["train"]["rows"] == 0:
-            raise NeoxrayError(
-                f"no training rows: {manifest['tokens']:,} tokens from {len(files)} input file(s) "
-                f"({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}) do not fill one row of "
-                f"{seq_len + 1} tokens per file; use a smaller --seq-len or more data"
-            )
-        fs.delete(fs.join(tmp, "chunks"))
-        # commit: the old manifest goes first (the folder stops looking finished), the new one comes last
-        fs.delete(fs.join(out, MANIFEST))
-        for sub in (*SPLITS, TOKENIZER_DIR):
-            fs.delete(fs.join(out, sub))
-            fs.move(fs.join(tmp, sub), fs.join(out, sub))
-        fs.write_bytes_atomic(fs.join(out, MANIFEST), (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
-    except BaseException:
+        yield tmp
+    finally:
         _discard(tmp)
-        raise
-    _discard(tmp)
-    seconds = time.monotonic() - t0
+
+
+def _commit(tmp: str, out: str, manifest: dict) -> None:
+    """Move the finished splits and tokenizer from `tmp` into `out`: the old manifest goes first (the folder stops
+    looking finished), the new one comes last."""
+    fs.delete(fs.join(tmp, "chunks"))
+    fs.delete(fs.join(out, MANIFEST))
+    for sub in (*SPLITS, TOKENIZER_DIR):
+        fs.delete(fs.join(out, sub))
+        fs.move(fs.join(tmp, sub), fs.join(out, sub))
+    fs.write_bytes_atomic(fs.join(out, MANIFEST), (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+
+
+def _summarize(manifest: dict, out: str, seconds: float, say: Callable[[str], None]) -> None:
+    splits = manifest["splits"]
     say(
-        f"prepare: wrote {manifest['splits']['train']['rows']:,} train and "
-        f"{manifest['splits']['validation']['rows']:,} validation rows of {seq_len + 1} tokens "
-        f"({manifest['documents']:,} documents, {manifest['tokens']:,} tokens) to {out} in {seconds:,.1f} s "
-        f"({manifest['tokens'] / max(seconds, 1e-9) / 1e6:,.3f}M tokens/s); "
+        f"prepare: wrote {splits['train']['rows']:,} train and {splits['validation']['rows']:,} validation rows of "
+        f"{manifest['row_length']} tokens ({manifest['documents']:,} documents, {manifest['tokens']:,} tokens) to "
+        f"{out} in {seconds:,.1f} s ({manifest['tokens'] / max(seconds, 1e-9) / 1e6:,.3f}M tokens/s); "
         f"{_dropped(manifest['bad_rows'])}"
     )
     if manifest["documents_without_component"]:
@@ -403,7 +298,6 @@ def prepare(
             f"prepare: {manifest['documents_without_component']:,} documents without meta.pile_set_name were kept, "
             f"as component {UNKNOWN_COMPONENT!r}"
         )
-    return PrepareResult(out, manifest, skipped=False, seconds=seconds)
 
 
 def _dropped(bad: dict) -> str:
@@ -414,7 +308,7 @@ def _dropped(bad: dict) -> str:
     return f"{total:,} bad rows dropped ({', '.join(f'{k}: {v}' for k, v in bad.items())})"
 
 
-def _save_tokenizer(tok, directory: str) -> None:
+def _save_tokenizer(tok: Tokenizer, directory: str) -> None:
     """`Tokenizer.save` into `directory`, which may be a URI."""
     if not fs.is_uri(directory):
         tok.save(directory)
@@ -441,139 +335,204 @@ def _discard(path: str) -> None:
         time.sleep(0.25)
 
 
-def _run_pipeline(
-    files,
-    sizes,
-    tok,
-    dtype,
-    seq_len,
-    val_fraction,
-    text_key,
-    content,
-    by_component,
-    workers,
-    chunk_bytes,
-    rows_per_file,
-    row_group_rows,
-    tmp,
-    progress,
-    say,
-) -> dict:
-    ray = _ensure_ray()
-    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+# ------------------------------------------------------------------------------------------------ progress
+class _Progress:
+    def __init__(self, enabled: bool, n_files: int, out=sys.stderr):
+        self.enabled, self.n_files, self.out = enabled, n_files, out
+        self.start = self.last = time.monotonic()
+        self.docs = self.bytes = self.tokens = 0
+        self.files_done = 0
 
+    def update(self, docs: int, nbytes: int, tokens: int, force: bool = False) -> None:
+        self.docs += docs
+        self.bytes += nbytes
+        self.tokens += tokens
+        now = time.monotonic()
+        if self.enabled and (force or now - self.last >= PROGRESS_EVERY_S):
+            self.last = now
+            dt = max(now - self.start, 1e-9)
+            print(
+                f"prepare: {self.docs:,} documents ({self.docs / dt:,.0f}/s), {self.bytes / 1e6:,.1f} MB "
+                f"({self.bytes / 1e6 / dt:,.2f} MB/s), {self.tokens / 1e6:,.2f}M tokens "
+                f"({self.tokens / 1e6 / dt:,.3f}M tokens/s); {self.files_done}/{self.n_files} files tokenized",
+                file=self.out,
+                flush=True,
+            )
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+def _run_pipeline(job: PrepareJob, tmp: str, progress: bool, say: Callable[[str], None]) -> tuple[list, list]:
+    """Run the three stages on Ray into `tmp`. Returns what they reported: per tokenized chunk its counts (rows of
+    `tokenizing.tokenized_schema()`), per packed stream its rows and part files (`pack_file`)."""
+    ray = connect_ray()
+    workers = _pool_size(ray, job.workers)
+    files = _FileChunks(len(job.files))
+    packer = _Packer(ray, tmp, job, max_running=max(2, workers))
+    bar = _Progress(progress, len(job.files))
+    chunks: list[dict] = []
+    with _ray_data_settings(job.chunk_bytes):
+        try:
+            for row in _dataset(ray, job, tmp, workers).iter_rows():
+                chunk = {k: row[k] for k in ("file_idx", "chunk_idx", "last", "path", "bad", "without_component")}
+                chunk["streams"] = streams = row["streams"]
+                chunks.append(chunk)
+                ordered = files.add(chunk)
+                if ordered is not None:
+                    bar.files_done += 1
+                    packer.submit(chunk["file_idx"], ordered)
+                bar.update(sum(s["documents"] for s in streams), row["text_bytes"], sum(s["tokens"] for s in streams))
+                packer.collect(block=False)
+            bar.update(0, 0, 0, force=True)
+            if progress and packer.unfinished:
+                say(f"prepare: packing the last {packer.unfinished} file(s)")
+            packer.collect(block=True)
+        except BaseException as e:
+            packer.cancel()
+            err = find_user_error(e) if isinstance(e, Exception) else None
+            if err is not None:
+                raise err from None
+            raise
+    missing = files.unfinished(job.files)
+    if missing:
+        raise NeoxrayError(f"prepare: input {missing[0]} was not read to its end")
+    return chunks, packer.results
+
+
+def _pool_size(ray, workers: int | None) -> int:
+    """The tokenizer actor pool's size: `workers`, at most the cluster's CPUs (default: the CPUs less one)."""
     cpus = int(ray.cluster_resources().get("CPU", 1))
     if workers is None:
-        workers = max(1, cpus - 1)
-    elif workers > cpus:
+        return max(1, cpus - 1)
+    if workers > cpus:
         raise NeoxrayError(f"--workers {workers}: the Ray cluster has only {cpus} CPUs")
+    return workers
+
+
+def _dataset(ray, job: PrepareJob, tmp: str, workers: int):
+    """Stages 1 and 2 as a Ray Data dataset of tokenized chunks."""
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    ds = ray.data.from_items(
+        [{"file_idx": i, "path": p} for i, p in enumerate(job.files)], override_num_blocks=len(job.files)
+    )
+    # readers reserve no CPU: they are light (decompression, JSON), and a reservation could deadlock against an
+    # actor pool that holds every CPU (--workers = CPUs)
+    ds = ds.map_batches(
+        read_chunks,
+        fn_kwargs={"text_key": job.text_key, "chunk_bytes": job.chunk_bytes, "content": job.content},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=0,
+        compute=TaskPoolStrategy(size=max(1, min(len(job.files), workers))),
+    )
+    return ds.map_batches(
+        Tokenize,
+        fn_constructor_kwargs={
+            "tokenizer": job.tok,
+            "val_fraction": job.val_fraction,
+            "by_component": job.by_component,
+            "content": job.content,
+            "chunk_dir": fs.join(tmp, "chunks"),
+        },
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=workers),
+        num_cpus=1,
+        # no actor restarts: Ray Data ships an actor's constructor arguments (its UDF, the tokenizer included,
+        # and its DataContext) through the object store, where Ray cannot promise them to a restarted actor
+        # (ray-project/ray#53727; its core worker logs an error for every such actor, and Ray Data asks for
+        # endless restarts unless told otherwise). A tokenizer actor that dies ends the run, which leaves no
+        # dataset behind; a rerun starts over. Ray 2.60 accepts this only among `**ray_remote_args`, which it
+        # deprecates (to go in 2.64, with no named replacement yet): revisit when raising Ray's upper bound.
+        max_restarts=0,
+    )
+
+
+@contextmanager
+def _ray_data_settings(chunk_bytes: int) -> Iterator[None]:
+    """Ray Data's settings for prepare, restored on the way out: one chunk per block, no progress bars or stats
+    of its own (prepare prints progress), and none of its logging and advice."""
+    from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    saved = (
-        ctx.target_max_block_size,
-        ctx.enable_progress_bars,
-        ctx.print_on_execution_start,
-        ctx.enable_auto_log_stats,
-    )
+    names = ("target_max_block_size", "enable_progress_bars", "print_on_execution_start", "enable_auto_log_stats")
+    saved = {name: getattr(ctx, name) for name in names}
     data_logger = logging.getLogger("ray.data")
     saved_level = data_logger.level
     # one chunk per block, so that chunks spread over the actor pool instead of queueing behind each other
     ctx.target_max_block_size = max(1 << 20, chunk_bytes // 2)
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.enable_auto_log_stats = False
+    ctx.enable_progress_bars = ctx.print_on_execution_start = ctx.enable_auto_log_stats = False
     # a failed task is re-raised here (a NeoxrayError as its one line): Ray Data's own report of it is noise
     data_logger.setLevel(logging.CRITICAL)
-    caught = warnings.catch_warnings()
-    caught.__enter__()
-    # Ray Data's advice about pools larger than the number of inputs: a small job simply uses fewer actors
-    warnings.filterwarnings("ignore", message=r".*number of concurrent (actors|tasks).*", category=UserWarning)
-    chunk_dir = fs.join(tmp, "chunks")
-    tokenizer_file = fs.join(tmp, TOKENIZER_DIR, TOKENIZER_FILE)  # on the output filesystem: every node reaches it
-    # readers and packers reserve no CPU: they are light (decompression, JSON, concatenation, Parquet writes),
-    # and a reservation could deadlock against an actor pool that holds every CPU (--workers = CPUs)
-    pack = ray.remote(num_cpus=0, max_retries=0)(pack_file)
-    max_packing = max(2, workers)
-    waiting: list[tuple] = []  # pack jobs not yet submitted (at most max_packing run at once)
-    bar = _Progress(progress, len(files))
-    chunks: dict[int, dict[int, dict]] = {}
-    last_chunk: dict[int, int] = {}
-    pending: dict = {}  # ObjectRef -> file index
-    packed: list[dict] = []
     try:
-        ds = ray.data.from_items(
-            [{"file_idx": i, "path": p} for i, p in enumerate(files)], override_num_blocks=len(files)
-        )
-        ds = ds.flat_map(
-            _read_chunks,
-            fn_kwargs={"text_key": text_key, "chunk_bytes": chunk_bytes, "content": content},
-            num_cpus=0,
-            compute=TaskPoolStrategy(size=max(1, min(len(files), workers))),
-        )
-        ds = ds.map_batches(
-            _Tokenize,
-            fn_constructor_kwargs={
-                "tokenizer_file": tokenizer_file,
-                "eod_id": tok.eod_id,
-                "dtype": dtype,
-                "val_fraction": val_fraction,
-                "by_component": by_component,
-                "chunk_dir": chunk_dir,
-                "content": content,
-            },
-            batch_size=1,
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=workers),
-            num_cpus=1,
-        )
-
-        def collect_packed(block: bool) -> None:
-            while True:
-                while waiting and len(pending) < max_packing:
-                    job = waiting.pop(0)
-                    pending[pack.remote(*job)] = job[0]
-                if not pending:
-                    return
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if block else 0)
-                if not ready:
-                    return
-                for ref in ready:
-                    pending.pop(ref)
-                    packed.extend(ray.get(ref))
-
-        for row in ds.iter_rows():
-            f, c = int(row["file_idx"]), int(row["chunk_idx"])
-            stats = json.loads(row["stats"])
-            chunks.setdefault(f, {})[c] = {"path": row["path"], "bad": json.loads(row["bad"]), "stats": stats}
-            if row["last"]:
-                last_chunk[f] = c
-            if f in last_chunk and len(chunks[f]) == last_chunk[f] + 1:
-                bar.files_done += 1
-                ordered = [chunks[f][k]["path"] for k in range(last_chunk[f] + 1) if chunks[f][k]["path"]]
-                waiting.append((f, ordered, tmp, seq_len, rows_per_file, row_group_rows))
-            bar.update(sum(s[2] for s in stats), int(row["text_bytes"]), sum(s[3] for s in stats))
-            collect_packed(block=False)
-        bar.update(0, 0, 0, force=True)
-        if progress and (pending or waiting):
-            say(f"prepare: packing the last {len(pending) + len(waiting)} file(s)")
-        collect_packed(block=True)
-    except BaseException as e:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        err = find_user_error(e) if isinstance(e, Exception) else None
-        if err is not None:
-            raise err from None
-        raise
+        with warnings.catch_warnings():
+            # Ray Data's advice about pools larger than the number of inputs: a small job simply uses fewer actors
+            warnings.filterwarnings("ignore", message=r".*number of concurrent (actors|tasks).*", category=UserWarning)
+            # its notice that `max_restarts` (see `_dataset`) is passed the deprecated way: for us, not the user
+            warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated", category=DeprecationWarning)
+            yield
     finally:
-        (
-            ctx.target_max_block_size,
-            ctx.enable_progress_bars,
-            ctx.print_on_execution_start,
-            ctx.enable_auto_log_stats,
-        ) = saved
+        for name, value in saved.items():
+            setattr(ctx, name, value)
         data_logger.setLevel(saved_level)
-        caught.__exit__(None, None, None)
-    missing = [files[i] for i in range(len(files)) if i not in last_chunk]
-    if missing:
-        raise NeoxrayError(f"prepare: input {missing[0]} was not read to its end")
-    return {"chunks": chunks, "packed": packed}
+
+
+class _FileChunks:
+    """Which chunks of each input file have been tokenized, so that a file is packed once all of them have."""
+
+    def __init__(self, n_files: int):
+        self.paths: list[dict[int, str]] = [{} for _ in range(n_files)]
+        self.last: dict[int, int] = {}
+
+    def add(self, chunk: dict) -> list[str] | None:
+        """Record a tokenized chunk; when it completes its file, that file's stream files in chunk order."""
+        f, c = chunk["file_idx"], chunk["chunk_idx"]
+        self.paths[f][c] = chunk["path"]
+        if chunk["last"]:
+            self.last[f] = c
+        if f not in self.last or len(self.paths[f]) != self.last[f] + 1:
+            return None
+        return [self.paths[f][k] for k in range(self.last[f] + 1) if self.paths[f][k]]
+
+    def unfinished(self, files: list[str]) -> list[str]:
+        return [files[i] for i in range(len(files)) if i not in self.last]
+
+
+class _Packer:
+    """Stage 3: a `pack_file` task per input file, at most `max_running` at once; `results` gathers what they
+    return. Packers reserve no CPU (concatenation and Parquet writes are light, and a reservation could deadlock
+    against an actor pool that holds every CPU)."""
+
+    def __init__(self, ray, tmp: str, job: PrepareJob, max_running: int):
+        self.ray, self.max_running = ray, max_running
+        self.pack = ray.remote(num_cpus=0, max_retries=0)(pack_file)
+        self.args = (tmp, job.seq_len, job.rows_per_file, job.row_group_rows)
+        self.waiting: list[tuple[int, list[str]]] = []
+        self.running: dict = {}  # ObjectRef -> file index
+        self.results: list[dict] = []
+
+    @property
+    def unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def submit(self, file_idx: int, chunk_paths: list[str]) -> None:
+        self.waiting.append((file_idx, chunk_paths))
+
+    def collect(self, block: bool) -> None:
+        """Start waiting packers while there is room and gather finished ones: all of them when `block`."""
+        while True:
+            while self.waiting and len(self.running) < self.max_running:
+                file_idx, paths = self.waiting.pop(0)
+                self.running[self.pack.remote(file_idx, paths, *self.args)] = file_idx
+            if not self.running:
+                return
+            ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=None if block else 0)
+            if not ready:
+                return
+            for ref in ready:
+                self.running.pop(ref)
+                self.results.extend(self.ray.get(ref))
+
+    def cancel(self) -> None:
+        for ref in self.running:
+            self.ray.cancel(ref, force=True)

@@ -115,6 +115,11 @@ def tree_hashes(root: Path) -> dict:
     }
 
 
+def first_two(root: Path) -> list[str]:
+    """The first two of the crafted inputs (`crafted`): a.jsonl and nested/b.jsonl.gz."""
+    return [str(root / "a.jsonl"), str(root / "nested" / "b.jsonl.gz")]
+
+
 def write_zst(path: Path, body: str) -> None:
     path.write_bytes(zstandard.ZstdCompressor().compress(body.encode("utf-8")))
 
@@ -186,7 +191,7 @@ def small(ray_local, crafted, tok_file, tmp_path_factory):
     root, _, _ = crafted
     out = tmp_path_factory.mktemp("reader") / "ds"
     prepare(
-        [str(root / "a.jsonl"), str(root / "nested" / "b.jsonl.gz")],
+        first_two(root),
         tok_file,
         16,
         str(out),

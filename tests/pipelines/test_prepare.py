@@ -20,11 +20,12 @@ import zstandard
 
 from neoxray.errors import NeoxrayError
 from neoxray.pipelines.dataset_format import MANIFEST, token_dtype
+from neoxray.pipelines.packed_dataset import PackedDataset
 from neoxray.pipelines.prepare import prepare
-from neoxray.pipelines.reader import PackedDataset
 from tests.conftest import SAMPLE, run_cli
 from tests.pipelines.conftest import (
     expected_streams,
+    first_two,
     is_validation,
     pile_line,
     read_rows,
@@ -195,7 +196,7 @@ def test_failed_run_leaves_no_manifest_and_keeps_the_old_dataset(ray_local, craf
     fresh = tmp_path / "fresh"
     with pytest.raises(NeoxrayError, match="zz-cut.jsonl.zst.*truncated"):
         prepare(
-            [str(root / "a.jsonl"), str(root / "nested" / "b.jsonl.gz"), str(cut)],
+            [*first_two(root), str(cut)],
             tok_file,
             64,
             str(fresh),
@@ -218,7 +219,7 @@ def test_uri_paths_give_the_same_dataset(ray_local, crafted, tok_file, tmp_path)
     root, _, _ = crafted
     local, remote = tmp_path / "local", tmp_path / "remote"
     prepare(
-        [str(root / "a.jsonl"), str(root / "nested" / "b.jsonl.gz")],
+        first_two(root),
         tok_file,
         64,
         str(local),
@@ -278,45 +279,32 @@ def test_large_vocabularies_are_stored_as_int32(ray_local, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
+def prepare_argv(source, tokenizer, output, *more: str, seq_len: int = 64) -> list[str]:
+    """`neoxray prepare`'s arguments: one input, a tokenizer, a --seq-len and an output, then `more`."""
+    return [
+        "prepare",
+        *("--input", str(source), "--tokenizer", str(tokenizer), "--seq-len", str(seq_len), "--output", str(output)),
+        *more,
+    ]
+
+
 def test_cli_prepare_runs_and_errors_are_one_line(ray_local, crafted, tok_file, tmp_path, monkeypatch):
     root, _, _ = crafted
     # the CLI joins the test's cluster, as it does when it runs as a Ray job entrypoint
     monkeypatch.setenv("RAY_ADDRESS", ray_local.get_runtime_context().gcs_address)
     out = tmp_path / "cli"
-    proc = run_cli(
-        "prepare",
-        "--input",
-        str(root / "a.jsonl"),
-        "--tokenizer",
-        tok_file,
-        "--seq-len",
-        "64",
-        "--output",
-        str(out),
-        "--workers",
-        "1",
-        "--json",
-    )
+    proc = run_cli(*prepare_argv(root / "a.jsonl", tok_file, out, "--workers", "1", "--json"))
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["output"] == str(out) and not summary["skipped"] and summary["rows"] > 0
     assert "documents" in proc.stderr and "tokens/s" in proc.stderr  # progress and the final rate
+    # a newcomer sees neoxray's own lines only: no Ray line that reads like a failure (such as the core worker's
+    # error about actors that may restart with constructor arguments in the object store)
+    foreign = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("prepare: ")]
+    assert not foreign, proc.stderr
     assert json.loads((out / MANIFEST).read_text())["rows"] == summary["rows"]
-    again = run_cli(
-        "prepare", "--input", str(root / "a.jsonl"), "--tokenizer", tok_file, "--seq-len", "64", "--output", str(out)
-    )
+    again = run_cli(*prepare_argv(root / "a.jsonl", tok_file, out))
     assert "nothing to do" in again.stderr
-    missing = run_cli(
-        "prepare",
-        "--input",
-        str(tmp_path / "missing.jsonl"),
-        "--tokenizer",
-        tok_file,
-        "--seq-len",
-        "64",
-        "--output",
-        str(tmp_path / "o"),
-        check=False,
-    )
+    missing = run_cli(*prepare_argv(tmp_path / "missing.jsonl", tok_file, tmp_path / "o"), check=False)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     lines = [line for line in missing.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "missing.jsonl" in lines[0], missing.stderr
@@ -327,15 +315,7 @@ def test_a_corrupt_input_is_one_line_not_buried_in_rays_retry_output(ray_local, 
     shard = tmp_path / "truncated.jsonl.zst"
     shard.write_bytes(SAMPLE.read_bytes()[:200_000])
     proc = run_cli(
-        "prepare",
-        "--input",
-        str(shard),
-        "--tokenizer",
-        str(sample_tokenizer_dir),
-        "--seq-len",
-        "32",
-        "--output",
-        str(tmp_path / "out"),
+        *prepare_argv(shard, sample_tokenizer_dir, tmp_path / "out", seq_len=32),
         check=False,
         env={**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address},
     )
@@ -387,22 +367,7 @@ def test_interrupted_cli_run_leaves_nothing_that_looks_finished(ray_local, tok_f
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     with open(log, "w") as stderr:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(driver),
-                str(marker),
-                "prepare",
-                "--input",
-                str(src),
-                "--tokenizer",
-                tok_file,
-                "--seq-len",
-                "64",
-                "--output",
-                str(out),
-                "--workers",
-                "1",
-            ],
+            [sys.executable, str(driver), str(marker), *prepare_argv(src, tok_file, out, "--workers", "1")],
             env=env,
             stderr=stderr,
             text=True,

@@ -17,10 +17,11 @@ import tokenizers
 
 from neoxray.errors import NeoxrayError
 from neoxray.pipelines.dataset_format import MANIFEST
+from neoxray.pipelines.packed_dataset import PackedDataset, ray_dataset
 from neoxray.pipelines.packing import ChunkStreams, pack_file
 from neoxray.pipelines.pile import PROMPT_COMPLETION_BAD_ROW_REASONS, iter_prompt_completions
 from neoxray.pipelines.prepare import prepare
-from neoxray.pipelines.reader import BlendedDataset, PackedDataset, iter_batches, ray_dataset
+from neoxray.pipelines.reader import BlendedDataset, iter_batches
 from tests.conftest import ROOT, run_cli
 from tests.pipelines.conftest import (
     INSTRUCTIONS,

@@ -11,15 +11,8 @@ import numpy as np
 import pytest
 
 from neoxray.errors import NeoxrayError
-from neoxray.pipelines.reader import (
-    BatchSampler,
-    BlendedDataset,
-    PackedDataset,
-    iter_batches,
-    open_blend,
-    permute,
-    ray_dataset,
-)
+from neoxray.pipelines.packed_dataset import PackedDataset, ray_dataset
+from neoxray.pipelines.reader import BatchSampler, BlendedDataset, iter_batches, open_blend, permute
 
 
 # --------------------------------------------------------------------------------------------------- reader

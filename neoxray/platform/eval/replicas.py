@@ -9,7 +9,7 @@ engine). Each request is computed by exactly one engine, the same way whatever t
 equal one replica's (up to floating-point noise from different batch compositions).
 
 The cluster: `address` / RAY_ADDRESS (a `ray start` cluster, the cluster of a `ray job submit`), else a local
-one started here (`neoxray.platform.ray_cluster.connect_ray`), which `close` shuts down again.
+one started here (`neoxray.ray_connection.connect_ray`), which `close` shuts down again.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class RayEngines:
         verbose: bool = False,
     ):
         from neoxray.model.tokenizer import Tokenizer
-        from neoxray.platform.ray_cluster import connect_ray, started_here
+        from neoxray.ray_connection import connect_ray, started_here
 
         if num_gpus < 0:
             raise NeoxrayError(f"--num-gpus must be >= 0, got {num_gpus}")

@@ -38,8 +38,8 @@ def run_serve(
         return _run_standalone(args, host, port)
     from ray import serve
 
-    from neoxray.platform.ray_cluster import connect_ray, dashboard_url, started_here
     from neoxray.platform.serve.app import build_app
+    from neoxray.ray_connection import connect_ray, dashboard_url, started_here
 
     app = build_app(args)  # validates args and the model path before any cluster work
     connect_ray(address, verbose=verbose)

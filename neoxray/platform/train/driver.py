@@ -13,9 +13,9 @@ from pathlib import Path
 
 from neoxray.errors import NeoxrayError, find_user_error
 from neoxray.model.precision import use_gpu as wants_gpu
-from neoxray.platform.ray_cluster import connect_ray, dashboard_url, started_here
 from neoxray.platform.train.preflight import nothing_to_train, preflight
 from neoxray.platform.train.progress import Progress, follow, summary
+from neoxray.ray_connection import connect_ray, dashboard_url, started_here
 
 
 def absolute_paths(cfg):
