@@ -4,7 +4,7 @@ used to reach a 500, Serve's backpressure and a model replica that dies mid-requ
 Most of it runs against `neoxray serve` on the session's Ray cluster; what needs the engine held at a chosen
 point (a flood queued ahead of a small request, a tokenizer that blocks) runs on an in-process server; what
 needs a Serve deployment held in a chosen state (one request running, one queued, then its replica killed)
-puts the real ingress in front of a stand-in model deployment (tests/platform/serve/support.py).
+puts the real ingress in front of a stand-in model deployment (tests/support/serving.py).
 docs/reliability.md lists each abuse, what happened before, and the test here that keeps it."""
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ import pytest
 import requests
 
 from tests.conftest import free_port, run_cli
-from tests.platform.serve.support import Server, wait_until
-from tests.platform.serve.test_http import serve_model_dir, start_server, stop_server  # noqa: F401 (fixture)
+from tests.support.serving import Server, start_server, stop_server, wait_until
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, serve_model_dir, tmp_path_factory):  # noqa: F811 (the fixture imported above)
+def server(ray_local, serve_model_dir, tmp_path_factory):
     """`neoxray serve` joining the session's Ray cluster (no API key); Serve itself is shut down at the end, so
     that the next module can start it on its own port."""
     port = free_port()
@@ -223,12 +222,12 @@ def test_unknown_routes_and_bodies_without_content_type(server):
 
 # ------------------------------------------------------------------------------------------- Serve's failures
 @pytest.fixture(scope="module")
-def parked(server, ray_local, serve_model_dir):  # noqa: F811
+def parked(server, ray_local, serve_model_dir):
     """The real ingress in front of a stand-in model deployment (1 request at a time, 1 queued) at /parked."""
     from ray import serve
 
     from neoxray.platform.serve.app import NeoxrayIngress, ServeArgs
-    from tests.platform.serve.support import Arrivals, ParkingModel
+    from tests.support.serving import Arrivals, ParkingModel
 
     arrivals = Arrivals.remote()
     args = ServeArgs(model=str(serve_model_dir), name="tiny").model_dump()

@@ -17,7 +17,7 @@ from neoxray.model.hf import load_model_and_tokenizer
 from neoxray.platform.inference.engine import InferenceEngine
 from neoxray.platform.inference.request import EngineConfig, Request
 from tests.conftest import ROOT, run_cli
-from tests.platform.serve.support import Server, wait_until
+from tests.support.serving import Server, wait_until
 
 
 def test_shipped_serve_config_validates_and_builds(tiny_model_dir):

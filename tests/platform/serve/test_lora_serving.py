@@ -17,8 +17,8 @@ from pydantic import ValidationError
 
 from neoxray.errors import NeoxrayError
 from neoxray.platform.serve.args import ServeArgs
-from tests.platform.inference.test_multi_lora import PeftReference, write_peft_adapters
-from tests.platform.serve.support import Server, wait_until
+from tests.support.peft_reference import PeftReference, write_peft_adapters
+from tests.support.serving import Server, wait_until
 
 KEY = "lora-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
