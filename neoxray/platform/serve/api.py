@@ -11,8 +11,9 @@ check, the error handlers, and (over an in-process engine) the app's lifespan: e
 a graceful drain on shutdown.
 
 Bodies are read by the routes themselves, not by FastAPI: at most `max_request_bytes` (413 beyond it, refused
-from its Content-Length before anything is read), as JSON whatever the Content-Type says (a request without
-one included), parsed on a worker thread when large. Every answer that is not a success has OpenAI's shape,
+from its Content-Length before anything is kept; the rest is read and dropped, within bounds, before the answer
+goes out, so that a client still sending reads the 413 rather than a reset connection), as JSON whatever the
+Content-Type says (a request without one included), parsed on a worker thread when large. Every answer that is not a success has OpenAI's shape,
 {"error": {"message", "type", "param", "code"}}: 400 for a bad request (the message and `param` name the field;
 a body that is not UTF-8, not JSON or nested too deeply; a bad LoRA adapter directory), 401 for a missing or wrong
 API key, 404 for an unknown model (or LoRA adapter) or route, 405 for a wrong method, 409 for a LoRA adapter in use
@@ -26,6 +27,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
@@ -33,6 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from neoxray.platform.inference.request import AdapterBusy, InvalidRequest, UnknownAdapter
 from neoxray.platform.serve.client import EngineClient, LocalEngineClient, ServeObserver
@@ -59,6 +62,10 @@ from neoxray.platform.serve.serving import UNAVAILABLE, ApiError, OpenAIServing
 
 PARSE_ON_LOOP_BYTES = 64 * 1024
 """Bodies up to this size are parsed on the event loop; larger ones on a worker thread."""
+LINGER_BYTES = 64 * 1024 * 1024
+"""The most of a body refused with 413 that is read (and dropped) before the answer (`_linger`)."""
+LINGER_S = 10.0
+"""The longest that reading the rest of a body refused with 413 may take before the answer goes out anyway."""
 
 
 def error_response(
@@ -127,17 +134,37 @@ async def read_body(request: HTTPRequest, model: type[BaseModel], limit: int) ->
     whatever its Content-Type."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
+        await _linger(request, request.stream(), int(declared))
         raise _too_large(int(declared), limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    async for chunk in stream:
         size += len(chunk)
         if size > limit:
+            await _linger(request, stream, None)
             raise _too_large(size, limit)
         chunks.append(chunk)
     raw = b"".join(chunks)
     if len(raw) <= PARSE_ON_LOOP_BYTES:
         return parse_body(raw, model)
     return await asyncio.get_running_loop().run_in_executor(None, parse_body, raw, model)
+
+
+async def _linger(request: HTTPRequest, rest: AsyncIterator[bytes], left: int | None) -> None:
+    """Read and drop the rest of a body refused with 413 (`left` bytes of it, or as many as come), as nginx's
+    lingering close does: a client that writes its whole body before it reads the answer (urllib, with
+    `Connection: close`) then reads the 413, where closing on unread data would reset its connection. Bounded:
+    at most LINGER_BYTES in LINGER_S; a body declared longer is not read at all, nor one whose client waits for
+    `100 Continue` (asking for more of it would send that)."""
+    if (left is not None and left > LINGER_BYTES) or request.headers.get("expect", "").lower() == "100-continue":
+        return
+    read = 0
+    with contextlib.suppress(TimeoutError, ClientDisconnect):
+        async with asyncio.timeout(LINGER_S):
+            async for chunk in rest:
+                read += len(chunk)
+                if read > LINGER_BYTES:
+                    return
 
 
 def _too_large(size: int, limit: int) -> ApiError:

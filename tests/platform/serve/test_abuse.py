@@ -13,6 +13,8 @@ import json
 import os
 import signal
 import threading
+import urllib.error
+import urllib.request
 
 import pytest
 import requests
@@ -42,6 +44,17 @@ def server(ray_local, serve_model_dir, tmp_path_factory):
         serve.shutdown()
 
 
+@pytest.fixture(scope="module")
+def no_ray_server(serve_model_dir, tmp_path_factory):
+    """`neoxray serve --no-ray`: the same API under uvicorn in one process."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("abuse-no-ray-log") / "serve.log"
+    proc = start_server(["--model", str(serve_model_dir), "--port", str(port), "--no-ray", "--name", "tiny"], log, url)
+    yield url
+    assert stop_server(proc, log) == 0, log.read_text()[-4000:]
+
+
 def is_openai_error(r: requests.Response, status: int, param: str | None = "-") -> dict:
     assert r.status_code == status, (r.status_code, r.text[:500])
     assert r.headers["content-type"].startswith("application/json"), r.headers
@@ -68,6 +81,24 @@ def test_a_20_mb_prompt_is_refused_with_413_at_once_and_health_still_answers(ser
     assert health.status_code == 200
     err = is_openai_error(answers["big"], 413, "body")
     assert "8388608" in err["message"]
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("where", ["server", "no_ray_server"])
+def test_a_client_that_sends_its_whole_body_before_reading_gets_the_413(where, framing, request):
+    """urllib writes the whole body before it reads the answer, and asks for `Connection: close`: a server that
+    answers 413 and closes while the body is still coming resets the connection, and the client sees
+    'Connection reset by peer' instead of the 413. The server reads (and drops) what the client sends first."""
+    url = request.getfixturevalue(where)
+    body = json.dumps({"prompt": "x" * 20_000_000, "max_tokens": 1}).encode()
+    data = body if framing == "content-length" else (body[i : i + 65536] for i in range(0, len(body), 65536))
+    req = urllib.request.Request(url + "/v1/completions", data=data, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(req, timeout=300)
+    assert answer.value.code == 413
+    err = json.loads(answer.value.read())["error"]
+    assert err["code"] == "request_too_large" and err["param"] == "body" and "8388608" in err["message"], err
+    assert requests.get(url + "/health", timeout=30).status_code == 200
 
 
 def test_an_over_long_prompt_is_refused_by_its_length_in_characters(server):
