@@ -23,17 +23,21 @@ from tests.conftest import free_port
 
 
 class Server:
-    """`create_app(engine, **kw)` under uvicorn on a thread of this process, at `self.url`."""
+    """`create_app(engine, args)` under uvicorn on a thread of this process, at `self.url` (`args`: ServeArgs'
+    defaults, which hold no key and allow no adapter changes at run time)."""
 
-    def __init__(self, engine, **kw):
+    def __init__(self, engine, args=None):
         import uvicorn
 
         from neoxray.platform.serve.api import create_app
+        from neoxray.platform.serve.args import ServeArgs
+
+        args = args or ServeArgs(model="(in this process)")
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(
-            uvicorn.Config(create_app(engine, **kw), host="127.0.0.1", port=self.port, log_level="warning")
+            uvicorn.Config(create_app(engine, args), host="127.0.0.1", port=self.port, log_level="warning")
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -13,12 +13,15 @@ a graceful drain on shutdown.
 Bodies are read by the routes themselves, not by FastAPI: at most `max_request_bytes` (413 beyond it, refused
 from its Content-Length before anything is kept; the rest is read and dropped, within bounds, before the answer
 goes out, so that a client still sending reads the 413 rather than a reset connection), as JSON whatever the
-Content-Type says (a request without one included), parsed on a worker thread when large. Every answer that is not a success has OpenAI's shape,
-{"error": {"message", "type", "param", "code"}}: 400 for a bad request (the message and `param` name the field;
-a body that is not UTF-8, not JSON or nested too deeply; a bad LoRA adapter directory), 401 for a missing or wrong
-API key, 404 for an unknown model (or LoRA adapter) or route, 405 for a wrong method, 409 for a LoRA adapter in use
-(or no idle slot to load one into), 413 for a body that is too large, 503 (with Retry-After) when no
-engine can take the request. User input never reaches a 500.
+Content-Type says (a request without one included), parsed on a worker thread when large.
+
+Every answer that is not a success has OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for
+a bad request (the message and `param` name the field; a body that is not UTF-8, not JSON or nested too deeply;
+a bad LoRA adapter directory), 401 for a missing or wrong API key, 403 for what the server's settings forbid
+(runtime LoRA adapter changes without a key, an adapter directory outside the allowed one), 404 for an unknown
+model (or LoRA adapter) or route, 405 for a wrong method, 409 for a LoRA adapter in use (or no idle slot to load
+one into), 413 for a body that is too large, 503 (with Retry-After) when no engine can take the request. User
+input never reaches a 500.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from neoxray.platform.inference.request import AdapterBusy, InvalidRequest, UnknownAdapter
-from neoxray.platform.serve.client import EngineClient, LocalEngineClient, ServeObserver
-from neoxray.platform.serve.limits import ServingLimits
+from neoxray.platform.serve.args import ServeArgs
+from neoxray.platform.serve.client import EngineClient, LocalEngineClient, NotAllowed, ServeObserver
 from neoxray.platform.serve.protocol import (
     CompletionRequest,
     CompletionResponse,
@@ -178,21 +181,23 @@ def _too_large(size: int, limit: int) -> ApiError:
 
 def create_app(
     engine,
-    model_name: str | None = None,
-    api_key: str | None = None,
+    args: ServeArgs,
     observer: ServeObserver | None = None,
     stats_period_s: float = 1.0,
     shutdown_timeout_s: float | None = None,
-    limits: ServingLimits | None = None,
-    lora_updates_refused: str | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving `engine`: an `EngineClient`, or an `InferenceEngine` in this process (whose
-    background thread must be running). Over an in-process engine, the app reports its stats to `observer`, and
-    with `shutdown_timeout_s` its shutdown drains the engine (finishing running requests for up to that long)
-    and stops it. `lora_updates_refused`: why the LoRA load/unload routes refuse (None: they work)."""
-    client = engine if isinstance(engine, EngineClient) else LocalEngineClient(engine, observer)
-    limits = limits or ServingLimits()
-    serving = OpenAIServing(client, model_name, limits, lora_updates_refused=lora_updates_refused)
+    """The FastAPI app serving `engine` as `args` say (the model's name, the API key, the request limits, whether
+    adapters may change at run time and from where): `engine` is an `EngineClient`, or an `InferenceEngine` in
+    this process (whose background thread must be running). Over an in-process engine, the app reports its stats
+    to `observer`, and with `shutdown_timeout_s` its shutdown drains the engine (finishing running requests for
+    up to that long) and stops it."""
+    if isinstance(engine, EngineClient):
+        client = engine
+    else:
+        client = LocalEngineClient(engine, observer, args.allowed_lora_path)
+    limits = args.limits()
+    api_key = args.api_key
+    serving = OpenAIServing(client, args.name, limits, lora_updates_refused=args.lora_updates_refused())
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -226,6 +231,10 @@ def create_app(
     @app.exception_handler(UnknownAdapter)
     async def _unknown_model(request, exc: UnknownAdapter):
         return error_response(404, str(exc), "invalid_request_error", exc.param, "model_not_found")
+
+    @app.exception_handler(NotAllowed)
+    async def _not_allowed(request, exc: NotAllowed):
+        return error_response(403, str(exc), "permission_error", exc.param, exc.code)
 
     @app.exception_handler(AdapterBusy)
     async def _adapter_busy(request, exc: AdapterBusy):
@@ -320,20 +329,13 @@ def create_app(
     return app
 
 
-def run_standalone(
-    engine,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    model_name: str | None = None,
-    limits: ServingLimits | None = None,
-) -> None:
+def run_standalone(engine, args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve one engine with uvicorn in this process (no Ray): for a single machine, and for GPU hosts where
     Ray is not installed."""
     import uvicorn
 
     engine.start()
     try:
-        uvicorn.run(create_app(engine, model_name, api_key, limits=limits), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(engine, args), host=host, port=port, log_level="warning")
     finally:
         engine.stop(timeout=30)

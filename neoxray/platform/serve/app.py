@@ -10,8 +10,8 @@ sits in front of its LLM server deployments.
   (continuous batching), the health check, the graceful drain, and the `neoxray_serve_*` Ray metrics. Its
   `generate` streams what the engine has ready, merged per step, so the extra hop costs one message per step
   rather than one per token; a cancelled call (the client went away) aborts the engine requests. Each replica
-  loads the `loras` adapters; runtime loads and unloads reach one replica, so they are refused (one line) when
-  the deployment may have several.
+  loads the `loras` adapters; runtime loads and unloads reach one replica, so they are refused (403, one line)
+  when the deployment may have several (`ServeArgs.lora_updates_refused`).
 
 Deploy it with `neoxray serve --model DIR`, or from a Serve config (`configs/serve.yaml`):
 
@@ -41,7 +41,7 @@ from neoxray.platform.inference.request import EngineInfo, Request
 from neoxray.platform.serve.args import ServeArgs
 from neoxray.platform.serve.client import Batch, EngineClient, EngineUnavailable
 
-__all__ = ["NeoxrayIngress", "NeoxrayModel", "ServeArgs", "ServeEngineClient", "build_app", "lora_updates_refused"]
+__all__ = ["NeoxrayIngress", "NeoxrayModel", "ServeArgs", "ServeEngineClient", "build_app"]
 
 HEALTH_TIMEOUT_S = 10.0
 """How long /health waits for a model replica's counters before answering 503."""
@@ -57,7 +57,9 @@ class NeoxrayModel:
 
         self.args = ServeArgs(**args)
         self.engine = self.args.build_engine().start()
-        self.client = LocalEngineClient(self.engine, RayServeMetrics(self.engine.model_name))
+        self.client = LocalEngineClient(
+            self.engine, RayServeMetrics(self.engine.model_name), self.args.allowed_lora_path
+        )
         self._stop = threading.Event()
         threading.Thread(target=self._report_stats, args=(stats_period_s,), name="neoxray-stats", daemon=True).start()
 
@@ -201,25 +203,7 @@ class NeoxrayIngress:
     def __serve_build_asgi_app__(self):
         from neoxray.platform.serve.api import create_app
 
-        a = self.args
-        return create_app(
-            self.client,
-            model_name=a.name,
-            api_key=a.api_key,
-            limits=a.limits(),
-            lora_updates_refused=lora_updates_refused(a),
-        )
-
-
-def lora_updates_refused(args: ServeArgs) -> str | None:
-    """Why the ingress refuses runtime LoRA adapter changes (None: it does not): a call through the handle
-    reaches one model replica, so with several (or autoscaling) their adapter sets would drift apart."""
-    if args.num_replicas > 1 or args.min_replicas is not None or args.max_replicas is not None:
-        return (
-            "runtime LoRA adapter changes need one fixed model replica (each replica holds its own adapters); "
-            "list the adapters in `loras` instead"
-        )
-    return None
+        return create_app(self.client, self.args)
 
 
 def build_app(args: ServeArgs) -> serve.Application:

@@ -24,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 from neoxray.errors import NeoxrayError
+from neoxray.model.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from neoxray.platform.inference.request import EngineDead, EngineInfo, Output, Request
 
 Batch = list[tuple[int, Output]]
@@ -40,6 +42,39 @@ class EngineUnavailable(NeoxrayError):
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.code = code
+
+
+class NotAllowed(NeoxrayError):
+    """What the operator's settings forbid (403): runtime adapter changes without an API key, an adapter
+    directory outside `allowed_lora_path`. `param` names the field, `code` says which."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "not_allowed"):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+def allowed_adapter_dir(root: str | None, path: str) -> Path:
+    """`path` (relative ones from `root`) with `..` and symbolic links resolved, once it is known to lie under
+    `root`, as do the adapter files in it (a link to weights elsewhere is refused too); NotAllowed otherwise."""
+    if root is None:
+        raise NotAllowed(
+            "runtime LoRA adapter loads read only under --allowed-lora-path (allowed_lora_path), which this server "
+            "was not given",
+            "lora_path",
+            "lora_path_not_allowed",
+        )
+    base = Path(root).resolve()
+    resolved = (base / Path(path).expanduser()).resolve()
+    inside = [resolved, *((resolved / f).resolve() for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))]
+    if not all(p.is_relative_to(base) for p in inside):
+        raise NotAllowed(
+            f"lora_path {path!r} is not under the allowed LoRA directory {str(base)!r} (with '..' and symbolic "
+            "links resolved)",
+            "lora_path",
+            "lora_path_not_allowed",
+        )
+    return resolved
 
 
 class ServeObserver:
@@ -101,10 +136,11 @@ class LocalEngineClient(EngineClient):
     """An `InferenceEngine` in this process (its background thread must be running), reporting each Output to
     `observer`."""
 
-    def __init__(self, engine, observer: ServeObserver | None = None):
+    def __init__(self, engine, observer: ServeObserver | None = None, allowed_lora_path: str | None = None):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.observer = observer or ServeObserver()
+        self.allowed_lora_path = allowed_lora_path
 
     @property
     def info(self) -> EngineInfo:
@@ -155,9 +191,10 @@ class LocalEngineClient(EngineClient):
 
     async def load_lora(self, name: str, path: str) -> list[str]:
         engine = self.engine
-        adapter = await asyncio.get_running_loop().run_in_executor(None, engine.read_lora, path, name)  # file I/O
+        where = allowed_adapter_dir(self.allowed_lora_path, path)  # checked where it is read
+        adapter = await asyncio.get_running_loop().run_in_executor(None, engine.read_lora, where, name)  # file I/O
         self._check_alive()
-        return await engine.run_on_engine(lambda: engine.add_lora(name, adapter, str(path)))  # between steps
+        return await engine.run_on_engine(lambda: engine.add_lora(name, adapter, str(where)))  # between steps
 
     async def unload_lora(self, name: str) -> None:
         self._check_alive()

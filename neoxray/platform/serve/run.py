@@ -4,11 +4,12 @@ the same HTTP API (no Ray is imported then)."""
 
 from __future__ import annotations
 
+import ipaddress
 import signal
 import sys
 import time
 
-from neoxray.platform.serve.args import ServeArgs
+from neoxray.platform.serve.args import API_KEY_ENV, ServeArgs
 
 APP_NAME = "neoxray"
 
@@ -34,6 +35,11 @@ def run_serve(
 ) -> None:
     _sigterm_as_interrupt()
     args = args.with_env_api_key()  # an empty NEOXRAY_API_KEY is refused before anything starts
+    if exposed_without_key(host, args.api_key):
+        _log(
+            f"warning: serving on {host} without an API key: anyone who can reach port {port} can use the model "
+            f"(give --api-key or {API_KEY_ENV})"
+        )
     if no_ray:
         return _run_standalone(args, host, port)
     from ray import serve
@@ -68,9 +74,20 @@ def run_serve(
             _log("interrupted again: leaving without waiting for the replicas")
 
 
+def exposed_without_key(host: str, api_key: str | None) -> bool:
+    """Whether a server on `host` without a key answers other machines: any address but a loopback one (a
+    host name may resolve to any interface)."""
+    if api_key is not None or host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
 def _run_standalone(args: ServeArgs, host: str, port: int) -> None:
     from neoxray.platform.serve.api import run_standalone
 
     engine = args.build_engine()
     _log(f"serving {engine.model_name} at http://{host}:{port}/v1 without Ray (one engine, uvicorn)")
-    run_standalone(engine, host=host, port=port, api_key=args.api_key, model_name=args.name, limits=args.limits())
+    run_standalone(engine, args, host=host, port=port)

@@ -54,6 +54,20 @@ def test_serve_cli_refuses_a_missing_model_before_starting_anything():
     assert proc.returncode == 1 and "num_replicas" in proc.stderr
 
 
+def test_serving_beyond_this_machine_without_a_key_says_so_in_one_line():
+    """`--host 0.0.0.0` without a key lets anyone who reaches the port use the model: one warning line, before
+    anything starts (here the model is missing, so nothing binds). With a key, or on 127.0.0.1, no warning."""
+    missing = "neoxray: error: model not found: no/such/model"
+    for extra in ([], ["--no-ray"]):
+        proc = run_cli("serve", "--model", "no/such/model", "--host", "0.0.0.0", *extra, check=False, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and lines[-1] == missing, proc.stderr[-2000:]
+        warnings = [line for line in lines[:-1] if "0.0.0.0" in line]
+        assert len(warnings) == 1 and "--api-key" in warnings[0], lines
+        keyed = run_cli("serve", "--model", "no/such/model", "--host", "0.0.0.0", "--api-key", "k", *extra, check=False)
+        assert keyed.stderr.strip().splitlines() == [missing], keyed.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------------------------ in-process
 @pytest.fixture()
 def model_tok(tiny_model_dir):
