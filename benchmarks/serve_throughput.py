@@ -442,6 +442,7 @@ def lora_benchmark(args, cfg, ours, tok, tmp: Path, hf) -> int:
     del hf
     results = {}
     if args.mode == "engine":
+        from neoxray.model.peft_format import read_peft_adapter
         from neoxray.platform.inference.engine import InferenceEngine
         from neoxray.platform.inference.request import EngineConfig
 
@@ -456,7 +457,7 @@ def lora_benchmark(args, cfg, ours, tok, tmp: Path, hf) -> int:
             ),
         )
         for name, d in dirs.items():
-            engine.add_lora(name, engine.read_lora(d, name), str(d))
+            engine.add_lora(name, read_peft_adapter(d, engine.model.config, name), str(d))
         engine.start()
         warm = prompts_for(len(names), args.prompt_len, tok, seed=3)
         asyncio.run(run_clients(engine_sender(engine, 4, names), warm, len(names), 1))  # warm-up, every adapter

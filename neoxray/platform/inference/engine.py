@@ -44,7 +44,6 @@ from neoxray.platform.inference.request import (
     EngineConfig,
     EngineDead,
     EngineInfo,
-    InvalidRequest,
     Output,
     QueueFull,
     Request,
@@ -170,19 +169,9 @@ class InferenceEngine:
         self._inbox.put(("abort", request_id))
 
     # -- LoRA adapters -------------------------------------------------------------------------------------------
-    def read_lora(self, path, name: str | None = None):
-        """A peft LoRA adapter directory -> LoRAAdapter, checked against this model's shapes (any thread: it only
-        reads files). A bad directory is an InvalidRequest naming `lora_path`."""
-        from neoxray.model.peft_format import read_peft_adapter
-
-        try:
-            return read_peft_adapter(path, self.model.config, name)
-        except NeoxrayError as e:
-            raise InvalidRequest(str(e), "lora_path") from None
-
     def add_lora(self, name: str, adapter, source: str | None = None) -> list[str]:
-        """Load `adapter` (from `read_lora`) as `name`; returns the idle adapters evicted to make room. On the
-        engine thread (`run_on_engine`) once it runs."""
+        """Load `adapter` (a LoRAAdapter: `neoxray.model.peft_format.read_peft_adapter`) as `name`; returns the
+        idle adapters evicted to make room. On the engine thread (`run_on_engine`) once it runs."""
         return self.adapters.add(name, adapter, source)
 
     def remove_lora(self, name: str) -> None:

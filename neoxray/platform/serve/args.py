@@ -199,6 +199,7 @@ class ServeArgs(BaseModel):
     def build_engine(self):
         """Load the model and make its (not yet started) InferenceEngine, as these arguments say, with the
         `loras` loaded (a bad adapter directory is a NeoxrayError naming it, checked before the model loads)."""
+        from neoxray.model.peft_format import read_peft_adapter
         from neoxray.model.precision import to_dtype
         from neoxray.platform.inference.engine import InferenceEngine
 
@@ -214,7 +215,7 @@ class ServeArgs(BaseModel):
             if name == engine.model_name:
                 raise NeoxrayError(f"LoRA adapter name {name!r} is the base model's name; give it another")
             try:
-                engine.add_lora(name, engine.read_lora(path, name), str(path))
+                engine.add_lora(name, read_peft_adapter(path, engine.model.config, name), str(path))
             except NeoxrayError as e:
                 raise NeoxrayError(f"LoRA adapter {name!r}: {e}") from None
         return engine

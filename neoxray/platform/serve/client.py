@@ -27,8 +27,8 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from neoxray.errors import NeoxrayError
-from neoxray.model.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from neoxray.platform.inference.request import EngineDead, EngineInfo, Output, Request
+from neoxray.model.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_peft_adapter
+from neoxray.platform.inference.request import EngineDead, EngineInfo, InvalidRequest, Output, Request
 
 Batch = list[tuple[int, Output]]
 """What one step of `EngineClient.generate` yields: (choice index, Output) pairs, at most one per choice."""
@@ -75,6 +75,15 @@ def allowed_adapter_dir(root: str | None, path: str) -> Path:
             "lora_path_not_allowed",
         )
     return resolved
+
+
+def read_adapter(path, engine, name: str):
+    """The peft adapter directory `path`, checked against the engine's model (file I/O: off the event loop). A
+    bad directory is an InvalidRequest naming `lora_path`."""
+    try:
+        return read_peft_adapter(path, engine.model.config, name)
+    except NeoxrayError as e:
+        raise InvalidRequest(str(e), "lora_path") from None
 
 
 class ServeObserver:
@@ -192,7 +201,7 @@ class LocalEngineClient(EngineClient):
     async def load_lora(self, name: str, path: str) -> list[str]:
         engine = self.engine
         where = allowed_adapter_dir(self.allowed_lora_path, path)  # checked where it is read
-        adapter = await asyncio.get_running_loop().run_in_executor(None, engine.read_lora, where, name)  # file I/O
+        adapter = await asyncio.get_running_loop().run_in_executor(None, read_adapter, where, engine, name)
         self._check_alive()
         return await engine.run_on_engine(lambda: engine.add_lora(name, adapter, str(where)))  # between steps
 
