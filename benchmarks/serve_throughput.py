@@ -176,10 +176,11 @@ def engine_sender(engine, max_tokens: int, loras: list[str] | None = None):
         sampling = SamplingParams(greedy=True, stop_at_eod=False)
         lora = loras[client % len(loras)] if loras else None
         req = Request(list(prompt), max_tokens=max_tokens, sampling=sampling, lora=lora)
-        async for out in engine.stream(req):
-            if out.token_ids and ttft is None:
-                ttft = time.perf_counter() - t0
-            n += len(out.token_ids)
+        async for ready in engine.stream([req]):
+            for _, out in ready:
+                if out.token_ids and ttft is None:
+                    ttft = time.perf_counter() - t0
+                n += len(out.token_ids)
         return ttft, time.perf_counter() - t0, n
 
     return send

@@ -96,7 +96,7 @@ class ParkingModel:
         self.park_id = self.tokenizer.encode("park")[0]
         self.arrivals = arrivals
 
-    def info(self):
+    def describe(self):
         return self._info, self.tokenizer
 
     async def generate(self, requests):

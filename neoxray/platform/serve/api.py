@@ -7,8 +7,7 @@ process.
 Thin: each route reads its body, parses it into its request model (`neoxray.platform.serve.protocol`), hands it
 to `OpenAIServing` (`neoxray.platform.serve.serving`) and sends back the response model it returns, as
 `json.dumps` of all its fields (nulls included). Here are only the body's reading and parsing, the bearer-token
-check, the error handlers, and (over an in-process engine) the app's lifespan: engine stats to the observer and
-a graceful drain on shutdown.
+check, and the error handlers (what each refusal becomes: `neoxray.platform.serve.serving.ApiError.of`).
 
 Bodies are read by the routes themselves, not by FastAPI: at most `max_request_bytes` (413 beyond it, refused
 from its Content-Length before anything is kept; the rest is read and dropped, within bounds, before the answer
@@ -40,9 +39,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from neoxray.platform.inference.request import AdapterBusy, InvalidRequest, UnknownAdapter
+from neoxray.platform.inference.request import AdapterBusy, InvalidRequest
 from neoxray.platform.serve.args import ServeArgs
-from neoxray.platform.serve.client import EngineClient, LocalEngineClient, NotAllowed, ServeObserver
+from neoxray.platform.serve.client import EngineClient, LocalEngineClient, NotAllowed
 from neoxray.platform.serve.protocol import (
     CompletionRequest,
     CompletionResponse,
@@ -50,8 +49,6 @@ from neoxray.platform.serve.protocol import (
     DetokenizeResponse,
     EmbeddingRequest,
     EmbeddingResponse,
-    ErrorInfo,
-    ErrorResponse,
     HealthResponse,
     LoadLoRAAdapterRequest,
     LoRAAdapterResponse,
@@ -71,18 +68,10 @@ LINGER_S = 10.0
 """The longest that reading the rest of a body refused with 413 may take before the answer goes out anyway."""
 
 
-def error_response(
-    status: int,
-    message: str,
-    type_: str,
-    param: str | None = None,
-    code: str | None = None,
-    retry_after_s: float | None = None,
-) -> JSONResponse:
-    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # no lone surrogate reaches the encoder
-    headers = {"Retry-After": str(max(1, round(retry_after_s)))} if retry_after_s is not None else None
-    body = ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code))
-    return JSONResponse(body.model_dump(), status, headers=headers)
+def error_response(e: ApiError) -> JSONResponse:
+    """A refusal as OpenAI writes it (with Retry-After, in whole seconds, when it helps)."""
+    headers = {"Retry-After": str(max(1, round(e.retry_after_s)))} if e.retry_after_s is not None else None
+    return JSONResponse(e.response().model_dump(), e.status, headers=headers)
 
 
 def _json(body: BaseModel, status: int = 200) -> JSONResponse:
@@ -179,76 +168,31 @@ def _too_large(size: int, limit: int) -> ApiError:
     )
 
 
-def create_app(
-    engine,
-    args: ServeArgs,
-    observer: ServeObserver | None = None,
-    stats_period_s: float = 1.0,
-    shutdown_timeout_s: float | None = None,
-) -> FastAPI:
+def create_app(engine, args: ServeArgs) -> FastAPI:
     """The FastAPI app serving `engine` as `args` say (the model's name, the API key, the request limits, whether
     adapters may change at run time and from where): `engine` is an `EngineClient`, or an `InferenceEngine` in
-    this process (whose background thread must be running). Over an in-process engine, the app reports its stats
-    to `observer`, and with `shutdown_timeout_s` its shutdown drains the engine (finishing running requests for
-    up to that long) and stops it."""
-    if isinstance(engine, EngineClient):
-        client = engine
-    else:
-        client = LocalEngineClient(engine, observer, args.allowed_lora_path)
+    this process (whose background thread must be running)."""
+    client = engine if isinstance(engine, EngineClient) else LocalEngineClient(engine, None, args.allowed_lora_path)
     limits = args.limits()
-    api_key = args.api_key
     serving = OpenAIServing(client, args.name, limits, lora_updates_refused=args.lora_updates_refused())
+    app = FastAPI(title="neoxray", description="OpenAI-compatible GPT-NeoX inference")
+    _add_error_handlers(app)
+    if args.api_key:
+        _add_auth(app, args.api_key)
+    _add_routes(app, serving, limits.max_request_bytes)
+    return app
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        if not isinstance(client, LocalEngineClient):
-            yield
-            return
 
-        async def poll():
-            while True:
-                with contextlib.suppress(Exception):
-                    client.observer.on_stats(client.engine.stats())
-                await asyncio.sleep(stats_period_s)
+def _add_error_handlers(app: FastAPI) -> None:
+    async def refused(request, exc: Exception):  # a bad request, a refusal of the engine's, nobody to serve it
+        return error_response(ApiError.of(exc))
 
-        task = asyncio.create_task(poll())
-        yield
-        task.cancel()
-        if shutdown_timeout_s is not None:
-            await asyncio.get_running_loop().run_in_executor(None, client.engine.stop, shutdown_timeout_s)
+    for kind in (ApiError, InvalidRequest, AdapterBusy, NotAllowed, *UNAVAILABLE):
+        app.add_exception_handler(kind, refused)
 
-    app = FastAPI(title="neoxray", description="OpenAI-compatible GPT-NeoX inference", lifespan=lifespan)
-
-    # -- errors ----------------------------------------------------------------------------------------------
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
-        return _api_error(request, _validation_error(exc.errors()))
-
-    @app.exception_handler(InvalidRequest)
-    async def _engine_refused(request, exc: InvalidRequest):
-        return error_response(400, str(exc), "invalid_request_error", exc.param)
-
-    @app.exception_handler(UnknownAdapter)
-    async def _unknown_model(request, exc: UnknownAdapter):
-        return error_response(404, str(exc), "invalid_request_error", exc.param, "model_not_found")
-
-    @app.exception_handler(NotAllowed)
-    async def _not_allowed(request, exc: NotAllowed):
-        return error_response(403, str(exc), "permission_error", exc.param, exc.code)
-
-    @app.exception_handler(AdapterBusy)
-    async def _adapter_busy(request, exc: AdapterBusy):
-        return error_response(409, str(exc), "invalid_request_error", "lora_name", "adapter_busy")
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request, exc: ApiError):
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.retry_after_s)
-
-    for kind in UNAVAILABLE:
-
-        @app.exception_handler(kind)
-        async def _unavailable(request, exc):
-            return _api_error(request, ApiError.unavailable(exc))
+        return error_response(_validation_error(exc.errors()))
 
     @app.exception_handler(HTTPException)
     async def _http(request, exc: HTTPException):  # unknown routes (404), wrong methods (405)
@@ -258,84 +202,61 @@ def create_app(
             msg, code = f"method {request.method} is not allowed on {request.url.path}", "method_not_allowed"
         else:
             msg, code = str(exc.detail), None
-        response = error_response(exc.status_code, msg, "invalid_request_error", None, code)
+        response = error_response(ApiError(exc.status_code, msg, code=code))
         response.headers.update(getattr(exc, "headers", None) or {})
         return response
 
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):  # a bug, not user input: still an OpenAI-shaped answer
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+        return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
+
+
+def _add_auth(app: FastAPI, api_key: str) -> None:
+    """Every route but /health needs `Authorization: Bearer <api_key>` (401 otherwise)."""
 
     @app.middleware("http")
     async def _auth(request: HTTPRequest, call_next):
-        if api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
+        if request.url.path != "/health":
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
                 return error_response(
-                    401,
-                    "missing or invalid API key (send 'Authorization: Bearer <key>')",
-                    "authentication_error",
-                    None,
-                    "invalid_api_key",
+                    ApiError(
+                        401,
+                        "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                        "authentication_error",
+                        code="invalid_api_key",
+                    )
                 )
         return await call_next(request)
 
-    async def body_of(request: HTTPRequest, model: type[BaseModel]):
-        return await read_body(request, model, limits.max_request_bytes)
 
-    # -- routes ----------------------------------------------------------------------------------------------
-    @app.get("/health", response_model=HealthResponse)
-    async def health():
-        return _json(await serving.health())
+def _add_routes(app: FastAPI, serving: OpenAIServing, max_request_bytes: int) -> None:
+    def get(path: str, answer, response_model: type[BaseModel]) -> None:
+        async def route():
+            return _json(await answer())
 
-    @app.get("/v1/models", response_model=ModelList)
-    async def models():
-        return _json(await serving.models())
+        app.get(path, response_model=response_model, name=answer.__name__)(route)
 
-    @app.get("/tokenizer_info", response_model=TokenizerInfo)
-    async def tokenizer_info():
-        return _json(await serving.tokenizer_info())
+    def post(path: str, request_model: type[BaseModel], answer, response_model: type[BaseModel]) -> None:
+        async def route(request: HTTPRequest):
+            return _json(await answer(await read_body(request, request_model, max_request_bytes)))
 
-    @app.post("/tokenize", response_model=TokenizeResponse)
-    async def tokenize(request: HTTPRequest):
-        return _json(await serving.tokenize(await body_of(request, TokenizeRequest)))
+        app.post(path, response_model=response_model, name=answer.__name__)(route)
 
-    @app.post("/detokenize", response_model=DetokenizeResponse)
-    async def detokenize(request: HTTPRequest):
-        return _json(await serving.detokenize(await body_of(request, DetokenizeRequest)))
-
-    @app.post("/v1/embeddings", response_model=EmbeddingResponse)
-    async def embeddings(request: HTTPRequest):
-        return _json(await serving.embeddings(await body_of(request, EmbeddingRequest)))
-
-    @app.post("/v1/load_lora_adapter", response_model=LoRAAdapterResponse)
-    async def load_lora_adapter(request: HTTPRequest):
-        return _json(await serving.load_lora_adapter(await body_of(request, LoadLoRAAdapterRequest)))
-
-    @app.post("/v1/unload_lora_adapter", response_model=LoRAAdapterResponse)
-    async def unload_lora_adapter(request: HTTPRequest):
-        return _json(await serving.unload_lora_adapter(await body_of(request, UnloadLoRAAdapterRequest)))
+    get("/health", serving.health, HealthResponse)
+    get("/v1/models", serving.models, ModelList)
+    get("/tokenizer_info", serving.tokenizer_info, TokenizerInfo)
+    post("/tokenize", TokenizeRequest, serving.tokenize, TokenizeResponse)
+    post("/detokenize", DetokenizeRequest, serving.detokenize, DetokenizeResponse)
+    post("/v1/embeddings", EmbeddingRequest, serving.embeddings, EmbeddingResponse)
+    post("/v1/load_lora_adapter", LoadLoRAAdapterRequest, serving.load_lora_adapter, LoRAAdapterResponse)
+    post("/v1/unload_lora_adapter", UnloadLoRAAdapterRequest, serving.unload_lora_adapter, LoRAAdapterResponse)
 
     @app.post("/v1/completions", response_model=CompletionResponse)
     async def completions(request: HTTPRequest):
-        result = await serving.create_completion(await body_of(request, CompletionRequest))
+        result = await serving.create_completion(await read_body(request, CompletionRequest, max_request_bytes))
         if isinstance(result, CompletionResponse):
             return _json(result)
         return StreamingResponse(
             result, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
-
-    return app
-
-
-def run_standalone(engine, args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve one engine with uvicorn in this process (no Ray): for a single machine, and for GPU hosts where
-    Ray is not installed."""
-    import uvicorn
-
-    engine.start()
-    try:
-        uvicorn.run(create_app(engine, args), host=host, port=port, log_level="warning")
-    finally:
-        engine.stop(timeout=30)

@@ -1,18 +1,22 @@
 """Engine clients: how the serving layer (`neoxray.platform.serve.serving`) reaches an inference engine, wherever
-it runs. `LocalEngineClient` drives an engine in this process (`neoxray serve --no-ray`, the tests, and, inside
-each model replica of the Ray Serve application, the replica's own engine); the Serve application's ingress
-uses `neoxray.platform.serve.app.ServeEngineClient`, which calls the model deployment through a Serve
-DeploymentHandle. Both answer the same four calls:
+it runs. `LocalEngineClient` drives an engine in this process (`neoxray serve --no-ray`, the tests, and each model
+replica of the Ray Serve application, which is one); the Serve application's ingress uses
+`neoxray.platform.serve.app.ServeEngineClient`, which makes the same calls on a model replica through a Serve
+DeploymentHandle. Both answer these seven calls:
 
 - `ready()`: the engine's `EngineInfo` and tokenizer are known (`info`, `tokenizer`);
-- `generate(requests)`: submit the choices of one HTTP request as one group and yield, as they come, lists of
-  (choice index, Output): whatever is ready together goes in one list, consecutive Outputs of one choice
-  merged, so a consumer that lags behind the engine gets fewer, larger pieces instead of one per token.
-  Closing the iterator (a client that went away) aborts the choices still running;
-- `embed(token_lists)`: embeddings, one input per engine call, so running requests keep decoding between them;
+- `generate(requests)`: submit the choices of one HTTP request as one group (the engine checks each: an
+  `InvalidRequest` naming the field) and yield, as they come, lists of (choice index, Output): whatever the
+  engine has ready together goes in one list, consecutive Outputs of one choice merged (`merge_ready`, here
+  and nowhere else), so a consumer that lags behind the engine gets fewer, larger pieces instead of one per
+  token. Closing the iterator (a client that went away) aborts the choices still running;
+- `embed(token_lists, lora)`: embeddings, one input per engine call, so running requests keep decoding between
+  them;
 - `stats()`: the engine's counters (EngineDead when its thread has stopped);
 - `loras()`, `load_lora(name, path)`, `unload_lora(name)`: the LoRA adapters the engine holds, and changing
-  them between engine steps (`neoxray.platform.inference.adapters`).
+  them between engine steps (`neoxray.platform.inference.adapters`). A runtime load reads the adapter where the
+  engine runs, only from under `allowed_lora_path` (`allowed_adapter_dir`: `NotAllowed` otherwise), with
+  `neoxray.model.peft_format.read_peft_adapter`.
 
 Failures are `QueueFull` and `EngineDead` (`neoxray.platform.inference.request`) and `EngineUnavailable` (no engine
 can take the request now, or the one serving it went away); the serving layer answers each with a 503.
@@ -22,6 +26,8 @@ No Ray and no HTTP here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -142,8 +148,9 @@ class EngineClient:
 
 
 class LocalEngineClient(EngineClient):
-    """An `InferenceEngine` in this process (its background thread must be running), reporting each Output to
-    `observer`."""
+    """An `InferenceEngine` in this process (its background thread must be running), reporting each Output (and,
+    once `report_stats` runs, its stats) to `observer`. Each model replica of the Serve application is one
+    (`neoxray.platform.serve.app.NeoxrayModel`); runtime adapter loads read only under `allowed_lora_path`."""
 
     def __init__(self, engine, observer: ServeObserver | None = None, allowed_lora_path: str | None = None):
         self.engine = engine
@@ -158,38 +165,43 @@ class LocalEngineClient(EngineClient):
     async def ready(self) -> None:
         return None
 
+    def describe(self) -> tuple[EngineInfo, object]:
+        """What a client in another process needs to check and tokenize requests: the engine's bounds and its
+        tokenizer (`neoxray.platform.serve.app.ServeEngineClient.ready`)."""
+        return self.engine.info, self.engine.tokenizer
+
+    def report_stats(self, period_s: float) -> threading.Event:
+        """Hand the engine's stats to the observer every `period_s` on a thread of its own, until the returned
+        event is set. A failure there is skipped: metrics must never take the engine down."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(period_s):
+                with contextlib.suppress(Exception):
+                    self.observer.on_stats(self.engine.stats())
+
+        threading.Thread(target=loop, name="neoxray-stats", daemon=True).start()
+        return stop
+
     async def generate(self, requests: Sequence[Request]) -> AsyncIterator[Batch]:
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-
-        def sink(i: int):
-            return lambda out: loop.call_soon_threadsafe(q.put_nowait, (i, out))
-
-        self.engine.add_requests([(r, sink(i)) for i, r in enumerate(requests)])  # all or none
-        unfinished = set(range(len(requests)))
         last: dict[int, float] = {}
-        try:
-            while unfinished:
-                ready = [await q.get()]
-                while not q.empty():
-                    ready.append(q.get_nowait())
+        async with contextlib.aclosing(self.engine.stream(requests)) as outputs:  # closed early: aborted
+            async for ready in outputs:
                 now = time.perf_counter()
                 for i, out in ready:
                     self.observer.on_output(out, now - last[i] if i in last else None)
                     last[i] = now
-                    if out.finish_reason is not None:
-                        unfinished.discard(i)
                 yield merge_ready(ready)
-        finally:  # closed early (the consumer went away, or failed): stop what still runs
-            for i in unfinished:
-                self.engine.abort(requests[i].request_id)
 
     async def embed(self, token_lists: Sequence[Sequence[int]], lora: str | None = None) -> list[list[float]]:
         engine, out = self.engine, []
         for ids in token_lists:  # one input per engine call: decoding steps run in between
-            self._check_alive()
-            out.extend(await engine.run_on_engine(lambda ids=ids: engine.embed([ids], lora)))
+            out.extend(await self._between_steps(lambda ids=ids: engine.embed([ids], lora)))
         return out
+
+    async def _between_steps(self, fn):
+        self._check_alive()
+        return await asyncio.wrap_future(self.engine.run_between_steps(fn))
 
     def _check_alive(self) -> None:
         if not self.engine.alive:
@@ -202,14 +214,11 @@ class LocalEngineClient(EngineClient):
         engine = self.engine
         where = allowed_adapter_dir(self.allowed_lora_path, path)  # checked where it is read
         adapter = await asyncio.get_running_loop().run_in_executor(None, read_adapter, where, engine, name)
-        self._check_alive()
-        return await engine.run_on_engine(lambda: engine.add_lora(name, adapter, str(where)))  # between steps
+        return await self._between_steps(lambda: engine.add_lora(name, adapter, str(where)))
 
     async def unload_lora(self, name: str) -> None:
-        self._check_alive()
-        await self.engine.run_on_engine(lambda: self.engine.remove_lora(name))
+        await self._between_steps(lambda: self.engine.remove_lora(name))
 
     async def stats(self) -> dict:
-        if not self.engine.alive:
-            raise EngineDead(f"the inference engine is not running ({self.engine.error!r})")
+        self._check_alive()
         return self.engine.stats()

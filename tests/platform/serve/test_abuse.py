@@ -175,7 +175,7 @@ def test_a_small_request_is_served_while_a_flood_request_holds_the_queue(tiny_mo
     released, release = [], engine.scheduler.release
     engine.scheduler.release = lambda s: (released.append(s.req.max_tokens), release(s))
     gate, held = threading.Event(), threading.Event()
-    engine.call(lambda: (held.set(), gate.wait()))
+    engine.run_between_steps(lambda: (held.set(), gate.wait()))
     assert held.wait(60), "the engine thread did not take the call"
     srv = Server(engine)
     answers = {}

@@ -77,7 +77,7 @@ def model_tok(tiny_model_dir):
 def test_a_full_queue_gets_503_and_the_server_recovers(model_tok):
     engine = InferenceEngine(*model_tok, EngineConfig(max_num_seqs=1, max_waiting=1)).start()
     gate, held = threading.Event(), threading.Event()
-    engine.call(lambda: (held.set(), gate.wait()))  # hold the engine thread so that requests pile up
+    engine.run_between_steps(lambda: (held.set(), gate.wait()))  # hold the engine thread so that requests pile up
     assert held.wait(60), "the engine thread did not take the call"  # the inbox is empty again: room for one
     srv = Server(engine)
     try:

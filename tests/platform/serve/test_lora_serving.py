@@ -150,7 +150,7 @@ def test_no_idle_slot_refuses_a_load_with_409(setup):
     loaded = [a["name"] for a in engine.loras()]
     assert len(loaded) == 3
     gate, held = threading.Event(), threading.Event()
-    engine.call(lambda: (held.set(), gate.wait()))
+    engine.run_between_steps(lambda: (held.set(), gate.wait()))
     assert held.wait(60)
     with ThreadPoolExecutor(4) as pool:
         busy = [pool.submit(complete, srv, n, PROMPTS[0]) for n in loaded]
