@@ -184,10 +184,10 @@ def create_app(engine, args: ServeArgs) -> FastAPI:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    async def refused(request, exc: Exception):  # a bad request, a refusal of the engine's, nobody to serve it
-        return error_response(ApiError.of(exc))
+    async def refused(request, exc: Exception):  # a bad request, a refusal of the engine's, nobody to serve it,
+        return error_response(ApiError.of(exc))  # or a bug (500): every answer in OpenAI's shape
 
-    for kind in (ApiError, InvalidRequest, AdapterBusy, NotAllowed, *UNAVAILABLE):
+    for kind in (ApiError, InvalidRequest, AdapterBusy, NotAllowed, *UNAVAILABLE, Exception):
         app.add_exception_handler(kind, refused)
 
     @app.exception_handler(RequestValidationError)
@@ -205,10 +205,6 @@ def _add_error_handlers(app: FastAPI) -> None:
         response = error_response(ApiError(exc.status_code, msg, code=code))
         response.headers.update(getattr(exc, "headers", None) or {})
         return response
-
-    @app.exception_handler(Exception)
-    async def _internal(request, exc: Exception):  # a bug, not user input: still an OpenAI-shaped answer
-        return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
 
 
 def _add_auth(app: FastAPI, api_key: str) -> None:

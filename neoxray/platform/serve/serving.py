@@ -113,7 +113,8 @@ class ApiError(Exception):
     @classmethod
     def of(cls, e: BaseException) -> ApiError:
         """What the API answers to `e`: a refusal of the engine's (400 naming the field, 404 for an adapter that
-        is not loaded, 409 for one in use), of the server's settings (403), or nobody to serve it now (503)."""
+        is not loaded, 409 for one in use), of the server's settings (403), nobody to serve it now (503), or a
+        bug (500)."""
         if isinstance(e, ApiError):
             return e
         if isinstance(e, UnknownAdapter):
