@@ -176,10 +176,11 @@ def engine_sender(engine, max_tokens: int, loras: list[str] | None = None):
         sampling = SamplingParams(greedy=True, stop_at_eod=False)
         lora = loras[client % len(loras)] if loras else None
         req = Request(list(prompt), max_tokens=max_tokens, sampling=sampling, lora=lora)
-        async for out in engine.stream(req):
-            if out.token_ids and ttft is None:
-                ttft = time.perf_counter() - t0
-            n += len(out.token_ids)
+        async for ready in engine.stream([req]):
+            for _, out in ready:
+                if out.token_ids and ttft is None:
+                    ttft = time.perf_counter() - t0
+                n += len(out.token_ids)
         return ttft, time.perf_counter() - t0, n
 
     return send
@@ -442,6 +443,7 @@ def lora_benchmark(args, cfg, ours, tok, tmp: Path, hf) -> int:
     del hf
     results = {}
     if args.mode == "engine":
+        from neoxray.model.peft_format import read_peft_adapter
         from neoxray.platform.inference.engine import InferenceEngine
         from neoxray.platform.inference.request import EngineConfig
 
@@ -456,7 +458,7 @@ def lora_benchmark(args, cfg, ours, tok, tmp: Path, hf) -> int:
             ),
         )
         for name, d in dirs.items():
-            engine.add_lora(name, engine.read_lora(d, name), str(d))
+            engine.add_lora(name, read_peft_adapter(d, engine.model.config, name), str(d))
         engine.start()
         warm = prompts_for(len(names), args.prompt_len, tok, seed=3)
         asyncio.run(run_clients(engine_sender(engine, 4, names), warm, len(names), 1))  # warm-up, every adapter

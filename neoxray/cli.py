@@ -221,6 +221,8 @@ def cmd_serve(args) -> None:
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
         api_key=args.api_key,
+        allowed_lora_path=args.allowed_lora_path,
+        allow_unauthenticated_lora_updates=args.allow_unauthenticated_lora_updates,
         device=args.device,
         dtype=args.dtype,
         num_replicas=args.replicas,

@@ -258,6 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer KEY' on every route but /health (default: NEOXRAY_API_KEY, else "
         "none; an empty key is refused)",
     )
+    sv.add_argument(
+        "--allowed-lora-path",
+        default=None,
+        metavar="DIR",
+        help="runtime adapter loads (POST /v1/load_lora_adapter) read only under DIR (default: none, loads refused)",
+    )
+    sv.add_argument(
+        "--allow-unauthenticated-lora-updates",
+        action="store_true",
+        help="leave the runtime adapter routes open without --api-key (default: off, they answer 403 without a key)",
+    )
     sv.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local one)")
     sv.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
     sv.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="default auto: bf16 on GPUs, fp32 on CPUs")

@@ -30,6 +30,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
 
 import torch
 
@@ -140,9 +141,6 @@ class InferenceEngine:
         """Raise InvalidRequest naming what is wrong with a request that this engine cannot serve."""
         self.info.check(req)
 
-    def check_token_ids(self, ids: Sequence[int], param: str) -> None:
-        self.info.check_token_ids(ids, param)
-
     # -- submission (any thread) ---------------------------------------------------------------------------
     def add_request(self, req: Request, sink: Callable[[Output], None]) -> str:
         """Queue a request; `sink` is called on the engine thread with each Output (the last has a
@@ -170,19 +168,9 @@ class InferenceEngine:
         self._inbox.put(("abort", request_id))
 
     # -- LoRA adapters -------------------------------------------------------------------------------------------
-    def read_lora(self, path, name: str | None = None):
-        """A peft LoRA adapter directory -> LoRAAdapter, checked against this model's shapes (any thread: it only
-        reads files). A bad directory is an InvalidRequest naming `lora_path`."""
-        from neoxray.model.peft_format import read_peft_adapter
-
-        try:
-            return read_peft_adapter(path, self.model.config, name)
-        except NeoxrayError as e:
-            raise InvalidRequest(str(e), "lora_path") from None
-
     def add_lora(self, name: str, adapter, source: str | None = None) -> list[str]:
-        """Load `adapter` (from `read_lora`) as `name`; returns the idle adapters evicted to make room. On the
-        engine thread (`run_on_engine`) once it runs."""
+        """Load `adapter` (a LoRAAdapter: `neoxray.model.peft_format.read_peft_adapter`) as `name`; returns the
+        idle adapters evicted to make room. On the engine thread (`run_between_steps`) once it runs."""
         return self.adapters.add(name, adapter, source)
 
     def remove_lora(self, name: str) -> None:
@@ -193,12 +181,16 @@ class InferenceEngine:
         """The loaded adapters: [{name, source, slot, requests}] (a snapshot; any thread)."""
         return self.adapters.describe()
 
-    def call(self, fn: Callable[[], object]) -> queue.Queue:
-        """Run fn() on the engine thread between steps (it may use the model); the result or exception
-        arrives in the returned queue."""
-        box: queue.Queue = queue.Queue(maxsize=1)
-        self._inbox.put(("call", (fn, box)))
-        return box
+    def run_between_steps(self, fn: Callable[[], object]) -> Future:
+        """Run fn() on the engine thread between two steps (it may use the model and the adapters). Its result, or
+        its exception, arrives in the returned Future: `.result()` on a thread, `await asyncio.wrap_future(...)`
+        on an event loop. It fails with EngineDead once the engine has stopped."""
+        fut: Future = Future()
+        if self._thread is not None and not self.alive:
+            fut.set_exception(EngineDead(f"the inference engine is not running ({self.error!r})"))
+        else:
+            self._inbox.put(("call", (fn, fut)))
+        return fut
 
     # -- the background thread -------------------------------------------------------------------------------
     def start(self) -> InferenceEngine:
@@ -247,8 +239,8 @@ class InferenceEngine:
                     break
                 if kind == "add":
                     self._finish(item, "abort", error="the inference engine is shutting down")
-                elif kind == "call":
-                    item[1].put(EngineDead("the inference engine is shutting down"))
+                elif kind == "call" and item[1].set_running_or_notify_cancel():
+                    item[1].set_exception(EngineDead("the inference engine is shutting down"))
 
     def _drain_inbox(self, block: bool = False) -> None:
         while True:
@@ -270,11 +262,12 @@ class InferenceEngine:
                 if s is not None and not s.finished:
                     self._finish(s, "abort")
             elif kind == "call":
-                fn, box = item
-                try:
-                    box.put(fn())
-                except BaseException as e:  # handed to the caller, not fatal to the engine
-                    box.put(e)
+                fn, fut = item
+                if fut.set_running_or_notify_cancel():  # not if its caller has gone
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as e:  # handed to the caller, not fatal to the engine
+                        fut.set_exception(e)
 
     # -- one step ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -378,38 +371,43 @@ class InferenceEngine:
             self.step()
         return [Completion.of(collected[r.request_id], r) for r in requests]
 
-    async def stream(self, req: Request) -> AsyncIterator[Output]:
-        """Submit a request from an asyncio loop and yield its Outputs; cancelling the consumer (a client
-        that went away) aborts the request."""
+    async def stream(self, requests: Sequence[Request]) -> AsyncIterator[list[tuple[int, Output]]]:
+        """Submit `requests` as one group (`add_requests`: all or none) from an asyncio loop and yield, as they
+        come, the (index in `requests`, Output) pairs that are ready, in the order they came. Closing the iterator
+        early (a client that went away) aborts the requests still running."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        self.add_request(req, lambda out: loop.call_soon_threadsafe(q.put_nowait, out))
-        done = False
+
+        def sink(i: int):
+            return lambda out: loop.call_soon_threadsafe(q.put_nowait, (i, out))
+
+        self.add_requests([(r, sink(i)) for i, r in enumerate(requests)])
+        unfinished = set(range(len(requests)))
         try:
-            while not done:
-                out = await q.get()
-                done = out.finish_reason is not None
-                yield out
+            while unfinished:
+                ready = [await q.get()]
+                while not q.empty():
+                    ready.append(q.get_nowait())
+                unfinished.difference_update(i for i, out in ready if out.finish_reason is not None)
+                yield ready
         finally:
-            if not done:
-                self.abort(req.request_id)
+            for i in unfinished:
+                self.abort(requests[i].request_id)
 
     async def generate(self, req: Request) -> Completion:
-        outs = [o async for o in self.stream(req)]
+        async with contextlib.aclosing(self.stream([req])) as ready:
+            outs = [out async for batch in ready for _, out in batch]
         return Completion.of(outs, req)
-
-    async def run_on_engine(self, fn: Callable[[], object]):
-        """Await fn() run on the engine thread."""
-        box = self.call(fn)
-        result = await asyncio.get_running_loop().run_in_executor(None, box.get)
-        if isinstance(result, BaseException):
-            raise result
-        return result
 
     def embed(self, token_lists: Sequence[Sequence[int]], lora: str | None = None) -> list[list[float]]:
         """Mean of the final-LayerNorm hidden states over each text's tokens, L2-normalised (`ModelRunner.embed`),
-        of the base model or adapter `lora`. Runs on the calling thread (use `run_on_engine` when the engine
-        thread is running)."""
+        of the base model or adapter `lora`; each list is checked first (not empty, within the context, in the
+        vocabulary: an InvalidRequest naming `input`, the embeddings route's field). Runs on the calling thread
+        (use `run_between_steps` when the engine thread is running)."""
+        for ids in token_lists:
+            if not 0 < len(ids) <= self.max_seq_len:
+                raise InvalidRequest(f"input has {len(ids)} tokens; the model's context is {self.max_seq_len}", "input")
+            self.info.check_token_ids(ids, "input")
         if lora is not None and not self.adapters.known(lora):
             raise UnknownAdapter(unknown_message(lora), "model")
         return self.runner.embed(token_lists, None if lora is None else self.adapters.slot[lora])

@@ -7,16 +7,23 @@ logits, and an `Output` is made: the finish reason and the cut at a stop string 
 `StopChecker`, the text from its `IncrementalDetokenizer`, and a tail that could still be the start of a stop
 string or an incomplete character is held back until the next token (`StopChecker.safe_end`). These are the
 rules `neoxray generate` uses, so both stop at exactly the same place.
+
+Every token id that becomes text becomes it here, once: the generated text, and for a request that asks
+(`Request.token_text`: an OpenAI completion's log-probabilities and echo) the prompt's text, each log-probability
+entry's token text, its alternatives' and its character offset (`text_offsets`), so that the serving layer,
+which only tokenizes, never decodes.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
-from neoxray.model.decoding import IncrementalDetokenizer, StopChecker, sample_next, seeded_generator
+from neoxray.model.decoding import REPLACEMENT, IncrementalDetokenizer, StopChecker, sample_next, seeded_generator
 from neoxray.platform.inference.request import Output, TokenLogprob
 from neoxray.platform.inference.scheduler import SequenceState
 
@@ -31,6 +38,7 @@ class OutputProcessor:
         """Token ids from here on are padding rows of the embedding: never sampled."""
         self.max_seq_len = max_seq_len
         self.device = device
+        self._token_text = lru_cache(maxsize=65536)(lambda t: tokenizer.decode([t])) if tokenizer is not None else None
 
     def start(self, s: SequenceState) -> None:
         """Set up an admitted request's generator, stop rules and detokenizer."""
@@ -38,15 +46,17 @@ class OutputProcessor:
         s.stop = StopChecker(s.req.sampling, self.eod_id, min(s.req.max_tokens, self.max_seq_len - s.prompt_len))
         s.detokenizer = IncrementalDetokenizer(self.tokenizer, self.eod_id)
         if s.req.prompt_logprobs:
-            s.prompt_lp = [TokenLogprob(s.req.prompt_ids[0], None)] if s.req.score_from == 0 else []
+            if self._spells(s):
+                s.prompt_offsets = text_offsets(self._decode, s.req.prompt_ids)
+            s.prompt_lp = [self._entry(s, None, 0, 0)] if s.req.score_from == 0 else []
 
     def add_prompt_logprobs(self, s: SequenceState, logp: torch.Tensor, start: int) -> None:
         """logp [n, V]: log-probabilities after the prompt positions start .. start + n - 1 of `s`; records those
         of the prompt tokens that follow them."""
-        k = s.req.logprobs or 0
-        for j, t in enumerate(s.tokens[start + 1 : start + logp.shape[0] + 1]):  # targets inside the prompt
-            if start + 1 + j >= s.req.score_from:
-                s.prompt_lp.append(_entry(logp[j], t, k))
+        for j in range(logp.shape[0]):
+            at = start + 1 + j  # a target inside the prompt
+            if s.req.score_from <= at < s.prompt_len:
+                s.prompt_lp.append(self._entry(s, logp[j], at, s.prompt_offsets[at] if s.prompt_offsets else None))
 
     def process(self, seqs: list[SequenceState], logits: torch.Tensor) -> list[Output]:
         """logits [r, V] fp32 for the next token of each of seqs -> the Output of each (finish_reason set for
@@ -66,7 +76,7 @@ class OutputProcessor:
             s.tokens.append(tok)
             s.generated.append(tok)
             if i in lp_row:
-                s.pending_lp.append(_entry(logp[lp_row[i]], tok, s.req.logprobs))
+                s.pending_lp.append(self._entry(s, logp[lp_row[i]], len(s.tokens) - 1, s.text_chars))
             first = s.first_token_at is None
             if first:
                 s.first_token_at = now
@@ -77,6 +87,7 @@ class OutputProcessor:
         """The Output for the newest token of `s`: its text since the previous Output (cut at a stop string,
         which ends the request; while running, less whatever could still change)."""
         text = s.detokenizer.text(s.generated)
+        s.text_chars = len(text)
         hit = s.stop.find(text, s.emitted_chars)
         if hit >= 0:
             text, reason = text[:hit], "stop"
@@ -93,7 +104,7 @@ class OutputProcessor:
             generated_tokens=len(s.generated),
         )
         if first:
-            out.prompt_logprobs = s.prompt_lp
+            self._with_prompt(s, out)
             out.time_to_first_token_s = s.first_token_at - s.arrival
         s.pending_lp = []
         if reason is not None:
@@ -115,14 +126,45 @@ class OutputProcessor:
             logprobs=[] if s.req.logprobs is not None else None,
         )
         if not s.generated:
-            out.prompt_logprobs = s.prompt_lp
+            self._with_prompt(s, out)
         return out
 
+    def _with_prompt(self, s: SequenceState, out: Output) -> None:
+        """What a request's first Output carries about its prompt."""
+        out.prompt_logprobs = s.prompt_lp
+        if self._spells(s):
+            out.prompt_text = self._decode(s.req.prompt_ids)
 
-def _entry(logp_row: torch.Tensor, token: int, k: int) -> TokenLogprob:
-    """The log-probability of `token` and the k most likely tokens, from one row of log-probabilities [V]."""
-    top = []
-    if k:
-        vals, idx = logp_row.topk(k)
-        top = list(zip(idx.tolist(), vals.tolist()))
-    return TokenLogprob(token, float(logp_row[token]), top)
+    def _entry(self, s: SequenceState, logp_row: torch.Tensor | None, at: int, offset: int | None) -> TokenLogprob:
+        """The log-probability entry of the token at position `at` of `s`, and of the `logprobs` most likely
+        tokens, from one row of log-probabilities [V] (None: the first prompt token, which has no context);
+        spelled out (starting at `offset` in its text) when the request asks for it."""
+        token, k = s.tokens[at], s.req.logprobs or 0
+        top = []
+        if logp_row is not None and k:
+            vals, idx = logp_row.topk(k)
+            top = list(zip(idx.tolist(), vals.tolist()))
+        entry = TokenLogprob(token, None if logp_row is None else float(logp_row[token]), top)
+        if self._spells(s):
+            entry.text, entry.offset = self._token_text(token), offset
+            entry.top_text = [self._token_text(t) for t, _ in top]
+        return entry
+
+    def _spells(self, s: SequenceState) -> bool:
+        return s.req.token_text and self._token_text is not None
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._token_text(ids[0]) if len(ids) == 1 else self.tokenizer.decode(ids)
+
+
+def text_offsets(decode: Callable[[Sequence[int]], str], ids: Sequence[int]) -> list[int]:
+    """Where each token of `ids` starts in their text: len(decode(ids[:i])) for each i. Only the tokens since the
+    last one that ended on a complete character are decoded again, so each token costs one short decode, not a
+    decode of everything before it."""
+    offsets, done, chars = [], 0, 0
+    for i in range(len(ids)):
+        offsets.append(chars + (len(decode(ids[done:i])) if i > done else 0))
+        piece = decode(ids[done : i + 1])
+        if not piece.endswith(REPLACEMENT):  # a complete character: later tokens add to it
+            chars, done = chars + len(piece), i + 1
+    return offsets

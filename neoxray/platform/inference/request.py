@@ -105,6 +105,10 @@ class Request:
     lora: str | None = None
     """The LoRA adapter (its name in the engine, `InferenceEngine.add_lora`) this request applies; None: the base
     model. Its KV cache blocks are never shared with requests of another adapter (or of the base)."""
+    token_text: bool = False
+    """Also spell the tokens out, as an OpenAI completion shows them: the prompt's text on the first Output
+    (`Output.prompt_text`), and each log-probability entry's token text, its alternatives' and where it starts
+    (`TokenLogprob.text`, `.top_text`, `.offset`). Off for callers that need numbers only (evaluation)."""
 
     @property
     def group_key(self) -> str:
@@ -120,8 +124,8 @@ TOP_K_MAX = 2**31 - 1
 
 @dataclass(frozen=True)
 class EngineInfo:
-    """What an engine serves and the bounds a request must keep: enough to check a request anywhere (the
-    serving layer checks in the ingress process, before the request travels to a model replica)."""
+    """What an engine serves and the bounds a request must keep (`check`, where the engine takes a request in).
+    Plain data: the serving layer knows them in another process (the context, the vocabulary, adapter slots)."""
 
     model_name: str
     max_seq_len: int
@@ -143,6 +147,8 @@ class EngineInfo:
         if req.max_tokens < 0:
             raise InvalidRequest(f"max_tokens must be >= 0, got {req.max_tokens}", "max_tokens")
         fed = n - 1 if (req.max_tokens == 0 and req.prompt_logprobs and n > 1) else n  # a last target is not fed
+        if fed > self.max_seq_len:
+            raise InvalidRequest(f"prompt has {n} tokens; the model's context is {self.max_seq_len}", "prompt")
         if fed + req.max_tokens > self.max_seq_len:
             raise InvalidRequest(
                 f"prompt ({n} tokens) plus max_tokens ({req.max_tokens}) exceeds the model's "
@@ -189,6 +195,13 @@ class TokenLogprob:
     """None for the first prompt token, which has no context."""
     top: list[tuple[int, float]] = field(default_factory=list)
     """The most likely tokens at this position, best first (empty when none were asked for)."""
+    text: str | None = None
+    """With `Request.token_text`: this token's text (decoded alone)."""
+    top_text: list[str] | None = None
+    """With `Request.token_text`: the text of each of `top`."""
+    offset: int | None = None
+    """With `Request.token_text`: where this token's text starts, in characters from the start of the prompt's
+    text (prompt entries) or of the generated text (generated entries)."""
 
 
 @dataclass
@@ -202,6 +215,8 @@ class Output:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
     """Only on the first Output of a request that asked for them."""
+    prompt_text: str | None = None
+    """With `Request.token_text`, on the first Output: the prompt's token ids decoded."""
     finish_reason: str | None = None
     """None while running; 'stop' (end of document or a stop string), 'length', or 'abort'."""
     prompt_tokens: int = 0
@@ -222,6 +237,7 @@ class Output:
             text=a.text + b.text,
             logprobs=None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or []),
             prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
+            prompt_text=a.prompt_text if a.prompt_text is not None else b.prompt_text,
             finish_reason=b.finish_reason,
             prompt_tokens=b.prompt_tokens,
             generated_tokens=b.generated_tokens,

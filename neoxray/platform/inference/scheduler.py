@@ -50,6 +50,8 @@ class SequenceState:
     stop: StopChecker | None = None
     detokenizer: IncrementalDetokenizer | None = None
     emitted_chars: int = 0  # text handed out so far
+    text_chars: int = 0  # the generated text decoded so far: where the next token's text starts
+    prompt_offsets: list[int] | None = None  # with token_text and prompt log-probabilities: each token's start
     prompt_lp: list[TokenLogprob] | None = None
     pending_lp: list[TokenLogprob] = field(default_factory=list)  # not yet in an Output
     first_token_at: float | None = None

@@ -7,11 +7,12 @@ sits in front of its LLM server deployments.
   handle's `BackPressureError`) becomes an OpenAI-shaped 503 with Retry-After, and a model replica that dies
   mid-request becomes a 503, or ends a stream with an error event and `data: [DONE]`.
 - `NeoxrayModel` (`num_replicas`, or autoscaling, each with `num_gpus`): one InferenceEngine per replica
-  (continuous batching), the health check, the graceful drain, and the `neoxray_serve_*` Ray metrics. Its
+  (continuous batching), the health check, the graceful drain, and the `neoxray_serve_*` Ray metrics. It is a
+  `LocalEngineClient` over its engine, so the ingress's calls are the engine client's own, run here: its
   `generate` streams what the engine has ready, merged per step, so the extra hop costs one message per step
   rather than one per token; a cancelled call (the client went away) aborts the engine requests. Each replica
-  loads the `loras` adapters; runtime loads and unloads reach one replica, so they are refused (one line) when
-  the deployment may have several.
+  loads the `loras` adapters; runtime loads and unloads reach one replica, so they are refused (403, one line)
+  when the deployment may have several (`ServeArgs.lora_updates_refused`).
 
 Deploy it with `neoxray serve --model DIR`, or from a Serve config (`configs/serve.yaml`):
 
@@ -27,8 +28,6 @@ Deploy it with `neoxray serve --model DIR`, or from a Serve config (`configs/ser
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -39,56 +38,27 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 from neoxray.errors import NeoxrayError
 from neoxray.platform.inference.request import EngineInfo, Request
 from neoxray.platform.serve.args import ServeArgs
-from neoxray.platform.serve.client import Batch, EngineClient, EngineUnavailable
+from neoxray.platform.serve.client import Batch, EngineClient, EngineUnavailable, LocalEngineClient
 
-__all__ = ["NeoxrayIngress", "NeoxrayModel", "ServeArgs", "ServeEngineClient", "build_app", "lora_updates_refused"]
+__all__ = ["NeoxrayIngress", "NeoxrayModel", "ServeArgs", "ServeEngineClient", "build_app"]
 
 HEALTH_TIMEOUT_S = 10.0
 """How long /health waits for a model replica's counters before answering 503."""
 
 
 @serve.deployment(name="NeoxrayModel")
-class NeoxrayModel:
-    """One model replica: the model, its engine thread, and the calls the ingress makes."""
+class NeoxrayModel(LocalEngineClient):
+    """One model replica: the model and its engine thread, reached by the ingress through a DeploymentHandle; the
+    calls it makes are the engine client's own (`generate`, `embed`, `stats`, `loras`, `load_lora`,
+    `unload_lora`, and `describe` once), run here."""
 
     def __init__(self, args: dict, stats_period_s: float = 1.0):
-        from neoxray.platform.serve.client import LocalEngineClient
         from neoxray.platform.serve.metrics import RayServeMetrics
 
         self.args = ServeArgs(**args)
-        self.engine = self.args.build_engine().start()
-        self.client = LocalEngineClient(self.engine, RayServeMetrics(self.engine.model_name))
-        self._stop = threading.Event()
-        threading.Thread(target=self._report_stats, args=(stats_period_s,), name="neoxray-stats", daemon=True).start()
-
-    def _report_stats(self, period_s: float) -> None:
-        while not self._stop.wait(period_s):
-            with contextlib.suppress(Exception):  # metrics must never take the replica down
-                self.client.observer.on_stats(self.engine.stats())
-
-    def info(self) -> tuple[EngineInfo, object]:
-        """What the ingress needs to check and tokenize requests: the engine's bounds and its tokenizer."""
-        return self.engine.info, self.engine.tokenizer
-
-    async def generate(self, requests: Sequence[Request]) -> AsyncIterator[Batch]:
-        """The Outputs of one HTTP request's choices, merged per engine step (`LocalEngineClient.generate`)."""
-        async for batch in self.client.generate(requests):
-            yield batch
-
-    async def embed(self, token_lists: Sequence[Sequence[int]], lora: str | None = None) -> list[list[float]]:
-        return await self.client.embed(token_lists, lora)
-
-    async def stats(self) -> dict:
-        return await self.client.stats()
-
-    async def loras(self) -> list[dict]:
-        return await self.client.loras()
-
-    async def load_lora(self, name: str, path: str) -> list[str]:
-        return await self.client.load_lora(name, path)
-
-    async def unload_lora(self, name: str) -> None:
-        await self.client.unload_lora(name)
+        engine = self.args.build_engine().start()
+        super().__init__(engine, RayServeMetrics(engine.model_name), self.args.allowed_lora_path)
+        self._stop_stats = self.report_stats(stats_period_s)
 
     def check_health(self) -> None:
         """Serve replaces a replica whose engine thread has died."""
@@ -98,7 +68,7 @@ class NeoxrayModel:
     async def __del__(self):
         """Serve has stopped routing to this replica and waited for its requests (graceful_shutdown_timeout_s):
         stop the engine, finishing whatever is left as far as the remaining time allows."""
-        self._stop.set()
+        self._stop_stats.set()
         await asyncio.get_running_loop().run_in_executor(None, self.engine.stop, 5.0)
 
 
@@ -120,7 +90,7 @@ class ServeEngineClient(EngineClient):
         async with self._lock:
             if self.info is None:
                 try:
-                    self.info, self.tokenizer = await self.handle.info.remote()
+                    self.info, self.tokenizer = await self.handle.describe.remote()
                 except Exception as e:
                     raise _translate(e) from None
 
@@ -201,25 +171,7 @@ class NeoxrayIngress:
     def __serve_build_asgi_app__(self):
         from neoxray.platform.serve.api import create_app
 
-        a = self.args
-        return create_app(
-            self.client,
-            model_name=a.name,
-            api_key=a.api_key,
-            limits=a.limits(),
-            lora_updates_refused=lora_updates_refused(a),
-        )
-
-
-def lora_updates_refused(args: ServeArgs) -> str | None:
-    """Why the ingress refuses runtime LoRA adapter changes (None: it does not): a call through the handle
-    reaches one model replica, so with several (or autoscaling) their adapter sets would drift apart."""
-    if args.num_replicas > 1 or args.min_replicas is not None or args.max_replicas is not None:
-        return (
-            "runtime LoRA adapter changes need one fixed model replica (each replica holds its own adapters); "
-            "list the adapters in `loras` instead"
-        )
-    return None
+        return create_app(self.client, self.args)
 
 
 def build_app(args: ServeArgs) -> serve.Application:

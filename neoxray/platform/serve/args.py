@@ -5,6 +5,7 @@ so that `neoxray serve --no-ray` runs where Ray is not installed."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -85,6 +86,13 @@ class ServeArgs(BaseModel):
     max_lora_rank: int | None = Field(None, ge=1)
     """The largest adapter rank the slots hold (default: the largest rank of `loras`, at least 16). Slot memory
     is max_loras x max_lora_rank x (inputs + outputs) of every adapted linear; compute follows the ranks in use."""
+    allowed_lora_path: str | None = None
+    """The directory runtime adapter loads (POST /v1/load_lora_adapter) may read from: a `lora_path` must lie
+    under it once `..` and symbolic links are resolved (a relative one is taken from it), or the load is refused
+    with 403; None: runtime loads are refused. As vLLM's `--allowed-local-media-path`, for adapters."""
+    allow_unauthenticated_lora_updates: bool = False
+    """Leave POST /v1/load_lora_adapter and /v1/unload_lora_adapter open without an API key. Off: without a key
+    they answer 403, since anyone who reaches the port could otherwise unload adapters."""
 
     @field_validator("api_key")
     @classmethod
@@ -92,6 +100,16 @@ class ServeArgs(BaseModel):
         if v is not None and not v.strip():
             raise ValueError("must not be empty: an empty key would turn authentication off (omit it for no key)")
         return v
+
+    @field_validator("allowed_lora_path")
+    @classmethod
+    def _allowed_lora_dir(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        path = Path(v).expanduser().resolve()
+        if not path.is_dir():
+            raise ValueError(f"{v!r} is not a directory")
+        return str(path)
 
     @field_validator("loras")
     @classmethod
@@ -110,6 +128,22 @@ class ServeArgs(BaseModel):
         if self.name is not None and self.name in self.loras:
             raise ValueError(f"LoRA adapter name {self.name!r} is the base model's name")
         return self
+
+    def lora_updates_refused(self) -> str | None:
+        """Why runtime LoRA adapter changes are refused (None: they are not): without an API key anyone who
+        reaches the port could make them (unless `allow_unauthenticated_lora_updates`); with several model
+        replicas (or autoscaling) a change reaches one of them, and their adapter sets would drift apart."""
+        if self.api_key is None and not self.allow_unauthenticated_lora_updates:
+            return (
+                "runtime LoRA adapter changes need an API key (--api-key), or --allow-unauthenticated-lora-updates "
+                "to leave them open to anyone who reaches this server"
+            )
+        if self.num_replicas > 1 or self.min_replicas is not None or self.max_replicas is not None:
+            return (
+                "runtime LoRA adapter changes need one fixed model replica (each replica holds its own adapters); "
+                "list the adapters in `loras` instead"
+            )
+        return None
 
     @property
     def lora_slots(self) -> int:
@@ -165,6 +199,7 @@ class ServeArgs(BaseModel):
     def build_engine(self):
         """Load the model and make its (not yet started) InferenceEngine, as these arguments say, with the
         `loras` loaded (a bad adapter directory is a NeoxrayError naming it, checked before the model loads)."""
+        from neoxray.model.peft_format import read_peft_adapter
         from neoxray.model.precision import to_dtype
         from neoxray.platform.inference.engine import InferenceEngine
 
@@ -180,7 +215,7 @@ class ServeArgs(BaseModel):
             if name == engine.model_name:
                 raise NeoxrayError(f"LoRA adapter name {name!r} is the base model's name; give it another")
             try:
-                engine.add_lora(name, engine.read_lora(path, name), str(path))
+                engine.add_lora(name, read_peft_adapter(path, engine.model.config, name), str(path))
             except NeoxrayError as e:
                 raise NeoxrayError(f"LoRA adapter {name!r}: {e}") from None
         return engine

@@ -1,18 +1,22 @@
 """Engine clients: how the serving layer (`neoxray.platform.serve.serving`) reaches an inference engine, wherever
-it runs. `LocalEngineClient` drives an engine in this process (`neoxray serve --no-ray`, the tests, and, inside
-each model replica of the Ray Serve application, the replica's own engine); the Serve application's ingress
-uses `neoxray.platform.serve.app.ServeEngineClient`, which calls the model deployment through a Serve
-DeploymentHandle. Both answer the same four calls:
+it runs. `LocalEngineClient` drives an engine in this process (`neoxray serve --no-ray`, the tests, and each model
+replica of the Ray Serve application, which is one); the Serve application's ingress uses
+`neoxray.platform.serve.app.ServeEngineClient`, which makes the same calls on a model replica through a Serve
+DeploymentHandle. Both answer these seven calls:
 
 - `ready()`: the engine's `EngineInfo` and tokenizer are known (`info`, `tokenizer`);
-- `generate(requests)`: submit the choices of one HTTP request as one group and yield, as they come, lists of
-  (choice index, Output): whatever is ready together goes in one list, consecutive Outputs of one choice
-  merged, so a consumer that lags behind the engine gets fewer, larger pieces instead of one per token.
-  Closing the iterator (a client that went away) aborts the choices still running;
-- `embed(token_lists)`: embeddings, one input per engine call, so running requests keep decoding between them;
+- `generate(requests)`: submit the choices of one HTTP request as one group (the engine checks each: an
+  `InvalidRequest` naming the field) and yield, as they come, lists of (choice index, Output): whatever the
+  engine has ready together goes in one list, consecutive Outputs of one choice merged (`merge_ready`, here
+  and nowhere else), so a consumer that lags behind the engine gets fewer, larger pieces instead of one per
+  token. Closing the iterator (a client that went away) aborts the choices still running;
+- `embed(token_lists, lora)`: embeddings, one input per engine call, so running requests keep decoding between
+  them;
 - `stats()`: the engine's counters (EngineDead when its thread has stopped);
 - `loras()`, `load_lora(name, path)`, `unload_lora(name)`: the LoRA adapters the engine holds, and changing
-  them between engine steps (`neoxray.platform.inference.adapters`).
+  them between engine steps (`neoxray.platform.inference.adapters`). A runtime load reads the adapter where the
+  engine runs, only from under `allowed_lora_path` (`allowed_adapter_dir`: `NotAllowed` otherwise), with
+  `neoxray.model.peft_format.read_peft_adapter`.
 
 Failures are `QueueFull` and `EngineDead` (`neoxray.platform.inference.request`) and `EngineUnavailable` (no engine
 can take the request now, or the one serving it went away); the serving layer answers each with a 503.
@@ -22,11 +26,15 @@ No Ray and no HTTP here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 from neoxray.errors import NeoxrayError
-from neoxray.platform.inference.request import EngineDead, EngineInfo, Output, Request
+from neoxray.model.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_peft_adapter
+from neoxray.platform.inference.request import EngineDead, EngineInfo, InvalidRequest, Output, Request
 
 Batch = list[tuple[int, Output]]
 """What one step of `EngineClient.generate` yields: (choice index, Output) pairs, at most one per choice."""
@@ -40,6 +48,48 @@ class EngineUnavailable(NeoxrayError):
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.code = code
+
+
+class NotAllowed(NeoxrayError):
+    """What the operator's settings forbid (403): runtime adapter changes without an API key, an adapter
+    directory outside `allowed_lora_path`. `param` names the field, `code` says which."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "not_allowed"):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+def allowed_adapter_dir(root: str | None, path: str) -> Path:
+    """`path` (relative ones from `root`) with `..` and symbolic links resolved, once it is known to lie under
+    `root`, as do the adapter files in it (a link to weights elsewhere is refused too); NotAllowed otherwise."""
+    if root is None:
+        raise NotAllowed(
+            "runtime LoRA adapter loads read only under --allowed-lora-path (allowed_lora_path), which this server "
+            "was not given",
+            "lora_path",
+            "lora_path_not_allowed",
+        )
+    base = Path(root).resolve()
+    resolved = (base / Path(path).expanduser()).resolve()
+    inside = [resolved, *((resolved / f).resolve() for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))]
+    if not all(p.is_relative_to(base) for p in inside):
+        raise NotAllowed(
+            f"lora_path {path!r} is not under the allowed LoRA directory {str(base)!r} (with '..' and symbolic "
+            "links resolved)",
+            "lora_path",
+            "lora_path_not_allowed",
+        )
+    return resolved
+
+
+def read_adapter(path, engine, name: str):
+    """The peft adapter directory `path`, checked against the engine's model (file I/O: off the event loop). A
+    bad directory is an InvalidRequest naming `lora_path`."""
+    try:
+        return read_peft_adapter(path, engine.model.config, name)
+    except NeoxrayError as e:
+        raise InvalidRequest(str(e), "lora_path") from None
 
 
 class ServeObserver:
@@ -98,13 +148,15 @@ class EngineClient:
 
 
 class LocalEngineClient(EngineClient):
-    """An `InferenceEngine` in this process (its background thread must be running), reporting each Output to
-    `observer`."""
+    """An `InferenceEngine` in this process (its background thread must be running), reporting each Output (and,
+    once `report_stats` runs, its stats) to `observer`. Each model replica of the Serve application is one
+    (`neoxray.platform.serve.app.NeoxrayModel`); runtime adapter loads read only under `allowed_lora_path`."""
 
-    def __init__(self, engine, observer: ServeObserver | None = None):
+    def __init__(self, engine, observer: ServeObserver | None = None, allowed_lora_path: str | None = None):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.observer = observer or ServeObserver()
+        self.allowed_lora_path = allowed_lora_path
 
     @property
     def info(self) -> EngineInfo:
@@ -113,38 +165,43 @@ class LocalEngineClient(EngineClient):
     async def ready(self) -> None:
         return None
 
+    def describe(self) -> tuple[EngineInfo, object]:
+        """What a client in another process needs to check and tokenize requests: the engine's bounds and its
+        tokenizer (`neoxray.platform.serve.app.ServeEngineClient.ready`)."""
+        return self.engine.info, self.engine.tokenizer
+
+    def report_stats(self, period_s: float) -> threading.Event:
+        """Hand the engine's stats to the observer every `period_s` on a thread of its own, until the returned
+        event is set. A failure there is skipped: metrics must never take the engine down."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(period_s):
+                with contextlib.suppress(Exception):
+                    self.observer.on_stats(self.engine.stats())
+
+        threading.Thread(target=loop, name="neoxray-stats", daemon=True).start()
+        return stop
+
     async def generate(self, requests: Sequence[Request]) -> AsyncIterator[Batch]:
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-
-        def sink(i: int):
-            return lambda out: loop.call_soon_threadsafe(q.put_nowait, (i, out))
-
-        self.engine.add_requests([(r, sink(i)) for i, r in enumerate(requests)])  # all or none
-        unfinished = set(range(len(requests)))
         last: dict[int, float] = {}
-        try:
-            while unfinished:
-                ready = [await q.get()]
-                while not q.empty():
-                    ready.append(q.get_nowait())
+        async with contextlib.aclosing(self.engine.stream(requests)) as outputs:  # closed early: aborted
+            async for ready in outputs:
                 now = time.perf_counter()
                 for i, out in ready:
                     self.observer.on_output(out, now - last[i] if i in last else None)
                     last[i] = now
-                    if out.finish_reason is not None:
-                        unfinished.discard(i)
                 yield merge_ready(ready)
-        finally:  # closed early (the consumer went away, or failed): stop what still runs
-            for i in unfinished:
-                self.engine.abort(requests[i].request_id)
 
     async def embed(self, token_lists: Sequence[Sequence[int]], lora: str | None = None) -> list[list[float]]:
         engine, out = self.engine, []
         for ids in token_lists:  # one input per engine call: decoding steps run in between
-            self._check_alive()
-            out.extend(await engine.run_on_engine(lambda ids=ids: engine.embed([ids], lora)))
+            out.extend(await self._between_steps(lambda ids=ids: engine.embed([ids], lora)))
         return out
+
+    async def _between_steps(self, fn):
+        self._check_alive()
+        return await asyncio.wrap_future(self.engine.run_between_steps(fn))
 
     def _check_alive(self) -> None:
         if not self.engine.alive:
@@ -155,15 +212,13 @@ class LocalEngineClient(EngineClient):
 
     async def load_lora(self, name: str, path: str) -> list[str]:
         engine = self.engine
-        adapter = await asyncio.get_running_loop().run_in_executor(None, engine.read_lora, path, name)  # file I/O
-        self._check_alive()
-        return await engine.run_on_engine(lambda: engine.add_lora(name, adapter, str(path)))  # between steps
+        where = allowed_adapter_dir(self.allowed_lora_path, path)  # checked where it is read
+        adapter = await asyncio.get_running_loop().run_in_executor(None, read_adapter, where, engine, name)
+        return await self._between_steps(lambda: engine.add_lora(name, adapter, str(where)))
 
     async def unload_lora(self, name: str) -> None:
-        self._check_alive()
-        await self.engine.run_on_engine(lambda: self.engine.remove_lora(name))
+        await self._between_steps(lambda: self.engine.remove_lora(name))
 
     async def stats(self) -> dict:
-        if not self.engine.alive:
-            raise EngineDead(f"the inference engine is not running ({self.engine.error!r})")
+        self._check_alive()
         return self.engine.stats()

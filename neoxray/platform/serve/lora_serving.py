@@ -3,7 +3,10 @@ adapter a request's `model` names, /v1/models' adapter cards (vLLM's shape: `par
 `root` the adapter's directory), and vLLM's runtime routes, POST /v1/load_lora_adapter and
 /v1/unload_lora_adapter. The adapters live in the engine (`neoxray.platform.inference.adapters`), reached through
 the engine client; its refusals name the field: `UnknownAdapter` (404), `AdapterBusy` (409, every slot or the
-adapter in use), `InvalidRequest` (400: a bad adapter directory, a rank past max_lora_rank, a name taken).
+adapter in use), `InvalidRequest` (400: a bad adapter directory, a rank past max_lora_rank, a name taken),
+`NotAllowed` (403: a directory outside `allowed_lora_path`, checked where it is read). The routes themselves are
+refused here (403) when the server's settings forbid runtime changes: no API key (unless the operator leaves them
+open), several model replicas.
 
 A completion's adapter is checked where its requests are taken in (the engine), not here, so that a request and
 an unload racing each other never leave a request running on a freed slot and the ingress makes no extra call
@@ -15,6 +18,7 @@ from __future__ import annotations
 import time
 
 from neoxray.platform.inference.request import InvalidRequest, UnknownAdapter
+from neoxray.platform.serve.client import NotAllowed
 from neoxray.platform.serve.protocol import (
     LoadLoRAAdapterRequest,
     LoRAAdapterResponse,
@@ -28,7 +32,8 @@ class LoRAServing:
     """Mixed into OpenAIServing, which sets `client`, `info`, `model_name` and `lora_updates_refused`."""
 
     lora_updates_refused: str | None = None
-    """Why runtime adapter changes are refused here (None: allowed), e.g. several model replicas."""
+    """Why runtime adapter changes are refused here (None: allowed): no API key, several model replicas
+    (`neoxray.platform.serve.args.ServeArgs.lora_updates_refused`)."""
 
     def adapter_of(self, model: str | None) -> str | None:
         """The adapter a request's `model` names (None: the base model). Unknown names are refused by the engine
@@ -63,7 +68,7 @@ class LoRAServing:
 
     def _check_updates(self, name: str) -> None:
         if self.lora_updates_refused:
-            raise InvalidRequest(self.lora_updates_refused, "lora_name")
+            raise NotAllowed(self.lora_updates_refused, None, "lora_updates_disabled")
         if name == self.model_name:
             raise InvalidRequest(f"lora_name {name!r} is the base model's name; an adapter needs its own", "lora_name")
 

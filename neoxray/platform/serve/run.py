@@ -4,11 +4,12 @@ the same HTTP API (no Ray is imported then)."""
 
 from __future__ import annotations
 
+import ipaddress
 import signal
 import sys
 import time
 
-from neoxray.platform.serve.args import ServeArgs
+from neoxray.platform.serve.args import API_KEY_ENV, ServeArgs
 
 APP_NAME = "neoxray"
 
@@ -32,10 +33,33 @@ def run_serve(
     no_ray: bool = False,
     verbose: bool = False,
 ) -> None:
+    """`neoxray serve`: on Ray Serve (a local cluster, or the one at `address`), or with `no_ray` in this process."""
     _sigterm_as_interrupt()
     args = args.with_env_api_key()  # an empty NEOXRAY_API_KEY is refused before anything starts
+    if exposed_without_key(host, args.api_key):
+        _log(
+            f"warning: serving on {host} without an API key: anyone who can reach port {port} can use the model "
+            f"(give --api-key or {API_KEY_ENV})"
+        )
     if no_ray:
-        return _run_standalone(args, host, port)
+        _serve_without_ray(args, host, port)
+    else:
+        _serve_on_ray(args, host, port, address, verbose)
+
+
+def exposed_without_key(host: str, api_key: str | None) -> bool:
+    """Whether a server on `host` without a key answers other machines: any address but a loopback one (a
+    host name may resolve to any interface)."""
+    if api_key is not None or host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
+def _serve_on_ray(args: ServeArgs, host: str, port: int, address: str | None, verbose: bool) -> None:
+    """Deploy the Serve application and keep it up until Ctrl-C or SIGTERM, then take it down gracefully."""
     from ray import serve
 
     from neoxray.platform.serve.app import build_app
@@ -68,9 +92,16 @@ def run_serve(
             _log("interrupted again: leaving without waiting for the replicas")
 
 
-def _run_standalone(args: ServeArgs, host: str, port: int) -> None:
-    from neoxray.platform.serve.api import run_standalone
+def _serve_without_ray(args: ServeArgs, host: str, port: int) -> None:
+    """One engine behind the same HTTP API under uvicorn in this process (no Ray imported): for a single
+    machine, and for GPU hosts where Ray is not installed. Running requests get 30 s to finish at the end."""
+    import uvicorn
 
-    engine = args.build_engine()
+    from neoxray.platform.serve.api import create_app
+
+    engine = args.build_engine().start()
     _log(f"serving {engine.model_name} at http://{host}:{port}/v1 without Ray (one engine, uvicorn)")
-    run_standalone(engine, host=host, port=port, api_key=args.api_key, model_name=args.name, limits=args.limits())
+    try:
+        uvicorn.run(create_app(engine, args), host=host, port=port, log_level="warning")
+    finally:
+        engine.stop(timeout=30)

@@ -4,37 +4,52 @@ models. No HTTP here (`neoxray.platform.serve.api` maps routes onto it), and no 
 through an `EngineClient` (`neoxray.platform.serve.client`): in this process, or a model replica of the Serve
 application.
 
-- prompts: a string, strings, token ids or token-id lists, each checked (the model served, the vocabulary,
-  the context, the request's limits: `neoxray.platform.serve.limits`) before anything reaches the engine; a
-  text too long to fit the context is refused before it is tokenized, and tokenizing runs on a thread pool,
-  never on the event loop;
+Each step happens once, here or in the engine:
+- prompts: a string, strings, token ids or token-id lists. This layer checks what only it can (the request's
+  limits, `neoxray.platform.serve.limits`; a text too long to fit the context, refused before it is
+  tokenized) and tokenizes texts, on a thread pool, never on the event loop. It decodes nothing: the engine
+  checks every request it takes in (the vocabulary, the context, sampling; `EngineInfo.check`, a 400 naming
+  the field) and spells out what the answer shows (a token-id prompt's text, log-probability tokens and text
+  offsets: `Request.token_text`);
 - completions: `n` choices per prompt (seed + j for choice j), sent to the engine as one group (the engine
   shares its batch fairly between groups), echo, log-probabilities with text offsets; the whole answer, or
-  server-sent events in which whatever is ready goes out together;
+  server-sent events, one per choice for each piece the engine client hands over (it merges what is ready);
 - embeddings, tokenize / detokenize / tokenizer_info (vLLM's routes that lm-evaluation-harness's remote
   tokenizer uses), models, health;
 - LoRA adapters (`neoxray.platform.serve.lora_serving`): a request's `model` names the base or an adapter;
   /v1/models lists both; adapters are loaded and unloaded at run time.
-Refusals are `ApiError`s (an HTTP status and OpenAI's error fields); the engine's own `InvalidRequest` names
-the field too. Once a stream has started, a failure ends it with an error event and `data: [DONE]`. A client
-that goes away closes its generator, which aborts its engine requests.
+Refusals are `ApiError`s (an HTTP status and OpenAI's error fields; `ApiError.of` maps the engine's and the
+engine client's exceptions onto them). Once a stream has started, a failure ends it with an error event and
+`data: [DONE]`. A client that goes away closes its generator, which aborts its engine requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from dataclasses import dataclass
 
 import numpy as np
 
 from neoxray.model.decoding import SamplingParams
-from neoxray.platform.inference.request import SAMPLING_EPS, EngineDead, Output, QueueFull, Request, TokenLogprob
-from neoxray.platform.serve.client import EngineClient, EngineUnavailable, merge_ready
+from neoxray.platform.inference.request import (
+    SAMPLING_EPS,
+    AdapterBusy,
+    EngineDead,
+    InvalidRequest,
+    Output,
+    QueueFull,
+    Request,
+    TokenLogprob,
+    UnknownAdapter,
+)
+from neoxray.platform.serve.client import EngineClient, EngineUnavailable, NotAllowed
 from neoxray.platform.serve.limits import ServingLimits, prompt_char_bound
 from neoxray.platform.serve.lora_serving import LoRAServing
 from neoxray.platform.serve.protocol import (
@@ -58,8 +73,16 @@ from neoxray.platform.serve.protocol import (
     UsageInfo,
 )
 
-Choice = tuple[list[int], str, Request]
-"""One choice of a completion: its prompt's token ids and text, and its engine request."""
+
+@dataclass
+class Choice:
+    """One choice of a completion: its prompt's token ids and text, and its engine request."""
+
+    ids: list[int]
+    text: str | None
+    """The prompt as sent, or (a token-id prompt) the engine's decoding of it once its first Output came."""
+    request: Request
+
 
 UNAVAILABLE = (QueueFull, EngineDead, EngineUnavailable)
 """What an engine client raises when no engine can serve a request now: 503."""
@@ -79,6 +102,7 @@ class ApiError(Exception):
         code: str | None = None,
         retry_after_s: float | None = None,
     ):
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # no lone surrogate reaches JSON
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.retry_after_s = retry_after_s
@@ -87,15 +111,29 @@ class ApiError(Exception):
         return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
 
     @classmethod
-    def unavailable(cls, e: BaseException) -> ApiError:
-        """The 503 for an engine that cannot serve now (`UNAVAILABLE`)."""
+    def of(cls, e: BaseException) -> ApiError:
+        """What the API answers to `e`: a refusal of the engine's (400 naming the field, 404 for an adapter that
+        is not loaded, 409 for one in use), of the server's settings (403), nobody to serve it now (503), or a
+        bug (500)."""
+        if isinstance(e, ApiError):
+            return e
+        if isinstance(e, UnknownAdapter):
+            return cls(404, str(e), param=e.param, code="model_not_found")
+        if isinstance(e, InvalidRequest):
+            return cls(400, str(e), param=e.param)
+        if isinstance(e, AdapterBusy):
+            return cls(409, str(e), param="lora_name", code="adapter_busy")
+        if isinstance(e, NotAllowed):
+            return cls(403, str(e), "permission_error", e.param, e.code)
         if isinstance(e, QueueFull):
             return cls(
                 503, f"server overloaded: {e}; retry later", "server_error", code="server_overloaded", retry_after_s=1
             )
         if isinstance(e, EngineUnavailable):
             return cls(503, str(e), "server_error", code=e.code, retry_after_s=e.retry_after_s)
-        return cls(503, str(e), "server_error", code="model_unavailable")
+        if isinstance(e, EngineDead):
+            return cls(503, str(e), "server_error", code="model_unavailable")
+        return cls(500, f"internal error: {type(e).__name__}: {e}", "server_error")
 
 
 class OpenAIServing(LoRAServing):
@@ -126,7 +164,6 @@ class OpenAIServing(LoRAServing):
         self.tokenizer = self.client.tokenizer
         self.model_name = self._name or self.info.model_name
         self.max_prompt_chars = prompt_char_bound(self.tokenizer, self.info.max_seq_len)
-        self._token_str = lru_cache(maxsize=65536)(lambda t: self.tokenizer.decode([t]))
         self._setup_done = True
 
     async def _off_loop(self, fn, *args):
@@ -145,40 +182,30 @@ class OpenAIServing(LoRAServing):
             return [list(prompt)]
         return list(prompt)
 
-    async def prompts_of(self, items: Sequence, field: str) -> list[tuple[list[int], str]]:
-        """-> [(token ids, text)] of each prompt. What cannot fit the context is refused first, without
-        tokenizing; then texts are tokenized (and token ids decoded) on the tokenizer threads."""
-        ctx = self.info.max_seq_len
-        for item in items:
-            if isinstance(item, str):
-                if self.max_prompt_chars is not None and len(item) > self.max_prompt_chars:
-                    raise ApiError(
-                        400,
-                        f"{field} has {len(item)} characters, more than any text of {ctx} tokens (the model's "
-                        f"context) can have with this tokenizer ({self.max_prompt_chars})",
-                        param=field,
-                    )
-            else:
-                if len(item) > ctx:
-                    raise ApiError(400, f"{field} has {len(item)} tokens; the model's context is {ctx}", param=field)
-                self.info.check_token_ids(item, field)
-        return await self._off_loop(self._tokenize_items, list(items), field)
-
-    def _tokenize_items(self, items: list, field: str) -> list[tuple[list[int], str]]:
+    async def prompts_of(self, items: Sequence, field: str) -> list[tuple[list[int], str | None]]:
+        """-> [(token ids, text)] of each prompt (text None for token ids, which the engine checks and spells
+        out). A text that cannot fit the context is refused first, without tokenizing; texts are tokenized on
+        the tokenizer threads."""
         texts = [item for item in items if isinstance(item, str)]
         for text in texts:
+            if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
+                ctx = self.info.max_seq_len
+                raise ApiError(
+                    400,
+                    f"{field} has {len(text)} characters, more than any text of {ctx} tokens (the model's "
+                    f"context) can have with this tokenizer ({self.max_prompt_chars})",
+                    param=field,
+                )
+        encoded = iter(await self._off_loop(self._tokenize, texts, field) if texts else [])
+        return [(next(encoded), item) if isinstance(item, str) else (list(item), None) for item in items]
+
+    def _tokenize(self, texts: list[str], field: str) -> list[list[int]]:
+        for text in texts:
             check_unicode(text, field)
-        encoded = iter(self.tokenizer.encode_batch(texts) if texts else [])  # releases the GIL while it works
-        out = []
-        for item in items:
-            if isinstance(item, str):
-                ids, text = next(encoded), item
-            else:
-                ids, text = list(item), self.tokenizer.decode(item)
-            if not ids:
-                raise ApiError(400, f"{field} is empty (it encodes to no tokens)", param=field)
-            out.append((ids, text))
-        return out
+        encoded = self.tokenizer.encode_batch(texts)  # releases the GIL while it works
+        if not all(encoded):
+            raise ApiError(400, f"{field} is empty (it encodes to no tokens)", param=field)
+        return encoded
 
     def engine_requests(
         self, body: CompletionRequest, ids: list[int], group: str, lora: str | None = None
@@ -206,6 +233,7 @@ class OpenAIServing(LoRAServing):
                     prompt_logprobs=body.echo and body.logprobs is not None,
                     group=group,
                     lora=lora,
+                    token_text=body.echo or body.logprobs is not None,  # the engine spells out what is shown
                 )
             )
         return reqs
@@ -216,13 +244,7 @@ class OpenAIServing(LoRAServing):
             await asyncio.wait_for(self.ready(), READY_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise ApiError(503, "the model is not ready yet", "server_error", code="model_unavailable") from None
-        except UNAVAILABLE as e:
-            raise ApiError.unavailable(e) from None
-        try:
-            stats = await self.client.stats()
-        except UNAVAILABLE as e:
-            raise ApiError.unavailable(e) from None
-        return HealthResponse(model=self.model_name, **stats)
+        return HealthResponse(model=self.model_name, **await self.client.stats())
 
     async def tokenizer_info(self) -> TokenizerInfo:
         await self.ready()
@@ -260,25 +282,19 @@ class OpenAIServing(LoRAServing):
     async def embeddings(self, body: EmbeddingRequest) -> EmbeddingResponse:
         await self.ready()
         lora = await self.resolve_model(body.model)
-        limits, ctx = self.limits, self.info.max_seq_len
+        limits = self.limits
         items = self.items_of(body.input, "input")
         if len(items) > limits.max_embedding_inputs:
             raise ApiError(
                 400, f"input has {len(items)} items; at most {limits.max_embedding_inputs} per request", param="input"
             )
         prompts = await self.prompts_of(items, "input")
-        for ids, _ in prompts:
-            if len(ids) > ctx:
-                raise ApiError(400, f"input has {len(ids)} tokens; the model's context is {ctx}", param="input")
         n = sum(len(ids) for ids, _ in prompts)
         if n > limits.max_embedding_tokens:
             raise ApiError(
                 400, f"input has {n} tokens in all; at most {limits.max_embedding_tokens} per request", param="input"
             )
-        try:
-            vectors = await self.client.embed([ids for ids, _ in prompts], lora)
-        except UNAVAILABLE as e:
-            raise ApiError.unavailable(e) from None
+        vectors = await self.client.embed([ids for ids, _ in prompts], lora)  # the engine checks each input
         if body.encoding_format == "base64":
             vectors = [base64.b64encode(np.asarray(v, dtype=np.float32).tobytes()).decode() for v in vectors]
         return EmbeddingResponse(
@@ -295,215 +311,151 @@ class OpenAIServing(LoRAServing):
         await self.ready()
         lora = self.adapter_of(body.model)
         items = self.items_of(body.prompt, "prompt")
-        seqs, most = len(items) * body.n, self.limits.max_seqs_per_request
+        self._check_sequences(body, len(items))
+        prompts = await self.prompts_of(items, "prompt")
+        group = f"cmpl-{uuid.uuid4().hex}"
+        job = Pending(
+            body,
+            [Choice(ids, text, r) for ids, text in prompts for r in self.engine_requests(body, ids, group, lora)],
+            group,
+            int(time.time()),
+            lora or self.model_name,  # as vLLM: the adapter's name, or the base's
+            sum(len(ids) for ids, _ in prompts),
+        )
+        batches = self.client.generate([c.request for c in job.choices])  # the engine checks each request
+        try:
+            first = await anext(batches)
+        except BaseException:
+            await batches.aclose()
+            raise
+        outputs = _following(first, batches)
+        if body.stream:
+            return job.stream(outputs)
+        async with contextlib.aclosing(outputs):  # done, failed, or the client went away: nothing keeps running
+            return await job.complete(outputs)
+
+    def _check_sequences(self, body: CompletionRequest, prompts: int) -> None:
+        seqs, most = prompts * body.n, self.limits.max_seqs_per_request
         if seqs > most:
             param = "n" if body.n > 1 else "prompt"
             raise ApiError(
                 400,
-                f"{param}: the request asks for {seqs} sequences (n={body.n} x {len(items)} prompts); "
+                f"{param}: the request asks for {seqs} sequences (n={body.n} x {prompts} prompts); "
                 f"at most {most} per request",
                 param=param,
             )
-        prompts = await self.prompts_of(items, "prompt")
-        group = f"cmpl-{uuid.uuid4().hex}"
-        choices: list[Choice] = [
-            (ids, text, r) for ids, text in prompts for r in self.engine_requests(body, ids, group, lora)
-        ]
-        for _, _, r in choices:
-            self.info.check(r)  # InvalidRequest: a 400 naming the field
-        created = int(time.time())
-        prompt_tokens = sum(len(ids) for ids, _ in prompts)
-        batches = self.client.generate([r for _, _, r in choices])
-        try:
-            first = await anext(batches)
-        except UNAVAILABLE as e:
-            raise ApiError.unavailable(e) from None
-        except BaseException:
-            await batches.aclose()
-            raise
-        if body.stream:
-            return self._stream(body, choices, first, batches, prompt_tokens, group, created)
-        try:
-            return await self._complete(body, choices, first, batches, prompt_tokens, group, created)
-        finally:  # done, failed, or the client went away: nothing of it keeps running
-            await batches.aclose()
 
-    async def _complete(
-        self,
-        body: CompletionRequest,
-        choices: list[Choice],
-        first: list[tuple[int, Output]],
-        batches: AsyncIterator[list[tuple[int, Output]]],
-        prompt_tokens: int,
-        cid: str,
-        created: int,
-    ) -> CompletionResponse:
-        outs: list[list[Output]] = [[] for _ in choices]
 
-        def take(batch):
+@dataclass
+class Pending:
+    """One completion request the engine has taken: what its answer, whole or streamed, is built from."""
+
+    body: CompletionRequest
+    choices: list[Choice]
+    id: str
+    created: int
+    model: str
+    prompt_tokens: int
+
+    async def complete(self, outputs: AsyncIterator[list[tuple[int, Output]]]) -> CompletionResponse:
+        outs: list[list[Output]] = [[] for _ in self.choices]
+        async for batch in outputs:
             for i, out in batch:
                 if out.error:
                     raise ApiError(503, out.error, "server_error", code="model_unavailable")
                 outs[i].append(out)
-
-        take(first)
-        try:
-            async for batch in batches:
-                take(batch)
-        except UNAVAILABLE as e:
-            raise ApiError.unavailable(e) from None
         if any(not o or o[-1].finish_reason is None for o in outs):
             raise ApiError(503, "the model's answer ended early; retry", "server_error", code="model_unavailable")
-        # text offsets decode every prefix of long prompts (echo): on the tokenizer threads, not the event loop
-        return await self._off_loop(self._answer, body, choices, outs, prompt_tokens, cid, created)
-
-    def _answer(
-        self,
-        body: CompletionRequest,
-        choices: list[Choice],
-        outs: list[list[Output]],
-        prompt_tokens: int,
-        cid: str,
-        created: int,
-    ) -> CompletionResponse:
-        answer, completion_tokens = [], 0
-        for idx, ((ids, text, _), outs_i) in enumerate(zip(choices, outs)):
-            gen_ids = [t for o in outs_i for t in o.token_ids]
-            gen_lp = [e for o in outs_i for e in (o.logprobs or [])]
-            prompt_lp = next((o.prompt_logprobs for o in outs_i if o.prompt_logprobs is not None), None)
-            completion_tokens += len(gen_ids)
-            answer.append(
-                CompletionChoice(
-                    index=idx,
-                    text=(text if body.echo else "") + "".join(o.text for o in outs_i),
-                    logprobs=self._logprobs(body, ids, text, prompt_lp, gen_lp, gen_ids, body.echo),
-                    finish_reason=outs_i[-1].finish_reason,
-                )
-            )
+        whole = [functools.reduce(Output.merged, o) for o in outs]
+        generated = sum(len(out.token_ids) for out in whole)
         return CompletionResponse(
-            id=cid,
-            created=created,
-            model=self.adapter_of(body.model) or self.model_name,  # as vLLM: the adapter's name, or the base's
-            choices=answer,
-            usage=UsageInfo(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            ),
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[self.choice(i, out, self.body.echo) for i, out in enumerate(whole)],
+            usage=self.usage(generated),
         )
 
-    async def _stream(
-        self,
-        body: CompletionRequest,
-        choices: list[Choice],
-        first: list[tuple[int, Output]],
-        batches: AsyncIterator[list[tuple[int, Output]]],
-        prompt_tokens: int,
-        cid: str,
-        created: int,
-    ) -> AsyncIterator[str]:
-        q: asyncio.Queue = asyncio.Queue()
-        q.put_nowait(first)
-        END = object()
-
-        async def pump() -> None:
-            try:
-                async for batch in batches:
-                    q.put_nowait(batch)
-                q.put_nowait(END)
-            except Exception as e:  # the engine or its replica failed: ends the stream with an error event
-                q.put_nowait(e)
-
-        served = self.adapter_of(body.model) or self.model_name
-
-        def chunk(parts: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
-            return CompletionStreamChunk(id=cid, created=created, model=served, choices=parts, usage=usage).sse()
-
-        task = asyncio.create_task(pump())
-        generated: dict[int, list[int]] = {i: [] for i in range(len(choices))}
-        echoed: set[int] = set()
-        remaining = set(range(len(choices)))
+    async def stream(self, outputs: AsyncIterator[list[tuple[int, Output]]]) -> AsyncIterator[str]:
+        started, remaining, generated = set(), set(range(len(self.choices))), 0
         failure: ApiError | None = None
-        try:
-            while remaining and failure is None:
-                # whatever is ready goes out together: when the client or the proxy lags behind the engine,
-                # consecutive outputs of a choice are merged into one chunk instead of queueing up one per token
-                ready = [await q.get()]
-                while not q.empty():
-                    ready.append(q.get_nowait())
-                outs: list[tuple[int, Output]] = []
-                for item in ready:
-                    if item is END:
-                        failure = ApiError(503, "the model's answer ended early; retry", "server_error")
-                    elif isinstance(item, BaseException):
-                        failure = _stream_failure(item)
-                    else:
-                        outs.extend(item)
-                for i, out in merge_ready(outs):
-                    if out.error:
-                        yield ApiError(503, out.error, "server_error", code="model_unavailable").response().sse()
-                        remaining.discard(i)
-                        continue
-                    ids, text, _ = choices[i]
-                    echo_now = body.echo and i not in echoed
-                    echoed.add(i)
-                    lp = self._logprobs(
-                        body, ids, text, out.prompt_logprobs, out.logprobs or [], out.token_ids, echo_now
-                    )
-                    if lp is not None and not echo_now and generated[i]:  # offsets continue after earlier tokens
-                        lp.text_offset = self._offsets(generated[i] + out.token_ids, len(text))[len(generated[i]) :]
-                    generated[i].extend(out.token_ids)
-                    piece = (text if echo_now else "") + out.text
-                    if piece or lp is not None or out.finish_reason:
-                        yield chunk(
-                            [CompletionChoice(index=i, text=piece, logprobs=lp, finish_reason=out.finish_reason)]
-                        )
-                    if out.finish_reason is not None:
-                        remaining.discard(i)
-            if failure is not None and remaining:
-                yield failure.response().sse()
-            elif body.stream_options and body.stream_options.include_usage:
-                ct = sum(len(v) for v in generated.values())
-                yield chunk(
-                    [], UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=ct, total_tokens=prompt_tokens + ct)
-                )
-            yield "data: [DONE]\n\n"
-        finally:
-            task.cancel()  # a client that went away: the pump's generator closes, which aborts its requests
+        async with contextlib.aclosing(outputs):  # a client that went away: its engine requests are aborted
+            try:
+                async for batch in outputs:
+                    for i, out in batch:
+                        if out.error:
+                            yield ApiError(503, out.error, "server_error", code="model_unavailable").response().sse()
+                            remaining.discard(i)
+                            continue
+                        echo = self.body.echo and i not in started
+                        started.add(i)
+                        generated += len(out.token_ids)
+                        choice = self.choice(i, out, echo)
+                        if choice.text or choice.logprobs is not None or choice.finish_reason:
+                            yield self.chunk([choice])
+                        if out.finish_reason is not None:
+                            remaining.discard(i)
+            except Exception as e:  # the engine or its replica failed: ends the stream with an error event
+                failure = ApiError.of(e)
+        if remaining:
+            yield (failure or ApiError(503, "the model's answer ended early; retry", "server_error")).response().sse()
+        elif self.body.stream_options and self.body.stream_options.include_usage:
+            yield self.chunk([], self.usage(generated))
+        yield "data: [DONE]\n\n"
 
-    # -- log-probabilities -------------------------------------------------------------------------------
-    def _logprobs(
-        self,
-        body: CompletionRequest,
-        ids: list[int],
-        prompt_text: str,
-        prompt_lp: list[TokenLogprob] | None,
-        gen_lp: list[TokenLogprob],
-        gen_ids: list[int],
-        echo_prompt: bool,
-    ) -> CompletionLogprobs | None:
-        """A choice's logprobs block (None unless asked for): the prompt's entries first when it is echoed."""
-        if body.logprobs is None:
-            return None
-        entries = (list(prompt_lp or []) if echo_prompt else []) + list(gen_lp)
-        toks, lps, tops = [], [], []
-        for e in entries:
-            tok = self._token_str(e.token_id)
-            toks.append(tok)
-            lps.append(e.logprob)
-            if e.logprob is None:
-                tops.append(None)
-            else:
-                top = {self._token_str(t): lp for t, lp in e.top}
-                top.setdefault(tok, e.logprob)
-                tops.append(top)
-        offs = (self._offsets(ids, 0) if echo_prompt else []) + self._offsets(gen_ids, len(prompt_text))
-        return CompletionLogprobs(tokens=toks, token_logprobs=lps, top_logprobs=tops, text_offset=offs[: len(toks)])
+    def choice(self, i: int, out: Output, echo: bool) -> CompletionChoice:
+        """Choice i's part of the answer from `out` (all of its Outputs merged, or the latest ones when streamed),
+        with its prompt in front when `echo`."""
+        c = self.choices[i]
+        if c.text is None:  # a token-id prompt: the engine's decoding comes with the first Output
+            c.text = out.prompt_text or ""
+        return CompletionChoice(
+            index=i,
+            text=(c.text if echo else "") + out.text,
+            logprobs=_logprobs(self.body, c.text, out, echo),
+            finish_reason=out.finish_reason,
+        )
 
-    def _offsets(self, ids: list[int], base: int) -> list[int]:
-        """Character offset of each token of `ids` in text that starts at `base`."""
-        prefixes = self.tokenizer.backend.decode_batch([ids[:i] for i in range(len(ids))], skip_special_tokens=False)
-        return [base + len(p) for p in prefixes]
+    def chunk(self, parts: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
+        chunk = CompletionStreamChunk(id=self.id, created=self.created, model=self.model, choices=parts, usage=usage)
+        return chunk.sse()
+
+    def usage(self, generated: int) -> UsageInfo:
+        return UsageInfo(
+            prompt_tokens=self.prompt_tokens, completion_tokens=generated, total_tokens=self.prompt_tokens + generated
+        )
+
+
+async def _following(first, rest: AsyncIterator) -> AsyncIterator:
+    """`first`, then what `rest` yields; closing it closes `rest`."""
+    async with contextlib.aclosing(rest):
+        yield first
+        async for item in rest:
+            yield item
+
+
+def _logprobs(body: CompletionRequest, prompt_text: str, out: Output, echo: bool) -> CompletionLogprobs | None:
+    """A choice's logprobs block (None unless asked for), as the engine spelled it out: the prompt's entries
+    first when it is echoed; text offsets count from the start of the prompt's text."""
+    if body.logprobs is None:
+        return None
+    entries = [(e, 0) for e in out.prompt_logprobs or []] if echo else []
+    entries += [(e, len(prompt_text)) for e in out.logprobs or []]
+    return CompletionLogprobs(
+        tokens=[e.text for e, _ in entries],
+        token_logprobs=[e.logprob for e, _ in entries],
+        top_logprobs=[_top(e) for e, _ in entries],
+        text_offset=[start + e.offset for e, start in entries],
+    )
+
+
+def _top(e: TokenLogprob) -> dict[str, float] | None:
+    """The most likely tokens at an entry's position, the chosen one always among them (None: no context)."""
+    if e.logprob is None:
+        return None
+    top = {text: lp for text, (_, lp) in zip(e.top_text, e.top)}
+    top.setdefault(e.text, e.logprob)
+    return top
 
 
 def check_unicode(text: str, field: str) -> None:
@@ -519,12 +471,3 @@ def check_unicode(text: str, field: str) -> None:
             "valid Unicode",
             param=field,
         ) from None
-
-
-def _stream_failure(e: BaseException) -> ApiError:
-    """The error event that ends a stream whose engine or model replica failed."""
-    if isinstance(e, ApiError):
-        return e
-    if isinstance(e, UNAVAILABLE):
-        return ApiError.unavailable(e)
-    return ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error")

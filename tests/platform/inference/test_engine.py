@@ -14,7 +14,7 @@ from neoxray.model.decoding import SamplingParams
 from neoxray.model.generate import generate, score
 from neoxray.model.hf import load_model_and_tokenizer
 from neoxray.platform.inference.engine import InferenceEngine
-from neoxray.platform.inference.request import EngineConfig, InvalidRequest, Request
+from neoxray.platform.inference.request import Completion, EngineConfig, InvalidRequest, Request
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 200, 300, 400], [17], list(range(20, 45)), [7, 7, 7]]
 GREEDY = SamplingParams(greedy=True, stop_at_eod=False)
@@ -100,6 +100,38 @@ def test_logprobs_and_prompt_logprobs_equal_a_full_forward(model_tok):
         for e in c.logprobs:  # greedy: the chosen token is the most likely alternative
             assert len(e.top) == 3 and e.top[0][0] == e.token_id
             assert [lp for _, lp in e.top] == sorted((lp for _, lp in e.top), reverse=True)
+
+
+def test_token_text_spells_out_what_an_openai_completion_shows(model_tok):
+    """With `token_text` the engine hands out each log-probability entry's token text (and its alternatives'),
+    where it starts (the length of the text of the tokens before it: in the prompt's text for prompt entries, in
+    the generated text, which leaves end-of-text out, for generated ones) and, on the first Output, the
+    prompt's text, as decoding each of them would; without it, numbers only. The prompts hold characters split
+    over several byte-level tokens, and end-of-text tokens."""
+    _, tok = model_tok
+    eng = engine(model_tok, prefill_chunk=5)
+    prompts = [tok.encode("naïve café — 東京 😀 ok"), [tok.eod_id, *tok.encode("über"), tok.eod_id, 5, 6]]
+
+    def request(prompt, token_text=True):
+        return Request(prompt, max_tokens=8, sampling=GREEDY, logprobs=2, prompt_logprobs=True, token_text=token_text)
+
+    for prompt in prompts:
+        outs = []
+        eng.add_request(request(prompt), outs.append)
+        while eng.has_work():
+            eng.step()
+        c = Completion.of(outs, request(prompt))
+        entries = c.prompt_logprobs + c.logprobs
+        assert [e.text for e in entries] == [tok.decode([e.token_id]) for e in entries]
+        assert [e.top_text for e in entries] == [[tok.decode([t]) for t, _ in e.top] for e in entries]
+        assert [e.offset for e in c.prompt_logprobs] == [len(tok.decode(prompt[:i])) for i in range(len(prompt))]
+        gen = c.token_ids
+        assert [e.offset for e in c.logprobs] == [
+            len(tok.decode([t for t in gen[:i] if t != tok.eod_id])) for i in range(len(gen))
+        ]
+        assert outs[0].prompt_text == tok.decode(prompt) and all(o.prompt_text is None for o in outs[1:])
+    c = eng.run_until_done([request(prompts[0], token_text=False)])[0]
+    assert all(e.text is None and e.offset is None and e.top_text is None for e in c.prompt_logprobs + c.logprobs)
 
 
 def test_seed_reproduces_whatever_else_is_in_the_batch(model_tok):

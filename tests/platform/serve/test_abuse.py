@@ -4,7 +4,7 @@ used to reach a 500, Serve's backpressure and a model replica that dies mid-requ
 Most of it runs against `neoxray serve` on the session's Ray cluster; what needs the engine held at a chosen
 point (a flood queued ahead of a small request, a tokenizer that blocks) runs on an in-process server; what
 needs a Serve deployment held in a chosen state (one request running, one queued, then its replica killed)
-puts the real ingress in front of a stand-in model deployment (tests/platform/serve/support.py).
+puts the real ingress in front of a stand-in model deployment (tests/support/serving.py).
 docs/reliability.md lists each abuse, what happened before, and the test here that keeps it."""
 
 from __future__ import annotations
@@ -13,19 +13,20 @@ import json
 import os
 import signal
 import threading
+import urllib.error
+import urllib.request
 
 import pytest
 import requests
 
 from tests.conftest import free_port, run_cli
-from tests.platform.serve.support import Server, wait_until
-from tests.platform.serve.test_http import serve_model_dir, start_server, stop_server  # noqa: F401 (fixture)
+from tests.support.serving import Server, start_server, stop_server, wait_until
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, serve_model_dir, tmp_path_factory):  # noqa: F811 (the fixture imported above)
+def server(ray_local, serve_model_dir, tmp_path_factory):
     """`neoxray serve` joining the session's Ray cluster (no API key); Serve itself is shut down at the end, so
     that the next module can start it on its own port."""
     port = free_port()
@@ -41,6 +42,17 @@ def server(ray_local, serve_model_dir, tmp_path_factory):  # noqa: F811 (the fix
         from ray import serve
 
         serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def no_ray_server(serve_model_dir, tmp_path_factory):
+    """`neoxray serve --no-ray`: the same API under uvicorn in one process."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("abuse-no-ray-log") / "serve.log"
+    proc = start_server(["--model", str(serve_model_dir), "--port", str(port), "--no-ray", "--name", "tiny"], log, url)
+    yield url
+    assert stop_server(proc, log) == 0, log.read_text()[-4000:]
 
 
 def is_openai_error(r: requests.Response, status: int, param: str | None = "-") -> dict:
@@ -69,6 +81,24 @@ def test_a_20_mb_prompt_is_refused_with_413_at_once_and_health_still_answers(ser
     assert health.status_code == 200
     err = is_openai_error(answers["big"], 413, "body")
     assert "8388608" in err["message"]
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("where", ["server", "no_ray_server"])
+def test_a_client_that_sends_its_whole_body_before_reading_gets_the_413(where, framing, request):
+    """urllib writes the whole body before it reads the answer, and asks for `Connection: close`: a server that
+    answers 413 and closes while the body is still coming resets the connection, and the client sees
+    'Connection reset by peer' instead of the 413. The server reads (and drops) what the client sends first."""
+    url = request.getfixturevalue(where)
+    body = json.dumps({"prompt": "x" * 20_000_000, "max_tokens": 1}).encode()
+    data = body if framing == "content-length" else (body[i : i + 65536] for i in range(0, len(body), 65536))
+    req = urllib.request.Request(url + "/v1/completions", data=data, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(req, timeout=300)
+    assert answer.value.code == 413
+    err = json.loads(answer.value.read())["error"]
+    assert err["code"] == "request_too_large" and err["param"] == "body" and "8388608" in err["message"], err
+    assert requests.get(url + "/health", timeout=30).status_code == 200
 
 
 def test_an_over_long_prompt_is_refused_by_its_length_in_characters(server):
@@ -145,7 +175,7 @@ def test_a_small_request_is_served_while_a_flood_request_holds_the_queue(tiny_mo
     released, release = [], engine.scheduler.release
     engine.scheduler.release = lambda s: (released.append(s.req.max_tokens), release(s))
     gate, held = threading.Event(), threading.Event()
-    engine.call(lambda: (held.set(), gate.wait()))
+    engine.run_between_steps(lambda: (held.set(), gate.wait()))
     assert held.wait(60), "the engine thread did not take the call"
     srv = Server(engine)
     answers = {}
@@ -223,12 +253,12 @@ def test_unknown_routes_and_bodies_without_content_type(server):
 
 # ------------------------------------------------------------------------------------------- Serve's failures
 @pytest.fixture(scope="module")
-def parked(server, ray_local, serve_model_dir):  # noqa: F811
+def parked(server, ray_local, serve_model_dir):
     """The real ingress in front of a stand-in model deployment (1 request at a time, 1 queued) at /parked."""
     from ray import serve
 
     from neoxray.platform.serve.app import NeoxrayIngress, ServeArgs
-    from tests.platform.serve.support import Arrivals, ParkingModel
+    from tests.support.serving import Arrivals, ParkingModel
 
     arrivals = Arrivals.remote()
     args = ServeArgs(model=str(serve_model_dir), name="tiny").model_dump()

@@ -17,7 +17,7 @@ from neoxray.model.hf import load_model_and_tokenizer
 from neoxray.platform.inference.engine import InferenceEngine
 from neoxray.platform.inference.request import EngineConfig, Request
 from tests.conftest import ROOT, run_cli
-from tests.platform.serve.support import Server, wait_until
+from tests.support.serving import Server, wait_until
 
 
 def test_shipped_serve_config_validates_and_builds(tiny_model_dir):
@@ -54,6 +54,20 @@ def test_serve_cli_refuses_a_missing_model_before_starting_anything():
     assert proc.returncode == 1 and "num_replicas" in proc.stderr
 
 
+def test_serving_beyond_this_machine_without_a_key_says_so_in_one_line():
+    """`--host 0.0.0.0` without a key lets anyone who reaches the port use the model: one warning line, before
+    anything starts (here the model is missing, so nothing binds). With a key, or on 127.0.0.1, no warning."""
+    missing = "neoxray: error: model not found: no/such/model"
+    for extra in ([], ["--no-ray"]):
+        proc = run_cli("serve", "--model", "no/such/model", "--host", "0.0.0.0", *extra, check=False, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and lines[-1] == missing, proc.stderr[-2000:]
+        warnings = [line for line in lines[:-1] if "0.0.0.0" in line]
+        assert len(warnings) == 1 and "--api-key" in warnings[0], lines
+        keyed = run_cli("serve", "--model", "no/such/model", "--host", "0.0.0.0", "--api-key", "k", *extra, check=False)
+        assert keyed.stderr.strip().splitlines() == [missing], keyed.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------------------------ in-process
 @pytest.fixture()
 def model_tok(tiny_model_dir):
@@ -63,7 +77,7 @@ def model_tok(tiny_model_dir):
 def test_a_full_queue_gets_503_and_the_server_recovers(model_tok):
     engine = InferenceEngine(*model_tok, EngineConfig(max_num_seqs=1, max_waiting=1)).start()
     gate, held = threading.Event(), threading.Event()
-    engine.call(lambda: (held.set(), gate.wait()))  # hold the engine thread so that requests pile up
+    engine.run_between_steps(lambda: (held.set(), gate.wait()))  # hold the engine thread so that requests pile up
     assert held.wait(60), "the engine thread did not take the call"  # the inbox is empty again: room for one
     srv = Server(engine)
     try:

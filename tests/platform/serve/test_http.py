@@ -9,42 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 import requests
 import torch
 
 from tests.conftest import free_port, run_cli
+from tests.support.serving import start_server, stop_server
 
 KEY = "test-key"
 PROMPTS = ["def __init__(self", "import os\n", "The Python Software Foundation", "Copyright (c)", "for i in range("]
-
-
-def neoxray_exe() -> list[str]:
-    exe = Path(sys.executable).with_name("neoxray")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "neoxray.cli"]
-
-
-@pytest.fixture(scope="module")
-def serve_model_dir(tmp_path_factory, sample_tokenizer_dir):
-    """A tiny random GPT-NeoX (context 256) with the sample tokenizer; peaked logits, as in conftest."""
-    from neoxray.model.config import get_preset
-    from neoxray.model.gptneox import build_model
-    from neoxray.model.hf import save_pretrained
-    from neoxray.model.tokenizer import Tokenizer
-
-    tok = Tokenizer.load(sample_tokenizer_dir)
-    model = build_model(get_preset("tiny", vocab_size=1024, max_seq_len=256), seed=1)
-    with torch.no_grad():
-        model.embed_out.weight.mul_(20.0)
-    return save_pretrained(model, tmp_path_factory.mktemp("serve") / "tiny-serve", tokenizer=tok)
 
 
 @pytest.fixture(scope="module")
@@ -52,39 +29,6 @@ def local_model(serve_model_dir):
     from neoxray.model.hf import load_model_and_tokenizer
 
     return load_model_and_tokenizer(serve_model_dir)
-
-
-def start_server(args: list[str], log: Path, url: str, timeout: float = 240) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [*neoxray_exe(), "serve", *args],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"neoxray serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
-                return proc
-        except requests.RequestException:
-            pass
-        time.sleep(1.0)
-    proc.kill()
-    raise AssertionError(f"neoxray serve did not become healthy in {timeout} s:\n{log.read_text()[-4000:]}")
-
-
-def stop_server(proc: subprocess.Popen, log: Path, sig=signal.SIGINT) -> int:
-    proc.send_signal(sig)
-    try:
-        return proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(
-            f"neoxray serve did not stop on {signal.Signals(sig).name}:\n{log.read_text()[-4000:]}"
-        ) from None
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,11 @@ and bad adapter directories 400 in OpenAI's error shape, and the server keeps se
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -17,8 +20,8 @@ from pydantic import ValidationError
 
 from neoxray.errors import NeoxrayError
 from neoxray.platform.serve.args import ServeArgs
-from tests.platform.inference.test_multi_lora import PeftReference, write_peft_adapters
-from tests.platform.serve.support import Server, wait_until
+from tests.support.peft_reference import PeftReference, write_peft_adapters
+from tests.support.serving import Server, wait_until
 
 KEY = "lora-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -29,9 +32,11 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 200, 300, 400, 500], list(rang
 def setup(tiny_model_dir, tmp_path_factory):
     dirs = write_peft_adapters(tiny_model_dir, tmp_path_factory.mktemp("peft"))
     ref = PeftReference(tiny_model_dir, dirs)
-    args = ServeArgs(model=str(tiny_model_dir), loras={n: str(d) for n, d in dirs.items()}, max_loras=3, api_key=KEY)
+    loras = {n: str(d) for n, d in dirs.items()}
+    root = str(tmp_path_factory.getbasetemp())  # runtime loads read from here: the adapters, and the tests' own
+    args = ServeArgs(model=str(tiny_model_dir), loras=loras, max_loras=3, api_key=KEY, allowed_lora_path=root)
     engine = args.build_engine().start()
-    srv = Server(engine, api_key=KEY, limits=args.limits())
+    srv = Server(engine, args)
     yield srv, engine, dirs, ref
     srv.close()
     engine.stop(timeout=10)
@@ -145,7 +150,7 @@ def test_no_idle_slot_refuses_a_load_with_409(setup):
     loaded = [a["name"] for a in engine.loras()]
     assert len(loaded) == 3
     gate, held = threading.Event(), threading.Event()
-    engine.call(lambda: (held.set(), gate.wait()))
+    engine.run_between_steps(lambda: (held.set(), gate.wait()))
     assert held.wait(60)
     with ThreadPoolExecutor(4) as pool:
         busy = [pool.submit(complete, srv, n, PROMPTS[0]) for n in loaded]
@@ -189,6 +194,73 @@ def test_error_cases_and_the_server_keeps_serving(setup, tmp_path):
         assert r.json()["choices"][0]["logprobs"]["tokens"] == token_strings(engine, want)
 
 
+# ------------------------------------------------------------------------------------------- open doors
+LOAD, UNLOAD = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
+
+
+def loaded(engine) -> list[str]:
+    return sorted(a["name"] for a in engine.loras())
+
+
+def test_without_a_key_the_runtime_adapter_routes_refuse(setup):
+    """A server without an API key: anyone who reaches its port could unload the adapters, or make it read any
+    directory it can see. Both routes answer 403 unless the operator leaves them open on purpose."""
+    _, engine, dirs, _ = setup
+    before = loaded(engine)
+    srv = Server(engine)  # the same engine behind a server without a key
+    try:
+        for route, body in [
+            (UNLOAD, {"lora_name": before[0]}),
+            (LOAD, {"lora_name": "x", "lora_path": str(dirs["beta"])}),
+        ]:
+            err = assert_error(post(srv, route, body, headers={}), 403, "lora_updates_disabled")
+            assert err["type"] == "permission_error" and "--api-key" in err["message"], err
+        assert loaded(engine) == before
+    finally:
+        srv.close()
+
+
+def test_the_operator_may_leave_the_runtime_adapter_routes_open(setup, tiny_model_dir):
+    _, engine, dirs, _ = setup
+    name = loaded(engine)[0]
+    where = engine.adapters.source[name]
+    args = ServeArgs(model=str(tiny_model_dir), allow_unauthenticated_lora_updates=True)
+    srv = Server(engine, args)  # the same engine, no key: open on purpose, but no directory to load from
+    try:
+        assert post(srv, UNLOAD, {"lora_name": name}, headers={}).status_code == 200
+        err = assert_error(post(srv, LOAD, {"lora_name": name, "lora_path": where}, headers={}), 403, param="lora_path")
+        assert "--allowed-lora-path" in err["message"]
+        keyed = setup[0]  # the keyed server, whose allowed path holds the adapters: load it back
+        assert post(keyed, LOAD, {"lora_name": name, "lora_path": where}).status_code == 200
+    finally:
+        srv.close()
+
+
+def test_runtime_loads_read_only_under_the_allowed_lora_path(setup, tmp_path, tmp_path_factory):
+    """The server's allowed LoRA path is pytest's base temporary directory: an adapter outside it is refused
+    (403, naming `lora_path`) whether it is named directly, reached through `..`, through a symbolic link to its
+    directory, or through one to its weights."""
+    srv, engine, dirs, _ = setup
+    outside = Path(tempfile.mkdtemp(prefix="neoxray-outside-"))
+    try:
+        assert not outside.resolve().is_relative_to(tmp_path_factory.getbasetemp().resolve())
+        adapter = shutil.copytree(dirs["beta"], outside / "beta")
+        (tmp_path / "link").symlink_to(adapter)
+        weights = tmp_path / "weights-link"
+        weights.mkdir()
+        shutil.copy(adapter / "adapter_config.json", weights)
+        (weights / "adapter_model.safetensors").symlink_to(adapter / "adapter_model.safetensors")
+        up = f"{tmp_path}/{'../' * len(tmp_path.parts)}{str(adapter).lstrip('/')}"
+        before = loaded(engine)
+        for path in (adapter, tmp_path / "link", weights, up):
+            body = {"lora_name": "x", "lora_path": str(path)}
+            err = assert_error(post(srv, LOAD, body), 403, "lora_path_not_allowed", "lora_path")
+            assert "allowed" in err["message"], err
+        assert loaded(engine) == before
+    finally:
+        shutil.rmtree(outside)
+
+
 def test_serve_args_for_loras(tiny_model_dir, tmp_path):
     with pytest.raises(ValidationError, match="max_loras is 1"):
         ServeArgs(model="m", loras={"a": "x", "b": "y"}, max_loras=1)
@@ -206,21 +278,23 @@ def test_serve_args_for_loras(tiny_model_dir, tmp_path):
 def test_adapters_through_the_ray_serve_model_deployment(ray_local, setup, tiny_model_dir):
     """The same API over a real `NeoxrayModel` replica reached through a Serve DeploymentHandle (what the
     ingress uses): adapters from `loras`, the adapter's answer, runtime load with eviction, and the engine's
-    refusals crossing the Ray boundary as 404 / 400."""
+    refusals crossing the Ray boundary as 404 / 400 / 403."""
     from ray import serve
 
-    from neoxray.platform.serve.app import NeoxrayModel, ServeEngineClient, lora_updates_refused
+    from neoxray.platform.serve.app import NeoxrayModel, ServeEngineClient
     from tests.conftest import free_port
 
     _, engine, dirs, ref = setup
-    assert lora_updates_refused(ServeArgs(model="m", num_replicas=2)) is not None
-    assert lora_updates_refused(ServeArgs(model="m", max_replicas=3)) is not None
-    assert lora_updates_refused(ServeArgs(model="m")) is None
+    assert ServeArgs(model="m", num_replicas=2, api_key=KEY).lora_updates_refused() is not None
+    assert ServeArgs(model="m", max_replicas=3, api_key=KEY).lora_updates_refused() is not None
+    assert ServeArgs(model="m", api_key=KEY).lora_updates_refused() is None
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    args = ServeArgs(model=str(tiny_model_dir), name="tiny", loras={n: str(dirs[n]) for n in ("alpha", "beta")})
+    root = dirs["alpha"].parent  # where the replica may read adapters at run time
+    loras = {n: str(dirs[n]) for n in ("alpha", "beta")}
+    args = ServeArgs(model=str(tiny_model_dir), name="tiny", loras=loras, allowed_lora_path=str(root), api_key=KEY)
     deployment = NeoxrayModel.options(name="LoRAModel", ray_actor_options={"num_cpus": 0})
     handle = serve.run(deployment.bind(args.model_dump()), name="lora-model", route_prefix=None)
-    srv = Server(ServeEngineClient(handle), api_key=KEY)
+    srv = Server(ServeEngineClient(handle), args)
     try:
         ids = [c["id"] for c in requests.get(srv.url + "/v1/models", headers=AUTH, timeout=60).json()["data"]]
         assert ids == ["tiny", "alpha", "beta"]
@@ -233,8 +307,10 @@ def test_adapters_through_the_ray_serve_model_deployment(ray_local, setup, tiny_
         assert r.status_code == 200 and r.json()["evicted"] == ["alpha"], r.text  # max_loras 2: the LRU one goes
         r = complete(srv, "gamma", PROMPTS[0], logprobs=0)
         assert r.json()["choices"][0]["logprobs"]["tokens"] == token_strings(engine, ref.greedy("gamma", PROMPTS[0], 8))
-        bad = {"lora_name": "m", "lora_path": "/no/such/dir"}
+        bad = {"lora_name": "m", "lora_path": str(root / "no-such-dir")}
         assert_error(post(srv, "/v1/load_lora_adapter", bad), 400)
+        outside = {"lora_name": "m", "lora_path": "/no/such/dir"}  # refused where it would be read: the replica
+        assert_error(post(srv, "/v1/load_lora_adapter", outside), 403, "lora_path_not_allowed", "lora_path")
         assert_error(post(srv, "/v1/unload_lora_adapter", {"lora_name": "alpha"}), 404, "model_not_found")
         assert post(srv, "/v1/embeddings", {"model": "gamma", "input": "hello"}).status_code == 200
     finally:

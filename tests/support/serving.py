@@ -1,32 +1,43 @@
-"""What the serving tests share: an in-process HTTP server over an engine (uvicorn on a thread, no Ray), a
-condition wait, and a stand-in for the model deployment that parks requests until its replica is killed, so
-that the tests can hold a Serve deployment in a chosen state (a request running, one queued) and break it.
-Imported by Ray Serve replicas too (the stand-in), so nothing here runs at import."""
+"""What the serving tests share: an in-process HTTP server over an engine (uvicorn on a thread, no Ray),
+`neoxray serve` in a child process (started until healthy, stopped by a signal), a condition wait, and a
+stand-in for the model deployment that parks requests until its replica is killed, so that the tests can hold a
+Serve deployment in a chosen state (a request running, one queued) and break it. Imported by Ray Serve replicas
+too (the stand-in), so nothing here runs at import."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import ray
+import requests
 from ray import serve
 
 from tests.conftest import free_port
 
 
 class Server:
-    """`create_app(engine, **kw)` under uvicorn on a thread of this process, at `self.url`."""
+    """`create_app(engine, args)` under uvicorn on a thread of this process, at `self.url` (`args`: ServeArgs'
+    defaults, which hold no key and allow no adapter changes at run time)."""
 
-    def __init__(self, engine, **kw):
+    def __init__(self, engine, args=None):
         import uvicorn
 
         from neoxray.platform.serve.api import create_app
+        from neoxray.platform.serve.args import ServeArgs
+
+        args = args or ServeArgs(model="(in this process)")
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(
-            uvicorn.Config(create_app(engine, **kw), host="127.0.0.1", port=self.port, log_level="warning")
+            uvicorn.Config(create_app(engine, args), host="127.0.0.1", port=self.port, log_level="warning")
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -85,7 +96,7 @@ class ParkingModel:
         self.park_id = self.tokenizer.encode("park")[0]
         self.arrivals = arrivals
 
-    def info(self):
+    def describe(self):
         return self._info, self.tokenizer
 
     async def generate(self, requests):
@@ -109,3 +120,41 @@ class ParkingModel:
 
     async def stats(self) -> dict:
         return {"running": 0, "waiting": 0}
+
+
+def neoxray_exe() -> list[str]:
+    exe = Path(sys.executable).with_name("neoxray")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "neoxray.cli"]
+
+
+def start_server(args: list[str], log: Path, url: str, timeout: float = 240) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [*neoxray_exe(), "serve", *args],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"neoxray serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if requests.get(url + "/health", timeout=2).status_code == 200:
+                return proc
+        except requests.RequestException:
+            pass
+        time.sleep(1.0)
+    proc.kill()
+    raise AssertionError(f"neoxray serve did not become healthy in {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+def stop_server(proc: subprocess.Popen, log: Path, sig=signal.SIGINT) -> int:
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(
+            f"neoxray serve did not stop on {signal.Signals(sig).name}:\n{log.read_text()[-4000:]}"
+        ) from None
