@@ -10,7 +10,7 @@ from transformers import GPTNeoXForCausalLM
 
 from neoxray.model.generate import score
 from neoxray.model.hf import load_model_and_tokenizer
-from tests.conftest import SHARED_TOKENIZER, run_cli
+from tests.conftest import ROOT, SHARED_TOKENIZER, run_cli
 
 pytestmark = pytest.mark.e2e  # every test runs the CLI in a real process
 
@@ -182,3 +182,20 @@ def test_lora_flags_errors_are_one_line(tmp_path, tiny_model_dir):
         run_cli("serve", "--model", str(tiny_model_dir), "--lora", f"a={missing}", "--no-ray", check=False),
         "no-adapter",
     )
+
+
+def test_train_overrides_after_an_option_reach_the_config(tmp_path):
+    """`... --run-dir D KEY=VALUE`: the override after the option is read as one (here an unknown key, refused
+    by the config loader in one line naming it), not refused by argparse as an unrecognized argument."""
+    proc = run_cli(
+        "train",
+        "--config",
+        str(ROOT / "configs" / "tiny-cpu.yaml"),
+        "data.path=" + str(tmp_path / "data"),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "train.stepz=6",
+        check=False,
+    )
+    assert_clean_error(proc, "train.stepz", "train.steps")
+    assert not (tmp_path / "run").exists()
