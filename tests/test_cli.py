@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,3 +202,19 @@ def test_train_overrides_after_an_option_reach_the_config(tmp_path):
     )
     assert_clean_error(proc, "train.stepz", "train.steps")
     assert not (tmp_path / "run").exists()
+
+
+def test_report_names_the_run_directory_as_given(tmp_path):
+    """`neoxray report runs/r` from a project folder: the page says `runs/r`, not this machine's absolute path (the
+    docs' report.png is such a page)."""
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    steps = [{"step": s, "loss": 9.0 - s, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 100.0} for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    exe = Path(sys.executable).with_name("neoxray")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "neoxray.cli"]
+    proc = subprocess.run([*cmd, "report", "runs/r"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    page = (run / "report.html").read_text()
+    assert "<td><b>run directory</b></td><td>runs/r</td>" in page
+    assert str(tmp_path) not in page
