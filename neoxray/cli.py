@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from neoxray.cli_parser import build_parser
+from neoxray.cli_parser import SERVE_LIMITS, build_parser
 from neoxray.errors import NeoxrayError
 
 
@@ -210,15 +210,7 @@ def cmd_serve(args) -> None:
         dtype=args.dtype,
         num_replicas=args.replicas,
         num_gpus=args.num_gpus,
-        max_ongoing_requests=args.max_ongoing_requests,
-        max_queued_requests=args.max_queued_requests,
-        max_num_seqs=args.max_num_seqs,
-        max_running_per_request=args.max_running_per_request,
-        kv_cache_tokens=args.kv_cache_tokens,
-        max_request_bytes=args.max_request_bytes,
-        max_seqs_per_request=args.max_seqs_per_request,
-        max_embedding_inputs=args.max_embedding_inputs,
-        max_embedding_tokens=args.max_embedding_tokens,
+        **{dest: getattr(args, dest) for dest in (flag[2:].replace("-", "_") for flag, _, _ in SERVE_LIMITS)},
     )
     try:
         serve_args = ServeArgs(**{k: v for k, v in given.items() if v is not None})

@@ -11,6 +11,25 @@ from neoxray.errors import NeoxrayError
 from neoxray.model.precision import DTYPE_CHOICES, PRECISIONS
 
 MODEL_HELP = "exported Hugging Face directory, training checkpoint, or run directory (its newest)"
+SERVE_LIMITS = (  # `serve`'s integer limits, (flag, default, help); each sets the ServeArgs field of its name
+    ("--max-ongoing-requests", 64, "requests a model replica takes at once (default 64)"),
+    (
+        "--max-queued-requests",
+        256,
+        "requests queued for the model replicas beyond which the server answers 503 (default 256; -1: none)",
+    ),
+    ("--max-num-seqs", 32, "sequences decoded together per model replica (default 32)"),
+    (
+        "--max-running-per-request",
+        None,
+        "most sequences of one request in the batch at once (default: half of --max-num-seqs)",
+    ),
+    ("--kv-cache-tokens", None, "KV cache token budget per model replica (default: max-num-seqs x the context)"),
+    ("--max-request-bytes", None, "largest request body accepted; larger ones get 413 (default 8388608, 8 MiB)"),
+    ("--max-seqs-per-request", None, "most sequences (n x prompts) one completion request may ask for (default 64)"),
+    ("--max-embedding-inputs", None, "most inputs of one embeddings request (default 128)"),
+    ("--max-embedding-tokens", None, "most tokens of one embeddings request, all inputs together (default 65536)"),
+)
 
 
 class _Help(argparse.HelpFormatter):
@@ -308,8 +327,8 @@ def _serve(sub) -> None:
     _address_flag(sv)
     sv.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
     sv.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="default auto: bf16 on GPUs, fp32 on CPUs")
-    _serve_engine_limits(sv)
-    _serve_request_limits(sv)
+    for flag, default, text in SERVE_LIMITS:
+        sv.add_argument(flag, type=int, default=default, help=text)
     sv.add_argument("--verbose", action="store_true", help="show Ray's and Ray Serve's own output on the console")
     sv.add_argument("--no-ray", action="store_true", help="one engine under uvicorn in this process, without Ray")
     sv.set_defaults(command="serve")
@@ -336,57 +355,6 @@ def _serve_loras(sv) -> None:
         default=None,
         metavar="R",
         help="the largest adapter rank (default: max(16, --lora's))",
-    )
-
-
-def _serve_engine_limits(sv) -> None:
-    sv.add_argument(
-        "--max-ongoing-requests", type=int, default=64, help="requests a model replica takes at once (default 64)"
-    )
-    sv.add_argument(
-        "--max-queued-requests",
-        type=int,
-        default=256,
-        help="requests queued for the model replicas beyond which the server answers 503 (default 256; -1: none)",
-    )
-    sv.add_argument(
-        "--max-num-seqs", type=int, default=32, help="sequences decoded together per model replica (default 32)"
-    )
-    sv.add_argument(
-        "--max-running-per-request",
-        type=int,
-        default=None,
-        help="most sequences of one request in the batch at once (default: half of --max-num-seqs)",
-    )
-    sv.add_argument(
-        "--kv-cache-tokens",
-        type=int,
-        default=None,
-        help="KV cache token budget per model replica (default: max-num-seqs x the context)",
-    )
-
-
-def _serve_request_limits(sv) -> None:
-    sv.add_argument(
-        "--max-request-bytes",
-        type=int,
-        default=None,
-        help="largest request body accepted; larger ones get 413 (default 8388608, 8 MiB)",
-    )
-    sv.add_argument(
-        "--max-seqs-per-request",
-        type=int,
-        default=None,
-        help="most sequences (n x prompts) one completion request may ask for (default 64)",
-    )
-    sv.add_argument(
-        "--max-embedding-inputs", type=int, default=None, help="most inputs of one embeddings request (default 128)"
-    )
-    sv.add_argument(
-        "--max-embedding-tokens",
-        type=int,
-        default=None,
-        help="most tokens of one embeddings request, all inputs together (default 65536)",
     )
 
 
