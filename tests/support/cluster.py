@@ -98,7 +98,7 @@ class TwoNodeCluster:
         self.wait(lambda: len(self.alive_nodes()) == 2, timeout, "two alive nodes")
 
     def start_head(self, timeout: float = 120) -> None:
-        """The head node alone; returns when its GCS port takes connections."""
+        """The head node alone; returns when its dashboard lists it alive (the job API answers then too)."""
         dashboard = ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard)]
         head = ["--head", "--port", str(self.gcs), *dashboard, "--ray-client-server-port", str(self.client)]
         self._start_node("head", [*head, *self._node_args("head_node")])
@@ -107,6 +107,7 @@ class TwoNodeCluster:
             timeout,
             "the head's GCS port",
         )
+        self.wait(lambda: len(self.alive_nodes()) == 1, timeout, "the head, alive, in its dashboard")
 
     def _node_args(self, resource: str) -> list[str]:
         """A node's custom resource (which node a task ran on) and its four agent ports (none of Ray's defaults,
