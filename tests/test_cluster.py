@@ -273,14 +273,14 @@ def test_ray_job_submit_on_two_nodes_trains_and_resumes(two_nodes, sample_tokeni
         "1",
         "--quiet",
     ]
-    train = [
+    train = [  # as the demo's closing hint has it: an override before --run-dir, the others after it
         "neoxray",
         "train",
         "--config",
         "configs/tiny-cpu.yaml",
+        f"data.path={data}",
         "--run-dir",
         str(run),
-        f"data.path={data}",
         *TRAIN,
     ]
     entrypoint = f"{shlex.join(prepare)} && {shlex.join([*train, f'train.steps={STEPS}'])}"  # as in the RayJob
