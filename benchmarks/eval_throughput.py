@@ -28,25 +28,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, device_name, loadavg, machine, now
+from common import SAMPLE, device_name, load_tokenizer, loadavg, log, machine, now, write_json
 
-SHARED_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "gpt-neox-20b"
-SAMPLE = ROOT / "neoxray" / "pipelines" / "sample" / "sample.jsonl.zst"
 TASK = "neoxray_bench_choice"
 WARMUP = "neoxray_bench_warmup"
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def load_tokenizer(tmp: Path):
-    from neoxray.model.tokenizer import Tokenizer
-    from neoxray.pipelines.tokenizer_training import train_tokenizer_from_files
-
-    if (SHARED_TOKENIZER / "tokenizer.json").exists():
-        return Tokenizer.load(SHARED_TOKENIZER)
-    return train_tokenizer_from_files([str(SAMPLE)], 4096, str(tmp / "tokenizer"))
 
 
 def save_model(preset: str, layers: int | None, tok, out: Path) -> Path:
@@ -132,7 +117,7 @@ def timed_run(lm, tm, warmup: bool) -> dict:
     }
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="pythia-160m", help="model shape (random weights)")
     p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
@@ -146,10 +131,11 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=8, help="questions of another task run untimed first, both sides")
     p.add_argument("--rtol", type=float, default=1e-3, help="log-likelihoods must agree within this")
     p.add_argument("--json", default=None, help="write the results here too")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return p.parse_args(argv)
 
+
+def run_both(args) -> tuple[dict, dict]:
+    """The model, the tasks and both backends in a temporary folder; lm-eval's hf backend, then ours."""
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -175,11 +161,10 @@ def main(argv=None) -> int:
         log("running lm-eval's hf backend")
         base = timed_run(hf, tm, args.warmup > 0)
         log("running the neoxray backend")
-        mine = timed_run(ours, tm, args.warmup > 0)
+        return base, timed_run(ours, tm, args.warmup > 0)
 
-    worst = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(mine["loglikelihoods"], base["loglikelihoods"]))
-    same = mine["acc"] == base["acc"] and mine["acc_norm"] == base["acc_norm"] and worst <= args.rtol
-    ratio = mine["requests_per_s"] / base["requests_per_s"]
+
+def print_results(base: dict, mine: dict, ratio: float, worst: float, same: bool, rtol: float) -> None:
     print(
         f"lm-eval hf backend : {base['requests_per_s']:8.2f} requests/s ({base['requests']} in {base['seconds']:.2f} s)"
     )
@@ -189,19 +174,26 @@ def main(argv=None) -> int:
     print(f"ratio              : {ratio:8.2f}x")
     print(
         f"check: acc {mine['acc']:.4f} vs {base['acc']:.4f}, acc_norm {mine['acc_norm']:.4f} vs {base['acc_norm']:.4f},"
-        f" worst log-likelihood rel diff {worst:.2e} (rtol {args.rtol:g}) -> {'OK' if same else 'MISMATCH'}"
+        f" worst log-likelihood rel diff {worst:.2e} (rtol {rtol:g}) -> {'OK' if same else 'MISMATCH'}"
     )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base, mine = run_both(args)
+    worst = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(mine["loglikelihoods"], base["loglikelihoods"]))
+    same = mine["acc"] == base["acc"] and mine["acc_norm"] == base["acc_norm"] and worst <= args.rtol
+    ratio = mine["requests_per_s"] / base["requests_per_s"]
+    print_results(base, mine, ratio, worst, same, args.rtol)
     report = {
         "date": now(),
         "machine": machine(),
         "device": device_name(torch.device(args.device)),
         "loadavg": loadavg(),
         "torch_threads": torch.get_num_threads(),
-        "preset": args.preset,
-        "layers": args.layers,
-        "questions": args.questions,
-        "context_tokens": args.context_tokens,
-        "batch_size": args.batch_size,
+        **{k: getattr(args, k) for k in ("preset", "layers", "questions", "context_tokens", "batch_size")},
         "warmup_questions": args.warmup,
         "prefill_chunk": args.prefill_chunk,
         "group_by_context": not args.no_group_by_context,
@@ -211,8 +203,7 @@ def main(argv=None) -> int:
         "max_loglikelihood_rel_diff": worst if math.isfinite(worst) else None,
         "results_equal": same,
     }
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    write_json(args.json, report, announce=False)
     return 0 if same else 1
 
 

@@ -53,7 +53,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import GIB, ROOT, device_name, loadavg, machine, now
+from common import GIB, ROOT, device_name, engine_run_config, loadavg, machine, neox_init_, now, pick, write_json
 
 MODES = ("full", "lora")
 HELD = ("weights", "gradients", "optimizer")
@@ -65,31 +65,14 @@ HELD = ("weights", "gradients", "optimizer")
 def run_config(args, mode: str, layers: int):
     import dataclasses
 
-    from neoxray.model.config import get_preset
-    from neoxray.platform.train.config import load_run_config, resolved, validate
-
-    overrides = [
-        "name=lora_memory",
-        f"model.preset={args.preset}",
-        f"model.overrides.n_layers={layers}",
-        "model.activation_checkpointing=false",
-        f"train.seq_len={args.seq}",
-        f"train.micro_batch={args.micro_batch}",
-        f"train.global_batch={args.micro_batch}",
-        f"train.precision={args.precision}",
-        f"train.device={args.device}",
-        "train.steps=1",
-        f"train.seed={args.seed}",
-        "parallel.data=1",
-        "parallel.tensor=1",
-        "parallel.pipeline=1",
-        "data.path=unused",  # the engine reads no data; validate() only checks the key is non-empty
-    ]
-    if args.seq > get_preset(args.preset).max_seq_len:
-        overrides.append(f"model.overrides.max_seq_len={args.seq}")
-    cfg = load_run_config(None, overrides)
-    validate(cfg)
-    cfg = resolved(cfg)
+    cfg = engine_run_config(
+        "lora_memory",
+        args.preset,
+        layers=layers,
+        global_batch=args.micro_batch,
+        steps=1,
+        **pick(args, "seq", "micro_batch", "precision", "device", "seed"),
+    )
     if mode == "lora":  # after validation: a random base is fine for memory (no model.init_from)
         lora = dataclasses.replace(cfg.lora, rank=args.lora_rank, targets=list(args.lora_targets), dropout=0.0)
         cfg = dataclasses.replace(cfg, lora=lora)
@@ -100,25 +83,11 @@ def run_config(args, mode: str, layers: int):
 # the worker: one mode, one depth, this process
 # -------------------------------------------------------------------------------------------------------
 def fast_loader(mc, device, seed: int):
-    """Fill a freshly built piece with GPT-NeoX's initialisation rules (zero biases, unit LayerNorms,
-    small_init / wang_init normals) from one generator on the device."""
+    """Fill each freshly built piece with GPT-NeoX's initialisation rules, from one generator on the device."""
     import torch
 
-    from neoxray.model.init import init_std
-
     g = torch.Generator(device=device).manual_seed(seed)
-
-    @torch.no_grad()
-    def loader(piece):
-        for name, p in piece.canonical_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif "layernorm" in name or "layer_norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, init_std(name, mc.d_model, mc.n_layers), generator=g)
-
-    return loader
+    return lambda piece: neox_init_(piece.canonical_parameters(), mc, g)
 
 
 def _rss_kib() -> int:
@@ -284,7 +253,7 @@ def gib(x) -> str:
     return "n/a" if x is None else f"{x / GIB:.2f}"
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="pythia-1.4b", help="model preset (default pythia-1.4b)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (default) or cuda")
@@ -308,29 +277,11 @@ def main(argv=None) -> dict:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    cuda = args.device == "cuda"
-    from neoxray.model.config import get_preset
+    return p, p.parse_args(argv)
 
-    full_depth = get_preset(args.preset).n_layers
-    args.layers = sorted(set(args.layers or ([full_depth] if cuda else [2, 4])))
-    args.seq = args.seq or (2048 if cuda else 256)
-    args.precision = args.precision or ("bf16" if cuda else "fp32")
-    if args.worker:
-        result = worker(args)
-        Path(args.out).write_text(json.dumps(result))
-        return result
-    if len(args.layers) < 2 and full_depth not in args.layers:
-        p.error(f"give two depths to extrapolate to {full_depth} layers, or measure {full_depth}")
 
-    env = dict(date=now(), machine=machine(), python=platform.python_version(), loadavg_start=loadavg())
-    print(f"# lora_memory  {env['date']}  {env['machine']}  python {env['python']}")
-    print(
-        f"# {args.preset} shape, layout (1,1,1), ZeRO-1, {args.precision}, micro-batch {args.micro_batch} x seq "
-        f"{args.seq}, global batch {args.micro_batch}, no activation checkpointing; LoRA rank {args.lora_rank} on "
-        f"{', '.join(args.lora_targets)}; depths {args.layers}; each (mode, depth) in a fresh process",
-        flush=True,
-    )
+def measure_all(args) -> list[dict]:
+    """Each depth, each mode, in a fresh process; the planner's figures beside each."""
     runs = []
     for layers in args.layers:
         for mode in MODES:
@@ -343,15 +294,11 @@ def main(argv=None) -> dict:
                 f"loss {r['loss']:.3f}, process {r['process_s']:.0f} s, {r['threads']} threads",
                 flush=True,
             )
-    env.update(
-        loadavg_end=loadavg(),
-        torch=runs[0]["torch"],
-        deepspeed=runs[0]["deepspeed"],
-        device_name=runs[0]["device_name"],
-    )
-    print(f"# device: {env['device_name']};  torch {env['torch']}, deepspeed {env['deepspeed']}")
+    return runs
 
-    peak_what = "max_memory_allocated" if cuda else "peak RSS growth"
+
+def print_runs(runs: list[dict]) -> None:
+    """A row per (mode, depth): measured bytes beside the planner's."""
     print(
         f"\n{'mode':<6}{'layers':>7}{'params':>8}{'trained':>10}{'weights':>9}{'grads':>8}{'optim':>8}{'held':>8}"
         f"{'peak':>8}{'step pk':>9}  | planner{'held':>7}{'act':>7}{'total':>7}"
@@ -364,17 +311,26 @@ def main(argv=None) -> dict:
             f"{gib(r['peak_growth']):>8}{gib(r.get('step_peak_growth')):>9}  |        "
             f"{gib(pl['held']):>7}{gib(pl['activations']):>7}{gib(pl['total']):>7}"
         )
-    # at the preset's depth: measured, or extrapolated linearly from the two deepest measured depths
+
+
+def at_depth(args, runs: list[dict], depth: int) -> dict:
+    """Each mode's figures at `depth`: measured, or extrapolated linearly from the two deepest measured depths;
+    and the planner's."""
     at = {}
     for mode in MODES:
         rows = [r for r in runs if r["mode"] == mode]
         at[mode] = {}
         for key in FIGURES:
             pts = {r["layers"]: r[key] for r in rows if r.get(key) is not None}
-            at[mode][key] = extrapolate(pts, full_depth) if len(pts) >= 2 or full_depth in pts else None
-        at[mode]["planned"] = planned(args, mode, full_depth)
-    how = "measured" if full_depth in args.layers else f"EXTRAPOLATED linearly from {args.layers[-2:]} layers"
-    print(f"\n# at {full_depth} layers ({how}); GiB; {peak_what}")
+            at[mode][key] = extrapolate(pts, depth) if len(pts) >= 2 or depth in pts else None
+        at[mode]["planned"] = planned(args, mode, depth)
+    return at
+
+
+def print_at_depth(at: dict, args, depth: int, cuda: bool) -> dict:
+    """Full against LoRA at the preset's depth, measured and planned; returns the ratios LoRA / full."""
+    how = "measured" if depth in args.layers else f"EXTRAPOLATED linearly from {args.layers[-2:]} layers"
+    print(f"\n# at {depth} layers ({how}); GiB; {'max_memory_allocated' if cuda else 'peak RSS growth'}")
     print(f"{'':<28}{'full':>10}{'LoRA':>10}{'LoRA/full':>11}")
     lines = [
         ("held: weights", "weights"),
@@ -398,6 +354,10 @@ def main(argv=None) -> dict:
         f, lo = at["full"]["planned"][key], at["lora"]["planned"][key]
         ratios["planned_" + key] = lo / f
         print(f"{label:<28}{gib(f):>10}{gib(lo):>10}{lo / f:>11.3f}")
+    return ratios
+
+
+def print_notes(env: dict, runs: list[dict], cuda: bool) -> None:
     if cuda:
         print(
             "# peak = torch.cuda.max_memory_allocated from before the build to the end of the step (the build's "
@@ -410,28 +370,44 @@ def main(argv=None) -> dict:
         )
         print(f"# load average at start {env['loadavg_start']}, at end {env['loadavg_end']} ({os.cpu_count()} CPUs)")
     print(f"# ray imported: {any(r['ray_imported'] for r in runs)}")
-    result = dict(
-        env=env,
-        setup=dict(
-            preset=args.preset,
-            device=args.device,
-            layers=args.layers,
-            full_depth=full_depth,
-            seq=args.seq,
-            micro_batch=args.micro_batch,
-            precision=args.precision,
-            lora_rank=args.lora_rank,
-            lora_targets=args.lora_targets,
-            extrapolated=full_depth not in args.layers,
-        ),
-        runs=runs,
-        at_full_depth=at,
-        ratios_lora_over_full=ratios,
+
+
+def main(argv=None) -> dict:
+    p, args = parse_args(argv)
+    cuda = args.device == "cuda"
+    from neoxray.model.config import get_preset
+
+    full_depth = get_preset(args.preset).n_layers
+    args.layers = sorted(set(args.layers or ([full_depth] if cuda else [2, 4])))
+    args.seq = args.seq or (2048 if cuda else 256)
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
+    if args.worker:
+        result = worker(args)
+        Path(args.out).write_text(json.dumps(result))
+        return result
+    if len(args.layers) < 2 and full_depth not in args.layers:
+        p.error(f"give two depths to extrapolate to {full_depth} layers, or measure {full_depth}")
+
+    env = dict(date=now(), machine=machine(), python=platform.python_version(), loadavg_start=loadavg())
+    print(f"# lora_memory  {env['date']}  {env['machine']}  python {env['python']}")
+    print(
+        f"# {args.preset} shape, layout (1,1,1), ZeRO-1, {args.precision}, micro-batch {args.micro_batch} x seq "
+        f"{args.seq}, global batch {args.micro_batch}, no activation checkpointing; LoRA rank {args.lora_rank} on "
+        f"{', '.join(args.lora_targets)}; depths {args.layers}; each (mode, depth) in a fresh process",
+        flush=True,
     )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"# wrote {args.json}")
+    runs = measure_all(args)
+    env.update(loadavg_end=loadavg(), **{k: runs[0][k] for k in ("torch", "deepspeed", "device_name")})
+    print(f"# device: {env['device_name']};  torch {env['torch']}, deepspeed {env['deepspeed']}")
+    print_runs(runs)
+    at = at_depth(args, runs, full_depth)
+    ratios = print_at_depth(at, args, full_depth, cuda)
+    print_notes(env, runs, cuda)
+    setup = pick(args, "preset", "device", "layers")
+    setup.update(full_depth=full_depth, **pick(args, "seq", "micro_batch", "precision", "lora_rank", "lora_targets"))
+    setup["extrapolated"] = full_depth not in args.layers
+    result = dict(env=env, setup=setup, runs=runs, at_full_depth=at, ratios_lora_over_full=ratios)
+    write_json(args.json, result)
     return result
 
 

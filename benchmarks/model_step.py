@@ -22,18 +22,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
-import statistics
-import time
-from pathlib import Path
 
+import common
 import torch
-from common import GIB, PEAK_FLOPS, agreement, build_hf, device_name, free_memory, loadavg, now, print_agreement, sync
+from common import GIB, PEAK_FLOPS, StepRunner, agreement, build_hf, free_memory
 
 from neoxray.model.config import get_preset
 from neoxray.model.gptneox import build_model, cross_entropy
+
+DEFAULTS = (("batch", 2, 8), ("seq", 256, 2048), ("steps", 2, 10), ("rounds", 4, 3), ("warmup", 1, 2))
+"""(flag, CPU default, CUDA default) of the flags left unset."""
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -49,13 +48,13 @@ def param_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-class Runner:
+class Runner(StepRunner):
     """One model's training step on the shared batch."""
 
     def __init__(self, name, kind, model, inp, tgt, amp_dtype, compile_model, compile_scope="model"):
+        super().__init__(inp.device)
         self.name, self.kind, self.model = name, kind, model
         self.inp, self.tgt = inp, tgt
-        self.device = inp.device
         self.amp_dtype = amp_dtype
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.fn = model
@@ -66,10 +65,6 @@ class Runner:
             for layer in layers:
                 layer.compile()
         self.compiled = compile_model
-        self.times: list[float] = []
-        self.round_medians: list[float] = []
-        self.first_step_s = None
-        self.peak_gib = None
 
     def _amp(self):
         if self.amp_dtype is None:
@@ -92,43 +87,16 @@ class Runner:
             p.grad = None
         return out
 
-    def timed(self, n: int) -> list[float]:
-        ts = []
-        for _ in range(n):
-            sync(self.device)
-            t0 = time.perf_counter()
-            self.step()
-            sync(self.device)
-            ts.append(time.perf_counter() - t0)
-        return ts
-
     def block(self, warmup: int, steps: int, other_resident_bytes: int = 0) -> None:
         """Warm-up then `steps` timed steps; peak memory measured over this block only."""
         cuda = self.device.type == "cuda"
         if cuda:
             free_memory(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        for _ in range(warmup):
-            self.step()
-        ts = self.timed(steps)
-        self.times += ts
-        self.round_medians.append(statistics.median(ts))
+        super().block(warmup, steps)
         if cuda:
             peak = (torch.cuda.max_memory_allocated(self.device) - other_resident_bytes) / GIB
             self.peak_gib = max(self.peak_gib or 0.0, peak)
-
-    def check_step(self):
-        """The very first step (compilation happens here): loss and grad norm for the check, wall time kept."""
-        sync(self.device)
-        t0 = time.perf_counter()
-        out = self.step(check=True)
-        self.first_step_s = time.perf_counter() - t0
-        return out
-
-    def first_steps(self, n: int) -> None:
-        """Untimed warm-up before round 1."""
-        for _ in range(n):
-            self.step()
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -147,9 +115,9 @@ def run_interleaved(cfg, args, device, amp_dtype, rtol, grad_rtol):
     ours = Runner("neoxray", "ours", ours_model, inp, tgt, amp_dtype, args.compile, args.compile_scope)
     hf = Runner("transformers", "hf", hf_model, inp, tgt, amp_dtype, args.compile_hf, args.compile_scope)
     chk = agreement(ours.check_step(), hf.check_step(), rtol, grad_rtol)
-    print_agreement(chk)
+    common.print_agreement(chk)
     for r in (ours, hf):
-        r.first_steps(args.warmup)
+        r.run(args.warmup)
     sizes = {id(ours): param_bytes(ours_model), id(hf): param_bytes(hf_model)}
     for rnd in range(args.rounds):
         order = (ours, hf) if rnd % 2 == 0 else (hf, ours)
@@ -171,7 +139,7 @@ def run_sequential(cfg, args, device, amp_dtype, rtol, grad_rtol):
     sd_cpu = {k: v.detach().to("cpu", copy=True) for k, v in ours_model.state_dict().items()}
     ours = Runner("neoxray", "ours", ours_model, inp, tgt, amp_dtype, args.compile, args.compile_scope)
     ours_chk = ours.check_step()
-    ours.first_steps(args.warmup)
+    ours.run(args.warmup)
     for rnd in range(args.rounds):
         ours.block(args.round_warmup, args.steps)
         print(f"ours round {rnd + 1}/{args.rounds}: {1e3 * ours.round_medians[-1]:.1f} ms", flush=True)
@@ -182,37 +150,43 @@ def run_sequential(cfg, args, device, amp_dtype, rtol, grad_rtol):
     del sd_cpu
     hf = Runner("transformers", "hf", hf_model, inp, tgt, amp_dtype, args.compile_hf, args.compile_scope)
     chk = agreement(ours_chk, hf.check_step(), rtol, grad_rtol)
-    print_agreement(chk)
-    hf.first_steps(args.warmup)
+    common.print_agreement(chk)
+    hf.run(args.warmup)
     for rnd in range(args.rounds):
         hf.block(args.round_warmup, args.steps)
         print(f"HF round {rnd + 1}/{args.rounds}: {1e3 * hf.round_medians[-1]:.1f} ms", flush=True)
     return ours, hf, chk
 
 
+def measure(cfg, args, device, amp_dtype, rtol, grad_rtol):
+    """Both models measured as `--mode` says (auto: interleaved, sequential after a CUDA out-of-memory); returns
+    (ours, hf, check, the mode used)."""
+    run = (cfg, args, device, amp_dtype, rtol, grad_rtol)
+    if args.mode == "sequential":
+        return (*run_sequential(*run), "sequential")
+    if args.mode == "interleaved" or device.type != "cuda":
+        return (*run_interleaved(*run), "interleaved")
+    try:
+        return (*run_interleaved(*run), "interleaved")
+    except torch.OutOfMemoryError:
+        pass  # freed below, out of the except block, so the traceback (and the tensors it pins) is gone
+    free_memory(device, reset_compiled=True)
+    print("# both models do not fit on the device together: measuring sequentially", flush=True)
+    return (*run_sequential(*run), "sequential")
+
+
 def summarize(r: Runner, cfg, args, device) -> dict:
-    med = statistics.median(r.times)
-    tok_s = args.batch * args.seq / med
-    tflops = tok_s * cfg.train_flops_per_token(args.seq) / 1e12
-    out = dict(
-        model=r.name,
-        compiled=r.compiled,
-        ms_per_step=1e3 * med,
-        tokens_per_s=tok_s,
-        tflops=tflops,
-        ms_per_step_min=1e3 * min(r.times),
-        ms_per_step_max=1e3 * max(r.times),
-        round_medians_ms=[1e3 * t for t in r.round_medians],
-        timed_steps=len(r.times),
-        first_step_s=r.first_step_s,
-    )
+    out = common.step_summary(r, args.batch * args.seq, cfg.train_flops_per_token(args.seq), compiled=r.compiled)
     if device.type == "cuda":
-        out["mfu"] = tflops * 1e12 / PEAK_FLOPS
+        out["mfu"] = out["tflops"] * 1e12 / PEAK_FLOPS
         out["peak_gib"] = r.peak_gib
     return out
 
 
-def main(argv=None) -> dict:
+# -------------------------------------------------------------------------------------------------------
+# the run
+# -------------------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="pythia-70m", help="model preset (default pythia-70m)")
     p.add_argument("--layers", type=int, default=None, help="override n_layers (e.g. 4 layers of neox-20b)")
@@ -252,81 +226,28 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="weights and batch seed (default 0)")
     p.add_argument("--json", default=None, help="write the results here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    device = (
-        torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if args.device == "auto"
-        else torch.device(args.device)
-    )
-    cuda = device.type == "cuda"
-    for key, cpu_default, cuda_default in (
-        ("batch", 2, 8),
-        ("seq", 256, 2048),
-        ("steps", 2, 10),
-        ("rounds", 4, 3),
-        ("warmup", 1, 2),
-    ):
-        if getattr(args, key) is None:
-            setattr(args, key, cuda_default if cuda else cpu_default)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    overrides = {"max_seq_len": max(args.seq, 1)}
-    if args.layers:
-        overrides["n_layers"] = args.layers
-    cfg = get_preset(args.preset, **overrides)
-    amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
-    rtol, grad_rtol = (1e-4, 1e-3) if amp_dtype is None else (2e-2, 5e-2)
-    if args.compile or args.compile_hf:  # compiled numerics drift a little from eager
-        rtol, grad_rtol = max(rtol, 1e-3), max(grad_rtol, 1e-2)
 
-    import transformers
-
-    env = dict(
-        date=now(),
-        torch=torch.__version__,
-        transformers=transformers.__version__,
-        python=platform.python_version(),
-        device=str(device),
-        device_name=device_name(device),
-        threads=torch.get_num_threads(),
-        interop_threads=torch.get_num_interop_threads(),
-        cuda=torch.version.cuda if cuda else None,
-        loadavg_start=loadavg(),
-    )
-    setup = dict(
+def run_setup(args, cfg) -> dict:
+    return dict(
         preset=args.preset,
-        n_layers=cfg.n_layers,
-        d_model=cfg.d_model,
-        n_heads=cfg.n_heads,
-        vocab_size=cfg.vocab_size,
-        params=cfg.num_parameters(),
+        **common.model_shape(cfg),
         batch=args.batch,
         seq=args.seq,
         tokens_per_step=args.batch * args.seq,
         dtype=args.dtype,
         compile_ours=args.compile,
         compile_hf=args.compile_hf,
-        compile_scope=args.compile_scope,
-        steps=args.steps,
-        rounds=args.rounds,
-        warmup=args.warmup,
-        round_warmup=args.round_warmup,
+        **common.pick(args, "compile_scope", "steps", "rounds", "warmup", "round_warmup"),
         train_flops_per_token=cfg.train_flops_per_token(args.seq),
     )
+
+
+def print_setup(args, cfg, amp_dtype) -> None:
     print(
-        f"# model_step  {env['date']}  torch {env['torch']}  transformers {env['transformers']}  "
-        f"python {env['python']}" + (f"  CUDA {env['cuda']}" if cuda else "")
-    )
-    print(
-        f"# device {env['device']}: {env['device_name']}  threads {env['threads']} "
-        f"(interop {env['interop_threads']})" + (f"  load average {env['loadavg_start']}" if not cuda else "")
-    )
-    print(
-        f"# {args.preset}"
-        + (f" with {cfg.n_layers} layers" if args.layers else "")
-        + f": L {cfg.n_layers}, d {cfg.d_model}, heads {cfg.n_heads}, V {cfg.vocab_size}, "
-        f"{cfg.num_parameters() / 1e6:.1f}M params;  batch {args.batch} x seq {args.seq};  {args.dtype}"
+        common.shape_line(args.preset, cfg, bool(args.layers))
+        + f";  batch {args.batch} x seq {args.seq};  {args.dtype}"
         + ("  (fp32 weights, bf16 autocast)" if amp_dtype else "")
         + f";  compile ours {args.compile}, HF {args.compile_hf}"
         + (f" (scope {args.compile_scope})" if args.compile or args.compile_hf else "")
@@ -335,49 +256,16 @@ def main(argv=None) -> dict:
         flush=True,
     )
 
-    mode = args.mode
-    if mode == "auto":
-        mode = "interleaved"
-        if cuda:
-            oom = False
-            try:
-                ours, hf, chk = run_interleaved(cfg, args, device, amp_dtype, rtol, grad_rtol)
-            except torch.OutOfMemoryError:
-                oom = True
-            if oom:  # out of the except block so the traceback (and the tensors it pins) is gone
-                free_memory(device, reset_compiled=True)
-                print("# both models do not fit on the device together: measuring sequentially", flush=True)
-                mode = "sequential"
-                ours, hf, chk = run_sequential(cfg, args, device, amp_dtype, rtol, grad_rtol)
-        else:
-            ours, hf, chk = run_interleaved(cfg, args, device, amp_dtype, rtol, grad_rtol)
-    elif mode == "interleaved":
-        ours, hf, chk = run_interleaved(cfg, args, device, amp_dtype, rtol, grad_rtol)
-    else:
-        ours, hf, chk = run_sequential(cfg, args, device, amp_dtype, rtol, grad_rtol)
 
-    env["loadavg_end"] = loadavg()
-    rows = [summarize(r, cfg, args, device) for r in (ours, hf)]
-    ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
+def print_results(rows, env, args, mode, cuda) -> float:
+    """The table and its notes; returns the ratio ours/HF."""
     how = (
         "interleaved rounds (order swapped each round), both models resident"
         if mode == "interleaved"
         else "SEQUENTIAL (one model on the device at a time: all rounds of ours, then all of HF)"
     )
     print(f"\n# measurement: {how}; medians over {rows[0]['timed_steps']} timed steps per model")
-    hdr = f"{'model':<14}{'compiled':>9}{'tokens/s':>12}{'ms/step':>10}{'min..max ms':>16}{'TFLOP/s':>9}"
-    if cuda:
-        hdr += f"{'MFU':>7}{'peak GiB':>10}"
-    print(hdr)
-    for r in rows:
-        line = (
-            f"{r['model']:<14}{str(r['compiled']):>9}{r['tokens_per_s']:>12,.0f}{r['ms_per_step']:>10.1f}"
-            f"{r['ms_per_step_min']:>8.1f}..{r['ms_per_step_max']:<6.1f}{r['tflops']:>9.2f}"
-        )
-        if cuda:
-            line += f"{r['mfu']:>7.3f}{r['peak_gib']:>10.1f}"
-        print(line)
-    print(f"ratio ours/HF (tokens/s): {ratio:.3f}")
+    ratio = common.print_step_table(rows, cuda, range_width=16, compiled=True)
     if not cuda:
         print(
             f"# load average at start {env['loadavg_start']}, at end {env['loadavg_end']} "
@@ -388,16 +276,36 @@ def main(argv=None) -> dict:
             "# MFU vs 989e12 FLOP/s; peak GiB = torch.cuda.max_memory_allocated over that model's blocks"
             + (", minus the other model's resident weights" if mode == "interleaved" else "")
         )
-    if any(r["first_step_s"] is not None and (args.compile or args.compile_hf) for r in rows):
-        print(
-            "# first step (includes compilation): " + ", ".join(f"{r['model']} {r['first_step_s']:.1f} s" for r in rows)
-        )
+    if args.compile or args.compile_hf:
+        common.print_first_steps(rows)
+    return ratio
 
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = auto if args.device == "auto" else torch.device(args.device)
+    cuda = device.type == "cuda"
+    common.fill_defaults(args, cuda, DEFAULTS)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {"max_seq_len": max(args.seq, 1), **({"n_layers": args.layers} if args.layers else {})}
+    cfg = get_preset(args.preset, **overrides)
+    amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    rtol, grad_rtol = common.tolerances(amp_dtype is not None, args.compile or args.compile_hf)
+
+    import transformers
+
+    env = common.run_env(device, {"transformers": transformers.__version__}, interop_threads=True)
+    setup = run_setup(args, cfg)
+    common.print_run_header("model_step", env, ("transformers",))
+    print_setup(args, cfg, amp_dtype)
+    ours, hf, chk, mode = measure(cfg, args, device, amp_dtype, rtol, grad_rtol)
+    env["loadavg_end"] = common.loadavg()
+    rows = [summarize(r, cfg, args, device) for r in (ours, hf)]
+    ratio = print_results(rows, env, args, mode, cuda)
     result = dict(env=env, setup=setup, mode=mode, check=chk, results=rows, ratio_ours_over_hf=ratio)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"# wrote {args.json}")
+    common.write_json(args.json, result)
     return result
 
 

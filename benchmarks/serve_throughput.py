@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -41,18 +42,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, free_port, machine, now, sync
+from common import free_port, load_tokenizer, log, machine, now, sync, write_json
 
 from neoxray.model.config import get_preset
 from neoxray.model.gptneox import GPTNeoX
 from neoxray.model.hf import config_to_hf, to_hf_name
-
-SHARED_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "gpt-neox-20b"
-SAMPLE = ROOT / "neoxray" / "pipelines" / "sample" / "sample.jsonl.zst"
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def pct(xs, q):
@@ -65,15 +59,6 @@ def pct(xs, q):
 # -------------------------------------------------------------------------------------------------------
 # one set of weights, two models
 # -------------------------------------------------------------------------------------------------------
-def load_tokenizer(tmp: Path):
-    from neoxray.model.tokenizer import Tokenizer
-    from neoxray.pipelines.tokenizer_training import train_tokenizer_from_files
-
-    if (SHARED_TOKENIZER / "tokenizer.json").exists():
-        return Tokenizer.load(SHARED_TOKENIZER)
-    return train_tokenizer_from_files([str(SAMPLE)], 4096, str(tmp / "tokenizer"))
-
-
 def build_pair(preset: str, layers: int | None, device: str, dtype: torch.dtype, tok):
     """transformers' GPTNeoXForCausalLM with random weights, and neoxray's GPTNeoX sharing its tensors."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -216,48 +201,84 @@ def http_sender(session, url: str, model: str, max_tokens: int, loras: list[str]
     return send
 
 
-def start_http_server(model_dir: Path, args, log_path: Path, extra=()) -> tuple[subprocess.Popen, str]:
+@contextlib.contextmanager
+def http_server(model_dir: Path, args, log_path: Path, extra=()):
+    """`neoxray serve` of `model_dir` on a free port (`extra`: more flags), until it answers /health; yields its URL
+    and stops it (SIGINT, then SIGKILL to its process group after 60 s)."""
     import requests
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     exe = Path(sys.executable).with_name("neoxray")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "neoxray.cli"]
-    cmd += [
-        "serve",
-        "--model",
-        str(model_dir),
-        "--port",
-        str(port),
-        "--name",
-        "bench",
-        "--max-num-seqs",
-        str(max(args.clients_list)),
-        "--device",
-        args.device,
-        "--dtype",
-        {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[args.torch_dtype],
-    ]
-    cmd += list(extra)
-    if args.no_ray_server:
-        cmd.append("--no-ray")
+    cmd += ["serve", "--model", str(model_dir), "--port", str(port), "--name", "bench"]
+    cmd += ["--max-num-seqs", str(max(args.clients_list)), "--device", args.device]
+    cmd += ["--dtype", {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[args.torch_dtype]]
+    cmd += [*extra, *(["--no-ray"] if args.no_ray_server else [])]
     proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"neoxray serve exited:\n{log_path.read_text()[-3000:]}")
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"neoxray serve exited:\n{log_path.read_text()[-3000:]}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(1)
+        else:
+            raise SystemExit("neoxray serve did not become healthy")
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
         try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise SystemExit("neoxray serve did not become healthy")
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def http_run(url: str, prompts, clients: int, per_client: int, max_tokens: int, loras=None) -> dict:
+    """`run_clients` against the endpoint, in one aiohttp session."""
+    import aiohttp
+
+    async def measure():
+        conn = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=3600)) as s:
+            return await run_clients(http_sender(s, url, "bench", max_tokens, loras), prompts, clients, per_client)
+
+    return asyncio.run(measure())
+
+
+def make_engine(ours, tok, args, clients: int, **lora_config):
+    """An InferenceEngine (not started) over `ours`, sized for `clients` sequences (`lora_config`: max_loras, ...)."""
+    from neoxray.platform.inference.engine import InferenceEngine
+    from neoxray.platform.inference.request import EngineConfig
+
+    kv_tokens = clients * (args.prompt_len + args.max_tokens + 16)
+    config = EngineConfig(max_num_seqs=clients, kv_cache_tokens=kv_tokens, **lora_config)
+    return InferenceEngine(ours, tok, config)
+
+
+def report_head(benchmark: str, args, cfg, **after_layers) -> dict:
+    """The first fields of a run's record: what ran, when, where, on which model shape and device."""
+    gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
+    return {
+        "benchmark": benchmark,
+        "date": now(),
+        "machine": machine() + gpu,
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "layers": cfg.n_layers,
+        **after_layers,
+        "device": args.device,
+        "dtype": str(args.torch_dtype),
+        "mode": args.mode + (" (no Ray)" if args.no_ray_server and args.mode == "http" else ""),
+    }
 
 
 # -------------------------------------------------------------------------------------------------------
-def main(argv=None) -> int:
+# the run: transformers one at a time and statically batched, then neoxray at each client count
+# -------------------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="pythia-70m")
     p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
@@ -276,8 +297,6 @@ def main(argv=None) -> int:
     p.add_argument("--loras", type=int, default=0, help="multi-LoRA: this many adapters vs the base alone")
     p.add_argument("--lora-rank", type=int, default=16, help="rank of each --loras adapter")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     args.torch_dtype = {
         "auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
@@ -286,108 +305,55 @@ def main(argv=None) -> int:
         "fp16": torch.float16,
     }[args.dtype]
     args.clients_list = [int(x) for x in args.clients.split(",")]
-    statics = [int(x) for x in (args.static_batches or args.clients).split(",")]
+    args.statics = [int(x) for x in (args.static_batches or args.clients).split(",")]
+    return args
 
-    tmp = Path(tempfile.mkdtemp(prefix="neoxray-serve-bench-"))
-    tok = load_tokenizer(tmp)
-    cfg, hf, ours = build_pair(args.preset, args.layers, args.device, args.torch_dtype, tok)
-    n_req = max(args.clients_list) * args.requests_per_client
-    prompts = prompts_for(max(n_req, max(statics), args.hf_single_requests), args.prompt_len, tok)
-    log(
-        f"{args.preset}{f' ({args.layers} layers)' if args.layers else ''}: {cfg.num_parameters():,} parameters, "
-        f"{args.device} {args.torch_dtype}, prompt {args.prompt_len}, {args.max_tokens} new tokens per request"
-    )
 
-    if args.loras:
-        return lora_benchmark(args, cfg, ours, tok, tmp, hf)
-
-    # transformers: one at a time, then static batches
+def hf_baselines(hf, prompts, args) -> tuple[dict, dict]:
+    """transformers one request at a time, then each static batch size."""
     hf_generate(hf, prompts[:1], 4, args.device)  # warm-up
     times = [hf_generate(hf, [prompts[i]], args.max_tokens, args.device) for i in range(args.hf_single_requests)]
     hf_single = {"tokens_per_s": args.max_tokens * len(times) / sum(times), "latency_p50_s": statistics.median(times)}
     log(f"transformers one at a time: {hf_single['tokens_per_s']:.1f} tokens/s")
     hf_static = {}
-    for b in statics:
+    for b in args.statics:
         t = hf_generate(hf, prompts[:b], args.max_tokens, args.device)
         hf_static[b] = {"tokens_per_s": b * args.max_tokens / t, "latency_s": t}
         log(f"transformers static batch {b}: {hf_static[b]['tokens_per_s']:.1f} tokens/s")
+    return hf_single, hf_static
 
-    # neoxray
+
+def engine_runs(ours, tok, prompts, args) -> list[dict]:
+    """The engine driven directly, at each client count (after a one-request warm-up)."""
+    engine = make_engine(ours, tok, args, max(args.clients_list))
+    engine.start()
+    send = engine_sender(engine, args.max_tokens)
+    asyncio.run(run_clients(send, prompts, 1, 1))  # warm-up
     results = []
-    if args.mode == "engine":
-        from neoxray.platform.inference.engine import InferenceEngine
-        from neoxray.platform.inference.request import EngineConfig
+    for c in args.clients_list:
+        r = asyncio.run(run_clients(send, prompts, c, args.requests_per_client))
+        results.append(r)
+        log(f"neoxray engine, {c} clients: {r['tokens_per_s']:.1f} tokens/s, p50 latency {r['latency_p50_s']:.3f} s")
+    engine.stop(timeout=10)
+    return results
 
-        engine = InferenceEngine(
-            ours,
-            tok,
-            EngineConfig(
-                max_num_seqs=max(args.clients_list),
-                kv_cache_tokens=max(args.clients_list) * (args.prompt_len + args.max_tokens + 16),
-            ),
-        )
-        engine.start()
-        send = engine_sender(engine, args.max_tokens)
-        asyncio.run(run_clients(send, prompts, 1, 1))  # warm-up
+
+def http_runs(model_dir: Path, prompts, args, tmp: Path) -> list[dict]:
+    """`neoxray serve` measured through HTTP at each client count (after a one-request warm-up)."""
+    results = []
+    with http_server(model_dir, args, tmp / "serve.log") as url:
+        http_run(url, prompts, 1, args.requests_per_client, args.max_tokens)  # warm-up
         for c in args.clients_list:
-            r = asyncio.run(run_clients(send, prompts, c, args.requests_per_client))
+            r = http_run(url, prompts, c, args.requests_per_client, args.max_tokens)
             results.append(r)
             log(
-                f"neoxray engine, {c} clients: {r['tokens_per_s']:.1f} tokens/s, p50 latency {r['latency_p50_s']:.3f} s"
+                f"neoxray endpoint, {c} clients: {r['tokens_per_s']:.1f} tokens/s, "
+                f"p50 latency {r['latency_p50_s']:.3f} s, p50 TTFT {r['ttft_p50_s']:.3f} s"
             )
-        engine.stop(timeout=10)
-    else:
-        import aiohttp
+    return results
 
-        from neoxray.model.hf import save_pretrained
 
-        model_dir = save_pretrained(ours, tmp / "model", tokenizer=tok)
-        del hf, ours
-        proc, url = start_http_server(model_dir, args, tmp / "serve.log")
-
-        async def measure(c):
-            conn = aiohttp.TCPConnector(limit=0)
-            async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=3600)) as s:
-                send = http_sender(s, url, "bench", args.max_tokens)
-                return await run_clients(send, prompts, c, args.requests_per_client)
-
-        try:
-            asyncio.run(measure(1))  # warm-up
-            for c in args.clients_list:
-                r = asyncio.run(measure(c))
-                results.append(r)
-                log(
-                    f"neoxray endpoint, {c} clients: {r['tokens_per_s']:.1f} tokens/s, "
-                    f"p50 latency {r['latency_p50_s']:.3f} s, p50 TTFT {r['ttft_p50_s']:.3f} s"
-                )
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-
-    for r in results:
-        r["ratio_vs_transformers_one_at_a_time"] = r["tokens_per_s"] / hf_single["tokens_per_s"]
-        if r["clients"] in hf_static:
-            r["ratio_vs_transformers_static_batch"] = r["tokens_per_s"] / hf_static[r["clients"]]["tokens_per_s"]
-    report = {
-        "benchmark": "serve_throughput",
-        "date": now(),
-        "machine": machine() + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
-        "torch": torch.__version__,
-        "preset": args.preset,
-        "layers": cfg.n_layers,
-        "parameters": cfg.num_parameters(),
-        "device": args.device,
-        "dtype": str(args.torch_dtype),
-        "mode": args.mode + (" (no Ray)" if args.no_ray_server and args.mode == "http" else ""),
-        "prompt_len": args.prompt_len,
-        "max_tokens": args.max_tokens,
-        "transformers_one_at_a_time": hf_single,
-        "transformers_static_batch": hf_static,
-        "neoxray": results,
-    }
+def print_results(results: list[dict], hf_single: dict, hf_static: dict) -> None:
     print(
         f"\n{'clients':>8} {'tok/s':>10} {'p50 lat s':>10} {'p99 lat s':>10} {'p50 TTFT':>9} "
         f"{'x HF 1-by-1':>12} {'x HF static':>12}"
@@ -403,8 +369,42 @@ def main(argv=None) -> int:
         f"transformers: one at a time {hf_single['tokens_per_s']:.1f} tok/s; static batches "
         + ", ".join(f"{b}: {v['tokens_per_s']:.1f}" for b, v in hf_static.items())
     )
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="neoxray-serve-bench-"))
+    tok = load_tokenizer(tmp)
+    cfg, hf, ours = build_pair(args.preset, args.layers, args.device, args.torch_dtype, tok)
+    n_req = max(args.clients_list) * args.requests_per_client
+    prompts = prompts_for(max(n_req, max(args.statics), args.hf_single_requests), args.prompt_len, tok)
+    log(
+        f"{args.preset}{f' ({args.layers} layers)' if args.layers else ''}: {cfg.num_parameters():,} parameters, "
+        f"{args.device} {args.torch_dtype}, prompt {args.prompt_len}, {args.max_tokens} new tokens per request"
+    )
+    if args.loras:
+        return lora_benchmark(args, cfg, ours, tok, tmp, hf)
+
+    hf_single, hf_static = hf_baselines(hf, prompts, args)
+    if args.mode == "engine":
+        results = engine_runs(ours, tok, prompts, args)
+    else:
+        from neoxray.model.hf import save_pretrained
+
+        model_dir = save_pretrained(ours, tmp / "model", tokenizer=tok)
+        del hf, ours
+        results = http_runs(model_dir, prompts, args, tmp)
+    for r in results:
+        r["ratio_vs_transformers_one_at_a_time"] = r["tokens_per_s"] / hf_single["tokens_per_s"]
+        if r["clients"] in hf_static:
+            r["ratio_vs_transformers_static_batch"] = r["tokens_per_s"] / hf_static[r["clients"]]["tokens_per_s"]
+    report = report_head("serve_throughput", args, cfg, parameters=cfg.num_parameters())
+    report.update(prompt_len=args.prompt_len, max_tokens=args.max_tokens)
+    report.update(transformers_one_at_a_time=hf_single, transformers_static_batch=hf_static, neoxray=results)
+    print_results(results, hf_single, hf_static)
+    write_json(args.json, report, announce=False)
     return 0
 
 
@@ -433,87 +433,62 @@ def write_adapters(cfg, n: int, rank: int, out: Path) -> dict[str, Path]:
     return dirs
 
 
+def lora_engine_runs(args, ours, tok, dirs: dict[str, Path], prompts: dict) -> dict:
+    """One engine holding every adapter: the base alone, then the adapters spread over the clients."""
+    from neoxray.model.peft_format import read_peft_adapter
+
+    c, names = max(args.clients_list), list(dirs)
+    engine = make_engine(ours, tok, args, c, max_loras=args.loras, max_lora_rank=args.lora_rank)
+    for name, d in dirs.items():
+        engine.add_lora(name, read_peft_adapter(d, engine.model.config, name), str(d))
+    engine.start()
+    warm = prompts_for(len(names), args.prompt_len, tok, seed=3)
+    asyncio.run(run_clients(engine_sender(engine, 4, names), warm, len(names), 1))  # warm-up, every adapter
+    results = {}
+    results["base"] = asyncio.run(
+        run_clients(engine_sender(engine, args.max_tokens), prompts["base"], c, args.requests_per_client)
+    )
+    results["loras"] = asyncio.run(
+        run_clients(engine_sender(engine, args.max_tokens, names), prompts["loras"], c, args.requests_per_client)
+    )
+    results["mixed_forwards"] = engine.runner.mixed_forwards
+    engine.stop(timeout=10)
+    return results
+
+
+def lora_http_runs(args, ours, tok, dirs: dict[str, Path], prompts: dict, tmp: Path) -> dict:
+    """`neoxray serve --lora NAME=DIR ...`: the base alone, then the adapters spread over the clients."""
+    from neoxray.model.hf import save_pretrained
+
+    c, names = max(args.clients_list), list(dirs)
+    model_dir = save_pretrained(ours, tmp / "model", tokenizer=tok)
+    extra = [x for name, d in dirs.items() for x in ("--lora", f"{name}={d}")] + ["--max-loras", str(args.loras)]
+    with http_server(model_dir, args, tmp / "serve.log", extra) as url:
+        warm = prompts_for(len(names), args.prompt_len, tok, seed=3)
+        http_run(url, warm, len(names), args.requests_per_client, 4, names)  # warm-up, every adapter
+        return {
+            "base": http_run(url, prompts["base"], c, args.requests_per_client, args.max_tokens),
+            "loras": http_run(url, prompts["loras"], c, args.requests_per_client, args.max_tokens, names),
+        }
+
+
 def lora_benchmark(args, cfg, ours, tok, tmp: Path, hf) -> int:
     c = max(args.clients_list)
     dirs = write_adapters(cfg, args.loras, args.lora_rank, tmp / "loras")
-    names = list(dirs)
     n_req = c * args.requests_per_client
-    base_prompts = prompts_for(n_req, args.prompt_len, tok, seed=1)
-    lora_prompts = prompts_for(n_req, args.prompt_len, tok, seed=2)  # fresh prompts: no prefix-cache advantage
-    del hf
-    results = {}
-    if args.mode == "engine":
-        from neoxray.model.peft_format import read_peft_adapter
-        from neoxray.platform.inference.engine import InferenceEngine
-        from neoxray.platform.inference.request import EngineConfig
-
-        engine = InferenceEngine(
-            ours,
-            tok,
-            EngineConfig(
-                max_num_seqs=c,
-                kv_cache_tokens=c * (args.prompt_len + args.max_tokens + 16),
-                max_loras=args.loras,
-                max_lora_rank=args.lora_rank,
-            ),
-        )
-        for name, d in dirs.items():
-            engine.add_lora(name, read_peft_adapter(d, engine.model.config, name), str(d))
-        engine.start()
-        warm = prompts_for(len(names), args.prompt_len, tok, seed=3)
-        asyncio.run(run_clients(engine_sender(engine, 4, names), warm, len(names), 1))  # warm-up, every adapter
-        results["base"] = asyncio.run(
-            run_clients(engine_sender(engine, args.max_tokens), base_prompts, c, args.requests_per_client)
-        )
-        results["loras"] = asyncio.run(
-            run_clients(engine_sender(engine, args.max_tokens, names), lora_prompts, c, args.requests_per_client)
-        )
-        results["mixed_forwards"] = engine.runner.mixed_forwards
-        engine.stop(timeout=10)
-    else:
-        import aiohttp
-
-        from neoxray.model.hf import save_pretrained
-
-        model_dir = save_pretrained(ours, tmp / "model", tokenizer=tok)
-        extra = [x for name, d in dirs.items() for x in ("--lora", f"{name}={d}")] + ["--max-loras", str(args.loras)]
-        proc, url = start_http_server(model_dir, args, tmp / "serve.log", extra)
-
-        async def measure(prompts, loras, clients, max_tokens):
-            conn = aiohttp.TCPConnector(limit=0)
-            async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=3600)) as s:
-                send = http_sender(s, url, "bench", max_tokens, loras)
-                return await run_clients(send, prompts, clients, args.requests_per_client)
-
-        try:
-            asyncio.run(measure(prompts_for(len(names), args.prompt_len, tok, seed=3), names, len(names), 4))
-            results["base"] = asyncio.run(measure(base_prompts, None, c, args.max_tokens))
-            results["loras"] = asyncio.run(measure(lora_prompts, names, c, args.max_tokens))
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-    ratio = results["loras"]["tokens_per_s"] / results["base"]["tokens_per_s"]
-    report = {
-        "benchmark": "serve_throughput --loras",
-        "date": now(),
-        "machine": machine() + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
-        "torch": torch.__version__,
-        "preset": args.preset,
-        "layers": cfg.n_layers,
-        "device": args.device,
-        "dtype": str(args.torch_dtype),
-        "mode": args.mode + (" (no Ray)" if args.no_ray_server and args.mode == "http" else ""),
-        "clients": c,
-        "prompt_len": args.prompt_len,
-        "max_tokens": args.max_tokens,
-        "loras": args.loras,
-        "lora_rank": args.lora_rank,
-        **results,
-        "ratio_loras_vs_base": ratio,
+    prompts = {
+        "base": prompts_for(n_req, args.prompt_len, tok, seed=1),
+        "loras": prompts_for(n_req, args.prompt_len, tok, seed=2),  # fresh prompts: no prefix-cache advantage
     }
+    del hf
+    if args.mode == "engine":
+        results = lora_engine_runs(args, ours, tok, dirs, prompts)
+    else:
+        results = lora_http_runs(args, ours, tok, dirs, prompts, tmp)
+    ratio = results["loras"]["tokens_per_s"] / results["base"]["tokens_per_s"]
+    report = report_head("serve_throughput --loras", args, cfg)
+    report.update(clients=c, prompt_len=args.prompt_len, max_tokens=args.max_tokens, loras=args.loras)
+    report.update(lora_rank=args.lora_rank, **results, ratio_loras_vs_base=ratio)
     print(f"\n{'run':>28} {'tok/s':>10} {'p50 lat s':>10} {'p99 lat s':>10} {'p50 TTFT':>9}")
     for key, label in (("base", f"{c} clients, base model"), ("loras", f"{c} clients, {args.loras} adapters")):
         r = results[key]
@@ -522,8 +497,7 @@ def lora_benchmark(args, cfg, ours, tok, tmp: Path, hf) -> int:
             f"{r['ttft_p50_s']:>9.3f}"
         )
     print(f"multi-LoRA / base-only throughput: {ratio:.2f}x (goal on CPU: >= 0.8x)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    write_json(args.json, report, announce=False)
     return 0
 
 

@@ -36,22 +36,29 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 if not torch.cuda.is_available():  # DeepSpeed picks its accelerator at import time
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from common import GIB, PEAK_FLOPS, agreement, build_hf, device_name, free_memory, loadavg, now, print_agreement, sync
+import common
+from common import GIB, PEAK_FLOPS, StepRunner, agreement, build_hf, free_memory
 
 from neoxray.model.gptneox import build_model, cross_entropy
+
+DEFAULTS = (
+    ("preset", "tiny", "pythia-1.4b"),
+    ("micro_batch", 2, 8),
+    ("seq", 128, 2048),
+    ("steps", 3, 8),
+    ("warmup", 1, 2),
+)
+"""(flag, CPU default, CUDA default) of the flags left unset."""
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -73,83 +80,10 @@ def batches(pool):
 
 
 # -------------------------------------------------------------------------------------------------------
-# the run config for the engine
-# -------------------------------------------------------------------------------------------------------
-def run_config(args, cuda: bool, total_steps: int):
-    from neoxray.model.config import get_preset
-    from neoxray.platform.train.config import load_run_config, resolved, validate
-
-    base = get_preset(args.preset)
-    overrides = [
-        "name=train_throughput",
-        f"model.preset={args.preset}",
-        f"model.activation_checkpointing={'true' if args.activation_checkpointing else 'false'}",
-        f"train.seq_len={args.seq}",
-        f"train.micro_batch={args.micro_batch}",
-        f"train.global_batch={args.micro_batch * args.grad_accum}",
-        f"train.precision={'bf16' if cuda else 'fp32'}",
-        f"train.device={'cuda' if cuda else 'cpu'}",
-        f"train.steps={max(total_steps, 1)}",
-        f"train.seed={args.seed}",
-        "parallel.data=1",
-        "parallel.tensor=1",
-        "parallel.pipeline=1",
-        "data.path=unused",  # the engine reads no data; validate() only checks the key is non-empty
-    ]
-    if args.layers:
-        overrides.append(f"model.overrides.n_layers={args.layers}")
-    if args.seq > base.max_seq_len:
-        overrides.append(f"model.overrides.max_seq_len={args.seq}")
-    cfg = load_run_config(None, overrides)
-    validate(cfg)  # not check_paths: data.path is never read here
-    return resolved(cfg)
-
-
-# -------------------------------------------------------------------------------------------------------
 # the two training steps
 # -------------------------------------------------------------------------------------------------------
-class Runner:
-    name = "?"
-
-    def __init__(self, device):
-        self.device = device
-        self.times: list[float] = []
-        self.round_medians: list[float] = []
-        self.first_step_s = None
-        self.peak_gib = None
-        self.resident_gib = None
-        self.check = None  # (loss, grad_norm) of the first step
-        self.inner_time = None  # a runner's own timing of its last step, if it has one
-        self.inner_times: list[float] = []  # ... of the timed steps
-
-    def step(self) -> None:  # one optimizer step
-        raise NotImplementedError
-
-    def check_step(self):
-        sync(self.device)
-        t0 = time.perf_counter()
-        self.check = self.step(check=True)
-        sync(self.device)
-        self.first_step_s = time.perf_counter() - t0
-        return self.check
-
-    def run(self, n: int, timed: bool = False) -> list[float]:
-        ts = []
-        for _ in range(n):
-            sync(self.device)
-            t0 = time.perf_counter()
-            self.step()
-            sync(self.device)
-            ts.append(time.perf_counter() - t0)
-            if timed and self.inner_time is not None:
-                self.inner_times.append(self.inner_time)
-        return ts
-
-    def block(self, warmup: int, steps: int) -> None:
-        self.run(warmup)
-        ts = self.run(steps, timed=True)
-        self.times += ts
-        self.round_medians.append(statistics.median(ts))
+class Runner(StepRunner):
+    resident_gib = None  # allocated after the build (CUDA)
 
     def measure_peak(self):
         if self.device.type == "cuda":
@@ -267,22 +201,14 @@ class OursRunner(Runner):
 @torch.no_grad()
 def initial_weights(mc, seed, device):
     """The shared initial weights, fp32, kept on the CPU: GPT-NeoX's initialisation rules as
-    `neoxray.model.init` applies them (zero biases, unit LayerNorms, small_init / wang_init normals), but
-    drawn on the device from one seeded generator: the engine's own per-parameter CPU generators take about
-    a minute for a billion parameters, which this benchmark does not need to spend twice."""
-    from neoxray.model.init import init_std
-
+    `neoxray.model.init` applies them, but drawn on the device from one seeded generator (`neox_init_`): the
+    engine's own per-parameter CPU generators take about a minute for a billion parameters, which this benchmark
+    does not need to spend twice."""
     model = build_model(mc, device=device, dtype=torch.float32, seed=None)  # materialised, not initialised
-    g = torch.Generator(device=device).manual_seed(seed)
-    sd = {}
-    for name, p in model.named_parameters():
-        if name.endswith("bias"):
-            p.zero_()
-        elif "layernorm" in name or "layer_norm" in name:
-            p.fill_(1.0)
-        else:
-            p.normal_(0.0, init_std(name, mc.d_model, mc.n_layers), generator=g)
-        sd[name] = p.detach().to("cpu", copy=True) if device.type != "cpu" else p.detach()
+    common.neox_init_(model.named_parameters(), mc, torch.Generator(device=device).manual_seed(seed))
+    sd = {
+        n: p.detach().to("cpu", copy=True) if device.type != "cpu" else p.detach() for n, p in model.named_parameters()
+    }
     if len(sd) != len(model.state_dict()):
         raise RuntimeError("the plain model has buffers in its state_dict: the copy would miss them")
     del model
@@ -314,7 +240,7 @@ def run_sequential(cfg, mc, sd, pool, args, device, rtol, grad_rtol):
     ours_check = ours.check_step()
     chk = agreement(ours_check, hf_check, rtol, grad_rtol)
     chk["weights_max_abs_diff"] = ours.weights_max_diff
-    print_agreement(chk, args.strict, " (first step, same weights and micro-batches)")
+    common.print_agreement(chk, args.strict, " (first step, same weights and micro-batches)")
     ours.block(args.warmup, args.steps)
     ours.measure_peak()
     print(f"ours: {1e3 * ours.round_medians[-1]:.1f} ms/step (median of {args.steps})", flush=True)
@@ -327,7 +253,7 @@ def run_interleaved(cfg, mc, sd, pool, args, device, rtol, grad_rtol):
     ours = OursRunner(cfg, sd, pool, args, device)
     chk = agreement(ours.check_step(), hf.check_step(), rtol, grad_rtol)
     chk["weights_max_abs_diff"] = ours.weights_max_diff
-    print_agreement(chk, args.strict, " (first step, same weights and micro-batches)")
+    common.print_agreement(chk, args.strict, " (first step, same weights and micro-batches)")
     for r in (ours, hf):
         r.run(args.warmup)
     for rnd in range(args.rounds):
@@ -342,32 +268,22 @@ def run_interleaved(cfg, mc, sd, pool, args, device, rtol, grad_rtol):
 
 
 def summarize(r: Runner, mc, args, device) -> dict:
-    med = statistics.median(r.times)
-    tok_s = args.micro_batch * args.grad_accum * args.seq / med
-    tflops = tok_s * mc.train_flops_per_token(args.seq) / 1e12
-    out = dict(
-        model=r.name,
-        ms_per_step=1e3 * med,
-        tokens_per_s=tok_s,
-        tflops=tflops,
-        ms_per_step_min=1e3 * min(r.times),
-        ms_per_step_max=1e3 * max(r.times),
-        round_medians_ms=[1e3 * t for t in r.round_medians],
-        timed_steps=len(r.times),
-        first_step_s=r.first_step_s,
-    )
+    out = common.step_summary(r, args.micro_batch * args.grad_accum * args.seq, mc.train_flops_per_token(args.seq))
     if r.inner_times:
         # the engine's own step_time_s (around DeepSpeed's train_batch only); the row's figure is the whole
         # engine.train_step call (the data iterator, the metrics' host reads included)
         out["engine_step_time_ms_median"] = 1e3 * statistics.median(r.inner_times)
     if device.type == "cuda":
-        out["mfu"] = tflops * 1e12 / PEAK_FLOPS
+        out["mfu"] = out["tflops"] * 1e12 / PEAK_FLOPS
         out["peak_gib"] = r.peak_gib
         out["resident_after_build_gib"] = r.resident_gib
     return out
 
 
-def main(argv=None) -> dict:
+# -------------------------------------------------------------------------------------------------------
+# the run
+# -------------------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default=None, help="model preset (default: tiny on CPU, pythia-1.4b on CUDA)")
     p.add_argument("--layers", type=int, default=None, help="override n_layers (e.g. 4 layers of neox-20b)")
@@ -413,78 +329,17 @@ def main(argv=None) -> dict:
     p.add_argument("--strict", action="store_true", help="stop when the first-step check fails")
     p.add_argument("--verbose", action="store_true", help="keep DeepSpeed's INFO logging")
     p.add_argument("--json", default=None, help="write the results here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    for key, cpu_default, cuda_default in (
-        ("preset", "tiny", "pythia-1.4b"),
-        ("micro_batch", 2, 8),
-        ("seq", 128, 2048),
-        ("steps", 3, 8),
-        ("warmup", 1, 2),
-    ):
-        if getattr(args, key) is None:
-            setattr(args, key, cuda_default if cuda else cpu_default)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    mode = args.mode if args.mode != "auto" else ("sequential" if cuda else "interleaved")
-    if mode == "interleaved":
-        total_steps = 2 + args.warmup + args.rounds * (args.round_warmup + args.steps)
-    else:
-        total_steps = 1 + args.warmup + args.steps
 
-    import deepspeed
-    import transformers
-
-    if not args.verbose:
-        import logging
-
-        from deepspeed.utils import logger as ds_logger
-
-        ds_logger.setLevel(logging.WARNING)
-
-    cfg = run_config(args, cuda, total_steps)
-    mc = cfg.model_config()
-    precision = "bf16" if cuda else "fp32"
-    rtol, grad_rtol = (1e-4, 1e-3) if not cuda else (2e-2, 5e-2)
-    if args.compile or args.compile_hf:
-        rtol, grad_rtol = max(rtol, 1e-3), max(grad_rtol, 1e-2)
-    tokens_per_step = args.micro_batch * args.grad_accum * args.seq
-
-    env = dict(
-        date=now(),
-        torch=torch.__version__,
-        transformers=transformers.__version__,
-        deepspeed=deepspeed.__version__,
-        python=platform.python_version(),
-        device=str(device),
-        device_name=device_name(device),
-        threads=torch.get_num_threads(),
-        cuda=torch.version.cuda if cuda else None,
-        loadavg_start=loadavg(),
-    )
-    policy = {
-        "ours": "DeepSpeed bf16 (bf16 weights/activations, fp32 master weights + fp32 grad accumulation)"
-        if cuda
-        else "fp32",
-        "hf": "fp32 weights under torch.autocast(bfloat16), fused AdamW" if cuda else "fp32, AdamW",
-    }
-    setup = dict(
+def run_setup(args, cfg, mc, mode: str, cuda: bool, policy: dict) -> dict:
+    return dict(
         preset=args.preset,
-        n_layers=mc.n_layers,
-        d_model=mc.d_model,
-        n_heads=mc.n_heads,
-        vocab_size=mc.vocab_size,
-        params=mc.num_parameters(),
-        micro_batch=args.micro_batch,
-        seq=args.seq,
-        grad_accum=args.grad_accum,
+        **common.model_shape(mc),
+        **common.pick(args, "micro_batch", "seq", "grad_accum"),
         global_batch=cfg.train.global_batch,
-        tokens_per_step=tokens_per_step,
-        precision=precision,
+        tokens_per_step=args.micro_batch * args.grad_accum * args.seq,
+        precision="bf16" if cuda else "fp32",
         precision_policy=policy,
         activation_checkpointing=args.activation_checkpointing,
         compile_ours=args.compile,
@@ -493,26 +348,27 @@ def main(argv=None) -> dict:
         clip_grad=cfg.optimizer.clip_grad,
         zero_stage=cfg.parallel.zero_stage,
         layout="dp=1 tp=1 pp=1",
-        steps=args.steps,
-        warmup=args.warmup,
+        **common.pick(args, "steps", "warmup"),
         rounds=args.rounds if mode == "interleaved" else 1,
         seed=args.seed,
         train_flops_per_token=mc.train_flops_per_token(args.seq),
     )
+
+
+def precision_policy(cuda: bool) -> dict:
+    return {
+        "ours": "DeepSpeed bf16 (bf16 weights/activations, fp32 master weights + fp32 grad accumulation)"
+        if cuda
+        else "fp32",
+        "hf": "fp32 weights under torch.autocast(bfloat16), fused AdamW" if cuda else "fp32, AdamW",
+    }
+
+
+def print_setup(args, cfg, mc, policy: dict) -> None:
     print(
-        f"# train_throughput  {env['date']}  torch {env['torch']}  transformers {env['transformers']}  "
-        f"deepspeed {env['deepspeed']}  python {env['python']}" + (f"  CUDA {env['cuda']}" if cuda else "")
-    )
-    print(
-        f"# device {env['device']}: {env['device_name']}  threads {env['threads']}"
-        + (f"  load average {env['loadavg_start']}" if not cuda else "")
-    )
-    print(
-        f"# {args.preset}"
-        + (f" with {mc.n_layers} layers" if args.layers else "")
-        + f": L {mc.n_layers}, d {mc.d_model}, heads {mc.n_heads}, V {mc.vocab_size}, "
-        f"{mc.num_parameters() / 1e6:.1f}M params;  micro-batch {args.micro_batch} x seq {args.seq} x accum "
-        f"{args.grad_accum} = {tokens_per_step} tokens/step;  activation checkpointing "
+        common.shape_line(args.preset, mc, bool(args.layers))
+        + f";  micro-batch {args.micro_batch} x seq {args.seq} x accum "
+        f"{args.grad_accum} = {args.micro_batch * args.grad_accum * args.seq} tokens/step;  activation checkpointing "
         f"{args.activation_checkpointing};  compile ours {args.compile}, HF {args.compile_hf}"
     )
     print(
@@ -522,40 +378,31 @@ def main(argv=None) -> dict:
         flush=True,
     )
 
+
+def measure(cfg, mc, args, device, mode: str):
+    """The shared weights and micro-batches, then both models measured; returns (ours, hf, check)."""
+    rtol, grad_rtol = common.tolerances(device.type == "cuda", args.compile or args.compile_hf)
     t0 = time.perf_counter()
     sd = initial_weights(mc, cfg.train.seed, device)
     pool = make_pool(mc.vocab_size, args.micro_batch, args.seq, args.grad_accum, device, args.seed + 1)
     print(f"# initial weights drawn in {time.perf_counter() - t0:.1f} s; mode {mode}", flush=True)
-
     if mode == "sequential":
-        ours, hf, chk = run_sequential(cfg, mc, sd, pool, args, device, rtol, grad_rtol)
-    else:
-        ours, hf, chk = run_interleaved(cfg, mc, sd, pool, args, device, rtol, grad_rtol)
-        ours.measure_peak()
-        hf.measure_peak()
+        return run_sequential(cfg, mc, sd, pool, args, device, rtol, grad_rtol)
+    ours, hf, chk = run_interleaved(cfg, mc, sd, pool, args, device, rtol, grad_rtol)
+    ours.measure_peak()
+    hf.measure_peak()
+    return ours, hf, chk
 
-    env["loadavg_end"] = loadavg()
-    rows = [summarize(r, mc, args, device) for r in (ours, hf)]
-    ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
+
+def print_results(rows, env, args, mode: str, cuda: bool) -> float:
+    """The table and its notes; returns the ratio ours/HF."""
     how = (
         "SEQUENTIAL (HF built, measured and freed; then ours)"
         if mode == "sequential"
         else "interleaved rounds (order swapped each round), both models resident"
     )
     print(f"\n# measurement: {how}; medians over {rows[0]['timed_steps']} timed optimizer steps per model")
-    hdr = f"{'model':<14}{'tokens/s':>12}{'ms/step':>10}{'min..max ms':>18}{'TFLOP/s':>9}"
-    if cuda:
-        hdr += f"{'MFU':>7}{'peak GiB':>10}"
-    print(hdr)
-    for r in rows:
-        line = (
-            f"{r['model']:<14}{r['tokens_per_s']:>12,.0f}{r['ms_per_step']:>10.1f}"
-            f"{r['ms_per_step_min']:>9.1f}..{r['ms_per_step_max']:<7.1f}{r['tflops']:>9.2f}"
-        )
-        if cuda:
-            line += f"{r['mfu']:>7.3f}{r['peak_gib']:>10.1f}"
-        print(line)
-    print(f"ratio ours/HF (tokens/s): {ratio:.3f}")
+    ratio = common.print_step_table(rows, cuda, range_width=18)
     if "engine_step_time_ms_median" in rows[0]:
         print(
             f"# ours' own step_time_s (around DeepSpeed train_batch): median "
@@ -569,19 +416,63 @@ def main(argv=None) -> dict:
     else:
         print(f"# load average at start {env['loadavg_start']}, at end {env['loadavg_end']} ({os.cpu_count()} CPUs)")
     if args.compile or args.compile_hf:
-        print(
-            "# first step (includes compilation): " + ", ".join(f"{r['model']} {r['first_step_s']:.1f} s" for r in rows)
-        )
+        common.print_first_steps(rows)
+    return ratio
+
+
+def quiet_deepspeed() -> None:
+    import logging
+
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    common.fill_defaults(args, cuda, DEFAULTS)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mode = args.mode if args.mode != "auto" else ("sequential" if cuda else "interleaved")
+    if mode == "interleaved":
+        total_steps = 2 + args.warmup + args.rounds * (args.round_warmup + args.steps)
+    else:
+        total_steps = 1 + args.warmup + args.steps
+
+    import deepspeed
+    import transformers
+
+    if not args.verbose:
+        quiet_deepspeed()
+    cfg = common.engine_run_config(
+        "train_throughput",
+        args.preset,
+        **common.pick(args, "seq", "micro_batch", "layers", "activation_checkpointing", "seed"),
+        global_batch=args.micro_batch * args.grad_accum,
+        precision="bf16" if cuda else "fp32",
+        device="cuda" if cuda else "cpu",
+        steps=max(total_steps, 1),
+    )
+    mc = cfg.model_config()
+    env = common.run_env(device, {"transformers": transformers.__version__, "deepspeed": deepspeed.__version__})
+    policy = precision_policy(cuda)
+    setup = run_setup(args, cfg, mc, mode, cuda, policy)
+    common.print_run_header("train_throughput", env, ("transformers", "deepspeed"))
+    print_setup(args, cfg, mc, policy)
+    ours, hf, chk = measure(cfg, mc, args, device, mode)
+    env["loadavg_end"] = common.loadavg()
+    rows = [summarize(r, mc, args, device) for r in (ours, hf)]
+    ratio = print_results(rows, env, args, mode, cuda)
     ray_imported = "ray" in sys.modules
     print(f"# ray imported: {ray_imported}")
-
     result = dict(
         env=env, setup=setup, mode=mode, check=chk, results=rows, ratio_ours_over_hf=ratio, ray_imported=ray_imported
     )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"# wrote {args.json}")
+    common.write_json(args.json, result)
     return result
 
 

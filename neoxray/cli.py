@@ -1,4 +1,7 @@
-"""`neoxray` command line: each subcommand parses its arguments and calls one function. No logic here."""
+"""`neoxray` command line: `main` parses the arguments (`neoxray.cli_parser`) and runs the subcommand's function
+from `COMMANDS`, which hands them to one function of the package and prints what it returns (a table, a line, or
+JSON). A `NeoxrayError`, from the arguments or the work, becomes one line on stderr and exit status 1; Ctrl-C
+exits 130."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import json
 import os
 import sys
 
-from neoxray.cli_parser import build_parser
+from neoxray.cli_parser import SERVE_LIMITS, build_parser
 from neoxray.errors import NeoxrayError
 
 
@@ -30,19 +33,9 @@ def cmd_model_info(args) -> None:
 
 
 def cmd_model_init(args) -> None:
-    from neoxray.model.config import get_preset, pad_vocab
-    from neoxray.model.gptneox import build_model
-    from neoxray.model.hf import save_pretrained
-    from neoxray.model.tokenizer import Tokenizer
+    from neoxray.model.new_model import write_new_model
 
-    tok = Tokenizer.load(args.tokenizer)
-    overrides = {"eos_token_id": tok.eod_id, "bos_token_id": tok.eod_id, "tokenizer_vocab_size": tok.vocab_size}
-    config = get_preset(args.preset)
-    if tok.vocab_size > config.vocab_size:
-        overrides["vocab_size"] = pad_vocab(tok.vocab_size)
-    config = get_preset(args.preset, **overrides)
-    model = build_model(config, seed=args.seed)
-    out = save_pretrained(model, args.out, tokenizer=tok, dtype=_dtype(args.dtype))
+    config, out = write_new_model(args.preset, args.tokenizer, args.out, seed=args.seed, dtype=_dtype(args.dtype))
     print(f"wrote a randomly initialised {config.name} model ({config.num_parameters():,} parameters) to {out}")
 
 
@@ -206,18 +199,10 @@ def cmd_serve(args) -> None:
     from neoxray.platform.serve.args import ServeArgs
     from neoxray.platform.serve.run import run_serve
 
-    loras = {}
-    for spec in args.lora or ():
-        name, sep, path = spec.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise NeoxrayError(f"--lora {spec!r}: give NAME=DIR (the model name clients send, the adapter's directory)")
-        if name in loras:
-            raise NeoxrayError(f"--lora {spec!r}: the name {name!r} is given twice")
-        loras[name] = path
     given = dict(
         model=args.model,
         name=args.name,
-        loras=loras or None,
+        loras=args.lora,  # {NAME: DIR} from `--lora NAME=DIR` (cli_parser)
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
         api_key=args.api_key,
@@ -227,15 +212,7 @@ def cmd_serve(args) -> None:
         dtype=args.dtype,
         num_replicas=args.replicas,
         num_gpus=args.num_gpus,
-        max_ongoing_requests=args.max_ongoing_requests,
-        max_queued_requests=args.max_queued_requests,
-        max_num_seqs=args.max_num_seqs,
-        max_running_per_request=args.max_running_per_request,
-        kv_cache_tokens=args.kv_cache_tokens,
-        max_request_bytes=args.max_request_bytes,
-        max_seqs_per_request=args.max_seqs_per_request,
-        max_embedding_inputs=args.max_embedding_inputs,
-        max_embedding_tokens=args.max_embedding_tokens,
+        **{dest: getattr(args, dest) for dest in (flag[2:].replace("-", "_") for flag, _, _ in SERVE_LIMITS)},
     )
     try:
         serve_args = ServeArgs(**{k: v for k, v in given.items() if v is not None})
@@ -293,12 +270,12 @@ COMMANDS = {
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")):
-        from neoxray.ray_connection import prepare_local_cluster
-
-        prepare_local_cluster()  # before anything imports Ray: a cluster we start is closed to the network
     try:
+        args = build_parser().parse_args(argv)
+        if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")):
+            from neoxray.ray_connection import prepare_local_cluster
+
+            prepare_local_cluster()  # before anything imports Ray: a cluster we start is closed to the network
         COMMANDS[args.command](args)
     except NeoxrayError as e:
         print(f"neoxray: error: {e}", file=sys.stderr)

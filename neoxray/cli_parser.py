@@ -1,20 +1,35 @@
-"""The `neoxray` command line's arguments: one subparser per subcommand, each naming its command
-(`set_defaults(command=...)`), which `neoxray.cli` maps to the one function that runs it."""
+"""The `neoxray` command line's arguments. `build_parser` assembles one small builder per subcommand; each adds its
+subparser's flags and names its command (`set_defaults(command=...)`), which `neoxray.cli` maps to the one
+function that runs it. Flags several subcommands share (`--model`, `--address`) are written once. A subcommand that
+takes dotted `KEY=VALUE` overrides (`train`) takes them anywhere on the line, before and after its options."""
 
 from __future__ import annotations
 
 import argparse
 
+from neoxray.errors import NeoxrayError
 from neoxray.model.precision import DTYPE_CHOICES, PRECISIONS
 
-
-def _parser_class():
-    class Parser(argparse.ArgumentParser):
-        def __init__(self, *args, **kwargs):
-            kwargs.setdefault("formatter_class", _Help)
-            super().__init__(*args, **kwargs)
-
-    return Parser
+MODEL_HELP = "exported Hugging Face directory, training checkpoint, or run directory (its newest)"
+SERVE_LIMITS = (  # `serve`'s integer limits, (flag, default, help); each sets the ServeArgs field of its name
+    ("--max-ongoing-requests", 64, "requests a model replica takes at once (default 64)"),
+    (
+        "--max-queued-requests",
+        256,
+        "requests queued for the model replicas beyond which the server answers 503 (default 256; -1: none)",
+    ),
+    ("--max-num-seqs", 32, "sequences decoded together per model replica (default 32)"),
+    (
+        "--max-running-per-request",
+        None,
+        "most sequences of one request in the batch at once (default: half of --max-num-seqs)",
+    ),
+    ("--kv-cache-tokens", None, "KV cache token budget per model replica (default: max-num-seqs x the context)"),
+    ("--max-request-bytes", None, "largest request body accepted; larger ones get 413 (default 8388608, 8 MiB)"),
+    ("--max-seqs-per-request", None, "most sequences (n x prompts) one completion request may ask for (default 64)"),
+    ("--max-embedding-inputs", None, "most inputs of one embeddings request (default 128)"),
+    ("--max-embedding-tokens", None, "most tokens of one embeddings request, all inputs together (default 65536)"),
+)
 
 
 class _Help(argparse.HelpFormatter):
@@ -28,13 +43,80 @@ class _Help(argparse.HelpFormatter):
         return text
 
 
+class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser. With `intermixed=True` its positionals may stand anywhere among its options
+    (argparse's intermixed parsing), so `--run-dir D` between two `KEY=VALUE` overrides leaves both overrides."""
+
+    def __init__(self, *args, intermixed: bool = False, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+        self.intermixed = intermixed
+        self._intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        # the subparsers action calls this; the intermixed parse itself calls it again (before Python 3.13)
+        if not self.intermixed or self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+class _NamedDirs(argparse.Action):
+    """`--lora NAME=DIR`, repeatable, collected as {NAME: DIR}. A malformed or repeated one is a `NeoxrayError`
+    (the CLI's one line), not argparse's usage message."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise NeoxrayError(
+                f"{option_string} {value!r}: give NAME=DIR (the model name clients send, the adapter's directory)"
+            )
+        named = dict(getattr(namespace, self.dest, None) or {})
+        if name in named:
+            raise NeoxrayError(f"{option_string} {value!r}: the name {name!r} is given twice")
+        named[name] = path
+        setattr(namespace, self.dest, named)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from neoxray import __version__
 
     p = argparse.ArgumentParser(prog="neoxray", description="GPT-NeoX-family models on Ray.", formatter_class=_Help)
     p.add_argument("--version", action="version", version=f"neoxray {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_parser_class())
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for build in (_model, _tokenizer, _prepare, _generate, _score, _train, _export, _report, _plan, _serve, _eval):
+        build(sub)
+    return p
 
+
+# ------------------------------------------------------------------------------------------ shared flags
+def _model_flag(sp) -> None:
+    sp.add_argument("--model", required=True, help=MODEL_HELP)
+
+
+def _address_flag(sp) -> None:
+    sp.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local one)")
+
+
+def _inference_flags(sp) -> None:
+    """`generate` and `score`: the model, an adapter, where and how it runs, JSON output."""
+    _model_flag(sp)
+    sp.add_argument(
+        "--lora",
+        default=None,
+        metavar="DIR",
+        help="a peft LoRA adapter directory of this base (ours or from the hub), applied to the model",
+    )
+    sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto, a GPU if any)")
+    sp.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="default: auto (bf16 on GPUs, fp32 on CPUs)")
+    sp.add_argument("--json", action="store_true", help="one JSON object")
+
+
+# ------------------------------------------------------------------------------------------ subcommands
+def _model(sub) -> None:
     model = sub.add_parser("model", help="model presets: info, init").add_subparsers(dest="model_cmd", required=True)
     info = model.add_parser("info", help="parameters, FLOPs per token and training memory of a preset")
     info.add_argument("preset", help="a preset name: neox-20b, pythia-70m ... pythia-12b, tiny, tiny-neox, tiny-seq")
@@ -49,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--dtype", choices=PRECISIONS, default="fp32", help="the stored dtype")
     init.set_defaults(command="model_init")
 
+
+def _tokenizer(sub) -> None:
     tok = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tok_cmd", required=True)
     train = tok.add_parser("train", help="train a GPT-NeoX-style byte-level BPE on text or Pile shards")
     train.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
@@ -56,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", required=True, help="the folder to save the tokenizer in")
     train.set_defaults(command="tokenizer_train")
 
+
+def _prepare(sub) -> None:
     prep = sub.add_parser(
         "prepare", help="tokenize and pack Pile-format or prompt-completion shards into a training dataset (Ray Data)"
     )
@@ -88,26 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--json", action="store_true", help="print a one-line JSON summary")
     prep.set_defaults(command="prepare")
 
-    def model_args(sp):
-        sp.add_argument(
-            "--model",
-            required=True,
-            help="exported Hugging Face directory, training checkpoint, or run directory (its newest)",
-        )
-        sp.add_argument(
-            "--lora",
-            default=None,
-            metavar="DIR",
-            help="a peft LoRA adapter directory of this base (ours or from the hub), applied to the model",
-        )
-        sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto, a GPU if any)")
-        sp.add_argument(
-            "--dtype", choices=DTYPE_CHOICES, default="auto", help="default: auto (bf16 on GPUs, fp32 on CPUs)"
-        )
-        sp.add_argument("--json", action="store_true", help="one JSON object")
 
+def _generate(sub) -> None:
     gen = sub.add_parser("generate", help="generate a continuation of a prompt")
-    model_args(gen)
+    _inference_flags(gen)
     gen.add_argument("--prompt", required=True, help="the text to continue")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="new tokens at most")
     gen.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
@@ -122,15 +192,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string, repeatable; in bash $'\\n\\n' is two newlines")
     gen.set_defaults(command="generate")
 
+
+def _score(sub) -> None:
     sc = sub.add_parser("score", help="per-token log-probabilities of a text")
-    model_args(sc)
+    _inference_flags(sc)
     sc.add_argument("--text", required=True, help="the text to score")
     sc.set_defaults(command="score")
 
-    tr = sub.add_parser("train", help="3D-parallel training on Ray Train (DeepSpeed pipeline + ZeRO-1, Megatron TP)")
+
+def _train(sub) -> None:
+    tr = sub.add_parser(
+        "train",
+        help="3D-parallel training on Ray Train (DeepSpeed pipeline + ZeRO-1, Megatron TP)",
+        intermixed=True,  # KEY=VALUE overrides before, between and after the options
+    )
     tr.add_argument("--config", default=None, help="run config YAML (overrides the defaults)")
     tr.add_argument("--run-dir", default=None, help="where checkpoints, metrics and TensorBoard logs go")
-    tr.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local one)")
+    _address_flag(tr)
     tr.add_argument(
         "--max-failures",
         type=int,
@@ -149,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. parallel.tensor=2")
     tr.set_defaults(command="train")
 
+
+def _export(sub) -> None:
     ex = sub.add_parser(
         "export",
         help="merge a training checkpoint into a Hugging Face GPT-NeoX directory (a LoRA run's: a peft adapter)",
@@ -165,11 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="stored dtype; auto: the training precision")
     ex.set_defaults(command="export")
 
+
+def _report(sub) -> None:
     rp = sub.add_parser("report", help="an HTML page with plots of a training run (loss, lr, grad norm, throughput)")
     rp.add_argument("run_dir", help="the run directory (holds metrics.jsonl)")
     rp.add_argument("--out", default=None, help="where to write the page (default: RUN_DIR/report.html)")
     rp.set_defaults(command="report")
 
+
+def _plan(sub) -> None:
     pl = sub.add_parser("plan", help="which dp x tp x pp layouts of a preset fit N GPUs: memory and step time")
     pl.add_argument("preset", help="a preset name (see `neoxray model info`)")
     pl.add_argument("--gpus", type=int, required=True, help="GPUs to train on (dp x tp x pp)")
@@ -203,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--peak-tflops", type=float, default=312.0, help="dense 16-bit peak TFLOP/s per GPU (312: A100, 989: H100)"
     )
     pl.add_argument("--mfu", type=float, default=0.40, help="fraction of the peak the layers reach")
+    _plan_lora(pl)
+    pl.add_argument("--json", action="store_true", help="one JSON object with the feasible and rejected layouts")
+    pl.set_defaults(command="plan")
+
+
+def _plan_lora(pl) -> None:
     pl.add_argument(
         "--lora-rank",
         type=int,
@@ -217,23 +307,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="the linears that get adapters (with --lora-rank)",
     )
     pl.add_argument("--lora-dropout", type=float, default=0.0, metavar="P", help="LoRA dropout (with --lora-rank)")
-    pl.add_argument("--json", action="store_true", help="one JSON object with the feasible and rejected layouts")
-    pl.set_defaults(command="plan")
 
+
+def _serve(sub) -> None:
     sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API on Ray Serve")
-    sv.add_argument(
-        "--model",
-        required=True,
-        help="exported Hugging Face directory, training checkpoint, or run directory (its newest)",
-    )
+    _model_flag(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     sv.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     sv.add_argument("--replicas", type=int, default=1, help="model replicas, each with its own engine (default 1)")
     sv.add_argument("--num-gpus", type=float, default=0, help="GPUs per model replica (default 0)")
     sv.add_argument("--name", default=None, help="model id clients send (default: the directory name)")
+    _serve_loras(sv)
+    sv.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health (default: NEOXRAY_API_KEY, else "
+        "none; an empty key is refused)",
+    )
+    sv.add_argument(
+        "--allowed-lora-path",
+        default=None,
+        metavar="DIR",
+        help="runtime adapter loads (POST /v1/load_lora_adapter) read only under DIR (default: none, loads refused)",
+    )
+    sv.add_argument(
+        "--allow-unauthenticated-lora-updates",
+        action="store_true",
+        help="leave the runtime adapter routes open without --api-key (default: off, they answer 403 without a key)",
+    )
+    _address_flag(sv)
+    sv.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    sv.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="default auto: bf16 on GPUs, fp32 on CPUs")
+    for flag, default, text in SERVE_LIMITS:
+        sv.add_argument(flag, type=int, default=default, help=text)
+    sv.add_argument("--verbose", action="store_true", help="show Ray's and Ray Serve's own output on the console")
+    sv.add_argument("--no-ray", action="store_true", help="one engine under uvicorn in this process, without Ray")
+    sv.set_defaults(command="serve")
+
+
+def _serve_loras(sv) -> None:
     sv.add_argument(
         "--lora",
-        action="append",
+        action=_NamedDirs,
         default=None,
         metavar="NAME=DIR",
         help="a peft LoRA adapter of the base served as model NAME (repeatable); requests choose it by `model`",
@@ -252,121 +367,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="R",
         help="the largest adapter rank (default: max(16, --lora's))",
     )
-    sv.add_argument(
-        "--api-key",
-        default=None,
-        help="require 'Authorization: Bearer KEY' on every route but /health (default: NEOXRAY_API_KEY, else "
-        "none; an empty key is refused)",
-    )
-    sv.add_argument(
-        "--allowed-lora-path",
-        default=None,
-        metavar="DIR",
-        help="runtime adapter loads (POST /v1/load_lora_adapter) read only under DIR (default: none, loads refused)",
-    )
-    sv.add_argument(
-        "--allow-unauthenticated-lora-updates",
-        action="store_true",
-        help="leave the runtime adapter routes open without --api-key (default: off, they answer 403 without a key)",
-    )
-    sv.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local one)")
-    sv.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
-    sv.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="default auto: bf16 on GPUs, fp32 on CPUs")
-    sv.add_argument(
-        "--max-ongoing-requests", type=int, default=64, help="requests a model replica takes at once (default 64)"
-    )
-    sv.add_argument(
-        "--max-queued-requests",
-        type=int,
-        default=256,
-        help="requests queued for the model replicas beyond which the server answers 503 (default 256; -1: none)",
-    )
-    sv.add_argument(
-        "--max-num-seqs", type=int, default=32, help="sequences decoded together per model replica (default 32)"
-    )
-    sv.add_argument(
-        "--max-running-per-request",
-        type=int,
-        default=None,
-        help="most sequences of one request in the batch at once (default: half of --max-num-seqs)",
-    )
-    sv.add_argument(
-        "--kv-cache-tokens",
-        type=int,
-        default=None,
-        help="KV cache token budget per model replica (default: max-num-seqs x the context)",
-    )
-    sv.add_argument(
-        "--max-request-bytes",
-        type=int,
-        default=None,
-        help="largest request body accepted; larger ones get 413 (default 8388608, 8 MiB)",
-    )
-    sv.add_argument(
-        "--max-seqs-per-request",
-        type=int,
-        default=None,
-        help="most sequences (n x prompts) one completion request may ask for (default 64)",
-    )
-    sv.add_argument(
-        "--max-embedding-inputs", type=int, default=None, help="most inputs of one embeddings request (default 128)"
-    )
-    sv.add_argument(
-        "--max-embedding-tokens",
-        type=int,
-        default=None,
-        help="most tokens of one embeddings request, all inputs together (default 65536)",
-    )
-    sv.add_argument("--verbose", action="store_true", help="show Ray's and Ray Serve's own output on the console")
-    sv.add_argument("--no-ray", action="store_true", help="one engine under uvicorn in this process, without Ray")
-    sv.set_defaults(command="serve")
 
+
+def _eval(sub) -> None:
     ev = sub.add_parser("eval", help="lm-evaluation-harness tasks on neoxray's inference engine (docs/evaluation.md)")
-    ev.add_argument(
-        "--model",
-        required=True,
-        help="exported Hugging Face directory, training checkpoint, or run directory (its newest)",
-    )
+    _model_flag(ev)
     ev.add_argument(
         "--lora", default=None, metavar="DIR", help="a peft LoRA adapter directory of this base, applied to the model"
     )
-    which = ev.add_mutually_exclusive_group(required=True)
-    which.add_argument(
-        "--tasks", default=None, help="comma-separated lm-eval task or group names (globs such as mmlu_* too)"
-    )
-    which.add_argument(
-        "--suite",
-        choices=["model-card", "leaderboard"],
-        default=None,
-        help="the GPT-NeoX-20B model card's tables, with the card's figures beside ours: model-card (zero-shot "
-        "LAMBADA, SciQ, PIQA, TriviaQA, ARC-Challenge) or leaderboard (the Open LLM Leaderboard's seven)",
-    )
-    ev.add_argument(
-        "--num-fewshot", type=int, default=None, help="few-shot examples per prompt (default: each task's own)"
-    )
-    ev.add_argument("--limit", type=float, default=None, help="documents per task at most; below 1, that share of them")
-    ev.add_argument(
-        "--include-path",
-        action="append",
-        default=None,
-        help="a folder of task YAMLs (local tasks, local data; they override built-in tasks of the same name), "
-        "repeatable",
-    )
-    ev.add_argument("--batch-size", type=int, default=32, help="sequences in each engine's batch (its max_num_seqs)")
-    ev.add_argument(
-        "--replicas",
-        type=int,
-        default=1,
-        help="engines, each with its own copy of the model; more than 1 (or --address) runs them on Ray",
-    )
-    ev.add_argument("--num-gpus", type=float, default=0, help="GPUs per Ray replica")
-    ev.add_argument(
-        "--kv-cache-tokens",
-        type=int,
-        default=None,
-        help="KV cache budget per engine in tokens (default: batch-size x (context + 1), at most the larger of "
-        "8192 and 4 x (context + 1))",
-    )
+    _eval_tasks(ev)
+    _eval_engines(ev)
     ev.add_argument("--output", default=None, help="write lm-eval's results JSON to this file")
     ev.add_argument(
         "--log-samples",
@@ -390,4 +400,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--verbose", action="store_true", help="show Ray's own output on the console")
     ev.set_defaults(command="eval")
-    return p
+
+
+def _eval_tasks(ev) -> None:
+    """What runs: tasks or a suite, shots, a limit, local task folders."""
+    which = ev.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--tasks", default=None, help="comma-separated lm-eval task or group names (globs such as mmlu_* too)"
+    )
+    which.add_argument(
+        "--suite",
+        choices=["model-card", "leaderboard"],
+        default=None,
+        help="the GPT-NeoX-20B model card's tables, with the card's figures beside ours: model-card (zero-shot "
+        "LAMBADA, SciQ, PIQA, TriviaQA, ARC-Challenge) or leaderboard (the Open LLM Leaderboard's seven)",
+    )
+    ev.add_argument(
+        "--num-fewshot", type=int, default=None, help="few-shot examples per prompt (default: each task's own)"
+    )
+    ev.add_argument("--limit", type=float, default=None, help="documents per task at most; below 1, that share of them")
+    ev.add_argument(
+        "--include-path",
+        action="append",
+        default=None,
+        help="a folder of task YAMLs (local tasks, local data; they override built-in tasks of the same name), "
+        "repeatable",
+    )
+
+
+def _eval_engines(ev) -> None:
+    """How it runs: engines, their batch, GPUs and KV cache."""
+    ev.add_argument("--batch-size", type=int, default=32, help="sequences in each engine's batch (its max_num_seqs)")
+    ev.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="engines, each with its own copy of the model; more than 1 (or --address) runs them on Ray",
+    )
+    ev.add_argument("--num-gpus", type=float, default=0, help="GPUs per Ray replica")
+    ev.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        default=None,
+        help="KV cache budget per engine in tokens (default: batch-size x (context + 1), at most the larger of "
+        "8192 and 4 x (context + 1))",
+    )

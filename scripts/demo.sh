@@ -75,11 +75,14 @@ cat <<MSG
 run directory     $RUN/train  (config.yaml, metrics.jsonl, TensorBoard event files in tensorboard/)
 plots             $RUN/train/report.html  (open it in a browser)
 checkpoints       $(ls -d "$RUN"/train/checkpoint-step-* | tr '\n' ' ')
-Ray dashboard     the demo's cluster stops with each command; to watch a run there, start one with
-                  'ray start --head' (it prints the dashboard's address; 'ray get-auth-token' prints the token
-                  to sign in with) and submit with 'ray job submit --working-dir . -- neoxray train --config
-                  configs/tiny-cpu.yaml data.path=$(cd "$RUN" && pwd)/data --run-dir $(cd "$RUN" && pwd)/job';
-                  see docs/cluster.md
+Ray dashboard     the demo's cluster stops with each command; to watch a run there, start a cluster of your own
+                  (8 logical CPUs: one per training worker, as the demo's) and submit the run to it, from a shell:
+                    cd $PWD && source $VENV/bin/activate && export RAY_AUTH_MODE=token
+                    ray start --head --num-cpus 8
+                    ray job submit --working-dir . -- neoxray train --config configs/tiny-cpu.yaml \\
+                        data.path=$(cd "$RUN" && pwd)/data --run-dir $(cd "$RUN" && pwd)/job train.steps=$STEPS
+                  'ray start' prints the dashboard's address, 'ray get-auth-token' the token to sign in with,
+                  'ray stop' ends that cluster; see docs/cluster.md
 exported model    $RUN/model  (transformers.AutoModelForCausalLM.from_pretrained("$RUN/model"))
 evaluation        $RUN/eval/results.json  (lm-eval's results; neoxray eval --suite model-card for the card's table)
 LoRA run          $RUN/lora  (adapter-only checkpoints); peft adapter $RUN/adapter

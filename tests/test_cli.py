@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from transformers import GPTNeoXForCausalLM
 
 from neoxray.model.generate import score
 from neoxray.model.hf import load_model_and_tokenizer
-from tests.conftest import SHARED_TOKENIZER, run_cli
+from tests.conftest import ROOT, SHARED_TOKENIZER, run_cli
 
 pytestmark = pytest.mark.e2e  # every test runs the CLI in a real process
 
@@ -182,3 +185,36 @@ def test_lora_flags_errors_are_one_line(tmp_path, tiny_model_dir):
         run_cli("serve", "--model", str(tiny_model_dir), "--lora", f"a={missing}", "--no-ray", check=False),
         "no-adapter",
     )
+
+
+def test_train_overrides_after_an_option_reach_the_config(tmp_path):
+    """`... --run-dir D KEY=VALUE`: the override after the option is read as one (here an unknown key, refused
+    by the config loader in one line naming it), not refused by argparse as an unrecognized argument."""
+    proc = run_cli(
+        "train",
+        "--config",
+        str(ROOT / "configs" / "tiny-cpu.yaml"),
+        "data.path=" + str(tmp_path / "data"),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "train.stepz=6",
+        check=False,
+    )
+    assert_clean_error(proc, "train.stepz", "train.steps")
+    assert not (tmp_path / "run").exists()
+
+
+def test_report_names_the_run_directory_as_given(tmp_path):
+    """`neoxray report runs/r` from a project folder: the page says `runs/r`, not this machine's absolute path (the
+    docs' report.png is such a page)."""
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    steps = [{"step": s, "loss": 9.0 - s, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 100.0} for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    exe = Path(sys.executable).with_name("neoxray")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "neoxray.cli"]
+    proc = subprocess.run([*cmd, "report", "runs/r"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    page = (run / "report.html").read_text()
+    assert "<td><b>run directory</b></td><td>runs/r</td>" in page
+    assert str(tmp_path) not in page

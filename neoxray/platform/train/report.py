@@ -88,7 +88,7 @@ def write_report(run_dir, out: str | os.PathLike | None = None) -> Path:
         raise NeoxrayError(f"{run_dir}/metrics.jsonl has no training steps yet")
     last = steps[-1]
     facts = [
-        ("run directory", str(run_dir.resolve())),
+        ("run directory", str(run_dir)),  # as given: `neoxray report runs/x` from the project shows runs/x
         ("steps", f"{last['step']}"),
         ("final training loss", f"{last['loss']:.4f}"),
     ]
