@@ -3,7 +3,8 @@
 - The task index is lm-eval's `TaskManager`: its built-in tasks plus `--include-path` folders, whose tasks take
   precedence over built-in ones of the same name (lm-eval indexes the include paths last and lets them
   override, with a warning). Indexing lm-eval's 14,000 built-in tasks takes about ten seconds, so when every
-  name asked for is a task in the include paths, only those are indexed.
+  name asked for is a task in the include paths, only those are indexed. A task YAML there that does not parse
+  is a NeoxrayError naming the file and the parser's complaint (lm-eval skips such a file silently).
 - An unknown name is a NeoxrayError that lists the closest names in the index (glob patterns such as `mmlu_*`
   and paths to task YAML files are accepted as lm-eval accepts them).
 - Loading a task reads its dataset (`datasets.load_dataset`): a dataset that cannot be had (no network, offline
@@ -16,6 +17,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from pathlib import Path
+
+import yaml
 
 from neoxray.errors import NeoxrayError
 
@@ -44,12 +47,38 @@ def task_manager(names: list[str], include_path: list[str] | None = None):
     for p in paths:
         if not Path(p).is_dir():
             raise NeoxrayError(f"--include-path {p}: no such directory")
+        check_task_yamls(p)
     if paths and names:
         local = TaskManager(include_path=paths, include_defaults=False)
         index = local.task_index
         if all(n in index and index[n].kind in (Kind.TASK, Kind.PY_TASK) for n in names):
             return local
     return TaskManager(include_path=paths or None)
+
+
+class _TaskYamlLoader(yaml.SafeLoader):
+    """YAML as lm-eval's task files use it: plain YAML plus lm-eval's `!function module.name` tag."""
+
+
+_TaskYamlLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def check_task_yamls(folder: str) -> None:
+    """Every task YAML under an include path parses (the files lm-eval indexes: `**/*.yaml`); lm-eval itself skips
+    one that does not without a word, and its task is then merely unknown. A NeoxrayError names the file, the
+    line and the parser's complaint."""
+    for f in sorted(Path(folder).glob("**/*.yaml")):
+        if "__pycache__" in f.parts or ".ipynb_checkpoints" in f.parts:
+            continue
+        try:
+            yaml.load(f.read_text(encoding="utf-8"), Loader=_TaskYamlLoader)  # a SafeLoader subclass
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise NeoxrayError(f"--include-path {folder}: {f}: invalid YAML{where}: {problem}") from None
+        except UnicodeDecodeError as e:
+            raise NeoxrayError(f"--include-path {folder}: {f}: not a UTF-8 text file ({e.reason})") from None
 
 
 def resolve_names(tm, names: list[str]) -> list[str]:

@@ -110,3 +110,10 @@ def test_a_missing_model_is_the_same_error_as_generate(tmp_path):
     assert one_line_error(proc) == one_line_error(generate) == f"neoxray: error: model not found: {missing}"
     usage = neoxray_eval("--model", missing, check=False)  # neither --tasks nor --suite: argparse's usage error
     assert usage.returncode == 2 and "one of the arguments --tasks --suite is required" in usage.stderr
+
+
+def test_a_task_yaml_that_does_not_parse_is_named(tiny_model_dir, tmp_path):
+    (tmp_path / "broken.yaml").write_text("task: broken\ndataset_path: json\noutput_type: [loglikelihood\n")
+    args = ["--model", str(tiny_model_dir), "--tasks", "broken", "--include-path", str(tmp_path)]
+    line = one_line_error(neoxray_eval(*args, check=False))
+    assert line.startswith(f"neoxray: error: --include-path {tmp_path}: {tmp_path / 'broken.yaml'}: invalid YAML at ")
