@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from neoxray.errors import NeoxrayError
-from neoxray.model.lora import LORA_PARAMS, MODULE_PATH, SUBMODULE, TARGETS, LoRAAdapter, LoRASpec
+from neoxray.model.lora import LoRAAdapter
+from neoxray.model.lora_spec import LORA_PARAMS, MODULE_PATH, SUBMODULE, TARGETS, LoRASpec
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
