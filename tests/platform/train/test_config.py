@@ -4,6 +4,7 @@ schedule, and the DeepSpeed config (checked by DeepSpeed's own config parser).""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -329,7 +330,7 @@ def test_the_lora_section_is_checked_by_the_adapters_own_rules():
     msg = invalid("lora.rank=4", "lora.alpha=0", "lora.dropout=1.5", "lora.targets=[query_key_value, mlp]")
     assert "lora.rank=4 trains adapters on a frozen base, but model.init_from is not set" in msg
     for kw in (dict(alpha=0.0), dict(dropout=1.5), dict(targets=["query_key_value", "mlp"])):
-        assert error_of(lambda: LoRASpec(r=4, **kw)) in msg
+        assert error_of(functools.partial(LoRASpec, r=4, **kw)) in msg
     assert "lora.rank=-1 must be an integer >= 0" in invalid("lora.rank=-1")
     validate(load_run_config(None, ["lora.alpha=0"]))  # rank 0: no LoRA, nothing else of the section matters
     assert load_run_config(None, []).lora.targets == list(LoRASpec().targets)
