@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from neoxray.errors import NeoxrayError
 from neoxray.model.decoding import SamplingParams
 from neoxray.model.hf import load_model_and_tokenizer
+from neoxray.model.peft_format import read_peft_adapter
 from neoxray.platform.inference.engine import InferenceEngine
 from neoxray.platform.inference.request import AdapterBusy, EngineConfig, InvalidRequest, Request, UnknownAdapter
 
@@ -84,12 +86,17 @@ def lora_setup(tiny_model_dir, tmp_path_factory):
     return tiny_model_dir, dirs, PeftReference(tiny_model_dir, dirs)
 
 
+def read_adapter(eng: InferenceEngine, path, name: str | None = None):
+    """A peft adapter directory read as every caller reads one, checked against the engine's model."""
+    return read_peft_adapter(path, eng.model.config, name)
+
+
 def lora_engine(model_dir, dirs, names=None, **kw) -> InferenceEngine:
     model, tok = load_model_and_tokenizer(model_dir)
     kw = {"max_loras": 4, "max_lora_rank": 16, "max_num_seqs": 32, **kw}
     eng = InferenceEngine(model, tok, EngineConfig(**kw))
     for name in names if names is not None else dirs:
-        eng.add_lora(name, eng.read_lora(dirs[name], name), str(dirs[name]))
+        eng.add_lora(name, read_adapter(eng, dirs[name], name), str(dirs[name]))
     return eng
 
 
@@ -145,7 +152,7 @@ def test_prefix_cache_is_never_shared_across_adapters(lora_setup):
     assert run("alpha") == 32 and run(None) == 32  # the same adapter again: its blocks are reused
     # a name reloaded with other weights is another adapter: its old blocks are not reused
     eng.remove_lora("alpha")
-    eng.add_lora("alpha", eng.read_lora(dirs["gamma"], "alpha"))
+    eng.add_lora("alpha", read_adapter(eng, dirs["gamma"], "alpha"))
     before = eng.counters["prefix_cache_tokens"]
     out = eng.run_until_done([Request(prompt, max_tokens=4, sampling=GREEDY, lora="alpha")])[0].token_ids
     assert out == ref.greedy("gamma", prompt, 4)
@@ -156,7 +163,7 @@ def test_slots_evict_the_least_recently_used_idle_adapter(lora_setup):
     model_dir, dirs, _ = lora_setup
     eng = lora_engine(model_dir, dirs, names=["alpha", "beta"], max_loras=2)
     eng.run_until_done([Request([1, 2, 3], max_tokens=1, sampling=GREEDY, lora="alpha")])  # beta is now the LRU
-    assert eng.add_lora("gamma", eng.read_lora(dirs["gamma"], "gamma")) == ["beta"]
+    assert eng.add_lora("gamma", read_adapter(eng, dirs["gamma"], "gamma")) == ["beta"]
     assert sorted(d["name"] for d in eng.loras()) == ["alpha", "gamma"]
     with pytest.raises(UnknownAdapter):
         eng.add_request(Request([1, 2], max_tokens=1, lora="beta"), lambda out: None)
@@ -166,28 +173,27 @@ def test_slots_evict_the_least_recently_used_idle_adapter(lora_setup):
         eng.add_request(Request([1, 2, 3], max_tokens=20, sampling=GREEDY, lora=n), outs.append)
     eng.step()
     with pytest.raises(AdapterBusy, match="slots"):
-        eng.add_lora("beta", eng.read_lora(dirs["beta"], "beta"))
+        eng.add_lora("beta", read_adapter(eng, dirs["beta"], "beta"))
     with pytest.raises(AdapterBusy, match="running or waiting"):
         eng.remove_lora("alpha")
     while eng.has_work():
         eng.step()
     eng.remove_lora("alpha")
-    assert eng.add_lora("beta", eng.read_lora(dirs["beta"], "beta")) == []
+    assert eng.add_lora("beta", read_adapter(eng, dirs["beta"], "beta")) == []
 
 
 def test_bad_adapters_are_refused_naming_the_problem(lora_setup, tmp_path):
     model_dir, dirs, _ = lora_setup
     eng = lora_engine(model_dir, dirs, names=[], max_loras=2, max_lora_rank=8)
-    with pytest.raises(InvalidRequest, match="not found") as e:
-        eng.read_lora(tmp_path / "missing")
-    assert e.value.param == "lora_path"
+    with pytest.raises(NeoxrayError, match="not found"):  # over HTTP: a 400 naming lora_path (test_lora_serving)
+        read_adapter(eng, tmp_path / "missing")
     with pytest.raises(InvalidRequest, match="max_lora_rank 8"):
-        eng.add_lora("gamma", eng.read_lora(dirs["gamma"], "gamma"))  # rank 16
-    eng.add_lora("alpha", eng.read_lora(dirs["alpha"]))
+        eng.add_lora("gamma", read_adapter(eng, dirs["gamma"], "gamma"))  # rank 16
+    eng.add_lora("alpha", read_adapter(eng, dirs["alpha"]))
     with pytest.raises(InvalidRequest, match="already loaded"):
-        eng.add_lora("alpha", eng.read_lora(dirs["alpha"]))
+        eng.add_lora("alpha", read_adapter(eng, dirs["alpha"]))
     with pytest.raises(UnknownAdapter):
         eng.remove_lora("nope")
     plain = InferenceEngine(*load_model_and_tokenizer(model_dir), EngineConfig())
     with pytest.raises(InvalidRequest, match="max_loras"):
-        plain.add_lora("alpha", plain.read_lora(dirs["alpha"]))
+        plain.add_lora("alpha", read_adapter(plain, dirs["alpha"]))
