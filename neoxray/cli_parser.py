@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from neoxray.errors import NeoxrayError
+from neoxray.model.lora_spec import TARGETS
 from neoxray.model.precision import DTYPE_CHOICES, PRECISIONS
 
 MODEL_HELP = "exported Hugging Face directory, training checkpoint, or run directory (its newest)"
@@ -302,7 +303,7 @@ def _plan_lora(pl) -> None:
     )
     pl.add_argument(
         "--lora-targets",
-        default="query_key_value,dense,dense_h_to_4h,dense_4h_to_h",
+        default=",".join(TARGETS),
         metavar="M1,M2",
         help="the linears that get adapters (with --lora-rank)",
     )
@@ -398,7 +399,11 @@ def _eval(sub) -> None:
         default=100000,
         help="bootstrap resamples for the stderr of perplexity-like metrics (lm-eval's default; 0: no stderrs)",
     )
-    ev.add_argument("--verbose", action="store_true", help="show Ray's own output on the console")
+    ev.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own output and the progress bars of datasets and lm-eval on the console",
+    )
     ev.set_defaults(command="eval")
 
 

@@ -31,3 +31,22 @@ def find_user_error(exc: BaseException | None) -> NeoxrayError | None:
         if isinstance(failures, dict):
             stack.extend(failures.values())
     return None
+
+
+def load_yaml_file(path, label: str, loader=None):
+    """The YAML document of a UTF-8 text file (`loader`: a yaml Loader class, default SafeLoader). A file that does
+    not parse, or is not UTF-8 text, is a NeoxrayError starting with `label` that names the line, the column and
+    the parser's complaint in one line."""
+    from pathlib import Path
+
+    import yaml
+
+    try:
+        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=loader or yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise NeoxrayError(f"{label}: invalid YAML{where}: {problem}") from None
+    except UnicodeDecodeError as e:
+        raise NeoxrayError(f"{label}: not a UTF-8 text file ({e.reason})") from None

@@ -130,101 +130,35 @@ def pad_vocab(n_tokens: int, multiple: int = 128) -> int:
     return -(-n_tokens // multiple) * multiple
 
 
-# name: (layers, d_model, heads, padded vocab, seq, rotary_pct) -- one line each
+def _neox_tokenizer(n_layers: int, d_model: int, n_heads: int, vocab_size: int = 50304, max_seq_len: int = 2048):
+    """A model of the GPT-NeoX-20B tokenizer (50277 tokens; `vocab_size` is the padded embedding) with rotary
+    embeddings on a quarter of each head: GPT-NeoX-20B and the Pythia suite."""
+    return dict(
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        vocab_size=vocab_size,
+        max_seq_len=max_seq_len,
+        rotary_pct=0.25,
+        tokenizer_vocab_size=50277,
+    )
+
+
+# name: layers, d_model, heads (and the padded vocabulary where it is not 50304), one line each
 _PRESETS: dict[str, dict] = {
-    "neox-20b": dict(
-        n_layers=44,
-        d_model=6144,
-        n_heads=64,
-        vocab_size=50432,
-        max_seq_len=2048,
-        rotary_pct=0.25,
-        tokenizer_vocab_size=50277,
-    ),
-    "pythia-70m": dict(
-        n_layers=6,
-        d_model=512,
-        n_heads=8,
-        vocab_size=50304,
-        max_seq_len=2048,
-        rotary_pct=0.25,
-        tokenizer_vocab_size=50277,
-    ),
-    "pythia-160m": dict(
-        n_layers=12,
-        d_model=768,
-        n_heads=12,
-        vocab_size=50304,
-        max_seq_len=2048,
-        rotary_pct=0.25,
-        tokenizer_vocab_size=50277,
-    ),
-    "pythia-410m": dict(
-        n_layers=24,
-        d_model=1024,
-        n_heads=16,
-        vocab_size=50304,
-        max_seq_len=2048,
-        rotary_pct=0.25,
-        tokenizer_vocab_size=50277,
-    ),
-    "pythia-1b": dict(
-        n_layers=16,
-        d_model=2048,
-        n_heads=8,
-        vocab_size=50304,
-        max_seq_len=2048,
-        rotary_pct=0.25,
-        tokenizer_vocab_size=50277,
-    ),
-    "pythia-1.4b": dict(
-        n_layers=24,
-        d_model=2048,
-        n_heads=16,
-        vocab_size=50304,
-        max_seq_len=2048,
-        rotary_pct=0.25,
-        tokenizer_vocab_size=50277,
-    ),
-    "pythia-2.8b": dict(
-        n_layers=32,
-        d_model=2560,
-        n_heads=32,
-        vocab_size=50304,
-        max_seq_len=2048,
-        rotary_pct=0.25,
-        tokenizer_vocab_size=50277,
-    ),
-    "pythia-6.9b": dict(
-        n_layers=32,
-        d_model=4096,
-        n_heads=32,
-        vocab_size=50432,
-        max_seq_len=2048,
-        rotary_pct=0.25,
-        tokenizer_vocab_size=50277,
-    ),
-    "pythia-12b": dict(
-        n_layers=36,
-        d_model=5120,
-        n_heads=40,
-        vocab_size=50688,
-        max_seq_len=2048,
-        rotary_pct=0.25,
-        tokenizer_vocab_size=50277,
-    ),
+    "neox-20b": _neox_tokenizer(44, 6144, 64, vocab_size=50432),
+    "pythia-70m": _neox_tokenizer(6, 512, 8),
+    "pythia-160m": _neox_tokenizer(12, 768, 12),
+    "pythia-410m": _neox_tokenizer(24, 1024, 16),
+    "pythia-1b": _neox_tokenizer(16, 2048, 8),
+    "pythia-1.4b": _neox_tokenizer(24, 2048, 16),
+    "pythia-2.8b": _neox_tokenizer(32, 2560, 32),
+    "pythia-6.9b": _neox_tokenizer(32, 4096, 32, vocab_size=50432),
+    "pythia-12b": _neox_tokenizer(36, 5120, 40, vocab_size=50688),
     # test and laptop sizes: `tiny` pairs with the 4096-token tokenizer trained on the bundled sample,
     # `tiny-neox` with the real GPT-NeoX-20B tokenizer, `tiny-seq` is the sequential-residual form.
     "tiny": dict(n_layers=2, d_model=64, n_heads=4, vocab_size=4096, max_seq_len=256, rotary_pct=0.25),
-    "tiny-neox": dict(
-        n_layers=2,
-        d_model=64,
-        n_heads=4,
-        vocab_size=50304,
-        max_seq_len=256,
-        rotary_pct=0.25,
-        tokenizer_vocab_size=50277,
-    ),
+    "tiny-neox": _neox_tokenizer(2, 64, 4, max_seq_len=256),
     "tiny-seq": dict(
         n_layers=2, d_model=64, n_heads=4, vocab_size=4096, max_seq_len=256, rotary_pct=1.0, parallel_residual=False
     ),

@@ -1,6 +1,7 @@
-"""Decoding rules shared by one-process generation (`neoxray.model.generate`) and the serving engine
-(`neoxray.platform.serve`): how the next token is drawn, when a sequence ends, and how its text is decoded as it
-grows. Written once here, so `neoxray generate` and the HTTP endpoint stop at exactly the same place.
+"""Decoding rules shared by one-process generation (`neoxray.model.generate`) and the inference engine behind
+`neoxray serve` and `neoxray eval` (`neoxray.platform.inference.output_processor`): how the next token is drawn,
+when a sequence ends, and how its text is decoded as it grows. Written once here, so `neoxray generate` and the
+HTTP endpoint stop at exactly the same place.
 
 - `SamplingParams`: greedy, temperature, top-k, top-p, a per-sequence seed, stop strings, stop at end of document.
 - `sample_next`: logits [b, V] -> next ids [b], each row from its own generator (`seeded_generator`).

@@ -63,97 +63,133 @@ def generate(
     eod_id: int | None = None,
 ) -> list[Generation]:
     """Decode each prompt (token ids). `tokenizer` decodes text and checks stop strings; `eod_id` defaults to
-    the tokenizer's (or the model config's eos_token_id)."""
+    the tokenizer's (or the model config's eos_token_id). Prefill the left-padded batch once, then one token per
+    unfinished sequence per step."""
     if not prompts:
         return []
-    b = len(prompts)
+    params = _params_per_prompt(params, len(prompts))
+    if eod_id is None:
+        eod_id = tokenizer.eod_id if tokenizer is not None else model.config.eos_token_id
+    budget = _token_budgets(prompts, params, model.config.max_seq_len, tokenizer)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    batch = _LeftPadded(prompts, device)
+    cache = KVCache.for_model(model, len(prompts), batch.width + max(max(budget), 1))
+    logits = model(batch.ids, batch.positions, batch.prefill_mask(), cache)[:, -1].float()  # [b, V]
+    cache.length = batch.width
+    rows = [_Row(p, eod_id, n, tokenizer) for p, n in zip(params, budget)]
+    _decode(model, batch, cache, logits, params, rows, max(budget))
+    model.train(was_training)
+    return [row.result() for row in rows]
+
+
+def _params_per_prompt(params, b: int) -> list[SamplingParams]:
+    """One validated SamplingParams per prompt (one given for all, or one each)."""
     params = SamplingParams() if params is None else params
     params = [params] * b if isinstance(params, SamplingParams) else list(params)
     if len(params) != b:
         raise NeoxrayError(f"{len(params)} sampling params for {b} prompts")
     for p in params:
         p.validate()
-    cfg = model.config
-    if eod_id is None:
-        eod_id = tokenizer.eod_id if tokenizer is not None else cfg.eos_token_id
-    lengths = [len(p) for p in prompts]
-    for i, n in enumerate(lengths):
+    return params
+
+
+def _token_budgets(prompts, params: list[SamplingParams], context: int, tokenizer) -> list[int]:
+    """New tokens each prompt may get: max_new_tokens, cut to what is left of the context. Empty prompts, prompts
+    that fill the context and stop strings without a tokenizer are refused."""
+    for i, prompt in enumerate(prompts):
+        n = len(prompt)
         if n == 0:
             raise NeoxrayError(f"prompt {i} is empty")
-        if n >= cfg.max_seq_len:
+        if n >= context:
             raise NeoxrayError(
-                f"prompt {i} has {n} tokens; the model's context is {cfg.max_seq_len} "
-                f"(at most {cfg.max_seq_len - 1} prompt tokens leave room for one new token)"
+                f"prompt {i} has {n} tokens; the model's context is {context} "
+                f"(at most {context - 1} prompt tokens leave room for one new token)"
             )
-    budget = [min(p.max_new_tokens, cfg.max_seq_len - n) for p, n in zip(params, lengths)]
     if any(p.stop for p in params) and tokenizer is None:
         raise NeoxrayError("stop strings need a tokenizer")
+    return [min(p.max_new_tokens, context - len(prompt)) for p, prompt in zip(params, prompts)]
 
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    P, steps = max(lengths), max(budget)
-    ids = torch.zeros((b, P), dtype=torch.long)  # left padding; masked out, so any id will do
-    valid = torch.zeros((b, P), dtype=torch.bool)
-    for i, prompt in enumerate(prompts):
-        ids[i, P - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-        valid[i, P - len(prompt) :] = True
-    ids, valid = ids.to(device), valid.to(device)
-    padded = not bool(valid.all())
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [b, P]
 
-    cache = KVCache.for_model(model, b, P + max(steps, 1))
-    mask = None
-    if padded:  # causal & key is not padding; a padding query sees itself so no row is all -inf
-        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-        mask = (causal[None] & valid[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)[None]
-        mask = mask[:, None]  # [b, 1, P, P]
-    logits = model(ids, positions, mask, cache)[:, -1].float()  # [b, V]
-    cache.length = P
+class _LeftPadded:
+    """Prompts of different lengths as one left-padded batch [b, P]: which positions hold a token (`valid`),
+    each sequence's own position ids, and the attention masks that keep padding out."""
 
-    generators = [seeded_generator(p, device) for p in params]
-    checkers = [StopChecker(p, eod_id, n) for p, n in zip(params, budget)]
-    detok = [IncrementalDetokenizer(tokenizer, eod_id) for _ in range(b)]
-    new: list[list[int]] = [[] for _ in range(b)]
-    texts: list[str | None] = [None] * b  # set when a stop string cut the text
-    finish: list[str | None] = ["length" if n == 0 else None for n in budget]
-    searched = [0] * b  # characters of each text already searched for stop strings
-    last_pos = positions[:, -1]
+    def __init__(self, prompts, device):
+        b, self.width = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros((b, self.width), dtype=torch.long)  # left padding; masked out, so any id will do
+        valid = torch.zeros((b, self.width), dtype=torch.bool)
+        for i, prompt in enumerate(prompts):
+            ids[i, self.width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+            valid[i, self.width - len(prompt) :] = True
+        self.ids, self.valid, self.device = ids.to(device), valid.to(device), device
+        self.padded = not bool(self.valid.all())
+        self.positions = (self.valid.long().cumsum(-1) - 1).clamp(min=0)  # [b, P]
+
+    def prefill_mask(self) -> torch.Tensor | None:
+        """[b, 1, P, P]: causal and the key is not padding; a padding query sees itself so no row is all -inf.
+        None without padding (plain causal attention)."""
+        if not self.padded:
+            return None
+        P, dev = self.width, self.device
+        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+        mask = (causal[None] & self.valid[:, None, :]) | torch.eye(P, dtype=torch.bool, device=dev)[None]
+        return mask[:, None]
+
+    def step_mask(self, cache_length: int) -> torch.Tensor | None:
+        """[b, 1, 1, t] for one new token per sequence over the cache's t positions (padding left out)."""
+        if not self.padded:
+            return None
+        new = torch.ones(self.valid.shape[0], cache_length - self.width + 1, dtype=torch.bool, device=self.device)
+        return torch.cat([self.valid, new], 1)[:, None, None, :]
+
+
+class _Row:
+    """One sequence's decoding: its stop rules, the tokens it got, the text a stop string cut, why it finished."""
+
+    def __init__(self, params: SamplingParams, eod_id: int, budget: int, tokenizer):
+        self.checker = StopChecker(params, eod_id, budget)
+        self.detok = IncrementalDetokenizer(tokenizer, eod_id)
+        self.new: list[int] = []
+        self.text: str | None = None  # set when a stop string cut the text
+        self.finish: str | None = "length" if budget == 0 else None
+        self.searched = 0  # characters of the text already searched for stop strings
+
+    def take(self, token: int) -> None:
+        """A sampled token: kept, then the stop rules (end of document, budget, stop strings) say whether it ends."""
+        self.new.append(token)
+        self.finish = self.checker.after_token(token, len(self.new))
+        if self.checker.stops:
+            text = self.detok.text(self.new)
+            hit = self.checker.find(text, self.searched)
+            self.searched = len(text)
+            if hit >= 0:
+                self.text, self.finish = text[:hit], "stop"
+
+    def result(self) -> Generation:
+        text = self.text if self.text is not None else self.detok.text(self.new)
+        return Generation(token_ids=self.new, text=text, finish_reason=self.finish or "length")
+
+
+def _decode(model, batch: _LeftPadded, cache: KVCache, logits, params, rows: list[_Row], steps: int) -> None:
+    """Sample a token for every unfinished row, then feed them back (finished rows feed a dummy 0) through the
+    cache, until every row has finished or `steps` tokens were drawn."""
+    generators = [seeded_generator(p, batch.device) for p in params]
+    last_pos = batch.positions[:, -1]
     for _ in range(steps):
-        if all(finish):
+        if all(row.finish for row in rows):
             break
-        nxt = sample_next(logits, params, generators)  # [b]
-        tokens = nxt.tolist()
-        for i, tok in enumerate(tokens):
-            if finish[i]:
-                continue
-            new[i].append(tok)
-            finish[i] = checkers[i].after_token(tok, len(new[i]))
-            if checkers[i].stops:
-                text = detok[i].text(new[i])
-                hit = checkers[i].find(text, searched[i])
-                searched[i] = len(text)
-                if hit >= 0:
-                    texts[i], finish[i] = text[:hit], "stop"
-        if all(finish):
+        tokens = sample_next(logits, params, generators).tolist()  # [b]
+        for row, token in zip(rows, tokens):
+            if not row.finish:
+                row.take(token)
+        if all(row.finish for row in rows):
             break
-        feed = torch.tensor([0 if finish[i] else t for i, t in enumerate(tokens)], device=device)[:, None]
+        feed = torch.tensor([0 if row.finish else t for row, t in zip(rows, tokens)], device=batch.device)[:, None]
         last_pos = last_pos + 1
-        step_mask = None
-        if padded:
-            keys = torch.cat([valid, torch.ones(b, cache.length - P + 1, dtype=torch.bool, device=device)], 1)
-            step_mask = keys[:, None, None, :]  # [b, 1, 1, t]
-        logits = model(feed, last_pos[:, None], step_mask, cache)[:, -1].float()
+        logits = model(feed, last_pos[:, None], batch.step_mask(cache.length), cache)[:, -1].float()
         cache.length += 1
-
-    model.train(was_training)
-    results = []
-    for i in range(b):
-        text = texts[i]
-        if text is None:
-            text = detok[i].text(new[i])
-        results.append(Generation(token_ids=new[i], text=text, finish_reason=finish[i] or "length"))
-    return results
 
 
 @torch.no_grad()

@@ -117,6 +117,18 @@ def _first(x):
     return x[0] if isinstance(x, list) and x else x
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding one object (a directory's config.json, a peft adapter's adapter_config.json); a file
+    that is not one is a NeoxrayError naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NeoxrayError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise NeoxrayError(f"{path}: expected a JSON object")
+    return data
+
+
 def read_config(model_dir: str | os.PathLike) -> tuple[ModelConfig, torch.dtype]:
     """ModelConfig and stored dtype of a Hugging Face GPT-NeoX directory."""
     d = Path(model_dir)
@@ -127,12 +139,7 @@ def read_config(model_dir: str | os.PathLike) -> tuple[ModelConfig, torch.dtype]
     path = d / "config.json"
     if not path.exists():
         raise NeoxrayError(f"{path} not found: {d} is not a Hugging Face model directory")
-    try:
-        hf = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise NeoxrayError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(hf, dict):
-        raise NeoxrayError(f"{path}: expected a JSON object")
+    hf = read_json_object(path)
     dtype = precision.hf_dtype(hf.get("torch_dtype") or hf.get("dtype"))
     return config_from_hf(hf, str(path)), dtype
 

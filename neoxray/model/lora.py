@@ -5,9 +5,11 @@ A target linear y = x W^T + b gains a low-rank update:
     y = x W^T + b + scaling * B(A(dropout(x)))      A [r, in], B [out, r]
     scaling = alpha / r      (alpha / sqrt(r) with rsLoRA, Kalajdzievski 2023)
 
-Targets are the four linears of each GPT-NeoX layer (`TARGETS`). `apply_lora` rewrites a model (a `GPTNeoX`, a
-`Layer`, or a pipeline stage's pieces) in place, like `neoxray.model.tensor_parallel.parallelize`: each target
-module keeps its class's behaviour and its parameter names and gains two parameters, so
+Targets are the four linears of each GPT-NeoX layer; what an adapter is (`LoRASpec`: rank, alpha, dropout,
+targets, rsLoRA, layers), the targets and the checks are in `neoxray.model.lora_spec`, without torch. `apply_lora`
+rewrites a model (a `GPTNeoX`, a `Layer`, or a pipeline stage's pieces) in place, like
+`neoxray.model.tensor_parallel.parallelize`: each target module keeps its class's behaviour and its parameter
+names and gains two parameters, so
 
     layers.3.attention.query_key_value.weight   (unchanged: checkpoints and loaders keep working)
     layers.3.attention.query_key_value.lora_A   [r, in]
@@ -40,9 +42,8 @@ then `mark_only_lora_trainable(m)`. Serving many adapters at once: `neoxray.mode
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,7 @@ from torch import nn
 from neoxray.errors import NeoxrayError
 from neoxray.model.gptneox import MLP, Attention
 from neoxray.model.init import param_seed
+from neoxray.model.lora_spec import LORA_PARAMS, MODULE_PATH, TARGETS, LoRASpec, lora_scaling, target_shape
 from neoxray.model.sharding import full_shape, shard
 from neoxray.model.tensor_parallel import (
     ColumnParallelLinear,
@@ -60,90 +62,10 @@ from neoxray.model.tensor_parallel import (
     reduce_from_tp_region,
 )
 
-TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
-"""The GPT-NeoX linears LoRA may target (peft's `target_modules` names for GPTNeoXForCausalLM)."""
-LORA_PARAMS = ("lora_A", "lora_B")
-MODULE_PATH = re.compile(r"layers\.(\d+)\.(attention\.(?:query_key_value|dense)|mlp\.(?:dense_h_to_4h|dense_4h_to_h))")
-"""A target's plain-model module path, e.g. "layers.3.attention.query_key_value"."""
-SUBMODULE = {"query_key_value": "attention", "dense": "attention", "dense_h_to_4h": "mlp", "dense_4h_to_h": "mlp"}
-
-
-def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
-    """alpha / r, or alpha / sqrt(r) with rsLoRA (peft's rule)."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
 
 # ---------------------------------------------------------------------------------------------------------
-# what an adapter is
+# an adapter's weights (what an adapter is, its targets and checks: neoxray.model.lora_spec)
 # ---------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LoRASpec:
-    """The shape of a LoRA adapter (peft's LoraConfig, the parts GPT-NeoX uses). Invalid values are a
-    NeoxrayError naming the field as `lora.<field>`."""
-
-    r: int = 8
-    """Rank of each adapter: A is [r, in], B is [out, r]."""
-    alpha: float = 16.0
-    """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)."""
-    dropout: float = 0.0
-    """Dropout probability on the adapter's input, training mode only."""
-    targets: tuple[str, ...] = TARGETS
-    """Which of each layer's linears get an adapter: query_key_value, dense, dense_h_to_4h, dense_4h_to_h."""
-    use_rslora: bool = False
-    """Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r."""
-    layers: tuple[int, ...] | None = None
-    """Only these layer indices (peft's layers_to_transform); None: every layer."""
-
-    def __post_init__(self):
-        if isinstance(self.targets, str):
-            object.__setattr__(self, "targets", (self.targets,))
-        object.__setattr__(self, "targets", tuple(self.targets))
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(self.layers))
-        if not _is_int(self.r) or self.r < 1:
-            raise NeoxrayError(f"lora.r: must be a positive integer, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool):
-            raise NeoxrayError(f"lora.alpha: must be a number, got {self.alpha!r}")
-        if not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise NeoxrayError(f"lora.alpha: must be a finite number > 0, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
-            raise NeoxrayError(f"lora.dropout: must be a probability in [0, 1), got {self.dropout!r}")
-        if not self.targets:
-            raise NeoxrayError(f"lora.targets: give at least one of {', '.join(TARGETS)}")
-        for t in self.targets:
-            if t not in TARGETS:
-                raise NeoxrayError(f"lora.targets: unknown GPT-NeoX module {t!r} (known: {', '.join(TARGETS)})")
-        if len(set(self.targets)) != len(self.targets):
-            raise NeoxrayError(f"lora.targets: listed twice in {list(self.targets)}")
-        if not isinstance(self.use_rslora, bool):
-            raise NeoxrayError(f"lora.use_rslora: must be true or false, got {self.use_rslora!r}")
-        if self.layers is not None and (not self.layers or not all(_is_int(i) and i >= 0 for i in self.layers)):
-            raise NeoxrayError(f"lora.layers: must be null or a non-empty list of layer indices, got {self.layers!r}")
-
-    @property
-    def scaling(self) -> float:
-        return lora_scaling(self.alpha, self.r, self.use_rslora)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["targets"] = list(self.targets)
-        d["layers"] = None if self.layers is None else list(self.layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping, strict: bool = True) -> LoRASpec:
-        """From `to_dict`'s output; unknown keys are a NeoxrayError naming them (`strict=False`: ignored)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if strict and unknown:
-            raise NeoxrayError(f"lora.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
 @dataclass
 class LoRAAdapter:
     """An adapter's weights as full (unsharded) tensors under plain-model names,
@@ -201,14 +123,12 @@ class LoRAAdapter:
         """Every tensor against a GPT-NeoX of `config` (a ModelConfig): a NeoxrayError naming the first that does
         not fit (`key(name)`: how to name it, e.g. peft's tensor name)."""
         where, key = where or self.name, key or (lambda n: n)
-        d, f = config.d_model, config.ffn_dim
-        sizes = {"query_key_value": (d, 3 * d), "dense": (d, d), "dense_h_to_4h": (d, f), "dense_4h_to_h": (f, d)}
         for name, t in self.tensors.items():
             path, _, kind = name.rpartition(".")
             layer, target = int(MODULE_PATH.fullmatch(path).group(1)), path.split(".")[-1]
             if layer >= config.n_layers:
                 raise NeoxrayError(f"{where}: tensor {key(name)} is for layer {layer}; the base has {config.n_layers}")
-            n_in, n_out = sizes[target]
+            n_in, n_out = target_shape(config, target)
             want = (t.shape[0], n_in) if kind == "lora_A" else (n_out, t.shape[1])
             if tuple(t.shape) != want:
                 raise NeoxrayError(

@@ -1,6 +1,6 @@
 """Many LoRA adapters in one forward, for serving: each batch row applies its own adapter, or none.
 
-`MultiLoRA(model, max_adapters, max_rank)` gives every target linear (`neoxray.model.lora.TARGETS`) stacked
+`MultiLoRA(model, max_adapters, max_rank)` gives every target linear (`neoxray.model.lora_spec.TARGETS`) stacked
 adapter buffers with one slot per adapter plus an always-zero slot for rows without one:
 
     A_stack [K + 1, max_rank, in_local]   B_stack [K + 1, out_local, max_rank]   scale [K + 1]
@@ -33,7 +33,6 @@ from torch import nn
 
 from neoxray.errors import NeoxrayError
 from neoxray.model.lora import (
-    TARGETS,
     LoRAAdapter,
     NameMap,
     check_wrappable,
@@ -41,6 +40,7 @@ from neoxray.model.lora import (
     lora_linear_forward,
     swap_class,
 )
+from neoxray.model.lora_spec import TARGETS
 from neoxray.model.sharding import full_shape, shard
 from neoxray.model.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 

@@ -33,7 +33,10 @@ from pathlib import Path
 import torch
 
 from neoxray.errors import NeoxrayError
-from neoxray.model.lora import LORA_PARAMS, MODULE_PATH, SUBMODULE, TARGETS, LoRAAdapter, LoRASpec
+from neoxray.model.config import ModelConfig
+from neoxray.model.hf import read_json_object
+from neoxray.model.lora import LoRAAdapter
+from neoxray.model.lora_spec import LORA_PARAMS, MODULE_PATH, SUBMODULE, TARGETS, LoRASpec
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -126,12 +129,7 @@ def read_adapter_config(path) -> dict:
     f = d / ADAPTER_CONFIG
     if not f.exists():
         raise NeoxrayError(f"{path}: no {ADAPTER_CONFIG}; not a peft adapter directory")
-    try:
-        cfg = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise NeoxrayError(f"{f}: invalid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise NeoxrayError(f"{f}: expected a JSON object")
+    cfg = read_json_object(f)
     kind = cfg.get("peft_type")
     if str(kind).upper() != "LORA":
         raise NeoxrayError(f"{f}: peft_type is {kind!r}; neoxray reads LoRA adapters only (peft_type LORA)")
@@ -163,11 +161,13 @@ def read_adapter_config(path) -> dict:
     return cfg
 
 
-def read_peft_adapter(path, config=None, name: str | None = None) -> LoRAAdapter:
-    """A peft LoRA adapter directory -> LoRAAdapter (tensors as stored, on the CPU). Which modules carry an
-    adapter, and their ranks, come from the tensors (so target subsets, layers_to_transform and rank_pattern
-    all work); alpha_pattern gives per-module alphas. With `config` (the base's ModelConfig) every tensor is
-    checked against the base's shapes; a mismatch is a NeoxrayError naming the tensor."""
+def read_peft_adapter(path, config: ModelConfig | None = None, name: str | None = None) -> LoRAAdapter:
+    """A peft LoRA adapter directory -> LoRAAdapter named `name` (default: the directory's name), tensors as
+    stored, on the CPU: the one way every command reads an adapter (`--lora` of generate, serve and eval, the
+    serving engine's adapters). Which modules carry an adapter, and their ranks, come from the tensors (so target
+    subsets, layers_to_transform and rank_pattern all work); alpha_pattern gives per-module alphas. With `config`
+    (the base's ModelConfig) every tensor is checked against the base's shapes before any base weight need be
+    read. Anything wrong is a NeoxrayError (one line) naming the directory, the file or the tensor."""
     from safetensors import safe_open
 
     d = Path(path).expanduser()

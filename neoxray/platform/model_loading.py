@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from neoxray.errors import NeoxrayError
+from neoxray.model.peft_format import read_peft_adapter
 from neoxray.model.precision import inference_dtype, resolve_device
 from neoxray.model.tokenizer import TOKENIZER_FILE
 from neoxray.platform.checkpoint import read_meta, resolve_model_path
@@ -40,14 +41,6 @@ def model_config_of(kind: str, p: Path):
     return ModelConfig.from_dict(read_meta(p)["model_config"])
 
 
-def read_lora_for(lora, config):
-    """A peft LoRA adapter directory (`--lora`), checked against a base of `config` (a ModelConfig): every
-    tensor's shape, before any base weight is read; a NeoxrayError (one line) names the directory or the tensor."""
-    from neoxray.model.peft_format import read_peft_adapter
-
-    return read_peft_adapter(lora, config)
-
-
 def load_for_inference(path, device: str = "auto", dtype: torch.dtype | None = None, lora=None):
     """-> (model in eval mode on `device`, Tokenizer, model name). `device` auto: cuda when this process has a
     GPU; `dtype` None: bf16 on GPUs, fp32 on CPUs. The tokenizer is checked before any weights are read.
@@ -62,7 +55,7 @@ def load_for_inference(path, device: str = "auto", dtype: torch.dtype | None = N
     kind, p = resolve_model_path(path)
     device = resolve_device(device)
     dtype = inference_dtype(device, dtype)
-    adapter = None if lora is None else read_lora_for(lora, model_config_of(kind, p))
+    adapter = None if lora is None else read_peft_adapter(lora, model_config_of(kind, p))
     if kind == "hf":
         from neoxray.model.hf import load_model_and_tokenizer
 

@@ -13,7 +13,7 @@ from torch import nn
 from neoxray.errors import NeoxrayError
 from neoxray.model.gptneox import GPTNeoX, Layer
 from neoxray.model.init import init_parameters, layer_offset, param_seed
-from tests.model.test_tensor_parallel import plain_model, tiny
+from tests.support.tp_models import plain_model, tiny
 
 
 def test_init_is_deterministic_layout_independent_and_named():

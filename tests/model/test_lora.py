@@ -5,18 +5,11 @@ adapter gradients of the single-process model, dropout included. peft parity: te
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
-import time
-import traceback
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from neoxray.errors import NeoxrayError
@@ -39,15 +32,8 @@ from neoxray.model.lora import (
 )
 from neoxray.model.sharding import full_shape
 from neoxray.model.tensor_parallel import gather_from_tp_region, group_size, tp_loss
-from tests.model.test_tensor_parallel import (
-    Soft,
-    all_equal_across_ranks,
-    batch,
-    local_slice,
-    plain_model,
-    tiny,
-    tp_model,
-)
+from tests.support.gloo import Soft, all_equal_across_ranks, assert_passed, spawn_world
+from tests.support.tp_models import batch, local_slice, plain_model, tiny, tp_model
 
 SEED = 7
 
@@ -287,61 +273,17 @@ def check_tp_lora(group, case: str) -> None:
     soft.check()
 
 
-GLOO_TIMEOUT_S = 200
-WORLD_DEADLINE_S = 400
-
-
-def _worker(rank: int, world: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp}/store",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=GLOO_TIMEOUT_S),
-    )
+def _checks(rank: int, world: int) -> dict:
     group = dist.new_group(list(range(world)))
-    results = {}
-    for case in TP_CASES:
-        try:
-            check_tp_lora(group, case)
-            results[case] = None
-        except Exception:
-            results[case] = traceback.format_exc()
-        Path(tmp, f"rank{rank}.json").write_text(json.dumps(results))
-        dist.barrier()
-    dist.destroy_process_group()
+    return {case: (check_tp_lora, group, case) for case in TP_CASES}
 
 
 @pytest.fixture(scope="module")
 def tp_world():
     """Every TP_CASES check on both ranks of one 2-process world, spawned once: each rank's results."""
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.spawn(_worker, args=(2, tmp), nprocs=2, join=False)
-        deadline, died = time.monotonic() + WORLD_DEADLINE_S, None
-        try:
-            while not ctx.join(timeout=2):
-                if time.monotonic() > deadline:
-                    died = f"did not finish in {WORLD_DEADLINE_S} s"
-                    break
-        except Exception as e:
-            died = str(e)
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-        ranks = []
-        for r in range(2):
-            f = Path(tmp, f"rank{r}.json")
-            ranks.append(json.loads(f.read_text()) if f.exists() else {})
-        return ranks, died
+    return spawn_world(2, _checks, deadline_s=400)
 
 
 @pytest.mark.parametrize("case", list(TP_CASES))
 def test_tensor_parallel_equals_single_process(tp_world, case):
-    ranks, died = tp_world
-    failures = [
-        f"rank {r}: {res[case]}" if case in res else f"rank {r} never finished; the world died: {died}"
-        for r, res in enumerate(ranks)
-        if res.get(case, "missing")
-    ]
-    assert not failures, "\n".join(failures)
+    assert_passed(tp_world, case)

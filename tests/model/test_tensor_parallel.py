@@ -10,22 +10,14 @@ by `init_parameters` with the same seed.
 from __future__ import annotations
 
 import copy
-import json
-import tempfile
-import time
-import traceback
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from neoxray.errors import NeoxrayError
-from neoxray.model.config import ModelConfig
 from neoxray.model.gptneox import GPTNeoX, Layer, cross_entropy, rotary_cos_sin
 from neoxray.model.init import init_parameters, layer_offset
 from neoxray.model.sharding import full_shape, shard
@@ -42,77 +34,13 @@ from neoxray.model.tensor_parallel import (
     tp_loss,
     vocab_parallel_cross_entropy,
 )
+from tests.support.gloo import Soft, all_equal_across_ranks, assert_passed, spawn_world
+from tests.support.tp_models import SEED, V, batch, local_slice, plain_model, tiny, tp_model
 
-SEED = 7
-V = 512
 CONFIGS = {
     "parallel-rot0.25": dict(parallel_residual=True, rotary_pct=0.25),
     "sequential-rot1.0-ckpt": dict(parallel_residual=False, rotary_pct=1.0, activation_checkpointing=True),
 }
-
-
-def tiny(**kw) -> ModelConfig:
-    return ModelConfig(**{**dict(n_layers=2, d_model=64, n_heads=4, vocab_size=V, max_seq_len=64), **kw})
-
-
-def plain_model(cfg: ModelConfig, seed: int = SEED) -> GPTNeoX:
-    with torch.device("meta"):
-        model = GPTNeoX(cfg)
-    model.to_empty(device="cpu")
-    init_parameters(model, seed)
-    return model
-
-
-def tp_model(cfg: ModelConfig, group, seed: int = SEED) -> GPTNeoX:
-    """The normal build path: meta -> parallelize -> to_empty -> init."""
-    with torch.device("meta"):
-        model = GPTNeoX(cfg)
-    parallelize(model, group)
-    model.to_empty(device="cpu")
-    init_parameters(model, seed)
-    return model
-
-
-def local_slice(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """The part of the plain model's tensor that the (possibly sharded) parameter `p` holds."""
-    dim = getattr(p, "tp_dim", None)
-    return full if dim is None else shard(full, dim, p.tp_rank, p.tp_size)
-
-
-def batch(cfg, b=2, s=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, cfg.vocab_size, (b, s + 1), generator=g)
-    labels = ids[:, 1:].clone()
-    labels[0, :3] = -100  # ignored positions
-    return ids[:, :-1], labels
-
-
-class Soft:
-    """Collects failed comparisons and raises them at the end of a check, so that a rank that finds a
-    difference still takes part in the collectives that follow (else the other ranks would wait forever)."""
-
-    def __init__(self):
-        self.errors: list[str] = []
-
-    def close(self, actual, expected, what: str, **tol):
-        try:
-            torch.testing.assert_close(actual, expected, **tol)
-        except AssertionError as e:
-            self.errors.append(f"{what}: {e}")
-
-    def true(self, ok: bool, what: str):
-        if not ok:
-            self.errors.append(what)
-
-    def check(self):
-        if self.errors:
-            raise AssertionError(f"{len(self.errors)} mismatches:\n" + "\n".join(self.errors[:12]))
-
-
-def all_equal_across_ranks(t: torch.Tensor, group) -> bool:
-    parts = [torch.empty_like(t) for _ in range(group_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return all(torch.equal(p, t) for p in parts)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -394,71 +322,19 @@ def check_names(world: int) -> list[str]:
     return list(_worker_checks(dict.fromkeys(labels)))
 
 
-GLOO_TIMEOUT_S = 200
-"""gloo's timeout, for the rendezvous and every collective (the barrier after each check too): ranks that start
-on a loaded machine can arrive long apart, so it is generous; a rank that fails inside a collective still ends
-the world this long after, well before WORLD_DEADLINE_S, and the world's error is reported."""
-WORLD_DEADLINE_S = 600
-"""A failure guard for a whole world (spawning returns as soon as every rank is done): a world that hangs
-outside gloo's reach is ended and reported."""
-
-
-def _worker(rank: int, world: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp}/store",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=GLOO_TIMEOUT_S),
-    )
+def _checks(rank: int, world: int) -> dict:
     groups = {f"tp{world}": dist.new_group(list(range(world)))}
     if world == 4:  # two tensor-parallel groups of 2: [0, 1] and [2, 3] (every rank creates every group)
         subs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
         groups["tp2-sub"] = subs[rank // 2]
-    results, times = {}, {}
-    for name, (fn, *args) in _worker_checks(groups).items():
-        t0 = time.perf_counter()
-        try:
-            fn(*args)
-            results[name] = None
-        except Exception:
-            results[name] = traceback.format_exc()
-        times[name] = time.perf_counter() - t0
-        # written after every check: if a rank fails inside a collective the others time out (GLOO_TIMEOUT_S)
-        # and the world dies, but what finished is still reported, and the rest is reported as unfinished
-        Path(tmp, f"rank{rank}.json").write_text(json.dumps({"results": results, "times": times}))
-        dist.barrier()
-    dist.destroy_process_group()
-
-
-def spawn_world(n: int) -> list[dict]:
-    """Spawn a gloo world of n CPU processes that runs every check on every rank; returns each rank's results."""
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.spawn(_worker, args=(n, tmp), nprocs=n, join=False)
-        deadline, died = time.monotonic() + WORLD_DEADLINE_S, None
-        try:
-            while not ctx.join(timeout=5):
-                if time.monotonic() > deadline:
-                    died = f"did not finish in {WORLD_DEADLINE_S} s"
-                    break
-        except Exception as e:  # a rank raised outside a check (e.g. a collective timed out): others are ended
-            died = str(e)
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-        out = []
-        for r in range(n):
-            f = Path(tmp, f"rank{r}.json")
-            out.append({**(json.loads(f.read_text()) if f.exists() else {"results": {}, "times": {}}), "died": died})
-        return out
+    return _worker_checks(groups)
 
 
 @pytest.fixture(scope="module")
 def worlds():
     """Each world is spawned once, by the first test that needs it."""
     cache: dict[int, list[dict]] = {}
-    return lambda n: cache[n] if n in cache else cache.setdefault(n, spawn_world(n))
+    return lambda n: cache[n] if n in cache else cache.setdefault(n, spawn_world(n, _checks))
 
 
 @pytest.mark.parametrize(
@@ -467,15 +343,7 @@ def worlds():
     ids=[f"world{n}-{c}" for n in (2, 4) for c in check_names(n)],
 )
 def test_distributed(worlds, n, check):
-    ranks = worlds(n)
-    failures = [
-        f"rank {r}:\n{res['results'][check]}"
-        if check in res["results"]
-        else f"rank {r} never finished this check; the world died: {res['died']}"
-        for r, res in enumerate(ranks)
-        if res["results"].get(check, "missing")
-    ]
-    assert not failures, "\n".join(failures)
+    assert_passed(worlds(n), check)
 
 
 # ---------------------------------------------------------------------------------------------------------

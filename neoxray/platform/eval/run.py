@@ -4,7 +4,8 @@ the model side from neoxray's inference engine (`neoxray.platform.eval.lm`), res
 Order of work, cheapest check first: the arguments; the model path (when the engine runs in this process); the
 task names (an unknown one lists the closest); the tasks' datasets; the model; the evaluation. With
 `--replicas 1` and no `--address`, everything runs in this process without Ray; otherwise the engines are Ray
-actors (`neoxray.platform.eval.replicas`).
+actors (`neoxray.platform.eval.replicas`). The console shows notes and the backend's progress bars; the bars of
+datasets and lm-eval only with --verbose (`only_our_progress`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class EvalArgs:
     address: str | None = None
     bootstrap_iters: int = 100000
     verbose: bool = False
+    """Ray's own output, and the progress bars of datasets and lm-eval (`only_our_progress`), on the console."""
     lora: str | None = None
     """A peft LoRA adapter directory for the model (`--lora`), merged into its weights as they load."""
 
@@ -103,15 +105,17 @@ def run_eval(args: EvalArgs) -> dict:
 
         kind, path = resolve_model_path(args.model)
         if args.lora:  # and the adapter against the model's config: a wrong one fails now too
-            from neoxray.platform.model_loading import model_config_of, read_lora_for
+            from neoxray.model.peft_format import read_peft_adapter
+            from neoxray.platform.model_loading import model_config_of
 
-            read_lora_for(args.lora, model_config_of(kind, path))
+            read_peft_adapter(args.lora, model_config_of(kind, path))
     names = [t.task for t in suite.tasks] if suite else list(args.tasks)
     tm = task_manager(names, args.include_path)
     names = resolve_names(tm, names)
     _log(f"loading {len(names)} task(s): {', '.join(names)}")
     shots = {t.task: t.num_fewshot for t in suite.tasks} if suite else None
-    task_objs = load_tasks(tm, names, shots)
+    with only_our_progress(args.verbose):
+        task_objs = load_tasks(tm, names, shots)
     _log(
         f"loading the model {args.model}"
         + (f" with the LoRA adapter {args.lora}" if args.lora else "")
@@ -120,7 +124,8 @@ def run_eval(args: EvalArgs) -> dict:
     model_args = args.model_args()
     lm = NeoxrayLM(**model_args)
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints notes; stdout carries only results
+        # lm-eval prints notes: stdout carries only results
+        with contextlib.redirect_stdout(sys.stderr), only_our_progress(args.verbose):
             results = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=task_objs,
@@ -157,6 +162,42 @@ def run_eval(args: EvalArgs) -> dict:
         if suite:
             print(card_table(results, suite))
     return results
+
+
+LM_EVAL_BAR_MODULES = ("lm_eval.api.task", "lm_eval.api.model")
+"""lm-eval's modules that draw progress bars of their own (building each task's requests; tokenizing them) with
+the `tqdm` they import, which has no switch of its own."""
+
+
+@contextlib.contextmanager
+def only_our_progress(verbose: bool):
+    """One progress display, the backend's own bar per lm-eval call (`neoxray loglikelihood`, ...): unless
+    `verbose`, the bars of the libraries underneath are off while this lasts, datasets' (reading each task's data)
+    through datasets' own switch, lm-eval's by handing its modules a `tqdm` that draws nothing."""
+    if verbose:
+        yield
+        return
+    import importlib
+
+    import datasets
+    from tqdm import tqdm
+
+    def silent(*args, **kwargs):  # whatever `disable` the caller passes
+        return tqdm(*args, **{**kwargs, "disable": True})
+
+    modules = [m for m in map(importlib.import_module, LM_EVAL_BAR_MODULES) if hasattr(m, "tqdm")]
+    saved = [m.tqdm for m in modules]
+    datasets_bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    for m in modules:
+        m.tqdm = silent
+    try:
+        yield
+    finally:
+        for m, bar in zip(modules, saved):
+            m.tqdm = bar
+        if datasets_bars:
+            datasets.enable_progress_bars()
 
 
 def _log(msg: str) -> None:

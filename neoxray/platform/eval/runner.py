@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from neoxray.errors import NeoxrayError
 from neoxray.model.decoding import SamplingParams
 
+CHUNK_BATCHES = 32
+"""Requests handed to an engine at once, in batches (`max_num_seqs`): the engine runs each chunk to its end, so a
+chunk of several batches keeps its batch full but for the last one; a bounded chunk keeps its queue short."""
 Progress = Callable[[int], None] | None
 """Called with the number of requests that just finished (a progress bar's update), or None."""
 
@@ -133,9 +136,9 @@ class EngineRunner:
             prefill_chunk=options.prefill_chunk or default_prefill_chunk(window),
             prefix_caching=options.prefix_caching,
         )
-        self.window = 2 * config.max_num_seqs
-        """Requests handed to the engine ahead of those it runs (the rest wait here, not in its queue)."""
-        config.max_waiting = max(config.max_waiting, self.window)
+        self.chunk = CHUNK_BATCHES * config.max_num_seqs
+        """Requests handed to the engine at once (the rest wait here, not in its queue)."""
+        config.max_waiting = max(config.max_waiting, self.chunk)
         self.engine = InferenceEngine(model, tokenizer, config, model_name=name)
         param = next(model.parameters())
         self._info = ModelInfo(
@@ -195,35 +198,12 @@ class EngineRunner:
         return [done.token_ids for done in self._run(requests, progress)]
 
     def _run(self, requests: list, progress: Progress) -> list:
-        """Serve `requests` on the engine, `self.window` ahead of what it runs; their Completions in order."""
-        from neoxray.platform.inference.request import Completion
-
-        engine = self.engine
-        collected: list[list] = [[] for _ in requests]
-        finished: list[int] = []
-
-        def sink_for(i: int):
-            def sink(out) -> None:
-                collected[i].append(out)
-                if out.finish_reason is not None:
-                    finished.append(i)
-
-            return sink
-
-        completions: list = [None] * len(requests)
-        submitted = in_flight = 0
-        while submitted < len(requests) or engine.has_work():
-            while submitted < len(requests) and in_flight < self.window:
-                engine.add_request(requests[submitted], sink_for(submitted))
-                submitted += 1
-                in_flight += 1
-            engine.step()
-            if finished:
-                for i in finished:
-                    completions[i] = Completion.of(collected[i], requests[i])
-                    collected[i] = []
-                in_flight -= len(finished)
-                if progress is not None:
-                    progress(len(finished))
-                finished.clear()
+        """Serve `requests` on the engine (its `run_until_done`), `self.chunk` at a time, so that its queue never
+        holds more than that; their Completions in order. `progress` hears of each chunk as it finishes."""
+        completions: list = []
+        for start in range(0, len(requests), self.chunk):
+            chunk = requests[start : start + self.chunk]
+            completions += self.engine.run_until_done(chunk)
+            if progress is not None:
+                progress(len(chunk))
         return completions

@@ -3,7 +3,8 @@
 - The task index is lm-eval's `TaskManager`: its built-in tasks plus `--include-path` folders, whose tasks take
   precedence over built-in ones of the same name (lm-eval indexes the include paths last and lets them
   override, with a warning). Indexing lm-eval's 14,000 built-in tasks takes about ten seconds, so when every
-  name asked for is a task in the include paths, only those are indexed.
+  name asked for is a task in the include paths, only those are indexed. A task YAML there that does not parse
+  is a NeoxrayError naming the file and the parser's complaint (lm-eval skips such a file silently).
 - An unknown name is a NeoxrayError that lists the closest names in the index (glob patterns such as `mmlu_*`
   and paths to task YAML files are accepted as lm-eval accepts them).
 - Loading a task reads its dataset (`datasets.load_dataset`): a dataset that cannot be had (no network, offline
@@ -17,7 +18,9 @@ import difflib
 import fnmatch
 from pathlib import Path
 
-from neoxray.errors import NeoxrayError
+import yaml
+
+from neoxray.errors import NeoxrayError, load_yaml_file
 
 OFFLINE_HINT = (
     "fetch it once where the Hugging Face hub is reachable and copy the datasets cache "
@@ -44,12 +47,30 @@ def task_manager(names: list[str], include_path: list[str] | None = None):
     for p in paths:
         if not Path(p).is_dir():
             raise NeoxrayError(f"--include-path {p}: no such directory")
+        check_task_yamls(p)
     if paths and names:
         local = TaskManager(include_path=paths, include_defaults=False)
         index = local.task_index
         if all(n in index and index[n].kind in (Kind.TASK, Kind.PY_TASK) for n in names):
             return local
     return TaskManager(include_path=paths or None)
+
+
+class _TaskYamlLoader(yaml.SafeLoader):
+    """YAML as lm-eval's task files use it: plain YAML plus lm-eval's `!function module.name` tag."""
+
+
+_TaskYamlLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def check_task_yamls(folder: str) -> None:
+    """Every task YAML under an include path parses (the files lm-eval indexes: `**/*.yaml`); lm-eval itself skips
+    one that does not without a word, and its task is then merely unknown. A NeoxrayError names the file, the
+    line and the parser's complaint."""
+    for f in sorted(Path(folder).glob("**/*.yaml")):
+        if "__pycache__" in f.parts or ".ipynb_checkpoints" in f.parts:
+            continue
+        load_yaml_file(f, f"--include-path {folder}: {f}", _TaskYamlLoader)  # a SafeLoader subclass
 
 
 def resolve_names(tm, names: list[str]) -> list[str]:

@@ -1,8 +1,9 @@
 """What goes into and comes out of the inference engine: its configuration (`EngineConfig`), what it can serve
 (`EngineInfo`, with the checks of a request against it), a request (`Request`: prompt ids, token budget,
 sampling, log-probabilities, the group it belongs to), the streamed deltas it produces (`Output`,
-`TokenLogprob`), a request's whole result (`Completion`), and the errors it raises. Plain data, no torch: the
-serving layer checks requests against an `EngineInfo` in another process than the engine's."""
+`TokenLogprob`), a request's whole result (`Completion`), and the errors it raises. Plain data that travels between
+processes (the serving layer checks requests against an `EngineInfo` in another process than the engine's); no
+tensors, though importing it imports torch (through `neoxray.model.decoding`, whose `SamplingParams` it carries)."""
 
 from __future__ import annotations
 

@@ -2,62 +2,13 @@
 data x tensor x pipeline (dp, tp, pp) layout with dp x tp x pp = N, whether it fits in GPU memory, and an
 estimated step time, best first; the layouts that cannot work are listed with the reason.
 
-Plain arithmetic: no torch, no Ray, no DeepSpeed. Everything is modelled on what `neoxray.platform.train.engine`
-really builds (docs/planner.md has the formulas with a worked example):
-
-Pipeline stages. DeepSpeed's `PipelineModule` with `partition_method="type:LayerPipe"` (the default) splits the
-L transformer layers as evenly as it can, the first L mod pp stages taking one layer more; the embedding goes
-to stage 0 and the final LayerNorm and output head to stage pp - 1 (`stage_layers`). Every stage is costed and
-the busiest one (the most memory) decides whether a layout fits.
-
-Memory per GPU of a stage, for P = its parameters on one tensor-parallel rank (`stage_parameters`):
-  weights      P x 4 bytes (fp32) or 2 (bf16, fp16);
-  gradients    fp32 and fp16 (g = 4 or 2 bytes): with ZeRO-1 the larger of the full gradients the backward
-               passes accumulate (P x g) and what DeepSpeed's ZeRO optimizer holds at the step, this rank's
-               reduced partition and the flat fp32 copy it steps on (P x (g + 4) / dp); without ZeRO P x g.
-               bf16: P x (2 + 4), the bf16 `.grad` of each backward plus DeepSpeed's fp32 accumulation buffer
-               (BF16_Optimizer with grad_accum_dtype fp32), whose partitions the step reads in place;
-  optimizer    the fp32 master copy of the weights (4 bytes) and Adam's m and v (4 + 4), sharded across the
-               dp ranks by ZeRO-1: P x 12 / dp. DeepSpeed's ZeRO-1 keeps its own fp32 partition even when
-               the model is fp32; without ZeRO (stage 0) an fp32 model has no master copy (P x 8) and the
-               other precisions keep theirs unsharded (P x 12);
-  activations  per layer and in-flight micro-batch of b sequences of s tokens (d = d_model, a = heads,
-               t = tp), Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
-               Models"; tensor parallelism without sequence parallelism) for 16-bit activations:
-                   s b d (10 + 24 / t + 5 a s / (d t))  bytes,
-               doubled for fp32 activations. The 5 a s / (d t) term is the s x s attention scores, softmax
-               and its dropout; with `Assumptions.flash_attention` (the default: the engine's
-               F.scaled_dot_product_attention runs a fused kernel that keeps none of them) it is left out.
-               The formula also counts dropout masks (GPT-NeoX trains without dropout), a small margin
-               kept on purpose. With full activation checkpointing a layer keeps only its
-               input, 2 s b d bytes (16-bit), and the backward pass recomputes one layer at a time, which
-               adds one layer's full set once. The last stage adds the output head: its logits and the fp32
-               softmax the loss keeps, s b (V / t) (act + 4) bytes, and the final LayerNorm's input and
-               output, 2 s b d act bytes (act = 2, or 4 for fp32). The 1F1B schedule keeps
-               min(pp - i, m) micro-batches in flight on stage i (m = micro-batches per step): pp on the
-               first stage, one on the last;
-  overhead     `Assumptions.overhead_gib` (CUDA context, cuBLAS workspaces, NCCL and DeepSpeed buffers).
-A layout fits when that total is at most (1 - `Assumptions.reserve_fraction`) x the GPU's memory.
-
-LoRA (`Training.lora_rank` R > 0). The base is frozen in the training precision: its weights count as above,
-but it has no gradients and no optimizer state; those are the adapters' alone (Q parameters per rank,
-`lora_layer_parameters`: A [R, in] and B [out, R] per adapted linear, sharded like the linear). Activations
-add, per adapted linear and layer, the rank-R hidden s b R act bytes, and with dropout the dropped copy of
-the linear's input. In the step time the frozen weights cost 4 FLOPs per weight and token instead of 6 (no
-weight gradients; the input gradients still flow back through them), checkpointing's extra forward is
-then 2/4 of the layers' cost instead of 2/6, and the data-parallel reduction carries only the adapters'
-gradients.
-
-Step time. Stage i's compute per micro-batch is its share of the training FLOPs (`ModelConfig.
-train_flops_per_token`: 6 (4 d^2 + 2 d f) + 12 d s per layer and token, 6 d V for the head), x 4/3 for the
-layers under activation checkpointing (one more forward), at `peak_tflops` x `mfu` on each of its t GPUs; plus
-its tensor-parallel all-reduces: 4 per layer per micro-batch (2 forward, 2 backward; 6 with checkpointing) of
-b s d activations, each moving 2 (t - 1) / t of them at `tp_bandwidth_gbs`. A 1F1B step takes (m + pp - 1)
-slots of the slowest stage, i.e. the ideal time inflated by the bubble (pp - 1) / (m + pp - 1). Last, the
-data-parallel gradient reduction (ZeRO-1's reduce-scatter of gradients plus all-gather of weights, the volume
-of one all-reduce: 2 (dp - 1) / dp x P x gradient bytes) at `tp_bandwidth_gbs` when a data-parallel group fits
-in one node, else `dp_bandwidth_gbs`; none of it is overlapped with compute. Pipeline point-to-point
-transfers, the embedding's all-reduce and the loss's small all-reduces are left out.
+Plain arithmetic (no torch, no Ray, no DeepSpeed), modelled on what `neoxray.platform.train.engine` really builds:
+the stages DeepSpeed's partitioner makes (`stage_layers`) and each one's parameters (`stage_parameters`), the
+bytes per parameter of each precision and ZeRO stage, activations after Korthikanti et al. 2022
+(`layer_activation_bytes`), a LoRA run's frozen base and adapters (`lora_layer_parameters`), all per GPU of the
+busiest stage (`stage_memory`); and a step time from the FLOPs, the 1F1B bubble and the tensor- and
+data-parallel all-reduces (`step_time`). docs/planner.md has every formula with a worked example, and how the
+memory model is checked against the engine's real allocations; `Assumptions` holds the hardware figures.
 """
 
 from __future__ import annotations
@@ -69,7 +20,8 @@ from dataclasses import dataclass, field
 from neoxray.errors import NeoxrayError
 from neoxray.model.config import ModelConfig
 from neoxray.model.info import GIB
-from neoxray.platform.train.plan_checks import LORA_TARGETS, PRECISIONS, check_inputs, structural_problem
+from neoxray.model.lora_spec import COLUMN_PARALLEL, TARGETS, target_shape
+from neoxray.platform.train.plan_checks import PRECISIONS, check_inputs, structural_problem
 
 
 @dataclass(frozen=True)
@@ -132,7 +84,7 @@ class Training:
     lora_rank: int = 0
     """0: full training. R > 0: LoRA of rank R on `lora_targets`, as `lora.rank`: the base is frozen (no
     gradients, no optimizer state), only the adapters train."""
-    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_targets: tuple[str, ...] = TARGETS
     """The linear layers LoRA adapts (`lora.targets`)."""
     lora_dropout: float = 0.0
     """`lora.dropout`: above 0 each adapted layer keeps a dropped copy of its input for the backward pass."""
@@ -324,24 +276,17 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int) -> int:
     return n
 
 
-def _lora_shapes(model: ModelConfig, tp: int, targets) -> list[tuple[int, int, bool]]:
+def _lora_shapes(model: ModelConfig, targets) -> list[tuple[int, int, bool]]:
     """(in, out, column-parallel?) of each adapted linear of one layer, full sizes."""
-    d, f = model.d_model, model.ffn_dim
-    shapes = {
-        "query_key_value": (d, 3 * d, True),
-        "dense": (d, d, False),
-        "dense_h_to_4h": (d, f, True),
-        "dense_4h_to_h": (f, d, False),
-    }
-    return [shapes[t] for t in targets]
+    return [(*target_shape(model, t), t in COLUMN_PARALLEL) for t in targets]
 
 
-def lora_layer_parameters(model: ModelConfig, rank: int, tp: int = 1, targets=LORA_TARGETS) -> int:
+def lora_layer_parameters(model: ModelConfig, rank: int, tp: int = 1, targets=TARGETS) -> int:
     """Adapter parameters of one transformer layer on one tensor-parallel rank: A [r, in] and B [out, r] per
     adapted linear, sharded as the linear is: a column-parallel layer's B by output rows (A replicated), a
     row-parallel layer's A by input columns (B replicated)."""
     n = 0
-    for fan_in, fan_out, column in _lora_shapes(model, tp, targets):
+    for fan_in, fan_out, column in _lora_shapes(model, targets):
         n += rank * fan_in + rank * fan_out // tp if column else rank * fan_in // tp + rank * fan_out
     return n
 
@@ -359,7 +304,7 @@ def layer_activation_bytes(
 
 
 def _bytes_per_parameter(precision: str, zero_stage: int, dp: int) -> tuple[int, float, float]:
-    """(weights, gradients, optimizer states) bytes per parameter of one rank; see the module docstring."""
+    """(weights, gradients, optimizer states) bytes per parameter of one rank (docs/planner.md's table)."""
     if precision not in PRECISIONS:
         raise NeoxrayError(f"precision {precision!r} must be one of {', '.join(PRECISIONS)}")
     shard = dp if zero_stage >= 1 else 1
@@ -383,7 +328,7 @@ def stage_memory(
     assumptions: Assumptions = Assumptions(),
     micro_batches: int | None = None,
 ) -> StageMemory:
-    """Bytes one GPU of stage `stage` holds under the layout (dp, tp, pp) (module docstring)."""
+    """Bytes one GPU of stage `stage` holds under the layout (dp, tp, pp) (docs/planner.md, the memory model)."""
     s = training.seq_len or model.max_seq_len
     b = training.micro_batch
     m = micro_batches if micro_batches is not None else max(1, training.global_batch // (dp * b))
@@ -398,7 +343,7 @@ def stage_memory(
     if r:
         trainable = layers * lora_layer_parameters(model, r, tp, training.lora_targets)
         n_params += trainable
-        for fan_in, _, column in _lora_shapes(model, tp, training.lora_targets):
+        for fan_in, _, column in _lora_shapes(model, training.lora_targets):
             per_layer += s * b * r * act  # the rank-r hidden x A^T
             if training.lora_dropout > 0:
                 per_layer += s * b * (fan_in if column else fan_in // tp) * act  # the dropped copy of x
@@ -433,7 +378,7 @@ def step_time(
     gpus_per_node: int,
     assumptions: Assumptions = Assumptions(),
 ) -> StepTime:
-    """Estimated optimizer step time of the layout (module docstring). Ranks are numbered tensor-parallel
+    """Estimated optimizer step time of the layout (docs/planner.md, the time model). Ranks are numbered tensor-parallel
     fastest, then data-parallel, then pipeline (DeepSpeed's topology), so a data-parallel group spans dp x tp
     consecutive ranks: inside one node when dp x tp <= gpus_per_node."""
     a = assumptions

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from neoxray.errors import NeoxrayError
 from neoxray.model.config import ModelConfig
+from neoxray.model.lora_spec import targets_problem
 
 PRECISIONS = ("bf16", "fp16", "fp32")
-LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
-"""The GPT-NeoX linear layers LoRA can adapt (the `lora.targets` default: all four)."""
 
 
 def check_inputs(model: ModelConfig, cluster, training, a) -> None:
@@ -35,11 +34,9 @@ def check_inputs(model: ModelConfig, cluster, training, a) -> None:
         )
     if not isinstance(training.lora_rank, int) or training.lora_rank < 0:
         problems.append(f"--lora-rank (lora.rank) must be an integer >= 0, got {training.lora_rank}")
-    unknown = [t for t in training.lora_targets if t not in LORA_TARGETS]
-    if unknown or not training.lora_targets:
-        problems.append(
-            f"--lora-targets (lora.targets) must be among {', '.join(LORA_TARGETS)}, got {list(training.lora_targets)}"
-        )
+    targets = targets_problem(training.lora_targets)
+    if targets:
+        problems.append(f"--lora-targets (lora.targets): {targets}")
     if not 0 <= training.lora_dropout < 1:
         problems.append(f"--lora-dropout (lora.dropout) must be in [0, 1), got {training.lora_dropout}")
     if not a.peak_tflops > 0:

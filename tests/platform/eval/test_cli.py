@@ -110,3 +110,31 @@ def test_a_missing_model_is_the_same_error_as_generate(tmp_path):
     assert one_line_error(proc) == one_line_error(generate) == f"neoxray: error: model not found: {missing}"
     usage = neoxray_eval("--model", missing, check=False)  # neither --tasks nor --suite: argparse's usage error
     assert usage.returncode == 2 and "one of the arguments --tasks --suite is required" in usage.stderr
+
+
+def test_a_task_yaml_that_does_not_parse_is_named(tiny_model_dir, tmp_path):
+    (tmp_path / "broken.yaml").write_text("task: broken\ndataset_path: json\noutput_type: [loglikelihood\n")
+    args = ["--model", str(tiny_model_dir), "--tasks", "broken", "--include-path", str(tmp_path)]
+    line = one_line_error(neoxray_eval(*args, check=False))
+    assert line.startswith(f"neoxray: error: --include-path {tmp_path}: {tmp_path / 'broken.yaml'}: invalid YAML at ")
+
+
+def test_one_progress_display_unless_verbose(tiny_model_dir, tmp_path):
+    """What `make demo`'s eval step shows: the backend's own bar, not datasets' (reading the task's data, here a
+    file no cache has seen) nor lm-eval's (building the requests, tokenizing them); --verbose shows them all."""
+    lines = [json.dumps({"text": f"passage {i} ends with the word w{i}"}) for i in range(6)]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "fresh.yaml").write_text(
+        "task: neoxray_fresh\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'data.jsonl'}\noutput_type: loglikelihood\ntest_split: test\n"
+        "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\ndoc_to_target: \"{{' '+text.split(' ')[-1]}}\"\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+    args = ["--model", str(tiny_model_dir), "--tasks", "neoxray_fresh", "--include-path", str(tmp_path)]
+    quiet = neoxray_eval(*args, "--bootstrap-iters", "0").stderr
+    assert "neoxray loglikelihood: 100%" in quiet, quiet
+    bars = [line for line in quiet.replace("\r", "\n").splitlines() if "it/s]" in line or "examples/s]" in line]
+    assert all(line.startswith("neoxray loglikelihood") for line in bars), bars
+    (tmp_path / "data.jsonl").write_text("\n".join(reversed(lines)) + "\n")  # unseen again
+    loud = neoxray_eval(*args, "--bootstrap-iters", "0", "--verbose").stderr
+    assert "Generating test split" in loud and "Tokenizing inputs" in loud and "neoxray loglikelihood" in loud

@@ -51,6 +51,23 @@ def test_an_include_path_task_overrides_a_built_in_one_of_the_same_name():
     assert len(task.eval_docs) == 5
 
 
+def test_a_task_yaml_with_a_syntax_error_is_named_with_the_yaml_error(tmp_path):
+    """lm-eval skips a YAML file it cannot parse without a word (then the task is just "unknown"): the file and
+    the parser's complaint, with its line, are the error instead."""
+    folder = tmp_path / "tasks" / "sub"
+    folder.mkdir(parents=True)
+    (tmp_path / "tasks" / "good.yaml").write_text("task: good\ndataset_path: json\noutput_type: loglikelihood\n")
+    (folder / "broken.yaml").write_text("task: broken\ndataset_path: json\noutput_type: [loglikelihood\n")
+    for names in (["broken"], ["good"]):  # a broken file in a folder the user named is refused whatever is asked
+        with pytest.raises(NeoxrayError) as err:
+            task_manager(names, [str(tmp_path / "tasks")])
+        msg = str(err.value)
+        assert msg.startswith(f"--include-path {tmp_path / 'tasks'}: {folder / 'broken.yaml'}: invalid YAML at line 4")
+        assert "\n" not in msg and "unknown task" not in msg
+    (folder / "broken.yaml").write_text("task: fixed\nprocess_docs: !function utils.process\n")  # lm-eval's tag
+    task_manager(["good"], [str(tmp_path / "tasks")])
+
+
 def test_a_missing_dataset_names_the_task_and_the_dataset(tmp_path):
     (tmp_path / "broken.yaml").write_text(
         "task: broken_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: /nonexistent/b.jsonl\n"

@@ -6,76 +6,18 @@ only when idle."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
 
+from neoxray.errors import NeoxrayError
 from neoxray.model.decoding import SamplingParams
 from neoxray.model.hf import load_model_and_tokenizer
+from neoxray.model.peft_format import read_peft_adapter
 from neoxray.platform.inference.engine import InferenceEngine
 from neoxray.platform.inference.request import AdapterBusy, EngineConfig, InvalidRequest, Request, UnknownAdapter
+from tests.support.peft_reference import PeftReference, write_peft_adapters
 
 GREEDY = SamplingParams(greedy=True, stop_at_eod=False)
-ADAPTERS = {  # name -> peft LoraConfig arguments
-    "alpha": dict(r=8, lora_alpha=16, target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
-    "beta": dict(r=4, lora_alpha=8, target_modules=["query_key_value", "dense_4h_to_h"], use_rslora=True),
-    "gamma": dict(r=16, lora_alpha=24, target_modules=["dense", "dense_h_to_4h"]),
-}
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 200, 300, 400, 500], list(range(20, 45))]
-
-
-def hf_model(model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
-def write_peft_adapters(model_dir, out: Path, adapters=ADAPTERS, seed: int = 0) -> dict[str, Path]:
-    """Each adapter made and saved by peft on a fresh transformers model of `model_dir`, with random nonzero
-    lora_B (peft initialises it to zero) so that it changes what the model computes."""
-    from peft import LoraConfig, get_peft_model
-
-    dirs = {}
-    for i, (name, kw) in enumerate(adapters.items()):
-        torch.manual_seed(seed + i)  # peft draws lora_A from the global generator: the same adapters every run
-        peft_model = get_peft_model(hf_model(model_dir), LoraConfig(task_type="CAUSAL_LM", **kw))
-        g = torch.Generator().manual_seed(seed + i)
-        with torch.no_grad():
-            for pname, p in peft_model.named_parameters():
-                if "lora_B" in pname:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        dirs[name] = out / name
-        peft_model.save_pretrained(dirs[name])
-    return dirs
-
-
-class PeftReference:
-    """peft's PeftModel of each adapter (None: the plain transformers model): greedy tokens, prompt logprobs."""
-
-    def __init__(self, model_dir, dirs: dict[str, Path]):
-        from peft import PeftModel
-
-        self.models = {None: hf_model(model_dir)}
-        self._greedy: dict[tuple, list[int]] = {}
-        for name, d in dirs.items():
-            self.models[name] = PeftModel.from_pretrained(hf_model(model_dir), d).eval()
-
-    @torch.no_grad()
-    def greedy(self, name, prompt: list[int], n: int) -> list[int]:
-        key = (name, tuple(prompt), n)
-        if key not in self._greedy:  # a plain argmax loop: generate() would never pick the end-of-text token
-            ids = torch.tensor([prompt])
-            for _ in range(n):
-                nxt = self.models[name](input_ids=ids).logits[0, -1].argmax()
-                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-            self._greedy[key] = ids[0, len(prompt) :].tolist()
-        return self._greedy[key]
-
-    @torch.no_grad()
-    def prompt_logprobs(self, name, prompt: list[int]) -> list[float]:
-        logits = self.models[name](input_ids=torch.tensor([prompt])).logits[0].float()
-        return torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(prompt[1:])[:, None])[:, 0].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +26,17 @@ def lora_setup(tiny_model_dir, tmp_path_factory):
     return tiny_model_dir, dirs, PeftReference(tiny_model_dir, dirs)
 
 
+def read_adapter(eng: InferenceEngine, path, name: str | None = None):
+    """A peft adapter directory read as every caller reads one, checked against the engine's model."""
+    return read_peft_adapter(path, eng.model.config, name)
+
+
 def lora_engine(model_dir, dirs, names=None, **kw) -> InferenceEngine:
     model, tok = load_model_and_tokenizer(model_dir)
     kw = {"max_loras": 4, "max_lora_rank": 16, "max_num_seqs": 32, **kw}
     eng = InferenceEngine(model, tok, EngineConfig(**kw))
     for name in names if names is not None else dirs:
-        eng.add_lora(name, eng.read_lora(dirs[name], name), str(dirs[name]))
+        eng.add_lora(name, read_adapter(eng, dirs[name], name), str(dirs[name]))
     return eng
 
 
@@ -145,7 +92,7 @@ def test_prefix_cache_is_never_shared_across_adapters(lora_setup):
     assert run("alpha") == 32 and run(None) == 32  # the same adapter again: its blocks are reused
     # a name reloaded with other weights is another adapter: its old blocks are not reused
     eng.remove_lora("alpha")
-    eng.add_lora("alpha", eng.read_lora(dirs["gamma"], "alpha"))
+    eng.add_lora("alpha", read_adapter(eng, dirs["gamma"], "alpha"))
     before = eng.counters["prefix_cache_tokens"]
     out = eng.run_until_done([Request(prompt, max_tokens=4, sampling=GREEDY, lora="alpha")])[0].token_ids
     assert out == ref.greedy("gamma", prompt, 4)
@@ -156,7 +103,7 @@ def test_slots_evict_the_least_recently_used_idle_adapter(lora_setup):
     model_dir, dirs, _ = lora_setup
     eng = lora_engine(model_dir, dirs, names=["alpha", "beta"], max_loras=2)
     eng.run_until_done([Request([1, 2, 3], max_tokens=1, sampling=GREEDY, lora="alpha")])  # beta is now the LRU
-    assert eng.add_lora("gamma", eng.read_lora(dirs["gamma"], "gamma")) == ["beta"]
+    assert eng.add_lora("gamma", read_adapter(eng, dirs["gamma"], "gamma")) == ["beta"]
     assert sorted(d["name"] for d in eng.loras()) == ["alpha", "gamma"]
     with pytest.raises(UnknownAdapter):
         eng.add_request(Request([1, 2], max_tokens=1, lora="beta"), lambda out: None)
@@ -166,28 +113,27 @@ def test_slots_evict_the_least_recently_used_idle_adapter(lora_setup):
         eng.add_request(Request([1, 2, 3], max_tokens=20, sampling=GREEDY, lora=n), outs.append)
     eng.step()
     with pytest.raises(AdapterBusy, match="slots"):
-        eng.add_lora("beta", eng.read_lora(dirs["beta"], "beta"))
+        eng.add_lora("beta", read_adapter(eng, dirs["beta"], "beta"))
     with pytest.raises(AdapterBusy, match="running or waiting"):
         eng.remove_lora("alpha")
     while eng.has_work():
         eng.step()
     eng.remove_lora("alpha")
-    assert eng.add_lora("beta", eng.read_lora(dirs["beta"], "beta")) == []
+    assert eng.add_lora("beta", read_adapter(eng, dirs["beta"], "beta")) == []
 
 
 def test_bad_adapters_are_refused_naming_the_problem(lora_setup, tmp_path):
     model_dir, dirs, _ = lora_setup
     eng = lora_engine(model_dir, dirs, names=[], max_loras=2, max_lora_rank=8)
-    with pytest.raises(InvalidRequest, match="not found") as e:
-        eng.read_lora(tmp_path / "missing")
-    assert e.value.param == "lora_path"
+    with pytest.raises(NeoxrayError, match="not found"):  # over HTTP: a 400 naming lora_path (test_lora_serving)
+        read_adapter(eng, tmp_path / "missing")
     with pytest.raises(InvalidRequest, match="max_lora_rank 8"):
-        eng.add_lora("gamma", eng.read_lora(dirs["gamma"], "gamma"))  # rank 16
-    eng.add_lora("alpha", eng.read_lora(dirs["alpha"]))
+        eng.add_lora("gamma", read_adapter(eng, dirs["gamma"], "gamma"))  # rank 16
+    eng.add_lora("alpha", read_adapter(eng, dirs["alpha"]))
     with pytest.raises(InvalidRequest, match="already loaded"):
-        eng.add_lora("alpha", eng.read_lora(dirs["alpha"]))
+        eng.add_lora("alpha", read_adapter(eng, dirs["alpha"]))
     with pytest.raises(UnknownAdapter):
         eng.remove_lora("nope")
     plain = InferenceEngine(*load_model_and_tokenizer(model_dir), EngineConfig())
     with pytest.raises(InvalidRequest, match="max_loras"):
-        plain.add_lora("alpha", plain.read_lora(dirs["alpha"]))
+        plain.add_lora("alpha", read_adapter(plain, dirs["alpha"]))

@@ -4,8 +4,10 @@ schedule, and the DeepSpeed config (checked by DeepSpeed's own config parser).""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -318,6 +320,83 @@ def test_other_validation_errors_name_their_keys():
     # every problem is reported at once
     msg = invalid("parallel.tensor=3", "train.steps=0")
     assert "parallel.tensor=3" in msg and "train.steps=0" in msg
+
+
+def test_the_lora_section_is_checked_by_the_adapters_own_rules():
+    """The validator reports a LoRA setup's problems in the words `LoRASpec` (the model's description of an adapter,
+    `neoxray.model.lora_spec`) uses for them, beside the schema's own (rank 0: off; a base to train on)."""
+    from neoxray.model.lora_spec import LoRASpec
+
+    msg = invalid("lora.rank=4", "lora.alpha=0", "lora.dropout=1.5", "lora.targets=[query_key_value, mlp]")
+    assert "lora.rank=4 trains adapters on a frozen base, but model.init_from is not set" in msg
+    for kw in (dict(alpha=0.0), dict(dropout=1.5), dict(targets=["query_key_value", "mlp"])):
+        assert error_of(functools.partial(LoRASpec, r=4, **kw)) in msg
+    assert "lora.rank=-1 must be an integer >= 0" in invalid("lora.rank=-1")
+    validate(load_run_config(None, ["lora.alpha=0"]))  # rank 0: no LoRA, nothing else of the section matters
+    assert load_run_config(None, []).lora.targets == list(LoRASpec().targets)
+
+
+# --------------------------------------------------------------------- values the optimizer cannot hold
+def adamw_first_step_overflows(lr: float, beta1: float) -> bool:
+    """torch's own AdamW, one step on an fp32 weight (the optimizer always steps on fp32 weights or fp32 master
+    copies): does it raise 'value cannot be converted to type float without overflow'?"""
+    import torch
+
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.full((3,), 0.1)
+    opt = torch.optim.AdamW([w], lr=lr, betas=(beta1, 0.95))
+    try:
+        opt.step()
+    except RuntimeError as e:
+        assert "without overflow" in str(e), e
+        return True
+    return False
+
+
+@pytest.mark.parametrize(
+    "lr, beta1",
+    [(1e39, 0.9), (1e38, 0.9), (3.5e37, 0.9), (3.3e37, 0.9), (4e36, 0.99), (3e36, 0.99), (1e-3, 0.9), (1e20, 0.9)],
+)
+def test_an_lr_is_refused_exactly_when_adamws_step_overflows_float32(lr, beta1):
+    """AdamW hands its step size lr / (1 - beta1^t), largest at the first step, to the fp32 weights as a scalar:
+    beyond float32's range it raises deep inside a worker. Validation refuses exactly those values, naming the key
+    (the reference is torch's AdamW itself)."""
+    cfg = load_run_config(None, [f"optimizer.lr={lr}", "optimizer.min_lr=0", f"optimizer.betas=[{beta1}, 0.95]"])
+    if adamw_first_step_overflows(lr, beta1):
+        msg = error_of(validate, cfg)
+        assert msg.startswith(f"optimizer.lr={lr} ") and "float32" in msg, msg
+    else:
+        validate(cfg)
+
+
+def test_eps_and_weight_decay_beyond_float32_are_refused():
+    """eps becomes float32 infinity in AdamW's denominator (every update silently zero), lr x weight_decay in its
+    decay factor (every weight infinite)."""
+    assert "optimizer.eps=1e+39" in invalid("optimizer.eps=1e39")
+    msg = invalid("optimizer.lr=1e10", "optimizer.weight_decay=1e30")
+    assert "optimizer.weight_decay=1e+30" in msg and "float32" in msg
+    validate(load_run_config(None, ["optimizer.eps=1e30", "optimizer.lr=1e10", "optimizer.weight_decay=1e20"]))
+
+
+@pytest.mark.e2e  # the CLI in a real process
+@pytest.mark.parametrize("ray", [False, True], ids=["no-ray", "ray"])
+def test_an_lr_beyond_float32_is_one_line_before_any_worker_starts(ray, prepared, ray_local, tmp_path):
+    """`neoxray train` with optimizer.lr=1e39: one `neoxray: error:` line naming the key, no traceback, no retry,
+    no run directory; on the Ray path the check runs before Ray is reached."""
+    from tests.conftest import run_cli
+
+    run = tmp_path / "run"
+    args = ["train", "--run-dir", str(run), "model.overrides.vocab_size=1024", "model.overrides.max_seq_len=32"]
+    args += [f"data.path={prepared}", "train.global_batch=4", "train.steps=3", "schedule.warmup_steps=0"]
+    args += ["optimizer.lr=1e39", "optimizer.min_lr=0", "logging.tensorboard=false"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = run_cli(*args, *([] if ray else ["--no-ray"]), check=False, env=env, timeout=900)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("neoxray: error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors[0].startswith("neoxray: error: optimizer.lr=1e+39 ") and "float32" in errors[0], errors[0]
+    assert "restart" not in proc.stderr and "Ray dashboard" not in proc.stderr
+    assert not run.exists()
 
 
 # ---------------------------------------------------------------------------------------- the lr schedule

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from neoxray.errors import NeoxrayError
+from neoxray.errors import NeoxrayError, load_yaml_file
 from neoxray.model.config import ModelConfig
 from neoxray.platform.train.config.coerce import coerce, field_types, type_name
 from neoxray.platform.train.config.schema import (
@@ -61,15 +61,7 @@ def _read_yaml(path: str | os.PathLike) -> dict:
         raise NeoxrayError(f"run config file not found: {p}")
     if not p.is_file():
         raise NeoxrayError(f"run config {p} is not a file")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise NeoxrayError(f"{p}: invalid YAML{where}: {problem}") from None
-    except UnicodeDecodeError as e:
-        raise NeoxrayError(f"{p}: not a UTF-8 text file ({e.reason})") from None
+    data = load_yaml_file(p, str(p))
     if data is None:
         return {}
     if not isinstance(data, dict):

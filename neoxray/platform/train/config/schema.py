@@ -19,12 +19,11 @@ from typing import Any, Literal
 
 from neoxray.errors import NeoxrayError
 from neoxray.model.config import ModelConfig, get_preset, preset_names
+from neoxray.model.lora_spec import TARGETS, LoRASpec
 
 # DeepSpeed's pipeline engine accepts ZeRO stages below 2 only ("ZeRO-2 and ZeRO-3 are incompatible with
 # pipeline parallelism", deepspeed/runtime/pipe/engine.py)
 ZERO_STAGES = (0, 1)
-LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
-"""GPT-NeoX linears LoRA may target (as `neoxray.model.lora.TARGETS`, without importing torch here)."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -81,18 +80,16 @@ class LoraSection:
     """Scale numerator: each update is multiplied by alpha / rank (alpha / sqrt(rank) with `use_rslora`)."""
     dropout: float = 0.0
     """Dropout probability on each adapter's input during training, in [0, 1)."""
-    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
     """Which linears of every layer get an adapter (GPT-NeoX module names, as peft's `target_modules`):
     query_key_value, dense, dense_h_to_4h, dense_4h_to_h."""
     use_rslora: bool = False
     """Rank-stabilised scaling, alpha / sqrt(rank) (peft's `use_rslora`)."""
 
-    def spec(self):
-        """The adapters' shape as a `neoxray.model.lora.LoRASpec`, or None when `rank` is 0."""
+    def spec(self) -> LoRASpec | None:
+        """The adapters' shape as a `neoxray.model.lora_spec.LoRASpec`, or None when `rank` is 0."""
         if not self.rank:
             return None
-        from neoxray.model.lora import LoRASpec  # imports torch
-
         return LoRASpec(
             r=self.rank,
             alpha=float(self.alpha),
