@@ -21,14 +21,20 @@ TRAIN_ENGINE = [
     "neoxray.platform.train.checkpointing",
     "neoxray.platform.train.worker",
     "neoxray.platform.train.local",
+    "neoxray.platform.train.run_plan",
+    "neoxray.platform.train.preflight",
+    "neoxray.platform.train.resume",
+    "neoxray.platform.train.data",
 ]
 """The training engine and loop: DeepSpeed and torch.distributed, never Ray (torchrun and GPU benchmarks)."""
 SHARED_PLATFORM = [
     "neoxray.platform.checkpoint",
+    "neoxray.platform.lora_checkpoint",
     "neoxray.platform.model_loading",
+    "neoxray.platform.export",
     "neoxray.platform.ray_cluster",
 ]
-"""Used by training and serving alike, so they belong to neither."""
+"""Used by training, serving and evaluation alike, so they belong to none of them."""
 
 RULES: list[tuple[list[str], list[str], str]] = [
     (
@@ -61,9 +67,14 @@ RULES: list[tuple[list[str], list[str], str]] = [
         "checkpoint reading, model loading and the Ray connection are shared by training and serving",
     ),
     (
-        ["neoxray.platform.checkpoint", "neoxray.platform.model_loading"],
+        [
+            "neoxray.platform.checkpoint",
+            "neoxray.platform.lora_checkpoint",
+            "neoxray.platform.model_loading",
+            "neoxray.platform.export",
+        ],
         ["ray", "deepspeed"],
-        "reading a checkpoint needs neither Ray nor DeepSpeed",
+        "reading (and exporting) a checkpoint needs neither Ray nor DeepSpeed",
     ),
     (INFERENCE, ["ray", "fastapi", "deepspeed", "uvicorn"], "the inference engine runs without Ray"),
     (TRAIN_ENGINE, ["ray"], "the training engine runs without Ray"),
