@@ -42,6 +42,8 @@ class ResumePoint:
     """The newest verified checkpoint of the run directory: what a stop names as the one to resume from."""
     moves: list[tuple[Path, str, str]] = field(default_factory=list)
     """(folder or file, the prefix it is set aside under, why) for each thing to rename out of the way."""
+    start_over: bool = False
+    """`--start-over`: everything in `moves` goes, and the run trains from step 0."""
 
     def apply(self, say: Callable[[str], None] = print) -> list[Path]:
         """Rename what must be set aside (kept, never deleted), say so, and say where the run resumes. Returns the
@@ -49,10 +51,11 @@ class ResumePoint:
         done = []
         for path, prefix, why in self.moves:
             done.append(set_aside(path, prefix))
-            if prefix != START_OVER_PREFIX:
+            if why:
                 say(f"[neoxray] checkpoint {path} {why}; set aside as {done[-1].name}")
-        if any(prefix == START_OVER_PREFIX for _, prefix, _ in self.moves):
-            say(f"[neoxray] --start-over: set aside {', '.join(p.name for p in done)}; training from step 0")
+        if self.start_over:
+            names = ", ".join(p.name for p in done) or "nothing"
+            say(f"[neoxray] --start-over: set aside {names}; training from step 0")
         if self.checkpoint is not None:
             note = "" if self.verified else " (unverified: the first step's loss checks its weights)"
             say(f"[neoxray] resuming from {self.checkpoint}{note}")
@@ -113,4 +116,4 @@ def _start_over(run_dir, passed, metrics_file: str | None) -> ResumePoint:
     metrics = Path(run_dir) / metrics_file if metrics_file else None
     if metrics is not None and metrics.exists():
         moves.append((metrics, START_OVER_PREFIX, ""))
-    return ResumePoint(moves=moves)
+    return ResumePoint(moves=moves, start_over=True)

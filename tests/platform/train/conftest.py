@@ -7,10 +7,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -162,12 +163,29 @@ def flip_a_byte(path: Path) -> bytes:
 
 
 @contextlib.contextmanager
-def cpu_hog():
-    """A busy-looping process per CPU core for the duration of the block (ended by their own pids after)."""
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+def cpu_hog(until=None, processes: int = 1, deadline_s: float = 900):
+    """`processes` busy-looping processes (not niced, so each takes a core from Ray's workers, which are) while
+    the block runs, or until `until()` holds (polled; `deadline_s` is only a guard). The hogs are ended by their
+    own pids."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    done = threading.Event()
+
+    def stop_when_until_holds() -> None:
+        end = time.monotonic() + deadline_s
+        while not done.wait(0.5) and time.monotonic() < end:
+            with contextlib.suppress(Exception):  # a file being written: look again
+                if until is not None and until():
+                    break
+        for hog in hogs:
+            hog.kill()
+
+    watcher = threading.Thread(target=stop_when_until_holds, daemon=True)
+    watcher.start()
     try:
         yield hogs
     finally:
+        done.set()
+        watcher.join()
         for hog in hogs:
             hog.kill()
             hog.wait()

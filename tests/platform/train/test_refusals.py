@@ -135,13 +135,14 @@ def test_a_shipped_config_runs_a_short_smoke_run(prepared, tmp_path):
 
 # ------------------------------------------------------------------------------------------------------- on Ray
 def test_removing_a_checkpoint_by_hand_leaves_the_run_resumable(prepared, ray_local, tmp_path):
-    """The first run trains beside a CPU hog (a busy process per core), as on a user's busy node: Ray Train's
-    health checks must let its starved workers be (`driver.RAY_TRAIN_TOLERANCE`)."""
+    """The first run starts its workers and trains its first step beside a CPU hog (a busy process that takes one
+    of this machine's two cores from Ray's niced workers), as on a user's busy node: Ray Train's health checks
+    must let its starved workers be (`driver.RAY_TRAIN_TOLERANCE`)."""
     from neoxray.platform.train.driver import run_train
 
     run = tmp_path / "run"
     extra = ["train.steps=4", "checkpoint.every=2", "checkpoint.keep=0", "eval.every=0"]
-    with cpu_hog():
+    with cpu_hog(until=lambda: 1 in losses(run)):
         run_train(cfg_for(prepared, "by-hand", (2, 1, 1), extra), run_dir=str(run))
     shutil.rmtree(run / "checkpoint-step-0000004")
     run_train(cfg_for(prepared, "by-hand", (2, 1, 1), ["train.steps=6", *extra[1:]]), run_dir=str(run))
