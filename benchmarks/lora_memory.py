@@ -115,7 +115,7 @@ def worker(args) -> dict:
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
-    from neoxray.platform.train.engine import TrainEngine
+    from neoxray.platform.train.engine import TrainEngine, micro_batch
     from neoxray.platform.train.memory_probe import held_step
 
     ds_logger.setLevel(logging.WARNING)
@@ -150,7 +150,7 @@ def worker(args) -> dict:
 
     def batches():
         while True:
-            yield ids[:, :-1], ids[:, 1:]
+            yield micro_batch(ids[:, :-1], ids[:, 1:])
 
     gc.collect()
     if cuda:

@@ -157,7 +157,7 @@ class OursRunner(Runner):
 
     def __init__(self, cfg, state_dict, pool, args, device):
         super().__init__(device)
-        from neoxray.platform.train.engine import TrainEngine
+        from neoxray.platform.train.engine import TrainEngine, micro_batch
         from neoxray.platform.train.pipe import LayerPipe
 
         @torch.no_grad()
@@ -172,7 +172,7 @@ class OursRunner(Runner):
             for piece in self.engine.pieces:
                 if isinstance(piece, LayerPipe):
                     piece.compile()
-        self.it = batches(pool)
+        self.it = batches([micro_batch(ids, labels) for ids, labels in pool])  # the same micro-batches, weight 1
         self.resident_gib = (torch.cuda.memory_allocated(device) / GIB) if device.type == "cuda" else None
         # the engine's weights are the shared initial ones (cast to its dtype)
         with torch.no_grad():

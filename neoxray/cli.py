@@ -140,26 +140,23 @@ def cmd_train(args) -> None:
     cfg = load_run_config(args.config, args.overrides)
     check_paths(cfg)
     if args.no_ray:
-        run_local(cfg, run_dir=args.run_dir, verbose=args.verbose)
+        run_local(cfg, run_dir=args.run_dir, verbose=args.verbose, start_over=args.start_over)
     else:
-        run_train(cfg, run_dir=args.run_dir, address=args.address, max_failures=args.max_failures, verbose=args.verbose)
+        run_train(
+            cfg,
+            run_dir=args.run_dir,
+            address=args.address,
+            max_failures=args.max_failures,
+            verbose=args.verbose,
+            start_over=args.start_over,
+        )
 
 
 def cmd_export(args) -> None:
-    from neoxray.platform.checkpoint import export_checkpoint, read_meta
-    from neoxray.platform.lora_checkpoint import export_lora, is_lora
-    from neoxray.platform.model_loading import resolve_checkpoint_path
+    from neoxray.platform.export import export
 
-    ckpt = resolve_checkpoint_path(args.checkpoint)  # a run directory: its newest complete checkpoint
-    if is_lora(read_meta(ckpt)):
-        out = export_lora(ckpt, args.out, merge=args.merge, dtype=_dtype(args.dtype))
-        what = "a Hugging Face model with the adapter merged" if args.merge else "a peft LoRA adapter"
-        print(f"exported {ckpt} to {out} ({what})")
-        return
-    if args.merge:
-        raise NeoxrayError(f"--merge: {ckpt} holds a full model, not LoRA adapters (export it without --merge)")
-    out = export_checkpoint(ckpt, args.out, dtype=_dtype(args.dtype))
-    print(f"exported {ckpt} to {out}")
+    done = export(args.checkpoint, args.out, merge=args.merge, dtype=_dtype(args.dtype))
+    print(f"exported {done.checkpoint} to {done.out} ({done.what})")
 
 
 def cmd_report(args) -> None:

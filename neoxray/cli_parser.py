@@ -225,6 +225,13 @@ def _train(sub) -> None:
         action="store_true",
         help="run the engine without Ray: one process, or under torchrun (its world = dp x tp x pp)",
     )
+    tr.add_argument(
+        "--start-over",
+        action="store_true",
+        help="train from step 0 although the run directory holds checkpoints: they (and metrics.jsonl) are set "
+        "aside under before-start-over-... (damaged ones as damaged-..., folders without meta.json as "
+        "incomplete-...), never deleted",
+    )
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. parallel.tensor=2")
     tr.set_defaults(command="train")
 

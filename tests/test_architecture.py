@@ -21,13 +21,19 @@ TRAIN_ENGINE = [
     "neoxray.platform.train.checkpointing",
     "neoxray.platform.train.worker",
     "neoxray.platform.train.local",
+    "neoxray.platform.train.run_plan",
+    "neoxray.platform.train.preflight",
+    "neoxray.platform.train.resume",
+    "neoxray.platform.train.data",
 ]
 """The training engine and loop: DeepSpeed and torch.distributed, never Ray (torchrun and GPU benchmarks)."""
 SHARED_PLATFORM = [
     "neoxray.platform.checkpoint",
+    "neoxray.platform.lora_checkpoint",
     "neoxray.platform.model_loading",
+    "neoxray.platform.export",
 ]
-"""Used by training and serving alike, so they belong to neither."""
+"""Used by training, serving and evaluation alike, so they belong to none of them."""
 BELOW_THE_LAYERS = ["neoxray.errors", "neoxray.ray_connection"]
 """Used by the pipelines and the platform alike (one error type, one way to connect to Ray), so they know neither."""
 
@@ -67,9 +73,14 @@ RULES: list[tuple[list[str], list[str], str]] = [
         "errors and the Ray connection sit below every layer that uses them",
     ),
     (
-        ["neoxray.platform.checkpoint", "neoxray.platform.model_loading"],
+        [
+            "neoxray.platform.checkpoint",
+            "neoxray.platform.lora_checkpoint",
+            "neoxray.platform.model_loading",
+            "neoxray.platform.export",
+        ],
         ["ray", "deepspeed"],
-        "reading a checkpoint needs neither Ray nor DeepSpeed",
+        "reading (and exporting) a checkpoint needs neither Ray nor DeepSpeed",
     ),
     (INFERENCE, ["ray", "fastapi", "deepspeed", "uvicorn"], "the inference engine runs without Ray"),
     (TRAIN_ENGINE, ["ray"], "the training engine runs without Ray"),

@@ -104,6 +104,24 @@ def read_manifest(path: str, required: bool = True) -> dict | None:
     return manifest
 
 
+def stored_row_length(path: str, manifest: dict, split: str = "train") -> int | None:
+    """The row length the files themselves hold (ids per row of the split's first Parquet file, read from its
+    first row), whatever the manifest says; None when the split has no files."""
+    import pyarrow.parquet as pq
+
+    files = manifest["splits"][split]["files"]
+    if not files:
+        return None
+    file = fs.join(fs.normalize(path), files[0]["path"])
+    try:
+        first = next(pq.ParquetFile(fs.open_random_access(file)).iter_batches(batch_size=1, columns=[INPUT_IDS]))
+    except StopIteration:
+        return None
+    except Exception as e:
+        raise NeoxrayError(f"{file}: not a readable Parquet file with a {INPUT_IDS} column ({e})") from None
+    return len(first.column(0)[0])
+
+
 def content_of(manifest: dict, where: str = "manifest") -> str:
     """The manifest's `content` (TEXT for datasets written before the field existed); another value is an error."""
     content = manifest.get("content", TEXT)

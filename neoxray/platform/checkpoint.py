@@ -1,9 +1,11 @@
-"""Training checkpoints, read side: the format, finding a run's newest checkpoint, reading tensors for any layout,
-and export. Training writes them (`neoxray.platform.train.checkpointing`, collective, DeepSpeed); training,
-serving, export and evaluation read them through this module, which needs neither Ray nor DeepSpeed.
+"""Training checkpoints, read side: the format, the names a checkpoint takes in a run directory, reading tensors
+for any layout, and the checks every reader makes. Training writes them (`neoxray.platform.train.checkpointing`,
+collective, DeepSpeed) and decides where a run resumes (`neoxray.platform.train.resume`); export writes Hugging
+Face directories from them (`neoxray.platform.export`). Training, serving, export and evaluation read them
+through this module, which needs neither Ray nor DeepSpeed.
 
-A checkpoint directory, RUN_DIR/checkpoint-step-NNNNNNN (written by every rank into a staging directory that
-rank 0 renames into place once all files are on disk):
+A checkpoint directory (written by every rank into a staging directory that rank 0 renames once all files are
+on disk):
 
     meta.json                      step, consumed_samples, layout (dp, tp, pp), the resolved run config, the
                                    model config, tokenizer identity, the list of shard files, and the size and
@@ -16,14 +18,20 @@ rank 0 renames into place once all files are on disk):
     rng-{rank}.safetensors         each rank's RNG states (restored when the layout is unchanged)
     tokenizer.json, ...            the run's tokenizer, so the checkpoint can be exported alone
 
+Its name in RUN_DIR says what is known of it: `unverified-checkpoint-step-N` when it is written, renamed
+`checkpoint-step-N` once its weights have given a finite loss (the next step's forward, or a probe forward at
+the end of the run), so every reader that lists a run's checkpoints (resume, rotation, `--model RUN_DIR`,
+evaluation) sees only verified ones. Checkpoints a run cannot use are set aside under another name, never
+deleted: `damaged-` (a file differs from meta.json), `incomplete-` (no meta.json), `diverged-` (its weights gave
+a non-finite loss), `before-start-over-` (`neoxray train --start-over`).
+
 Because each tensor is stored with its tensor-parallel split dimension and its plain-model name, a checkpoint
 saved under one (dp, tp, pp) loads under any other: shards are concatenated along the split dimension and
 re-sliced for the new tensor-parallel size, and pipeline stages find their layers by name. A checkpoint
 counts as complete when `meta.json` is present and every file it lists exists with the listed size
-(`read_meta`), and as intact when every file also has the listed sha256 (`verify_checkpoint`): a flipped byte
-is found before any tensor is used. `newest_intact_checkpoint` is how every run finds where to resume: the
-newest intact checkpoint of its run directory, setting damaged ones aside (renamed `damaged-...`, never
-deleted) with a message naming them.
+(`read_meta`), and as intact when every file also has the listed sha256 (`verify_checkpoint`). Every reader
+checks the files it uses against meta.json before using them (`verify_files`: the tokenizer files, and each
+shard on its first read by `CheckpointSource`).
 """
 
 from __future__ import annotations
@@ -31,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,11 +54,20 @@ FORMAT = "neoxray-checkpoint-v1"
 OPT_KEYS = ("exp_avg", "exp_avg_sq")
 CHECKPOINT_PREFIX = "checkpoint-step-"
 """A run directory holds one checkpoint per saved step: RUN_DIR/checkpoint-step-0000100/."""
+UNVERIFIED_PREFIX = "unverified-"
+"""RUN_DIR/unverified-checkpoint-step-N: complete, but its weights have not yet been through a forward pass."""
 DAMAGED_PREFIX = "damaged-"
 """A checkpoint that failed verification is renamed RUN_DIR/damaged-checkpoint-step-N (kept, never read)."""
+INCOMPLETE_PREFIX = "incomplete-"
+"""A checkpoint folder without meta.json, set aside when its run resumes from an older one."""
+DIVERGED_PREFIX = "diverged-"
+"""A checkpoint whose weights gave a non-finite loss: RUN_DIR/diverged-checkpoint-step-N (kept, never read)."""
+START_OVER_PREFIX = "before-start-over-"
+"""What `neoxray train --start-over` set aside (checkpoints, metrics) to train a run directory from step 0."""
 EVAL_PIN = ".evaluation-pending"
 """A file in a checkpoint directory that `eval.tasks` has yet to evaluate: rotation (`keep`) leaves it alone."""
 _CHECKPOINT_DIR = re.compile(re.escape(CHECKPOINT_PREFIX) + r"(\d{7})")
+_RESUMABLE_DIR = re.compile(f"(?:{re.escape(UNVERIFIED_PREFIX)})?{re.escape(CHECKPOINT_PREFIX)}(\\d{{7}})")
 
 
 def shard_name(pp: int, tp: int) -> str:
@@ -66,8 +82,14 @@ def checkpoint_dir_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:07d}"
 
 
+def checkpoint_step(path) -> int | None:
+    """The step of a checkpoint folder named `checkpoint-step-N` or `unverified-checkpoint-step-N`, else None."""
+    m = _RESUMABLE_DIR.fullmatch(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(run_dir) -> list[Path]:
-    """The checkpoint directories of a run directory that have a meta.json, oldest first."""
+    """The verified checkpoints of a run directory (`checkpoint-step-N` with a meta.json), oldest first."""
     root = Path(run_dir)
     if not root.is_dir():
         return []
@@ -76,8 +98,9 @@ def list_checkpoints(run_dir) -> list[Path]:
 
 
 def prune_checkpoints(run_dir, keep: int) -> list[Path]:
-    """Delete the oldest checkpoints of `run_dir` beyond the newest `keep` (0: keep all); never the newest one,
-    never one pinned for evaluation (`EVAL_PIN`). Returns what was deleted."""
+    """Delete the oldest verified checkpoints of `run_dir` beyond the newest `keep` (0: keep all); never the
+    newest verified one, never one pinned for evaluation (`EVAL_PIN`), never an unverified one. Returns what was
+    deleted."""
     import shutil
 
     done = list_checkpoints(run_dir)
@@ -88,8 +111,7 @@ def prune_checkpoints(run_dir, keep: int) -> list[Path]:
 
 
 def latest_checkpoint(run_dir) -> Path | None:
-    """The newest complete checkpoint of a run directory (sizes checked, not checksums; see
-    `newest_intact_checkpoint` for where a run resumes)."""
+    """The newest complete verified checkpoint of a run directory (sizes checked, not checksums)."""
     for p in reversed(list_checkpoints(run_dir)):
         try:
             read_meta(p)
@@ -99,23 +121,24 @@ def latest_checkpoint(run_dir) -> Path | None:
     return None
 
 
-def newest_intact_checkpoint(run_dir, say: Callable[[str], None] = print) -> Path | None:
-    """The newest checkpoint of `run_dir` whose every file has its recorded size and sha256. Newer ones that
-    fail are renamed `damaged-<name>` (so that no later step of this run mistakes them for its own) and
-    reported through `say`, naming the file at fault."""
-    for p in reversed(list_checkpoints(run_dir)):
-        try:
-            verify_checkpoint(p)
-            return p
-        except NeoxrayError as e:
-            aside = p.with_name(DAMAGED_PREFIX + p.name)
-            n = 1
-            while aside.exists():
-                n += 1
-                aside = p.with_name(f"{DAMAGED_PREFIX}{n}-{p.name}")
-            p.rename(aside)
-            say(f"[neoxray] checkpoint {p} is damaged ({e}); set aside as {aside.name}, resuming from an older one")
-    return None
+def aside_path(path, prefix: str) -> Path:
+    """Where `set_aside(path, prefix)` puts a folder: PREFIX + its name (without `unverified-`) beside it,
+    numbered when that is taken."""
+    path = Path(path)
+    name = path.name.removeprefix(UNVERIFIED_PREFIX)
+    aside, n = path.with_name(prefix + name), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{prefix}{n}-{name}")
+    return aside
+
+
+def set_aside(path, prefix: str, to: Path | None = None) -> Path:
+    """Rename a checkpoint folder (or a file) out of every reader's way (to `to`, default `aside_path`): kept,
+    never deleted. Returns its new path."""
+    aside = to or aside_path(path, prefix)
+    Path(path).rename(aside)
+    return aside
 
 
 def resolve_model_path(path) -> tuple[str, Path]:
@@ -162,7 +185,6 @@ class CheckpointSource(TensorSource):
     def __init__(self, path):
         self.path = Path(path)
         self.meta = read_meta(self.path)
-        self._digests = {n: e["sha256"] for n, e in _listed_files(self.meta).items() if "sha256" in e}
         self._verified: set[str] = set()
         self._index: dict[str, list[tuple[int, Path, int | None]]] = {}  # key -> [(tp rank, file, dim)]
         for entry in self.meta["shards"]:
@@ -181,9 +203,8 @@ class CheckpointSource(TensorSource):
 
     def _read(self, f: Path, key: str) -> torch.Tensor:
         """A tensor of one of this checkpoint's files, the file's sha256 checked the first time it is read."""
-        if f.name in self._digests and f.name not in self._verified:
-            if file_digest(f) != self._digests[f.name]:
-                raise NeoxrayError(f"{self.path}: {f.name} does not match the checksum in {META} (damaged)")
+        if f.name not in self._verified:
+            verify_files(self.path, self.meta, [f.name])
             self._verified.add(f.name)
         return _read(f, key)
 
@@ -281,38 +302,37 @@ def read_meta(path) -> dict:
 def verify_checkpoint(path, threads: int = 8) -> dict:
     """meta.json of an intact checkpoint: complete, and every file it lists has its recorded sha256 (hashed in
     `threads` parallel threads). A damaged file is a NeoxrayError naming it."""
-    path = Path(path)
     meta = read_meta(path)
-    listed = {name: e["sha256"] for name, e in _listed_files(meta).items() if "sha256" in e}
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(listed) or 1))) as pool:
-        digests = dict(zip(listed, pool.map(lambda n: file_digest(path / n), listed)))
-    bad = sorted(n for n, d in digests.items() if d != listed[n])
-    if bad:
-        raise NeoxrayError(f"{path}: {', '.join(bad)} do not match the checksums in {META} (damaged)")
+    verify_files(path, meta, threads=threads)
     return meta
 
 
-def check_finite(name: str, t: torch.Tensor, where) -> None:
+def verify_files(path, meta: dict, names=None, threads: int = 8) -> None:
+    """Check files of the checkpoint at `path` (default: every file its meta.json lists) against the sha256
+    meta.json records for them, before anything reads them. A file that differs, or one meta.json does not vouch
+    for (a checkpoint whose meta.json lists its files), is a NeoxrayError naming it."""
+    path, listed = Path(path), _listed_files(meta)
+    names = list(listed) if names is None else list(names)
+    unlisted = sorted(n for n in names if n not in listed) if "files" in meta else []
+    if unlisted:
+        raise NeoxrayError(f"{path}: {', '.join(unlisted)} not listed in {META}: nothing vouches for them")
+    todo = [n for n in names if "sha256" in listed.get(n, {})]
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(todo) or 1))) as pool:
+        digests = dict(zip(todo, pool.map(lambda n: file_digest(path / n), todo)))
+    bad = sorted(n for n, d in digests.items() if d != listed[n]["sha256"])
+    if bad:
+        raise NeoxrayError(f"{path}: {', '.join(bad)} do not match the checksums in {META} (damaged)")
+
+
+def check_finite_tensor(name: str, t: torch.Tensor, where) -> None:
     """A NeoxrayError naming the tensor when it holds NaN or infinity: such weights are never used or passed on."""
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise NeoxrayError(f"{where}: tensor {name} holds non-finite values (NaN or infinity)")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# export: all shards merged into a Hugging Face GPT-NeoX directory
+# whole models and tokenizers
 # ---------------------------------------------------------------------------------------------------------
-def export_checkpoint(checkpoint_dir, out_dir, dtype: torch.dtype | None = None, max_shard_size="5GB") -> Path:
-    """Merge a training checkpoint (any layout) into a Hugging Face GPT-NeoX directory with its tokenizer.
-    Tensors are read one at a time; the merged model is built on the meta device and filled in place."""
-    from neoxray.model.hf import save_pretrained
-    from neoxray.model.tokenizer import TOKENIZER_FILE, Tokenizer
-
-    model, source = load_checkpoint_model(checkpoint_dir)
-    tokenizer = Tokenizer.load(source.path) if (source.path / TOKENIZER_FILE).exists() else None
-    dtype = dtype or checkpoint_dtype(source.meta)
-    return save_pretrained(model, out_dir, tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size)
-
-
 def checkpoint_dtype(meta: dict) -> torch.dtype:
     """The training precision of a checkpoint as a torch dtype (fp32 when it trained in fp32)."""
     return to_dtype(meta.get("precision") or "fp32", "precision") or torch.float32
@@ -320,18 +340,28 @@ def checkpoint_dtype(meta: dict) -> torch.dtype:
 
 def load_checkpoint_model(checkpoint_dir, device="cpu", dtype: torch.dtype = torch.float32):
     """The whole plain model of a training checkpoint (any layout), built on the meta device and filled one
-    tensor at a time -> (model, CheckpointSource)."""
+    tensor at a time, each file checked against meta.json and each tensor for non-finite values ->
+    (model, CheckpointSource)."""
     from neoxray.model.config import ModelConfig
-    from neoxray.model.gptneox import GPTNeoX
+    from neoxray.model.gptneox import build_model
 
     source = CheckpointSource(checkpoint_dir)
-    config = ModelConfig.from_dict(source.meta["model_config"])
-    with torch.device("meta"):
-        model = GPTNeoX(config)
-    model.to_empty(device=device)
+    model = build_model(ModelConfig.from_dict(source.meta["model_config"]), device=device, seed=None)
     with torch.no_grad():
         for name, p in model.named_parameters():
             t = source.get(f"model/{name}", None, 0, 1)
-            check_finite(name, t, source.path)
+            check_finite_tensor(name, t, source.path)
             p.copy_(t)
     return model.to(dtype), source
+
+
+def load_checkpoint_tokenizer(path, meta: dict):
+    """The tokenizer a checkpoint carries (None when it carries none), its files checked against meta.json
+    first: a tokenizer.json that differs from what was trained with is never used."""
+    from neoxray.model.tokenizer import SAVED_FILES, TOKENIZER_FILE, Tokenizer
+
+    path = Path(path)
+    if not (path / TOKENIZER_FILE).exists():
+        return None
+    verify_files(path, meta, [name for name in SAVED_FILES if (path / name).exists()])
+    return Tokenizer.load(path)

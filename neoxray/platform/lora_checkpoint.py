@@ -1,4 +1,5 @@
-"""LoRA runs' checkpoints and their frozen base, shared by training, export and inference (no Ray, no DeepSpeed).
+"""LoRA runs' checkpoints and their frozen base, shared by training, export, serving and evaluation (no Ray, no
+DeepSpeed).
 
 A LoRA run trains adapters (`neoxray.model.lora`) on a frozen base named by `model.init_from`: a Hugging Face
 GPT-NeoX directory, a full training checkpoint, or a run directory (its newest checkpoint, resolved once when the
@@ -11,7 +12,8 @@ megabytes, plus two entries in `meta.json`:
 
 The base's sha256 is taken over its weight files (a Hugging Face directory's config.json and safetensors) or, for
 a checkpoint, over its meta.json (which lists the sha256 of every file it holds). Resuming or exporting checks the
-base still has it: an adapter is never put on a base it was not trained on.
+base still has it: an adapter is never put on a base it was not trained on. Export (a peft adapter directory, or
+a merged model) is `neoxray.platform.export`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from neoxray.platform.checkpoint import (
     META,
     CheckpointSource,
     HFSource,
+    check_finite_tensor,
     file_digest,
+    load_checkpoint_model,
     read_meta,
     resolve_model_path,
 )
@@ -119,13 +123,12 @@ def read_checkpoint_adapter(checkpoint, name: str | None = None) -> tuple[LoRAAd
     names = [k for k in source.keys() if k.startswith(MODEL_KEY)]  # noqa: SIM118 (a list, not a dict)
     tensors = {k.removeprefix(MODEL_KEY): source.get(k, None, 0, 1).float() for k in names}
     for k, t in tensors.items():
-        if not torch.isfinite(t).all():
-            raise NeoxrayError(f"{checkpoint}: tensor {k} holds non-finite values (NaN or infinity)")
+        check_finite_tensor(k, t, checkpoint)
     return LoRAAdapter(checkpoint_spec(meta), tensors, {}, name or Path(checkpoint).name), meta
 
 
 def load_merged(checkpoint, device="cpu", dtype: torch.dtype = torch.float32):
-    """The base of a LoRA checkpoint with its adapter folded in: a plain model -> (model, tokenizer dir)."""
+    """The base of a LoRA checkpoint with its adapter folded in: a plain model -> (model, its Base)."""
     from neoxray.model.lora import merge_into
 
     adapter, meta = read_checkpoint_adapter(checkpoint)
@@ -141,27 +144,4 @@ def load_base_model(base: Base):
         from neoxray.model.hf import load_pretrained
 
         return load_pretrained(base.path, dtype=torch.float32)
-    from neoxray.platform.checkpoint import load_checkpoint_model
-
     return load_checkpoint_model(base.path)[0]
-
-
-def export_lora(checkpoint, out_dir, merge: bool = False, dtype: torch.dtype | None = None) -> Path:
-    """A LoRA checkpoint as a peft adapter directory (`adapter_config.json`, `adapter_model.safetensors`, the
-    tokenizer), or with `merge` as a full Hugging Face GPT-NeoX directory with the adapter folded in."""
-    from neoxray.model.hf import save_pretrained
-    from neoxray.model.peft_format import write_peft_adapter
-    from neoxray.model.tokenizer import TOKENIZER_FILE, Tokenizer
-    from neoxray.platform.checkpoint import checkpoint_dtype
-
-    ckpt = Path(checkpoint)
-    tokenizer = Tokenizer.load(ckpt) if (ckpt / TOKENIZER_FILE).exists() else None
-    if merge:
-        model, base = load_merged(ckpt)
-        return save_pretrained(model, out_dir, tokenizer=tokenizer, dtype=dtype or checkpoint_dtype(read_meta(ckpt)))
-    adapter, meta = read_checkpoint_adapter(ckpt)
-    base = check_base(meta, ckpt)
-    out = write_peft_adapter(adapter, out_dir, base_model_name_or_path=str(base.path))
-    if tokenizer is not None:
-        tokenizer.save(out)
-    return Path(out)

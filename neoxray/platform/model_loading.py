@@ -1,6 +1,8 @@
-"""What every command that runs a model accepts as `--model` (generate, score, serve, and export's
+"""What every command that runs a model accepts as `--model` (generate, score, serve, eval, and export's
 `--checkpoint`): an exported Hugging Face GPT-NeoX directory, a neoxray training checkpoint (`meta.json`), or a
-run directory (its newest complete checkpoint), resolved here once. Weights are safetensors only."""
+run directory (its newest verified checkpoint), as `neoxray.platform.checkpoint.resolve_model_path` resolves
+it; and loading it: weights are safetensors only, every checkpoint file is checked against its meta.json, and
+every model passes a probe forward (`check_forward_finite`) before it is served, scored or exported."""
 
 from __future__ import annotations
 
@@ -11,16 +13,10 @@ import torch
 from neoxray.errors import NeoxrayError
 from neoxray.model.peft_format import read_peft_adapter
 from neoxray.model.precision import inference_dtype, resolve_device
-from neoxray.model.tokenizer import TOKENIZER_FILE
-from neoxray.platform.checkpoint import read_meta, resolve_model_path
+from neoxray.platform.checkpoint import load_checkpoint_model, load_checkpoint_tokenizer, read_meta, resolve_model_path
 
-
-def resolve_checkpoint_path(path) -> Path:
-    """A training checkpoint, or a run directory's newest one; anything else is a NeoxrayError naming it."""
-    kind, p = resolve_model_path(path)
-    if kind != "checkpoint":
-        raise NeoxrayError(f"{path}: a Hugging Face model directory, not a training checkpoint (nothing to export)")
-    return p
+PROBE_TOKENS = 16
+"""Length of the probe batch (at most the model's context)."""
 
 
 def model_display_name(kind: str, p: Path) -> str:
@@ -41,17 +37,45 @@ def model_config_of(kind: str, p: Path):
     return ModelConfig.from_dict(read_meta(p)["model_config"])
 
 
+def check_forward_finite(model, where) -> None:
+    """A NeoxrayError naming `where` when the model's logits on a probe batch (fixed token ids) hold NaN or
+    infinity. Weights can be huge and still finite (a diverged update): a per-tensor check lets them through,
+    and every token they produce is NaN."""
+    config = model.config
+    device = next(model.parameters()).device
+    ids = (torch.arange(min(PROBE_TOKENS, config.max_seq_len)) * 7919 % config.vocab_size)[None].to(device)
+    with torch.no_grad():
+        finite = bool(torch.isfinite(model(ids)).all())
+    if not finite:
+        raise NeoxrayError(
+            f"{where}: the model's forward on a probe batch gives non-finite logits (NaN or infinity): its weights "
+            f"have diverged; use an earlier checkpoint"
+        )
+
+
+def load_checkpoint_weights(p: Path, device="cpu", dtype: torch.dtype = torch.float32):
+    """The plain model of a training checkpoint (a LoRA run's: its base with the adapter folded in), its forward
+    checked on a probe batch."""
+    from neoxray.platform.lora_checkpoint import is_lora, load_merged
+
+    if is_lora(read_meta(p)):
+        model, _ = load_merged(p, device=device, dtype=dtype)
+    else:
+        model, _ = load_checkpoint_model(p, device=device, dtype=dtype)
+    check_forward_finite(model, p)
+    return model
+
+
 def load_for_inference(path, device: str = "auto", dtype: torch.dtype | None = None, lora=None):
     """-> (model in eval mode on `device`, Tokenizer, model name). `device` auto: cuda when this process has a
-    GPU; `dtype` None: bf16 on GPUs, fp32 on CPUs. The tokenizer is checked before any weights are read.
+    GPU; `dtype` None: bf16 on GPUs, fp32 on CPUs. The tokenizer is checked (against the checkpoint's meta.json)
+    before any weights are read; the model's forward on a probe batch must be finite.
 
     `lora`: a peft LoRA adapter directory for this base (`--lora DIR`). It is checked against the base's config
     first (a wrong directory or a tensor of the wrong shape is a NeoxrayError naming it, before the base's weights
     are read), then merged into the weights (W += scaling * B A, computed in fp32): the model then runs at the
     base's speed, exactly as peft's `merge_and_unload()` would have it. The name becomes "BASE+ADAPTER"
     (the adapter directory's name)."""
-    from neoxray.model.tokenizer import Tokenizer
-
     kind, p = resolve_model_path(path)
     device = resolve_device(device)
     dtype = inference_dtype(device, dtype)
@@ -61,20 +85,16 @@ def load_for_inference(path, device: str = "auto", dtype: torch.dtype | None = N
 
         model, tok = load_model_and_tokenizer(p, device=device, dtype=dtype)
     else:
-        from neoxray.platform.checkpoint import load_checkpoint_model
-        from neoxray.platform.lora_checkpoint import is_lora, load_merged
-
-        if not (p / TOKENIZER_FILE).exists():
-            raise NeoxrayError(f"{p}: the checkpoint carries no {TOKENIZER_FILE}")
-        tok = Tokenizer.load(p)
-        if is_lora(read_meta(p)):  # a LoRA run's checkpoint: its base with the adapter folded in
-            model, _ = load_merged(p, device=device, dtype=dtype)
-        else:
-            model, _ = load_checkpoint_model(p, device=device, dtype=dtype)
+        tok = load_checkpoint_tokenizer(p, read_meta(p))
+        if tok is None:
+            raise NeoxrayError(f"{p}: the checkpoint carries no tokenizer.json")
+        model = load_checkpoint_weights(p, device=device, dtype=dtype)
     name = model_display_name(kind, p)
     if adapter is not None:
         from neoxray.model.lora import merge_into
 
         merge_into(model, adapter)
         name = f"{name}+{Path(lora).expanduser().resolve().name}"
+    if kind == "hf" or adapter is not None:
+        check_forward_finite(model, p if adapter is None else name)
     return model.eval(), tok, name

@@ -10,28 +10,22 @@ from neoxray.errors import NeoxrayError
 
 
 def make_data_fn(cfg):
-    """`data_fn(engine, split, consumed_samples)` -> iterator of (input_ids, labels) micro-batches. For masked
-    data (prompt-completion) labels is (labels with -100 where the loss mask drops them, GAS * dp / the global
-    batch's trained labels): `neoxray.platform.train.engine.training_loss` turns it into the mean over the
-    global batch's trained labels."""
-    import torch
-
+    """`data_fn(engine, split, consumed_samples)` -> iterator of this rank's `MicroBatch`es: labels with -100
+    where the data's loss mask drops them (prompt-completion), each micro-batch weighted by its share of the
+    global batch's trained labels (`neoxray.platform.train.engine`). The data's row length was checked against
+    the model before any worker started (`preflight`); token ids past the model's vocabulary are refused here,
+    batch by batch (a manifest can understate its vocabulary)."""
     from neoxray.pipelines.dataset_format import GLOBAL_TRAINED_LABELS, INPUT_IDS, LABELS, LOSS_MASK
     from neoxray.pipelines.reader import iter_batches, open_blend
-    from neoxray.platform.train.engine import IGNORE_INDEX
+    from neoxray.platform.train.engine import IGNORE_INDEX, micro_batch
 
     def data_fn(engine, split: str, consumed_samples: int):
         paths = cfg.data.paths()
         if split != "train" and cfg.data.validation_path:
             paths, split = [cfg.data.validation_path], "validation" if split == "validation" else split
         blend = open_blend(paths, cfg.data.weights if split == "train" else None, split=split, seed=cfg.data.seed)
-        seq = engine.seq_len
-        if blend.seq_len != seq:
-            raise NeoxrayError(
-                f"data.path {paths}: rows hold {blend.seq_len} + 1 tokens, but train.seq_len is {seq}; prepare the "
-                f"data with --seq-len {seq} or set train.seq_len={blend.seq_len}"
-            )
         dp, vocab = engine.layout[0], engine.model_config.vocab_size
+        accumulation = engine.ds_engine.gradient_accumulation_steps()
         for batch in iter_batches(
             blend,
             cfg.train.global_batch,
@@ -48,13 +42,12 @@ def make_data_fn(cfg):
                     f"data.path {paths}: token id {top} at or past the model's vocabulary of {vocab} "
                     f"(model.vocab_size); the data does not fit this model"
                 )
-            if LOSS_MASK not in batch:
-                yield batch[INPUT_IDS], batch[LABELS]
-                continue
+            labels = batch[LABELS]
+            if LOSS_MASK in batch:
+                labels = labels.masked_fill(~batch[LOSS_MASK], IGNORE_INDEX)
             trained = int(batch[GLOBAL_TRAINED_LABELS])
-            scale = engine.engine.gradient_accumulation_steps() * dp / trained if trained else 0.0
-            labels = batch[LABELS].masked_fill(~batch[LOSS_MASK], IGNORE_INDEX)
-            yield batch[INPUT_IDS], (labels, torch.tensor([scale], dtype=torch.float32))
+            here = int((labels != IGNORE_INDEX).sum())
+            yield micro_batch(batch[INPUT_IDS], labels, here * accumulation * dp / trained if trained else 0.0)
 
     return data_fn
 

@@ -1,40 +1,33 @@
-"""The Ray driver of `neoxray train`: validate the config, connect to Ray, build a TorchTrainer with
-dp x tp x pp workers, and return when training ends. What each worker runs is `ray_worker.ray_train_loop`;
-`local.run_local` trains without Ray."""
+"""The Ray driver of `neoxray train`: plan the run (`preflight.plan_run`: validate, resolve, preflight), connect
+to Ray, build a TorchTrainer with dp x tp x pp workers, and return when training ends. What each worker runs is
+`ray_worker.ray_train_loop`; `local.run_local` trains without Ray."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import threading
 import time
-from pathlib import Path
 
 from neoxray.errors import NeoxrayError, find_user_error
 from neoxray.model.precision import use_gpu as wants_gpu
-from neoxray.platform.train.preflight import nothing_to_train, preflight
+from neoxray.platform.train.preflight import plan_run, replan
 from neoxray.platform.train.progress import Progress, follow, summary
+from neoxray.platform.train.run_plan import RunPlan, start_run_dir
 from neoxray.ray_connection import connect_ray, dashboard_url, started_here
 
-
-def absolute_paths(cfg):
-    """Local paths of the config made absolute: Ray Train workers run in their own working directory."""
-
-    def fix(p):
-        return p if (p is None or "://" in str(p) or os.path.isabs(p)) else os.path.abspath(p)
-
-    data = dataclasses.replace(
-        cfg.data,
-        path=[fix(p) for p in cfg.data.path] if isinstance(cfg.data.path, list) else fix(cfg.data.path),
-        validation_path=fix(cfg.data.validation_path),
-    )
-    return dataclasses.replace(
-        cfg,
-        data=data,
-        model=dataclasses.replace(cfg.model, init_from=fix(cfg.model.init_from)),
-        checkpoint=dataclasses.replace(cfg.checkpoint, load_from=fix(cfg.checkpoint.load_from)),
-    )
+RAY_TRAIN_TOLERANCE = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "10",
+    "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": "3600",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
+}
+"""Ray Train's own settings (Ray 2.60's Train V2 reads them from the driver's environment, in
+`ray.train.v2._internal.constants`, and hands them to its controller and workers) for a node whose CPUs are
+oversubscribed, by design (8 tiny workers on 2 cores in tests) or by a user's other work: the controller polls
+each worker every 10 s (default 2 s), a worker whose poll goes unanswered is declared dead after an hour
+(default 10 minutes) rather than while it is merely starved, and a worker group may take 10 minutes to start
+(default 1 minute). A worker whose process died is still found at once (its poll fails). A value the user set
+in the environment wins."""
 
 
 def _say(msg: str) -> None:
@@ -47,26 +40,26 @@ def _first_line(error: BaseException) -> str:
 
 
 def run_train(
-    cfg, run_dir: str | None = None, address: str | None = None, max_failures: int = 2, verbose: bool = False
+    cfg,
+    run_dir: str | None = None,
+    address: str | None = None,
+    max_failures: int = 2,
+    verbose: bool = False,
+    start_over: bool = False,
 ):
-    """Validate and check the run (`preflight`), then train under Ray Train. A `NeoxrayError` in any worker (a
-    user error: bad data, a non-finite loss) ends the run at once as one line; a fault (a killed worker, a lost
-    node) restarts the worker group from the newest intact checkpoint, up to `max_failures` times. The console
-    shows the progress (followed from metrics.jsonl) and a summary; the workers' own output (Ray Train,
-    DeepSpeed) only with `verbose`. Returns the Ray `Result` of the last attempt."""
-    from neoxray.platform.train.config import dump_yaml, resolved, validate
-
-    validate(cfg)
-    cfg = absolute_paths(resolved(cfg))
-    run_dir = Path(run_dir or cfg.run_dir or Path("runs") / cfg.name).resolve()
-    checked = preflight(cfg, run_dir, _say)
-    if checked.finished_at is not None:
-        raise nothing_to_train(run_dir, checked, cfg.train.steps)
-    cfg = checked.cfg
+    """Plan and check the run (`preflight.plan_run`), then train under Ray Train. A `NeoxrayError` in any worker
+    (a user error: bad data, a non-finite loss) ends the run at once as one line; a fault (a killed worker, a
+    lost node) restarts the worker group from the newest intact checkpoint, up to `max_failures` times. The
+    console shows the progress (followed from metrics.jsonl) and a summary; the workers' own output (Ray Train,
+    DeepSpeed) only with `verbose`. `start_over`: train from step 0 in a run directory whose checkpoints are set
+    aside. Returns the Ray `Result` of the last attempt."""
+    plan = plan_run(cfg, run_dir, _say, start_over=start_over)
+    cfg = plan.cfg
     if cfg.parallel.auto:
         from neoxray.platform.train.auto_layout import auto_layout_on_ray
 
-        cfg = auto_layout_on_ray(cfg, connect_ray(address, verbose=verbose))
+        plan = plan.with_cfg(auto_layout_on_ray(cfg, connect_ray(address, verbose=verbose)))
+        cfg = plan.cfg
     dp, tp, pp = cfg.parallel.data, cfg.parallel.tensor, cfg.parallel.pipeline
     world = dp * tp * pp
     ray = connect_ray(address, num_cpus=max(world, 2) if started_here(address) else None, verbose=verbose)
@@ -77,23 +70,27 @@ def run_train(
             f"[neoxray] the layout needs {world} GPUs and the cluster has {gpus:g}: training on CPUs "
             f"(set train.device=cuda to wait for GPUs, or choose a smaller layout)"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    start_run_dir(plan)
     _say(
         f"[neoxray] run {cfg.name}: layout dp={dp} tp={tp} pp={pp} ({world} workers, "
-        f"{'GPU' if use_gpu else 'CPU'}, {cfg.parallel.resolve_backend(use_gpu)}); run dir {run_dir}"
+        f"{'GPU' if use_gpu else 'CPU'}, {cfg.parallel.resolve_backend(use_gpu)}); run dir {plan.run_dir}"
     )
     _say(f"[neoxray] Ray dashboard: {dashboard_url()}")
-    started = time.monotonic()
     evaluator = None
     if cfg.eval.tasks:
         from neoxray.platform.train.evaluation import CheckpointEvaluator
 
-        evaluator = CheckpointEvaluator(cfg, run_dir, ray, _say)
+        evaluator = CheckpointEvaluator(cfg, plan.run_dir, ray, _say)
+    return _attempts(plan, evaluator, use_gpu, max_failures, verbose)
+
+
+def _attempts(plan: RunPlan, evaluator, use_gpu: bool, max_failures: int, verbose: bool):
+    """Up to `max_failures` + 1 attempts of the run, each from where the last one left its checkpoints."""
+    cfg, run_dir, started = plan.cfg, plan.run_dir, time.monotonic()
     for attempt in range(max_failures + 1):
         if attempt:
-            checked = preflight(cfg, run_dir, _say)  # where the last attempt's newest intact checkpoint is
-            if checked.finished_at is not None:
+            plan = replan(plan, _say)  # where the last attempt's newest intact checkpoint is
+            if plan is None:
                 return None  # the failure came after the final checkpoint: the run is complete
         stop = threading.Event()
         watchers = []
@@ -104,7 +101,7 @@ def run_train(
         if evaluator is not None:
             watchers.append(_every(5.0, evaluator.poll, stop))
         try:
-            result, error = _fit(cfg, run_dir, checked.resume_from, use_gpu, world, console=verbose)
+            result, error = _fit(plan, use_gpu, console=verbose)
         finally:
             stop.set()
             for w in watchers:
@@ -142,34 +139,34 @@ def _every(period_s: float, fn, stop: threading.Event) -> threading.Thread:
     return thread
 
 
-def _fit(cfg, run_dir: Path, resume_from: str | None, use_gpu: bool, world: int, console: bool):
-    """One attempt: a TorchTrainer of `world` workers running `ray_train_loop`, with Ray's own retries off
-    (the caller decides what is retried). Returns (Ray Result or None, the error or None)."""
+def _fit(plan: RunPlan, use_gpu: bool, console: bool):
+    """One attempt: a TorchTrainer of dp x tp x pp workers running `ray_train_loop`, with Ray's own retries off
+    (the caller decides what is retried) and Ray Train's health checks set for a busy node
+    (`RAY_TRAIN_TOLERANCE`). Returns (Ray Result or None, the error or None)."""
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from neoxray.platform.train.config import to_dict
     from neoxray.platform.train.ray_worker import ray_train_loop
 
+    cfg = plan.cfg
     env = {"PYTHONUNBUFFERED": "1", **({"NEOXRAY_VERBOSE": "1"} if console else {})}
     if not use_gpu:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    for name, value in RAY_TRAIN_TOLERANCE.items():
+        os.environ.setdefault(name, value)  # read when the trainer starts its controller
     trainer = TorchTrainer(
         ray_train_loop,
-        train_loop_config={
-            "config": to_dict(cfg),
-            "run_dir": str(run_dir),
-            "resume_from": resume_from,
-            "console": console,
-        },
+        train_loop_config={**plan.to_payload(), "console": console},
         torch_config=TorchConfig(backend=cfg.parallel.resolve_backend(use_gpu)),
         scaling_config=ScalingConfig(
-            num_workers=world, use_gpu=use_gpu, resources_per_worker=None if use_gpu else {"CPU": 1}
+            num_workers=cfg.parallel.world_size(),
+            use_gpu=use_gpu,
+            resources_per_worker=None if use_gpu else {"CPU": 1},
         ),
         run_config=RayRunConfig(
-            name=run_dir.name,
-            storage_path=str(run_dir.parent),
+            name=plan.run_dir.name,
+            storage_path=str(plan.run_dir.parent),
             failure_config=FailureConfig(max_failures=0),
             worker_runtime_env={"env_vars": env},
         ),

@@ -10,16 +10,20 @@ Build order, per rank:
      to the global batch, clipping, fp32 / bf16 / fp16 with dynamic loss scaling.
 
 LoRA runs (`lora.rank > 0`) freeze the base in the training precision and give the optimizer (and ZeRO-1, and
-checkpoints) only the adapters. Masked data (prompt-completion) trains only the labels its loss mask keeps: each
-micro-batch's labels come with the global batch's trained-label count N, and its loss is its summed token loss
-times GAS * dp / N, which DeepSpeed's averaging over micro-batches and data parallel turns into the mean over
-the global batch's trained labels, the same figure and gradient under every layout.
+checkpoints) only the adapters.
+
+Every micro-batch is a `MicroBatch`: input ids, and as the target its labels (-100 where a loss mask drops them:
+prompt tokens of prompt-completion data) with a weight w = n * GAS * dp / N (n: this micro-batch's trained
+labels, N: the global batch's). Its loss is its mean token loss times w, which DeepSpeed's averaging over
+micro-batches and data parallel turns into the mean over the global batch's trained labels: the same figure and
+gradient under every layout. For text data (every label trained) w is exactly 1.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -32,17 +36,34 @@ from neoxray.platform.train.pipe import EmbeddingPipe, HeadPipe, LayerPipe, Piec
 IGNORE_INDEX = -100
 
 
+class MicroBatch(NamedTuple):
+    """One micro-batch of this data-parallel rank, as the engine trains and evaluates on it (the (inputs, target)
+    pair DeepSpeed's pipeline hands to its first and last stage)."""
+
+    input_ids: torch.Tensor
+    """[micro, seq] token ids."""
+    target: tuple[torch.Tensor, torch.Tensor]
+    """(labels [micro, seq], IGNORE_INDEX where untrained; weight [1] float32, see the module docstring)."""
+
+
+def micro_batch(input_ids, labels, weight: float = 1.0) -> MicroBatch:
+    """A MicroBatch of `weight` (1: every label of every micro-batch of the global batch is trained), the weight
+    on the labels' device."""
+    return MicroBatch(input_ids, (labels, torch.tensor([weight], dtype=torch.float32, device=labels.device)))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the engine
 # ---------------------------------------------------------------------------------------------------------
 class TrainEngine:
     """One rank's training engine. Collective: every rank of the world constructs it and calls each method
-    that says so, in the same order. `loader(piece)` fills a freshly built piece's parameters (checkpoint
-    resume or Hugging Face fine-tuning); without it pieces are initialised from `cfg.train.seed`. In a LoRA run
-    `loader` fills the frozen base and `adapter_loader(piece)` the adapters (resume); without it they are
-    initialised from the seed."""
+    that says so, in the same order. `model_config`: the model (resolved by the driver; None: from `cfg`).
+    `loader(piece)` fills a freshly built piece's parameters (checkpoint resume or Hugging Face fine-tuning);
+    without it pieces are initialised from `cfg.train.seed`. In a LoRA run `loader` fills the frozen base and
+    `adapter_loader(piece)` the adapters (resume); without it they are initialised from the seed. `ds_engine`
+    is DeepSpeed's pipeline engine."""
 
-    def __init__(self, cfg, loader=None, adapter_loader=None):
+    def __init__(self, cfg, model_config=None, loader=None, adapter_loader=None):
         with quiet():
             import deepspeed
             from deepspeed.pipe import LayerSpec, PipelineModule
@@ -52,7 +73,7 @@ class TrainEngine:
 
         self.cfg = cfg
         init_distributed(cfg.parallel.backend, cfg.train.device)
-        self.model_config = cfg.model_config()
+        self.model_config = model_config or cfg.model_config()
         dp, tp, pp = cfg.parallel.data, cfg.parallel.tensor, cfg.parallel.pipeline
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         if dp * tp * pp != self.world_size:
@@ -102,7 +123,7 @@ class TrainEngine:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_multiplier)
         self.ds_config = deepspeed_config(cfg)
         with quiet():
-            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            self.ds_engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
             )
         self.step = 0
@@ -129,8 +150,8 @@ class TrainEngine:
     def set_step(self, step: int, consumed_samples: int) -> None:
         """Position the schedule after a resume: the next optimizer step is number `step + 1`."""
         self.step, self.consumed_samples = step, consumed_samples
-        self.engine.global_steps = step
-        self.engine.global_samples = consumed_samples
+        self.ds_engine.global_steps = step
+        self.ds_engine.global_samples = consumed_samples
         self.scheduler.last_epoch = step
         for g, base, factor in zip(
             self.scheduler.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas
@@ -139,21 +160,20 @@ class TrainEngine:
         self.scheduler._last_lr = [g["lr"] for g in self.scheduler.optimizer.param_groups]
 
     # -- one optimizer step (collective) -----------------------------------------------------------------
-    def train_step(self, micro_batches: Iterator) -> dict:
-        """Run one global batch: `micro_batches` yields this data-parallel rank's (input_ids, labels) micro-
-        batches ([micro, seq] each); gradient_accumulation_steps of them are pulled. Returns the step's
-        metrics (identical on every rank)."""
+    def train_step(self, micro_batches: Iterator[MicroBatch]) -> dict:
+        """Run one global batch: `micro_batches` yields this data-parallel rank's micro-batches;
+        gradient_accumulation_steps of them are pulled. Returns the step's metrics (identical on every rank)."""
         lr = self.scheduler.get_last_lr()[0]
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = self.engine.train_batch(_to_device(micro_batches, self.device))
+        loss = self.ds_engine.train_batch(_to_device(micro_batches, self.device))
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         self.step += 1
         self.consumed_samples += self.cfg.train.global_batch
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.ds_engine.get_global_grad_norm()
         tokens_per_s = self.tokens_per_step / dt
         tflops = tokens_per_s * self.flops_per_token / self.world_size / 1e12
         peak = self.cfg.logging.peak_tflops if self.device.type == "cuda" else None
@@ -174,32 +194,32 @@ class TrainEngine:
         return metrics
 
     @torch.no_grad()
-    def eval_loss(self, micro_batches: Iterator, num_global_batches: int) -> float:
+    def eval_loss(self, micro_batches: Iterator[MicroBatch], num_global_batches: int) -> float:
         """Mean loss over `num_global_batches` global batches of held-out data: each dp rank evaluates its share
         in micro-batches; DeepSpeed averages over micro-batches and data parallel, so the figure does not depend
         on the layout. Collective."""
-        n = num_global_batches * self.engine.gradient_accumulation_steps()
-        loss = self.engine.eval_batch(_to_device(micro_batches, self.device), num_micro_batches=n)
+        n = num_global_batches * self.ds_engine.gradient_accumulation_steps()
+        loss = self.ds_engine.eval_batch(_to_device(micro_batches, self.device), num_micro_batches=n)
         return float(loss)
 
+    @torch.no_grad()
+    def probe_loss(self, micro_batches: Iterator[MicroBatch]) -> float:
+        """The loss of the current weights on one micro-batch per dp rank (averaged; the same on every rank),
+        without training: whether they still give a finite loss. Collective."""
+        return float(self.ds_engine.eval_batch(_to_device(micro_batches, self.device), num_micro_batches=1))
 
-def training_loss(logits, labels, tp_group):
-    """The loss of one micro-batch: for plain labels their mean cross-entropy; for (labels with -100 at the
-    untrained positions, scale) the summed cross-entropy of the trained labels times `scale` (GAS * dp / the
-    global batch's trained labels; see the module docstring)."""
-    if not isinstance(labels, tuple | list):
-        return tp_loss(logits, labels, tp_group)
-    labels, scale = labels
-    n = int((labels != IGNORE_INDEX).sum())
-    if n == 0:  # nothing of this micro-batch is trained: a zero loss that still reaches every parameter
+
+def training_loss(logits, target, tp_group):
+    """The loss of one micro-batch: the mean cross-entropy of its trained labels times its weight (see the
+    module docstring); a micro-batch without trained labels gives a zero loss that still reaches every
+    parameter."""
+    labels, weight = target
+    if not bool((labels != IGNORE_INDEX).any()):
         return logits.float().sum() * 0.0
-    return tp_loss(logits, labels, tp_group) * (n * scale.reshape(()).float())
+    return tp_loss(logits, labels, tp_group) * weight.reshape(()).float()
 
 
-def _to_device(batches, device):
-    for ids, labels in batches:
-        if isinstance(labels, tuple | list):
-            labels = tuple(x.to(device, non_blocking=True) for x in labels)
-        else:
-            labels = labels.to(device, non_blocking=True)
-        yield ids.to(device, non_blocking=True), labels
+def _to_device(batches: Iterator[MicroBatch], device) -> Iterator[MicroBatch]:
+    for ids, (labels, weight) in batches:
+        labels, weight = labels.to(device, non_blocking=True), weight.to(device, non_blocking=True)
+        yield MicroBatch(ids.to(device, non_blocking=True), (labels, weight))

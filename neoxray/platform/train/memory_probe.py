@@ -60,7 +60,7 @@ def held_step(engine, batches) -> dict:
 
         return wrapped
 
-    engine.engine.allreduce_gradients = before(engine.engine.allreduce_gradients)
+    engine.ds_engine.allreduce_gradients = before(engine.ds_engine.allreduce_gradients)
     wrapper.step = before(wrapper.step)
     inner.step = before(inner.step)
     metrics = engine.train_step(batches)

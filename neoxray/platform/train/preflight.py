@@ -1,78 +1,140 @@
 """Everything a run is checked against before any worker starts, and before anything in its run directory is
-touched: where it resumes (the newest intact checkpoint, damaged ones set aside by name), whether that checkpoint
-holds this run's model and tokenizer and still has steps to train, and whether the prepared data fits the model
-(row length, vocabulary, tokenizer, a validation split when evaluation is on). A problem is one NeoxrayError
-naming the keys and paths; the driver (`driver.run_train`) and the Ray-less launcher (`local.run_local`) both
-call `preflight` first.
+touched: where it resumes (`neoxray.platform.train.resume`: the newest intact checkpoint; a run directory whose
+checkpoints are all unusable is refused), whether that checkpoint holds this run's model and tokenizer and still
+has steps to train, whether the model it starts from (`model.init_from`, `checkpoint.load_from`) is intact, and
+whether the prepared data fits the model (the row length its files hold, vocabulary, tokenizer, a validation
+split when evaluation is on). A problem is one NeoxrayError naming the keys and paths; only once every check has
+passed are damaged checkpoints set aside. `plan_run` is the start of every run, the Ray driver's and the Ray-less
+launcher's alike: validate, resolve, `preflight`, and the `RunPlan` the workers receive.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from neoxray.errors import NeoxrayError
 from neoxray.model.config import ModelConfig
 from neoxray.model.tokenizer import TOKENIZER_FILE
-from neoxray.pipelines.dataset_format import read_manifest
+from neoxray.pipelines.dataset_format import read_manifest, stored_row_length
 from neoxray.pipelines.reader import parse_data_spec
-from neoxray.platform.checkpoint import newest_intact_checkpoint, read_meta, verify_checkpoint
+from neoxray.platform.checkpoint import read_meta, verify_checkpoint
+from neoxray.platform.train.resume import find_resume_point
+from neoxray.platform.train.run_plan import RunPlan, absolute_paths
 
 
-@dataclass
-class Preflight:
-    cfg: object
-    """The run config to train with (a warmup longer than the run shortened)."""
-    resume_from: str | None = None
-    """The checkpoint the workers load (weights, optimizer, step, data position), or None for a fresh start."""
-    finished_at: int | None = None
-    """Set when the newest checkpoint is already at (or past) train.steps: there is nothing to train."""
+def plan_run(cfg, run_dir=None, say: Callable[[str], None] = print, start_over: bool = False) -> RunPlan:
+    """Validate `cfg`, resolve it, and check it against its run directory (`run_dir`, else the config's
+    `run_dir`, else runs/<name>), its checkpoints and data; a run already at train.steps is a NeoxrayError.
+    `start_over`: train from step 0 in a run directory whose checkpoints are set aside."""
+    from neoxray.platform.train.config import resolved, validate
+
+    validate(cfg)
+    cfg = absolute_paths(resolved(cfg))
+    run_dir = Path(run_dir or cfg.run_dir or Path("runs") / cfg.name).resolve()
+    plan, finished_at = preflight(cfg, run_dir, say, start_over=start_over)
+    if finished_at is not None:
+        raise NeoxrayError(
+            f"run {run_dir} is already at step {finished_at} >= train.steps {cfg.train.steps}: nothing to train "
+            f"(raise train.steps to continue it, or train into a new --run-dir)"
+        )
+    return plan
 
 
-def preflight(cfg, run_dir, say: Callable[[str], None] = print) -> Preflight:
+def replan(plan: RunPlan, say: Callable[[str], None] = print) -> RunPlan | None:
+    """The plan of a restart after a fault: where the run stands now (its newest intact checkpoint); None when
+    the run reached train.steps before the fault."""
+    new, finished_at = preflight(plan.cfg, plan.run_dir, say)
+    return None if finished_at is not None else new
+
+
+def preflight(
+    cfg, run_dir: Path, say: Callable[[str], None] = print, start_over: bool = False
+) -> tuple[RunPlan, int | None]:
     """Check `cfg` (validated and resolved) against its run directory, checkpoints and data; see the module
-    docstring. Damaged checkpoints are renamed aside and reported through `say`; nothing else is written."""
+    docstring. -> (the run's plan, the step its newest checkpoint is at when that is train.steps or more: nothing
+    to train; else None). `start_over`: set the run directory's checkpoints aside and train from step 0.
+    Damaged checkpoints are renamed aside and reported through `say` once everything else has passed."""
     model = cfg.model_config()
-    seq = cfg.seq_len(model)
-    result = Preflight(cfg=_fit_schedule(cfg, say))
-    manifests = _data_manifests(cfg, model, seq)
+    cfg = _fit_schedule(_resolve_init_from(cfg), say)
+    manifests = _data_manifests(cfg, model, cfg.seq_len(model))
     tokenizers = {m["tokenizer"]["sha256"]: path for path, m in manifests if m.get("tokenizer")}
     if len(tokenizers) > 1:
         a, b = list(tokenizers.values())[:2]
         raise NeoxrayError(f"data.path: {a} and {b} were prepared with different tokenizers; mix only datasets of one")
     data_tok = next(iter(tokenizers), None)
 
-    resume = newest_intact_checkpoint(run_dir, say) if cfg.checkpoint.resume else None
+    point = (
+        find_resume_point(run_dir, start_over, cfg.logging.metrics_file)
+        if cfg.checkpoint.resume or start_over
+        else None
+    )
+    resume = point.checkpoint if point is not None else None
     if resume is None and cfg.checkpoint.load_from:
         resume = Path(cfg.checkpoint.load_from)
-        try:
-            verify_checkpoint(resume)
-        except NeoxrayError as e:
-            raise NeoxrayError(f"checkpoint.load_from: {e}") from None
+        _verify(resume, "checkpoint.load_from")
+    finished_at = None
     if resume is not None:
         meta = read_meta(resume)
-        saved = ModelConfig.from_dict(meta["model_config"])
-        diffs = saved.function_differences(model)
-        if diffs:
-            raise NeoxrayError(
-                f"{resume} holds another model than this run's config ({'; '.join(diffs)}: checkpoint vs run); "
-                f"nothing was changed: fix model.* to match it, or train into a new --run-dir"
-            )
+        _check_same_model(resume, meta, model)
         _check_lora_resume(cfg, resume, meta)
-        if int(meta["step"]) >= cfg.train.steps:
-            result.finished_at = int(meta["step"])
-        saved_tok = (meta.get("tokenizer") or {}).get("sha256")
-        if saved_tok and data_tok and saved_tok != data_tok:
-            raise NeoxrayError(
-                f"data.path {tokenizers[data_tok]} was prepared with another tokenizer than {resume} was trained "
-                f"with; prepare the data with the checkpoint's tokenizer ({resume / TOKENIZER_FILE})"
-            )
-        result.resume_from = str(resume)
+        finished_at = int(meta["step"]) if int(meta["step"]) >= cfg.train.steps else None
+        _check_data_tokenizer(resume, meta, tokenizers, data_tok)
     elif cfg.model.init_from and data_tok:
         _check_init_from_tokenizer(cfg, tokenizers[data_tok], data_tok)
-    return result
+    own = point is not None and point.checkpoint is not None
+    newest = point.newest_verified if own else resume
+    plan = RunPlan(
+        cfg=cfg,
+        model_config=model,
+        run_dir=Path(run_dir),
+        resume_from=None if resume is None else str(resume),
+        resume_verified=point.verified if own else True,
+        newest_checkpoint=None if newest is None else str(newest),
+    )
+    if point is not None and finished_at is None:
+        point.apply(say)
+    return plan, finished_at
+
+
+def _verify(checkpoint: Path, key: str) -> None:
+    """A checkpoint a run starts from, every file checked against its meta.json; a NeoxrayError naming `key`."""
+    try:
+        verify_checkpoint(checkpoint)
+    except NeoxrayError as e:
+        raise NeoxrayError(f"{key}: {e}") from None
+
+
+def _resolve_init_from(cfg):
+    """`model.init_from` resolved once (a run directory: its newest checkpoint) and, when it is a checkpoint,
+    checked file by file, before any worker reads it."""
+    if not cfg.model.init_from:
+        return cfg
+    from neoxray.platform.lora_checkpoint import resolve_base
+
+    base = resolve_base(cfg.model.init_from)
+    if base.kind == "checkpoint":
+        _verify(base.path, f"model.init_from={cfg.model.init_from}")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=str(base.path)))
+
+
+def _check_same_model(resume: Path, meta: dict, model: ModelConfig) -> None:
+    diffs = ModelConfig.from_dict(meta["model_config"]).function_differences(model)
+    if diffs:
+        raise NeoxrayError(
+            f"{resume} holds another model than this run's config ({'; '.join(diffs)}: checkpoint vs run); "
+            f"nothing was changed: fix model.* to match it, or train into a new --run-dir"
+        )
+
+
+def _check_data_tokenizer(resume: Path, meta: dict, tokenizers: dict, data_tok: str | None) -> None:
+    saved_tok = (meta.get("tokenizer") or {}).get("sha256")
+    if saved_tok and data_tok and saved_tok != data_tok:
+        raise NeoxrayError(
+            f"data.path {tokenizers[data_tok]} was prepared with another tokenizer than {resume} was trained "
+            f"with; prepare the data with the checkpoint's tokenizer ({resume / TOKENIZER_FILE})"
+        )
 
 
 def _check_lora_resume(cfg, resume: Path, meta: dict) -> None:
@@ -104,20 +166,11 @@ def _check_lora_resume(cfg, resume: Path, meta: dict) -> None:
     check_base(meta, resume, resolve_base(cfg.model.init_from))
 
 
-def nothing_to_train(run_dir, checked: Preflight, steps: int) -> NeoxrayError:
-    """The error for a run started again when its newest checkpoint is already at train.steps."""
-    return NeoxrayError(
-        f"run {run_dir} is already at step {checked.finished_at} >= train.steps {steps}: nothing to train (raise "
-        f"train.steps to continue it, or train into a new --run-dir)"
-    )
-
-
 def _check_init_from_tokenizer(cfg, data_path: str, data_tok: str) -> None:
     """Fine-tuning: the data must be tokenized with the tokenizer the Hugging Face directory carries."""
     from neoxray.model.tokenizer import Tokenizer
-    from neoxray.platform.lora_checkpoint import resolve_base
 
-    tok_file = resolve_base(cfg.model.init_from).path / TOKENIZER_FILE
+    tok_file = Path(cfg.model.init_from) / TOKENIZER_FILE
     if tok_file.exists() and Tokenizer.load(tok_file).sha256 != data_tok:
         raise NeoxrayError(
             f"data.path {data_path} was prepared with another tokenizer than model.init_from={cfg.model.init_from} "
@@ -140,9 +193,20 @@ def _fit_schedule(cfg, say):
     return dataclasses.replace(cfg, schedule=schedule)
 
 
+def check_row_length(key: str, path: str, rows: int, seq: int) -> None:
+    """The one rule for the data's row length: rows of train.seq_len + 1 tokens. A NeoxrayError naming `key`,
+    `path` and both lengths otherwise."""
+    if rows != seq + 1:
+        raise NeoxrayError(
+            f"{key} {path}: rows hold {rows - 1} + 1 tokens, but train.seq_len is {seq}; prepare the data with "
+            f"--seq-len {seq} or set train.seq_len={rows - 1}"
+        )
+
+
 def _data_manifests(cfg, model: ModelConfig, seq: int) -> list[tuple[str, dict]]:
     """Each training dataset's manifest (and the validation dataset's, when evaluation is on), checked against
-    the model: rows of seq + 1 tokens, a vocabulary the model's embedding holds, rows to train (and evaluate) on."""
+    the model: rows of seq + 1 tokens (in the manifest and in the files themselves), a vocabulary the model's
+    embedding holds, rows to train (and evaluate) on."""
     out = []
     specs = [(spec, "train") for spec in cfg.data.paths()]
     if cfg.eval.every > 0:
@@ -155,11 +219,8 @@ def _data_manifests(cfg, model: ModelConfig, seq: int) -> list[tuple[str, dict]]
         path, _ = parse_data_spec(spec)
         key = "data.validation_path" if spec == cfg.data.validation_path else "data.path"
         m = read_manifest(path)
-        if int(m["seq_len"]) != seq:
-            raise NeoxrayError(
-                f"{key} {path}: rows hold {m['seq_len']} + 1 tokens, but train.seq_len is {seq}; prepare the data "
-                f"with --seq-len {seq} or set train.seq_len={m['seq_len']}"
-            )
+        check_row_length(key, path, int(m["seq_len"]) + 1, seq)
+        _check_stored_rows(key, path, m, split)
         vocab = int((m.get("tokenizer") or {}).get("vocab_size", 0))
         if vocab > model.vocab_size:
             raise NeoxrayError(
@@ -177,3 +238,15 @@ def _data_manifests(cfg, model: ModelConfig, seq: int) -> list[tuple[str, dict]]
             raise NeoxrayError(f"{key} {path} has no training rows")
         out.append((path, m))
     return out
+
+
+def _check_stored_rows(key: str, path: str, manifest: dict, split: str) -> None:
+    """The files' own row length against the manifest's (a manifest edited by hand, or written for other files)."""
+    stored = stored_row_length(path, manifest, split)
+    claimed = int(manifest["seq_len"]) + 1
+    if stored is not None and stored != claimed:
+        raise NeoxrayError(
+            f"{key} {path}: its files hold rows of {stored} tokens, but its manifest.json says seq_len "
+            f"{manifest['seq_len']} (rows of {claimed}); the manifest does not describe these files: prepare the "
+            f"data again"
+        )

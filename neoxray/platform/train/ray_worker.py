@@ -5,6 +5,7 @@ where a run resumes, so neoxray always finds its own checkpoints. The driver is 
 
 from __future__ import annotations
 
+from neoxray.platform.train.run_plan import RunPlan
 from neoxray.platform.train.worker import Reporter, run_worker
 
 
@@ -18,15 +19,6 @@ class RayReporter(Reporter):
 
 
 def ray_train_loop(payload: dict) -> None:
-    """The `train_loop_per_worker` of the driver's TorchTrainer: payload = {"config": run config dict, "run_dir",
-    "resume_from": a checkpoint or None, "console": whether rank 0 prints its progress (the driver follows
-    metrics.jsonl instead, unless --verbose)}."""
-    from neoxray.platform.train.config import from_dict
-
-    run_worker(
-        from_dict(payload["config"]),
-        payload["run_dir"],
-        RayReporter(),
-        payload.get("resume_from"),
-        console=payload.get("console", False),
-    )
+    """The `train_loop_per_worker` of the driver's TorchTrainer: payload = `RunPlan.to_payload()` plus "console":
+    whether rank 0 prints its progress (the driver follows metrics.jsonl instead, unless --verbose)."""
+    run_worker(RunPlan.from_payload(payload), RayReporter(), console=payload.get("console", False))

@@ -1,7 +1,7 @@
 """The per-worker training loop. It knows nothing of Ray: a `Reporter` takes its per-step metrics (under Ray
 Train `RayReporter` in ray_worker.py calls `ray.train.report`), and `CheckpointWriter` writes checkpoints into
-the run directory, which every rank sees (one machine, or shared storage on a cluster). Where a run resumes is
-decided before any worker starts (`preflight`) and handed in as `resume_from`."""
+the run directory, which every rank sees (one machine, or shared storage on a cluster). What a run starts from
+is decided before any worker starts and handed in as a `RunPlan` (`neoxray.platform.train.run_plan`)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,21 @@ import torch.distributed as dist
 
 from neoxray.errors import NeoxrayError
 from neoxray.model.lora import LORA_PARAMS
-from neoxray.platform.checkpoint import EVAL_PIN, CheckpointSource, checkpoint_dir_name, prune_checkpoints
+from neoxray.platform.checkpoint import (
+    DIVERGED_PREFIX,
+    EVAL_PIN,
+    UNVERIFIED_PREFIX,
+    CheckpointSource,
+    aside_path,
+    checkpoint_dir_name,
+    prune_checkpoints,
+    set_aside,
+)
 from neoxray.platform.lora_checkpoint import resolve_base
 from neoxray.platform.train.checkpointing import restore_training_state, save_checkpoint
 from neoxray.platform.train.config import to_dict
 from neoxray.platform.train.engine import TrainEngine
+from neoxray.platform.train.run_plan import RunPlan
 
 
 class Reporter:
@@ -31,16 +41,20 @@ class Reporter:
 
 
 class CheckpointWriter:
-    """RUN_DIR/checkpoint-step-N, written by every rank: rank 0 makes a staging directory beside it, every rank
-    writes its files there, then rank 0 renames it into place (a checkpoint directory is always whole) and
-    deletes the oldest beyond `keep` (0: keep all). The newest checkpoint is never deleted, and damaged ones
-    are set aside under another name before a run starts, so rotation only ever sees intact ones."""
+    """RUN_DIR/checkpoint-step-N, written by every rank and kept only once its weights have given a finite loss.
+    Rank 0 makes a staging directory beside it, every rank writes its files there, then rank 0 renames it
+    `unverified-checkpoint-step-N` (a checkpoint directory is always whole). `settle(loss)` takes the loss of the
+    next forward pass with those weights: finite, and the checkpoint is renamed `checkpoint-step-N` (pinned for
+    evaluation with `pin`) and the oldest verified ones beyond `keep` (0: keep all) are deleted, never the newest
+    verified one; not finite, and it is set aside as `diverged-checkpoint-step-N`. `newest` is the newest
+    verified checkpoint: what a stop names. Collective: every rank calls every method."""
 
-    def __init__(self, run_dir, keep: int = 0, pin: bool = False):
+    def __init__(self, run_dir, keep: int = 0, pin: bool = False, newest=None, pending=None):
         self.root = Path(run_dir)
         self.keep = keep
         self.pin = pin  # mark each new checkpoint for evaluation (eval.tasks): rotation leaves it until then
-        self.newest: str | None = None
+        self.newest: Path | None = None if newest is None else Path(newest)
+        self.pending: Path | None = None if pending is None else Path(pending)
 
     @contextlib.contextmanager
     def write(self, step: int):
@@ -52,39 +66,110 @@ class CheckpointWriter:
         dist.barrier()
         yield str(tmp)
         dist.barrier()  # every rank's files are in tmp
-        dest = self.root / checkpoint_dir_name(step)
+        dest = self.root / (UNVERIFIED_PREFIX + checkpoint_dir_name(step))
         if dist.get_rank() == 0:
             shutil.rmtree(dest, ignore_errors=True)
             tmp.rename(dest)
+        self.pending = dest
+        dist.barrier()
+
+    def settle(self, loss: float) -> Path | None:
+        """`loss`: of a forward pass with the pending checkpoint's weights (none pending: nothing to do). Returns
+        where a checkpoint that failed was set aside, else None."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        if not math.isfinite(loss):
+            aside = aside_path(pending, DIVERGED_PREFIX)  # named by every rank before rank 0 renames it
+            dist.barrier()
+            if dist.get_rank() == 0:
+                set_aside(pending, DIVERGED_PREFIX, to=aside)
+            return aside
+        dest = self.root / pending.name.removeprefix(UNVERIFIED_PREFIX)
+        if dist.get_rank() == 0:
+            shutil.rmtree(dest, ignore_errors=True)
+            pending.rename(dest)
             if self.pin:
                 (dest / EVAL_PIN).touch()
             prune_checkpoints(self.root, self.keep)
-        self.newest = str(dest)
-        dist.barrier()
+        self.newest = dest
+        return None
 
 
-def check_finite(metrics: dict, precision: str, newest: str | None) -> None:
+def stop_on_non_finite(metrics: dict, precision: str, newest, diverged: Path | None = None) -> None:
     """Stop the run at a non-finite loss or gradient norm (bf16, fp32) before any checkpoint of that state is
-    written. Under fp16 an overflowing step is DeepSpeed's dynamic loss scaling at work: it skips the step."""
+    written; `diverged`: the checkpoint whose weights gave this loss, set aside. Under fp16 an overflowing step
+    is DeepSpeed's dynamic loss scaling at work: it skips the step."""
     if precision == "fp16":
         return
     values = {k: metrics.get(k) for k in ("loss", "grad_norm")}
     bad = [f"{k} is {v}" for k, v in values.items() if v is not None and not math.isfinite(v)]
     if bad:
+        aside = f"; the checkpoint whose weights gave it was set aside as {diverged.name}" if diverged else ""
         raise NeoxrayError(
             f"step {metrics['step']}: {' and '.join(bad)}; stopped before writing a checkpoint of this state "
-            f"(newest checkpoint: {newest or 'none'}); lower optimizer.lr or check the data, then resume"
+            f"(newest checkpoint: {newest or 'none'}){aside}; lower optimizer.lr or check the data, then resume"
         )
 
 
-def train_worker(
-    cfg, run_dir, reporter: Reporter, data_fn, tokenizer=None, metrics_sink_fn=None, resume_from=None
-) -> list[dict]:
-    """Train this rank up to `cfg.train.steps` optimizer steps, from `resume_from` (a checkpoint: weights,
-    optimizer, step, data position) or from `model.init_from` / a fresh initialisation. `data_fn(engine, split,
-    consumed_samples)` returns an iterator of this dp rank's (input_ids, labels) micro-batches starting at
+def train_worker(plan: RunPlan, reporter: Reporter, data_fn, tokenizer=None, metrics_sink_fn=None) -> list[dict]:
+    """Train this rank up to `cfg.train.steps` optimizer steps, from the plan's checkpoint (weights, optimizer,
+    step, data position) or from `model.init_from` / a fresh initialisation. `data_fn(engine, split,
+    consumed_samples)` returns an iterator of this dp rank's micro-batches (`engine.MicroBatch`) starting at
     `consumed_samples`. Returns the per-step metrics."""
-    source = CheckpointSource(resume_from) if resume_from else None
+    cfg = plan.cfg
+    engine, extra = _build_engine(plan)
+    pending = None if plan.resume_verified else plan.resume_from  # its first step's loss verifies it
+    writer = CheckpointWriter(plan.run_dir, cfg.checkpoint.keep, bool(cfg.eval.tasks), plan.newest_checkpoint, pending)
+    sink = metrics_sink_fn(engine) if (metrics_sink_fn is not None and engine.rank == 0) else None
+    if sink is not None:
+        sink.rewind(engine.step)  # records of steps after the resume point describe a run that no longer exists
+        if engine.step:
+            sink.log({"event": "resumed", "step": engine.step, "consumed_samples": engine.consumed_samples})
+    train_iter = data_fn(engine, "train", engine.consumed_samples)
+    history = []
+    every, ev = cfg.checkpoint.every, cfg.eval.every
+    try:
+        while engine.step < cfg.train.steps:
+            metrics = engine.train_step(train_iter)
+            diverged = writer.settle(metrics["loss"])  # the step's forward ran on the pending checkpoint's weights
+            stop_on_non_finite(metrics, cfg.train.precision, writer.newest, diverged)
+            if ev and engine.step % ev == 0:
+                metrics["val_loss"] = engine.eval_loss(data_fn(engine, "validation", 0), cfg.eval.batches)
+            history.append(metrics)
+            if sink is not None:
+                sink.log(metrics)
+            if (every and engine.step % every == 0) or engine.step == cfg.train.steps:
+                with writer.write(engine.step) as tmp:
+                    save_checkpoint(engine, tmp, extra, tokenizer)
+            reporter.report(metrics)
+        _settle_last(engine, writer, train_iter)
+    finally:
+        if sink is not None:
+            sink.close()
+    return history
+
+
+def _settle_last(engine: TrainEngine, writer: CheckpointWriter, train_iter) -> None:
+    """The run's last checkpoint has had no forward pass with its weights: one probe forward on the next
+    micro-batch of the training data decides whether it is kept. Collective."""
+    if writer.pending is None:
+        return
+    loss = engine.probe_loss(train_iter)
+    diverged = writer.settle(loss)
+    if diverged is not None:
+        raise NeoxrayError(
+            f"step {engine.step}: the weights after this step give a non-finite loss ({loss}) on the next batch "
+            f"(their update diverged); their checkpoint was set aside as {diverged.name} (newest checkpoint: "
+            f"{writer.newest or 'none'}); lower optimizer.lr or check the data, then resume"
+        )
+
+
+def _build_engine(plan: RunPlan) -> tuple[TrainEngine, dict]:
+    """This rank's engine, filled from the plan's checkpoint (or `model.init_from`'s weights, or initialised from
+    the seed), and the extra meta.json entries of its checkpoints (a LoRA run's adapter shape and base)."""
+    cfg = plan.cfg
+    source = CheckpointSource(plan.resume_from) if plan.resume_from else None
     base = resolve_base(cfg.model.init_from) if cfg.model.init_from else None
     adapter_loader, extra = None, {"run_name": cfg.name, "config": to_dict(cfg)}
     if cfg.lora.spec() is not None:  # LoRA: the base from model.init_from, frozen; the adapters trained
@@ -98,36 +183,10 @@ def train_worker(
         loader = base.source().load_into
     else:
         loader = None
-    engine = TrainEngine(cfg, loader=loader, adapter_loader=adapter_loader)
+    engine = TrainEngine(cfg, plan.model_config, loader=loader, adapter_loader=adapter_loader)
     if source is not None:
         restore_training_state(engine, source)
-    writer = CheckpointWriter(run_dir, keep=cfg.checkpoint.keep, pin=bool(cfg.eval.tasks))
-    writer.newest = resume_from
-    sink = metrics_sink_fn(engine) if (metrics_sink_fn is not None and engine.rank == 0) else None
-    if sink is not None:
-        sink.rewind(engine.step)  # records of steps after the resume point describe a run that no longer exists
-        if engine.step:
-            sink.log({"event": "resumed", "step": engine.step, "consumed_samples": engine.consumed_samples})
-    train_iter = data_fn(engine, "train", engine.consumed_samples)
-    history = []
-    every, ev = cfg.checkpoint.every, cfg.eval.every
-    try:
-        while engine.step < cfg.train.steps:
-            metrics = engine.train_step(train_iter)
-            check_finite(metrics, cfg.train.precision, writer.newest)
-            if ev and engine.step % ev == 0:
-                metrics["val_loss"] = engine.eval_loss(data_fn(engine, "validation", 0), cfg.eval.batches)
-            history.append(metrics)
-            if sink is not None:
-                sink.log(metrics)
-            if (every and engine.step % every == 0) or engine.step == cfg.train.steps:
-                with writer.write(engine.step) as tmp:
-                    save_checkpoint(engine, tmp, extra, tokenizer)
-            reporter.report(metrics)
-    finally:
-        if sink is not None:
-            sink.close()
-    return history
+    return engine, extra
 
 
 def _adapter_loader(source: CheckpointSource):
@@ -143,15 +202,17 @@ def _adapter_loader(source: CheckpointSource):
     return load
 
 
-def run_worker(cfg, run_dir, reporter: Reporter, resume_from: str | None = None, console: bool = True) -> list[dict]:
+def run_worker(plan: RunPlan, reporter: Reporter, console: bool = True) -> list[dict]:
     """One rank's whole run: its data, its tokenizer, the metrics sink (rank 0; printing the progress on stdout
     when `console`), then `train_worker`."""
     from neoxray.platform.train.data import load_run_tokenizer, make_data_fn
     from neoxray.platform.train.metrics import MetricsSink
 
+    cfg = plan.cfg
+
     def sink(engine):
         return MetricsSink(
-            run_dir,
+            plan.run_dir,
             cfg.name,
             tensorboard=cfg.logging.tensorboard,
             ray_metrics=cfg.logging.ray_metrics,
@@ -161,12 +222,4 @@ def run_worker(cfg, run_dir, reporter: Reporter, resume_from: str | None = None,
             total_steps=cfg.train.steps,
         )
 
-    return train_worker(
-        cfg,
-        run_dir,
-        reporter,
-        make_data_fn(cfg),
-        load_run_tokenizer(cfg),
-        metrics_sink_fn=sink,
-        resume_from=resume_from,
-    )
+    return train_worker(plan, reporter, make_data_fn(cfg), load_run_tokenizer(cfg), metrics_sink_fn=sink)

@@ -365,6 +365,7 @@ def held_bytes(engine) -> dict:
     """One training step of `engine` on random tokens, and the bytes this rank held (`memory_probe`)."""
     import torch
 
+    from neoxray.platform.train.engine import micro_batch
     from neoxray.platform.train.memory_probe import held_step
 
     g = torch.Generator().manual_seed(0)
@@ -372,7 +373,7 @@ def held_bytes(engine) -> dict:
     def batches():
         while True:
             ids = torch.randint(0, 1024, (1, 33), generator=g)
-            yield ids[:, :-1], ids[:, 1:]
+            yield micro_batch(ids[:, :-1], ids[:, 1:])
 
     return held_step(engine, batches())
 

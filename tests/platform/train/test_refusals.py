@@ -11,75 +11,25 @@ import json
 import os
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import SAMPLE, run_cli
-from tests.platform.train.conftest import cfg_for, losses
+from tests.platform.train.conftest import (
+    SMALL,
+    cfg_for,
+    copy_of,
+    cpu_hog,
+    flip_a_byte,
+    losses,
+    one_error_line,
+    records,
+    train,
+    tree,
+)
 
 pytestmark = pytest.mark.e2e  # training runs in real processes and on the session's Ray cluster
-
-SMALL = [
-    "model.preset=tiny",
-    "model.overrides.vocab_size=1024",
-    "model.overrides.max_seq_len=32",
-    "train.global_batch=4",
-    "train.micro_batch=2",
-    "schedule.warmup_steps=1",
-    "schedule.decay_steps=8",
-    "checkpoint.every=2",
-    "checkpoint.keep=0",
-    "logging.tensorboard=false",
-    "train.seed=3",
-]
-
-
-def train(data, run_dir, *extra, check=True):
-    """`neoxray train --no-ray` in a fresh process, as a user runs it."""
-    return run_cli("train", "--no-ray", "--run-dir", str(run_dir), *SMALL, f"data.path={data}", *extra, check=check)
-
-
-def tree(root: Path) -> dict[str, str]:
-    """Every file under `root` -> its sha256: to show a refused run touched nothing."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
-def one_error_line(proc, *needles) -> str:
-    """The run failed with exactly one `neoxray: error:` line, no traceback, naming every needle."""
-    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("neoxray: error:")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    return errors[0]
-
-
-def records(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def base_run(prepared, tmp_path_factory):
-    """A 4-step run with checkpoints at steps 2 and 4; tests copy it before changing anything."""
-    run = tmp_path_factory.mktemp("base") / "run"
-    train(prepared, run, "train.steps=4")
-    assert sorted(p.name for p in run.glob("checkpoint-step-*")) == [
-        "checkpoint-step-0000002",
-        "checkpoint-step-0000004",
-    ]
-    return run
-
-
-def copy_of(run: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "run"
-    shutil.copytree(run, out)
-    return out
 
 
 def test_another_architectures_checkpoint_is_refused_touching_nothing(prepared, base_run, tmp_path):
@@ -93,9 +43,7 @@ def test_another_architectures_checkpoint_is_refused_touching_nothing(prepared, 
 def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_newest_intact_one(prepared, base_run, tmp_path):
     run = copy_of(base_run, tmp_path)
     shard = next((run / "checkpoint-step-0000004").glob("shard-*.safetensors"))
-    data = bytearray(shard.read_bytes())
-    data[-64] ^= 0xFF  # a flipped byte in the Adam state or the weights: same size, other content
-    shard.write_bytes(bytes(data))
+    data = flip_a_byte(shard)  # a flipped byte in the Adam state or the weights: same size, other content
     proc = train(prepared, run, "train.steps=6")
     assert "checkpoint-step-0000004 is damaged" in proc.stderr and shard.name in proc.stderr
     assert (run / "damaged-checkpoint-step-0000004" / shard.name).read_bytes() == bytes(data)  # kept, not deleted
@@ -110,6 +58,9 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_newest_i
 
 
 def test_a_non_finite_loss_stops_the_run_before_any_checkpoint_of_it(prepared, tmp_path):
+    """Step 1's update (lr 1e20) already blows the weights up: step 2's loss, their first forward, is NaN. The
+    checkpoint of step 1 holds those weights, so it is set aside (kept, never resumed) and the stop names no
+    newest checkpoint (before: it named checkpoint-step-0000001, and resuming from it failed again)."""
     run = tmp_path / "run"
     proc = train(
         prepared,
@@ -122,9 +73,10 @@ def test_a_non_finite_loss_stops_the_run_before_any_checkpoint_of_it(prepared, t
         "optimizer.clip_grad=0",
         check=False,
     )
-    line = one_error_line(proc, "step 2", "loss is nan", "checkpoint-step-0000001")
+    line = one_error_line(proc, "step 2", "loss is nan", "newest checkpoint: none", "diverged-checkpoint-step-0000001")
     assert "stopped before writing a checkpoint" in line
-    assert sorted(p.name for p in run.glob("checkpoint-step-*")) == ["checkpoint-step-0000001"]
+    assert sorted(p.name for p in run.glob("checkpoint-step-*")) == []
+    assert (run / "diverged-checkpoint-step-0000001" / "meta.json").exists()  # set aside, not deleted
 
 
 def test_export_refuses_non_finite_weights(base_run, tmp_path):
@@ -183,11 +135,15 @@ def test_a_shipped_config_runs_a_short_smoke_run(prepared, tmp_path):
 
 # ------------------------------------------------------------------------------------------------------- on Ray
 def test_removing_a_checkpoint_by_hand_leaves_the_run_resumable(prepared, ray_local, tmp_path):
+    """The first run starts its workers and trains its first step beside a CPU hog (a busy process that takes one
+    of this machine's two cores from Ray's niced workers), as on a user's busy node: Ray Train's health checks
+    must let its starved workers be (`driver.RAY_TRAIN_TOLERANCE`)."""
     from neoxray.platform.train.driver import run_train
 
     run = tmp_path / "run"
     extra = ["train.steps=4", "checkpoint.every=2", "checkpoint.keep=0", "eval.every=0"]
-    run_train(cfg_for(prepared, "by-hand", (2, 1, 1), extra), run_dir=str(run))
+    with cpu_hog(until=lambda: 1 in losses(run)):
+        run_train(cfg_for(prepared, "by-hand", (2, 1, 1), extra), run_dir=str(run))
     shutil.rmtree(run / "checkpoint-step-0000004")
     run_train(cfg_for(prepared, "by-hand", (2, 1, 1), ["train.steps=6", *extra[1:]]), run_dir=str(run))
     assert [r["step"] for r in records(run) if r.get("event") == "resumed"] == [2]
@@ -242,6 +198,27 @@ def test_data_that_does_not_fit_is_refused_before_any_worker_starts(
     assert all(n in str(e.value) for n in needles), str(e.value)
     assert not (tmp_path / "run").exists(), "nothing is written for a refused run"
     assert time.monotonic() - t0 < 30
+
+
+def test_a_manifest_that_lies_about_the_row_length_is_refused_before_the_run_directory_is_touched(
+    prepared, ray_local, tmp_path
+):
+    """manifest.json edited to say rows of 16 + 1 tokens while its files hold 32 + 1: the driver reads the files'
+    own row length (before: the workers found out, after the run directory was made, and the message repeated
+    the manifest's figure)."""
+    from neoxray.errors import NeoxrayError
+    from neoxray.platform.train.driver import run_train
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest.update(seq_len=16, row_length=17)
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    cfg = cfg_for(data, "liar", (1, 1, 1), ["train.seq_len=16", "train.steps=2", "eval.every=0"])
+    with pytest.raises(NeoxrayError) as e:
+        run_train(cfg, run_dir=str(tmp_path / "run"))
+    assert "rows of 33 tokens" in str(e.value) and "manifest.json" in str(e.value), str(e.value)
+    assert not (tmp_path / "run").exists(), "nothing is written for a refused run"
 
 
 def test_a_user_error_in_a_worker_ends_the_run_at_once_as_one_line(prepared, ray_local, tmp_path):

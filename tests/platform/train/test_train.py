@@ -99,8 +99,8 @@ HOLD_AT = 4
 def _held_train_loop(payload: dict) -> None:
     """The workers' loop, held after step HOLD_AT until the test has killed one of them (a marker file beside
     the run directory), so the kill lands mid-run on any machine. Imported by the workers from this module."""
-    from neoxray.platform.train.config import from_dict
     from neoxray.platform.train.ray_worker import RayReporter
+    from neoxray.platform.train.run_plan import RunPlan
     from neoxray.platform.train.worker import run_worker
 
     marker = Path(payload["run_dir"]).parent / "worker-killed"
@@ -111,7 +111,7 @@ def _held_train_loop(payload: dict) -> None:
             while metrics["step"] == HOLD_AT and not marker.exists():
                 time.sleep(0.05)
 
-    run_worker(from_dict(payload["config"]), payload["run_dir"], Held(), payload.get("resume_from"))
+    run_worker(RunPlan.from_payload(payload), Held())
 
 
 def _kill_one_worker_when_held(run_dir: Path, killed: list, timeout=600):

@@ -1,0 +1,76 @@
+"""`neoxray export`: a training checkpoint written out as a Hugging Face GPT-NeoX directory (every shard merged,
+any layout), or a LoRA run's checkpoint as a peft adapter directory (or, with `merge`, a full model with the
+adapter folded in). Everything it reads is checked first: the files against meta.json, a LoRA adapter's base
+against the identity the checkpoint recorded, the weights by a probe forward (diverged weights are never
+exported). What it writes goes to a temporary name and is renamed into place (`neoxray.model.hf`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from neoxray.errors import NeoxrayError
+from neoxray.platform.checkpoint import checkpoint_dtype, load_checkpoint_tokenizer, read_meta, resolve_model_path
+from neoxray.platform.lora_checkpoint import check_base, is_lora, read_checkpoint_adapter
+from neoxray.platform.model_loading import load_checkpoint_weights
+
+
+@dataclass(frozen=True)
+class Exported:
+    checkpoint: Path
+    """The checkpoint that was exported (a run directory's newest verified one)."""
+    out: Path
+    """The directory written."""
+    what: str
+    """What it holds, for people: "a Hugging Face model", "a peft LoRA adapter", ..."""
+
+
+def export(checkpoint, out_dir, merge: bool = False, dtype: torch.dtype | None = None) -> Exported:
+    """Export the checkpoint `checkpoint` names (a checkpoint directory, or a run directory: its newest verified
+    checkpoint) into `out_dir`: a full run's as a Hugging Face directory, a LoRA run's as a peft adapter (with
+    `merge`: a Hugging Face directory of its base with the adapter folded in). `dtype` None: the precision it
+    trained in."""
+    ckpt = resolve_checkpoint_path(checkpoint)
+    meta = read_meta(ckpt)
+    tokenizer = load_checkpoint_tokenizer(ckpt, meta)
+    if is_lora(meta):
+        if merge:
+            out = _save_model(ckpt, meta, out_dir, tokenizer, dtype)
+            return Exported(ckpt, out, "a Hugging Face model with the adapter merged")
+        return Exported(ckpt, _save_adapter(ckpt, out_dir, tokenizer), "a peft LoRA adapter")
+    if merge:
+        raise NeoxrayError(f"--merge: {ckpt} holds a full model, not LoRA adapters (export it without --merge)")
+    return Exported(ckpt, _save_model(ckpt, meta, out_dir, tokenizer, dtype), "a Hugging Face model")
+
+
+def resolve_checkpoint_path(path) -> Path:
+    """A training checkpoint, or a run directory's newest one; anything else is a NeoxrayError naming it."""
+    kind, p = resolve_model_path(path)
+    if kind != "checkpoint":
+        raise NeoxrayError(f"{path}: a Hugging Face model directory, not a training checkpoint (nothing to export)")
+    return p
+
+
+def _save_model(ckpt: Path, meta: dict, out_dir, tokenizer, dtype) -> Path:
+    """The checkpoint's whole model (read one tensor at a time into a model built on the meta device; a LoRA
+    run's: its base with the adapter folded in) as a Hugging Face directory with the tokenizer."""
+    from neoxray.model.hf import save_pretrained
+
+    model = load_checkpoint_weights(ckpt)
+    return save_pretrained(model, out_dir, tokenizer=tokenizer, dtype=dtype or checkpoint_dtype(meta))
+
+
+def _save_adapter(ckpt: Path, out_dir, tokenizer) -> Path:
+    """A LoRA checkpoint's adapter as a peft directory (`adapter_config.json`, `adapter_model.safetensors`, the
+    tokenizer), once the adapter on its base has passed the probe forward."""
+    from neoxray.model.peft_format import write_peft_adapter
+
+    load_checkpoint_weights(ckpt)  # the probe: an adapter whose merged model diverged is not exported
+    adapter, meta = read_checkpoint_adapter(ckpt)
+    base = check_base(meta, ckpt)
+    out = write_peft_adapter(adapter, out_dir, base_model_name_or_path=str(base.path))
+    if tokenizer is not None:
+        tokenizer.save(out)
+    return Path(out)
