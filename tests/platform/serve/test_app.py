@@ -46,6 +46,7 @@ def test_shipped_serve_config_validates_and_builds(tiny_model_dir):
         build_app({"model": "no/such/model"})
 
 
+@pytest.mark.e2e  # runs the CLI in a child process
 def test_serve_cli_refuses_a_missing_model_before_starting_anything():
     proc = run_cli("serve", "--model", "no/such/model", check=False, timeout=120)
     assert proc.returncode == 1
@@ -54,6 +55,7 @@ def test_serve_cli_refuses_a_missing_model_before_starting_anything():
     assert proc.returncode == 1 and "num_replicas" in proc.stderr
 
 
+@pytest.mark.e2e  # runs the CLI in a child process
 def test_serving_beyond_this_machine_without_a_key_says_so_in_one_line():
     """`--host 0.0.0.0` without a key lets anyone who reaches the port use the model: one warning line, before
     anything starts (here the model is missing, so nothing binds). With a key, or on 127.0.0.1, no warning."""

@@ -322,6 +322,7 @@ def test_serve_metrics_reach_the_prometheus_export(server, ray_local):
 
 
 # ------------------------------------------------------------------------------------------------- without Ray
+@pytest.mark.e2e  # runs the CLI in a child process
 def test_serve_without_ray_answers_the_same(serve_model_dir, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
