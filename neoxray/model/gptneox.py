@@ -181,5 +181,7 @@ def build_model(config: ModelConfig, device="cpu", dtype=torch.float32, seed: in
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token loss; logits [b, s, V] already aligned with labels [b, s]."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index)
+    """Mean next-token loss over the labels that are not `ignore_index` (0 when there are none); logits [b, s, V]
+    already aligned with labels [b, s]."""
+    total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index, reduction="sum")
+    return total / (labels != ignore_index).sum().clamp(min=1)

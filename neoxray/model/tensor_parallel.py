@@ -335,7 +335,8 @@ class VocabParallelEmbedding(_TPModule):
 # loss on vocab-sharded logits
 # ---------------------------------------------------------------------------------------------------------
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of logits sharded on the vocab dim, in fp32, without gathering them: a max
+    """Mean cross-entropy of logits sharded on the vocab dim (0 when every label is ignored), in fp32, without
+    gathering them: a max
     all-reduce for stability, then one all-reduce of [sum of exp, target logit] (the target logit is
     found on the rank that holds it and zero elsewhere). Backward: (softmax - onehot) on the local shard."""
 
@@ -358,7 +359,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             dist.all_reduce(stats, group=group)
         sum_exp, target = stats[0], stats[1]
         valid = labels != ignore_index
-        count = valid.sum()
+        count = valid.sum().clamp(min=1)  # no label to train: a loss of 0 (no NaN), decided without a host sync
         loss = (sum_exp.log() - target).masked_fill(~valid, 0.0).sum() / count
         x.div_(sum_exp.unsqueeze(-1))
         ctx.save_for_backward(x, local, outside, valid, count)

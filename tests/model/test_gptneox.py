@@ -98,6 +98,24 @@ def test_forward_shapes_and_loss_near_uniform_at_init():
     assert abs(loss.item() - math.log(cfg.vocab_size)) < 0.5
 
 
+def test_a_loss_over_no_trained_labels_is_zero_and_still_reaches_the_logits():
+    """A micro-batch whose labels are all ignored (a prompt-only stretch of prompt-completion data) gives a loss of
+    0, not NaN, with zero gradients on every logit, on the plain and the vocab-parallel path alike, and a partly
+    ignored one gives the mean over the labels that remain (as F.cross_entropy's mean)."""
+    from neoxray.model.tensor_parallel import vocab_parallel_cross_entropy
+
+    logits = torch.randn(2, 5, 11)
+    for loss_fn in (cross_entropy, lambda x, y: vocab_parallel_cross_entropy(x, y, None, -100)):
+        x = logits.clone().requires_grad_()
+        loss = loss_fn(x, torch.full((2, 5), -100))
+        loss.backward()
+        assert loss.item() == 0.0 and x.grad is not None and not x.grad.any()
+        labels = torch.randint(0, 11, (2, 5))
+        labels[0, :3] = -100
+        expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        assert loss_fn(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_causality():
     m = build_model(get_preset("tiny"), seed=0)
     ids = torch.randint(0, 4096, (1, 16))
