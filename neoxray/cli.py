@@ -191,12 +191,10 @@ def cmd_plan(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from pydantic import ValidationError
-
     from neoxray.platform.serve.args import ServeArgs
     from neoxray.platform.serve.run import run_serve
 
-    given = dict(
+    serve_args = ServeArgs.from_flags(
         model=args.model,
         name=args.name,
         loras=args.lora,  # {NAME: DIR} from `--lora NAME=DIR` (cli_parser)
@@ -211,12 +209,6 @@ def cmd_serve(args) -> None:
         num_gpus=args.num_gpus,
         **{dest: getattr(args, dest) for dest in (flag[2:].replace("-", "_") for flag, _, _ in SERVE_LIMITS)},
     )
-    try:
-        serve_args = ServeArgs(**{k: v for k, v in given.items() if v is not None})
-    except ValidationError as e:
-        err = e.errors()[0]
-        msg = err["msg"].removeprefix("Value error, ")
-        raise NeoxrayError(f"serve: {'.'.join(map(str, err['loc']))}: {msg}") from None
     run_serve(
         serve_args, host=args.host, port=args.port, address=args.address, no_ray=args.no_ray, verbose=args.verbose
     )

@@ -161,6 +161,19 @@ class ServeArgs(BaseModel):
             ranks += [int(cfg["r"]), *(int(r) for r in (cfg.get("rank_pattern") or {}).values())]
         return max(ranks)
 
+    @classmethod
+    def from_flags(cls, **given) -> ServeArgs:
+        """The arguments `neoxray serve`'s flags give (a flag left unset, None, takes the field's default); a value
+        the schema refuses is a NeoxrayError naming the field, in one line."""
+        from pydantic import ValidationError
+
+        try:
+            return cls(**{k: v for k, v in given.items() if v is not None})
+        except ValidationError as e:
+            err = e.errors()[0]
+            msg = err["msg"].removeprefix("Value error, ")
+            raise NeoxrayError(f"serve: {'.'.join(map(str, err['loc']))}: {msg}") from None
+
     def with_env_api_key(self) -> ServeArgs:
         """These arguments with the key from NEOXRAY_API_KEY when none is given; a NEOXRAY_API_KEY that is set
         but empty is refused (it would turn authentication off without saying so)."""
