@@ -2,8 +2,9 @@
 (`EngineInfo`, with the checks of a request against it), a request (`Request`: prompt ids, token budget,
 sampling, log-probabilities, the group it belongs to), the streamed deltas it produces (`Output`,
 `TokenLogprob`), a request's whole result (`Completion`), and the errors it raises. Plain data that travels between
-processes (the serving layer checks requests against an `EngineInfo` in another process than the engine's); no
-tensors, though importing it imports torch (through `neoxray.model.decoding`, whose `SamplingParams` it carries)."""
+processes (the serving layer reads an `EngineInfo`: context, vocabulary, adapter slots, in another process than the
+engine's; the engine checks each request as it takes it in); no tensors, though importing it imports torch
+(through `neoxray.model.decoding`, whose `SamplingParams` it carries)."""
 
 from __future__ import annotations
 
