@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import ray
@@ -65,7 +66,7 @@ class Arrivals:
     """Counts the requests that reached the stand-in model (any of its replicas)."""
 
     def __init__(self):
-        self.n = self.cancelled = 0
+        self.n = 0
 
     def add(self) -> None:
         self.n += 1
@@ -73,20 +74,21 @@ class Arrivals:
     def count(self) -> int:
         return self.n
 
-    def cancel(self) -> None:
-        self.cancelled += 1
 
-    def cancellations(self) -> int:
-        return self.cancelled
+def cancellations(marks: Path) -> int:
+    """How many parked calls of the stand-in model were cancelled (one file each in `marks`)."""
+    return len(list(Path(marks).glob("cancelled-*")))
 
 
 @serve.deployment(name="NeoxrayModel")
 class ParkingModel:
     """Answers the ingress as `neoxray.platform.serve.app.NeoxrayModel` does, without an engine: a request whose
     prompt starts with the token of "park" gets one token, then waits for ever (until its replica is killed);
-    any other request gets one token and finishes. A parked request that is cancelled is counted."""
+    any other request gets one token and finishes. A parked request that is cancelled leaves a file in `marks`
+    (`cancellations`): not a call to an actor, which Ray would cancel with the request it is made from (its
+    cancellation is recursive), leaving this replica's next call to that actor waiting for the lost one."""
 
-    def __init__(self, model_dir: str, arrivals):
+    def __init__(self, model_dir: str, arrivals, marks: str):
         from neoxray.model.hf import load_model_and_tokenizer
 
         model, self.tokenizer = load_model_and_tokenizer(model_dir)
@@ -95,6 +97,7 @@ class ParkingModel:
         self._info = InferenceEngine(model, self.tokenizer).info
         self.park_id = self.tokenizer.encode("park")[0]
         self.arrivals = arrivals
+        self.marks = Path(marks)
 
     def describe(self):
         return self._info, self.tokenizer
@@ -112,7 +115,7 @@ class ParkingModel:
             try:
                 await asyncio.Event().wait()
             except asyncio.CancelledError:  # the ingress cancelled the call: its client went away
-                self.arrivals.cancel.remote()
+                (self.marks / f"cancelled-{uuid.uuid4().hex}").touch()
                 raise
 
     async def embed(self, token_lists):

@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from tests.conftest import free_port, run_cli
-from tests.support.serving import Server, start_server, stop_server, wait_until
+from tests.support.serving import Server, cancellations, start_server, stop_server, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -253,25 +253,28 @@ def test_unknown_routes_and_bodies_without_content_type(server):
 
 # ------------------------------------------------------------------------------------------- Serve's failures
 @pytest.fixture(scope="module")
-def parked(server, ray_local, serve_model_dir):
-    """The real ingress in front of a stand-in model deployment (1 request at a time, 1 queued) at /parked."""
+def parked(server, ray_local, serve_model_dir, tmp_path_factory):
+    """The real ingress in front of a stand-in model deployment (1 request at a time, 1 queued) at /parked;
+    -> its URL, the actor counting arrivals, and the folder where cancellations are marked."""
     from ray import serve
 
     from neoxray.platform.serve.app import NeoxrayIngress, ServeArgs
     from tests.support.serving import Arrivals, ParkingModel
 
     arrivals = Arrivals.remote()
+    marks = tmp_path_factory.mktemp("parked-cancellations")
     args = ServeArgs(model=str(serve_model_dir), name="tiny").model_dump()
-    model = ParkingModel.options(max_ongoing_requests=1, max_queued_requests=1).bind(str(serve_model_dir), arrivals)
+    parking = ParkingModel.options(max_ongoing_requests=1, max_queued_requests=1)
+    model = parking.bind(str(serve_model_dir), arrivals, str(marks))
     serve.run(NeoxrayIngress.options(max_queued_requests=-1).bind(model, args), name="parked", route_prefix="/parked")
-    yield server + "/parked", arrivals
+    yield server + "/parked", arrivals, marks
     serve.delete("parked")
 
 
 def test_backpressure_and_a_model_replica_that_dies_mid_request(parked, ray_local):
     import ray
 
-    url, arrivals = parked
+    url, arrivals, _ = parked
     body = {"prompt": "park here", "max_tokens": 8}
     with requests.post(url + "/v1/completions", json={**body, "stream": True}, stream=True, timeout=300) as stream:
         assert stream.status_code == 200
@@ -305,20 +308,18 @@ def test_backpressure_and_a_model_replica_that_dies_mid_request(parked, ray_loca
 def test_a_client_that_goes_away_cancels_its_call_on_the_model_replica(parked, ray_local):
     """Through Serve: the ingress cancels its handle call when the HTTP client disconnects (the real model
     replica then aborts its engine requests: test_app.py shows the abort on an engine in-process)."""
-    import ray
-
-    url, arrivals = parked
-    before = ray.get(arrivals.cancellations.remote())
+    url, _, marks = parked
+    before = cancellations(marks)
     body = {"prompt": "park", "max_tokens": 8, "stream": True}
     with requests.post(url + "/v1/completions", json=body, stream=True, timeout=300) as stream:
         assert next(line for line in stream.iter_lines() if line).startswith(b"data: {")
-    wait_until(lambda: ray.get(arrivals.cancellations.remote()) == before + 1, "the model replica's call cancelled")
+    wait_until(lambda: cancellations(marks) == before + 1, "the model replica's call cancelled")
 
 
 def test_a_non_streamed_request_whose_replica_dies_gets_503(parked, ray_local):
     import ray
 
-    url, arrivals = parked
+    url, arrivals, _ = parked
     before = ray.get(arrivals.count.remote())
     answers = []
     t = threading.Thread(
