@@ -34,8 +34,9 @@ SHARED_PLATFORM = [
     "neoxray.platform.export",
 ]
 """Used by training, serving and evaluation alike, so they belong to none of them."""
-BELOW_THE_LAYERS = ["neoxray.errors", "neoxray.ray_connection"]
-"""Used by the pipelines and the platform alike (one error type, one way to connect to Ray), so they know neither."""
+BELOW_THE_LAYERS = ["neoxray.errors", "neoxray.paths", "neoxray.ray_connection"]
+"""Used by the layers alike (one error type, one way to tell a URI from a local path, one way to connect to
+Ray), so they know none of them."""
 
 RULES: list[tuple[list[str], list[str], str]] = [
     (
@@ -70,7 +71,7 @@ RULES: list[tuple[list[str], list[str], str]] = [
     (
         BELOW_THE_LAYERS,
         ["neoxray.model", "neoxray.pipelines", "neoxray.platform", "neoxray.cli"],
-        "errors and the Ray connection sit below every layer that uses them",
+        "errors, paths and the Ray connection sit below every layer that uses them",
     ),
     (
         [

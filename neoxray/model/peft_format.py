@@ -37,6 +37,7 @@ from neoxray.model.config import ModelConfig
 from neoxray.model.hf import read_json_object
 from neoxray.model.lora import LoRAAdapter
 from neoxray.model.lora_spec import LORA_PARAMS, MODULE_PATH, SUBMODULE, TARGETS, LoRASpec
+from neoxray.paths import local_path
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -121,7 +122,7 @@ def _pattern_value(patterns: dict, module: str):
 def read_adapter_config(path) -> dict:
     """adapter_config.json of a peft LoRA adapter directory, checked: a NeoxrayError (one line) for a missing
     directory or file, another peft type, DoRA and the other options neoxray does not compute."""
-    d = Path(path).expanduser()
+    d = local_path(path, "--lora")
     if not d.exists():
         raise NeoxrayError(f"LoRA adapter not found: {path}")
     if not d.is_dir():
@@ -170,7 +171,7 @@ def read_peft_adapter(path, config: ModelConfig | None = None, name: str | None 
     read. Anything wrong is a NeoxrayError (one line) naming the directory, the file or the tensor."""
     from safetensors import safe_open
 
-    d = Path(path).expanduser()
+    d = local_path(path, "--lora")
     cfg = read_adapter_config(d)
     weights = d / ADAPTER_WEIGHTS
     if not weights.exists():

@@ -23,11 +23,7 @@ from functools import lru_cache
 from typing import BinaryIO
 
 from neoxray.errors import NeoxrayError
-
-
-def is_uri(path: str) -> bool:
-    """True when `path` has a scheme (`s3://...`); `file://` counts: it goes through pyarrow too."""
-    return "://" in path
+from neoxray.paths import is_uri
 
 
 def normalize(path: str | os.PathLike) -> str:

@@ -48,6 +48,7 @@ from safetensors import safe_open
 from neoxray.errors import NeoxrayError
 from neoxray.model.precision import to_dtype
 from neoxray.model.sharding import read_slice, shard
+from neoxray.paths import local_path
 
 META = "meta.json"
 FORMAT = "neoxray-checkpoint-v1"
@@ -141,9 +142,10 @@ def set_aside(path, prefix: str, to: Path | None = None) -> Path:
     return aside
 
 
-def resolve_model_path(path) -> tuple[str, Path]:
-    """-> ("hf" | "checkpoint", directory); a NeoxrayError naming the path when it is neither."""
-    p = Path(path).expanduser()
+def resolve_model_path(path, what: str = "--model") -> tuple[str, Path]:
+    """-> ("hf" | "checkpoint", directory); a NeoxrayError naming the path (and `what` gave it, for a URI)
+    when it is neither."""
+    p = local_path(path, what)
     if not p.exists():
         raise NeoxrayError(f"model not found: {path}")
     if (p / "config.json").exists():

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from neoxray.errors import NeoxrayError
+from neoxray.paths import local_path
 from neoxray.platform.checkpoint import checkpoint_dtype, load_checkpoint_tokenizer, read_meta, resolve_model_path
 from neoxray.platform.lora_checkpoint import check_base, is_lora, read_checkpoint_adapter
 from neoxray.platform.model_loading import load_checkpoint_weights
@@ -32,6 +33,7 @@ def export(checkpoint, out_dir, merge: bool = False, dtype: torch.dtype | None =
     checkpoint) into `out_dir`: a full run's as a Hugging Face directory, a LoRA run's as a peft adapter (with
     `merge`: a Hugging Face directory of its base with the adapter folded in). `dtype` None: the precision it
     trained in."""
+    local_path(out_dir, "--out")
     ckpt = resolve_checkpoint_path(checkpoint)
     meta = read_meta(ckpt)
     tokenizer = load_checkpoint_tokenizer(ckpt, meta)
@@ -47,7 +49,7 @@ def export(checkpoint, out_dir, merge: bool = False, dtype: torch.dtype | None =
 
 def resolve_checkpoint_path(path) -> Path:
     """A training checkpoint, or a run directory's newest one; anything else is a NeoxrayError naming it."""
-    kind, p = resolve_model_path(path)
+    kind, p = resolve_model_path(path, "--checkpoint")
     if kind != "checkpoint":
         raise NeoxrayError(f"{path}: a Hugging Face model directory, not a training checkpoint (nothing to export)")
     return p

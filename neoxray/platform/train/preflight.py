@@ -28,8 +28,9 @@ def plan_run(cfg, run_dir=None, say: Callable[[str], None] = print, start_over: 
     """Validate `cfg`, resolve it, and check it against its run directory (`run_dir`, else the config's
     `run_dir`, else runs/<name>), its checkpoints and data; a run already at train.steps is a NeoxrayError.
     `start_over`: train from step 0 in a run directory whose checkpoints are set aside."""
-    from neoxray.platform.train.config import resolved, validate
+    from neoxray.platform.train.config import check_local_paths, resolved, validate
 
+    check_local_paths(cfg, run_dir)
     validate(cfg)
     cfg = absolute_paths(resolved(cfg))
     run_dir = Path(run_dir or cfg.run_dir or Path("runs") / cfg.name).resolve()

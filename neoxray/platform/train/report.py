@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from neoxray.errors import NeoxrayError
+from neoxray.paths import local_path
 from neoxray.platform.checkpoint import list_checkpoints
 
 PANELS = [
@@ -79,7 +80,7 @@ def _plot(records: list[dict], title: str, series: list[tuple[str, str]], scale:
 
 def write_report(run_dir, out: str | os.PathLike | None = None) -> Path:
     """Write the report of the run at `run_dir` (default RUN_DIR/report.html, written atomically); returns it."""
-    run_dir = Path(run_dir)
+    run_dir = local_path(run_dir, "report")
     if not run_dir.is_dir():
         raise NeoxrayError(f"run directory not found: {run_dir}")
     records = read_metrics(run_dir)

@@ -25,7 +25,12 @@ from neoxray.platform.train.config.schema import (
     to_dict,
     with_layout,
 )
-from neoxray.platform.train.config.validate import check_paths, gradient_accumulation_steps, validate
+from neoxray.platform.train.config.validate import (
+    check_local_paths,
+    check_paths,
+    gradient_accumulation_steps,
+    validate,
+)
 
 __all__ = [
     "PRECISIONS",
@@ -41,6 +46,7 @@ __all__ = [
     "ScheduleSection",
     "TrainSection",
     "apply_overrides",
+    "check_local_paths",
     "check_paths",
     "dump_yaml",
     "from_dict",

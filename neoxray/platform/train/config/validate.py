@@ -13,6 +13,7 @@ from neoxray.errors import NeoxrayError
 from neoxray.model.config import ModelConfig
 from neoxray.model.lora_spec import lora_problems
 from neoxray.model.precision import PRECISIONS
+from neoxray.paths import local_path
 from neoxray.platform.train.config.schema import (
     LAYOUT,
     ZERO_STAGES,
@@ -36,6 +37,7 @@ of bf16 and fp16 weights, whatever train.precision is."""
 def validate(cfg: RunConfig) -> None:
     """Check the whole run before any worker starts; every problem found is reported in one NeoxrayError
     (problems separated by '; '), each naming its key(s). One check per section, in the schema's order."""
+    check_local_paths(cfg)
     errors: list[str] = []
     model: ModelConfig | None = None
     try:
@@ -251,9 +253,26 @@ def _run_name(name: str) -> Problems:
         yield f"name={name!r} must be a plain directory name (no path separators)"
 
 
-def check_paths(cfg: RunConfig) -> None:
+def check_local_paths(cfg: RunConfig, run_dir=None) -> None:
+    """What is read and written on local paths only (the run directory: `run_dir`, the `--run-dir` flag's, else
+    the config's; `checkpoint.load_from`; `model.init_from`) is not a URI: one line naming the key, before
+    anything tries to read it or a local folder named `s3:` is made."""
+    if run_dir is not None:
+        local_path(run_dir, "--run-dir")
+    for key, value in (
+        ("run_dir", cfg.run_dir),
+        ("checkpoint.load_from", cfg.checkpoint.load_from),
+        ("model.init_from", cfg.model.init_from),
+    ):
+        if value:
+            local_path(value, key)
+
+
+def check_paths(cfg: RunConfig, run_dir=None) -> None:
     """Check that the input paths exist on this machine (`data.path`, `data.validation_path`,
-    `model.init_from`); separate from `validate` because a driver may name paths only the workers see."""
+    `model.init_from`); separate from `validate` because a driver may name paths only the workers see. The
+    local-only ones are checked first (`check_local_paths`)."""
+    check_local_paths(cfg, run_dir)
 
     def absent(p) -> bool:  # URIs (s3://, gs://, ...) are read through the data reader's filesystems
         return "://" not in str(p) and not Path(p).exists()
