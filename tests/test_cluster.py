@@ -231,21 +231,8 @@ def losses(records) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-@pytest.mark.e2e
-def test_ray_job_submit_on_two_nodes_trains_and_resumes(two_nodes, sample_tokenizer_dir, tmp_path):
-    cluster = two_nodes
-    nodes = {n["node_id"]: n for n in cluster.alive_nodes()}
-    assert len(nodes) == 2
-    head = next(i for i, n in nodes.items() if n["resources_total"].get("head_node"))
-    other = next(i for i, n in nodes.items() if n["resources_total"].get("worker_node"))
-
-    # token authentication is on: the job API refuses a request without the token, or with a wrong one
-    for token in (None, "not-the-token"):
-        with pytest.raises(urllib.error.HTTPError) as err:
-            cluster.api("/api/jobs/", token=token)
-        assert err.value.code in (401, 403)
-
-    # a small Pile-format input on storage every node sees (here: this machine's disk)
+def small_pile_input(tmp_path: Path) -> Path:
+    """The first 64 documents of the bundled sample, on storage every node sees (here: this machine's disk)."""
     import zstandard
 
     with open(SAMPLE, "rb") as f:
@@ -253,109 +240,91 @@ def test_ray_job_submit_on_two_nodes_trains_and_resumes(two_nodes, sample_tokeni
     small = tmp_path / "input" / "small.jsonl"
     small.parent.mkdir()
     small.write_bytes(b"\n".join(docs.splitlines()[:64]) + b"\n")
-    data, run = tmp_path / "data", tmp_path / "run"
+    return small
 
-    # the RayJob's entrypoint: prepare, then train; `--working-dir .` uploads the checkout (Ray leaves out what
-    # .gitignore lists: .venv/, runs/, ...)
-    t0 = time.time()
-    prepare = [
-        "neoxray",
-        "prepare",
-        "--input",
-        str(small),
-        "--tokenizer",
-        str(sample_tokenizer_dir),
-        "--seq-len",
-        "32",
-        "--output",
-        str(data),
-        "--workers",
-        "1",
-        "--quiet",
-    ]
-    train = [  # as the demo's closing hint has it: an override before --run-dir, the others after it
-        "neoxray",
-        "train",
-        "--config",
-        "configs/tiny-cpu.yaml",
-        f"data.path={data}",
-        "--run-dir",
-        str(run),
-        *TRAIN,
-    ]
-    entrypoint = f"{shlex.join(prepare)} && {shlex.join([*train, f'train.steps={STEPS}'])}"  # as in the RayJob
-    first = cluster.ray("job", "submit", "--working-dir", ".", "--", "sh", "-c", entrypoint, cwd=ROOT, timeout=400)
-    t1 = time.time()
-    assert "succeeded" in first.stdout, first.stdout[-5000:]
-    assert (data / "manifest.json").exists()
 
-    # Ray Train's workers ran on both nodes (the state API, through the dashboard, with the token)
+def job_commands(small: Path, tokenizer: Path, data: Path, run: Path) -> tuple[list[str], list[str]]:
+    """The RayJob's entrypoint commands: `neoxray prepare`, then `neoxray train` (as the demo's closing hint has
+    it: an override before --run-dir, the others after it; train.steps is left to the caller)."""
+    prepare = ["neoxray", "prepare", "--input", str(small), "--tokenizer", str(tokenizer), "--seq-len", "32"]
+    prepare += ["--output", str(data), "--workers", "1", "--quiet"]
+    train = ["neoxray", "train", "--config", "configs/tiny-cpu.yaml", f"data.path={data}", "--run-dir", str(run)]
+    return prepare, [*train, *TRAIN]
+
+
+def start_reference(cluster: TwoNodeCluster, data: Path, ref: Path) -> subprocess.Popen:
+    """The engine without Ray in one process, computing the uninterrupted run's losses (in the background)."""
+    cmd = [str(VENV_BIN / "neoxray"), "train", "--no-ray", "--config", str(ROOT / "configs/tiny-cpu.yaml")]
+    cmd += ["--run-dir", str(ref), f"data.path={data}", *TRAIN, "parallel.pipeline=1", f"train.steps={MORE}"]
+    env = {**cluster.node_env, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [*cmd, "checkpoint.every=0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def check_first_job(cluster: TwoNodeCluster, run: Path, nodes: set[str]) -> None:
+    """Ray Train's workers ran on both nodes (the state API, through the dashboard, with the token); per-step
+    metrics and a checkpoint per step (the newest 2 kept)."""
     actors = json.loads(
         cluster.ray("list", "actors", "--detail", "--format", "json", "--filter", "class_name=RayTrainWorker").stdout
     )
-    assert len(actors) == 2, actors
-    assert {a["node_id"] for a in actors} == {head, other}, (actors, nodes)
-
-    # per-step metrics and a checkpoint per step (Ray Train keeps the newest 2)
-    recs = metrics(run)
-    assert sorted(losses(recs)) == list(range(1, STEPS + 1))
+    assert len(actors) == 2 and {a["node_id"] for a in actors} == nodes, (actors, nodes)
+    assert sorted(losses(metrics(run))) == list(range(1, STEPS + 1))
     ckpts = sorted(p.name for p in run.glob("checkpoint-step-*"))
     assert ckpts == [f"checkpoint-step-{s:07d}" for s in (STEPS - 1, STEPS)], ckpts
     meta = json.loads((run / ckpts[-1] / "meta.json").read_text())
     assert meta["layout"] == {"dp": 1, "tp": 1, "pp": 2} and meta["consumed_samples"] == 8 * STEPS
 
-    # the same run submitted again with more steps resumes from its newest checkpoint; meanwhile, the engine
-    # without Ray in one process computes the uninterrupted run's losses
-    ref = tmp_path / "ref"
-    reference = subprocess.Popen(
-        [
-            str(VENV_BIN / "neoxray"),
-            "train",
-            "--no-ray",
-            "--config",
-            str(ROOT / "configs/tiny-cpu.yaml"),
-            "--run-dir",
-            str(ref),
-            f"data.path={data}",
-            *TRAIN,
-            "parallel.pipeline=1",
-            f"train.steps={MORE}",
-            "checkpoint.every=0",
-        ],
-        env={**cluster.node_env, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+
+def check_resumed_like_one_process(run: Path, ref: Path) -> None:
+    recs = metrics(run)
+    resumed = [r for r in recs if r.get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] == STEPS and resumed[0]["consumed_samples"] == 8 * STEPS
+    got, want = losses(recs), losses(metrics(ref))
+    assert sorted(got) == list(range(1, MORE + 1))
+    assert (run / f"checkpoint-step-{MORE:07d}" / "meta.json").exists()
+    for s in range(1, MORE + 1):
+        assert abs(got[s] - want[s]) <= 1e-4 * abs(want[s]), (s, got[s], want[s])
+
+
+@pytest.mark.e2e
+def test_ray_job_submit_on_two_nodes_trains_and_resumes(two_nodes, sample_tokenizer_dir, tmp_path):
+    cluster = two_nodes
+    nodes = cluster.alive_nodes()
+    assert len(nodes) == 2 and {bool(n["resources_total"].get("head_node")) for n in nodes} == {True, False}
+
+    # token authentication is on: the job API refuses a request without the token, or with a wrong one
+    for token in (None, "not-the-token"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            cluster.api("/api/jobs/", token=token)
+        assert err.value.code in (401, 403)
+
+    # the RayJob's entrypoint: prepare, then train; `--working-dir .` uploads the checkout (Ray leaves out what
+    # .gitignore lists: .venv/, runs/, ...)
+    data, run = tmp_path / "data", tmp_path / "run"
+    prepare, train = job_commands(small_pile_input(tmp_path), sample_tokenizer_dir, data, run)
+    entrypoint = f"{shlex.join(prepare)} && {shlex.join([*train, f'train.steps={STEPS}'])}"  # as in the RayJob
+    t0 = time.time()
+    first = cluster.ray("job", "submit", "--working-dir", ".", "--", "sh", "-c", entrypoint, cwd=ROOT, timeout=400)
+    t1 = time.time()
+    assert "succeeded" in first.stdout, first.stdout[-5000:]
+    assert (data / "manifest.json").exists()
+    check_first_job(cluster, run, {n["node_id"] for n in nodes})
+
+    # the same run submitted again with more steps, with the shipped runtime_env example (its working_dir ".",
+    # excludes and env_vars, less `pip`: no package index in CI; HF_HOME on this test's disk), resumes from its
+    # newest checkpoint; meanwhile one process without Ray computes the uninterrupted run
+    reference = start_reference(cluster, data, tmp_path / "ref")
     try:
-        # ... submitted with the shipped runtime_env example: its working_dir ".", excludes and env_vars, less
-        # `pip` (no package index in CI) and with HF_HOME on this test's disk
         env = yaml.safe_load((ROOT / "cluster/runtime_env.yaml").read_text())
         env.pop("pip")
         env["env_vars"]["HF_HOME"] = str(tmp_path / "hf")
-        cluster.ray(
-            "job",
-            "submit",
-            "--runtime-env-json",
-            json.dumps(env),
-            "--",
-            *train,
-            f"train.steps={MORE}",
-            cwd=ROOT,
-            timeout=300,
-        )
+        more = [*train, f"train.steps={MORE}"]
+        cluster.ray("job", "submit", "--runtime-env-json", json.dumps(env), "--", *more, cwd=ROOT, timeout=300)
         t2 = time.time()
         out, _ = reference.communicate(timeout=300)
     finally:
         reference.kill()
     assert reference.returncode == 0, out[-5000:]
-    recs = metrics(run)
-    resumed = [r for r in recs if r.get("event") == "resumed"]
-    assert len(resumed) == 1 and resumed[0]["step"] == STEPS and resumed[0]["consumed_samples"] == 8 * STEPS
-    got = losses(recs)
-    assert sorted(got) == list(range(1, MORE + 1))
-    assert (run / f"checkpoint-step-{MORE:07d}" / "meta.json").exists()
-    want = losses(metrics(ref))
-    for s in range(1, MORE + 1):
-        assert abs(got[s] - want[s]) <= 1e-4 * abs(want[s]), (s, got[s], want[s])
+    check_resumed_like_one_process(run, tmp_path / "ref")
     print(f"\nfirst job {t1 - t0:.0f} s, resumed job {t2 - t1:.0f} s, reference after it {time.time() - t2:.0f} s")
