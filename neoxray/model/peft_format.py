@@ -171,8 +171,8 @@ def read_peft_adapter(path, config: ModelConfig | None = None, name: str | None 
     read. Anything wrong is a NeoxrayError (one line) naming the directory, the file or the tensor."""
     from safetensors import safe_open
 
-    d = local_path(path, "--lora")
-    cfg = read_adapter_config(d)
+    cfg = read_adapter_config(path)  # checks the path first: a URI, a missing directory
+    d = Path(path).expanduser()
     weights = d / ADAPTER_WEIGHTS
     if not weights.exists():
         if (d / PICKLED_WEIGHTS).exists():

@@ -336,9 +336,9 @@ class VocabParallelEmbedding(_TPModule):
 # ---------------------------------------------------------------------------------------------------------
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of logits sharded on the vocab dim (0 when every label is ignored), in fp32, without
-    gathering them: a max
-    all-reduce for stability, then one all-reduce of [sum of exp, target logit] (the target logit is
-    found on the rank that holds it and zero elsewhere). Backward: (softmax - onehot) on the local shard."""
+    gathering them: a max all-reduce for stability, then one all-reduce of [sum of exp, target logit] (the target
+    logit is found on the rank that holds it and zero elsewhere). Backward: (softmax - onehot) on the local
+    shard."""
 
     @staticmethod
     def forward(ctx, logits, labels, group, ignore_index):

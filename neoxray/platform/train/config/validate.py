@@ -13,7 +13,7 @@ from neoxray.errors import NeoxrayError
 from neoxray.model.config import ModelConfig
 from neoxray.model.lora_spec import lora_problems
 from neoxray.model.precision import PRECISIONS
-from neoxray.paths import local_path
+from neoxray.paths import is_uri, local_path
 from neoxray.platform.train.config.schema import (
     LAYOUT,
     ZERO_STAGES,
@@ -37,7 +37,6 @@ of bf16 and fp16 weights, whatever train.precision is."""
 def validate(cfg: RunConfig) -> None:
     """Check the whole run before any worker starts; every problem found is reported in one NeoxrayError
     (problems separated by '; '), each naming its key(s). One check per section, in the schema's order."""
-    check_local_paths(cfg)
     errors: list[str] = []
     model: ModelConfig | None = None
     try:
@@ -275,7 +274,7 @@ def check_paths(cfg: RunConfig, run_dir=None) -> None:
     check_local_paths(cfg, run_dir)
 
     def absent(p) -> bool:  # URIs (s3://, gs://, ...) are read through the data reader's filesystems
-        return "://" not in str(p) and not Path(p).exists()
+        return not is_uri(p) and not Path(p).exists()
 
     missing = [f"data.path={p}" for p in cfg.data.paths() if absent(p)]
     if cfg.data.validation_path and absent(cfg.data.validation_path):
