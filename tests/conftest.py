@@ -42,15 +42,6 @@ def tiny_model_dir(tmp_path_factory, sample_tokenizer_dir):
     return save_pretrained(model, tmp_path_factory.mktemp("model") / "tiny", tokenizer=tok)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_cli(*args, check=True, timeout=300, env=None):
     """Run the installed console script in a fresh process, as a user would (`env`: its environment, default
     this process's)."""

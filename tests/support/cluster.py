@@ -18,21 +18,10 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from neoxray.platform.train.distributed import free_ports
+
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray") if (VENV_BIN / "ray").exists() else shutil.which("ray")
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class TwoNodeCluster:

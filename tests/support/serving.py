@@ -20,7 +20,7 @@ import ray
 import requests
 from ray import serve
 
-from tests.conftest import free_port
+from neoxray.platform.train.distributed import free_port
 
 
 class Server:

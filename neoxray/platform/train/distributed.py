@@ -6,21 +6,57 @@ import contextlib
 import io
 import logging
 import os
+import random
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from neoxray.model.precision import resolve_device
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; macOS starts at 49152
+
+
+def free_ports(n: int = 1) -> list[int]:
+    """`n` distinct TCP ports on 127.0.0.1 that nothing listens on now, never handed out before by this process.
+
+    They are drawn from 20000 up to the kernel's ephemeral range, not from it: a port from that range (what binding
+    port 0 gives) can be taken by any outgoing connection between this check and the caller's bind, which on a
+    busy Ray node made a TCPStore fail with EADDRINUSE. Below 20000 are Ray's worker ports and well-known ones."""
+    low, high = 20000, _ephemeral_low()
+    if high - low < 1000:  # an unusual ephemeral range: let the kernel pick
+        low, high = 0, 0
+    ports: list[int] = []
+    for _ in range(1000 * n):
+        port = random.randrange(low, high) if high else 0
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        _HANDED_OUT.add(port)
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise RuntimeError(f"no {n} free TCP ports found on 127.0.0.1 between {low} and {high}")
+
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """One port of `free_ports`."""
+    return free_ports(1)[0]
 
 
 def verbose() -> bool:

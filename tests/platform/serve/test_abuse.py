@@ -19,7 +19,8 @@ import urllib.request
 import pytest
 import requests
 
-from tests.conftest import free_port, run_cli
+from neoxray.platform.train.distributed import free_port
+from tests.conftest import run_cli
 from tests.support.serving import Server, cancellations, start_server, stop_server, wait_until
 
 pytestmark = pytest.mark.e2e

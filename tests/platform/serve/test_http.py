@@ -17,7 +17,8 @@ import pytest
 import requests
 import torch
 
-from tests.conftest import free_port, run_cli
+from neoxray.platform.train.distributed import free_port
+from tests.conftest import run_cli
 from tests.support.serving import start_server, stop_server
 
 KEY = "test-key"

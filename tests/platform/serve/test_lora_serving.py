@@ -282,7 +282,7 @@ def test_adapters_through_the_ray_serve_model_deployment(ray_local, setup, tiny_
     from ray import serve
 
     from neoxray.platform.serve.app import NeoxrayModel, ServeEngineClient
-    from tests.conftest import free_port
+    from neoxray.platform.train.distributed import free_port
 
     _, engine, dirs, ref = setup
     assert ServeArgs(model="m", num_replicas=2, api_key=KEY).lora_updates_refused() is not None
