@@ -10,9 +10,19 @@ from neoxray.platform.train.worker import Reporter, run_worker
 
 
 class RayReporter(Reporter):
-    """Metrics through `ray.train.report` (a barrier all workers call every step)."""
+    """Metrics through `ray.train.report` (a barrier all workers call) every `every` steps and at `last_step`.
+
+    Not every step: a report goes on a queue of one that Ray Train's controller empties once per poll (every 2 s),
+    so reporting every step held each step after the first for up to 2 s. The console follows `logging.every`
+    too; metrics.jsonl, TensorBoard and the Ray gauges get every step from rank 0's sink."""
+
+    def __init__(self, every: int, last_step: int):
+        self.every, self.last_step = max(1, every), last_step
 
     def report(self, metrics):
+        step = metrics["step"]
+        if step % self.every and step != self.last_step:
+            return
         import ray.train
 
         ray.train.report({k: v for k, v in metrics.items() if v is not None})
@@ -21,4 +31,6 @@ class RayReporter(Reporter):
 def ray_train_loop(payload: dict) -> None:
     """The `train_loop_per_worker` of the driver's TorchTrainer: payload = `RunPlan.to_payload()` plus "console":
     whether rank 0 prints its progress (the driver follows metrics.jsonl instead, unless --verbose)."""
-    run_worker(RunPlan.from_payload(payload), RayReporter(), console=payload.get("console", False))
+    plan = RunPlan.from_payload(payload)
+    reporter = RayReporter(plan.cfg.logging.every, plan.cfg.train.steps)
+    run_worker(plan, reporter, console=payload.get("console", False))

@@ -37,7 +37,7 @@ class Reporter:
     """Where every rank's per-step metrics go besides rank 0's metrics sink (nowhere without Ray)."""
 
     def report(self, metrics: dict) -> None:
-        """Called by every rank after every step (collective under Ray Train)."""
+        """Called by every rank after every step (under Ray Train a collective at every logging step)."""
 
 
 class CheckpointWriter:

@@ -72,3 +72,19 @@ def test_the_driver_follows_the_file_and_sums_up(tmp_path):
     text = summary(tmp_path, 75.0)
     assert "run finished in 1:15" in text and "final loss      4.4000 at step 6" in text
     assert "validation loss 4.5000" in text and "neoxray report" in text
+
+
+def test_ray_train_gets_a_report_every_logging_step_and_the_last_not_every_step(monkeypatch):
+    # ray.train.report puts the metrics on a queue of one that Ray Train's controller empties once per poll
+    # (2 s): a report every step held every step after the first for up to 2 s (a 5-step tiny run took ~10 s
+    # more than its steps). The metrics sink and the Ray gauges still get every step.
+    import ray.train
+
+    from neoxray.platform.train.ray_worker import RayReporter
+
+    sent = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics: sent.append(metrics["step"]))
+    reporter = RayReporter(every=10, last_step=25)
+    for step in range(1, 26):
+        reporter.report({"step": step, "loss": 1.0, "val_loss": None})
+    assert sent == [10, 20, 25]

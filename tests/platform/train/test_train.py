@@ -111,7 +111,8 @@ def _held_train_loop(payload: dict) -> None:
             while metrics["step"] == HOLD_AT and not marker.exists():
                 time.sleep(0.05)
 
-    run_worker(RunPlan.from_payload(payload), Held())
+    plan = RunPlan.from_payload(payload)
+    run_worker(plan, Held(plan.cfg.logging.every, plan.cfg.train.steps))
 
 
 def _kill_one_worker_when_held(run_dir: Path, killed: list, timeout=600):
