@@ -140,7 +140,7 @@ def _train_loop(config):
         b["input_ids"].sum().item() for b in iter_batches(config["path"], 8, dp_rank=0, dp_size=1, seed=5, num_steps=3)
     ]
     shard_rows = []
-    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=16):
+    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=1024):
         assert batch["input_ids"].shape[1] == config["seq_len"]
         assert (batch["input_ids"][:, 1:] == batch["labels"][:, :-1]).all()
         shard_rows.extend(batch["input_ids"][:, :4].tolist())

@@ -37,7 +37,9 @@ BASE = [
     f"eval.every={STEPS}",
     "eval.batches=1",
 ]
-LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2)]
+# the layouts of Ray Train runs compared with `reference` (one process); (1, 1, 1) on Ray is compared with it in
+# test_evaluation.py, with the same config
+LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2)]
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +87,7 @@ def assert_same(a: dict, b: dict, steps):
 @pytest.fixture(scope="session")
 def reference(prepared, tmp_path_factory):
     """The plain single-process run of the same engine, without Ray (`neoxray train --no-ray`), in a fresh
-    process: STEPS + 2 steps with the schedule of the STEPS-step runs... and one for the resume tests."""
+    process: the STEPS steps of BASE, no checkpoint; what the Ray Train runs of BASE are compared with."""
     root = tmp_path_factory.mktemp("ref")
     args = [f"{o}" for o in BASE] + [f"data.path={prepared}", "name=ref"]
     run_cli("train", "--no-ray", "--run-dir", str(root / "ref"), *args, "checkpoint.every=0")
@@ -108,9 +110,10 @@ SMALL = [
 ]
 
 
-def train(data, run_dir, *extra, check=True):
-    """`neoxray train --no-ray` in a fresh process, as a user runs it."""
-    return run_cli("train", "--no-ray", "--run-dir", str(run_dir), *SMALL, f"data.path={data}", *extra, check=check)
+def train(data, run_dir, *extra, check=True, env=None):
+    """`neoxray train --no-ray` in a fresh process, as a user runs it (`env`: its environment)."""
+    args = ("train", "--no-ray", "--run-dir", str(run_dir), *SMALL, f"data.path={data}", *extra)
+    return run_cli(*args, check=check, env=env)
 
 
 def tree(root: Path) -> dict[str, str]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from tests.platform.train.conftest import BASE, LAYOUTS, STEPS, assert_same, cfg_for, losses
+from tests.platform.train.conftest import LAYOUTS, STEPS, assert_same, cfg_for, cpu_hog, losses
 
 pytestmark = pytest.mark.e2e  # real Ray Train runs
 
@@ -138,26 +138,16 @@ def _kill_one_worker_when_held(run_dir: Path, killed: list, timeout=600):
         time.sleep(0.2)
 
 
-def test_worker_sigkill_is_survived_and_restart_resumes_exactly(prepared, ray_local, tmp_path, monkeypatch):
+def test_worker_sigkill_is_survived_and_the_group_resumes_exactly(
+    prepared, reference, ray_local, tmp_path, monkeypatch
+):
     from neoxray.platform.train import ray_worker
     from neoxray.platform.train.driver import run_train
 
-    steps = 12
-    extra = [f"train.steps={steps}", f"schedule.decay_steps={steps + 2}", "checkpoint.every=3"]
-    ref_dir = tmp_path / "ref"
-    run_cli(
-        "train",
-        "--no-ray",
-        "--run-dir",
-        str(ref_dir),
-        *BASE,
-        f"data.path={prepared}",
-        "name=ref",
-        f"train.steps={steps + 2}",
-        f"schedule.decay_steps={steps + 2}",
-        "checkpoint.every=0",
-    )
-    ref = losses(ref_dir)
+    # killed after step 4, resumed from step 3; the same config as `reference` (restarting a finished run on Ray:
+    # test_cluster.py)
+    extra = ["checkpoint.every=3"]
+    ref = losses(reference)
 
     run_dir = tmp_path / "faulty"
     killed: list = []
@@ -171,23 +161,15 @@ def test_worker_sigkill_is_survived_and_restart_resumes_exactly(prepared, ray_lo
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("event") == "resumed" for r in records), "the group did not restart from a checkpoint"
     got = losses(run_dir)
-    assert max(got) == steps
-    assert_same(got, ref, range(1, steps + 1))
-
-    # restarting the same run (same name and storage) resumes from its latest checkpoint
-    run_train(
-        cfg_for(prepared, "faulty", (2, 1, 1), [f"train.steps={steps + 2}", f"schedule.decay_steps={steps + 2}"]),
-        run_dir=str(run_dir),
-    )
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["step"] == steps + 2
-    assert [r for r in records if r.get("event") == "resumed"][-1]["step"] == steps
-    assert_same(losses(run_dir), ref, [steps + 1, steps + 2])
+    assert max(got) == STEPS
+    assert_same(got, ref, range(1, STEPS + 1))
 
 
 def test_finetune_from_hf_starts_at_transformers_loss(prepared, ray_local, tmp_path):
     """model.init_from: each tensor-parallel rank reads only its slices; step-1 loss (before any update)
-    equals transformers' loss on the same global batch."""
+    equals transformers' loss on the same global batch. The workers start and train beside a CPU hog (a busy
+    process that takes one of this machine's two cores from Ray's niced workers), as on a user's busy node: Ray
+    Train's health checks must let its starved workers be (`driver.RAY_TRAIN_TOLERANCE`)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from neoxray.model.config import get_preset
@@ -200,10 +182,11 @@ def test_finetune_from_hf_starts_at_transformers_loss(prepared, ray_local, tmp_p
     hf = GPTNeoXForCausalLM(GPTNeoXConfig(**{k: v for k, v in config_to_hf(cfg).items() if k != "neoxray"}))
     hf.save_pretrained(tmp_path / "hf")
     run_dir = tmp_path / "ft"
-    run_train(
-        cfg_for(prepared, "ft", (1, 2, 1), [f"model.init_from={tmp_path / 'hf'}", "train.steps=1"]),
-        run_dir=str(run_dir),
-    )
+    with cpu_hog():
+        run_train(
+            cfg_for(prepared, "ft", (1, 2, 1), [f"model.init_from={tmp_path / 'hf'}", "train.steps=1"]),
+            run_dir=str(run_dir),
+        )
     batch = next(iter_batches(open_blend([str(prepared)], seed=11), 8, seed=11))
     with torch.no_grad():
         logits = hf.eval()(batch["input_ids"]).logits
