@@ -138,7 +138,7 @@ def cmd_train(args) -> None:
     from neoxray.platform.train.local import run_local
 
     cfg = load_run_config(args.config, args.overrides)
-    check_paths(cfg, args.run_dir)
+    check_paths(cfg)
     if args.no_ray:
         run_local(cfg, run_dir=args.run_dir, verbose=args.verbose, start_over=args.start_over)
     else:

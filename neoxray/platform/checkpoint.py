@@ -268,7 +268,7 @@ def file_digest(path) -> str:
     return h.hexdigest()
 
 
-def _listed_files(meta: dict) -> dict[str, dict]:
+def listed_files(meta: dict) -> dict[str, dict]:
     """file name -> {"bytes", "sha256"?} for every file meta.json vouches for (older checkpoints list only their
     shards, by size)."""
     files = dict(meta.get("files") or {})
@@ -294,7 +294,7 @@ def read_meta(path) -> dict:
         raise NeoxrayError(f"{meta_path}: invalid JSON ({e})") from None
     if meta.get("format") != FORMAT:
         raise NeoxrayError(f"{meta_path}: unknown checkpoint format {meta.get('format')!r}")
-    for name, entry in _listed_files(meta).items():
+    for name, entry in listed_files(meta).items():
         f = path / name
         if not f.exists() or f.stat().st_size != entry["bytes"]:
             raise NeoxrayError(f"{path}: incomplete checkpoint: {name} is missing or has the wrong size")
@@ -313,7 +313,7 @@ def verify_files(path, meta: dict, names=None, threads: int = 8) -> None:
     """Check files of the checkpoint at `path` (default: every file its meta.json lists) against the sha256
     meta.json records for them, before anything reads them. A file that differs, or one meta.json does not vouch
     for (a checkpoint whose meta.json lists its files), is a NeoxrayError naming it."""
-    path, listed = Path(path), _listed_files(meta)
+    path, listed = Path(path), listed_files(meta)
     names = list(listed) if names is None else list(names)
     unlisted = sorted(n for n in names if n not in listed) if "files" in meta else []
     if unlisted:

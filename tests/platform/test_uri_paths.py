@@ -1,8 +1,8 @@
-"""A run, a checkpoint or a model named by a URI (`s3://bucket/run`) is refused in one line naming the option,
-before anything is written: never a local folder named `s3:` holding what the user meant to put in a bucket
-(issue 18: `neoxray train --run-dir s3://bucket/run` used to exit 0 having trained into ./s3:/bucket/run).
-Prepared datasets are the exception: `prepare` writes and training reads them through pyarrow's filesystems
-(tests/pipelines/test_prepare.py::test_uri_paths_give_the_same_dataset)."""
+"""A checkpoint, a model or an adapter named by a URI (`s3://bucket/x`) where only local paths work yet is refused
+in one line naming the option, before anything is written: never a local folder named `s3:` holding what the
+user meant to put in a bucket (issue 18: `neoxray train --run-dir s3://bucket/run` used to exit 0 having trained
+into ./s3:/bucket/run). Training run directories and prepared datasets do live there
+(tests/platform/train/test_object_storage.py, tests/pipelines/test_prepare.py)."""
 
 from __future__ import annotations
 
@@ -38,8 +38,7 @@ def cli(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize(
     "args, named",
     [
-        ([*TRAIN, "--run-dir", URI], "--run-dir"),
-        ([*TRAIN, f"run_dir={URI}"], "run_dir"),
+        ([*TRAIN, "--run-dir", "run", f"checkpoint.staging_dir={URI}"], "checkpoint.staging_dir"),
         ([*TRAIN, "--run-dir", "run", f"checkpoint.load_from={URI}"], "checkpoint.load_from"),
         ([*TRAIN, "--run-dir", "run", f"model.init_from={URI}", "lora.rank=4"], "model.init_from"),
         (["export", "--checkpoint", URI, "--out", "hf"], "--checkpoint"),

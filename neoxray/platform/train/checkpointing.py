@@ -50,9 +50,10 @@ def _full_master(p):
     return p.detach().float() if value is None else value
 
 
-def save_checkpoint(engine, out_dir, extra_meta: dict, tokenizer=None) -> Path:
+def save_checkpoint(engine, out_dir, extra_meta: dict, tokenizer=None) -> list[str]:
     """Write this rank's part of a checkpoint of `engine` (a TrainEngine) into `out_dir`. Collective: every
-    rank calls it (ZeRO-1 states are gathered across data parallel). Returns out_dir."""
+    rank calls it (ZeRO-1 states are gathered across data parallel). Returns the names of the files this rank
+    wrote (rank 0: meta.json and the tokenizer's files too)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _relink_zero_state(engine)
@@ -109,7 +110,8 @@ def save_checkpoint(engine, out_dir, extra_meta: dict, tokenizer=None) -> Path:
         tmp = out / (META + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2, default=str))
         os.replace(tmp, out / META)  # written last: its presence marks the checkpoint complete
-    return out
+        return [*files, *(SAVED_FILES if tokenizer is not None else ()), META]
+    return list(files)
 
 
 def _described(path: Path) -> dict:

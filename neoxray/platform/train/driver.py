@@ -11,6 +11,7 @@ import time
 
 from neoxray.errors import NeoxrayError, find_user_error
 from neoxray.model.precision import use_gpu as wants_gpu
+from neoxray.platform.run_store import RunStore, mirror_dir
 from neoxray.platform.train.preflight import plan_run, replan
 from neoxray.platform.train.progress import Progress, follow, summary
 from neoxray.platform.train.run_plan import RunPlan, start_run_dir
@@ -29,6 +30,27 @@ still found at once (its poll fails). The poll interval keeps Ray's 2 s: the con
 to the next (workers started, training, finished) once per poll, so a longer interval adds its multiple to
 every run (10 s made a 5-step tiny run take 71 s instead of 29). A value the user set in the environment
 wins."""
+
+
+STORE_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)
+"""The environment a run on object storage passes from the driver to its workers, when the driver has it set
+(pyarrow reads it); on a cluster whose pods carry their own identity, leave it unset on the driver."""
+
+
+def _ray_state_dir(plan: RunPlan):
+    """Where Ray Train keeps its own run state for a run on object storage: the driver's staging folder (neoxray
+    reads its own checkpoints back, never Ray Train's state)."""
+    return mirror_dir(plan.store_uri, plan.cfg.checkpoint.staging_dir, "driver")
 
 
 def _say(msg: str) -> None:
@@ -72,9 +94,10 @@ def run_train(
             f"(set train.device=cuda to wait for GPUs, or choose a smaller layout)"
         )
     start_run_dir(plan)
+    where = plan.run_dir if plan.store_uri is None else f"{plan.store_uri} (staged on each node in {plan.run_dir})"
     _say(
         f"[neoxray] run {cfg.name}: layout dp={dp} tp={tp} pp={pp} ({world} workers, "
-        f"{'GPU' if use_gpu else 'CPU'}, {cfg.parallel.resolve_backend(use_gpu)}); run dir {plan.run_dir}"
+        f"{'GPU' if use_gpu else 'CPU'}, {cfg.parallel.resolve_backend(use_gpu)}); run dir {where}"
     )
     _say(f"[neoxray] Ray dashboard: {dashboard_url()}")
     evaluator = None
@@ -87,7 +110,10 @@ def run_train(
 
 def _attempts(plan: RunPlan, evaluator, use_gpu: bool, max_failures: int, verbose: bool):
     """Up to `max_failures` + 1 attempts of the run, each from where the last one left its checkpoints."""
-    cfg, run_dir, started = plan.cfg, plan.run_dir, time.monotonic()
+    cfg, started = plan.cfg, time.monotonic()
+    store = RunStore(plan.store_uri) if plan.store_uri else None
+    # the metrics the console follows: rank 0's file, or on object storage the driver's copy of the store's
+    seen = plan.run_dir if store is None else mirror_dir(store.uri, cfg.checkpoint.staging_dir, "driver")
     for attempt in range(max_failures + 1):
         if attempt:
             plan = replan(plan, _say)  # where the last attempt's newest intact checkpoint is
@@ -96,9 +122,9 @@ def _attempts(plan: RunPlan, evaluator, use_gpu: bool, max_failures: int, verbos
         stop = threading.Event()
         watchers = []
         if cfg.logging.metrics_file and not verbose:
-            watchers.append(
-                follow(run_dir / cfg.logging.metrics_file, Progress(cfg.train.steps, cfg.logging.every), stop)
-            )
+            watchers.append(follow(seen / cfg.logging.metrics_file, Progress(cfg.train.steps, cfg.logging.every), stop))
+            if store is not None:
+                watchers.append(_every(5.0, lambda: _pull(store, cfg.logging.metrics_file, seen), stop))
         if evaluator is not None:
             watchers.append(_every(5.0, evaluator.poll, stop))
         try:
@@ -110,7 +136,9 @@ def _attempts(plan: RunPlan, evaluator, use_gpu: bool, max_failures: int, verbos
         if error is None:
             if evaluator is not None:
                 evaluator.finish()
-            _say(summary(run_dir, time.monotonic() - started, cfg.logging.metrics_file))
+            if store is not None and cfg.logging.metrics_file:
+                _pull(store, cfg.logging.metrics_file, seen)
+            _say(summary(seen, time.monotonic() - started, cfg.logging.metrics_file, store=store))
             return result
         user_error = find_user_error(error)
         if user_error is not None:
@@ -122,6 +150,12 @@ def _attempts(plan: RunPlan, evaluator, use_gpu: bool, max_failures: int, verbos
             f"(restart {attempt + 1} of {max_failures}, --max-failures)"
         )
     return None
+
+
+def _pull(store: RunStore, name: str, into) -> None:
+    """The store's copy of a run file, into the driver's folder (when there is one yet)."""
+    if store.exists(name):
+        store.download(name, into / name)
 
 
 def _every(period_s: float, fn, stop: threading.Event) -> threading.Thread:
@@ -152,6 +186,8 @@ def _fit(plan: RunPlan, use_gpu: bool, console: bool):
 
     cfg = plan.cfg
     env = {"PYTHONUNBUFFERED": "1", **({"NEOXRAY_VERBOSE": "1"} if console else {})}
+    if plan.store_uri:  # the endpoint and credentials the driver reached the store with
+        env.update({k: v for k, v in os.environ.items() if k in STORE_ENV})
     if not use_gpu:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     for name, value in RAY_TRAIN_TOLERANCE.items():
@@ -166,8 +202,8 @@ def _fit(plan: RunPlan, use_gpu: bool, console: bool):
             resources_per_worker=None if use_gpu else {"CPU": 1},
         ),
         run_config=RayRunConfig(
-            name=plan.run_dir.name,
-            storage_path=str(plan.run_dir.parent),
+            name=plan.run_dir.name if plan.store_uri is None else "ray-train",
+            storage_path=str(plan.run_dir.parent if plan.store_uri is None else _ray_state_dir(plan)),
             failure_config=FailureConfig(max_failures=0),
             worker_runtime_env={"env_vars": env},
         ),

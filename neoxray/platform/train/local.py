@@ -50,7 +50,12 @@ def run_local(cfg, run_dir: str | None = None, verbose: bool = False, start_over
         started = time.monotonic()
         history = run_worker(plan, Reporter())
         if dist.get_rank() == 0:
-            _say(summary(plan.run_dir, time.monotonic() - started, plan.cfg.logging.metrics_file))
+            store = None
+            if plan.store_uri:
+                from neoxray.platform.run_store import RunStore
+
+                store = RunStore(plan.store_uri)
+            _say(summary(plan.run_dir, time.monotonic() - started, plan.cfg.logging.metrics_file, store=store))
         return history
     finally:  # a process group left alive aborts the interpreter at exit ("terminate called ...") after an error
         if dist.is_initialized():

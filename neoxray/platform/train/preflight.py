@@ -20,7 +20,8 @@ from neoxray.model.tokenizer import TOKENIZER_FILE
 from neoxray.pipelines.dataset_format import read_manifest, stored_row_length
 from neoxray.pipelines.reader import parse_data_spec
 from neoxray.platform.checkpoint import read_meta, verify_checkpoint
-from neoxray.platform.train.resume import find_resume_point
+from neoxray.platform.run_store import RunStore, is_store, mirror_dir
+from neoxray.platform.train.resume import find_resume_point, find_store_resume_point
 from neoxray.platform.train.run_plan import RunPlan, absolute_paths
 
 
@@ -30,15 +31,27 @@ def plan_run(cfg, run_dir=None, say: Callable[[str], None] = print, start_over: 
     `start_over`: train from step 0 in a run directory whose checkpoints are set aside."""
     from neoxray.platform.train.config import check_local_paths, resolved, validate
 
-    check_local_paths(cfg, run_dir)
+    check_local_paths(cfg)
     validate(cfg)
     cfg = absolute_paths(resolved(cfg))
-    run_dir = Path(run_dir or cfg.run_dir or Path("runs") / cfg.name).resolve()
-    plan, finished_at = preflight(cfg, run_dir, say, start_over=start_over)
+    target = run_dir or cfg.run_dir or Path("runs") / cfg.name
+    store = None
+    if is_store(target):
+        if cfg.eval.tasks:
+            raise NeoxrayError(
+                f"eval.tasks={cfg.eval.tasks} with a run directory on object storage ({target}): not supported yet; "
+                f"train without eval.tasks and evaluate the exported checkpoints afterwards"
+            )
+        store = RunStore(str(target))
+        store.probe("--run-dir" if run_dir else "run_dir")
+        run_dir = mirror_dir(store.uri, cfg.checkpoint.staging_dir)
+    else:
+        run_dir = Path(target).resolve()
+    plan, finished_at = preflight(cfg, run_dir, say, start_over=start_over, store=store)
     if finished_at is not None:
         raise NeoxrayError(
-            f"run {run_dir} is already at step {finished_at} >= train.steps {cfg.train.steps}: nothing to train "
-            f"(raise train.steps to continue it, or train into a new --run-dir)"
+            f"run {store or run_dir} is already at step {finished_at} >= train.steps {cfg.train.steps}: nothing to "
+            f"train (raise train.steps to continue it, or train into a new --run-dir)"
         )
     return plan
 
@@ -46,17 +59,19 @@ def plan_run(cfg, run_dir=None, say: Callable[[str], None] = print, start_over: 
 def replan(plan: RunPlan, say: Callable[[str], None] = print) -> RunPlan | None:
     """The plan of a restart after a fault: where the run stands now (its newest intact checkpoint); None when
     the run reached train.steps before the fault."""
-    new, finished_at = preflight(plan.cfg, plan.run_dir, say)
+    store = RunStore(plan.store_uri) if plan.store_uri else None
+    new, finished_at = preflight(plan.cfg, plan.run_dir, say, store=store)
     return None if finished_at is not None else new
 
 
 def preflight(
-    cfg, run_dir: Path, say: Callable[[str], None] = print, start_over: bool = False
+    cfg, run_dir: Path, say: Callable[[str], None] = print, start_over: bool = False, store=None
 ) -> tuple[RunPlan, int | None]:
     """Check `cfg` (validated and resolved) against its run directory, checkpoints and data; see the module
     docstring. -> (the run's plan, the step its newest checkpoint is at when that is train.steps or more: nothing
     to train; else None). `start_over`: set the run directory's checkpoints aside and train from step 0.
-    Damaged checkpoints are renamed aside and reported through `say` once everything else has passed."""
+    Damaged checkpoints are renamed aside and reported through `say` once everything else has passed. `store`:
+    the run's `RunStore` when it lives on object storage (`run_dir` is then the workers' local mirror)."""
     model = cfg.model_config()
     cfg = _fit_schedule(_resolve_init_from(cfg), say)
     manifests = _data_manifests(cfg, model, cfg.seq_len(model))
@@ -66,18 +81,18 @@ def preflight(
         raise NeoxrayError(f"data.path: {a} and {b} were prepared with different tokenizers; mix only datasets of one")
     data_tok = next(iter(tokenizers), None)
 
-    point = (
-        find_resume_point(run_dir, start_over, cfg.logging.metrics_file)
-        if cfg.checkpoint.resume or start_over
-        else None
-    )
+    point = None
+    if (cfg.checkpoint.resume or start_over) and store is not None:
+        point = find_store_resume_point(store, run_dir, start_over, cfg.logging.metrics_file)
+    elif cfg.checkpoint.resume or start_over:
+        point = find_resume_point(run_dir, start_over, cfg.logging.metrics_file)
     resume = point.checkpoint if point is not None else None
     if resume is None and cfg.checkpoint.load_from:
         resume = Path(cfg.checkpoint.load_from)
         _verify(resume, "checkpoint.load_from")
     finished_at = None
     if resume is not None:
-        meta = read_meta(resume)
+        meta = point.meta if getattr(point, "meta", None) is not None else read_meta(resume)
         _check_same_model(resume, meta, model)
         _check_lora_resume(cfg, resume, meta)
         finished_at = int(meta["step"]) if int(meta["step"]) >= cfg.train.steps else None
@@ -93,6 +108,7 @@ def preflight(
         resume_from=None if resume is None else str(resume),
         resume_verified=point.verified if own else True,
         newest_checkpoint=None if newest is None else str(newest),
+        store_uri=None if store is None else store.uri,
     )
     if point is not None and finished_at is None:
         point.apply(say)

@@ -120,9 +120,10 @@ def follow(path: Path, progress: Progress, stop: threading.Event, poll_s: float 
     return thread
 
 
-def summary(run_dir: Path, seconds: float, metrics_file: str | None = "metrics.jsonl") -> str:
+def summary(run_dir: Path, seconds: float, metrics_file: str | None = "metrics.jsonl", store=None) -> str:
     """The lines printed when a run ends: its last losses, its time, its newest checkpoint and what to do next
-    (only tools that are installed are named)."""
+    (only tools that are installed are named). `store`: the run's `RunStore` when it lives on object storage
+    (`run_dir` then holds a copy of its metrics file)."""
     last: dict = {}
     val: float | None = None
     path = run_dir / metrics_file if metrics_file else None
@@ -136,7 +137,12 @@ def summary(run_dir: Path, seconds: float, metrics_file: str | None = "metrics.j
                 last = record
             if record.get("val_loss") is not None:
                 val = record["val_loss"]
-    newest = latest_checkpoint(run_dir)
+    if store is not None:
+        newest, meta = _newest_on_store(store)
+        run_dir = store.uri
+    else:
+        newest = latest_checkpoint(run_dir)
+        meta = read_meta(newest) if newest is not None else {}
     out = [f"run finished in {_clock(seconds)}: {run_dir}"]
     if last:
         out.append(f"  final loss      {last['loss']:.4f} at step {last['step']}")
@@ -144,14 +150,24 @@ def summary(run_dir: Path, seconds: float, metrics_file: str | None = "metrics.j
         out.append(f"  validation loss {val:.4f}")
     out.append(f"  newest checkpoint {newest or 'none'}")
     out.append(f"  plots           neoxray report {run_dir}")
-    if (run_dir / "tensorboard").exists() and importlib.util.find_spec("tensorboard") is not None:
+    if store is None and (run_dir / "tensorboard").exists() and importlib.util.find_spec("tensorboard") is not None:
         out.append(f"  TensorBoard     tensorboard --logdir {run_dir / 'tensorboard'}")
-    meta = read_meta(newest) if newest is not None else {}
     if meta.get("lora"):  # adapters only: export a peft adapter, serve it on its base
         base = meta["base"]["path"]
+        name = str(run_dir).rstrip("/").rsplit("/", 1)[-1]
         out.append(f"  export          neoxray export --checkpoint {run_dir} --out {run_dir}-adapter  (peft)")
-        out.append(f"  serve           neoxray serve --model {base} --lora {run_dir.name}={run_dir}-adapter")
+        out.append(f"  serve           neoxray serve --model {base} --lora {name}={run_dir}-adapter")
     elif newest is not None:
         out.append(f"  export          neoxray export --checkpoint {run_dir} --out {run_dir}-hf")
         out.append(f"  serve           neoxray serve --model {run_dir}")
     return "\n".join(out)
+
+
+def _newest_on_store(store) -> tuple[str | None, dict]:
+    """(URI of the newest complete checkpoint on the store or None, its meta.json)."""
+    from neoxray.platform.run_store import store_checkpoints
+
+    for name, meta, problem in store_checkpoints(store):
+        if problem is None:
+            return store.path(name), meta
+    return None, {}

@@ -40,7 +40,7 @@ class ResumePoint:
     """False when `checkpoint` is an unverified one (the first step's loss checks its weights)."""
     newest_verified: Path | None = None
     """The newest verified checkpoint of the run directory: what a stop names as the one to resume from."""
-    moves: list[tuple[Path, str, str]] = field(default_factory=list)
+    moves: list[tuple[Path | str, str, str]] = field(default_factory=list)
     """(folder or file, the prefix it is set aside under, why) for each thing to rename out of the way."""
     start_over: bool = False
     """`--start-over`: everything in `moves` goes, and the run trains from step 0."""
@@ -50,16 +50,24 @@ class ResumePoint:
         new paths."""
         done = []
         for path, prefix, why in self.moves:
-            done.append(set_aside(path, prefix))
+            shown, new = self._set_aside(path, prefix)
+            done.append(new)
             if why:
-                say(f"[neoxray] checkpoint {path} {why}; set aside as {done[-1].name}")
+                say(f"[neoxray] checkpoint {shown} {why}; set aside as {new.name}")
         if self.start_over:
             names = ", ".join(p.name for p in done) or "nothing"
             say(f"[neoxray] --start-over: set aside {names}; training from step 0")
         if self.checkpoint is not None:
             note = "" if self.verified else " (unverified: the first step's loss checks its weights)"
-            say(f"[neoxray] resuming from {self.checkpoint}{note}")
+            say(f"[neoxray] resuming from {self._shown(self.checkpoint)}{note}")
         return done
+
+    def _set_aside(self, path, prefix: str) -> tuple[str, Path]:
+        """-> (what was set aside, as shown; its new path)."""
+        return str(path), set_aside(path, prefix)
+
+    def _shown(self, checkpoint: Path) -> str:
+        return str(checkpoint)
 
 
 def resumable_folders(run_dir) -> list[Path]:
@@ -117,3 +125,57 @@ def _start_over(run_dir, passed, metrics_file: str | None) -> ResumePoint:
     if metrics is not None and metrics.exists():
         moves.append((metrics, START_OVER_PREFIX, ""))
     return ResumePoint(moves=moves, start_over=True)
+
+
+@dataclass
+class StoreResumePoint(ResumePoint):
+    """Where a run on object storage resumes: `checkpoint` is the folder its ranks download it into (their
+    node's mirror) and `meta` its meta.json; `moves` name folders and files on the store, moved there."""
+
+    store: object = None
+    meta: dict | None = None
+
+    def _set_aside(self, name, prefix: str) -> tuple[str, Path]:
+        self.store.move(name, prefix + name)
+        return self.store.path(name), Path(prefix + name)
+
+    def _shown(self, checkpoint: Path) -> str:
+        return self.store.path(checkpoint.name)
+
+
+def find_store_resume_point(
+    store, mirror: Path, start_over: bool = False, metrics_file: str | None = None
+) -> StoreResumePoint:
+    """`find_resume_point` for a run on object storage (`neoxray.platform.run_store.RunStore`): the newest
+    complete checkpoint on the store (its meta.json, every listed file with its size; each rank checks the
+    checksums as it downloads), the newer incomplete ones set aside; `mirror` is the workers' local mirror."""
+    from neoxray.platform.run_store import store_checkpoints
+
+    passed, found = [], None
+    for name, meta, problem in store_checkpoints(store):
+        if problem is None:
+            found = (name, meta)
+            break
+        passed.append((name, INCOMPLETE_PREFIX, problem))
+    if start_over:
+        moves = [
+            (name, START_OVER_PREFIX if p is None else INCOMPLETE_PREFIX, p or "")
+            for name, _, p in store_checkpoints(store)
+        ]
+        if metrics_file and store.read_text(metrics_file) is not None:
+            moves.append((metrics_file, START_OVER_PREFIX, ""))
+        return StoreResumePoint(start_over=True, store=store, moves=moves)
+    if found is None and passed:
+        listed = "; ".join(f"{name} {why}" for name, _, why in passed)
+        raise NeoxrayError(
+            f"run directory {store.uri} holds checkpoints and none of them can be resumed: {listed}; nothing was "
+            f"changed: train into a new --run-dir, or pass --start-over to set them aside and train from step 0"
+        )
+    checkpoint = None if found is None else mirror / found[0]
+    return StoreResumePoint(
+        checkpoint=checkpoint,
+        newest_verified=checkpoint,
+        store=store,
+        meta=None if found is None else found[1],
+        moves=passed,
+    )

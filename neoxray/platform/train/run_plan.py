@@ -30,6 +30,9 @@ class RunPlan:
     """False when `resume_from` is this run's unverified checkpoint (its first step's loss verifies it)."""
     newest_checkpoint: str | None = None
     """The newest verified checkpoint at the start: what a stop names until the run writes a newer one."""
+    store_uri: str | None = None
+    """The run directory's URI when the run lives on object storage; `run_dir` is then each node's local mirror
+    of it (`neoxray.platform.run_store`)."""
 
     def to_payload(self) -> dict:
         from neoxray.platform.train.config import to_dict
@@ -41,6 +44,7 @@ class RunPlan:
             "resume_from": self.resume_from,
             "resume_verified": self.resume_verified,
             "newest_checkpoint": self.newest_checkpoint,
+            "store_uri": self.store_uri,
         }
 
     @classmethod
@@ -54,6 +58,7 @@ class RunPlan:
             resume_from=payload.get("resume_from"),
             resume_verified=payload.get("resume_verified", True),
             newest_checkpoint=payload.get("newest_checkpoint"),
+            store_uri=payload.get("store_uri"),
         )
 
     def with_cfg(self, cfg) -> RunPlan:
@@ -62,11 +67,16 @@ class RunPlan:
 
 
 def start_run_dir(plan: RunPlan) -> None:
-    """Create the run directory and write the run's resolved config into it (config.yaml)."""
+    """Create the run directory and write the run's resolved config into it (config.yaml; on object storage
+    into the local mirror and the store)."""
     from neoxray.platform.train.config import dump_yaml
 
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     (plan.run_dir / "config.yaml").write_text(dump_yaml(plan.cfg))
+    if plan.store_uri:
+        from neoxray.platform.run_store import RunStore
+
+        RunStore(plan.store_uri).upload(plan.run_dir / "config.yaml", "config.yaml")
 
 
 def absolute_paths(cfg):

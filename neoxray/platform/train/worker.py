@@ -49,8 +49,11 @@ class CheckpointWriter:
     verified one; not finite, and it is set aside as `diverged-checkpoint-step-N`. `newest` is the newest
     verified checkpoint: what a stop names. Collective: every rank calls every method."""
 
-    def __init__(self, run_dir, keep: int = 0, pin: bool = False, newest=None, pending=None):
+    def __init__(self, run_dir, keep: int = 0, pin: bool = False, newest=None, pending=None, leader=None):
         self.root = Path(run_dir)
+        # who makes, renames and deletes folders: rank 0 of a run directory every rank sees; one rank per node
+        # when each node has its own mirror of a run on object storage
+        self.leader = dist.get_rank() == 0 if leader is None else leader
         self.keep = keep
         self.pin = pin  # mark each new checkpoint for evaluation (eval.tasks): rotation leaves it until then
         self.newest: Path | None = None if newest is None else Path(newest)
@@ -60,14 +63,14 @@ class CheckpointWriter:
     def write(self, step: int):
         """A context manager giving the staging directory; collective on entry and exit."""
         tmp = self.root / f".tmp-{checkpoint_dir_name(step)}"
-        if dist.get_rank() == 0:
+        if self.leader:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
         yield str(tmp)
         dist.barrier()  # every rank's files are in tmp
         dest = self.root / (UNVERIFIED_PREFIX + checkpoint_dir_name(step))
-        if dist.get_rank() == 0:
+        if self.leader:
             shutil.rmtree(dest, ignore_errors=True)
             tmp.rename(dest)
         self.pending = dest
@@ -82,16 +85,17 @@ class CheckpointWriter:
         if not math.isfinite(loss):
             aside = aside_path(pending, DIVERGED_PREFIX)  # named by every rank before rank 0 renames it
             dist.barrier()
-            if dist.get_rank() == 0:
+            if self.leader:
                 set_aside(pending, DIVERGED_PREFIX, to=aside)
             return aside
         dest = self.root / pending.name.removeprefix(UNVERIFIED_PREFIX)
-        if dist.get_rank() == 0:
+        if self.leader:
             shutil.rmtree(dest, ignore_errors=True)
             pending.rename(dest)
-            if self.pin:
+            if self.pin and dist.get_rank() == 0:
                 (dest / EVAL_PIN).touch()
             prune_checkpoints(self.root, self.keep)
+        dist.barrier()  # renamed on every node before any rank reads it from there (an upload)
         self.newest = dest
         return None
 
@@ -116,23 +120,37 @@ def train_worker(plan: RunPlan, reporter: Reporter, data_fn, tokenizer=None, met
     """Train this rank up to `cfg.train.steps` optimizer steps, from the plan's checkpoint (weights, optimizer,
     step, data position) or from `model.init_from` / a fresh initialisation. `data_fn(engine, split,
     consumed_samples)` returns an iterator of this dp rank's micro-batches (`engine.MicroBatch`) starting at
-    `consumed_samples`. Returns the per-step metrics."""
+    `consumed_samples`. A run on object storage (`plan.store_uri`) trains in this node's mirror and uploads each
+    verified checkpoint (`neoxray.platform.train.upload`). Returns the per-step metrics."""
     cfg = plan.cfg
+    uploads = None
+    if plan.store_uri:
+        from neoxray.platform.train.upload import CheckpointUploads, node_leader, prepare_mirror
+
+        prepare_mirror(plan, dist.get_rank())
+        uploads = CheckpointUploads(plan, dist.get_rank())
     engine, extra = _build_engine(plan)
     pending = None if plan.resume_verified else plan.resume_from  # its first step's loss verifies it
-    writer = CheckpointWriter(plan.run_dir, cfg.checkpoint.keep, bool(cfg.eval.tasks), plan.newest_checkpoint, pending)
+    writer = CheckpointWriter(
+        plan.run_dir,
+        cfg.checkpoint.keep,
+        bool(cfg.eval.tasks),
+        plan.newest_checkpoint,
+        pending,
+        leader=node_leader() if uploads is not None else None,
+    )
     sink = metrics_sink_fn(engine) if (metrics_sink_fn is not None and engine.rank == 0) else None
     if sink is not None:
         sink.rewind(engine.step)  # records of steps after the resume point describe a run that no longer exists
         if engine.step:
             sink.log({"event": "resumed", "step": engine.step, "consumed_samples": engine.consumed_samples})
     train_iter = data_fn(engine, "train", engine.consumed_samples)
-    history = []
+    history, written = [], []
     every, ev = cfg.checkpoint.every, cfg.eval.every
     try:
         while engine.step < cfg.train.steps:
             metrics = engine.train_step(train_iter)
-            diverged = writer.settle(metrics["loss"])  # the step's forward ran on the pending checkpoint's weights
+            diverged = _settle(writer, metrics["loss"], uploads, written)  # its forward ran on the pending weights
             stop_on_non_finite(metrics, cfg.train.precision, writer.newest, diverged)
             if ev and engine.step % ev == 0:
                 metrics["val_loss"] = engine.eval_loss(data_fn(engine, "validation", 0), cfg.eval.batches)
@@ -140,23 +158,40 @@ def train_worker(plan: RunPlan, reporter: Reporter, data_fn, tokenizer=None, met
             if sink is not None:
                 sink.log(metrics)
             if (every and engine.step % every == 0) or engine.step == cfg.train.steps:
+                if uploads is not None:
+                    uploads.complete()  # the previous checkpoint's upload: one checkpoint in flight at a time
                 with writer.write(engine.step) as tmp:
-                    save_checkpoint(engine, tmp, extra, tokenizer)
+                    written = save_checkpoint(engine, tmp, extra, tokenizer)
+            elif uploads is not None and engine.step % cfg.logging.every == 0:
+                uploads.sync_run_files_soon()
             reporter.report(metrics)
-        _settle_last(engine, writer, train_iter)
+        _settle_last(engine, writer, train_iter, uploads, written)
+        if uploads is not None:
+            uploads.complete()
     finally:
         if sink is not None:
             sink.close()
+    if uploads is not None:
+        uploads.sync_run_files()  # the metrics file as the sink closed it
     return history
 
 
-def _settle_last(engine: TrainEngine, writer: CheckpointWriter, train_iter) -> None:
+def _settle(writer: CheckpointWriter, loss: float, uploads, written: list[str]):
+    """`writer.settle(loss)`; a checkpoint it verified starts uploading (a run on object storage). Collective."""
+    before = writer.newest
+    diverged = writer.settle(loss)
+    if uploads is not None and writer.newest != before:
+        uploads.begin(writer.newest, written)
+    return diverged
+
+
+def _settle_last(engine: TrainEngine, writer: CheckpointWriter, train_iter, uploads=None, written=()) -> None:
     """The run's last checkpoint has had no forward pass with its weights: one probe forward on the next
     micro-batch of the training data decides whether it is kept. Collective."""
     if writer.pending is None:
         return
     loss = engine.probe_loss(train_iter)
-    diverged = writer.settle(loss)
+    diverged = _settle(writer, loss, uploads, list(written))
     if diverged is not None:
         raise NeoxrayError(
             f"step {engine.step}: the weights after this step give a non-finite loss ({loss}) on the next batch "

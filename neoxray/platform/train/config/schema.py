@@ -241,7 +241,7 @@ class TrainSection:
 
 @dataclass
 class CheckpointSection:
-    """Training checkpoints under `<run_dir>/checkpoints` (weights, optimizer, data position)."""
+    """Training checkpoints, `<run_dir>/checkpoint-step-N` (weights, optimizer, data position)."""
 
     every: int = 0
     """Save every this many optimizer steps; 0: only at the end of the run."""
@@ -252,6 +252,10 @@ class CheckpointSection:
     load_from: str | None = None
     """A checkpoint directory (of any run and any dp x tp x pp layout) to continue from when this run has no
     checkpoint of its own: weights, optimizer state, step and data position carry over."""
+    staging_dir: str | None = None
+    """For a run directory on object storage (`--run-dir s3://...`): the local folder of each node where its
+    ranks write checkpoints before uploading them, and download the one a run resumes from; null: the system's
+    temp folder. Needs room for one checkpoint's share of the node's ranks (two while an upload runs)."""
 
 
 @dataclass

@@ -252,14 +252,12 @@ def _run_name(name: str) -> Problems:
         yield f"name={name!r} must be a plain directory name (no path separators)"
 
 
-def check_local_paths(cfg: RunConfig, run_dir=None) -> None:
-    """What is read and written on local paths only (the run directory: `run_dir`, the `--run-dir` flag's, else
-    the config's; `checkpoint.load_from`; `model.init_from`) is not a URI: one line naming the key, before
-    anything tries to read it or a local folder named `s3:` is made."""
-    if run_dir is not None:
-        local_path(run_dir, "--run-dir")
+def check_local_paths(cfg: RunConfig) -> None:
+    """What is read and written on local paths only (`checkpoint.load_from`; `model.init_from`;
+    `checkpoint.staging_dir`) is not a URI: one line naming the key, before anything tries to read it or a local
+    folder named `s3:` is made. The run directory may be one (`neoxray.platform.run_store`)."""
     for key, value in (
-        ("run_dir", cfg.run_dir),
+        ("checkpoint.staging_dir", cfg.checkpoint.staging_dir),
         ("checkpoint.load_from", cfg.checkpoint.load_from),
         ("model.init_from", cfg.model.init_from),
     ):
@@ -267,11 +265,11 @@ def check_local_paths(cfg: RunConfig, run_dir=None) -> None:
             local_path(value, key)
 
 
-def check_paths(cfg: RunConfig, run_dir=None) -> None:
+def check_paths(cfg: RunConfig) -> None:
     """Check that the input paths exist on this machine (`data.path`, `data.validation_path`,
     `model.init_from`); separate from `validate` because a driver may name paths only the workers see. The
     local-only ones are checked first (`check_local_paths`)."""
-    check_local_paths(cfg, run_dir)
+    check_local_paths(cfg)
 
     def absent(p) -> bool:  # URIs (s3://, gs://, ...) are read through the data reader's filesystems
         return not is_uri(p) and not Path(p).exists()

@@ -1,0 +1,128 @@
+"""A run directory on object storage (`--run-dir s3://...`, issue 18) against a real S3-protocol server on
+127.0.0.1 (moto's server mode): checkpoints land in the bucket complete (meta.json last, every file with its
+size and checksum), nothing under the working directory; a resume needs nothing but the bucket (every local
+staging folder deleted), under another layout too, and equals one uninterrupted process; an incomplete
+checkpoint on the store is set aside, a damaged one is named, a missing bucket and a failed upload are one
+line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from neoxray.platform.run_store import mirror_dir
+from tests.platform.train.conftest import SMALL, STEPS, assert_same, cfg_for, one_error_line, train
+from tests.support.s3 import s3_server
+
+pytestmark = pytest.mark.e2e  # training runs against a real S3-protocol server
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as server, pytest.MonkeyPatch.context() as m:
+        for k, v in server.env.items():
+            m.setenv(k, v)
+        yield server
+
+
+def store_losses(s3, bucket: str, prefix: str) -> dict[int, float]:
+    body = s3.client().get_object(Bucket=bucket, Key=f"{prefix}/metrics.jsonl")["Body"].read().decode()
+    return {r["step"]: r["loss"] for r in map(json.loads, body.splitlines()) if "loss" in r}
+
+
+def store_records(s3, bucket: str, prefix: str) -> list[dict]:
+    body = s3.client().get_object(Bucket=bucket, Key=f"{prefix}/metrics.jsonl")["Body"].read().decode()
+    return [json.loads(x) for x in body.splitlines()]
+
+
+def assert_complete_checkpoints(s3, bucket: str, prefix: str, steps: list[int]) -> None:
+    keys = s3.keys(bucket, prefix + "/")
+    names = sorted({k[len(prefix) + 1 :].split("/")[0] for k in keys if "/checkpoint-step-" in "/" + k})
+    assert names == [f"checkpoint-step-{s:07d}" for s in steps], names
+    for name in names:
+        meta = json.loads(s3.client().get_object(Bucket=bucket, Key=f"{prefix}/{name}/meta.json")["Body"].read())
+        for file, entry in meta["files"].items():
+            assert keys.get(f"{prefix}/{name}/{file}") == entry["bytes"] and len(entry["sha256"]) == 64, file
+
+
+def test_a_run_on_s3_resumes_from_the_bucket_alone_under_another_layout(
+    prepared, reference, ray_local, s3, tmp_path, monkeypatch
+):
+    from neoxray.platform.train.driver import run_train
+
+    uri = s3.bucket("runs") + "/tiny/run"
+    cwd, staging = tmp_path / "cwd", tmp_path / "staging"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    extra = ["checkpoint.every=2", "checkpoint.keep=0", f"checkpoint.staging_dir={staging}"]
+    run_train(cfg_for(prepared, "s3run", (2, 1, 2), ["train.steps=3", *extra]), run_dir=uri)
+    assert_complete_checkpoints(s3, "runs", "tiny/run", [2, 3])
+    assert {"tiny/run/config.yaml", "tiny/run/metrics.jsonl"} <= set(s3.keys("runs", "tiny/run/"))
+    assert sorted(store_losses(s3, "runs", "tiny/run")) == [1, 2, 3]
+    assert list(cwd.iterdir()) == []  # nothing became a local folder named s3:
+
+    shutil.rmtree(staging)  # every node's staging gone: the bucket alone holds the run
+    run_train(cfg_for(prepared, "s3run", (1, 2, 1), [f"train.steps={STEPS}", *extra]), run_dir=uri)
+    assert [r["step"] for r in store_records(s3, "runs", "tiny/run") if r.get("event") == "resumed"] == [3]
+    got = store_losses(s3, "runs", "tiny/run")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    ref = {r["step"]: r["loss"] for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())}
+    assert_same(got, ref, range(1, STEPS + 1))  # one uninterrupted process, from the bucket after step 3
+    assert_complete_checkpoints(s3, "runs", "tiny/run", [2, 3, 4, STEPS])
+    assert list(cwd.iterdir()) == []
+
+
+def test_on_the_store_an_incomplete_checkpoint_is_set_aside_and_a_damaged_one_is_named(prepared, s3, tmp_path):
+    uri = s3.bucket("sets") + "/run"
+    staging = tmp_path / "staging"
+    env = {**os.environ, **s3.env}
+    opts = [f"checkpoint.staging_dir={staging}", "checkpoint.keep=0"]
+    train(prepared, uri, "train.steps=4", *opts, env=env)
+    assert_complete_checkpoints(s3, "sets", "run", [2, 4])
+    s3.client().delete_object(Bucket="sets", Key="run/checkpoint-step-0000004/meta.json")  # its upload "died"
+    shutil.rmtree(staging)
+    proc = train(prepared, uri, "train.steps=5", *opts, env=env)
+    assert "set aside as incomplete-checkpoint-step-0000004" in proc.stderr
+    assert [r["step"] for r in store_records(s3, "sets", "run") if r.get("event") == "resumed"] == [2]
+    assert any(k.startswith("run/incomplete-checkpoint-step-0000004/") for k in s3.keys("sets", "run/"))
+
+    shard = next(k for k in s3.keys("sets", "run/checkpoint-step-0000005/") if "shard-" in k)
+    body = bytearray(s3.client().get_object(Bucket="sets", Key=shard)["Body"].read())
+    body[-64] ^= 0xFF  # same size, other content
+    s3.client().put_object(Bucket="sets", Key=shard, Body=bytes(body))
+    shutil.rmtree(staging)
+    one_error_line(train(prepared, uri, "train.steps=6", *opts, env=env, check=False), Path(shard).name, "damaged")
+
+
+def test_a_missing_bucket_and_a_failed_upload_are_one_line(prepared, tmp_path):
+    with s3_server() as server:
+        env = {**os.environ, **server.env}
+        staging = tmp_path / "staging"
+        proc = train(prepared, "s3://no-such-bucket/run", f"checkpoint.staging_dir={staging}", env=env, check=False)
+        one_error_line(proc, "s3://no-such-bucket/run", "cannot write, list and delete")
+        assert not staging.exists()  # refused before anything was written
+
+        uri = server.bucket("flaky") + "/run"
+        metrics = mirror_dir(uri, str(staging)) / "metrics.jsonl"
+        cmd = [sys.executable, "-m", "neoxray.cli", "train", "--no-ray", "--run-dir", uri]
+        child = subprocess.Popen(
+            [*cmd, *SMALL, f"data.path={prepared}", "train.steps=40", f"checkpoint.staging_dir={staging}"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        server.stop()  # the store goes away while the run trains
+        out, err = child.communicate(timeout=300)
+    proc = subprocess.CompletedProcess(cmd, child.returncode, out, err)
+    one_error_line(proc, f"{uri}/", "failed after")  # a checkpoint's file or the metrics, named
