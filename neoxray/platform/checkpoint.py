@@ -36,9 +36,7 @@ shard on its first read by `CheckpointSource`).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,45 +46,47 @@ from safetensors import safe_open
 from neoxray.errors import NeoxrayError
 from neoxray.model.precision import to_dtype
 from neoxray.model.sharding import read_slice, shard
-from neoxray.paths import local_path
+from neoxray.paths import is_uri, local_path
+from neoxray.platform.checkpoint_format import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_PREFIX,
+    DAMAGED_PREFIX,
+    DIVERGED_PREFIX,
+    EVAL_PIN,
+    FORMAT,
+    INCOMPLETE_PREFIX,
+    META,
+    OPT_KEYS,
+    START_OVER_PREFIX,
+    UNVERIFIED_PREFIX,
+    checkpoint_dir_name,
+    checkpoint_step,
+    file_digest,
+    listed_files,
+    rng_file_name,
+    shard_name,
+)
 
-META = "meta.json"
-FORMAT = "neoxray-checkpoint-v1"
-OPT_KEYS = ("exp_avg", "exp_avg_sq")
-CHECKPOINT_PREFIX = "checkpoint-step-"
-"""A run directory holds one checkpoint per saved step: RUN_DIR/checkpoint-step-0000100/."""
-UNVERIFIED_PREFIX = "unverified-"
-"""RUN_DIR/unverified-checkpoint-step-N: complete, but its weights have not yet been through a forward pass."""
-DAMAGED_PREFIX = "damaged-"
-"""A checkpoint that failed verification is renamed RUN_DIR/damaged-checkpoint-step-N (kept, never read)."""
-INCOMPLETE_PREFIX = "incomplete-"
-"""A checkpoint folder without meta.json, set aside when its run resumes from an older one."""
-DIVERGED_PREFIX = "diverged-"
-"""A checkpoint whose weights gave a non-finite loss: RUN_DIR/diverged-checkpoint-step-N (kept, never read)."""
-START_OVER_PREFIX = "before-start-over-"
-"""What `neoxray train --start-over` set aside (checkpoints, metrics) to train a run directory from step 0."""
-EVAL_PIN = ".evaluation-pending"
-"""A file in a checkpoint directory that `eval.tasks` has yet to evaluate: rotation (`keep`) leaves it alone."""
-_CHECKPOINT_DIR = re.compile(re.escape(CHECKPOINT_PREFIX) + r"(\d{7})")
-_RESUMABLE_DIR = re.compile(f"(?:{re.escape(UNVERIFIED_PREFIX)})?{re.escape(CHECKPOINT_PREFIX)}(\\d{{7}})")
-
-
-def shard_name(pp: int, tp: int) -> str:
-    return f"shard-pp{pp:02d}-tp{tp:02d}.safetensors"
-
-
-def rng_file_name(rank: int) -> str:
-    return f"rng-{rank:05d}.safetensors"
-
-
-def checkpoint_dir_name(step: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{step:07d}"
-
-
-def checkpoint_step(path) -> int | None:
-    """The step of a checkpoint folder named `checkpoint-step-N` or `unverified-checkpoint-step-N`, else None."""
-    m = _RESUMABLE_DIR.fullmatch(Path(path).name)
-    return int(m.group(1)) if m else None
+# the format's names live in checkpoint_format (no torch); its readers import them from here too
+__all__ = [
+    "CHECKPOINT_DIR",
+    "CHECKPOINT_PREFIX",
+    "DAMAGED_PREFIX",
+    "DIVERGED_PREFIX",
+    "EVAL_PIN",
+    "FORMAT",
+    "INCOMPLETE_PREFIX",
+    "META",
+    "OPT_KEYS",
+    "START_OVER_PREFIX",
+    "UNVERIFIED_PREFIX",
+    "checkpoint_dir_name",
+    "checkpoint_step",
+    "file_digest",
+    "listed_files",
+    "rng_file_name",
+    "shard_name",
+]
 
 
 def list_checkpoints(run_dir) -> list[Path]:
@@ -94,7 +94,7 @@ def list_checkpoints(run_dir) -> list[Path]:
     root = Path(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _CHECKPOINT_DIR.fullmatch(p.name) and (p / META).exists()]
+    found = [p for p in root.iterdir() if CHECKPOINT_DIR.fullmatch(p.name) and (p / META).exists()]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -143,8 +143,12 @@ def set_aside(path, prefix: str, to: Path | None = None) -> Path:
 
 
 def resolve_model_path(path, what: str = "--model") -> tuple[str, Path]:
-    """-> ("hf" | "checkpoint", directory); a NeoxrayError naming the path (and `what` gave it, for a URI)
-    when it is neither."""
+    """-> ("hf" | "checkpoint", directory); a NeoxrayError naming the path when it is neither. A URI is read
+    through this node's model cache (`neoxray.platform.model_cache`; a NeoxrayError names `what` and the URI)."""
+    if is_uri(str(path)):
+        from neoxray.platform.model_cache import local_model
+
+        path = local_model(path, what)
     p = local_path(path, what)
     if not p.exists():
         raise NeoxrayError(f"model not found: {path}")
@@ -258,27 +262,6 @@ def _read(path: Path, key: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 # meta.json and completeness
 # ---------------------------------------------------------------------------------------------------------
-def file_digest(path) -> str:
-    """Hex sha256 of a file's bytes (read in 8 MiB pieces; hashlib releases the GIL, so files hash in
-    parallel threads)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def listed_files(meta: dict) -> dict[str, dict]:
-    """file name -> {"bytes", "sha256"?} for every file meta.json vouches for (older checkpoints list only their
-    shards, by size)."""
-    files = dict(meta.get("files") or {})
-    for entry in meta["shards"]:
-        files.setdefault(
-            entry["file"], {"bytes": entry["bytes"], **({"sha256": entry["sha256"]} if "sha256" in entry else {})}
-        )
-    return files
-
-
 def read_meta(path) -> dict:
     """meta.json of a complete checkpoint (every listed file present with its size); a missing, foreign or
     incomplete checkpoint is a NeoxrayError."""

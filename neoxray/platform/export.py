@@ -2,7 +2,9 @@
 any layout), or a LoRA run's checkpoint as a peft adapter directory (or, with `merge`, a full model with the
 adapter folded in). Everything it reads is checked first: the files against meta.json, a LoRA adapter's base
 against the identity the checkpoint recorded, the weights by a probe forward (diverged weights are never
-exported). What it writes goes to a temporary name and is renamed into place (`neoxray.model.hf`)."""
+exported). What it writes goes to a temporary name and is renamed into place (`neoxray.model.hf`). A checkpoint
+named by a URI is read through the model cache; an `--out` URI (`s3://bucket/model`) gets the directory written
+in a local temporary folder (`TMPDIR`), then uploaded file by file."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 import torch
 
 from neoxray.errors import NeoxrayError
-from neoxray.paths import local_path
+from neoxray.paths import is_uri, local_path
 from neoxray.platform.checkpoint import checkpoint_dtype, load_checkpoint_tokenizer, read_meta, resolve_model_path
 from neoxray.platform.lora_checkpoint import check_base, is_lora, read_checkpoint_adapter
 from neoxray.platform.model_loading import load_checkpoint_weights
@@ -22,8 +24,8 @@ from neoxray.platform.model_loading import load_checkpoint_weights
 class Exported:
     checkpoint: Path
     """The checkpoint that was exported (a run directory's newest verified one)."""
-    out: Path
-    """The directory written."""
+    out: Path | str
+    """The directory written (its URI when it went to object storage)."""
     what: str
     """What it holds, for people: "a Hugging Face model", "a peft LoRA adapter", ..."""
 
@@ -33,6 +35,8 @@ def export(checkpoint, out_dir, merge: bool = False, dtype: torch.dtype | None =
     checkpoint) into `out_dir`: a full run's as a Hugging Face directory, a LoRA run's as a peft adapter (with
     `merge`: a Hugging Face directory of its base with the adapter folded in). `dtype` None: the precision it
     trained in."""
+    if is_uri(str(out_dir)):
+        return _export_to_store(checkpoint, str(out_dir), merge, dtype)
     local_path(out_dir, "--out")
     ckpt = resolve_checkpoint_path(checkpoint)
     meta = read_meta(ckpt)
@@ -45,6 +49,22 @@ def export(checkpoint, out_dir, merge: bool = False, dtype: torch.dtype | None =
     if merge:
         raise NeoxrayError(f"--merge: {ckpt} holds a full model, not LoRA adapters (export it without --merge)")
     return Exported(ckpt, _save_model(ckpt, meta, out_dir, tokenizer, dtype), "a Hugging Face model")
+
+
+def _export_to_store(checkpoint, uri: str, merge: bool, dtype) -> Exported:
+    """`export` into a local temporary folder, then every file uploaded to `uri` (checked writable first)."""
+    import tempfile
+
+    from neoxray.platform.run_store import RunStore
+
+    resolve_checkpoint_path(checkpoint)  # a wrong checkpoint first, before anything touches the store
+    store = RunStore(uri)
+    store.probe("--out")
+    with tempfile.TemporaryDirectory(prefix="neoxray-export-") as tmp:
+        done = export(checkpoint, Path(tmp) / "out", merge=merge, dtype=dtype)
+        for f in sorted(p for p in Path(done.out).rglob("*") if p.is_file()):
+            store.upload(f, str(f.relative_to(done.out)))
+    return Exported(done.checkpoint, store.uri, done.what)
 
 
 def resolve_checkpoint_path(path) -> Path:

@@ -29,7 +29,14 @@ from pathlib import Path
 from neoxray.errors import NeoxrayError
 from neoxray.paths import is_uri
 from neoxray.pipelines import fs
-from neoxray.platform.checkpoint import CHECKPOINT_PREFIX, FORMAT, META, checkpoint_step, file_digest, listed_files
+from neoxray.platform.checkpoint_format import (
+    CHECKPOINT_PREFIX,
+    FORMAT,
+    META,
+    checkpoint_step,
+    file_digest,
+    listed_files,
+)
 
 FETCHED = ".fetched"
 """Marks a checkpoint folder of a mirror whose files were all downloaded and checked."""
@@ -130,8 +137,9 @@ class RunStore:
         path = self.path(rel)
         return retrying(f"reading {path}", lambda: fs.read_bytes(path).decode() if fs.exists(path) else None)
 
-    def files(self, rel: str) -> dict[str, int]:
-        """Every file under folder `rel` (relative name -> size); {} when there is none."""
+    def files(self, rel: str, with_mtime: bool = False) -> dict:
+        """Every file under folder `rel`: relative name -> size (`with_mtime`: (size, modification time in ns));
+        {} when there is none."""
         import pyarrow.fs as pafs
 
         fsys, inner = fs.resolve(self.path(rel))
@@ -142,7 +150,10 @@ class RunStore:
             except FileNotFoundError:
                 return {}
             base = inner.rstrip("/") + "/"
-            return {i.path[len(base) :]: int(i.size) for i in infos if i.type == pafs.FileType.File}
+            found = [i for i in infos if i.type == pafs.FileType.File]
+            if with_mtime:
+                return {i.path[len(base) :]: (int(i.size), i.mtime_ns) for i in found}
+            return {i.path[len(base) :]: int(i.size) for i in found}
 
         return retrying(f"listing {self.path(rel)}", listing)
 
@@ -185,7 +196,7 @@ def store_checkpoints(store: RunStore) -> list[tuple[str, dict | None, str | Non
 
 
 @contextlib.contextmanager
-def _node_lock(path: Path):
+def node_lock(path: Path):
     """An exclusive lock on `path` shared by the processes of this node (the ranks of one mirror)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
@@ -200,7 +211,7 @@ def fetch_checkpoint(store: RunStore, name: str, local: Path) -> Path:
     """Checkpoint `name` of the store in the local folder `local`, downloaded once per node (the first rank to
     come downloads, the others wait on a lock), every file checked against the sha256 in its meta.json; a file
     that differs is a NeoxrayError naming it. Returns `local`."""
-    with _node_lock(local.parent / f".{local.name}.lock"):
+    with node_lock(local.parent / f".{local.name}.lock"):
         if (local / FETCHED).exists():
             return local
         shutil.rmtree(local, ignore_errors=True)

@@ -183,13 +183,17 @@ def build_app(args: ServeArgs) -> serve.Application:
     from neoxray.platform.model_loading import resolve_model_path
 
     _, path = resolve_model_path(args.model)  # a wrong path fails here, naming it, not in a replica's log
+    from neoxray.paths import is_uri
+
+    # replicas run elsewhere: a local path made absolute; a URI kept, each node filling its own model cache
+    model_path = args.model if is_uri(str(args.model)) else str(path.resolve())
     from neoxray.model.peft_format import read_adapter_config
 
     loras = {}
     for name, lora_dir in args.loras.items():
         read_adapter_config(lora_dir)  # a bad adapter directory fails here, naming it
         loras[name] = str(Path(lora_dir).expanduser().resolve())
-    args = args.model_copy(update={"model": str(path.resolve()), "loras": loras})  # replicas run elsewhere
+    args = args.model_copy(update={"model": model_path, "loras": loras})
     model = dict(
         ray_actor_options={"num_gpus": args.num_gpus, "num_cpus": args.num_cpus},
         max_ongoing_requests=args.max_ongoing_requests,

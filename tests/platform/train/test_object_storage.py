@@ -3,7 +3,7 @@
 size and checksum), nothing under the working directory; a resume needs nothing but the bucket (every local
 staging folder deleted), under another layout too, and equals one uninterrupted process; an incomplete
 checkpoint on the store is set aside, a damaged one is named, a missing bucket and a failed upload are one
-line."""
+line; export reads and writes the bucket, and a model in it is read through one node-local cache."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from neoxray.platform.run_store import mirror_dir
+from tests.conftest import run_cli
 from tests.platform.train.conftest import SMALL, STEPS, assert_same, cfg_for, one_error_line, train
 from tests.support.s3 import s3_server
 
@@ -93,6 +94,21 @@ def test_on_the_store_an_incomplete_checkpoint_is_set_aside_and_a_damaged_one_is
     assert [r["step"] for r in store_records(s3, "sets", "run") if r.get("event") == "resumed"] == [2]
     assert any(k.startswith("run/incomplete-checkpoint-step-0000004/") for k in s3.keys("sets", "run/"))
 
+    # export from the bucket to the bucket; two processes read the model through one empty node cache at once
+    cache = tmp_path / "cache"
+    env = {**env, "NEOXRAY_MODEL_CACHE": str(cache)}
+    out = run_cli("export", "--checkpoint", uri, "--out", "s3://sets/hf", env=env).stdout
+    assert "checkpoint-step-0000005 to s3://sets/hf" in out
+    assert {"hf/config.json", "hf/model.safetensors", "hf/tokenizer.json"} <= set(s3.keys("sets", "hf/"))
+    score = [sys.executable, "-m", "neoxray.cli", "score", "--text", "def main(args):", "--json", "--model"]
+    both = [subprocess.Popen([*score, "s3://sets/hf"], env=env, stdout=subprocess.PIPE, text=True) for _ in "ab"]
+    outs = [json.loads(p.communicate(timeout=300)[0]) for p in both]
+    assert all(p.returncode == 0 for p in both) and outs[0] == outs[1]
+    assert len(list(cache.glob("*/hf"))) == 1  # filled once (beside it: the checkpoint export read)
+    from_run = json.loads(run_cli("score", "--text", "def main(args):", "--json", "--model", uri, env=env).stdout)
+    assert from_run["tokens"] == outs[0]["tokens"]
+    assert from_run["logprobs"][1:] == pytest.approx(outs[0]["logprobs"][1:], abs=1e-5)  # the checkpoint itself
+
     shard = next(k for k in s3.keys("sets", "run/checkpoint-step-0000005/") if "shard-" in k)
     body = bytearray(s3.client().get_object(Bucket="sets", Key=shard)["Body"].read())
     body[-64] ^= 0xFF  # same size, other content
@@ -101,7 +117,7 @@ def test_on_the_store_an_incomplete_checkpoint_is_set_aside_and_a_damaged_one_is
     one_error_line(train(prepared, uri, "train.steps=6", *opts, env=env, check=False), Path(shard).name, "damaged")
 
 
-def test_a_missing_bucket_and_a_failed_upload_are_one_line(prepared, tmp_path):
+def test_a_missing_bucket_a_missing_model_and_a_failed_upload_are_one_line(prepared, tmp_path):
     with s3_server() as server:
         env = {**os.environ, **server.env}
         staging = tmp_path / "staging"
@@ -110,6 +126,8 @@ def test_a_missing_bucket_and_a_failed_upload_are_one_line(prepared, tmp_path):
         assert not staging.exists()  # refused before anything was written
 
         uri = server.bucket("flaky") + "/run"
+        score = ("score", "--text", "x", "--model", "s3://flaky/no-model")
+        one_error_line(run_cli(*score, env=env, check=False), "--model s3://flaky/no-model", "nothing there")
         metrics = mirror_dir(uri, str(staging)) / "metrics.jsonl"
         cmd = [sys.executable, "-m", "neoxray.cli", "train", "--no-ray", "--run-dir", uri]
         child = subprocess.Popen(
