@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from tests.conftest import run_cli
-from tests.platform.train.conftest import STEPS, assert_same, cfg_for, losses
+from tests.platform.train.conftest import BASE, STEPS, assert_same, cfg_for, losses
 
 pytestmark = pytest.mark.e2e  # real Ray Train runs
 
@@ -100,7 +100,12 @@ def test_lora_in_3d_trains_the_adapters_of_one_worker_and_equals_peft(instructio
     runs = {}
     for layout in LAYOUTS:
         run_dir = tmp_path / "lora-{}{}{}".format(*layout)
-        run_train(lora_cfg(instructions, hf_base, run_dir.name, layout), run_dir=str(run_dir))
+        if layout == (1, 1, 1):  # one worker: `neoxray train --no-ray`, one process as a user runs it
+            opts = [f"data.path={instructions}", f"name={run_dir.name}", f"model.init_from={hf_base}", *LORA]
+            opts += ["parallel.data=1", "parallel.tensor=1", "parallel.pipeline=1"]
+            run_cli("train", "--no-ray", "--run-dir", str(run_dir), *BASE, *opts)
+        else:
+            run_train(lora_cfg(instructions, hf_base, run_dir.name, layout), run_dir=str(run_dir))
         runs[layout] = run_dir
     ref = losses(runs[(1, 1, 1)])
     assert sorted(ref) == list(range(1, STEPS + 1))

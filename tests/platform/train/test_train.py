@@ -1,5 +1,6 @@
-"""Training on a real local Ray cluster: every (dp, tp, pp) layout computes the same training as one process,
-checkpoints resume exactly (same run, another layout, after a worker is SIGKILLed), fine-tuning from a
+"""Training on a real local Ray cluster: each (dp, tp, pp) layout computes the same training as one process
+(here tensor parallel alone and all three axes; the others where conftest.LAYOUTS says), checkpoints resume
+exactly (same run, another layout, after a worker is SIGKILLed), fine-tuning from a
 Hugging Face directory starts at transformers' loss, and export merges the shards into a transformers model."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tests.platform.train.conftest import LAYOUTS, STEPS, assert_same, cfg_for, 
 pytestmark = pytest.mark.e2e  # real Ray Train runs
 
 
-def test_every_layout_trains_the_same_model(prepared, reference, ray_local, tmp_path):
+def test_layouts_train_the_same_model_as_one_process(prepared, reference, ray_local, tmp_path):
     from neoxray.platform.train.driver import run_train
 
     ref = losses(reference)
