@@ -57,9 +57,17 @@ def mirror_dir(uri: str, staging_dir: str | None = None, role: str = "run") -> P
     return (root / "neoxray-staging" / f"{name}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}" / role).absolute()
 
 
-def retrying(what: str, fn: Callable, attempts: int = 5, first_delay_s: float = 0.5):
+ATTEMPTS_ENV = "NEOXRAY_STORE_ATTEMPTS"
+"""How many times a copy to or from the store is tried before the run stops (default 5: with the backoff and
+pyarrow's own retries, about 40 s against a refused connection)."""
+
+
+def retrying(what: str, fn: Callable, attempts: int | None = None, first_delay_s: float = 0.5):
     """`fn()`, retried with exponential backoff on an OSError (a dropped connection, a throttled request); after
-    the last attempt a NeoxrayError naming `what` and the error."""
+    the last attempt (`attempts`, default `NEOXRAY_STORE_ATTEMPTS` or 5) a NeoxrayError naming `what` and the
+    error."""
+    if attempts is None:
+        attempts = max(1, int(os.environ.get(ATTEMPTS_ENV) or 5))
     for attempt in range(attempts):
         try:
             return fn()
