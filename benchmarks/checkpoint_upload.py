@@ -9,13 +9,15 @@ shape on CPU, layout (1, 1, 1), one process without Ray: the platform's own trai
                 end of the run) waits for it: neoxray's behaviour
     none        local disk, one checkpoint at the end only: the steps alone
 
-The store is moto's S3 server on 127.0.0.1 (`--store moto`, the tests' server; its Python HTTP server is slower
-than a real one) or a second local folder through pyarrow (`--store file`, a store at disk speed). Reported:
+The store is a second local folder reached through pyarrow (`--store file`, the default: a store at disk speed)
+or moto's S3 server on 127.0.0.1 (`--store moto`, the tests' server: for small shapes only, since it keeps every
+object in memory, and on 2026-12-06 it failed pyarrow's multipart uploads of a 1.9 GiB checkpoint with
+"seek of closed file" while its process grew past 15 GiB). Reported:
 wall time of the whole loop per mode (the engine build excluded), its extra time over `none` per checkpoint,
 and background's saving against in-step.
 
-    python benchmarks/checkpoint_upload.py                       # moto, 6 steps, a checkpoint every step
-    python benchmarks/checkpoint_upload.py --store file --every 2
+    python benchmarks/checkpoint_upload.py                       # 6 steps, a checkpoint every step
+    python benchmarks/checkpoint_upload.py --preset tiny --store moto --every 2
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--every", type=int, default=1, help="a checkpoint every this many steps")
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--store", choices=("moto", "file"), default="moto")
+    ap.add_argument("--store", choices=("file", "moto"), default="file")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()

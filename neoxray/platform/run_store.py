@@ -115,6 +115,8 @@ class RunStore:
         dest_fs, dest = fs.resolve(self.path(rel))
 
         def copy():
+            if "/" in dest.strip("/"):  # folders exist on local, HDFS and file:// stores (object stores need none)
+                dest_fs.create_dir(dest.rstrip("/").rsplit("/", 1)[0], recursive=True)
             pafs.copy_files(str(local), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest_fs)
 
         retrying(f"uploading {local} to {self.path(rel)}", copy)
