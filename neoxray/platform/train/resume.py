@@ -151,18 +151,17 @@ def find_store_resume_point(
     checksums as it downloads), the newer incomplete ones set aside; `mirror` is the workers' local mirror."""
     from neoxray.platform.run_store import store_checkpoints
 
-    passed, found = [], None
-    for name, meta, problem in store_checkpoints(store):
+    passed, found, listed_on_store = [], None, store_checkpoints(store)  # each meta.json read once
+    for name, meta, problem in listed_on_store:
         if problem is None:
             found = (name, meta)
             break
         passed.append((name, INCOMPLETE_PREFIX, problem))
     if start_over:
         moves = [
-            (name, START_OVER_PREFIX if p is None else INCOMPLETE_PREFIX, p or "")
-            for name, _, p in store_checkpoints(store)
+            (name, START_OVER_PREFIX if p is None else INCOMPLETE_PREFIX, p or "") for name, _, p in listed_on_store
         ]
-        if metrics_file and store.read_text(metrics_file) is not None:
+        if metrics_file and store.exists(metrics_file):
             moves.append((metrics_file, START_OVER_PREFIX, ""))
         return StoreResumePoint(start_over=True, store=store, moves=moves)
     if found is None and passed:
