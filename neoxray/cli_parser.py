@@ -10,7 +10,6 @@ import argparse
 from neoxray.errors import NeoxrayError
 from neoxray.model.lora_spec import TARGETS
 from neoxray.model.precision import DTYPE_CHOICES, PRECISIONS
-from neoxray.paths import local_path
 
 MODEL_HELP = "exported Hugging Face directory, training checkpoint, or run directory (its newest)"
 SERVE_LIMITS = (  # `serve`'s integer limits, (flag, default, help); each sets the ServeArgs field of its name
@@ -76,7 +75,6 @@ class _NamedDirs(argparse.Action):
             raise NeoxrayError(
                 f"{option_string} {value!r}: give NAME=DIR (the model name clients send, the adapter's directory)"
             )
-        local_path(path, f"{option_string} {name}", sep="=")
         named = dict(getattr(namespace, self.dest, None) or {})
         if name in named:
             raise NeoxrayError(f"{option_string} {value!r}: the name {name!r} is given twice")

@@ -17,16 +17,15 @@ def is_uri(path: str | os.PathLike) -> bool:
 
 
 def local_path(path: str | os.PathLike, what: str, sep: str = " ") -> Path:
-    """`path` as a local `Path` (`~` expanded), for what is read and written on local paths only yet:
-    checkpoints, models and adapters outside a run (on a cluster: a disk every node mounts). A URI is a
+    """`path` as a local `Path` (`~` expanded), where only this node's disk makes sense (a staging folder, a
+    runtime adapter load under --allowed-lora-path) or after a URI was fetched into a local cache. A URI is a
     `NeoxrayError` naming `what` (the option or config key that gave it; `what` + `sep` + the URI), before
     anything is read or written."""
     text = os.fspath(path)
     if is_uri(text):
         scheme = text.split("://", 1)[0]
         raise NeoxrayError(
-            f"{what}{sep}{text}: this is read and written on local paths (on a cluster, a disk every node "
-            f"mounts), not {scheme}:// yet; training run directories (--run-dir) and prepared datasets (data.path) "
-            f"can live there"
+            f"{what}{sep}{text}: this is a folder on this node's disk (a local path), not {scheme}://; runs, "
+            f"models, checkpoints, adapters and prepared datasets can live there"
         )
     return Path(text).expanduser()

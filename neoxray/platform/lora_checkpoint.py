@@ -27,6 +27,7 @@ import torch
 from neoxray.errors import NeoxrayError
 from neoxray.model.config import ModelConfig
 from neoxray.model.lora import LoRAAdapter, LoRASpec
+from neoxray.paths import is_uri
 from neoxray.platform.checkpoint import (
     META,
     CheckpointSource,
@@ -48,7 +49,9 @@ class Base:
     kind: str
     """"hf" (a Hugging Face directory) or "checkpoint" (a full neoxray training checkpoint)."""
     path: Path
-    """The directory (a run directory resolved to its newest checkpoint)."""
+    """The directory (a run directory resolved to its newest checkpoint; for a URI, this node's cached copy)."""
+    origin: str | None = None
+    """The URI it was named by (a run directory's resolved to its newest checkpoint), or None when local."""
 
     def config(self) -> ModelConfig:
         if self.kind == "hf":
@@ -70,14 +73,20 @@ class Base:
             files = ["config.json", *sorted(p.name for p in self.path.glob("*.safetensors"))]
             for name in files:
                 h.update(name.encode() + b"\0" + file_digest(self.path / name).encode() + b"\0")
-        return {"kind": self.kind, "path": str(self.path.resolve()), "sha256": h.hexdigest()}
+        return {"kind": self.kind, "path": self.origin or str(self.path.resolve()), "sha256": h.hexdigest()}
 
 
 def resolve_base(path, key: str = "model.init_from") -> Base:
     """The base named by `path` (HF directory, full checkpoint, run directory); a NeoxrayError naming `key`
-    when it is none of these, or is itself a LoRA checkpoint (adapters only: no base weights in it)."""
+    when it is none of these, or is itself a LoRA checkpoint (adapters only: no base weights in it). A URI is read
+    through this node's model cache (`neoxray.platform.model_cache`)."""
+    origin = None
+    if is_uri(str(path)):  # what it holds, pinned (a NeoxrayError naming `key` and the URI)
+        from neoxray.platform.model_cache import pin_model_uri
+
+        origin = pin_model_uri(str(path), key)[1]
     try:
-        kind, p = resolve_model_path(path)
+        kind, p = resolve_model_path(origin or path, key)
     except NeoxrayError as e:
         raise NeoxrayError(f"{key}={path}: {e}") from None
     if kind == "checkpoint" and is_lora(read_meta(p)):
@@ -85,7 +94,7 @@ def resolve_base(path, key: str = "model.init_from") -> Base:
             f"{key}={path}: {p} is a LoRA checkpoint (adapter weights only); use its base "
             f"({read_meta(p)['base']['path']}), or `neoxray export --merge` it into a full model first"
         )
-    return Base(kind, p)
+    return Base(kind, p, origin)
 
 
 def is_lora(meta: dict) -> bool:
@@ -102,9 +111,12 @@ def check_base(meta: dict, where, base: Base | None = None) -> Base:
     no longer what the checkpoint recorded."""
     saved = meta["base"]
     if base is None:
-        if not Path(saved["path"]).exists():
+        if is_uri(saved["path"]):
+            base = resolve_base(saved["path"], f"{where}: its base model")
+        elif not Path(saved["path"]).exists():
             raise NeoxrayError(f"{where}: its base model {saved['path']} is gone (a LoRA checkpoint needs its base)")
-        base = Base(saved["kind"], Path(saved["path"]))
+        else:
+            base = Base(saved["kind"], Path(saved["path"]))
     now = base.identity()
     if now["sha256"] != saved["sha256"]:
         raise NeoxrayError(

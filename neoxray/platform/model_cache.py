@@ -33,27 +33,52 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def pin_model_uri(uri: str, what: str = "--model") -> tuple[str, str]:
+    """What the URI `uri` holds, pinned: ("hf", uri) for a Hugging Face directory, ("checkpoint", uri) for a
+    checkpoint, and for a run directory ("checkpoint", the URI of its newest complete checkpoint), so that every
+    node of a run reads the same one. A URI that holds no model is a NeoxrayError naming `what`."""
+    store = RunStore(str(uri))
+    names = store.names()
+    if not names:
+        raise NeoxrayError(f"{what} {store.uri}: nothing there (or it cannot be listed)")
+    if "config.json" in names:
+        return "hf", store.uri
+    if META in names:
+        return "checkpoint", store.uri
+    for name, _, problem in store_checkpoints(store):
+        if problem is None:
+            return "checkpoint", store.path(name)
+    raise NeoxrayError(
+        f"{what} {store.uri}: not a Hugging Face model directory (no config.json), a neoxray checkpoint (no "
+        f"{META}) or a run directory with a complete checkpoint"
+    )
+
+
 def local_model(path, what: str = "--model"):
     """`path` unchanged when it is local; for a URI, the local cached copy of what it holds (see the module
     docstring). A URI that holds no model is a NeoxrayError naming `what`."""
     if not is_uri(str(path)):
         return path
+    kind, uri = pin_model_uri(str(path), what)
+    if kind == "hf":
+        return _fetch_files(RunStore(uri), "", what)
+    parent, name = uri.rsplit("/", 1)
+    return _fetch_checkpoint(RunStore(parent), name, what)
+
+
+def local_adapter(path, what: str = "--lora"):
+    """`path` unchanged when it is local; for a URI, the local cached copy of the peft adapter directory it
+    names (adapter_config.json and the weights), filled once per node like a model's."""
+    if not is_uri(str(path)):
+        return path
+    from neoxray.model.peft_format import ADAPTER_CONFIG
+
     store = RunStore(str(path))
     names = store.names()
-    if not names:
-        raise NeoxrayError(f"{what} {store.uri}: nothing there (or it cannot be listed)")
-    if "config.json" in names:
-        return _fetch_files(store, "", what)
-    if META in names:
-        parent, name = store.uri.rsplit("/", 1)
-        return _fetch_checkpoint(RunStore(parent), name, what)
-    for name, _, problem in store_checkpoints(store):
-        if problem is None:
-            return _fetch_checkpoint(store, name, what)
-    raise NeoxrayError(
-        f"{what} {store.uri}: not a Hugging Face model directory (no config.json), a neoxray checkpoint (no "
-        f"{META}) or a run directory with a complete checkpoint"
-    )
+    if ADAPTER_CONFIG not in names:
+        found = "nothing there (or it cannot be listed)" if not names else f"no {ADAPTER_CONFIG}"
+        raise NeoxrayError(f"{what} {store.uri}: {found}; a LoRA adapter is a peft directory with {ADAPTER_CONFIG}")
+    return _fetch_files(store, "", what)
 
 
 def _folder(uri: str, identity: str, depth: int) -> Path:

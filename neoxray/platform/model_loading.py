@@ -79,6 +79,10 @@ def load_for_inference(path, device: str = "auto", dtype: torch.dtype | None = N
     kind, p = resolve_model_path(path)
     device = resolve_device(device)
     dtype = inference_dtype(device, dtype)
+    if lora is not None:
+        from neoxray.platform.model_cache import local_adapter
+
+        lora = local_adapter(lora)  # a URI: this node's cached copy
     adapter = None if lora is None else read_peft_adapter(lora, model_config_of(kind, p))
     if kind == "hf":
         from neoxray.model.hf import load_model_and_tokenizer

@@ -1,8 +1,9 @@
-"""A checkpoint, a base model or an adapter named by a URI (`s3://bucket/x`) where only local paths work yet is
-refused in one line naming the option, before anything is written: never a local folder named `s3:` holding what
-the user meant to put in a bucket (issue 18: `neoxray train --run-dir s3://bucket/run` used to exit 0 having
-trained into ./s3:/bucket/run). Run directories, `--model`, export and prepared datasets do live there
-(tests/platform/train/test_object_storage.py, tests/pipelines/test_prepare.py)."""
+"""A URI (`s3://bucket/x`) never becomes a local folder named `s3:` (issue 18: `neoxray train --run-dir
+s3://bucket/run` used to exit 0 having trained into ./s3:/bucket/run): where only a local path makes sense
+(`checkpoint.staging_dir`, this node's disk) it is refused in one line naming the key, and a URI that holds
+nothing usable is one line naming the option and the URI, before anything is written. What does live there is
+tested against a real S3-protocol server (tests/platform/train/test_object_storage.py,
+tests/platform/train/test_lora_training.py, tests/pipelines/test_prepare.py)."""
 
 from __future__ import annotations
 
@@ -35,23 +36,30 @@ def cli(tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == [], "nothing is written where the command ran"
 
 
+def test_a_staging_dir_named_by_a_uri_is_one_line_naming_the_key(cli):
+    code, line = cli(*TRAIN, "--run-dir", "run", f"checkpoint.staging_dir={URI}")
+    assert code == 1 and f"checkpoint.staging_dir {URI}" in line and "not s3://" in line, line
+
+
+NOWHERE = "file:///neoxray-nowhere/run"  # a URI with nothing there (file://: no network, no retries)
+
+
 @pytest.mark.parametrize(
     "args, named",
     [
-        ([*TRAIN, "--run-dir", "run", f"checkpoint.staging_dir={URI}"], "checkpoint.staging_dir"),
-        ([*TRAIN, "--run-dir", "run", f"checkpoint.load_from={URI}"], "checkpoint.load_from"),
-        ([*TRAIN, "--run-dir", "run", f"model.init_from={URI}", "lora.rank=4"], "model.init_from"),
-        (["report", URI], "report"),
+        ([*TRAIN, "--run-dir", "run", f"data.path={NOWHERE}", f"model.init_from={NOWHERE}"], "model.init_from"),
+        (["report", NOWHERE], ""),
+        (["score", "--model", NOWHERE, "--text", "x"], "--model"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
-def test_a_uri_where_only_local_paths_work_is_one_line_naming_the_option(cli, args, named):
+def test_a_uri_with_nothing_there_is_one_line_naming_the_option(cli, args, named):
     code, line = cli(*args)
-    assert code == 1 and f"{named} {URI}" in line and "not s3:// yet" in line, line
+    assert code == 1 and f"{named} {NOWHERE}".strip() in line, line
 
 
-def test_a_lora_adapter_named_by_a_uri_is_refused(cli, tiny_model_dir):
-    code, line = cli("generate", "--model", str(tiny_model_dir), "--lora", URI, "--prompt", "x")
-    assert code == 1 and f"--lora {URI}" in line, line
-    code, line = cli("serve", "--model", str(tiny_model_dir), "--lora", f"a={URI}")
-    assert code == 1 and f"--lora a={URI}" in line, line
+def test_a_lora_adapter_named_by_a_uri_with_no_adapter_there_is_one_line(cli, tiny_model_dir):
+    code, line = cli("generate", "--model", str(tiny_model_dir), "--lora", NOWHERE, "--prompt", "x")
+    assert code == 1 and f"--lora {NOWHERE}: nothing there" in line, line
+    code, line = cli("serve", "--model", str(tiny_model_dir), "--lora", f"a={NOWHERE}")
+    assert code == 1 and f"--lora a= {NOWHERE}: nothing there" in line, line

@@ -50,6 +50,16 @@ class S3Server:
         self.client().create_bucket(Bucket=name)
         return f"s3://{name}"
 
+    def upload_dir(self, local, uri: str) -> str:
+        """Every file under the local folder `local` to `uri` (s3://bucket/prefix); returns `uri`."""
+        from pathlib import Path
+
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        for f in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+            key = f"{prefix}/{f.relative_to(local).as_posix()}".lstrip("/")
+            self.client().put_object(Bucket=bucket, Key=key, Body=f.read_bytes())
+        return uri
+
     def keys(self, bucket: str, prefix: str = "") -> dict[str, int]:
         """Every object under `prefix` -> its size."""
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)

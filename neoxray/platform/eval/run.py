@@ -106,9 +106,10 @@ def run_eval(args: EvalArgs) -> dict:
         kind, path = resolve_model_path(args.model)
         if args.lora:  # and the adapter against the model's config: a wrong one fails now too
             from neoxray.model.peft_format import read_peft_adapter
+            from neoxray.platform.model_cache import local_adapter
             from neoxray.platform.model_loading import model_config_of
 
-            read_peft_adapter(args.lora, model_config_of(kind, path))
+            read_peft_adapter(local_adapter(args.lora), model_config_of(kind, path))
     names = [t.task for t in suite.tasks] if suite else list(args.tasks)
     tm = task_manager(names, args.include_path)
     names = resolve_names(tm, names)

@@ -188,11 +188,12 @@ def build_app(args: ServeArgs) -> serve.Application:
     # replicas run elsewhere: a local path made absolute; a URI kept, each node filling its own model cache
     model_path = args.model if is_uri(str(args.model)) else str(path.resolve())
     from neoxray.model.peft_format import read_adapter_config
+    from neoxray.platform.model_cache import local_adapter
 
     loras = {}
     for name, lora_dir in args.loras.items():
-        read_adapter_config(lora_dir)  # a bad adapter directory fails here, naming it
-        loras[name] = str(Path(lora_dir).expanduser().resolve())
+        read_adapter_config(local_adapter(lora_dir, f"--lora {name}="))  # a bad adapter fails here, naming it
+        loras[name] = lora_dir if is_uri(lora_dir) else str(Path(lora_dir).expanduser().resolve())
     args = args.model_copy(update={"model": model_path, "loras": loras})
     model = dict(
         ray_actor_options={"num_gpus": args.num_gpus, "num_cpus": args.num_cpus},

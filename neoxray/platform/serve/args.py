@@ -154,10 +154,11 @@ class ServeArgs(BaseModel):
         if self.max_lora_rank is not None:
             return self.max_lora_rank
         from neoxray.model.peft_format import read_adapter_config
+        from neoxray.platform.model_cache import local_adapter
 
         ranks = [16]
-        for path in self.loras.values():
-            cfg = read_adapter_config(path)  # a NeoxrayError naming a bad directory
+        for name, path in self.loras.items():
+            cfg = read_adapter_config(local_adapter(path, f"--lora {name}="))  # a NeoxrayError naming a bad directory
             ranks += [int(cfg["r"]), *(int(r) for r in (cfg.get("rank_pattern") or {}).values())]
         return max(ranks)
 
@@ -215,6 +216,7 @@ class ServeArgs(BaseModel):
         from neoxray.model.peft_format import read_peft_adapter
         from neoxray.model.precision import to_dtype
         from neoxray.platform.inference.engine import InferenceEngine
+        from neoxray.platform.model_cache import local_adapter
 
         rank = self.lora_rank()
         engine = InferenceEngine.from_path(
@@ -228,7 +230,8 @@ class ServeArgs(BaseModel):
             if name == engine.model_name:
                 raise NeoxrayError(f"LoRA adapter name {name!r} is the base model's name; give it another")
             try:
-                engine.add_lora(name, read_peft_adapter(path, engine.model.config, name), str(path))
+                local = local_adapter(path, f"--lora {name}=")  # a URI: this node's cached copy
+                engine.add_lora(name, read_peft_adapter(local, engine.model.config, name), str(path))
             except NeoxrayError as e:
                 raise NeoxrayError(f"LoRA adapter {name!r}: {e}") from None
         return engine

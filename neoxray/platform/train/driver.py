@@ -11,10 +11,12 @@ import time
 
 from neoxray.errors import NeoxrayError, find_user_error
 from neoxray.model.precision import use_gpu as wants_gpu
+from neoxray.platform.model_cache import CACHE_ENV
 from neoxray.platform.run_store import RunStore, mirror_dir
 from neoxray.platform.train.preflight import plan_run, replan
 from neoxray.platform.train.progress import Progress, follow, summary
 from neoxray.platform.train.run_plan import RunPlan, start_run_dir
+from neoxray.platform.train.trackers import ENV_PREFIXES as TRACKER_ENV
 from neoxray.ray_connection import connect_ray, dashboard_url, started_here
 
 RAY_TRAIN_TOLERANCE = {
@@ -43,8 +45,8 @@ STORE_ENV = (
     "AWS_PROFILE",
     "GOOGLE_APPLICATION_CREDENTIALS",
 )
-"""The environment a run on object storage passes from the driver to its workers, when the driver has it set
-(pyarrow reads it); on a cluster whose pods carry their own identity, leave it unset on the driver."""
+"""The environment the driver passes on to its workers, when it has it set, for what they read and write on
+object storage (pyarrow reads it); on a cluster whose pods carry their own identity, leave it unset on the driver."""
 
 
 def _ray_state_dir(plan: RunPlan):
@@ -186,8 +188,9 @@ def _fit(plan: RunPlan, use_gpu: bool, console: bool):
 
     cfg = plan.cfg
     env = {"PYTHONUNBUFFERED": "1", **({"NEOXRAY_VERBOSE": "1"} if console else {})}
-    if plan.store_uri:  # the endpoint and credentials the driver reached the store with
-        env.update({k: v for k, v in os.environ.items() if k in STORE_ENV})
+    # the endpoint and credentials the driver reached object storage with (the run, data.path, load_from, init_from)
+    env.update({k: v for k, v in os.environ.items() if k in (*STORE_ENV, CACHE_ENV)})  # and where nodes cache models
+    env.update({k: v for k, v in os.environ.items() if k.startswith(TRACKER_ENV)})  # W&B's and MLflow's settings
     if not use_gpu:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     for name, value in RAY_TRAIN_TOLERANCE.items():

@@ -1,7 +1,7 @@
 """One place that fans training metrics out: RUN_DIR/metrics.jsonl, TensorBoard event files, Ray metrics
-(`ray.util.metrics`, names `neoxray_train_*`, shown in the Ray dashboard and on the Prometheus export port) and
-the console progress (`progress.Progress`). Only one rank (global rank 0) writes; Ray metrics are skipped where
-Ray is not running."""
+(`ray.util.metrics`, names `neoxray_train_*`, shown in the Ray dashboard and on the Prometheus export port), the
+console progress (`progress.Progress`) and the experiment trackers (`trackers`: W&B, MLflow). Only one rank
+(global rank 0) writes; Ray metrics are skipped where Ray is not running."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ class MetricsSink:
         stream=sys.stdout,
         print_every: int = 1,
         total_steps: int | None = None,
+        trackers=None,
     ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -67,6 +68,7 @@ class MetricsSink:
             except ImportError:
                 pass
         self.tags = {"run": run_name}
+        self.trackers = trackers  # W&B, MLflow (`neoxray.platform.train.trackers.Trackers`), or None
 
     def rewind(self, step: int) -> None:
         """Drop the file's records of steps after `step` (a run resuming there redoes them), so that
@@ -101,8 +103,14 @@ class MetricsSink:
                 self.gauges[k].set(float(v), tags=self.tags)
         if self.progress is not None:
             self.progress.update(metrics)
+        if self.trackers is not None:
+            self.trackers.log(record)
 
-    def close(self) -> None:
+    def close(self, ok: bool = True, newest_checkpoint: str | None = None) -> None:
+        """`ok`: the run reached its end (a tracker marks its run finished, or failed); `newest_checkpoint`:
+        named in the trackers' summary."""
+        if self.trackers is not None:
+            self.trackers.finish(ok, newest_checkpoint)
         if self.progress is not None:
             self.progress.close()
         if self._file is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from neoxray.errors import NeoxrayError
 from neoxray.model.config import ModelConfig
 from neoxray.model.tokenizer import TOKENIZER_FILE
+from neoxray.paths import is_uri
 from neoxray.pipelines.dataset_format import read_manifest, stored_row_length
 from neoxray.pipelines.reader import parse_data_spec
 from neoxray.platform.checkpoint import read_meta, verify_checkpoint
@@ -87,9 +88,9 @@ def preflight(
     elif cfg.checkpoint.resume or start_over:
         point = find_resume_point(run_dir, start_over, cfg.logging.metrics_file)
     resume = point.checkpoint if point is not None else None
+    resume_from = None if resume is None else str(resume)
     if resume is None and cfg.checkpoint.load_from:
-        resume = Path(cfg.checkpoint.load_from)
-        _verify(resume, "checkpoint.load_from")
+        resume_from, resume = _load_from(cfg.checkpoint.load_from)
     finished_at = None
     if resume is not None:
         meta = point.meta if getattr(point, "meta", None) is not None else read_meta(resume)
@@ -100,14 +101,13 @@ def preflight(
     elif cfg.model.init_from and data_tok:
         _check_init_from_tokenizer(cfg, tokenizers[data_tok], data_tok)
     own = point is not None and point.checkpoint is not None
-    newest = point.newest_verified if own else resume
     plan = RunPlan(
         cfg=cfg,
         model_config=model,
         run_dir=Path(run_dir),
-        resume_from=None if resume is None else str(resume),
+        resume_from=resume_from,
         resume_verified=point.verified if own else True,
-        newest_checkpoint=None if newest is None else str(newest),
+        newest_checkpoint=point.newest_verified if own else resume_from,
         store_uri=None if store is None else store.uri,
     )
     if point is not None and finished_at is None:
@@ -123,6 +123,25 @@ def _verify(checkpoint: Path, key: str) -> None:
         raise NeoxrayError(f"{key}: {e}") from None
 
 
+def _load_from(load_from: str) -> tuple[str, Path]:
+    """`checkpoint.load_from` checked file by file -> (what the workers load: the path, or for a URI the pinned
+    URI of the checkpoint, which each node reads through its model cache; the local folder the checks read). A
+    URI's files are checked against their checksums as this node's cache is filled."""
+    key = "checkpoint.load_from"
+    if not is_uri(load_from):
+        _verify(Path(load_from), key)
+        return load_from, Path(load_from)
+    from neoxray.platform.model_cache import local_model, pin_model_uri
+
+    kind, uri = pin_model_uri(load_from, key)
+    if kind != "checkpoint":
+        raise NeoxrayError(
+            f"{key}={load_from}: a Hugging Face model directory, not a checkpoint; name it in "
+            f"model.init_from to start from its weights"
+        )
+    return uri, Path(local_model(uri, key))
+
+
 def _resolve_init_from(cfg):
     """`model.init_from` resolved once (a run directory: its newest checkpoint) and, when it is a checkpoint,
     checked file by file, before any worker reads it."""
@@ -131,9 +150,9 @@ def _resolve_init_from(cfg):
     from neoxray.platform.lora_checkpoint import resolve_base
 
     base = resolve_base(cfg.model.init_from)
-    if base.kind == "checkpoint":
+    if base.kind == "checkpoint" and base.origin is None:  # a URI's files were checked filling the cache
         _verify(base.path, f"model.init_from={cfg.model.init_from}")
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=str(base.path)))
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=base.origin or str(base.path)))
 
 
 def _check_same_model(resume: Path, meta: dict, model: ModelConfig) -> None:
@@ -186,8 +205,9 @@ def _check_lora_resume(cfg, resume: Path, meta: dict) -> None:
 def _check_init_from_tokenizer(cfg, data_path: str, data_tok: str) -> None:
     """Fine-tuning: the data must be tokenized with the tokenizer the Hugging Face directory carries."""
     from neoxray.model.tokenizer import Tokenizer
+    from neoxray.platform.lora_checkpoint import resolve_base
 
-    tok_file = Path(cfg.model.init_from) / TOKENIZER_FILE
+    tok_file = resolve_base(cfg.model.init_from).path / TOKENIZER_FILE
     if tok_file.exists() and Tokenizer.load(tok_file).sha256 != data_tok:
         raise NeoxrayError(
             f"data.path {data_path} was prepared with another tokenizer than model.init_from={cfg.model.init_from} "

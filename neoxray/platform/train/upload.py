@@ -16,6 +16,7 @@ from neoxray.errors import NeoxrayError
 from neoxray.platform.checkpoint import META
 from neoxray.platform.run_store import RunFiles, RunStore, fetch_checkpoint, store_checkpoints
 from neoxray.platform.train.run_plan import RunPlan
+from neoxray.platform.train.trackers import IDS_FILE
 
 
 def node_leader() -> bool:
@@ -32,9 +33,9 @@ def prepare_mirror(plan: RunPlan, rank: int) -> None:
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     if plan.resume_from and Path(plan.resume_from).parent == plan.run_dir:
         fetch_checkpoint(store, Path(plan.resume_from).name, Path(plan.resume_from))
-    metrics = plan.cfg.logging.metrics_file
-    if rank == 0 and metrics and store.exists(metrics):
-        store.download(metrics, plan.run_dir / metrics)
+    for name in (plan.cfg.logging.metrics_file, IDS_FILE):  # continued: the metrics, the trackers' run ids
+        if rank == 0 and name and store.exists(name):
+            store.download(name, plan.run_dir / name)
 
 
 class CheckpointUploads:
@@ -44,7 +45,9 @@ class CheckpointUploads:
     def __init__(self, plan: RunPlan, rank: int):
         self.store = RunStore(plan.store_uri)
         self.rank, self.keep = rank, plan.cfg.checkpoint.keep
-        names = ["config.yaml", plan.cfg.logging.metrics_file, "tensorboard" if plan.cfg.logging.tensorboard else None]
+        names = ["config.yaml", plan.cfg.logging.metrics_file, IDS_FILE]
+        names.append("tensorboard" if plan.cfg.logging.tensorboard else None)
+        names.append("wandb" if plan.cfg.logging.wandb.enabled else None)  # W&B's offline files, for `wandb sync`
         self.run_files = RunFiles(self.store, plan.run_dir, [n for n in names if n]) if rank == 0 else None
         self._thread: threading.Thread | None = None
         self._folder: Path | None = None

@@ -27,6 +27,7 @@ from neoxray.platform.checkpoint import (
     set_aside,
 )
 from neoxray.platform.lora_checkpoint import resolve_base
+from neoxray.platform.model_cache import local_model
 from neoxray.platform.train.checkpointing import restore_training_state, save_checkpoint
 from neoxray.platform.train.config import to_dict
 from neoxray.platform.train.engine import TrainEngine
@@ -147,6 +148,7 @@ def train_worker(plan: RunPlan, reporter: Reporter, data_fn, tokenizer=None, met
     train_iter = data_fn(engine, "train", engine.consumed_samples)
     history, written = [], []
     every, ev = cfg.checkpoint.every, cfg.eval.every
+    finished = False
     try:
         while engine.step < cfg.train.steps:
             metrics = engine.train_step(train_iter)
@@ -168,9 +170,13 @@ def train_worker(plan: RunPlan, reporter: Reporter, data_fn, tokenizer=None, met
         _settle_last(engine, writer, train_iter, uploads, written)
         if uploads is not None:
             uploads.complete()
+        finished = True
     finally:
         if sink is not None:
-            sink.close()
+            newest = writer.newest
+            if newest is not None and plan.store_uri:  # the trackers name it where it lives
+                newest = f"{plan.store_uri.rstrip('/')}/{Path(newest).name}"
+            sink.close(ok=finished, newest_checkpoint=None if newest is None else str(newest))
     if uploads is not None:
         uploads.sync_run_files()  # the metrics file as the sink closed it
     return history
@@ -204,7 +210,8 @@ def _build_engine(plan: RunPlan) -> tuple[TrainEngine, dict]:
     """This rank's engine, filled from the plan's checkpoint (or `model.init_from`'s weights, or initialised from
     the seed), and the extra meta.json entries of its checkpoints (a LoRA run's adapter shape and base)."""
     cfg = plan.cfg
-    source = CheckpointSource(plan.resume_from) if plan.resume_from else None
+    # checkpoint.load_from as a URI: this node's cached copy (filled once per node, checksums checked)
+    source = CheckpointSource(local_model(plan.resume_from, "checkpoint.load_from")) if plan.resume_from else None
     base = resolve_base(cfg.model.init_from) if cfg.model.init_from else None
     adapter_loader, extra = None, {"run_name": cfg.name, "config": to_dict(cfg)}
     if cfg.lora.spec() is not None:  # LoRA: the base from model.init_from, frozen; the adapters trained
@@ -246,6 +253,11 @@ def run_worker(plan: RunPlan, reporter: Reporter, console: bool = True) -> list[
     cfg = plan.cfg
 
     def sink(engine):
+        trackers = None
+        if cfg.logging.wandb.enabled or cfg.logging.mlflow.enabled:
+            from neoxray.platform.train.trackers import Trackers
+
+            trackers = Trackers(cfg.logging, to_dict(cfg), plan.run_dir, cfg.name)
         return MetricsSink(
             plan.run_dir,
             cfg.name,
@@ -255,6 +267,7 @@ def run_worker(plan: RunPlan, reporter: Reporter, console: bool = True) -> list[
             stream=sys.stdout if console else None,
             print_every=cfg.logging.every,
             total_steps=cfg.train.steps,
+            trackers=trackers,
         )
 
     return train_worker(plan, reporter, make_data_fn(cfg), load_run_tokenizer(cfg), metrics_sink_fn=sink)

@@ -90,7 +90,7 @@ def masked_mean_loss(model, batch) -> float:
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).item()
 
 
-def test_lora_in_3d_trains_the_adapters_of_one_worker_and_equals_peft(instructions, hf_base, ray_local, tmp_path):
+def test_lora_in_3d_trains_the_adapters_of_one_worker_and_equals_peft(instructions, hf_base, ray_local, s3, tmp_path):
     from peft import PeftModel
     from tokenizers import Tokenizer as RawTokenizer
     from transformers import GPTNeoXForCausalLM
@@ -98,10 +98,12 @@ def test_lora_in_3d_trains_the_adapters_of_one_worker_and_equals_peft(instructio
     from neoxray.platform.train.driver import run_train
 
     runs = {}
+    base_uri = s3.upload_dir(hf_base, s3.bucket("lora") + "/base")  # the same base, on object storage
     for layout in LAYOUTS:
         run_dir = tmp_path / "lora-{}{}{}".format(*layout)
-        if layout == (1, 1, 1):  # one worker: `neoxray train --no-ray`, one process as a user runs it
-            opts = [f"data.path={instructions}", f"name={run_dir.name}", f"model.init_from={hf_base}", *LORA]
+        if layout == (1, 1, 1):  # one worker: `neoxray train --no-ray`, one process as a user runs it, its base
+            # read from the bucket through the model cache: the same losses as the other layout's local base
+            opts = [f"data.path={instructions}", f"name={run_dir.name}", f"model.init_from={base_uri}", *LORA]
             opts += ["parallel.data=1", "parallel.tensor=1", "parallel.pipeline=1"]
             run_cli("train", "--no-ray", "--run-dir", str(run_dir), *BASE, *opts)
         else:
@@ -125,6 +127,8 @@ def test_lora_in_3d_trains_the_adapters_of_one_worker_and_equals_peft(instructio
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["lora"]["r"] == 4 and meta["lora"]["alpha"] == 8
     assert meta["base"]["path"] == str(hf_base.resolve()) and len(meta["base"]["sha256"]) == 64
+    uri_meta = json.loads((runs[(1, 1, 1)] / "checkpoint-step-0000003" / "meta.json").read_text())
+    assert uri_meta["base"] == {**meta["base"], "path": base_uri}  # the URI it was named by; the same files
     names = set()
     for shard in meta["shards"]:
         with safe_open(ckpt / shard["file"], framework="pt") as f:
@@ -154,7 +158,8 @@ def test_lora_in_3d_trains_the_adapters_of_one_worker_and_equals_peft(instructio
     with torch.no_grad():
         lp = torch.log_softmax(peft_model(torch.tensor([ids])).logits[0].float(), -1)
     want = [lp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
-    for model_args in (["--model", str(hf_base), "--lora", str(peft_dir)], ["--model", str(ckpt)]):
+    adapter_uri = s3.upload_dir(peft_dir, "s3://lora/adapter")  # base and adapter read from the bucket
+    for model_args in (["--model", base_uri, "--lora", adapter_uri], ["--model", str(ckpt)]):
         got = json.loads(run_cli("score", *model_args, "--text", text, "--json").stdout)
         assert got["tokens"] == ids and got["logprobs"][1:] == pytest.approx(want, abs=1e-4), model_args
 
@@ -167,10 +172,12 @@ def test_lora_in_3d_trains_the_adapters_of_one_worker_and_equals_peft(instructio
     with torch.no_grad():
         assert (merged(ids).logits - folded(ids).logits).abs().max().item() < 1e-4
 
-    # re-layout resume: the (2,2,2) checkpoint at step 3 continues under (1,2,1) with the same losses
-    relayout = tmp_path / "relayout"
+    # re-layout resume: the (2,2,2) checkpoint at step 3, copied into a bucket and named by its run's URI (the
+    # newest complete checkpoint there), continues under (1,2,1) with the same losses
+    relayout, ckpt_run = tmp_path / "relayout", s3.upload_dir(ckpt, f"s3://lora/run/{ckpt.name}").rsplit("/", 1)[0]
     run_train(
-        lora_cfg(instructions, hf_base, "relayout", (1, 2, 1), [f"checkpoint.load_from={ckpt}"]), run_dir=str(relayout)
+        lora_cfg(instructions, hf_base, "relayout", (1, 2, 1), [f"checkpoint.load_from={ckpt_run}"]),
+        run_dir=str(relayout),
     )
     assert sorted(losses(relayout)) == [4, 5]
     assert_same(losses(relayout), ref, [4, 5])

@@ -20,17 +20,9 @@ import pytest
 from neoxray.platform.run_store import mirror_dir
 from tests.conftest import run_cli
 from tests.platform.train.conftest import SMALL, STEPS, assert_same, cfg_for, one_error_line, train
-from tests.support.s3 import s3_server
+from tests.support.s3 import s3_server  # the `s3` fixture: tests/platform/train/conftest.py
 
 pytestmark = pytest.mark.e2e  # training runs against a real S3-protocol server
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server() as server, pytest.MonkeyPatch.context() as m:
-        for k, v in server.env.items():
-            m.setenv(k, v)
-        yield server
 
 
 def store_losses(s3, bucket: str, prefix: str) -> dict[int, float]:
@@ -108,6 +100,11 @@ def test_on_the_store_an_incomplete_checkpoint_is_set_aside_and_a_damaged_one_is
     from_run = json.loads(run_cli("score", "--text", "def main(args):", "--json", "--model", uri, env=env).stdout)
     assert from_run["tokens"] == outs[0]["tokens"]
     assert from_run["logprobs"][1:] == pytest.approx(outs[0]["logprobs"][1:], abs=1e-5)  # the checkpoint itself
+
+    # the run's page: read from the bucket, written into it
+    assert run_cli("report", uri, env=env).stdout.strip() == f"wrote {uri}/report.html"
+    page = s3.client().get_object(Bucket="sets", Key="run/report.html")["Body"].read().decode()
+    assert f"<td>{uri}</td>" in page and "checkpoint-step-0000005" in page and "data:image/png" in page
 
     shard = next(k for k in s3.keys("sets", "run/checkpoint-step-0000005/") if "shard-" in k)
     body = bytearray(s3.client().get_object(Bucket="sets", Key=shard)["Body"].read())

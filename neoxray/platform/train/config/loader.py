@@ -4,6 +4,7 @@ back as YAML."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import typing
@@ -139,11 +140,30 @@ class _Builder:
                 k: coerce(v, mhints[k], f"model.overrides.{k}", source) for k, v in value.items()
             }
             return
+        if dataclasses.is_dataclass(hints[name]):  # a sub-section: logging.wandb.project=P, or a mapping
+            self._set_sub(keys, hints[name], value, source)
+            return
         if rest:
             raise _unknown_key(dotted, source)
         self.state[section][name] = coerce(value, hints[name], dotted, source)
         if section == "parallel" and name in LAYOUT:
             self.explicit_layout.add(name)
+
+    def _set_sub(self, keys: tuple[str, ...], cls: type, value: Any, source: str) -> None:
+        section, name, *rest = keys
+        dotted = ".".join(keys)
+        if not rest:
+            if value is None:
+                return
+            if not isinstance(value, dict):
+                raise NeoxrayError(f"{dotted} must be a mapping of keys, got {type_name(value)} {value!r} ({source})")
+            for k, v in value.items():
+                self._set_sub((section, name, str(k)), cls, v, source)
+            return
+        hints = field_types(cls)
+        if len(rest) > 1 or rest[0] not in hints:
+            raise _unknown_key(dotted, source)
+        self.state[section][name][rest[0]] = coerce(value, hints[rest[0]], dotted, source)
 
     # one KEY=VALUE string
     def apply_override(self, item: str) -> None:
@@ -168,8 +188,14 @@ class _Builder:
         for k in LAYOUT:
             if k not in self.explicit_layout:
                 parallel[k] = None if parallel["auto"] else getattr(defaults, k)
-        sections = {name: cls(**s[name]) for name, cls in SECTIONS.items()}
+        sections = {name: _make(cls, s[name]) for name, cls in SECTIONS.items()}
         return RunConfig(name=s["name"], run_dir=s["run_dir"], **sections)
+
+
+def _make(cls: type, values: dict):
+    """A section's dataclass from its values, its sub-sections (`logging.wandb`) made too."""
+    hints = field_types(cls)
+    return cls(**{k: _make(hints[k], v) if dataclasses.is_dataclass(hints[k]) else v for k, v in values.items()})
 
 
 def _unknown_key(dotted: str, source: str) -> NeoxrayError:
@@ -190,7 +216,13 @@ def _unknown_key(dotted: str, source: str) -> NeoxrayError:
             f"sections: {', '.join(SECTIONS)}"
         )
     section = parts[0]
-    valid = list(field_types(SECTIONS[section]))
+    hints = field_types(SECTIONS[section])
+    if len(parts) > 2 and dataclasses.is_dataclass(hints.get(parts[1])):  # logging.wandb.projct
+        where = f"{section}.{parts[1]}"
+        valid = list(field_types(hints[parts[1]]))
+        hint = suggest(parts[2], valid, prefix=where + ".")
+        return NeoxrayError(f"unknown key '{dotted}' in {source}{hint}; keys of {where}: {', '.join(valid)}")
+    valid = list(hints)
     hint = suggest(parts[1], valid, prefix=section + ".")
     if not hint:  # right field, wrong section: `train.lr` -> `optimizer.lr`
         hint = suggest(parts[1], _all_dotted_keys(), leaf=True)
@@ -198,7 +230,11 @@ def _unknown_key(dotted: str, source: str) -> NeoxrayError:
 
 
 def _all_dotted_keys() -> list[str]:
-    return [f"{s}.{k}" for s, cls in SECTIONS.items() for k in field_types(cls)]
+    out = []
+    for s, cls in SECTIONS.items():
+        for k, tp in field_types(cls).items():
+            out += [f"{s}.{k}.{j}" for j in field_types(tp)] if dataclasses.is_dataclass(tp) else [f"{s}.{k}"]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -259,8 +259,43 @@ class CheckpointSection:
 
 
 @dataclass
+class WandbLogging:
+    """Weights & Biases (`logging.wandb`): rank 0 sends it what metrics.jsonl gets, the config, and the summary.
+    `WANDB_MODE` (online, offline, disabled), `WANDB_API_KEY`, `WANDB_BASE_URL` and `WANDB_DIR` are honoured and
+    passed on to the workers; a W&B that cannot be reached is one warning, and the run trains on."""
+
+    enabled: bool = False
+    """Send the run to W&B (needs `pip install wandb`)."""
+    project: str = "neoxray"
+    """The W&B project."""
+    entity: str | None = None
+    """The W&B entity (a user or team); null: the API key's default."""
+    run_name: str | None = None
+    """The W&B run's display name; null: the run's `name`. A resumed run continues the same W&B run (its id is
+    kept in the run directory)."""
+
+
+@dataclass
+class MlflowLogging:
+    """MLflow (`logging.mlflow`): rank 0 logs what metrics.jsonl gets as metrics, the config as parameters, and
+    the summary; a tracking server that cannot be reached is one warning, and the run trains on."""
+
+    enabled: bool = False
+    """Log the run to MLflow (needs `pip install mlflow-skinny`; its SQLite store needs sqlalchemy and
+    alembic, which `pip install neoxray[trackers]` brings)."""
+    tracking_uri: str | None = None
+    """Where: a tracking server (`http://host:5000`) or a database (`sqlite:///path/mlflow.db`); null:
+    MLFLOW_TRACKING_URI when set, else `sqlite:///<run directory>/mlflow.db` (MLflow 3 keeps its `./mlruns` file
+    store read-only; on object storage that database stays in the node's staging folder: name a server)."""
+    experiment: str = "neoxray"
+    """The MLflow experiment (made when missing)."""
+    run_name: str | None = None
+    """The MLflow run's name; null: the run's `name`. A resumed run continues the same MLflow run."""
+
+
+@dataclass
 class LoggingSection:
-    """Metrics: loss, learning rate, throughput, memory."""
+    """Metrics: loss, learning rate, throughput, memory; and the experiment trackers they go to."""
 
     every: int = 10
     """Print a metrics line on the console every this many optimizer steps (and at the last step and at every
@@ -274,6 +309,10 @@ class LoggingSection:
     ray_metrics: bool = True
     """Also publish the metrics as Ray metrics (gauges `neoxray_train_*`, seen in the Ray dashboard and on the
     Prometheus export port) when the run is on Ray."""
+    wandb: WandbLogging = field(default_factory=WandbLogging)
+    """Weights & Biases (`logging.wandb.enabled=true logging.wandb.project=P`)."""
+    mlflow: MlflowLogging = field(default_factory=MlflowLogging)
+    """MLflow (`logging.mlflow.enabled=true logging.mlflow.tracking_uri=URI`)."""
 
 
 @dataclass

@@ -253,16 +253,11 @@ def _run_name(name: str) -> Problems:
 
 
 def check_local_paths(cfg: RunConfig) -> None:
-    """What is read and written on local paths only (`checkpoint.load_from`; `model.init_from`;
-    `checkpoint.staging_dir`) is not a URI: one line naming the key, before anything tries to read it or a local
-    folder named `s3:` is made. The run directory may be one (`neoxray.platform.run_store`)."""
-    for key, value in (
-        ("checkpoint.staging_dir", cfg.checkpoint.staging_dir),
-        ("checkpoint.load_from", cfg.checkpoint.load_from),
-        ("model.init_from", cfg.model.init_from),
-    ):
-        if value:
-            local_path(value, key)
+    """What is on this node's disk by definition (`checkpoint.staging_dir`) is not a URI: one line naming the
+    key, before a local folder named `s3:` is made. The run directory, `checkpoint.load_from` and
+    `model.init_from` may be URIs (`neoxray.platform.run_store`, `neoxray.platform.model_cache`)."""
+    if cfg.checkpoint.staging_dir:
+        local_path(cfg.checkpoint.staging_dir, "checkpoint.staging_dir")
 
 
 def check_paths(cfg: RunConfig) -> None:
@@ -271,15 +266,15 @@ def check_paths(cfg: RunConfig) -> None:
     local-only ones are checked first (`check_local_paths`)."""
     check_local_paths(cfg)
 
-    def absent(p) -> bool:  # URIs (s3://, gs://, ...) are read through the data reader's filesystems
+    def absent(p) -> bool:  # URIs (s3://, gs://, ...) are read through pyarrow's filesystems, checked there
         return not is_uri(p) and not Path(p).exists()
 
     missing = [f"data.path={p}" for p in cfg.data.paths() if absent(p)]
     if cfg.data.validation_path and absent(cfg.data.validation_path):
         missing.append(f"data.validation_path={cfg.data.validation_path}")
-    if cfg.checkpoint.load_from and not Path(cfg.checkpoint.load_from).exists():
+    if cfg.checkpoint.load_from and absent(cfg.checkpoint.load_from):
         missing.append(f"checkpoint.load_from={cfg.checkpoint.load_from}")
-    if cfg.model.init_from and not Path(cfg.model.init_from).exists():
+    if cfg.model.init_from and absent(cfg.model.init_from):
         missing.append(f"model.init_from={cfg.model.init_from}")
     if missing:
         raise NeoxrayError("not found: " + ", ".join(missing))
