@@ -179,6 +179,9 @@ class RunStore:
         retrying(f"moving {src} to {dst}", lambda: fs.move(src, dst))
 
 
+NO_META = f"has no {META} (its upload did not finish)"
+
+
 def store_checkpoints(store: RunStore) -> list[tuple[str, dict | None, str | None]]:
     """The run's `checkpoint-step-N` folders on the store, newest first: (name, meta.json or None, what is wrong
     or None). Complete means: a meta.json of this format, and every file it lists present with its size (the
@@ -190,7 +193,7 @@ def store_checkpoints(store: RunStore) -> list[tuple[str, dict | None, str | Non
         files = store.files(name)
         meta, problem = None, None
         if META not in files:
-            problem = f"has no {META} (its upload did not finish)"
+            problem = NO_META
         else:
             try:
                 meta = json.loads(store.read_text(f"{name}/{META}") or "")

@@ -49,10 +49,29 @@ STORE_ENV = (
 object storage (pyarrow reads it); on a cluster whose pods carry their own identity, leave it unset on the driver."""
 
 
-def _ray_state_dir(plan: RunPlan):
-    """Where Ray Train keeps its own run state for a run on object storage: the driver's staging folder (neoxray
-    reads its own checkpoints back, never Ray Train's state)."""
-    return mirror_dir(plan.store_uri, plan.cfg.checkpoint.staging_dir, "driver")
+def _ray_storage(plan: RunPlan) -> dict:
+    """Where Ray Train keeps its own run state: in the run directory, on object storage too (neoxray reads its own
+    checkpoints back, never Ray Train's state). On S3 the filesystem carries the driver's endpoint and
+    credentials: Ray Train's controller, an actor, does not have the driver's environment."""
+    if plan.store_uri is None:
+        return {"name": plan.run_dir.name, "storage_path": str(plan.run_dir.parent)}
+    import pyarrow.fs as pafs
+
+    from neoxray.pipelines import fs
+
+    filesystem, inner = fs.resolve(plan.store_uri)
+    if isinstance(filesystem, pafs.S3FileSystem) and os.environ.get("AWS_ACCESS_KEY_ID"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        given = {
+            "access_key": os.environ["AWS_ACCESS_KEY_ID"],
+            "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            "session_token": os.environ.get("AWS_SESSION_TOKEN"),
+            "region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION"),
+            "endpoint_override": endpoint,
+        }
+        filesystem = pafs.S3FileSystem(**{k: v for k, v in given.items() if v})
+    parent, _, name = inner.rstrip("/").rpartition("/")
+    return {"name": name, "storage_path": parent, "storage_filesystem": filesystem}
 
 
 def _say(msg: str) -> None:
@@ -205,8 +224,7 @@ def _fit(plan: RunPlan, use_gpu: bool, console: bool):
             resources_per_worker=None if use_gpu else {"CPU": 1},
         ),
         run_config=RayRunConfig(
-            name=plan.run_dir.name if plan.store_uri is None else "ray-train",
-            storage_path=str(plan.run_dir.parent if plan.store_uri is None else _ray_state_dir(plan)),
+            **_ray_storage(plan),
             failure_config=FailureConfig(max_failures=0),
             worker_runtime_env={"env_vars": env},
         ),

@@ -148,8 +148,10 @@ def find_store_resume_point(
 ) -> StoreResumePoint:
     """`find_resume_point` for a run on object storage (`neoxray.platform.run_store.RunStore`): the newest
     complete checkpoint on the store (its meta.json, every listed file with its size; each rank checks the
-    checksums as it downloads), the newer incomplete ones set aside; `mirror` is the workers' local mirror."""
-    from neoxray.platform.run_store import store_checkpoints
+    checksums as it downloads), the newer incomplete ones set aside; `mirror` is the workers' local mirror. When
+    none is complete because every upload was cut before its meta.json (a kill during the first checkpoint's
+    upload), they are set aside and the run starts from step 0; a damaged one is refused, as locally."""
+    from neoxray.platform.run_store import NO_META, store_checkpoints
 
     passed, found, listed_on_store = [], None, store_checkpoints(store)  # each meta.json read once
     for name, meta, problem in listed_on_store:
@@ -164,7 +166,8 @@ def find_store_resume_point(
         if metrics_file and store.exists(metrics_file):
             moves.append((metrics_file, START_OVER_PREFIX, ""))
         return StoreResumePoint(start_over=True, store=store, moves=moves)
-    if found is None and passed:
+    cut = [name for name, _, why in passed if why == NO_META]  # an upload that did not finish: nothing lost
+    if found is None and passed and len(cut) < len(passed):
         listed = "; ".join(f"{name} {why}" for name, _, why in passed)
         raise NeoxrayError(
             f"run directory {store.uri} holds checkpoints and none of them can be resumed: {listed}; nothing was "

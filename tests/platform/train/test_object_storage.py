@@ -58,6 +58,7 @@ def test_a_run_on_s3_resumes_from_the_bucket_alone_under_another_layout(
     run_train(cfg_for(prepared, "s3run", (2, 1, 2), ["train.steps=3", *extra]), run_dir=uri)
     assert_complete_checkpoints(s3, "runs", "tiny/run", [2, 3])
     assert {"tiny/run/config.yaml", "tiny/run/metrics.jsonl"} <= set(s3.keys("runs", "tiny/run/"))
+    assert "tiny/run/.validate_storage_marker" in s3.keys("runs", "tiny/run/")  # Ray Train's state: there too
     assert sorted(store_losses(s3, "runs", "tiny/run")) == [1, 2, 3]
     assert list(cwd.iterdir()) == []  # nothing became a local folder named s3:
 
@@ -141,3 +142,42 @@ def test_a_missing_bucket_a_missing_model_and_a_failed_upload_are_one_line(prepa
         out, err = child.communicate(timeout=300)
     proc = subprocess.CompletedProcess(cmd, child.returncode, out, err)
     one_error_line(proc, f"{uri}/", "failed after 2 attempts")  # a checkpoint's file or the metrics, named
+
+
+def test_a_kill_in_the_middle_of_an_upload_then_resume_equals_a_run_never_interrupted(prepared, s3, tmp_path):
+    uri, staging = s3.bucket("killed") + "/run", tmp_path / "staging"
+    opts = ["train.steps=12", "checkpoint.every=1", "checkpoint.keep=0"]
+    cmd = [sys.executable, "-m", "neoxray.cli", "train", "--no-ray", "--run-dir", uri, *SMALL, f"data.path={prepared}"]
+    cmd += [*opts, f"checkpoint.staging_dir={staging}"]
+
+    def in_flight(after: int = 0) -> list[str]:
+        """Checkpoints with files in the bucket but no meta.json (their upload is under way, or was cut), once
+        `after` checkpoints are complete there."""
+        keys = s3.keys("killed", "run/")
+        names = {k.split("/")[1] for k in keys if k.startswith("run/checkpoint-step-")}
+        if sum(k.endswith("/meta.json") and k.startswith("run/checkpoint-step-") for k in keys) < after:
+            return []
+        return [n for n in names if f"run/{n}/meta.json" not in keys]
+
+    cut = []
+    for _ in range(3):  # SIGKILL (the driver: with --no-ray, one process) the moment an upload is in flight,
+        # with a few complete checkpoints before it: the resume starts from the newest of them
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        while child.poll() is None and not in_flight(after=3):
+            time.sleep(0.005)
+        child.kill()
+        child.communicate(timeout=60)
+        cut = in_flight()  # still without meta.json after the kill: it was cut in the middle
+        if cut:
+            break
+    assert cut, "no upload was caught in flight in three tries"
+    proc = train(prepared, uri, *opts, f"checkpoint.staging_dir={staging}")  # the same node: its staging as left
+    resumed = [r["step"] for r in store_records(s3, "killed", "run") if r.get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0] >= 3, (resumed, proc.stderr[-2000:])
+    assert "incomplete-checkpoint-step-" in "".join(s3.keys("killed", "run/"))  # the cut one, set aside
+
+    reference = tmp_path / "reference"  # the same run, on a local disk, never interrupted
+    train(prepared, reference, *opts)
+    want = {r["step"]: r["loss"] for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())}
+    got = store_losses(s3, "killed", "run")
+    assert sorted(got) == list(range(1, 13)) and all(got[s] == want[s] for s in got), (got, want)  # bit-identical
