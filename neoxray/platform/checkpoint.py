@@ -186,19 +186,27 @@ class TensorSource:
 
 
 class CheckpointSource(TensorSource):
-    """A neoxray training checkpoint directory."""
+    """A neoxray training checkpoint directory. `files`: for a checkpoint on object storage, what fetches its
+    files into `path` on first use (`neoxray.platform.run_store.StoreCheckpointFiles`: `meta`, `header(name)`,
+    `fetch(name)`, each file checked as it arrives), so a rank downloads only the shards it reads."""
 
-    def __init__(self, path):
+    def __init__(self, path, files=None):
         self.path = Path(path)
-        self.meta = read_meta(self.path)
+        self.files = files
+        self.meta = read_meta(self.path) if files is None else files.meta
         self._verified: set[str] = set()
-        self._index: dict[str, list[tuple[int, Path, int | None]]] = {}  # key -> [(tp rank, file, dim)]
+        self._index: dict[str, list[tuple[int, str, int | None]]] = {}  # key -> [(tp rank, file name, dim)]
         for entry in self.meta["shards"]:
-            f = self.path / entry["file"]
-            with safe_open(f, framework="pt") as sf:
-                dims = json.loads((sf.metadata() or {}).get("tp_dims", "{}"))
-                for key in sf.keys():  # noqa: SIM118 (a safetensors file handle, not a dict)
-                    self._index.setdefault(key, []).append((entry["tp"], f, dims.get(key)))
+            name = entry["file"]
+            if files is None:
+                with safe_open(self.path / name, framework="pt") as sf:
+                    keys, info = list(sf.keys()), sf.metadata() or {}
+            else:
+                header = files.header(name)
+                keys, info = [k for k in header if k != "__metadata__"], header.get("__metadata__") or {}
+            dims = json.loads(info.get("tp_dims", "{}"))
+            for key in keys:
+                self._index.setdefault(key, []).append((entry["tp"], name, dims.get(key)))
         self.saved_tp = self.meta["layout"]["tp"]
 
     def __repr__(self):
@@ -207,12 +215,21 @@ class CheckpointSource(TensorSource):
     def keys(self):
         return list(self._index)
 
-    def _read(self, f: Path, key: str) -> torch.Tensor:
+    def file(self, name: str) -> Path | None:
+        """This checkpoint's file `name` as a local path (fetched first on object storage), checked against its
+        sha256 the first time; None when the checkpoint has no such file."""
+        if self.files is not None:
+            return self.files.fetch(name) if name in self.files.listed else None
+        if not (self.path / name).exists():
+            return None
+        if name not in self._verified:
+            verify_files(self.path, self.meta, [name])
+            self._verified.add(name)
+        return self.path / name
+
+    def _read(self, name: str, key: str) -> torch.Tensor:
         """A tensor of one of this checkpoint's files, the file's sha256 checked the first time it is read."""
-        if f.name not in self._verified:
-            verify_files(self.path, self.meta, [f.name])
-            self._verified.add(f.name)
-        return _read(f, key)
+        return _read(self.file(name), key)
 
     def get(self, key, tp_dim, tp_rank, tp_size):
         entries = sorted(self._index.get(key, []))

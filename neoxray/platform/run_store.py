@@ -7,8 +7,9 @@ folder), where training writes exactly as into a local run directory; the store 
   `meta.json` goes up last, written by rank 0 once every rank's upload is done, so a checkpoint folder on the
   store without `meta.json` is never taken as complete (`store_checkpoints`);
 - config.yaml, the metrics file and TensorBoard's event files are copied up as they change (`RunFiles`);
-- a resumed rank downloads the checkpoint into its node's mirror, once per node, each file checked against the
-  sha256 in `meta.json` (`fetch_checkpoint`).
+- a resumed run reads the checkpoint into each node's mirror file by file, only the shards that node's ranks
+  read, each once per node and checked against the sha256 in `meta.json` (`StoreCheckpointFiles`); a model
+  read whole (inference, export) is fetched whole, once per node (`fetch_checkpoint`).
 Transient errors are retried with backoff (`retrying`); what still fails is one `NeoxrayError` naming the file.
 """
 
@@ -20,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 import time
 import uuid
@@ -138,6 +140,16 @@ class RunStore:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def read_range(self, rel: str, offset: int, length: int) -> bytes:
+        """`length` bytes of a file from `offset` (a safetensors header without the tensors after it)."""
+        path = self.path(rel)
+
+        def read():
+            with fs.open_random_access(path) as f:
+                return f.read_at(length, offset)
+
+        return retrying(f"reading {path}", read)
+
     def exists(self, rel: str) -> bool:
         path = self.path(rel)
         return retrying(f"looking up {path}", lambda: fs.exists(path))
@@ -239,6 +251,56 @@ def fetch_checkpoint(store: RunStore, name: str, local: Path) -> Path:
                 )
         (local / FETCHED).touch()
     return local
+
+
+class StoreCheckpointFiles:
+    """Checkpoint `name` of the store, read file by file into the local folder `local` (this node's mirror):
+    meta.json at once, each other file only when a rank of this node first reads from it (under a lock per file:
+    once per node), checked against its sha256. A rank's index of the tensors comes from the shards' safetensors
+    headers, read with ranged reads: a node downloads the shards its ranks' layout needs, not the whole
+    checkpoint. A folder left by an earlier attempt is reused where its meta.json is the store's."""
+
+    def __init__(self, store: RunStore, name: str, local: Path):
+        self.store, self.name, self.local = store, name, Path(local)
+        text = store.read_text(f"{name}/{META}")
+        if text is None:
+            raise NeoxrayError(f"{store.path(name)}: no {META} (not a complete checkpoint)")
+        with node_lock(self.local.parent / f".{self.local.name}.lock"):
+            held = self.local / META
+            if not held.exists() or held.read_text() != text:
+                shutil.rmtree(self.local, ignore_errors=True)
+                self.local.mkdir(parents=True)
+                (self.local / f".{META}.tmp").write_text(text)
+                os.replace(self.local / f".{META}.tmp", held)
+        self.meta = json.loads(text)
+        self.listed = listed_files(self.meta)
+
+    def header(self, file: str) -> dict:
+        """The safetensors header of `file` ({tensor: {dtype, shape, data_offsets}, "__metadata__": {...}})."""
+        if (self.local / f".{file}.ok").exists():
+            with open(self.local / file, "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                return json.loads(f.read(n))
+        n = struct.unpack("<Q", self.store.read_range(f"{self.name}/{file}", 0, 8))[0]
+        if n > self.listed.get(file, {}).get("bytes", n + 8) - 8:
+            raise NeoxrayError(f"{self.store.path(self.name, file)}: not a safetensors file (header of {n} bytes)")
+        return json.loads(self.store.read_range(f"{self.name}/{file}", 8, n))
+
+    def fetch(self, file: str) -> Path:
+        """`file`, local and checked (downloaded by the first rank of this node that needs it)."""
+        path, ok = self.local / file, self.local / f".{file}.ok"
+        with node_lock(self.local / f".{file}.lock"):
+            if not ok.exists():
+                entry = self.listed.get(file, {})
+                if not (path.exists() and "sha256" in entry and file_digest(path) == entry["sha256"]):
+                    self.store.download(f"{self.name}/{file}", path)
+                    if "sha256" in entry and file_digest(path) != entry["sha256"]:
+                        raise NeoxrayError(
+                            f"{self.store.path(self.name, file)}: does not match the checksum in its {META} "
+                            f"(damaged); set the checkpoint aside (rename it) to resume from an older one"
+                        )
+                ok.touch()
+        return path
 
 
 class RunFiles:

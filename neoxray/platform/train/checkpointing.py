@@ -157,8 +157,8 @@ def restore_training_state(engine, source: CheckpointSource) -> dict:
         engine.optimizer.loss_scaler.cur_scale = meta["loss_scale"]
     engine.set_step(step, int(meta["consumed_samples"]))
     same_layout = meta["layout"] == dict(zip(("dp", "tp", "pp"), engine.layout))
-    rng_file = source.path / rng_file_name(engine.rank)
-    if same_layout and rng_file.exists():
+    rng_file = source.file(rng_file_name(engine.rank)) if same_layout else None
+    if rng_file is not None:
         with safe_open(rng_file, framework="pt") as f:
             torch.set_rng_state(f.get_tensor("cpu"))
             if torch.cuda.is_available() and "cuda" in f.keys():  # noqa: SIM118 (a safetensors handle)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from neoxray.errors import NeoxrayError
 from neoxray.platform.checkpoint import META
-from neoxray.platform.run_store import RunFiles, RunStore, fetch_checkpoint, store_checkpoints
+from neoxray.platform.run_store import RunFiles, RunStore, store_checkpoints
 from neoxray.platform.train.run_plan import RunPlan
 from neoxray.platform.train.trackers import IDS_FILE
 
@@ -26,13 +26,11 @@ def node_leader() -> bool:
 
 
 def prepare_mirror(plan: RunPlan, rank: int) -> None:
-    """Before the engine is built: the checkpoint the run resumes from downloaded into this node's mirror
-    (checked against its meta.json), and on rank 0 the store's metrics file, so the resumed run's metrics
-    continue it. Every rank calls it."""
+    """Before the engine is built: this node's mirror, and on rank 0 the store's metrics file and tracker ids, so
+    the resumed run continues them (the checkpoint it resumes from is read file by file as the ranks need it:
+    `neoxray.platform.run_store.StoreCheckpointFiles`). Every rank calls it."""
     store = RunStore(plan.store_uri)
     plan.run_dir.mkdir(parents=True, exist_ok=True)
-    if plan.resume_from and Path(plan.resume_from).parent == plan.run_dir:
-        fetch_checkpoint(store, Path(plan.resume_from).name, Path(plan.resume_from))
     for name in (plan.cfg.logging.metrics_file, IDS_FILE):  # continued: the metrics, the trackers' run ids
         if rank == 0 and name and store.exists(name):
             store.download(name, plan.run_dir / name)

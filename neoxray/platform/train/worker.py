@@ -210,8 +210,7 @@ def _build_engine(plan: RunPlan) -> tuple[TrainEngine, dict]:
     """This rank's engine, filled from the plan's checkpoint (or `model.init_from`'s weights, or initialised from
     the seed), and the extra meta.json entries of its checkpoints (a LoRA run's adapter shape and base)."""
     cfg = plan.cfg
-    # checkpoint.load_from as a URI: this node's cached copy (filled once per node, checksums checked)
-    source = CheckpointSource(local_model(plan.resume_from, "checkpoint.load_from")) if plan.resume_from else None
+    source = _checkpoint_source(plan)
     base = resolve_base(cfg.model.init_from) if cfg.model.init_from else None
     adapter_loader, extra = None, {"run_name": cfg.name, "config": to_dict(cfg)}
     if cfg.lora.spec() is not None:  # LoRA: the base from model.init_from, frozen; the adapters trained
@@ -229,6 +228,19 @@ def _build_engine(plan: RunPlan) -> tuple[TrainEngine, dict]:
     if source is not None:
         restore_training_state(engine, source)
     return engine, extra
+
+
+def _checkpoint_source(plan: RunPlan) -> CheckpointSource | None:
+    """What the run starts from: its own checkpoint (on object storage: read into this node's mirror file by file,
+    only the shards this node's ranks read), or `checkpoint.load_from` (a URI: this node's model cache)."""
+    if not plan.resume_from:
+        return None
+    if plan.store_uri and Path(plan.resume_from).parent == plan.run_dir:
+        from neoxray.platform.run_store import RunStore, StoreCheckpointFiles
+
+        local = Path(plan.resume_from)
+        return CheckpointSource(local, files=StoreCheckpointFiles(RunStore(plan.store_uri), local.name, local))
+    return CheckpointSource(local_model(plan.resume_from, "checkpoint.load_from"))
 
 
 def _adapter_loader(source: CheckpointSource):

@@ -45,6 +45,22 @@ def assert_complete_checkpoints(s3, bucket: str, prefix: str, steps: list[int]) 
             assert keys.get(f"{prefix}/{name}/{file}") == entry["bytes"] and len(entry["sha256"]) == 64, file
 
 
+def check_a_rank_downloads_only_what_it_reads(uri: str, name: str, mirror: Path) -> None:
+    """A (2,1,2) checkpoint read as a resumed rank reads it: its index from the shards' headers (ranged reads),
+    then one tensor of pipeline stage 0: one shard of the two comes down, checked."""
+    from neoxray.platform.checkpoint import CheckpointSource
+    from neoxray.platform.run_store import RunStore, StoreCheckpointFiles
+
+    local = mirror / name
+    source = CheckpointSource(local, files=StoreCheckpointFiles(RunStore(uri), name, local))
+    shards = [e["file"] for e in source.meta["shards"]]
+    assert len(shards) == 2 and all(source.keys())
+    embed = source.get("model/embed_in.weight", None, 0, 1)
+    assert embed.shape[0] == 1024
+    held = sorted(p.name for p in local.iterdir() if not p.name.startswith("."))
+    assert held == ["meta.json", shards[0]] or held == ["meta.json", shards[1]], held
+
+
 def test_a_run_on_s3_resumes_from_the_bucket_alone_under_another_layout(
     prepared, reference, ray_local, s3, tmp_path, monkeypatch
 ):
@@ -61,6 +77,7 @@ def test_a_run_on_s3_resumes_from_the_bucket_alone_under_another_layout(
     assert "tiny/run/.validate_storage_marker" in s3.keys("runs", "tiny/run/")  # Ray Train's state: there too
     assert sorted(store_losses(s3, "runs", "tiny/run")) == [1, 2, 3]
     assert list(cwd.iterdir()) == []  # nothing became a local folder named s3:
+    check_a_rank_downloads_only_what_it_reads(uri, "checkpoint-step-0000003", tmp_path / "one-node")
 
     shutil.rmtree(staging)  # every node's staging gone: the bucket alone holds the run
     run_train(cfg_for(prepared, "s3run", (1, 2, 1), [f"train.steps={STEPS}", *extra]), run_dir=uri)
