@@ -33,12 +33,28 @@ from neoxray.paths import is_uri
 from neoxray.pipelines import fs
 from neoxray.platform.checkpoint_format import (
     CHECKPOINT_PREFIX,
+    EVAL_PIN,
     FORMAT,
     META,
     checkpoint_step,
     file_digest,
     listed_files,
 )
+
+STORE_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)
+"""The environment a driver passes on to what it starts (training workers, evaluation tasks) when it has it set,
+for what they read and write on object storage (pyarrow reads it); on a cluster whose pods carry their own
+identity, leave it unset on the driver."""
 
 FETCHED = ".fetched"
 """Marks a checkpoint folder of a mirror whose files were all downloaded and checked."""
@@ -218,6 +234,18 @@ def store_checkpoints(store: RunStore) -> list[tuple[str, dict | None, str | Non
                 problem = f"has an unreadable {META} ({e})"
         found.append((name, meta, problem))
     return sorted(found, key=lambda x: checkpoint_step(Path(x[0])), reverse=True)
+
+
+def rotate_store(store: RunStore, keep: int) -> list[str]:
+    """Delete the store's complete checkpoints beyond the newest `keep` (0: keep all), never one pinned for
+    evaluation (`EVAL_PIN` in its folder), never an incomplete one (an upload under way). Returns the deleted."""
+    if keep <= 0:
+        return []
+    complete = [name for name, _, problem in store_checkpoints(store) if problem is None]
+    gone = [name for name in complete[keep:] if not store.exists(f"{name}/{EVAL_PIN}")]
+    for name in gone:
+        store.delete(name)
+    return gone
 
 
 @contextlib.contextmanager

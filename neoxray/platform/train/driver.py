@@ -12,7 +12,7 @@ import time
 from neoxray.errors import NeoxrayError, find_user_error
 from neoxray.model.precision import use_gpu as wants_gpu
 from neoxray.platform.model_cache import CACHE_ENV
-from neoxray.platform.run_store import RunStore, mirror_dir
+from neoxray.platform.run_store import STORE_ENV, RunStore, mirror_dir
 from neoxray.platform.train.preflight import plan_run, replan
 from neoxray.platform.train.progress import Progress, follow, summary
 from neoxray.platform.train.run_plan import RunPlan, start_run_dir
@@ -32,21 +32,6 @@ still found at once (its poll fails). The poll interval keeps Ray's 2 s: the con
 to the next (workers started, training, finished) once per poll, so a longer interval adds its multiple to
 every run (10 s made a 5-step tiny run take 71 s instead of 29). A value the user set in the environment
 wins."""
-
-
-STORE_ENV = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_PROFILE",
-    "GOOGLE_APPLICATION_CREDENTIALS",
-)
-"""The environment the driver passes on to its workers, when it has it set, for what they read and write on
-object storage (pyarrow reads it); on a cluster whose pods carry their own identity, leave it unset on the driver."""
 
 
 def _ray_storage(plan: RunPlan) -> dict:
@@ -125,7 +110,11 @@ def run_train(
     if cfg.eval.tasks:
         from neoxray.platform.train.evaluation import CheckpointEvaluator
 
-        evaluator = CheckpointEvaluator(cfg, plan.run_dir, ray, _say)
+        if plan.store_uri is None:
+            evaluator = CheckpointEvaluator(cfg, plan.run_dir, ray, _say)
+        else:  # the store's checkpoints, the records kept beside the metrics there
+            staging = mirror_dir(plan.store_uri, cfg.checkpoint.staging_dir, "driver")
+            evaluator = CheckpointEvaluator(cfg, staging, ray, _say, store=RunStore(plan.store_uri))
     return _attempts(plan, evaluator, use_gpu, max_failures, verbose)
 
 

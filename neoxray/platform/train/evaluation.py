@@ -22,7 +22,20 @@ import re
 import time
 from pathlib import Path
 
-from neoxray.platform.checkpoint import EVAL_PIN, checkpoint_dir_name, list_checkpoints, prune_checkpoints, read_meta
+from neoxray.platform.checkpoint import (
+    CHECKPOINT_PREFIX,
+    EVAL_PIN,
+    checkpoint_dir_name,
+    checkpoint_step,
+    list_checkpoints,
+    prune_checkpoints,
+    read_meta,
+)
+from neoxray.platform.model_cache import CACHE_ENV
+from neoxray.platform.run_store import STORE_ENV
+
+EVAL_RECORDS = "eval.jsonl"
+"""On object storage, where the evaluation records go, beside metrics.jsonl (which rank 0 writes)."""
 
 
 def evaluate_checkpoint(checkpoint: str, tasks: list[str], num_fewshot, limit, include_path) -> dict:
@@ -58,37 +71,138 @@ def scores(results: dict) -> dict[str, dict[str, float]]:
     return out
 
 
+class _LocalRun:
+    """A run directory every process sees: checkpoints, pins and records (appended to metrics.jsonl) in it."""
+
+    def __init__(self, run_dir: Path, metrics_file: str | None):
+        self.run_dir, self.metrics_file = Path(run_dir), metrics_file
+        self.tensorboard = self.run_dir / "tensorboard" / "eval"
+
+    def checkpoints(self, seen: set[int]) -> list[tuple[int, str]]:
+        out = []
+        for ckpt in list_checkpoints(self.run_dir):
+            try:
+                out.append((int(read_meta(ckpt)["step"]), str(ckpt)))
+            except Exception:  # a checkpoint being renamed into place, or rotated away: the next poll sees it
+                continue
+        return [(step, where) for step, where in out if step not in seen]
+
+    def unpin(self, step: int) -> None:
+        (self.run_dir / checkpoint_dir_name(step) / EVAL_PIN).unlink(missing_ok=True)
+
+    def release(self, keep: int) -> None:
+        for ckpt in list_checkpoints(self.run_dir):  # nothing is left to evaluate: rotation may have them now
+            (ckpt / EVAL_PIN).unlink(missing_ok=True)
+        prune_checkpoints(self.run_dir, keep)
+
+    def append(self, record: dict) -> None:
+        """One line appended to metrics.jsonl (a single write in append mode, beside rank 0's)."""
+        if not self.metrics_file:
+            return
+        line = json.dumps({"time": time.time(), **record}) + "\n"
+        fd = os.open(self.run_dir / self.metrics_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode("utf-8"))
+        finally:
+            os.close(fd)
+
+    def records(self) -> list[dict]:
+        path = self.run_dir / self.metrics_file if self.metrics_file else None
+        return _parse(path.read_text(encoding="utf-8")) if path is not None and path.exists() else []
+
+    def published(self) -> None:
+        pass
+
+
+class _StoreRun:
+    """A run on object storage (`neoxray.platform.run_store`): complete checkpoints read there (each evaluation
+    reads its checkpoint through its node's model cache), pins deleted there, records kept in `EVAL_RECORDS`
+    beside metrics.jsonl (rank 0 owns that object), TensorBoard's evaluation events copied up from the driver's
+    staging folder."""
+
+    def __init__(self, store, local: Path, metrics_file: str | None):
+        from neoxray.platform.run_store import RunFiles
+
+        self.store, self.local, self.metrics_file = store, Path(local), metrics_file
+        self.local.mkdir(parents=True, exist_ok=True)
+        self.tensorboard = self.local / "tensorboard" / "eval"
+        self.lines = (store.read_text(EVAL_RECORDS) or "").splitlines(keepends=True)
+        self.files = RunFiles(store, self.local, ["tensorboard"])
+
+    def checkpoints(self, seen: set[int]) -> list[tuple[int, str]]:
+        from neoxray.platform.run_store import store_checkpoints
+
+        names = [n for n in self.store.names() if n.startswith(CHECKPOINT_PREFIX)]
+        if all(checkpoint_step(Path(n)) in seen for n in names):
+            return []
+        complete = [
+            (int(meta["step"]), self.store.path(name)) for name, meta, p in store_checkpoints(self.store) if p is None
+        ]
+        return sorted((step, where) for step, where in complete if step not in seen)
+
+    def unpin(self, step: int) -> None:
+        self.store.delete(f"{checkpoint_dir_name(step)}/{EVAL_PIN}")
+
+    def release(self, keep: int) -> None:
+        from neoxray.platform.run_store import rotate_store, store_checkpoints
+
+        for name, _, problem in store_checkpoints(self.store):
+            if problem is None:
+                self.store.delete(f"{name}/{EVAL_PIN}")
+        rotate_store(self.store, keep)
+
+    def append(self, record: dict) -> None:
+        self.lines.append(json.dumps({"time": time.time(), **record}) + "\n")
+        path = self.local / EVAL_RECORDS
+        path.write_text("".join(self.lines), encoding="utf-8")
+        self.store.upload(path, EVAL_RECORDS)
+
+    def records(self) -> list[dict]:
+        text = (self.store.read_text(self.metrics_file) or "") if self.metrics_file else ""
+        return _parse(text) + _parse("".join(self.lines))
+
+    def published(self) -> None:
+        self.files.sync()
+
+
+def _parse(text: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(line))
+    return out
+
+
 class CheckpointEvaluator:
     """Evaluates each new checkpoint of `run_dir` on Ray (see the module docstring). `poll()` submits and
-    collects without blocking; `finish()` waits for what is left."""
+    collects without blocking; `finish()` waits for what is left. `store`: the run's `RunStore` when it lives on
+    object storage (`run_dir` is then the driver's staging folder)."""
 
-    def __init__(self, cfg, run_dir: Path, ray, say):
-        self.cfg, self.run_dir, self.ray, self.say = cfg, Path(run_dir), ray, say
+    def __init__(self, cfg, run_dir: Path, ray, say, store=None):
+        self.cfg, self.ray, self.say = cfg, ray, say
+        name = cfg.logging.metrics_file
+        self.run = _LocalRun(run_dir, name) if store is None else _StoreRun(store, run_dir, name)
         ev = cfg.eval
         resources = dict(ev.resources)
         options = {"num_cpus": resources.pop("CPU", 1), "num_gpus": resources.pop("GPU", 0), "max_retries": 0}
         if resources:
             options["resources"] = resources
         env = {"DS_ACCELERATOR": "cpu"} if not options["num_gpus"] else {}
+        env.update({k: v for k, v in os.environ.items() if k in (*STORE_ENV, CACHE_ENV)})  # the store, the cache
         options["runtime_env"] = {"env_vars": {"PYTHONUNBUFFERED": "1", **env}}
         self._remote = ray.remote(evaluate_checkpoint).options(**options)
         self.pending: dict = {}  # ObjectRef -> step
-        self.seen: set[int] = {r["step"] for r in self._records() if "eval" in r or "eval_error" in r}
+        self.seen: set[int] = {r["step"] for r in self.run.records() if "eval" in r or "eval_error" in r}
         self._writer = None
         self._gauges: dict = {}
 
     def poll(self) -> None:
-        for ckpt in list_checkpoints(self.run_dir):
-            try:
-                step = int(read_meta(ckpt)["step"])
-            except Exception:  # a checkpoint being renamed into place, or rotated away: the next poll sees it
-                continue
-            if step not in self.seen:
-                self.seen.add(step)
-                ev = self.cfg.eval
-                ref = self._remote.remote(str(ckpt), ev.tasks, ev.num_fewshot, ev.limit, ev.include_path)
-                self.pending[ref] = step
-                self.say(f"[neoxray] evaluating checkpoint-step-{step:07d} on {', '.join(ev.tasks)} beside the run")
+        for step, where in self.run.checkpoints(self.seen):
+            self.seen.add(step)
+            ev = self.cfg.eval
+            ref = self._remote.remote(where, ev.tasks, ev.num_fewshot, ev.limit, ev.include_path)
+            self.pending[ref] = step
+            self.say(f"[neoxray] evaluating checkpoint-step-{step:07d} on {', '.join(ev.tasks)} beside the run")
         if self.pending:
             ready, _ = self.ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
             for ref in ready:
@@ -106,58 +220,31 @@ class CheckpointEvaluator:
                 self._collect(ref)
         for ref, step in list(self.pending.items()):
             self.ray.cancel(ref, force=True)
-            self._unpin(step)
-            self._record({"step": step, "eval_error": f"not finished within {timeout_s:g} s of the run's end"})
+            self.run.unpin(step)
+            self.run.append({"step": step, "eval_error": f"not finished within {timeout_s:g} s of the run's end"})
         self.pending.clear()
-        for ckpt in list_checkpoints(self.run_dir):  # nothing is left to evaluate: rotation may have them now
-            (ckpt / EVAL_PIN).unlink(missing_ok=True)
-        prune_checkpoints(self.run_dir, self.cfg.checkpoint.keep)
+        self.run.release(self.cfg.checkpoint.keep)
         if self._writer is not None:
             self._writer.close()
-
-    def _unpin(self, step: int) -> None:
-        (self.run_dir / checkpoint_dir_name(step) / EVAL_PIN).unlink(missing_ok=True)
+            self.run.published()
 
     def _collect(self, ref) -> None:
         from neoxray.errors import find_user_error
 
         step = self.pending.pop(ref)
-        self._unpin(step)
+        self.run.unpin(step)
         try:
             result = self.ray.get(ref)
         except Exception as e:  # an evaluation that failed is reported; training goes on
             user = find_user_error(e)
             text = str(user) if user is not None else f"{type(e).__name__}: {str(e).strip().splitlines()[0:1]}"
             self.say(f"[neoxray] the evaluation of step {step} failed: {text}")
-            self._record({"step": step, "eval_error": text})
+            self.run.append({"step": step, "eval_error": text})
             return
-        self._record({"step": step, "eval": result})
+        self.run.append({"step": step, "eval": result})
         line = "; ".join(f"{t} " + ", ".join(f"{m} {v:.4f}" for m, v in ms.items()) for t, ms in result.items())
         self.say(f"[neoxray] eval at step {step}: {line}")
         self._publish(step, result)
-
-    def _record(self, record: dict) -> None:
-        """One line appended to metrics.jsonl (a single write in append mode, beside rank 0's)."""
-        name = self.cfg.logging.metrics_file
-        if not name:
-            return
-        line = json.dumps({"time": time.time(), **record}) + "\n"
-        fd = os.open(self.run_dir / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode("utf-8"))
-        finally:
-            os.close(fd)
-
-    def _records(self) -> list[dict]:
-        name = self.cfg.logging.metrics_file
-        path = self.run_dir / name if name else None
-        if path is None or not path.exists():
-            return []
-        out = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                out.append(json.loads(line))
-        return out
 
     def _publish(self, step: int, result: dict) -> None:
         """TensorBoard scalars and Ray gauges of one evaluation."""
@@ -165,11 +252,12 @@ class CheckpointEvaluator:
             if self._writer is None:
                 from tensorboardX import SummaryWriter
 
-                self._writer = SummaryWriter(str(self.run_dir / "tensorboard" / "eval"))
+                self._writer = SummaryWriter(str(self.run.tensorboard))
             for task, metrics in result.items():
                 for metric, value in metrics.items():
                     self._writer.add_scalar(f"eval/{task}/{metric}", value, step)
             self._writer.flush()
+            self.run.published()
         if self.cfg.logging.ray_metrics:
             from ray.util.metrics import Gauge
 

@@ -38,11 +38,6 @@ def plan_run(cfg, run_dir=None, say: Callable[[str], None] = print, start_over: 
     target = run_dir or cfg.run_dir or Path("runs") / cfg.name
     store = None
     if is_store(target):
-        if cfg.eval.tasks:
-            raise NeoxrayError(
-                f"eval.tasks={cfg.eval.tasks} with a run directory on object storage ({target}): not supported yet; "
-                f"train without eval.tasks and evaluate the exported checkpoints afterwards"
-            )
         store = RunStore(str(target))
         store.probe("--run-dir" if run_dir else "run_dir")
         run_dir = mirror_dir(store.uri, cfg.checkpoint.staging_dir)

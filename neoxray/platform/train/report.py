@@ -114,9 +114,10 @@ def _write_store_report(uri: str, out) -> str:
     if text is None:
         raise NeoxrayError(f"{uri}: no metrics.jsonl (not a run directory, or a run with logging.metrics_file null)")
     complete = [name for name, _, problem in reversed(store_checkpoints(store)) if problem is None]
-    page = render_report(
-        store.uri, store.uri.rsplit("/", 1)[-1], parse_metrics(text), complete, store.read_text("config.yaml")
-    )
+    from neoxray.platform.train.evaluation import EVAL_RECORDS
+
+    records = parse_metrics(text) + parse_metrics(store.read_text(EVAL_RECORDS) or "")  # eval.tasks' records
+    page = render_report(store.uri, store.uri.rsplit("/", 1)[-1], records, complete, store.read_text("config.yaml"))
     if out and not is_uri(str(out)):
         target = local_path(out, "report --out")
         _write_atomically(page, target)

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from neoxray.errors import NeoxrayError
-from neoxray.platform.checkpoint import META
-from neoxray.platform.run_store import RunFiles, RunStore, store_checkpoints
+from neoxray.platform.checkpoint import EVAL_PIN, META
+from neoxray.platform.run_store import RunFiles, RunStore, rotate_store
 from neoxray.platform.train.run_plan import RunPlan
 from neoxray.platform.train.trackers import IDS_FILE
 
@@ -43,6 +43,7 @@ class CheckpointUploads:
     def __init__(self, plan: RunPlan, rank: int):
         self.store = RunStore(plan.store_uri)
         self.rank, self.keep = rank, plan.cfg.checkpoint.keep
+        self.pin = bool(plan.cfg.eval.tasks)  # the driver unpins each checkpoint on the store once evaluated
         names = ["config.yaml", plan.cfg.logging.metrics_file, IDS_FILE]
         names.append("tensorboard" if plan.cfg.logging.tensorboard else None)
         names.append("wandb" if plan.cfg.logging.wandb.enabled else None)  # W&B's offline files, for `wandb sync`
@@ -84,16 +85,13 @@ class CheckpointUploads:
         if self.rank != 0:
             return
         if folder is not None:
+            if self.pin:  # eval.tasks: pinned before it is complete, so rotation waits for its evaluation
+                (folder / EVAL_PIN).touch()
+                self.store.upload(folder / EVAL_PIN, f"{folder.name}/{EVAL_PIN}")
+                (folder / EVAL_PIN).unlink()
             self.store.upload(folder / META, f"{folder.name}/{META}")  # last: the checkpoint is complete
-            self._rotate()
+            rotate_store(self.store, self.keep)
         self.sync_run_files()
-
-    def _rotate(self) -> None:
-        if self.keep <= 0:
-            return
-        complete = [name for name, _, problem in store_checkpoints(self.store) if problem is None]
-        for name in complete[self.keep :]:
-            self.store.delete(name)
 
     def sync_run_files(self) -> None:
         """Rank 0: config.yaml, metrics and TensorBoard files to the store, now."""

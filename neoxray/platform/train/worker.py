@@ -135,7 +135,7 @@ def train_worker(plan: RunPlan, reporter: Reporter, data_fn, tokenizer=None, met
     writer = CheckpointWriter(
         plan.run_dir,
         cfg.checkpoint.keep,
-        bool(cfg.eval.tasks),
+        bool(cfg.eval.tasks) and uploads is None,  # on object storage the pins are the store's (upload.py)
         plan.newest_checkpoint,
         pending,
         leader=node_leader() if uploads is not None else None,

@@ -20,6 +20,7 @@ import pytest
 from neoxray.platform.run_store import mirror_dir
 from tests.conftest import run_cli
 from tests.platform.train.conftest import SMALL, STEPS, assert_same, cfg_for, one_error_line, train
+from tests.platform.train.test_evaluation import TASK, local_task
 from tests.support.s3 import s3_server  # the `s3` fixture: tests/platform/train/conftest.py
 
 pytestmark = pytest.mark.e2e  # training runs against a real S3-protocol server
@@ -71,8 +72,13 @@ def test_a_run_on_s3_resumes_from_the_bucket_alone_under_another_layout(
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     extra = ["checkpoint.every=2", "checkpoint.keep=0", f"checkpoint.staging_dir={staging}"]
-    run_train(cfg_for(prepared, "s3run", (2, 1, 2), ["train.steps=3", *extra]), run_dir=uri)
+    evals = [f"eval.tasks=[{TASK}]", f"eval.include_path={local_task(tmp_path)}", "eval.limit=6"]
+    run_train(cfg_for(prepared, "s3run", (2, 1, 2), ["train.steps=3", *extra, *evals]), run_dir=uri)
     assert_complete_checkpoints(s3, "runs", "tiny/run", [2, 3])
+    # each checkpoint evaluated from the bucket beside training; the records beside the metrics; no pin left
+    got = s3.client().get_object(Bucket="runs", Key="tiny/run/eval.jsonl")["Body"].read().decode().splitlines()
+    assert sorted(json.loads(x)["step"] for x in got) == [2, 3] and all(TASK in json.loads(x)["eval"] for x in got)
+    assert not [k for k in s3.keys("runs", "tiny/run/") if k.endswith("/.evaluation-pending")]
     assert {"tiny/run/config.yaml", "tiny/run/metrics.jsonl"} <= set(s3.keys("runs", "tiny/run/"))
     assert "tiny/run/.validate_storage_marker" in s3.keys("runs", "tiny/run/")  # Ray Train's state: there too
     assert sorted(store_losses(s3, "runs", "tiny/run")) == [1, 2, 3]
