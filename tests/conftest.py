@@ -73,7 +73,21 @@ def ray_local():
     ray.shutdown()
 
 
-E2E_FIXTURES = {"ray_local"}
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A real S3-protocol server on 127.0.0.1 (moto's server mode) for the module, its endpoint and credentials
+    in this process's environment (drivers pass them on to their workers and replicas), and a model cache of the
+    module's own (NEOXRAY_MODEL_CACHE)."""
+    from tests.support.s3 import s3_server
+
+    with s3_server() as server, pytest.MonkeyPatch.context() as m:
+        for k, v in server.env.items():
+            m.setenv(k, v)
+        m.setenv("NEOXRAY_MODEL_CACHE", str(tmp_path_factory.mktemp("model-cache")))
+        yield server
+
+
+E2E_FIXTURES = {"ray_local", "s3"}
 """Tests that take these fixtures run real clusters or servers: they are end-to-end whatever their marks say."""
 
 

@@ -28,6 +28,7 @@ Deploy it with `neoxray serve --model DIR`, or from a Serve config (`configs/ser
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -174,6 +175,17 @@ class NeoxrayIngress:
         return create_app(self.client, self.args)
 
 
+def replica_env() -> dict:
+    """The model replicas' `runtime_env`: the object-storage endpoint and credentials this process has
+    (`neoxray.platform.run_store.STORE_ENV`) and where nodes cache models, so a replica reads `--model s3://...`
+    and `--lora NAME=s3://...` as the driver did; {} when none is set (pods with their own identity)."""
+    from neoxray.platform.model_cache import CACHE_ENV
+    from neoxray.platform.run_store import STORE_ENV
+
+    env = {k: v for k, v in os.environ.items() if k in (*STORE_ENV, CACHE_ENV)}
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
 def build_app(args: ServeArgs) -> serve.Application:
     """The Serve application for `args` (a typed builder: `serve run neoxray.platform.serve.app:build_app
     model=DIR`, or `import_path` in a Serve config)."""
@@ -196,7 +208,7 @@ def build_app(args: ServeArgs) -> serve.Application:
         loras[name] = lora_dir if is_uri(lora_dir) else str(Path(lora_dir).expanduser().resolve())
     args = args.model_copy(update={"model": model_path, "loras": loras})
     model = dict(
-        ray_actor_options={"num_gpus": args.num_gpus, "num_cpus": args.num_cpus},
+        ray_actor_options={"num_gpus": args.num_gpus, "num_cpus": args.num_cpus, **replica_env()},
         max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests,
         health_check_period_s=args.health_check_period_s,

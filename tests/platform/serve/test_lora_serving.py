@@ -275,13 +275,14 @@ def test_serve_args_for_loras(tiny_model_dir, tmp_path):
         ServeArgs(model=str(tiny_model_dir), loras={"a": str(tmp_path / "missing")}).build_engine()
 
 
-def test_adapters_through_the_ray_serve_model_deployment(ray_local, setup, tiny_model_dir):
+def test_adapters_through_the_ray_serve_model_deployment(ray_local, setup, tiny_model_dir, s3):
     """The same API over a real `NeoxrayModel` replica reached through a Serve DeploymentHandle (what the
-    ingress uses): adapters from `loras`, the adapter's answer, runtime load with eviction, and the engine's
-    refusals crossing the Ray boundary as 404 / 400 / 403."""
+    ingress uses): the model and the adapters from `loras` read from object storage (a real S3-protocol server)
+    through the replica's node cache, with the environment `neoxray serve` gives its replicas; the adapter's
+    answer, runtime load with eviction, and the engine's refusals crossing the Ray boundary as 404 / 400 / 403."""
     from ray import serve
 
-    from neoxray.platform.serve.app import NeoxrayModel, ServeEngineClient
+    from neoxray.platform.serve.app import NeoxrayModel, ServeEngineClient, replica_env
     from neoxray.platform.train.distributed import free_port
 
     _, engine, dirs, ref = setup
@@ -290,9 +291,11 @@ def test_adapters_through_the_ray_serve_model_deployment(ray_local, setup, tiny_
     assert ServeArgs(model="m", api_key=KEY).lora_updates_refused() is None
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     root = dirs["alpha"].parent  # where the replica may read adapters at run time
-    loras = {n: str(dirs[n]) for n in ("alpha", "beta")}
-    args = ServeArgs(model=str(tiny_model_dir), name="tiny", loras=loras, allowed_lora_path=str(root), api_key=KEY)
-    deployment = NeoxrayModel.options(name="LoRAModel", ray_actor_options={"num_cpus": 0})
+    bucket = s3.bucket("serving")
+    loras = {n: s3.upload_dir(dirs[n], f"{bucket}/adapters/{n}") for n in ("alpha", "beta")}
+    model = s3.upload_dir(tiny_model_dir, f"{bucket}/tiny")
+    args = ServeArgs(model=model, name="tiny", loras=loras, allowed_lora_path=str(root), api_key=KEY)
+    deployment = NeoxrayModel.options(name="LoRAModel", ray_actor_options={"num_cpus": 0, **replica_env()})
     handle = serve.run(deployment.bind(args.model_dump()), name="lora-model", route_prefix=None)
     srv = Server(ServeEngineClient(handle), args)
     try:

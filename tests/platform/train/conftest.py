@@ -194,17 +194,3 @@ def cpu_hog(until=None, processes: int = 1, deadline_s: float = 900):
         for hog in hogs:
             hog.kill()
             hog.wait()
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A real S3-protocol server on 127.0.0.1 (moto's server mode) for the module, its endpoint and credentials
-    in this process's environment (Ray Train drivers pass them on to their workers), and a model cache of the
-    module's own (NEOXRAY_MODEL_CACHE)."""
-    from tests.support.s3 import s3_server
-
-    with s3_server() as server, pytest.MonkeyPatch.context() as m:
-        for k, v in server.env.items():
-            m.setenv(k, v)
-        m.setenv("NEOXRAY_MODEL_CACHE", str(tmp_path_factory.mktemp("model-cache")))
-        yield server

@@ -21,7 +21,7 @@ from neoxray.platform.run_store import mirror_dir
 from tests.conftest import run_cli
 from tests.platform.train.conftest import SMALL, STEPS, assert_same, cfg_for, one_error_line, train
 from tests.platform.train.test_evaluation import TASK, local_task
-from tests.support.s3 import s3_server  # the `s3` fixture: tests/platform/train/conftest.py
+from tests.support.s3 import s3_server  # the `s3` fixture: tests/conftest.py
 
 pytestmark = pytest.mark.e2e  # training runs against a real S3-protocol server
 
