@@ -55,6 +55,30 @@ def run_cli(*args, check=True, timeout=300, env=None):
     return proc
 
 
+@pytest.fixture
+def cli_here():
+    """`neoxray ARGS` in this process -> its stdout (an exit status other than 0 fails the test, with stderr):
+    for a test's further CLI calls once a fresh process has shown the command works as a user runs it (an
+    interpreter start with torch costs seconds each). The environment is restored after each call."""
+    import contextlib
+    import io
+
+    from neoxray.cli import main
+
+    def run(*args) -> str:
+        saved, out, err = dict(os.environ), io.StringIO(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main([str(a) for a in args])
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        assert code == 0, f"neoxray {' '.join(map(str, args))} exited {code}:\n{err.getvalue()[-3000:]}"
+        return out.getvalue()
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One real local Ray cluster for the whole session (8 logical CPUs on this 2-core machine: enough for

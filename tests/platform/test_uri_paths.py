@@ -47,7 +47,6 @@ NOWHERE = "file:///neoxray-nowhere/run"  # a URI with nothing there (file://: no
 @pytest.mark.parametrize(
     "args, named",
     [
-        ([*TRAIN, "--run-dir", "run", f"data.path={NOWHERE}", f"model.init_from={NOWHERE}"], "model.init_from"),
         (["report", NOWHERE], ""),
         (["score", "--model", NOWHERE, "--text", "x"], "--model"),
     ],
@@ -56,6 +55,18 @@ NOWHERE = "file:///neoxray-nowhere/run"  # a URI with nothing there (file://: no
 def test_a_uri_with_nothing_there_is_one_line_naming_the_option(cli, args, named):
     code, line = cli(*args)
     assert code == 1 and f"{named} {NOWHERE}".strip() in line, line
+
+
+def test_a_run_starting_from_a_uri_with_nothing_there_is_refused_naming_the_key(tmp_path):
+    # the run's plan (what `neoxray train` makes first, on the driver), before any worker or process group
+    from neoxray.errors import NeoxrayError
+    from neoxray.platform.train.config import load_run_config
+    from neoxray.platform.train.preflight import plan_run
+
+    cfg = load_run_config(None, ["model.preset=tiny", f"data.path={tmp_path}", f"model.init_from={NOWHERE}"])
+    with pytest.raises(NeoxrayError, match=f"^model.init_from {NOWHERE}: nothing there"):
+        plan_run(cfg, str(tmp_path / "run"), lambda line: None)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_lora_adapter_named_by_a_uri_with_no_adapter_there_is_one_line(cli, tiny_model_dir):

@@ -90,7 +90,9 @@ def masked_mean_loss(model, batch) -> float:
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).item()
 
 
-def test_lora_in_3d_trains_the_adapters_of_one_worker_and_equals_peft(instructions, hf_base, ray_local, s3, tmp_path):
+def test_lora_in_3d_trains_the_adapters_of_one_worker_and_equals_peft(
+    instructions, hf_base, ray_local, s3, tmp_path, cli_here
+):
     from peft import PeftModel
     from tokenizers import Tokenizer as RawTokenizer
     from transformers import GPTNeoXForCausalLM
@@ -141,7 +143,7 @@ def test_lora_in_3d_trains_the_adapters_of_one_worker_and_equals_peft(instructio
     # export: a peft adapter peft loads with no missing or unexpected keys; its loss on step 4's batch is the
     # loss the trainer reported at step 4 (the adapter after 3 steps, the same base and batch)
     peft_dir = tmp_path / "adapter"
-    run_cli("export", "--checkpoint", str(ckpt), "--out", str(peft_dir))
+    cli_here("export", "--checkpoint", ckpt, "--out", peft_dir)
     config = json.loads((peft_dir / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
     assert sorted(config["target_modules"]) == sorted(["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"])
@@ -160,12 +162,12 @@ def test_lora_in_3d_trains_the_adapters_of_one_worker_and_equals_peft(instructio
     want = [lp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
     adapter_uri = s3.upload_dir(peft_dir, "s3://lora/adapter")  # base and adapter read from the bucket
     for model_args in (["--model", base_uri, "--lora", adapter_uri], ["--model", str(ckpt)]):
-        got = json.loads(run_cli("score", *model_args, "--text", text, "--json").stdout)
+        got = json.loads(cli_here("score", *model_args, "--text", text, "--json"))
         assert got["tokens"] == ids and got["logprobs"][1:] == pytest.approx(want, abs=1e-4), model_args
 
     # --merge: a full Hugging Face model equal to peft's merge_and_unload
     merged_dir = tmp_path / "merged"
-    run_cli("export", "--checkpoint", str(ckpt), "--out", str(merged_dir), "--merge")
+    cli_here("export", "--checkpoint", ckpt, "--out", merged_dir, "--merge")
     merged = GPTNeoXForCausalLM.from_pretrained(merged_dir).eval()
     folded = peft_model.merge_and_unload().eval()
     ids = step4["input_ids"]
@@ -194,7 +196,8 @@ def check_resume(instructions, hf_base, tmp_path, part):
 
     full = losses(part)
     shutil.rmtree(part / "checkpoint-step-0000005")
-    run_train(lora_cfg(instructions, hf_base, part.name, (1, 1, 1)), run_dir=str(part))
+    opts = [f"data.path={instructions}", f"name={part.name}", f"model.init_from={hf_base}", *LORA]
+    run_cli("train", "--no-ray", "--run-dir", str(part), *BASE, *opts)  # one process, as the run was trained
     got = losses(part)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert all(got[s] == full[s] for s in got), (got, full)  # bit-identical resume

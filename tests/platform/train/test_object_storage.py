@@ -96,7 +96,9 @@ def test_a_run_on_s3_resumes_from_the_bucket_alone_under_another_layout(
     assert list(cwd.iterdir()) == []
 
 
-def test_on_the_store_an_incomplete_checkpoint_is_set_aside_and_a_damaged_one_is_named(prepared, s3, tmp_path):
+def test_on_the_store_an_incomplete_checkpoint_is_set_aside_and_a_damaged_one_is_named(
+    prepared, s3, tmp_path, cli_here, monkeypatch
+):
     uri = s3.bucket("sets") + "/run"
     staging = tmp_path / "staging"
     env = {**os.environ, **s3.env}
@@ -121,12 +123,13 @@ def test_on_the_store_an_incomplete_checkpoint_is_set_aside_and_a_damaged_one_is
     outs = [json.loads(p.communicate(timeout=300)[0]) for p in both]
     assert all(p.returncode == 0 for p in both) and outs[0] == outs[1]
     assert len(list(cache.glob("*/hf"))) == 1  # filled once (beside it: the checkpoint export read)
-    from_run = json.loads(run_cli("score", "--text", "def main(args):", "--json", "--model", uri, env=env).stdout)
+    monkeypatch.setenv("NEOXRAY_MODEL_CACHE", str(cache))
+    from_run = json.loads(cli_here("score", "--text", "def main(args):", "--json", "--model", uri))
     assert from_run["tokens"] == outs[0]["tokens"]
     assert from_run["logprobs"][1:] == pytest.approx(outs[0]["logprobs"][1:], abs=1e-5)  # the checkpoint itself
 
     # the run's page: read from the bucket, written into it
-    assert run_cli("report", uri, env=env).stdout.strip() == f"wrote {uri}/report.html"
+    assert cli_here("report", uri).strip() == f"wrote {uri}/report.html"
     page = s3.client().get_object(Bucket="sets", Key="run/report.html")["Body"].read().decode()
     assert f"<td>{uri}</td>" in page and "checkpoint-step-0000005" in page and "data:image/png" in page
 
@@ -169,8 +172,9 @@ def test_a_missing_bucket_a_missing_model_and_a_failed_upload_are_one_line(prepa
 
 def test_a_kill_in_the_middle_of_an_upload_then_resume_equals_a_run_never_interrupted(prepared, s3, tmp_path):
     uri, staging = s3.bucket("killed") + "/run", tmp_path / "staging"
+    data = s3.upload_dir(prepared, "s3://killed/data")  # the prepared dataset read from the bucket too
     opts = ["train.steps=12", "checkpoint.every=1", "checkpoint.keep=0"]
-    cmd = [sys.executable, "-m", "neoxray.cli", "train", "--no-ray", "--run-dir", uri, *SMALL, f"data.path={prepared}"]
+    cmd = [sys.executable, "-m", "neoxray.cli", "train", "--no-ray", "--run-dir", uri, *SMALL, f"data.path={data}"]
     cmd += [*opts, f"checkpoint.staging_dir={staging}"]
 
     def in_flight(after: int = 0) -> list[str]:
@@ -194,12 +198,12 @@ def test_a_kill_in_the_middle_of_an_upload_then_resume_equals_a_run_never_interr
         if cut:
             break
     assert cut, "no upload was caught in flight in three tries"
-    proc = train(prepared, uri, *opts, f"checkpoint.staging_dir={staging}")  # the same node: its staging as left
+    proc = train(data, uri, *opts, f"checkpoint.staging_dir={staging}")  # the same node: its staging as left
     resumed = [r["step"] for r in store_records(s3, "killed", "run") if r.get("event") == "resumed"]
     assert len(resumed) == 1 and resumed[0] >= 3, (resumed, proc.stderr[-2000:])
     assert "incomplete-checkpoint-step-" in "".join(s3.keys("killed", "run/"))  # the cut one, set aside
 
-    reference = tmp_path / "reference"  # the same run, on a local disk, never interrupted
+    reference = tmp_path / "reference"  # the same run, its data and run directory on a local disk, never interrupted
     train(prepared, reference, *opts)
     want = {r["step"]: r["loss"] for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())}
     got = store_losses(s3, "killed", "run")

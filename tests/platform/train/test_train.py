@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from tests.platform.train.conftest import LAYOUTS, STEPS, assert_same, cfg_for, cpu_hog, losses
+from tests.platform.train.conftest import BASE, LAYOUTS, STEPS, assert_same, cfg_for, cpu_hog, losses
 
 pytestmark = pytest.mark.e2e  # real Ray Train runs
 
 
-def test_layouts_train_the_same_model_as_one_process(prepared, reference, ray_local, tmp_path):
+def test_layouts_train_the_same_model_as_one_process(prepared, reference, ray_local, tmp_path, cli_here):
     from neoxray.platform.train.driver import run_train
 
     ref = losses(reference)
@@ -45,17 +45,11 @@ def test_layouts_train_the_same_model_as_one_process(prepared, reference, ray_lo
     assert meta["layout"] == {"dp": 2, "tp": 2, "pp": 2} and meta["consumed_samples"] == 8 * STEPS
     assert len(meta["shards"]) == 4 and (run_dir / "checkpoint-step-0000005" / "tokenizer.json").exists()
 
-    # a (2,2,2) checkpoint continues under (1,2,1): the same loss curve
+    # a (2,2,2) checkpoint continues in one process (`--no-ray`: its shards merged): the same loss curve (a
+    # re-layout on Ray Train: tests/platform/train/test_object_storage.py and test_lora_training.py)
     relayout = tmp_path / "relayout"
-    run_train(
-        cfg_for(
-            prepared,
-            "relayout",
-            (1, 2, 1),
-            [f"checkpoint.load_from={tmp_path / 'run-222' / 'checkpoint-step-0000003'}"],
-        ),
-        run_dir=str(relayout),
-    )
+    ckpt3 = tmp_path / "run-222" / "checkpoint-step-0000003"
+    run_cli("train", "--no-ray", "--run-dir", relayout, *BASE, f"data.path={prepared}", f"checkpoint.load_from={ckpt3}")
     got = losses(relayout)
     assert sorted(got) == [4, 5]
     assert_same(got, ref, [4, 5])
@@ -74,10 +68,10 @@ def test_layouts_train_the_same_model_as_one_process(prepared, reference, ray_lo
     gen = ("generate", "--prompt", "def", "--max-new-tokens", "4", "--greedy", "--json")
     out = json.loads(run_cli(*gen, "--model", str(tmp_path / "hf222")).stdout)
     assert len(out["token_ids"]) >= 1
-    assert json.loads(run_cli(*gen, "--model", str(run_dir)).stdout) == out
+    assert json.loads(cli_here(*gen, "--model", run_dir)) == out
     score = ("score", "--text", "def main(", "--json")
-    assert json.loads(run_cli(*score, "--model", str(run_dir)).stdout)["logprobs"] == pytest.approx(
-        json.loads(run_cli(*score, "--model", str(tmp_path / "hf222")).stdout)["logprobs"], abs=1e-5
+    assert json.loads(cli_here(*score, "--model", run_dir))["logprobs"] == pytest.approx(
+        json.loads(cli_here(*score, "--model", tmp_path / "hf222"))["logprobs"], abs=1e-5
     )
 
     # serving takes the run directory as it is (its newest checkpoint): the same model as the export
