@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from tests.platform.train.conftest import BASE, LAYOUTS, STEPS, assert_same, cfg_for, cpu_hog, losses
+from tests.platform.train.conftest import BASE, LAYOUTS, STEPS, assert_same, cfg_for, losses
 
 pytestmark = pytest.mark.e2e  # real Ray Train runs
 
@@ -160,28 +160,23 @@ def test_worker_sigkill_is_survived_and_the_group_resumes_exactly(
     assert_same(got, ref, range(1, STEPS + 1))
 
 
-def test_finetune_from_hf_starts_at_transformers_loss(prepared, ray_local, tmp_path):
-    """model.init_from: each tensor-parallel rank reads only its slices; step-1 loss (before any update)
-    equals transformers' loss on the same global batch. The workers start and train beside a CPU hog (a busy
-    process that takes one of this machine's two cores from Ray's niced workers), as on a user's busy node: Ray
-    Train's health checks must let its starved workers be (`driver.RAY_TRAIN_TOLERANCE`)."""
+def test_finetune_from_hf_starts_at_transformers_loss(prepared, tmp_path):
+    """model.init_from a Hugging Face directory (`neoxray train --no-ray`, one process): step-1 loss (before any
+    update) equals transformers' loss on the same global batch. Tensor-parallel ranks reading only their slices
+    of such a base, on Ray Train beside a CPU hog: tests/platform/train/test_lora_training.py."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from neoxray.model.config import get_preset
     from neoxray.model.hf import config_to_hf
     from neoxray.pipelines.reader import iter_batches, open_blend
-    from neoxray.platform.train.driver import run_train
 
     cfg = get_preset("tiny", vocab_size=1024, max_seq_len=64)
     torch.manual_seed(0)
     hf = GPTNeoXForCausalLM(GPTNeoXConfig(**{k: v for k, v in config_to_hf(cfg).items() if k != "neoxray"}))
     hf.save_pretrained(tmp_path / "hf")
     run_dir = tmp_path / "ft"
-    with cpu_hog():
-        run_train(
-            cfg_for(prepared, "ft", (1, 2, 1), [f"model.init_from={tmp_path / 'hf'}", "train.steps=1"]),
-            run_dir=str(run_dir),
-        )
+    init = f"model.init_from={tmp_path / 'hf'}"
+    run_cli("train", "--no-ray", "--run-dir", run_dir, *BASE, f"data.path={prepared}", "name=ft", init, "train.steps=1")
     batch = next(iter_batches(open_blend([str(prepared)], seed=11), 8, seed=11))
     with torch.no_grad():
         logits = hf.eval()(batch["input_ids"]).logits
