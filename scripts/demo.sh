@@ -24,7 +24,9 @@ if [ -d "$RUN/train" ]; then
   echo "(a fresh run: the previous demo's training run in $RUN/train is replaced)"
   rm -rf "$RUN/train"
 fi
-neoxray train --config configs/tiny-cpu.yaml --run-dir "$RUN/train" data.path="$RUN/data" train.steps="$STEPS"
+# the experiment tracker too: MLflow, its SQLite store in the run directory (a server: logging.mlflow.tracking_uri)
+neoxray train --config configs/tiny-cpu.yaml --run-dir "$RUN/train" data.path="$RUN/data" train.steps="$STEPS" \
+  logging.mlflow.enabled=true logging.mlflow.experiment=neoxray-demo
 neoxray report "$RUN/train"
 
 echo "== 4/9 export: merge the sharded checkpoint into a Hugging Face directory -> $RUN/model"
@@ -74,6 +76,8 @@ cat <<MSG
 
 run directory     $RUN/train  (config.yaml, metrics.jsonl, TensorBoard event files in tensorboard/)
 plots             $RUN/train/report.html  (open it in a browser)
+MLflow            sqlite:///$RUN/train/mlflow.db, experiment neoxray-demo (every step's metrics, the config, a
+                  summary; browse it with \`pip install mlflow && mlflow ui --backend-store-uri sqlite:///$RUN/train/mlflow.db\`)
 checkpoints       $(ls -d "$RUN"/train/checkpoint-step-* | tr '\n' ' ')
 Ray dashboard     the demo's cluster stops with each command; to watch a run there, start a cluster of your own
                   (8 logical CPUs: one per training worker, as the demo's) and submit the run to it, from a shell:
