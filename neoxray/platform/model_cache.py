@@ -20,9 +20,23 @@ from pathlib import Path
 from neoxray.errors import NeoxrayError
 from neoxray.paths import is_uri
 from neoxray.platform.checkpoint_format import META
-from neoxray.platform.run_store import FETCHED, RunStore, fetch_checkpoint, node_lock, store_checkpoints
+from neoxray.platform.run_store import (
+    FETCHED,
+    STORE_ENV,
+    RunStore,
+    fetch_checkpoint,
+    node_lock,
+    store_checkpoints,
+)
 
 CACHE_ENV = "NEOXRAY_MODEL_CACHE"
+
+
+def forwarded_env() -> dict[str, str]:
+    """What a driver passes on to the processes it starts (training workers, evaluation tasks, Serve replicas)
+    from its own environment: the object-storage endpoint and credentials (`run_store.STORE_ENV`) and where
+    nodes cache models."""
+    return {k: v for k, v in os.environ.items() if k in (*STORE_ENV, CACHE_ENV)}
 
 
 def cache_root() -> Path:

@@ -56,6 +56,9 @@ STORE_ENV = (
 for what they read and write on object storage (pyarrow reads it); on a cluster whose pods carry their own
 identity, leave it unset on the driver."""
 
+EVAL_RECORDS = "eval.jsonl"
+"""Where `eval.tasks`' records of a run on object storage go, beside metrics.jsonl (which rank 0 writes)."""
+
 FETCHED = ".fetched"
 """Marks a checkpoint folder of a mirror whose files were all downloaded and checked."""
 
@@ -263,21 +266,13 @@ def node_lock(path: Path):
 def fetch_checkpoint(store: RunStore, name: str, local: Path) -> Path:
     """Checkpoint `name` of the store in the local folder `local`, downloaded once per node (the first rank to
     come downloads, the others wait on a lock), every file checked against the sha256 in its meta.json; a file
-    that differs is a NeoxrayError naming it. Returns `local`."""
-    with node_lock(local.parent / f".{local.name}.lock"):
-        if (local / FETCHED).exists():
-            return local
-        shutil.rmtree(local, ignore_errors=True)
-        store.download(f"{name}/{META}", local / META)
-        meta = json.loads((local / META).read_text())
-        for file, entry in sorted(listed_files(meta).items()):
-            store.download(f"{name}/{file}", local / file)
-            if "sha256" in entry and file_digest(local / file) != entry["sha256"]:
-                raise NeoxrayError(
-                    f"{store.path(name, file)}: does not match the checksum in its {META} (damaged); set the "
-                    f"checkpoint aside (rename it) to resume from an older one"
-                )
-        (local / FETCHED).touch()
+    that differs is a NeoxrayError naming it. Returns `local`. (`StoreCheckpointFiles`, every file at once.)"""
+    if (local / FETCHED).exists():  # written last: every file is there and checked
+        return local
+    files = StoreCheckpointFiles(store, name, local)
+    for file in sorted(files.listed):
+        files.fetch(file)
+    (local / FETCHED).touch()
     return local
 
 

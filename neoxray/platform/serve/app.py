@@ -28,7 +28,6 @@ Deploy it with `neoxray serve --model DIR`, or from a Serve config (`configs/ser
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -179,10 +178,9 @@ def replica_env() -> dict:
     """The model replicas' `runtime_env`: the object-storage endpoint and credentials this process has
     (`neoxray.platform.run_store.STORE_ENV`) and where nodes cache models, so a replica reads `--model s3://...`
     and `--lora NAME=s3://...` as the driver did; {} when none is set (pods with their own identity)."""
-    from neoxray.platform.model_cache import CACHE_ENV
-    from neoxray.platform.run_store import STORE_ENV
+    from neoxray.platform.model_cache import forwarded_env
 
-    env = {k: v for k, v in os.environ.items() if k in (*STORE_ENV, CACHE_ENV)}
+    env = forwarded_env()
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 

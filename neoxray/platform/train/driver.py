@@ -11,8 +11,8 @@ import time
 
 from neoxray.errors import NeoxrayError, find_user_error
 from neoxray.model.precision import use_gpu as wants_gpu
-from neoxray.platform.model_cache import CACHE_ENV
-from neoxray.platform.run_store import STORE_ENV, RunStore, mirror_dir
+from neoxray.platform.model_cache import forwarded_env
+from neoxray.platform.run_store import RunStore, mirror_dir
 from neoxray.platform.train.preflight import plan_run, replan
 from neoxray.platform.train.progress import Progress, follow, summary
 from neoxray.platform.train.run_plan import RunPlan, start_run_dir
@@ -197,7 +197,7 @@ def _fit(plan: RunPlan, use_gpu: bool, console: bool):
     cfg = plan.cfg
     env = {"PYTHONUNBUFFERED": "1", **({"NEOXRAY_VERBOSE": "1"} if console else {})}
     # the endpoint and credentials the driver reached object storage with (the run, data.path, load_from, init_from)
-    env.update({k: v for k, v in os.environ.items() if k in (*STORE_ENV, CACHE_ENV)})  # and where nodes cache models
+    env.update(forwarded_env())  # and where nodes cache models
     env.update({k: v for k, v in os.environ.items() if k.startswith(TRACKER_ENV)})  # W&B's and MLflow's settings
     if not use_gpu:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

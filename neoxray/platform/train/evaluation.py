@@ -31,11 +31,9 @@ from neoxray.platform.checkpoint import (
     prune_checkpoints,
     read_meta,
 )
-from neoxray.platform.model_cache import CACHE_ENV
-from neoxray.platform.run_store import STORE_ENV
-
-EVAL_RECORDS = "eval.jsonl"
-"""On object storage, where the evaluation records go, beside metrics.jsonl (which rank 0 writes)."""
+from neoxray.platform.model_cache import forwarded_env
+from neoxray.platform.run_store import EVAL_RECORDS
+from neoxray.platform.train.report import parse_metrics
 
 
 def evaluate_checkpoint(checkpoint: str, tasks: list[str], num_fewshot, limit, include_path) -> dict:
@@ -108,7 +106,7 @@ class _LocalRun:
 
     def records(self) -> list[dict]:
         path = self.run_dir / self.metrics_file if self.metrics_file else None
-        return _parse(path.read_text(encoding="utf-8")) if path is not None and path.exists() else []
+        return parse_metrics(path.read_text(encoding="utf-8")) if path is not None and path.exists() else []
 
     def published(self) -> None:
         pass
@@ -159,18 +157,10 @@ class _StoreRun:
 
     def records(self) -> list[dict]:
         text = (self.store.read_text(self.metrics_file) or "") if self.metrics_file else ""
-        return _parse(text) + _parse("".join(self.lines))
+        return parse_metrics(text) + parse_metrics("".join(self.lines))
 
     def published(self) -> None:
         self.files.sync()
-
-
-def _parse(text: str) -> list[dict]:
-    out = []
-    for line in text.splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            out.append(json.loads(line))
-    return out
 
 
 class CheckpointEvaluator:
@@ -188,7 +178,7 @@ class CheckpointEvaluator:
         if resources:
             options["resources"] = resources
         env = {"DS_ACCELERATOR": "cpu"} if not options["num_gpus"] else {}
-        env.update({k: v for k, v in os.environ.items() if k in (*STORE_ENV, CACHE_ENV)})  # the store, the cache
+        env.update(forwarded_env())  # the store, the model cache
         options["runtime_env"] = {"env_vars": {"PYTHONUNBUFFERED": "1", **env}}
         self._remote = ray.remote(evaluate_checkpoint).options(**options)
         self.pending: dict = {}  # ObjectRef -> step

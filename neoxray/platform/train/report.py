@@ -107,15 +107,13 @@ def write_report(run_dir, out: str | os.PathLike | None = None) -> str:
 
 
 def _write_store_report(uri: str, out) -> str:
-    from neoxray.platform.run_store import RunStore, store_checkpoints
+    from neoxray.platform.run_store import EVAL_RECORDS, RunStore, store_checkpoints
 
     store = RunStore(uri)
     text = store.read_text("metrics.jsonl")
     if text is None:
         raise NeoxrayError(f"{uri}: no metrics.jsonl (not a run directory, or a run with logging.metrics_file null)")
     complete = [name for name, _, problem in reversed(store_checkpoints(store)) if problem is None]
-    from neoxray.platform.train.evaluation import EVAL_RECORDS
-
     records = parse_metrics(text) + parse_metrics(store.read_text(EVAL_RECORDS) or "")  # eval.tasks' records
     page = render_report(store.uri, store.uri.rsplit("/", 1)[-1], records, complete, store.read_text("config.yaml"))
     if out and not is_uri(str(out)):
