@@ -79,21 +79,22 @@ def cmd_prepare(args) -> None:
         )
 
 
-def _load(args):
-    from neoxray.platform.model_loading import load_for_inference
+def _engine_options(args):
+    from neoxray.platform.offline import OfflineOptions
 
-    model, tok, _ = load_for_inference(args.model, device=args.device, dtype=_dtype(args.dtype), lora=args.lora)
-    return model, tok
+    return OfflineOptions(
+        device=args.device,
+        dtype=_dtype(args.dtype),
+        tensor_parallel_size=args.tensor_parallel_size,
+        quantization=args.quantization,
+        lora=args.lora,
+    )
 
 
 def cmd_generate(args) -> None:
     from neoxray.model.decoding import SamplingParams
-    from neoxray.model.generate import generate
+    from neoxray.platform.offline import generate_text
 
-    model, tok = _load(args)
-    ids = tok.encode(args.prompt)
-    if not ids:
-        raise NeoxrayError("--prompt encodes to no tokens")
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -103,26 +104,17 @@ def cmd_generate(args) -> None:
         seed=args.seed,
         stop=tuple(args.stop or ()),
     )
-    out = generate(model, [ids], params, tokenizer=tok)[0]
+    out = generate_text(args.model, _engine_options(args), args.prompt, params)
     if args.json:
-        _print_json(
-            {
-                "text": out.text,
-                "token_ids": out.token_ids,
-                "finish_reason": out.finish_reason,
-                "prompt_tokens": len(ids),
-            }
-        )
+        _print_json(out)
     else:
-        print(args.prompt + out.text)
+        print(args.prompt + out["text"])
 
 
 def cmd_score(args) -> None:
-    from neoxray.model.generate import score
+    from neoxray.platform.offline import score_text
 
-    model, tok = _load(args)
-    ids = tok.encode(args.text)
-    logprobs = score(model, ids)
+    ids, logprobs, tok = score_text(args.model, _engine_options(args), args.text)
     if args.json:
         _print_json({"tokens": ids, "logprobs": logprobs})
     else:
@@ -167,9 +159,35 @@ def cmd_report(args) -> None:
 
 def cmd_plan(args) -> None:
     from neoxray.model.config import get_preset
+
+    if args.serve:
+        from neoxray.platform.inference import memory
+
+        if args.gpus is not None:
+            raise NeoxrayError("--gpus plans training; with --serve give --tensor-parallel-size (GPUs per replica)")
+        layout = memory.ServeLayout(
+            get_preset(args.preset),
+            int(args.gpu_memory * memory.GIB),
+            args.tensor_parallel_size,
+            None if args.quantization == "none" else args.quantization,
+            dtype_bytes=4 if args.precision == "fp32" else 2,
+            max_num_seqs=args.max_num_seqs,
+            context=args.seq_len,
+            kv_cache_tokens=args.kv_cache_tokens,
+            memory_utilization=args.gpu_memory_utilization,
+        )
+        mem = memory.serve_memory(layout)
+        print(
+            json.dumps(mem.to_dict() | {"what_would_fit": memory.what_would_fit(layout)})
+            if args.json
+            else memory.format_serve_memory(mem)
+        )
+        return
     from neoxray.platform.train.plan import Assumptions, Cluster, Training, plan
     from neoxray.platform.train.plan_table import format_plan
 
+    if args.gpus is None:
+        raise NeoxrayError("plan needs --gpus (GPUs to train on), or --serve for a serving replica")
     ckpt = {"auto": None, "on": True, "off": False}[args.activation_checkpointing]
     result = plan(
         get_preset(args.preset),
@@ -205,6 +223,9 @@ def cmd_serve(args) -> None:
         allow_unauthenticated_lora_updates=args.allow_unauthenticated_lora_updates,
         device=args.device,
         dtype=args.dtype,
+        tensor_parallel_size=args.tensor_parallel_size,
+        quantization=args.quantization,
+        placement_strategy=args.placement_strategy,
         num_replicas=args.replicas,
         num_gpus=args.num_gpus,
         **{dest: getattr(args, dest) for dest in (flag[2:].replace("-", "_") for flag, _, _ in SERVE_LIMITS)},
@@ -235,6 +256,8 @@ def cmd_eval(args) -> None:
             json=args.json,
             device=args.device,
             dtype=args.dtype,
+            tensor_parallel_size=args.tensor_parallel_size,
+            quantization=args.quantization,
             address=args.address,
             bootstrap_iters=args.bootstrap_iters,
             verbose=args.verbose,

@@ -113,7 +113,26 @@ def _inference_flags(sp) -> None:
     )
     sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto, a GPU if any)")
     sp.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="default: auto (bf16 on GPUs, fp32 on CPUs)")
+    _parallel_flags(sp)
     sp.add_argument("--json", action="store_true", help="one JSON object")
+
+
+def _parallel_flags(sp) -> None:
+    """`generate`, `score`, `serve`, `eval`: how one engine's model is split and stored (vLLM's flag names)."""
+    sp.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="workers one engine's model is split over, Megatron's way (heads, MLP, vocabulary); each reads only "
+        "its shard (default 1)",
+    )
+    sp.add_argument(
+        "--quantization",
+        default=None,
+        metavar="SCHEME",
+        help="weight-only quantization of the linears through torchao: int8_weight_only or int4_weight_only "
+        "(int4: CUDA GPUs); default: none",
+    )
 
 
 # ------------------------------------------------------------------------------------------ subcommands
@@ -262,9 +281,13 @@ def _report(sub) -> None:
 
 
 def _plan(sub) -> None:
-    pl = sub.add_parser("plan", help="which dp x tp x pp layouts of a preset fit N GPUs: memory and step time")
+    pl = sub.add_parser(
+        "plan",
+        help="which dp x tp x pp layouts of a preset fit N GPUs: memory and step time; with --serve, whether a "
+        "serving replica fits",
+    )
     pl.add_argument("preset", help="a preset name (see `neoxray model info`)")
-    pl.add_argument("--gpus", type=int, required=True, help="GPUs to train on (dp x tp x pp)")
+    pl.add_argument("--gpus", type=int, default=None, help="GPUs to train on (dp x tp x pp); required without --serve")
     pl.add_argument(
         "--gpu-memory", type=float, required=True, metavar="GB", help="memory per GPU, GiB (40 for an A100 40GB)"
     )
@@ -274,10 +297,14 @@ def _plan(sub) -> None:
         default=None,
         help="tensor parallelism stays inside a node (default: all GPUs in one node)",
     )
-    pl.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's)")
+    pl.add_argument(
+        "--seq-len", "--context", type=int, default=None, help="tokens per sequence (default: the preset's)"
+    )
     pl.add_argument("--global-batch", type=int, default=1024, help="sequences per optimizer step")
     pl.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward on one replica")
-    pl.add_argument("--precision", choices=PRECISIONS, default="bf16", help="training precision")
+    pl.add_argument(
+        "--precision", choices=PRECISIONS, default="bf16", help="training precision; with --serve, the weights' dtype"
+    )
     pl.add_argument(
         "--zero-stage",
         type=int,
@@ -296,8 +323,40 @@ def _plan(sub) -> None:
     )
     pl.add_argument("--mfu", type=float, default=0.40, help="fraction of the peak the layers reach")
     _plan_lora(pl)
+    _plan_serve(pl)
     pl.add_argument("--json", action="store_true", help="one JSON object with the feasible and rejected layouts")
     pl.set_defaults(command="plan")
+
+
+def _plan_serve(pl) -> None:
+    """`plan --serve`: one serving replica instead of a training job (neoxray.platform.inference.memory)."""
+    pl.add_argument(
+        "--serve",
+        action="store_true",
+        help="plan a serving replica: do the weights, KV cache and activations fit --gpu-memory, and how many "
+        "sequences of --context tokens",
+    )
+    pl.add_argument("--tensor-parallel-size", type=int, default=1, metavar="T", help="with --serve: GPUs per replica")
+    pl.add_argument(
+        "--quantization",
+        default="none",
+        metavar="Q",
+        help="with --serve: none, int8_weight_only or int4_weight_only (the linears' weights)",
+    )
+    pl.add_argument("--max-num-seqs", type=int, default=32, help="with --serve: sequences decoded together")
+    pl.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        default=None,
+        help="with --serve: KV cache token budget (default: max-num-seqs x the context)",
+    )
+    pl.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        metavar="F",
+        help="with --serve: share of --gpu-memory a replica may use, as vLLM's",
+    )
 
 
 def _plan_lora(pl) -> None:
@@ -323,7 +382,12 @@ def _serve(sub) -> None:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     sv.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     sv.add_argument("--replicas", type=int, default=1, help="model replicas, each with its own engine (default 1)")
-    sv.add_argument("--num-gpus", type=float, default=0, help="GPUs per model replica (default 0)")
+    sv.add_argument(
+        "--num-gpus",
+        type=float,
+        default=0,
+        help="GPUs per model replica, or per worker of a tensor-parallel one (default 0)",
+    )
     sv.add_argument("--name", default=None, help="model id clients send (default: the directory name)")
     _serve_loras(sv)
     sv.add_argument(
@@ -346,6 +410,13 @@ def _serve(sub) -> None:
     _address_flag(sv)
     sv.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
     sv.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="default auto: bf16 on GPUs, fp32 on CPUs")
+    _parallel_flags(sv)
+    sv.add_argument(
+        "--placement-strategy",
+        choices=["PACK", "STRICT_PACK"],
+        default="PACK",
+        help="how a tensor-parallel replica's workers are placed: PACK (few nodes) or STRICT_PACK (one node)",
+    )
     for flag, default, text in SERVE_LIMITS:
         sv.add_argument(flag, type=int, default=default, help=text)
     sv.add_argument("--verbose", action="store_true", help="show Ray's and Ray Serve's own output on the console")
@@ -394,6 +465,7 @@ def _eval(sub) -> None:
     ev.add_argument("--json", action="store_true", help="print lm-eval's results JSON instead of the table")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (auto: a GPU if any)")
     ev.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 on GPUs, fp32 on CPUs")
+    _parallel_flags(ev)
     ev.add_argument(
         "--address",
         default=None,

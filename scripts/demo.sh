@@ -72,6 +72,29 @@ REQUEST='{"model": "sft", "prompt": "Question: What is 12 + 7?\nAnswer:", "max_t
 echo "POST $URL/v1/completions $REQUEST   (the LoRA adapter)"
 curl -sSf "$URL/v1/completions" -H "Content-Type: application/json" -d "$REQUEST" | python -m json.tool
 
+PORT2=$((PORT + 1))
+URL2="http://127.0.0.1:$PORT2"
+echo "== side by side: the same model split over 2 tensor-parallel workers, weights int8 (torchao), at $URL2/v1"
+neoxray serve --no-ray --model "$RUN/model" --name demo --port "$PORT2" --tensor-parallel-size 2 \
+    --quantization int8_weight_only >"$RUN/serve-tp2-int8.log" 2>&1 &
+SERVE2_PID=$!
+stop_serving() {
+  status=$?
+  for pid in "$SERVE_PID" "$SERVE2_PID"; do { kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; } || true; done
+  exit "$status"
+}
+for _ in $(seq 1 240); do
+  curl -sf "$URL2/health" >/dev/null && break
+  kill -0 "$SERVE2_PID" 2>/dev/null || { echo "neoxray serve (tp 2, int8) failed:"; tail -30 "$RUN/serve-tp2-int8.log"; exit 1; }
+  sleep 1
+done
+REQUEST='{"model": "demo", "prompt": "def __init__(self", "max_tokens": 24, "temperature": 0}'
+echo "POST $REQUEST to both"
+for u in "$URL" "$URL2"; do
+  curl -sSf "$u/health" | python -c 'import json, sys; h = json.load(sys.stdin); print(h["tensor_parallel_size"], "worker(s), weights", h["quantization"] or "as trained (fp32)", "%.2f MiB per worker ->" % (h["weight_bytes_per_worker"] / 2**20), end=" ")'
+  curl -sSf "$u/v1/completions" -H "Content-Type: application/json" -d "$REQUEST" | python -c 'import json, sys; print(repr(json.load(sys.stdin)["choices"][0]["text"]))'
+done
+
 cat <<MSG
 
 run directory     $RUN/train  (config.yaml, metrics.jsonl, TensorBoard event files in tensorboard/)
@@ -91,7 +114,9 @@ exported model    $RUN/model  (transformers.AutoModelForCausalLM.from_pretrained
 evaluation        $RUN/eval/results.json  (lm-eval's results; neoxray eval --suite model-card for the card's table)
 LoRA run          $RUN/lora  (adapter-only checkpoints); peft adapter $RUN/adapter
                   (peft.PeftModel.from_pretrained(base, "$RUN/adapter"); docs/finetuning.md)
-endpoint          $URL/v1 served both, "model": "demo" and "model": "sft" (log: $RUN/serve.log); serve them
+endpoint          $URL/v1 served both, "model": "demo" and "model": "sft" (log: $RUN/serve.log); $URL2/v1
+                  the same model over 2 tensor-parallel workers with int8 weights (log: $RUN/serve-tp2-int8.log);
+                  \`neoxray plan --serve --preset neox-20b --gpu-memory 80\` says what fits where; serve them
                   again with 'neoxray serve --model $RUN/model --lora sft=$RUN/adapter' and point any OpenAI
                   client at that URL
 MSG

@@ -176,10 +176,9 @@ class MultiLoRA:
         if not isinstance(slot, int) or not 0 <= slot < self.max_adapters:
             raise NeoxrayError(f"MultiLoRA: slot {slot!r} is out of range (0..{self.max_adapters - 1})")
 
-    @torch.no_grad()
-    def load(self, slot: int, adapter: LoRAAdapter) -> None:
-        """Put `adapter` into `slot` (replacing what it held). Checked whole before any slot changes: every module
-        it has weights for must have slots here, with the base's shapes, and ranks at most max_rank."""
+    def check(self, slot: int, adapter: LoRAAdapter) -> None:
+        """NeoxrayError unless `adapter` can go into `slot`: every module it has weights for has slots here, with
+        the base's (full) shapes, and ranks at most max_rank."""
         self._check_slot(slot)
         for path in adapter.modules():
             site = self.sites.get(path)
@@ -196,6 +195,12 @@ class MultiLoRA:
                     f"{adapter.name}: {path} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, the base "
                     f"is [{out_full}, {in_full}]"
                 )
+
+    @torch.no_grad()
+    def load(self, slot: int, adapter: LoRAAdapter) -> None:
+        """Put `adapter` into `slot` (replacing what it held). Checked whole before any slot changes: every module
+        it has weights for must have slots here, with the base's shapes, and ranks at most max_rank."""
+        self.check(slot, adapter)
         for path, site in self.sites.items():
             if f"{path}.lora_A" in adapter.tensors:
                 w = site.module.weight

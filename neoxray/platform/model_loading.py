@@ -102,3 +102,83 @@ def load_for_inference(path, device: str = "auto", dtype: torch.dtype | None = N
     if kind == "hf" or adapter is not None:
         check_forward_finite(model, p if adapter is None else name)
     return model.eval(), tok, name
+
+
+def check_tensor_parallel(config, tp: int, what: str = "--tensor-parallel-size") -> None:
+    """A NeoxrayError (one line, before any weight is read) when the model cannot be split over `tp` workers:
+    its heads, MLP width and vocabulary must divide."""
+    if not isinstance(tp, int) or tp < 1:
+        raise NeoxrayError(f"{what} must be a positive integer, got {tp!r}")
+    for n, name in (
+        (config.n_heads, "attention heads"),
+        (config.intermediate_size, "MLP width"),
+        (config.vocab_size, "padded vocabulary"),
+    ):
+        if n % tp:
+            raise NeoxrayError(f"{what} {tp}: the model's {n} {name} do not divide into {tp} equal shards")
+
+
+def load_shard(path, group, device: str, dtype: torch.dtype):
+    """This tensor-parallel rank's shard of what `--model` names (a Hugging Face directory or a full training
+    checkpoint): the model is built on the meta device, rewritten with the column/row-parallel layers of
+    training (`neoxray.model.tensor_parallel.parallelize`), materialised, and each parameter read as this
+    rank's slice only (safetensors slices): no process holds the full weights. Every rank runs the probe
+    forward together (it is collective)."""
+    from neoxray.model.gptneox import GPTNeoX
+    from neoxray.model.tensor_parallel import parallelize
+    from neoxray.platform.checkpoint import CheckpointSource, HFSource, check_finite_tensor
+
+    kind, p = resolve_model_path(path)
+    if kind == "checkpoint":
+        from neoxray.platform.lora_checkpoint import is_lora
+
+        if is_lora(read_meta(p)):
+            raise NeoxrayError(
+                f"{p}: a LoRA run's checkpoint is served tensor-parallel as its base with the adapter: "
+                "--model BASE --lora NAME=ADAPTER (or `neoxray export --merge` it first)"
+            )
+    config = model_config_of(kind, p)
+    with torch.device("meta"):
+        model = GPTNeoX(config)
+    parallelize(model, group)
+    model.to_empty(device=device)
+    source = HFSource(p) if kind == "hf" else CheckpointSource(p)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            t = source.get(
+                f"model/{name}",
+                getattr(param, "tp_dim", None),
+                getattr(param, "tp_rank", 0),
+                getattr(param, "tp_size", 1),
+            )
+            if t.shape != param.shape:
+                raise NeoxrayError(
+                    f"{source}: {name} has shape {tuple(t.shape)}, the shard expects {tuple(param.shape)}"
+                )
+            check_finite_tensor(name, t, p)
+            param.copy_(t)
+    model = model.to(dtype).eval()
+    check_forward_finite(model, p)
+    return model
+
+
+def prepare_sharded(path, tp: int, device: str = "auto", dtype: torch.dtype | None = None):
+    """Everything a tensor-parallel engine needs before its workers load: (local model path, ModelConfig,
+    Tokenizer, name, device, dtype), the layout checked against the model (`check_tensor_parallel`) and no
+    weight read."""
+    kind, p = resolve_model_path(path)
+    config = model_config_of(kind, p)
+    check_tensor_parallel(config, tp)
+    device = resolve_device(device)
+    dtype = inference_dtype(device, dtype)
+    if kind == "hf":
+        from neoxray.model.tokenizer import Tokenizer
+
+        if not (p / "tokenizer.json").exists():
+            raise NeoxrayError(f"{p}: no tokenizer.json (a model directory must carry its tokenizer)")
+        tok = Tokenizer.load(p)
+    else:
+        tok = load_checkpoint_tokenizer(p, read_meta(p))
+        if tok is None:
+            raise NeoxrayError(f"{p}: the checkpoint carries no tokenizer.json")
+    return p, config, tok, model_display_name(kind, p), device, dtype

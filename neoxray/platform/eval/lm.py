@@ -81,6 +81,8 @@ class NeoxrayLM(TemplateLM):
         verbose: Ray's own output on the console.
         lora: a peft LoRA adapter directory for `pretrained` (`neoxray eval --lora`), merged into the weights as
             each engine loads them (with Ray: a path on the replicas' machines).
+        tensor_parallel_size: workers each engine's model is split over (local processes of its node).
+        quantization: int8_weight_only or int4_weight_only: each engine's linears, weight-only (torchao).
     """
 
     def __init__(
@@ -99,6 +101,8 @@ class NeoxrayLM(TemplateLM):
         prefix_caching: bool = True,
         verbose: bool = False,
         lora: str | None = None,
+        tensor_parallel_size: int = 1,
+        quantization: str | None = None,
     ):
         super().__init__()
         batch = DEFAULT_BATCH if batch_size in (None, "", "auto") else _int("batch_size", batch_size, 1)
@@ -110,6 +114,8 @@ class NeoxrayLM(TemplateLM):
             kv_cache_tokens=None if kv_cache_tokens is None else _int("kv_cache_tokens", kv_cache_tokens, 1),
             prefix_caching=_bool("prefix_caching", prefix_caching),
             lora=str(lora) if lora not in (None, "") else None,
+            tensor_parallel_size=_int("tensor_parallel_size", tensor_parallel_size, 1),
+            quantization=str(quantization) if quantization not in (None, "") else None,
         )
         self.replicas = _int("replicas", replicas, 1)
         self.group_by_context = _bool("group_by_context", group_by_context)

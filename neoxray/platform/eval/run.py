@@ -42,6 +42,10 @@ class EvalArgs:
     """Ray's own output, and the progress bars of datasets and lm-eval (`only_our_progress`), on the console."""
     lora: str | None = None
     """A peft LoRA adapter directory for the model (`--lora`), merged into its weights as they load."""
+    tensor_parallel_size: int = 1
+    """Workers each engine's model is split over (`--tensor-parallel-size`; local processes of its node)."""
+    quantization: str | None = None
+    """Weight-only quantization of each engine's linears (`--quantization`)."""
 
     def check(self) -> EvalArgs:
         if bool(self.tasks) == bool(self.suite):
@@ -83,6 +87,10 @@ class EvalArgs:
             args["lora"] = self.lora
         if self.kv_cache_tokens is not None:
             args["kv_cache_tokens"] = self.kv_cache_tokens
+        if self.tensor_parallel_size != 1:
+            args["tensor_parallel_size"] = self.tensor_parallel_size
+        if self.quantization:
+            args["quantization"] = self.quantization
         if self.uses_ray:
             args.update(replicas=self.replicas, num_gpus=self.num_gpus, address=self.address, verbose=self.verbose)
         return args

@@ -89,7 +89,39 @@ class EngineOptions:
     prefix_caching: bool = True
     """Share the KV cache blocks of common prompt prefixes between requests (the engine's prefix cache)."""
     lora: str | None = None
-    """A peft LoRA adapter directory merged into the model's weights as it loads (`--lora`); None: the base."""
+    """A peft LoRA adapter directory merged into the model's weights as it loads (`--lora`; split or quantized
+    models: in the engine's one adapter slot); None: the base."""
+    tensor_parallel_size: int = 1
+    """Workers the engine's model is split over (local processes)."""
+    quantization: str | None = None
+    """Weight-only quantization of the model's linears."""
+
+
+def _split_engine(model_path: str, options: EngineOptions, config, dtype):
+    """An engine over tensor-parallel workers or a quantized model, `options.lora` in its one adapter slot ->
+    (engine, the adapter's name or None)."""
+    import dataclasses
+
+    from neoxray.model.peft_format import read_adapter_config, read_peft_adapter
+    from neoxray.platform.inference.engine import InferenceEngine
+    from neoxray.platform.model_cache import local_adapter
+
+    lora = None if options.lora is None else local_adapter(options.lora, "--lora")
+    if lora is not None:
+        rank = max(16, int(read_adapter_config(lora)["r"]))
+        config = dataclasses.replace(config, max_loras=1, max_lora_rank=rank)
+    engine = InferenceEngine.from_path(
+        model_path,
+        device=options.device,
+        dtype=dtype,
+        config=config,
+        tensor_parallel_size=options.tensor_parallel_size,
+        quantization=options.quantization,
+    )
+    if lora is None:
+        return engine, None
+    engine.add_lora("lora", read_peft_adapter(lora, engine.model.config, "lora"), str(options.lora))
+    return engine, "lora"
 
 
 def default_prefill_chunk(window: int) -> int:
@@ -126,9 +158,18 @@ class EngineRunner:
         from neoxray.platform.model_loading import load_for_inference
 
         dtype = None if options.dtype == "auto" else to_dtype(options.dtype, "--dtype")
-        model, tokenizer, name = load_for_inference(model_path, device=options.device, dtype=dtype, lora=options.lora)
+        split = options.tensor_parallel_size > 1 or options.quantization is not None
+        if split:
+            from neoxray.platform.model_loading import prepare_sharded
+
+            _, model_config, tokenizer, name, _, _ = prepare_sharded(model_path, 1, options.device, dtype)
+        else:
+            model, tokenizer, name = load_for_inference(
+                model_path, device=options.device, dtype=dtype, lora=options.lora
+            )
+            model_config = model.config
         self.tokenizer = tokenizer
-        self.max_length = model.config.max_seq_len
+        self.max_length = model_config.max_seq_len
         window = self.max_length + 1  # a scoring window: the context plus its last target token
         config = EngineConfig(
             max_num_seqs=options.max_num_seqs,
@@ -139,16 +180,20 @@ class EngineRunner:
         self.chunk = CHUNK_BATCHES * config.max_num_seqs
         """Requests handed to the engine at once (the rest wait here, not in its queue)."""
         config.max_waiting = max(config.max_waiting, self.chunk)
-        self.engine = InferenceEngine(model, tokenizer, config, model_name=name)
-        param = next(model.parameters())
+        self.lora = None
+        """The adapter name requests use (an adapter in a slot: split or quantized models)."""
+        if split:
+            self.engine, self.lora = _split_engine(model_path, options, config, dtype)
+        else:
+            self.engine = InferenceEngine(model, tokenizer, config, model_name=name)
         self._info = ModelInfo(
             name=name,
             max_length=self.max_length,
             eod_id=tokenizer.eod_id,
             tokenizer_json=tokenizer.to_json(),
-            num_parameters=sum(p.numel() for p in model.parameters()),
-            dtype=str(param.dtype).removeprefix("torch."),
-            device=str(param.device),
+            num_parameters=model_config.num_parameters(),
+            dtype=str(self.engine.dtype).removeprefix("torch."),
+            device=str(self.engine.device) if not split else options.device,
         )
 
     def info(self) -> ModelInfo:
@@ -173,6 +218,7 @@ class EngineRunner:
                 logprobs=1,  # the top-1 alternative at each scored position: is the continuation greedy?
                 prompt_logprobs=True,
                 score_from=len(it.tokens) - it.n_scored,  # the context unscored: it may come from the prefix cache
+                lora=self.lora,
             )
             for it in items
         ]
@@ -194,7 +240,9 @@ class EngineRunner:
                     f"a {len(it.prompt)}-token prompt plus {it.max_tokens} new tokens exceeds the model's context "
                     f"of {self.max_length} tokens"
                 )
-        requests = [Request(list(it.prompt), max_tokens=it.max_tokens, sampling=it.sampling) for it in items]
+        requests = [
+            Request(list(it.prompt), max_tokens=it.max_tokens, sampling=it.sampling, lora=self.lora) for it in items
+        ]
         return [done.token_ids for done in self._run(requests, progress)]
 
     def _run(self, requests: list, progress: Progress) -> list:

@@ -6,7 +6,7 @@ around the engine's model, with the bookkeeping serving needs.
   evicted to make room; when none is idle, `AdapterBusy`.
 - `remove(name)` frees a slot (`AdapterBusy` while requests use it); an unknown name is `UnknownAdapter`.
 - `acquire(name)` / `release(slot)` count the requests of each adapter from intake to their end and mark it
-  used (the LRU order); `bind(slots)` chooses each batch row's adapter before a forward.
+  used (the LRU order); the model runners bind each batch row's slot before a forward.
 - `prefix_salt(name)`: what the prefix cache chains a request's block names from, so that KV blocks are shared
   only between requests of the same loaded adapter (a name reloaded with other weights gets a new salt).
 
@@ -16,22 +16,20 @@ Used on the engine thread only, except `names()` / `known()`, which read a snaps
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 
 from neoxray.errors import NeoxrayError
 from neoxray.platform.inference.request import AdapterBusy, InvalidRequest, UnknownAdapter
 
 
 class AdapterSlots:
-    """Up to `max_loras` adapters of rank at most `max_rank` on `model` (wrapped in place when max_loras > 0)."""
+    """Up to `max_loras` adapters of rank at most `max_rank`, in the slots the executor's model runners hold
+    (their models are wrapped when max_loras > 0). The names, counts and eviction live here, on the engine's
+    driver; the tensors live with the workers."""
 
-    def __init__(self, model, max_loras: int, max_rank: int):
+    def __init__(self, executor, max_loras: int, max_rank: int):
         self.max_loras, self.max_rank = max_loras, max_rank
-        self.multi = None
-        if max_loras > 0:
-            from neoxray.model.multi_lora import MultiLoRA
-
-            self.multi = MultiLoRA(model, max_loras, max_rank)
+        self.executor = executor
+        """Puts adapters into the slots of every worker's model (`neoxray.platform.inference.executor`)."""
         self.slot: dict[str, int] = {}  # name -> slot
         self.source: dict[str, str] = {}  # name -> where it was read from
         self.users: dict[str, int] = {}  # name -> requests taken in and not yet ended
@@ -58,7 +56,7 @@ class AdapterSlots:
     # -- the engine thread ------------------------------------------------------------------------------------
     def add(self, name: str, adapter, source: str | None = None) -> list[str]:
         """Load `adapter` (a LoRAAdapter) as `name`; returns the names evicted to make room."""
-        if self.multi is None:
+        if self.max_loras == 0:
             raise InvalidRequest(
                 "this server holds no LoRA adapters (start it with max_loras > 0 to load some)", "lora_name"
             )
@@ -87,7 +85,7 @@ class AdapterSlots:
         else:
             slot = min(set(range(self.max_loras)) - set(self.slot.values()))
         try:
-            self.multi.load(slot, adapter)  # checked whole before the slot changes: a refusal evicts nothing
+            self.executor.load_lora(slot, adapter)  # checked whole before the slot changes: a refusal evicts nothing
         except NeoxrayError as e:
             raise InvalidRequest(f"LoRA adapter {name!r}: {e}", "lora_path") from None
         evicted = []
@@ -112,7 +110,7 @@ class AdapterSlots:
         self._drop(name)
 
     def _drop(self, name: str) -> None:
-        self.multi.unload(self.slot[name])
+        self.executor.unload_lora(self.slot[name])
         self._forget(name)
 
     def _forget(self, name: str) -> None:
@@ -133,11 +131,6 @@ class AdapterSlots:
         if name is not None and name in self.users:
             self.users[name] = max(0, self.users[name] - 1)
             self.last_used[name] = time.monotonic()
-
-    def bind(self, slots: Sequence[int | None]) -> None:
-        """Each batch row's slot (None: the base) for the forwards that follow."""
-        if self.multi is not None:
-            self.multi.bind(slots)
 
 
 def unknown_message(name: str) -> str:

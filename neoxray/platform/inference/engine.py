@@ -1,25 +1,19 @@
 """The inference engine: continuous batching over a paged key/value cache. Plain PyTorch, no Ray.
 
-Ray Serve hosts one engine per replica (`neoxray.platform.serve.app`); benchmarks and GPU checks drive it
-directly. One background thread owns the model and runs engine steps; callers on any thread (or an asyncio
-loop) submit requests and receive their tokens as they are produced.
+Ray Serve hosts one engine per replica (`neoxray.platform.serve.app`); evaluation, benchmarks and GPU checks
+drive it directly. `InferenceEngine` is the step loop and the thread-safe, asyncio-friendly way in: one
+background thread owns the engine and runs its steps; callers on any thread (or an asyncio loop) submit requests
+and receive their tokens as they are produced. Each step is vLLM's contract (`neoxray.platform.inference.
+engine_core`): the scheduler's plan (`neoxray.platform.inference.scheduler`: admission fair across groups, KV
+blocks reserved for the prompt plus `max_tokens` so nothing is preempted, prompt chunks, one decode batch), run
+by an executor (`neoxray.platform.inference.executor`: this process, or N tensor-parallel workers,
+`neoxray.platform.inference.tp_executor`), completed by the output processor
+(`neoxray.platform.inference.output_processor`: tokens, text, stop strings, log-probabilities).
 
-One engine step:
-    1. take in new requests and aborts;
-    2. admit waiting requests (`neoxray.platform.inference.scheduler`: fair across groups, i.e. HTTP requests, and
-       first come first served within one; batch rows; KV blocks reserved for the prompt plus `max_tokens`, so
-       no request is ever preempted);
-    3. prefill: up to `prefill_chunk` prompt tokens of the admitted requests (each group's first prompt before
-       any group's second), in one forward (`neoxray.platform.inference.model_runner`);
-    4. decode: one new token for every running request, in one batched forward.
-Tokens, text, stop strings and log-probabilities come from `neoxray.platform.inference.output_processor`. A request
-joins the decode batch on the step after its prompt is in the cache and leaves it when it finishes (end of
-document, a stop string, `max_tokens`, the context length) or is aborted; its blocks are freed at once. The
-cache itself is `neoxray.platform.inference.kv_cache`; requests and outputs are `neoxray.platform.inference.request`.
-
-LoRA (`EngineConfig.max_loras` > 0): the model is wrapped with adapter slots (`neoxray.platform.inference.adapters`);
-`add_lora` / `remove_lora` change the set between steps, a request names its adapter (`Request.lora`), and
-every forward binds each row's own adapter, so requests of different adapters share prefill and decode steps.
+LoRA (`EngineConfig.max_loras` > 0): every worker's model is wrapped with adapter slots; `add_lora` /
+`remove_lora` change the set between steps (`neoxray.platform.inference.adapters`), a request names its adapter
+(`Request.lora`), and every forward binds each row's own adapter, so requests of different adapters share
+prefill and decode steps.
 """
 
 from __future__ import annotations
@@ -36,10 +30,11 @@ import torch
 
 from neoxray.errors import NeoxrayError
 from neoxray.model.gptneox import GPTNeoX
-from neoxray.platform.inference.adapters import AdapterSlots, unknown_message
-from neoxray.platform.inference.kv_cache import PagedKVCache
-from neoxray.platform.inference.model_runner import ModelRunner
-from neoxray.platform.inference.output_processor import OutputProcessor
+from neoxray.model.precision import resolve_device
+from neoxray.paths import is_uri
+from neoxray.platform.inference.adapters import unknown_message
+from neoxray.platform.inference.engine_core import EngineCore
+from neoxray.platform.inference.executor import Executor, LocalExecutor
 from neoxray.platform.inference.request import (
     Completion,
     EngineConfig,
@@ -51,46 +46,63 @@ from neoxray.platform.inference.request import (
     Request,
     UnknownAdapter,
 )
-from neoxray.platform.inference.scheduler import Scheduler, SequenceState
+from neoxray.platform.inference.sequence import SequenceState
 
 
 class InferenceEngine:
     """One model served with continuous batching: the scheduler, model runner and output processor of one
     KV cache, driven by `step()` (on the background thread after `start()`, or by the caller)."""
 
-    def __init__(self, model: GPTNeoX, tokenizer, config: EngineConfig | None = None, model_name: str = "neoxray"):
-        self.model = model.eval()
+    def __init__(
+        self,
+        model: GPTNeoX | None,
+        tokenizer,
+        config: EngineConfig | None = None,
+        model_name: str = "neoxray",
+        executor: Executor | None = None,
+        quantization: str | None = None,
+    ):
+        """`model`: the whole model, run in this process; or `executor`: what runs it (tensor-parallel workers,
+        whose rank 0 holds its shard here), with `model` None. `quantization`: the scheme the weights were
+        quantized with (reported only)."""
         self.tokenizer = tokenizer
-        self.config = (config or EngineConfig()).validate()
+        self.config = c = (config or EngineConfig()).validate()
         self.model_name = model_name
-        cfg = model.config
+        if executor is None:
+            cfg = model.config
+            executor = LocalExecutor(
+                model.eval(), num_kv_blocks(c, cfg.max_seq_len), c.block_size, c.max_loras, c.max_lora_rank
+            )
+        self.executor = executor
+        self.model = executor.model
+        cfg = self.model.config
         self.max_seq_len = cfg.max_seq_len
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
-        c = self.config
-        self.adapters = AdapterSlots(model, c.max_loras, c.max_lora_rank)
-        self.cache = PagedKVCache.for_model(model, c.kv_cache_tokens or c.max_num_seqs * cfg.max_seq_len, c.block_size)
-        self.scheduler = Scheduler(c, self.cache)
-        self.runner = ModelRunner(model, self.cache, self.adapters)
-        self.output_processor = OutputProcessor(
-            tokenizer,
-            eod_id=tokenizer.eod_id if tokenizer is not None else cfg.eos_token_id,
-            vocab_limit=getattr(tokenizer, "vocab_size", None) or cfg.vocab_size,  # rows past it are padding
-            max_seq_len=cfg.max_seq_len,
-            device=self.device,
-        )
+        self.device = executor.runner.device
+        self.dtype = next(self.model.parameters()).dtype
+        self.core = EngineCore(executor, tokenizer, c, executor.runner.cache.num_blocks)
+        self.quantization = quantization
+        self._layout = {"quantization": quantization, **executor.describe()}
+        self.scheduler = self.core.scheduler
+        self.adapters = self.core.adapters
+        self.output_processor = self.core.output_processor
         self._inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.error: BaseException | None = None
-        self.steps = 0
-        self.counters = {
-            "prompt_tokens": 0,
-            "prefix_cache_tokens": 0,
-            "generated_tokens": 0,
-            "requests_finished": 0,
-            "requests_aborted": 0,
-        }
+
+    @property
+    def runner(self):
+        """Rank 0's model runner (this process's)."""
+        return self.executor.runner
+
+    @property
+    def steps(self) -> int:
+        return self.core.steps
+
+    @property
+    def counters(self) -> dict:
+        """Tokens and requests so far (prompt, prefix-cache, generated tokens; finished, aborted requests)."""
+        return self.core.counters
 
     @property
     def eod_id(self) -> int:
@@ -115,12 +127,43 @@ class InferenceEngine:
         dtype: torch.dtype | None = None,
         config: EngineConfig | None = None,
         model_name: str | None = None,
+        tensor_parallel_size: int = 1,
+        quantization: str | None = None,
+        launcher=None,
     ) -> InferenceEngine:
-        """An exported Hugging Face directory, a training checkpoint, or a run directory (its newest checkpoint)."""
-        from neoxray.platform.model_loading import load_for_inference
+        """An exported Hugging Face directory, a training checkpoint, or a run directory (its newest checkpoint).
+        `tensor_parallel_size` > 1: the model split over that many workers (`launcher`: how they start; local
+        processes by default), each reading only its shard. `quantization`: int8_weight_only or
+        int4_weight_only, applied to each worker's linears after loading. Every layout and scheme is checked
+        before any weight is read."""
+        from neoxray.platform.model_loading import load_for_inference, prepare_sharded
 
-        model, tokenizer, name = load_for_inference(path, device=device, dtype=dtype)
-        return cls(model, tokenizer, config, model_name=model_name or name)
+        config = (config or EngineConfig()).validate()
+        if quantization is not None:
+            from neoxray.platform.inference.quantization import check_scheme, quantize_weights
+
+            check_scheme(quantization, resolve_device(device))
+        if tensor_parallel_size == 1:
+            model, tokenizer, name = load_for_inference(path, device=device, dtype=dtype)
+            if quantization is not None:
+                quantize_weights(model, quantization)
+            return cls(model, tokenizer, config, model_name=model_name or name, quantization=quantization)
+        from neoxray.platform.inference.tp_executor import TensorParallelExecutor, WorkerSpec
+
+        local, model_config, tokenizer, name, device, dtype = prepare_sharded(path, tensor_parallel_size, device, dtype)
+        spec = WorkerSpec(
+            model=str(path) if is_uri(str(path)) else str(local),  # a URI: each worker's node reads its own cache
+            tp_size=tensor_parallel_size,
+            device=device,
+            dtype=str(dtype).removeprefix("torch."),
+            num_blocks=num_kv_blocks(config, model_config.max_seq_len),
+            block_size=config.block_size,
+            max_loras=config.max_loras,
+            max_lora_rank=config.max_lora_rank,
+            quantization=quantization,
+        )
+        executor = TensorParallelExecutor(spec, launcher, model_config)
+        return cls(None, tokenizer, config, model_name=model_name or name, executor=executor, quantization=quantization)
 
     # -- request checks (no engine state touched; safe from any thread) ----------------------------------
     @property
@@ -131,8 +174,8 @@ class InferenceEngine:
             max_seq_len=self.max_seq_len,
             vocab_limit=self.vocab_limit,
             eod_id=self.eod_id,
-            num_blocks=self.cache.num_blocks,
-            block_size=self.cache.block_size,
+            num_blocks=self.core.blocks.num_blocks,
+            block_size=self.core.blocks.block_size,
             has_tokenizer=self.tokenizer is not None,
             max_loras=self.config.max_loras,
         )
@@ -161,7 +204,7 @@ class InferenceEngine:
             raise QueueFull(f"{self.config.max_waiting} requests are already waiting")
         now = time.perf_counter()
         for req, sink in items:
-            self._inbox.put(("add", SequenceState(req=req, sink=sink, arrival=now)))
+            self._inbox.put(("add", SequenceState.of(req, sink, now)))
 
     def abort(self, request_id: str) -> None:
         """Stop a request (a client went away): its batch row and cache blocks are freed on the next step."""
@@ -214,6 +257,7 @@ class InferenceEngine:
         self._inbox.put(("wake", None))
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
+        self.executor.shutdown()
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or not self._inbox.empty()
@@ -228,17 +272,17 @@ class InferenceEngine:
         except BaseException as e:  # the replica's health check reports it; requests get an error
             self.error = e
             for s in self.scheduler.unfinished():
-                self._finish(s, "abort", error=f"inference engine failed: {e!r}")
+                self.core.finish(s, "abort", error=f"inference engine failed: {e!r}")
         finally:
             for s in self.scheduler.unfinished():
-                self._finish(s, "abort", error="the inference engine is shutting down")
+                self.core.finish(s, "abort", error="the inference engine is shutting down")
             while True:  # anything still queued gets an answer too
                 try:
                     kind, item = self._inbox.get_nowait()
                 except queue.Empty:
                     break
                 if kind == "add":
-                    self._finish(item, "abort", error="the inference engine is shutting down")
+                    self.core.finish(item, "abort", error="the inference engine is shutting down")
                 elif kind == "call" and item[1].set_running_or_notify_cancel():
                     item[1].set_exception(EngineDead("the inference engine is shutting down"))
 
@@ -250,17 +294,9 @@ class InferenceEngine:
                 return
             block = False
             if kind == "add":
-                try:  # the adapter was checked on submission; an unload queued before it may have removed it since
-                    item.lora_slot, item.prefix_salt = self.adapters.acquire(item.req.lora)
-                except UnknownAdapter as e:
-                    self._finish(item, "abort", error=str(e))
-                    continue
-                item.lora_held = item.req.lora is not None
-                self.scheduler.add(item)
+                self.core.add(item)
             elif kind == "abort":
-                s = self.scheduler.get(item)
-                if s is not None and not s.finished:
-                    self._finish(s, "abort")
+                self.core.abort(item)
             elif kind == "call":
                 fn, fut = item
                 if fut.set_running_or_notify_cancel():  # not if its caller has gone
@@ -270,93 +306,23 @@ class InferenceEngine:
                         fut.set_exception(e)
 
     # -- one step ------------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def step(self) -> None:
-        """One scheduling iteration: intake, admission, a prefill chunk, a decode step for all running."""
+        """One engine step on the calling thread: intake, then the core's schedule -> execute -> process."""
         self._drain_inbox()
-        for s in self.scheduler.admit():
-            self.output_processor.start(s)
-            self.counters["prefix_cache_tokens"] += s.reused
-        prefill = self._prefill()
-        decoding = self.scheduler.decoding(prefill)
-        if decoding:
-            self._decode(decoding)
-        self.steps += 1
-
-    def _prefill(self) -> list[SequenceState]:
-        """Prefill this step's prompt chunks, rows of similar length in one forward each (a 5-token continuation
-        is not padded to a 500-token context); requests whose prompt completes get their first token sampled.
-        Returns the requests that took part."""
-        rows = self.scheduler.prefill_chunks()
-        if not rows:
-            return []
-        done, last = [], []
-        for bucket in _length_buckets(rows):
-            seqs, starts, lengths = zip(*bucket)
-            hidden = self.runner.forward(seqs, starts, lengths)  # [b, c, d]
-            scored = []  # (request, first position, its hidden states) of the positions whose scores are wanted
-            for i, (s, start, n) in enumerate(bucket):
-                s.computed += n
-                self.counters["prompt_tokens"] += n
-                if s.req.prompt_logprobs:  # log-probability of each prompt token after this chunk's positions
-                    lo = min(n, max(0, s.req.score_from - 1 - start))  # earlier positions predict unscored tokens
-                    if lo < n:
-                        scored.append((s, start + lo, hidden[i, lo:n]))
-                if not s.in_prefill:
-                    done.append(s)
-                    last.append(hidden[i, n - 1])
-            if scored:  # one output head and log-softmax for every scored position of the bucket
-                logp = self.runner.log_probs(torch.cat([h for _, _, h in scored]))
-                for (s, first, _), part in zip(scored, logp.split([h.shape[0] for _, _, h in scored])):
-                    self.output_processor.add_prompt_logprobs(s, part, first)
-        self.scheduler.prefilled(rows)
-        if done:
-            self._sample_and_emit(done, self.runner.logits(torch.stack(last)))  # [r, d] -> [r, V]
-        return [s for s, _, _ in rows]
-
-    def _decode(self, seqs: list[SequenceState]) -> None:
-        hidden = self.runner.forward(seqs, [s.computed for s in seqs], [1] * len(seqs))  # each feeds its newest token
-        for s in seqs:
-            s.computed += 1
-        self._sample_and_emit(seqs, self.runner.logits(hidden[:, 0]))
-
-    def _sample_and_emit(self, seqs: list[SequenceState], logits: torch.Tensor) -> None:
-        """logits [r, V] fp32 for the next token of each of seqs: sample, deliver, release the finished."""
-        for s, out in zip(seqs, self.output_processor.process(seqs, logits)):
-            self.counters["generated_tokens"] += len(out.token_ids)
-            if out.finish_reason is not None:
-                self._release(s)
-                self.counters["requests_finished"] += 1
-            _deliver(s, out)
-
-    def _finish(self, s: SequenceState, reason: str, error: str | None = None) -> None:
-        """End a request without a new token (abort, engine failure)."""
-        if s.finished:
-            return
-        self._release(s)
-        self.counters["requests_aborted" if reason == "abort" else "requests_finished"] += 1
-        _deliver(s, self.output_processor.final(s, reason, error))
-
-    def _release(self, s: SequenceState) -> None:
-        self.scheduler.release(s)
-        if s.lora_held:
-            self.adapters.release(s.req.lora)
-            s.lora_held = False
+        self.core.step()
 
     # -- state ---------------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        used = self.cache.used
         return {
-            "running": len(self.scheduler.running),
+            **self.core.stats(),
             "waiting": len(self.scheduler.waiting) + self._inbox.qsize(),
-            "kv_blocks_used": used,
-            "kv_blocks_total": self.cache.num_blocks,
-            "kv_cache_usage": used / self.cache.num_blocks,
-            "steps": self.steps,
-            **self.counters,
-            "lora_adapters": len(self.adapters.slot),
-            "lora_mixed_forwards": self.runner.mixed_forwards,
+            **self.describe(),
         }
+
+    def describe(self) -> dict:
+        """The replica's workers: tensor-parallel size, quantization, weight and KV cache bytes per worker
+        (measured once, on the engine's construction)."""
+        return dict(self._layout)
 
     # -- conveniences ----------------------------------------------------------------------------------------
     def run_until_done(self, requests: Sequence[Request]) -> list[Completion]:
@@ -410,21 +376,10 @@ class InferenceEngine:
             self.info.check_token_ids(ids, "input")
         if lora is not None and not self.adapters.known(lora):
             raise UnknownAdapter(unknown_message(lora), "model")
-        return self.runner.embed(token_lists, None if lora is None else self.adapters.slot[lora])
+        return self.executor.embed(token_lists, None if lora is None else self.adapters.slot[lora])
 
 
-def _length_buckets(rows: list[tuple[SequenceState, int, int]]) -> list[list[tuple[SequenceState, int, int]]]:
-    """Rows grouped by length (each group's longest at most twice its shortest): one forward per group pads
-    little, and a group per factor of two keeps the number of forwards small."""
-    groups: list[list[tuple[SequenceState, int, int]]] = []
-    for row in sorted(rows, key=lambda r: r[2]):
-        if groups and row[2] <= 2 * groups[-1][0][2]:
-            groups[-1].append(row)
-        else:
-            groups.append([row])
-    return groups
-
-
-def _deliver(s: SequenceState, out: Output) -> None:
-    with contextlib.suppress(Exception):  # a consumer that went away (closed event loop) must not take the engine down
-        s.sink(out)
+def num_kv_blocks(config: EngineConfig, max_seq_len: int) -> int:
+    """The KV cache's blocks: `kv_cache_tokens` (default: a full context per batch row), whole blocks, at least
+    one."""
+    return max(1, (config.kv_cache_tokens or config.max_num_seqs * max_seq_len) // config.block_size)

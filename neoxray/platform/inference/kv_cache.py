@@ -23,38 +23,20 @@ import torch
 from neoxray.model.gptneox import GPTNeoX
 
 
-class PagedKVCache:
-    """Per layer, keys and values for `num_slots` token positions, [slots, h, hd]. Before each forward the
-    model runner binds where the new tokens go (`write_slots`) and which slots each row reads (`read_slots`);
-    the model's attention then calls `update` (the `KVCacheLike` protocol of `neoxray.model.gptneox`)."""
+class BlockManager:
+    """The bookkeeping of a paged cache's `num_blocks` blocks (which are free, which request holds which, the
+    published prefix blocks): the scheduler's side, on the engine's driver. No tensors: with tensor
+    parallelism one manager decides for the caches of every worker."""
 
-    def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_heads: int, head_dim: int, device, dtype):
+    def __init__(self, num_blocks: int, block_size: int):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_blocks * block_size, n_heads, head_dim)
-        # zeros, not empty: masked-out slots are still multiplied by a zero weight, and 0 * NaN would be NaN
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))
-        self._write_rows = self._write_slots = self._read_slots = None
         self.refs: dict[int, int] = {}  # block -> requests holding it (blocks in `free` or `idle` hold none)
         self.by_name: dict[bytes, int] = {}  # a published block's name -> block
         self.name_of: dict[int, bytes] = {}
         self.computed: set[int] = set()  # published blocks whose keys and values are in the cache
         self.idle: OrderedDict[int, None] = OrderedDict()  # computed, published, held by nobody: LRU order
-
-    @classmethod
-    def for_model(cls, model: GPTNeoX, tokens: int, block_size: int) -> PagedKVCache:
-        """A cache for `tokens` token positions (rounded down to whole blocks, at least one) of `model`, on its
-        device and in its dtype."""
-        p = next(model.parameters())
-        cfg = model.config
-        n_heads = model.layers[0].attention.query_key_value.out_features // (3 * cfg.head_dim)  # local heads
-        return cls(cfg.n_layers, max(1, tokens // block_size), block_size, n_heads, cfg.head_dim, p.device, p.dtype)
-
-    @property
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     @property
     def used(self) -> int:
@@ -139,6 +121,35 @@ class PagedKVCache:
         """A published block's keys and values are in the cache: later requests may share it."""
         if block in self.name_of:
             self.computed.add(block)
+
+
+class PagedKVCache:
+    """Per layer, keys and values for `num_blocks * block_size` token positions, [slots, h, hd] (h: this
+    worker's heads). Before each forward the model runner binds where the new tokens go (`write_slots`) and
+    which slots each row reads (`read_slots`); the model's attention then calls `update` (the `KVCacheLike`
+    protocol of `neoxray.model.gptneox`). Which blocks are whose is the `BlockManager`'s business."""
+
+    def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_heads: int, head_dim: int, device, dtype):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        shape = (num_blocks * block_size, n_heads, head_dim)
+        # zeros, not empty: masked-out slots are still multiplied by a zero weight, and 0 * NaN would be NaN
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self._write_rows = self._write_slots = self._read_slots = None
+
+    @classmethod
+    def for_model(cls, model: GPTNeoX, num_blocks: int, block_size: int) -> PagedKVCache:
+        """A cache of `num_blocks` blocks for `model` (its local heads, after tensor parallelism), on its device
+        and in its dtype."""
+        p = next(model.parameters())
+        cfg = model.config
+        n_heads = model.layers[0].attention.query_key_value.out_features // (3 * cfg.head_dim)  # local heads
+        return cls(cfg.n_layers, num_blocks, block_size, n_heads, cfg.head_dim, p.device, p.dtype)
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def bind(self, write_rows: torch.Tensor, write_slots: torch.Tensor, read_slots: torch.Tensor) -> None:
         """write_rows [n]: which of the b*s new positions are real tokens; write_slots [n]: their slots;

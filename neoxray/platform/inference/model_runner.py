@@ -13,34 +13,57 @@ import torch
 import torch.nn.functional as F
 
 from neoxray.model.gptneox import GPTNeoX
-from neoxray.platform.inference.adapters import AdapterSlots
 from neoxray.platform.inference.kv_cache import PagedKVCache
-from neoxray.platform.inference.scheduler import SequenceState
+from neoxray.platform.inference.sequence import ForwardBatch, ForwardResult
 
 
 class ModelRunner:
-    """Runs `model` against `cache` (the engine's only user of the model's forward)."""
+    """Runs `model` against `cache` (the engine's only user of the model's forward): one per worker; with
+    tensor parallelism every worker runs the same batch on its shard and its heads' cache. `max_loras` > 0
+    wraps the model's linears with adapter slots (`neoxray.model.multi_lora.MultiLoRA`)."""
 
-    def __init__(self, model: GPTNeoX, cache: PagedKVCache, adapters: AdapterSlots | None = None):
+    def __init__(self, model: GPTNeoX, cache: PagedKVCache, max_loras: int = 0, max_lora_rank: int = 0):
         self.model = model
         self.cache = cache
-        self.adapters = adapters
+        self.multi = None
+        if max_loras > 0:
+            from neoxray.model.multi_lora import MultiLoRA
+
+            self.multi = MultiLoRA(model, max_loras, max_lora_rank)
         self.device = next(model.parameters()).device
         self.mixed_forwards = 0
         """Forwards whose rows applied more than one adapter (the base counting as one): batches were shared."""
 
-    def forward(self, seqs: Sequence[SequenceState], starts: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
-        """Run rows of new tokens (row i: tokens starts[i] .. starts[i] + lengths[i] of its request) through the
+    @torch.inference_mode()
+    def execute(self, batch: ForwardBatch) -> ForwardResult:
+        """Run one planned forward: the fp32 logits of its sampled rows' last positions and the
+        log-probabilities of its scored positions."""
+        hidden = self.forward(batch)  # [b, s, d]
+        lengths = batch.lengths
+        logits = None
+        if batch.sample:
+            last = torch.stack([hidden[i, lengths[i] - 1] for i in batch.sample])  # [r, d]
+            logits = self.logits(last)  # [r, V]
+        scored = []
+        if batch.score:  # one output head and log-softmax for every scored position of the batch
+            parts = [hidden[i, lo : lengths[i]] for i, lo in batch.score]
+            logp = self.log_probs(torch.cat(parts))
+            scored = list(logp.split([p.shape[0] for p in parts]))
+        return ForwardResult(logits, scored)
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Run rows of new tokens (row i: tokens starts[i] .. starts[i] + lengths[i] of its sequence) through the
         model against the cache; returns final hidden states [b, s, d] (s = the longest row; padding after)."""
         bs, dev = self.cache.block_size, self.device
-        b, s_max = len(seqs), max(lengths)
+        starts, lengths = batch.starts, batch.lengths
+        b, s_max = len(lengths), max(lengths)
         t_max = max(st + n for st, n in zip(starts, lengths))
         n_blocks = math.ceil(t_max / bs)
         ids = torch.zeros((b, s_max), dtype=torch.long)
         table = torch.zeros((b, n_blocks), dtype=torch.long)
-        for i, (seq, st, n) in enumerate(zip(seqs, starts, lengths)):
-            ids[i, :n] = torch.as_tensor(seq.tokens[st : st + n], dtype=torch.long)
-            blocks = seq.blocks[:n_blocks]
+        for i, (toks, blocks) in enumerate(zip(batch.tokens, batch.block_tables)):
+            ids[i, : len(toks)] = torch.as_tensor(toks, dtype=torch.long)
+            blocks = blocks[:n_blocks]
             table[i, : len(blocks)] = torch.as_tensor(blocks, dtype=torch.long)
         # [b, t]: the cache slot of each key position of each row
         read_slots = (table[:, :, None] * bs + torch.arange(bs)).reshape(b, -1)[:, :t_max]
@@ -52,15 +75,35 @@ class ModelRunner:
         # a key is visible when it is at or before the query's position; padding queries see position 0 only
         mask = torch.arange(t_max)[None, None] <= torch.where(valid, positions, 0)[:, :, None]  # [b, s, t]
         self.cache.bind(write_rows.to(dev), write_slots.to(dev), read_slots.to(dev))
-        if self.adapters is not None and self.adapters.multi is not None:
-            slots = [seq.lora_slot for seq in seqs]
-            self.adapters.bind(slots)
-            self.mixed_forwards += len(set(slots)) > 1
+        if self.multi is not None:
+            self.multi.bind(batch.lora_slots)
+            self.mixed_forwards += len(set(batch.lora_slots)) > 1
         return self.model.hidden_states(ids.to(dev), positions.to(dev), mask[:, None].to(dev), self.cache)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states [..., d] -> fp32 logits [..., V] (padding rows of the vocabulary included)."""
-        return self.model.embed_out(hidden).float()
+        """Hidden states [..., d] -> fp32 logits [..., V] (padding rows of the vocabulary included; a
+        vocabulary-parallel head's shards gathered from every worker)."""
+        out = self.model.embed_out(hidden)
+        head = self.model.embed_out
+        if getattr(head, "tp_size", 1) > 1 and not getattr(head, "gather_output", False):
+            from neoxray.model.tensor_parallel import gather_from_tp_region
+
+            out = gather_from_tp_region(out, head.group)
+        return out.float()
+
+    def describe(self) -> dict:
+        """This worker's weight bytes (quantized tensors: their stored data) and KV cache bytes."""
+        from neoxray.platform.inference.quantization import weight_bytes
+
+        return {"weight_bytes_per_worker": weight_bytes(self.model), "kv_cache_bytes_per_worker": self.cache.bytes}
+
+    # -- LoRA slots ------------------------------------------------------------------------------------------
+    def load_lora(self, slot: int, adapter) -> None:
+        """Put `adapter` into `slot` (each tensor-parallel worker keeps its shard of it)."""
+        self.multi.load(slot, adapter)
+
+    def unload_lora(self, slot: int) -> None:
+        self.multi.unload(slot)
 
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [n, d] -> log-probabilities of the next token [n, V] (for scoring prompts)."""
@@ -73,8 +116,8 @@ class ModelRunner:
         adapter in `slot`, None: the base)."""
         out = []
         for ids in token_lists:
-            if self.adapters is not None:
-                self.adapters.bind([slot])
+            if self.multi is not None:
+                self.multi.bind([slot])
             x = torch.as_tensor(list(ids), dtype=torch.long, device=self.device)[None]
             h = self.model.hidden_states(x)[0].float().mean(0)  # [d]
             out.append(F.normalize(h, dim=0).tolist())

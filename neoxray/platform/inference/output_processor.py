@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from neoxray.model.decoding import REPLACEMENT, IncrementalDetokenizer, StopChecker, sample_next, seeded_generator
 from neoxray.platform.inference.request import Output, TokenLogprob
-from neoxray.platform.inference.scheduler import SequenceState
+from neoxray.platform.inference.sequence import SequenceState
 
 
 class OutputProcessor:
@@ -42,13 +42,15 @@ class OutputProcessor:
 
     def start(self, s: SequenceState) -> None:
         """Set up an admitted request's generator, stop rules and detokenizer."""
-        s.generator = seeded_generator(s.req.sampling, self.device)
-        s.stop = StopChecker(s.req.sampling, self.eod_id, min(s.req.max_tokens, self.max_seq_len - s.prompt_len))
-        s.detokenizer = IncrementalDetokenizer(self.tokenizer, self.eod_id)
+        s.decoding.generator = seeded_generator(s.req.sampling, self.device)
+        s.decoding.stop = StopChecker(
+            s.req.sampling, self.eod_id, min(s.req.max_tokens, self.max_seq_len - s.prompt_len)
+        )
+        s.decoding.detokenizer = IncrementalDetokenizer(self.tokenizer, self.eod_id)
         if s.req.prompt_logprobs:
             if self._spells(s):
-                s.prompt_offsets = text_offsets(self._decode, s.req.prompt_ids)
-            s.prompt_lp = [self._entry(s, None, 0, 0)] if s.req.score_from == 0 else []
+                s.decoding.prompt_offsets = text_offsets(self._decode, s.req.prompt_ids)
+            s.decoding.prompt_lp = [self._entry(s, None, 0, 0)] if s.req.score_from == 0 else []
 
     def add_prompt_logprobs(self, s: SequenceState, logp: torch.Tensor, start: int) -> None:
         """logp [n, V]: log-probabilities after the prompt positions start .. start + n - 1 of `s`; records those
@@ -56,14 +58,16 @@ class OutputProcessor:
         for j in range(logp.shape[0]):
             at = start + 1 + j  # a target inside the prompt
             if s.req.score_from <= at < s.prompt_len:
-                s.prompt_lp.append(self._entry(s, logp[j], at, s.prompt_offsets[at] if s.prompt_offsets else None))
+                s.decoding.prompt_lp.append(
+                    self._entry(s, logp[j], at, s.decoding.prompt_offsets[at] if s.decoding.prompt_offsets else None)
+                )
 
     def process(self, seqs: list[SequenceState], logits: torch.Tensor) -> list[Output]:
         """logits [r, V] fp32 for the next token of each of seqs -> the Output of each (finish_reason set for
         those that end now; a scoring-only request ends here without a token)."""
         if self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit :] = float("-inf")  # padding rows of the embedding never come out
-        next_ids = sample_next(logits, [s.req.sampling for s in seqs], [s.generator for s in seqs]).tolist()
+        next_ids = sample_next(logits, [s.req.sampling for s in seqs], [s.decoding.generator for s in seqs]).tolist()
         want_lp = [i for i, s in enumerate(seqs) if s.req.logprobs is not None]
         logp = F.log_softmax(logits[want_lp], dim=-1) if want_lp else None
         lp_row = {i: r for r, i in enumerate(want_lp)}
@@ -74,39 +78,39 @@ class OutputProcessor:
                 outs.append(self.final(s, "length"))
                 continue
             s.tokens.append(tok)
-            s.generated.append(tok)
+            s.decoding.generated.append(tok)
             if i in lp_row:
-                s.pending_lp.append(self._entry(s, logp[lp_row[i]], len(s.tokens) - 1, s.text_chars))
-            first = s.first_token_at is None
+                s.decoding.pending_lp.append(self._entry(s, logp[lp_row[i]], len(s.tokens) - 1, s.decoding.text_chars))
+            first = s.decoding.first_token_at is None
             if first:
-                s.first_token_at = now
-            outs.append(self._output(s, s.stop.after_token(tok, len(s.generated)), first))
+                s.decoding.first_token_at = now
+            outs.append(self._output(s, s.decoding.stop.after_token(tok, len(s.decoding.generated)), first))
         return outs
 
     def _output(self, s: SequenceState, reason: str | None, first: bool) -> Output:
         """The Output for the newest token of `s`: its text since the previous Output (cut at a stop string,
         which ends the request; while running, less whatever could still change)."""
-        text = s.detokenizer.text(s.generated)
-        s.text_chars = len(text)
-        hit = s.stop.find(text, s.emitted_chars)
+        text = s.decoding.detokenizer.text(s.decoding.generated)
+        s.decoding.text_chars = len(text)
+        hit = s.decoding.stop.find(text, s.decoding.emitted_chars)
         if hit >= 0:
             text, reason = text[:hit], "stop"
         if reason is None:
-            text = text[: s.stop.safe_end(text, s.emitted_chars)]
-        delta = text[s.emitted_chars :]
-        s.emitted_chars = max(s.emitted_chars, len(text))
+            text = text[: s.decoding.stop.safe_end(text, s.decoding.emitted_chars)]
+        delta = text[s.decoding.emitted_chars :]
+        s.decoding.emitted_chars = max(s.decoding.emitted_chars, len(text))
         out = Output(
             request_id=s.req.request_id,
-            token_ids=[s.generated[-1]],
+            token_ids=[s.decoding.generated[-1]],
             text=delta,
-            logprobs=s.pending_lp if s.req.logprobs is not None else None,
+            logprobs=s.decoding.pending_lp if s.req.logprobs is not None else None,
             prompt_tokens=s.prompt_len,
-            generated_tokens=len(s.generated),
+            generated_tokens=len(s.decoding.generated),
         )
         if first:
             self._with_prompt(s, out)
-            out.time_to_first_token_s = s.first_token_at - s.arrival
-        s.pending_lp = []
+            out.time_to_first_token_s = s.decoding.first_token_at - s.arrival
+        s.decoding.pending_lp = []
         if reason is not None:
             out.finish_reason = reason
             out.latency_s = time.perf_counter() - s.arrival
@@ -120,18 +124,18 @@ class OutputProcessor:
             text="",
             finish_reason=reason,
             prompt_tokens=s.prompt_len,
-            generated_tokens=len(s.generated),
+            generated_tokens=len(s.decoding.generated),
             error=error,
             latency_s=time.perf_counter() - s.arrival,
             logprobs=[] if s.req.logprobs is not None else None,
         )
-        if not s.generated:
+        if not s.decoding.generated:
             self._with_prompt(s, out)
         return out
 
     def _with_prompt(self, s: SequenceState, out: Output) -> None:
         """What a request's first Output carries about its prompt."""
-        out.prompt_logprobs = s.prompt_lp
+        out.prompt_logprobs = s.decoding.prompt_lp
         if self._spells(s):
             out.prompt_text = self._decode(s.req.prompt_ids)
 

@@ -1,5 +1,7 @@
-"""Scheduling for the inference engine: the state of each request it holds (`SequenceState`) and the
-`Scheduler`, which owns the waiting and running lists and decides, each engine step,
+"""Scheduling for the inference engine: the `Scheduler` owns the waiting and running requests
+(`neoxray.platform.inference.sequence.SequenceState`) and the KV cache's block manager, and each engine step
+returns a plan (`schedule()` -> `SchedulerOutput`) that an executor runs and the output processor completes. It
+decides
     - which waiting requests are admitted, while a batch row is free and the KV cache has room for the prompt
       plus `max_tokens` (blocks are reserved on admission, so no request is ever preempted). Fair across
       groups (a group is one HTTP request's choices: n x prompts): the next row goes to the waiting group with
@@ -22,67 +24,16 @@ other holders).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
-import torch
-
-from neoxray.model.decoding import IncrementalDetokenizer, StopChecker
-from neoxray.platform.inference.kv_cache import PagedKVCache
-from neoxray.platform.inference.request import EngineConfig, Output, Request, TokenLogprob
-
-
-@dataclass
-class SequenceState:
-    """One request inside the engine, from arrival to release."""
-
-    req: Request
-    sink: Callable[[Output], None]
-    """Called on the engine thread with each Output."""
-    arrival: float
-    blocks: list[int] = field(default_factory=list)
-    """Its KV cache blocks (the block table), reserved on admission."""
-    tokens: list[int] = field(default_factory=list)  # prompt + generated
-    computed: int = 0  # tokens whose keys/values are in the cache
-    generated: list[int] = field(default_factory=list)
-    # output processing (`OutputProcessor.start`, on admission)
-    generator: torch.Generator | None = None
-    stop: StopChecker | None = None
-    detokenizer: IncrementalDetokenizer | None = None
-    emitted_chars: int = 0  # text handed out so far
-    text_chars: int = 0  # the generated text decoded so far: where the next token's text starts
-    prompt_offsets: list[int] | None = None  # with token_text and prompt log-probabilities: each token's start
-    prompt_lp: list[TokenLogprob] | None = None
-    pending_lp: list[TokenLogprob] = field(default_factory=list)  # not yet in an Output
-    first_token_at: float | None = None
-    finished: bool = False
-    names: list[bytes] = field(default_factory=list)  # prefix-cache names of its full prompt blocks
-    reused: int = 0  # prompt tokens taken from the prefix cache
-    lora_slot: int | None = None  # its LoRA adapter's slot (None: the base model), set on intake
-    lora_held: bool = False  # counted as a user of its adapter (`AdapterSlots.acquire`) until released
-    prefix_salt: bytes = b""  # its adapter's prefix-cache salt: KV blocks are shared within one adapter only
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.req.prompt_ids)
-
-    @property
-    def feed_len(self) -> int:
-        """Prompt tokens that go through the model: all of them, but for a scoring-only request (max_tokens 0,
-        prompt log-probabilities) the last one, which is only a target (as transformers' scoring does)."""
-        n = self.prompt_len
-        return n - 1 if (self.req.max_tokens == 0 and self.req.prompt_logprobs and n > 1) else n
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.computed < self.feed_len
+from neoxray.platform.inference.kv_cache import BlockManager
+from neoxray.platform.inference.request import EngineConfig
+from neoxray.platform.inference.sequence import ForwardBatch, ScheduledForward, SchedulerOutput, SequenceState
 
 
 class Scheduler:
     """The waiting and running requests of one engine and its KV cache blocks. Used on the engine thread
     only (the lengths of `waiting` and `running` may be read from any thread)."""
 
-    def __init__(self, config: EngineConfig, cache: PagedKVCache):
+    def __init__(self, config: EngineConfig, cache: BlockManager):
         self.config = config
         self.cache = cache
         self.waiting: list[SequenceState] = []
@@ -182,17 +133,55 @@ class Scheduler:
             budget -= n
         return rows
 
-    def prefilled(self, rows: list[tuple[SequenceState, int, int]]) -> None:
-        """After a prefill forward: the published blocks it completed may now be shared."""
-        bs = self.cache.block_size
-        for s, start, n in rows:
-            for i in range(start // bs, min(len(s.names), (start + n) // bs)):
-                self.cache.mark_computed(s.blocks[i])
-
     def decoding(self, prefilled: list[SequenceState]) -> list[SequenceState]:
         """The requests that decode one token this step: all running ones whose prompt is in the cache, except
         those that took part in this step's prefill (they got their first token from it)."""
         return [s for s in self.running if not s.in_prefill and s not in prefilled]
+
+    def schedule(self) -> SchedulerOutput:
+        """This step's plan: admission, then the prompt chunks (bucketed by length: one forward per bucket, so a
+        5-token continuation is not padded to a 500-token context), then one decode forward of every running
+        request whose prompt is in the cache and that takes no part in this step's prefill."""
+        admitted = self.admit()
+        rows = self.prefill_chunks()
+        forwards = [self._prefill_forward(bucket) for bucket in _length_buckets(rows)]
+        decoding = self.decoding([s for s, _, _ in rows])
+        if decoding:
+            batch = ForwardBatch(
+                tokens=[[s.tokens[s.computed]] for s in decoding],  # each feeds its newest token
+                starts=[s.computed for s in decoding],
+                block_tables=[list(s.blocks) for s in decoding],
+                lora_slots=[s.lora_slot for s in decoding],
+                sample=list(range(len(decoding))),
+            )
+            forwards.append(ScheduledForward(batch, decoding, prefill=False))
+        return SchedulerOutput(admitted, forwards)
+
+    def _prefill_forward(self, rows: list[tuple[SequenceState, int, int]]) -> ScheduledForward:
+        batch = ForwardBatch(
+            tokens=[s.tokens[start : start + n] for s, start, n in rows],
+            starts=[start for _, start, _ in rows],
+            block_tables=[list(s.blocks) for s, _, _ in rows],
+            lora_slots=[s.lora_slot for s, _, _ in rows],
+        )
+        for i, (s, start, n) in enumerate(rows):
+            if s.req.prompt_logprobs:  # log-probability of each prompt token after this chunk's positions
+                lo = min(n, max(0, s.req.score_from - 1 - start))  # earlier positions predict unscored tokens
+                if lo < n:
+                    batch.score.append((i, lo))
+            if start + n >= s.feed_len:  # its prompt completes: its first token comes from this forward
+                batch.sample.append(i)
+        return ScheduledForward(batch, [s for s, _, _ in rows], prefill=True)
+
+    def update(self, fwd: ScheduledForward) -> None:
+        """After a forward ran: its tokens are in the cache; the published blocks a prefill completed may now
+        be shared."""
+        bs = self.cache.block_size
+        for s, start, n in zip(fwd.seqs, fwd.batch.starts, fwd.batch.lengths):
+            s.computed += n
+            if fwd.prefill:
+                for i in range(start // bs, min(len(s.names), (start + n) // bs)):
+                    self.cache.mark_computed(s.blocks[i])
 
     def release(self, s: SequenceState) -> None:
         """Mark `s` finished, take it out of the lists and free its blocks."""
@@ -211,3 +200,15 @@ class Scheduler:
             self.cache.release(s.blocks)
             s.blocks = []
         self._by_id.pop(s.req.request_id, None)
+
+
+def _length_buckets(rows: list[tuple[SequenceState, int, int]]) -> list[list[tuple[SequenceState, int, int]]]:
+    """Rows grouped by length (each group's longest at most twice its shortest): one forward per group pads
+    little, and a group per factor of two keeps the number of forwards small."""
+    groups: list[list[tuple[SequenceState, int, int]]] = []
+    for row in sorted(rows, key=lambda r: r[2]):
+        if groups and row[2] <= 2 * groups[-1][0][2]:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups

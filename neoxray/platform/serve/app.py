@@ -56,7 +56,12 @@ class NeoxrayModel(LocalEngineClient):
         from neoxray.platform.serve.metrics import RayServeMetrics
 
         self.args = ServeArgs(**args)
-        engine = self.args.build_engine().start()
+        launcher = None
+        if self.args.tensor_parallel_size > 1:
+            from neoxray.platform.serve.tp_workers import RayActorLauncher
+
+            launcher = RayActorLauncher(self.args.num_gpus, self.args.worker_num_cpus)
+        engine = self.args.build_engine(launcher).start()
         super().__init__(engine, RayServeMetrics(engine.model_name), self.args.allowed_lora_path)
         self._stop_stats = self.report_stats(stats_period_s)
 
@@ -192,7 +197,8 @@ def build_app(args: ServeArgs) -> serve.Application:
     args = args.with_env_api_key()
     from neoxray.platform.model_loading import resolve_model_path
 
-    _, path = resolve_model_path(args.model)  # a wrong path fails here, naming it, not in a replica's log
+    kind, path = resolve_model_path(args.model)  # a wrong path fails here, naming it, not in a replica's log
+    args.check_layout(kind, path)  # tensor-parallel split and quantization, before any replica loads a weight
     from neoxray.paths import is_uri
 
     # replicas run elsewhere: a local path made absolute; a URI kept, each node filling its own model cache
@@ -212,6 +218,14 @@ def build_app(args: ServeArgs) -> serve.Application:
         health_check_period_s=args.health_check_period_s,
         graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
     )
+    if args.tensor_parallel_size > 1:  # the replica (no GPU) and its workers, placed together
+        from neoxray.platform.serve.tp_workers import placement_bundles
+
+        model["ray_actor_options"]["num_gpus"] = 0
+        model["placement_group_bundles"] = placement_bundles(
+            args.tensor_parallel_size, args.num_cpus, args.num_gpus, args.worker_num_cpus
+        )
+        model["placement_group_strategy"] = args.placement_strategy
     if args.min_replicas is not None or args.max_replicas is not None:
         lo = args.min_replicas if args.min_replicas is not None else 1
         hi = max(args.max_replicas if args.max_replicas is not None else max(lo, 1), lo)

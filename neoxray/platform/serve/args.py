@@ -43,9 +43,22 @@ class ServeArgs(BaseModel):
     target_ongoing_requests: float = Field(16, gt=0)
     """Autoscaling target: ongoing requests per model replica."""
     num_gpus: float = Field(0, ge=0)
-    """GPUs per model replica."""
+    """GPUs per model replica (with tensor_parallel_size > 1: per worker of a replica)."""
     num_cpus: float = Field(1, ge=0)
-    """CPUs per model replica."""
+    """CPUs per model replica (with tensor_parallel_size > 1: the replica's driver; each worker takes
+    `worker_num_cpus`)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """Workers one model replica spans (vLLM's name): each holds its shard of the weights (Megatron's split, as
+    training's) and the KV cache of its heads. The workers are Ray actors in the replica's placement group
+    (`placement_strategy`); they meet over NCCL on GPUs, gloo on CPUs."""
+    placement_strategy: Literal["PACK", "STRICT_PACK"] = "PACK"
+    """How a tensor-parallel replica's bundles are placed: PACK (on as few nodes as possible) or STRICT_PACK (on
+    one node, or not at all)."""
+    worker_num_cpus: float = Field(1, ge=0)
+    """CPUs per tensor-parallel worker (with tensor_parallel_size > 1)."""
+    quantization: Literal["int8_weight_only", "int4_weight_only"] | None = None
+    """Weight-only quantization of the model's linears (torchao), applied to each worker's shard after loading;
+    LoRA adapters stay in the model's dtype. None: the weights as loaded."""
     ingress_replicas: int = Field(1, ge=1)
     """Replicas of the ingress (HTTP, auth, parsing, tokenizing; no model), each calling the model replicas."""
     ingress_num_cpus: float = Field(0.5, ge=0)
@@ -210,21 +223,77 @@ class ServeArgs(BaseModel):
             max_embedding_tokens=self.max_embedding_tokens,
         )
 
-    def build_engine(self):
+    def replica_device(self) -> str:
+        """Where a replica's model runs: `device`, or for auto cuda when a replica (or worker) has GPUs."""
+        if self.device != "auto":
+            return self.device
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+    def check_layout(self, kind: str, path) -> None:
+        """One line naming the option when the model cannot be split over `tensor_parallel_size` workers or the
+        replica's device has no kernel for `quantization` (before anything is deployed or loaded)."""
+        from neoxray.platform.model_loading import check_tensor_parallel, model_config_of
+
+        check_tensor_parallel(model_config_of(kind, path), self.tensor_parallel_size)
+        if self.quantization is not None:
+            from neoxray.platform.inference.quantization import check_scheme
+
+            check_scheme(self.quantization, self.replica_device())
+
+    def check_fits(self, log=None) -> None:
+        """On a GPU this process sees: refuse a replica whose weights, KV cache and activations cannot fit the
+        device (one line naming what would), before any weight is loaded; `log` gets the budget."""
+        import torch
+
+        from neoxray.model.precision import inference_dtype, resolve_device, to_dtype
+
+        device = resolve_device(self.device)
+        if not device.startswith("cuda") or not torch.cuda.is_available():
+            return
+        from neoxray.platform.checkpoint import resolve_model_path
+        from neoxray.platform.inference.memory import ServeLayout, check_fits, describe
+        from neoxray.platform.model_loading import model_config_of
+
+        kind, path = resolve_model_path(self.model)
+        dtype = inference_dtype(device, to_dtype(self.dtype))
+        cfg = self.engine_config()
+        mem = check_fits(
+            ServeLayout(
+                model_config_of(kind, path),
+                torch.cuda.get_device_properties(0).total_memory,
+                tensor_parallel_size=self.tensor_parallel_size,
+                quantization=self.quantization,
+                dtype_bytes=torch.empty((), dtype=dtype).element_size(),
+                max_num_seqs=cfg.max_num_seqs,
+                kv_cache_tokens=cfg.kv_cache_tokens,
+                block_size=cfg.block_size,
+                prefill_chunk=cfg.prefill_chunk,
+            )
+        )
+        if log is not None:
+            log(describe(mem))
+
+    def build_engine(self, launcher=None):
         """Load the model and make its (not yet started) InferenceEngine, as these arguments say, with the
-        `loras` loaded (a bad adapter directory is a NeoxrayError naming it, checked before the model loads)."""
+        `loras` loaded (a bad adapter directory is a NeoxrayError naming it, checked before the model loads).
+        `launcher`: how tensor-parallel workers start (Ray actors in a Serve replica; local processes by
+        default)."""
         from neoxray.model.peft_format import read_peft_adapter
         from neoxray.model.precision import to_dtype
         from neoxray.platform.inference.engine import InferenceEngine
         from neoxray.platform.model_cache import local_adapter
 
         rank = self.lora_rank()
+        self.check_fits(lambda line: print(f"[neoxray] memory per device: {line}", flush=True))
         engine = InferenceEngine.from_path(
             self.model,
             device=self.device,
             dtype=to_dtype(self.dtype),
             config=self.engine_config(rank),
             model_name=self.name,
+            tensor_parallel_size=self.tensor_parallel_size,
+            quantization=self.quantization,
+            launcher=launcher,
         )
         for name, path in self.loras.items():
             if name == engine.model_name:

@@ -67,13 +67,22 @@ def _serve_on_ray(args: ServeArgs, host: str, port: int, address: str | None, ve
 
     app = build_app(args)  # validates args and the model path before any cluster work
     connect_ray(address, verbose=verbose)
+    if args.tensor_parallel_size > 1:  # a placement group that can never be placed: say so now, not never
+        import ray
+
+        from neoxray.platform.serve.tp_workers import check_placement, placement_bundles
+
+        bundles = placement_bundles(args.tensor_parallel_size, args.num_cpus, args.num_gpus, args.worker_num_cpus)
+        check_placement(bundles, args.placement_strategy, ray.nodes())
     _sigterm_as_interrupt()  # again: joining Ray installs its own SIGTERM handler, which would abort the process
     url = f"http://{host}:{port}"
     try:
         serve.start(http_options={"host": host, "port": port})
         _log(
             f"deploying {args.model} on Ray Serve ({args.num_replicas if args.max_replicas is None else 'autoscaling'} "
-            f"model replica(s), {args.num_gpus:g} GPU each, behind {args.ingress_replicas} ingress replica(s)); "
+            f"model replica(s), {args.tensor_parallel_size} worker(s) of {args.num_gpus:g} GPU each"
+            f"{', ' + args.quantization if args.quantization else ''}, behind {args.ingress_replicas} ingress "
+            "replica(s)); "
             "the first start loads the model"
         )
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)

@@ -124,7 +124,7 @@ def test_a_dead_engine_fails_health_and_requests_with_503(model_tok):
         def broken(*a, **k):
             raise RuntimeError("simulated device failure")
 
-        engine._decode = broken
+        engine.executor.execute = broken  # the device fails under the executor
         r = requests.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=60)
         assert r.status_code == 503 and "simulated device failure" in r.json()["error"]["message"]
         assert requests.get(srv.url + "/health").status_code == 503
@@ -157,17 +157,18 @@ def test_a_client_that_disconnects_frees_its_batch_slot(model_tok):
     however fast the engine is."""
     engine = InferenceEngine(*model_tok).start()
     gate, aborted = threading.Event(), threading.Event()
-    decode, abort = engine._decode, engine.abort
+    execute, abort = engine.executor.execute, engine.abort
 
-    def held_decode(seqs):  # the first token comes from the prefill; a second one waits here for the gate
-        gate.wait()
-        decode(seqs)
+    def held_execute(batch):  # the first token comes from the prefill; a decode forward waits here for the gate
+        if batch.starts[0] > 0 and len(batch.tokens[0]) == 1:
+            gate.wait()
+        return execute(batch)
 
     def seen_abort(request_id):
         abort(request_id)
         aborted.set()
 
-    engine._decode, engine.abort = held_decode, seen_abort
+    engine.executor.execute, engine.abort = held_execute, seen_abort
     srv = Server(engine)
     try:
         with requests.post(

@@ -277,12 +277,15 @@ def test_serve_args_for_loras(tiny_model_dir, tmp_path):
 
 def test_adapters_through_the_ray_serve_model_deployment(ray_local, setup, tiny_model_dir, s3):
     """The same API over a real `NeoxrayModel` replica reached through a Serve DeploymentHandle (what the
-    ingress uses): the model and the adapters from `loras` read from object storage (a real S3-protocol server)
-    through the replica's node cache, with the environment `neoxray serve` gives its replicas; the adapter's
-    answer, runtime load with eviction, and the engine's refusals crossing the Ray boundary as 404 / 400 / 403."""
+    ingress uses), the replica split over two tensor-parallel worker actors in its placement group: the model
+    and the adapters from `loras` read from object storage (a real S3-protocol server) through the node's cache,
+    each worker reading only its shard, with the environment `neoxray serve` gives its replicas; the adapter's
+    answer (sharded like its layers), runtime load with eviction, and the engine's refusals crossing the Ray
+    boundary as 404 / 400 / 403."""
     from ray import serve
 
     from neoxray.platform.serve.app import NeoxrayModel, ServeEngineClient, replica_env
+    from neoxray.platform.serve.tp_workers import placement_bundles
     from neoxray.platform.train.distributed import free_port
 
     _, engine, dirs, ref = setup
@@ -294,8 +297,15 @@ def test_adapters_through_the_ray_serve_model_deployment(ray_local, setup, tiny_
     bucket = s3.bucket("serving")
     loras = {n: s3.upload_dir(dirs[n], f"{bucket}/adapters/{n}") for n in ("alpha", "beta")}
     model = s3.upload_dir(tiny_model_dir, f"{bucket}/tiny")
-    args = ServeArgs(model=model, name="tiny", loras=loras, allowed_lora_path=str(root), api_key=KEY)
-    deployment = NeoxrayModel.options(name="LoRAModel", ray_actor_options={"num_cpus": 0, **replica_env()})
+    args = ServeArgs(
+        model=model, name="tiny", loras=loras, allowed_lora_path=str(root), api_key=KEY, tensor_parallel_size=2
+    )
+    deployment = NeoxrayModel.options(
+        name="LoRAModel",
+        ray_actor_options={"num_cpus": 0, **replica_env()},
+        placement_group_bundles=placement_bundles(2, 0, 0, 1),  # the replica, then one bundle per worker
+        placement_group_strategy="STRICT_PACK",
+    )
     handle = serve.run(deployment.bind(args.model_dump()), name="lora-model", route_prefix=None)
     srv = Server(ServeEngineClient(handle), args)
     try:
@@ -316,6 +326,8 @@ def test_adapters_through_the_ray_serve_model_deployment(ray_local, setup, tiny_
         assert_error(post(srv, "/v1/load_lora_adapter", outside), 403, "lora_path_not_allowed", "lora_path")
         assert_error(post(srv, "/v1/unload_lora_adapter", {"lora_name": "alpha"}), 404, "model_not_found")
         assert post(srv, "/v1/embeddings", {"model": "gamma", "input": "hello"}).status_code == 200
+        health = requests.get(srv.url + "/health", timeout=60).json()
+        assert health["tensor_parallel_size"] == 2 and health["weight_bytes_per_worker"] > 0, health
     finally:
         srv.close()
         serve.delete("lora-model")
