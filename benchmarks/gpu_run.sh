@@ -22,6 +22,16 @@ run benchmarks/train_throughput.py --preset neox-20b --layers 4 --micro-batch 4 
 run benchmarks/serve_throughput.py --preset pythia-1.4b --mode engine --device cuda --dtype bf16 --clients 1,32 --requests-per-client 1 --prompt-len 128 --max-tokens 128 --hf-single-requests 2 --static-batches 32 --json "$OUT/serve_p14.json"
 run benchmarks/serve_throughput.py --preset pythia-1.4b --mode engine --device cuda --dtype bf16 --loras 4 --clients 32 --requests-per-client 1 --prompt-len 128 --max-tokens 128 --json "$OUT/serve_lora_p14.json"
 run benchmarks/serve_throughput.py --preset neox-20b --mode engine --device cuda --dtype bf16 --clients 1,16 --requests-per-client 1 --prompt-len 128 --max-tokens 128 --hf-single-requests 2 --static-batches 16 --json "$OUT/serve_20b.json"
+# weight-only quantization (torchao) of neoxray's linears against transformers' generate on the bf16 weights: the
+# 20B shape's first 4 layers at batch 1 and 16 in int8 and int4 (bf16: serve_20b above), then the full model in int8
+for q in int8_weight_only int4_weight_only; do
+  run benchmarks/serve_throughput.py --preset neox-20b --layers 4 --mode engine --device cuda --dtype bf16 --clients 1,16 --requests-per-client 1 --prompt-len 128 --max-tokens 128 --hf-single-requests 2 --static-batches 16 --quantization $q --json "$OUT/serve_20b4l_$q.json"
+done
+run benchmarks/serve_throughput.py --preset neox-20b --mode engine --device cuda --dtype bf16 --clients 1,16 --requests-per-client 1 --prompt-len 128 --max-tokens 128 --hf-single-requests 1 --static-batches 16 --quantization int8_weight_only --json "$OUT/serve_20b_int8.json"
+# tensor parallelism (two GPUs or more): one replica over 2 workers against 1, the 20B shape's first 4 layers
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  run benchmarks/serve_layouts.py --preset neox-20b --layers 4 --device cuda --layouts 1,2,2:int8 --clients 16 --prompt-len 128 --max-tokens 128 --json "$OUT/serve_layouts_20b4l.json"
+fi
 # evaluation: neoxray's lm-eval backend against lm-eval's hf backend (lm-eval must be on the machine)
 run benchmarks/eval_throughput.py --preset pythia-1.4b --device cuda --batch-size 32 --questions 200 --json "$OUT/eval_p14.json"
 # LoRA memory: full fine-tuning vs LoRA rank 8 (all four targets), all 24 layers of the Pythia-1.4B shape, bf16,

@@ -296,6 +296,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write the results here too")
     p.add_argument("--loras", type=int, default=0, help="multi-LoRA: this many adapters vs the base alone")
     p.add_argument("--lora-rank", type=int, default=16, help="rank of each --loras adapter")
+    p.add_argument(
+        "--quantization",
+        default=None,
+        help="engine mode: neoxray's linears weight-only int8_weight_only / int4_weight_only (torchao); "
+        "transformers keeps the weights as they are",
+    )
     args = p.parse_args(argv)
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     args.torch_dtype = {
@@ -388,6 +394,11 @@ def main(argv=None) -> int:
         return lora_benchmark(args, cfg, ours, tok, tmp, hf)
 
     hf_single, hf_static = hf_baselines(hf, prompts, args)
+    if args.quantization:  # after the baselines: quantize_ gives neoxray's linears new weights, transformers keeps its
+        from neoxray.platform.inference.quantization import check_scheme, quantize_weights
+
+        check_scheme(args.quantization, args.device, args.torch_dtype)
+        quantize_weights(ours, args.quantization)
     if args.mode == "engine":
         results = engine_runs(ours, tok, prompts, args)
     else:
@@ -400,7 +411,7 @@ def main(argv=None) -> int:
         r["ratio_vs_transformers_one_at_a_time"] = r["tokens_per_s"] / hf_single["tokens_per_s"]
         if r["clients"] in hf_static:
             r["ratio_vs_transformers_static_batch"] = r["tokens_per_s"] / hf_static[r["clients"]]["tokens_per_s"]
-    report = report_head("serve_throughput", args, cfg, parameters=cfg.num_parameters())
+    report = report_head("serve_throughput", args, cfg, parameters=cfg.num_parameters(), quantization=args.quantization)
     report.update(prompt_len=args.prompt_len, max_tokens=args.max_tokens)
     report.update(transformers_one_at_a_time=hf_single, transformers_static_batch=hf_static, neoxray=results)
     print_results(results, hf_single, hf_static)

@@ -185,3 +185,29 @@ def test_plan_serve_errors_are_one_line(args, message):
     code, out, err = _cli("plan", "neox-20b", "--gpu-memory", 40, *args)
     assert code == 1 and not out
     assert err.startswith("neoxray: error: ") and message in err and err.count("\n") == 1
+
+
+def test_serve_refuses_a_replica_that_cannot_fit_before_loading(tmp_path, monkeypatch):
+    """GPT-NeoX-20B's config alone (no weights in the directory) on a 40 GiB GPU in bf16: `neoxray serve`'s engine
+    build stops at the memory check, naming what would fit, and never starts loading; int8 on the same GPU is
+    let through to loading."""
+    import types
+
+    from neoxray.model.hf import config_to_hf
+    from neoxray.platform import model_loading
+    from neoxray.platform.serve.args import ServeArgs
+
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(NEOX_20B, torch.bfloat16)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=40 * GIB))
+    loads = []
+    monkeypatch.setattr(model_loading, "load_for_inference", lambda *a, **k: loads.append(a) or pytest.fail("loaded"))
+    args = ServeArgs(model=str(tmp_path), device="cuda", max_num_seqs=4, kv_cache_tokens=8192)
+    with pytest.raises(NeoxrayError, match=r"would fit: .*--tensor-parallel-size 2") as e:
+        args.build_engine()
+    assert "\n" not in str(e.value) and not loads
+    lines = []
+    ServeArgs(model=str(tmp_path), device="cuda", max_num_seqs=4, quantization="int8_weight_only").check_fits(
+        lines.append
+    )
+    assert lines and "GiB" in lines[0]

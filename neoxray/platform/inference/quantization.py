@@ -120,10 +120,10 @@ def quantize_weights(model: nn.Module, scheme: str, *, head: bool | None = None)
     `head`: quantize the vocabulary head `embed_out` too (None: the scheme's default, yes for int8, no for
     int4). The model must hold its loaded weights on its final device; call `check_scheme` first. Attributes set
     on the original weight parameters (the tensor-parallel tags `tp_dim`, `tp_size`, ...) are carried over."""
-    if scheme not in SCHEMES:
-        check_scheme(scheme, "cpu")
     if any(p.is_meta for p in model.parameters()):
         raise NeoxrayError("quantize_weights: the model is on the meta device; load its weights first")
+    w = next(model.parameters(), None)
+    check_scheme(scheme, "cpu" if w is None else w.device, None if w is None else w.dtype)  # the model as it is
     with _quiet_import():
         from torchao.quantization import quantize_
 

@@ -214,6 +214,8 @@ def test_int4_runs_where_torchao_has_a_kernel_or_is_refused_in_one_line():
         with pytest.raises(NeoxrayError, match=r"int4_weight_only needs a CUDA GPU") as e:
             check_scheme("int4_weight_only", "cpu")
         assert "\n" not in str(e.value)
+        with pytest.raises(NeoxrayError, match=r"int4_weight_only needs a CUDA GPU"):
+            quantize_weights(build_model(get_preset("tiny", d_model=128)), "int4_weight_only")
         return
     with pytest.raises(NeoxrayError, match="bfloat16"):
         check_scheme("int4_weight_only", "cuda", torch.float32)
