@@ -25,6 +25,7 @@ import dataclasses
 import datetime
 import os
 import socket
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -209,7 +210,8 @@ class TensorParallelExecutor(Executor):
         self.spec = spec
         self.tensor_parallel_size = spec.tp_size
         self.workers = (launcher or ProcessLauncher()).launch(spec)
-        self._stopped = False
+        # the workers go when this executor does, even if nobody calls shutdown (an engine dropped unstopped)
+        self._finalizer = weakref.finalize(self, _stop_workers, self.workers)
         try:
             self._gather([w.recv() for w in self.workers])  # every shard loaded (or the first failure, raised)
             info = self._call("describe")
@@ -253,17 +255,20 @@ class TensorParallelExecutor(Executor):
                 raise EngineDead(why)
 
     def shutdown(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        for w in self.workers:
-            with contextlib.suppress(Exception):  # a worker already gone is stopped below anyway
-                w.send(("stop", ()))
-        for w in self.workers:
-            w.stop()
+        self._finalizer()
 
     def describe(self) -> dict:
         return {"tensor_parallel_size": self.spec.tp_size, **self.runner.info}
+
+
+def _stop_workers(workers: list) -> None:
+    """Tell every worker to stop, then make sure each has (a worker already gone is stopped anyway)."""
+    for w in workers:
+        with contextlib.suppress(Exception):
+            w.send(("stop", ()))
+    for w in workers:
+        with contextlib.suppress(Exception):
+            w.stop()
 
 
 class _Rank0View:

@@ -144,6 +144,14 @@ def test_prefix_reuse_changes_no_result(tiny_model_dir, local_tm, neoxray_result
         lm.close()
 
 
+def test_a_model_split_over_two_workers_changes_no_result(tiny_model_dir, local_tm, neoxray_results):
+    """`tensor_parallel_size=2`: the engine's model over two local worker processes (gloo), each with its shard;
+    the same metrics and per-request log-likelihoods (within 1e-4) as the one-process engine."""
+    other = evaluate("neoxray", f"pretrained={tiny_model_dir},device=cpu,tensor_parallel_size=2", local_tm)
+    assert_same_results(other, neoxray_results)
+    assert_same_requests(other, neoxray_results, rtol=1e-4)
+
+
 def _ll(context: str, continuation: str):
     from lm_eval.api.instance import Instance
 
