@@ -12,13 +12,14 @@ Models:
             row only shows that the quantized model computes the same near-uniform distribution; its weight
             bytes and decode speed are the real point.
 
-Variants: fp32; int8_weight_only (every linear, the head included, as `quantize_weights` does); int8 with the
-head `embed_out` left in fp32 (to measure what quantizing the head costs). int4_weight_only needs CUDA (torchao
-0.18 has no CPU int4 weight-only kernel): on CPU its rows say so.
+Variants: fp32; int8_weight_only (every linear, the head included, as `quantize_weights` does by default); int8
+with the head `embed_out` left in fp32 (`head=False`: what quantizing the head costs). int4_weight_only needs
+CUDA (torchao 0.18 has no CPU int4 weight-only kernel): on CPU its rows say so.
 
 Decode speed: the inference engine (`InferenceEngine.run_until_done`), `--requests` greedy requests of a
 16-token prompt and `--new-tokens` new tokens each, batched; tokens/s = generated tokens / wall (prefill
-included, small here): the best of 3 timed runs after a warm-up.
+included, small here): the best of 3 timed runs after a warm-up. Denormals are flushed to zero in the whole
+process (training on the CPU makes them, and they slowed it several times over).
 
     python benchmarks/quantization_quality.py                       # CPU, both models
     python benchmarks/quantization_quality.py --device cuda         # adds int4 (bf16 model for int4)

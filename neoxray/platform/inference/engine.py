@@ -30,7 +30,7 @@ import torch
 
 from neoxray.errors import NeoxrayError
 from neoxray.model.gptneox import GPTNeoX
-from neoxray.model.precision import resolve_device
+from neoxray.model.precision import inference_dtype, resolve_device
 from neoxray.paths import is_uri
 from neoxray.platform.inference.adapters import unknown_message
 from neoxray.platform.inference.engine_core import EngineCore
@@ -142,7 +142,8 @@ class InferenceEngine:
         if quantization is not None:
             from neoxray.platform.inference.quantization import check_scheme, quantize_weights
 
-            check_scheme(quantization, resolve_device(device))
+            where = resolve_device(device)
+            check_scheme(quantization, where, inference_dtype(where, dtype))
         if tensor_parallel_size == 1:
             model, tokenizer, name = load_for_inference(path, device=device, dtype=dtype)
             if quantization is not None:

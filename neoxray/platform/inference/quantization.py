@@ -13,27 +13,31 @@ calls `F.linear(x, self.weight, ...)`). What stays as it was:
                       arithmetic; only the base weight under them is quantized
 
 The vocabulary head `embed_out` IS quantized with int8: a [V, d] linear, a quarter of a Pythia-160M's weights,
-and per-row int8 on it moved held-out perplexity by under 0.1% (docs/benchmarks.md). With int4 it stays in the
+and per-row int8 on it moved held-out perplexity by +0.009% (docs/benchmarks.md). With int4 it stays in the
 model's dtype: int4 could not be measured here (no CPU kernel), and the head's rounding error lands directly on
 every logit, so the cautious choice until a GPU measurement says otherwise.
 
 Schemes (torchao 0.18):
 
-    int8_weight_only  per-output-row symmetric int8 (`Int8WeightOnlyConfig`): any device. On CPU the eager
-                      kernel converts the int8 weight to the activation dtype at each call, so it saves memory,
-                      not time.
+    int8_weight_only  per-output-row symmetric int8 (`Int8WeightOnlyConfig`): any device. Its eager kernel
+                      (torchao's code reads the same for CPU and CUDA; without torch.compile) converts the int8
+                      weight to the activation dtype at each call: it saves memory, not time (on CPU decode
+                      ran at 0.54 of fp32 for Pythia-160M, docs/benchmarks.md).
     int4_weight_only  groups of 128 input columns, asymmetric int4 (`Int4WeightOnlyConfig`, the tile-packed
                       "tinygemm" layout): CUDA with compute capability >= 8.0 and a bfloat16 model only.
-                      torchao 0.18 has no CPU int4 weight-only kernel (its CPU layout went with the version-1
-                      configs), so `check_scheme` refuses it there.
+                      torchao 0.18 has no CPU int4 weight-only kernel (no `Int4CPULayout` any more, version-1
+                      configs refused), so `check_scheme` refuses int4 there.
 
 Call order, for the loader / server:
 
     check_scheme(scheme, device, dtype)        # at start, before any weight is read: one-line NeoxrayError
     model = ...load weights, on `device`...
     quantize_weights(model, scheme)            # after the weights are loaded (and after `parallelize`)
-    engine = InferenceEngine(model, ...)       # then the engine, whose AdapterSlots wrap the quantized linears
+    engine = InferenceEngine(model, ...)       # then the engine: its multi-LoRA slots wrap the quantized linears
     weight_bytes(model)                        # what the weights hold in memory now, for the logs and /health
+
+`neoxray.model.multi_lora.MultiLoRA` may also wrap the linears before `quantize_weights` (the tests check both
+orders); quantizing first is the simpler rule.
 """
 
 from __future__ import annotations

@@ -236,9 +236,11 @@ class ServeArgs(BaseModel):
 
         check_tensor_parallel(model_config_of(kind, path), self.tensor_parallel_size)
         if self.quantization is not None:
+            from neoxray.model.precision import inference_dtype, to_dtype
             from neoxray.platform.inference.quantization import check_scheme
 
-            check_scheme(self.quantization, self.replica_device())
+            device = self.replica_device()
+            check_scheme(self.quantization, device, inference_dtype(device, to_dtype(self.dtype)))
 
     def check_fits(self, log=None) -> None:
         """On a GPU this process sees: refuse a replica whose weights, KV cache and activations cannot fit the
