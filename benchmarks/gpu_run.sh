@@ -28,6 +28,8 @@ for q in int8_weight_only int4_weight_only; do
   run benchmarks/serve_throughput.py --preset neox-20b --layers 4 --mode engine --device cuda --dtype bf16 --clients 1,16 --requests-per-client 1 --prompt-len 128 --max-tokens 128 --hf-single-requests 2 --static-batches 16 --quantization $q --json "$OUT/serve_20b4l_$q.json"
 done
 run benchmarks/serve_throughput.py --preset neox-20b --mode engine --device cuda --dtype bf16 --clients 1,16 --requests-per-client 1 --prompt-len 128 --max-tokens 128 --hf-single-requests 1 --static-batches 16 --quantization int8_weight_only --json "$OUT/serve_20b_int8.json"
+# quantization quality on a GPU: bf16, int8 and int4 (int4 has no CPU kernel) held-out perplexity
+RUN_TIMEOUT=300 run benchmarks/quantization_quality.py --device cuda --json "$OUT/quantization_cuda.json"
 # tensor parallelism (two GPUs or more): one replica over 2 workers against 1, the 20B shape's first 4 layers
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   run benchmarks/serve_layouts.py --preset neox-20b --layers 4 --device cuda --layouts 1,2,2:int8 --clients 16 --prompt-len 128 --max-tokens 128 --json "$OUT/serve_layouts_20b4l.json"
