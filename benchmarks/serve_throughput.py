@@ -451,7 +451,7 @@ def lora_engine_runs(args, ours, tok, dirs: dict[str, Path], prompts: dict) -> d
     c, names = max(args.clients_list), list(dirs)
     engine = make_engine(ours, tok, args, c, max_loras=args.loras, max_lora_rank=args.lora_rank)
     for name, d in dirs.items():
-        engine.add_lora(name, read_peft_adapter(d, engine.model.config, name), str(d))
+        engine.add_lora(name, read_peft_adapter(d, engine.model_config, name), str(d))
     engine.start()
     warm = prompts_for(len(names), args.prompt_len, tok, seed=3)
     asyncio.run(run_clients(engine_sender(engine, 4, names), warm, len(names), 1))  # warm-up, every adapter

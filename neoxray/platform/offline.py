@@ -49,7 +49,7 @@ def offline_engine(model: str, options: OfflineOptions):
         quantization=options.quantization,
     )
     if lora is not None:
-        engine.add_lora("lora", read_peft_adapter(lora, engine.model.config, "lora"), str(options.lora))
+        engine.add_lora("lora", read_peft_adapter(lora, engine.model_config, "lora"), str(options.lora))
     return engine, None if lora is None else "lora"
 
 

@@ -120,7 +120,7 @@ def _split_engine(model_path: str, options: EngineOptions, config, dtype):
     )
     if lora is None:
         return engine, None
-    engine.add_lora("lora", read_peft_adapter(lora, engine.model.config, "lora"), str(options.lora))
+    engine.add_lora("lora", read_peft_adapter(lora, engine.model_config, "lora"), str(options.lora))
     return engine, "lora"
 
 

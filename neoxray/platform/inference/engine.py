@@ -70,16 +70,17 @@ class InferenceEngine:
         self.model_name = model_name
         if executor is None:
             cfg = model.config
+            model = model.eval()
             executor = LocalExecutor(
-                model.eval(), num_kv_blocks(c, cfg.max_seq_len), c.block_size, c.max_loras, c.max_lora_rank
+                model, num_kv_blocks(c, cfg.max_seq_len), c.block_size, c.max_loras, c.max_lora_rank
             )
         self.executor = executor
-        self.model = executor.model
-        cfg = self.model.config
-        self.max_seq_len = cfg.max_seq_len
-        self.device = executor.runner.device
-        self.dtype = next(self.model.parameters()).dtype
-        self.core = EngineCore(executor, tokenizer, c, executor.runner.cache.num_blocks)
+        self.model = model
+        """The model, when this process holds it whole (None with tensor-parallel workers)."""
+        self.model_config = executor.model_config
+        self.max_seq_len = self.model_config.max_seq_len
+        self.device, self.dtype = executor.device, executor.dtype
+        self.core = EngineCore(executor, tokenizer, c, executor.num_blocks)
         self.quantization = quantization
         self._layout = {"quantization": quantization, **executor.describe()}
         self.scheduler = self.core.scheduler
@@ -92,7 +93,7 @@ class InferenceEngine:
 
     @property
     def runner(self):
-        """Rank 0's model runner (this process's)."""
+        """The model runner, when this process holds the model."""
         return self.executor.runner
 
     @property

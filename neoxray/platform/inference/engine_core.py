@@ -31,7 +31,7 @@ class EngineCore:
     """The scheduler, executor, output processor and adapters of one engine."""
 
     def __init__(self, executor: Executor, tokenizer, config: EngineConfig, num_blocks: int):
-        cfg = executor.model.config
+        cfg = executor.model_config
         self.config = config
         self.executor = executor
         self.blocks = BlockManager(num_blocks, config.block_size)
@@ -42,7 +42,7 @@ class EngineCore:
             eod_id=tokenizer.eod_id if tokenizer is not None else cfg.eos_token_id,
             vocab_limit=getattr(tokenizer, "vocab_size", None) or cfg.vocab_size,  # rows past it are padding
             max_seq_len=cfg.max_seq_len,
-            device=executor.runner.device,
+            device=executor.device,
         )
         self.steps = 0
         self.counters = {

@@ -20,20 +20,17 @@ from neoxray.platform.inference.sequence import ForwardBatch, ForwardResult
 
 
 class Executor:
-    """The interface the engine drives (on its thread only)."""
-
-    runner: ModelRunner
-    """Rank 0's runner, in this process: its model config, device, cache size and counters."""
+    """The interface the engine drives (on its thread only), and what the engine needs to know of the model
+    without holding it: its config, dtype, the device logits arrive on, the KV cache's size in blocks."""
 
     tensor_parallel_size: int = 1
-
-    @property
-    def model(self):
-        return self.runner.model
-
-    @property
-    def mixed_forwards(self) -> int:
-        return self.runner.mixed_forwards
+    model_config = None
+    dtype = None
+    device = None
+    """Where the logits of `execute` are (sampling happens there)."""
+    num_blocks: int = 0
+    mixed_forwards: int = 0
+    """Forwards whose rows applied more than one adapter (the base counting as one): batches were shared."""
 
     def execute(self, batch: ForwardBatch) -> ForwardResult:
         raise NotImplementedError
@@ -55,7 +52,7 @@ class Executor:
 
     def describe(self) -> dict:
         """What the replica reports about its workers: tensor-parallel size, weight and KV cache bytes of each."""
-        return {"tensor_parallel_size": self.tensor_parallel_size, **self.runner.describe()}
+        raise NotImplementedError
 
 
 class LocalExecutor(Executor):
@@ -64,6 +61,16 @@ class LocalExecutor(Executor):
     def __init__(self, model, num_blocks: int, block_size: int, max_loras: int = 0, max_lora_rank: int = 0):
         cache = PagedKVCache.for_model(model, num_blocks, block_size)
         self.runner = ModelRunner(model, cache, max_loras, max_lora_rank)
+        self.model_config, self.num_blocks = model.config, num_blocks
+        p = next(model.parameters())
+        self.dtype, self.device = p.dtype, p.device
+
+    @property
+    def mixed_forwards(self) -> int:
+        return self.runner.mixed_forwards
+
+    def describe(self) -> dict:
+        return {"tensor_parallel_size": 1, **self.runner.describe()}
 
     def execute(self, batch: ForwardBatch) -> ForwardResult:
         return self.runner.execute(batch)

@@ -203,8 +203,8 @@ class ProcessHandle:
 
 
 class TensorParallelExecutor(Executor):
-    """N workers started by `launcher` (`ProcessLauncher` by default); this process holds no weights. `runner`
-    is a stand-in that answers what the engine asks of rank 0's (model config, device, cache size)."""
+    """N workers started by `launcher` (`ProcessLauncher` by default); this process holds no weights. Logits
+    come back to this process's memory, where the engine samples."""
 
     def __init__(self, spec: WorkerSpec, launcher=None, model_config=None):
         self.spec = spec
@@ -218,7 +218,10 @@ class TensorParallelExecutor(Executor):
         except BaseException:
             self.shutdown()
             raise
-        self.runner = _Rank0View(model_config, spec, info)
+        self.info = info
+        self.model_config, self.num_blocks = model_config, spec.num_blocks
+        self.dtype, self.device = getattr(torch, spec.dtype), torch.device("cpu")
+        self.mixed_forwards = 0
 
     @staticmethod
     def _gather(replies: list) -> object:
@@ -236,7 +239,7 @@ class TensorParallelExecutor(Executor):
 
     def execute(self, batch: ForwardBatch) -> ForwardResult:
         if self.spec.max_loras:
-            self.runner.mixed_forwards += len(set(batch.lora_slots)) > 1
+            self.mixed_forwards += len(set(batch.lora_slots)) > 1
         return self._call("execute", batch)
 
     def load_lora(self, slot: int, adapter) -> None:
@@ -258,7 +261,7 @@ class TensorParallelExecutor(Executor):
         self._finalizer()
 
     def describe(self) -> dict:
-        return {"tensor_parallel_size": self.spec.tp_size, **self.runner.info}
+        return {"tensor_parallel_size": self.spec.tp_size, **self.info}
 
 
 def _stop_workers(workers: list) -> None:
@@ -269,28 +272,3 @@ def _stop_workers(workers: list) -> None:
     for w in workers:
         with contextlib.suppress(Exception):
             w.stop()
-
-
-class _Rank0View:
-    """What the engine reads from its executor's runner, for workers in other processes."""
-
-    def __init__(self, model_config, spec: WorkerSpec, info: dict):
-        self.model = _ModelView(model_config, getattr(torch, spec.dtype))
-        self.device = torch.device("cpu")  # sampling happens in the driver, on the gathered logits
-        self.cache = _CacheView(spec.num_blocks)
-        self.info = info
-        self.mixed_forwards = 0
-
-
-class _ModelView:
-    def __init__(self, config, dtype):
-        self.config = config
-        self._p = torch.empty(0, dtype=dtype)
-
-    def parameters(self):
-        yield self._p
-
-
-class _CacheView:
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks

@@ -302,7 +302,7 @@ class ServeArgs(BaseModel):
                 raise NeoxrayError(f"LoRA adapter name {name!r} is the base model's name; give it another")
             try:
                 local = local_adapter(path, f"--lora {name}=")  # a URI: this node's cached copy
-                engine.add_lora(name, read_peft_adapter(local, engine.model.config, name), str(path))
+                engine.add_lora(name, read_peft_adapter(local, engine.model_config, name), str(path))
             except NeoxrayError as e:
                 raise NeoxrayError(f"LoRA adapter {name!r}: {e}") from None
         return engine

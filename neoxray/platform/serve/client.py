@@ -87,7 +87,7 @@ def read_adapter(path, engine, name: str):
     """The peft adapter directory `path`, checked against the engine's model (file I/O: off the event loop). A
     bad directory is an InvalidRequest naming `lora_path`."""
     try:
-        return read_peft_adapter(path, engine.model.config, name)
+        return read_peft_adapter(path, engine.model_config, name)
     except NeoxrayError as e:
         raise InvalidRequest(str(e), "lora_path") from None
 

@@ -28,7 +28,7 @@ def lora_setup(tiny_model_dir, tmp_path_factory):
 
 def read_adapter(eng: InferenceEngine, path, name: str | None = None):
     """A peft adapter directory read as every caller reads one, checked against the engine's model."""
-    return read_peft_adapter(path, eng.model.config, name)
+    return read_peft_adapter(path, eng.model_config, name)
 
 
 def lora_engine(model_dir, dirs, names=None, **kw) -> InferenceEngine:

@@ -31,7 +31,7 @@ def engines(tiny_model_dir, tmp_path_factory):
     two = InferenceEngine.from_path(tiny_model_dir, device="cpu", config=EngineConfig(**CONFIG), tensor_parallel_size=2)
     for eng in (one, two):
         for name, d in dirs.items():
-            eng.add_lora(name, read_peft_adapter(d, eng.model.config, name), str(d))
+            eng.add_lora(name, read_peft_adapter(d, eng.model_config, name), str(d))
     yield one, two, list(dirs)
     one.stop(timeout=5)
     two.stop(timeout=5)
@@ -92,7 +92,7 @@ def test_int8_workers_stay_close_and_a_worker_that_dies_fails_its_requests(engin
         quantization="int8_weight_only",
     )
     try:
-        d = read_peft_adapter(one.adapters.source[names[0]], eng.model.config, names[0])
+        d = read_peft_adapter(one.adapters.source[names[0]], eng.model_config, names[0])
         eng.add_lora(names[0], d)
         assert eng.describe()["quantization"] == "int8_weight_only"
         assert eng.describe()["weight_bytes_per_worker"] < 0.4 * one.describe()["weight_bytes_per_worker"]
