@@ -305,4 +305,11 @@ class ServeArgs(BaseModel):
                 engine.add_lora(name, read_peft_adapter(local, engine.model_config, name), str(path))
             except NeoxrayError as e:
                 raise NeoxrayError(f"LoRA adapter {name!r}: {e}") from None
+        layout = engine.describe()
+        print(
+            f"[neoxray] {engine.model_name}: {layout['tensor_parallel_size']} worker(s), weights "
+            f"{layout['weight_bytes_per_worker'] / 2**20:,.1f} MiB per worker ({self.quantization or 'as stored'}), "
+            f"KV cache {layout['kv_cache_bytes_per_worker'] / 2**20:,.1f} MiB per worker",
+            flush=True,
+        )
         return engine
