@@ -58,6 +58,7 @@ def cmd_prepare(args) -> None:
         workers=args.workers,
         text_key=args.text_key,
         content=args.format,
+        chat_template=args.chat_template,
         by_component=args.by_component,
         overwrite=args.overwrite,
         progress=not args.quiet,

@@ -163,7 +163,8 @@ def _tokenizer(sub) -> None:
 
 def _prepare(sub) -> None:
     prep = sub.add_parser(
-        "prepare", help="tokenize and pack Pile-format or prompt-completion shards into a training dataset (Ray Data)"
+        "prepare",
+        help="tokenize and pack Pile-format, prompt-completion or chat shards into a training dataset (Ray Data)",
     )
     prep.add_argument(
         "--input",
@@ -179,9 +180,17 @@ def _prepare(sub) -> None:
     prep.add_argument(
         "--format",
         default="text",
-        metavar="{text,prompt-completion}",
-        help="input rows: text (Pile: a text key; every token trained) or prompt-completion (prompt and completion "
-        "keys; a loss mask trains only the completion and its end of document) (default: text)",
+        metavar="{text,prompt-completion,chat}",
+        help="input rows: text (Pile: a text key; every token trained), prompt-completion (prompt and completion "
+        "keys; a loss mask trains only the completion and its end of document) or chat (a messages list, rendered "
+        "with the chat template; a loss mask trains only the assistant turns) (default: text)",
+    )
+    prep.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE_OR_STRING",
+        help="--format chat: the chat template (a Jinja file, a model directory, or the template itself) "
+        "(default: the --tokenizer directory's, else neoxray's default)",
     )
     prep.add_argument("--text-key", default="text", help="JSON key of the document text (--format text)")
     prep.add_argument(

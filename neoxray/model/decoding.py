@@ -3,7 +3,11 @@
 when a sequence ends, and how its text is decoded as it grows. Written once here, so `neoxray generate` and the
 HTTP endpoint stop at exactly the same place.
 
-- `SamplingParams`: greedy, temperature, top-k, top-p, a per-sequence seed, stop strings, stop at end of document.
+- `SamplingParams`: greedy, temperature, top-k, top-p, a per-sequence seed, stop strings, stop at end of document,
+  and the controls OpenAI's and vLLM's clients send: logit bias, presence, frequency and repetition penalties.
+- `apply_controls`: logits [b, V] -> the logits those controls make of them, each row with its own settings (and
+  its own `TokenHistory`: the tokens it generated, the tokens of its prompt); before `sample_next`, greedy too.
+  Log-probabilities handed to callers are taken from the logits before it (the model's own distribution).
 - `sample_next`: logits [b, V] -> next ids [b], each row from its own generator (`seeded_generator`).
 - `StopChecker`: the finish reason after a new token ('stop' at the end-of-document token or a stop string,
   'length' at the token budget), where a stop string cuts the text, and how much of a streamed text is safe to
@@ -14,7 +18,8 @@ HTTP endpoint stop at exactly the same place.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +28,14 @@ from neoxray.errors import NeoxrayError
 
 REPLACEMENT = "\ufffd"
 """What a decoder yields for the bytes of a character that is not complete yet."""
+
+
+class SamplingParamError(NeoxrayError):
+    """A SamplingParams value out of range; `param` names the field."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -41,17 +54,48 @@ class SamplingParams:
     stop: Sequence[str] = field(default_factory=tuple)
     """Stop strings: generation ends when the text contains one; the returned text ends before it."""
     stop_at_eod: bool = True
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    """Token id -> a bias in [-100, 100] added to its logit before anything else (OpenAI's logit_bias)."""
+    presence_penalty: float = 0.0
+    """In [-2, 2]: subtracted from the logit of every token this sequence has generated (OpenAI's)."""
+    frequency_penalty: float = 0.0
+    """In [-2, 2]: times how often this sequence has generated a token, subtracted from its logit (OpenAI's)."""
+    repetition_penalty: float = 1.0
+    """> 0, 1 is off (vLLM's and transformers' CTRL penalty): for every token of the prompt or generated so far,
+    a positive logit is divided by it and a negative one multiplied."""
 
     def validate(self) -> SamplingParams:
+        def bad(name: str, rule: str, value) -> SamplingParamError:
+            return SamplingParamError(f"{name} must be {rule}, got {value}", name)
+
         if self.max_new_tokens < 0:
-            raise NeoxrayError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise bad("max_new_tokens", ">= 0", self.max_new_tokens)
         if self.temperature < 0:
-            raise NeoxrayError(f"temperature must be >= 0, got {self.temperature}")
+            raise bad("temperature", ">= 0", self.temperature)
         if self.top_k < 0:
-            raise NeoxrayError(f"top_k must be >= 0, got {self.top_k}")
+            raise bad("top_k", ">= 0", self.top_k)
         if not 0.0 < self.top_p <= 1.0:
-            raise NeoxrayError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise bad("top_p", "in (0, 1]", self.top_p)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise bad(name, "in [-2, 2]", getattr(self, name))
+        if not 0.0 < self.repetition_penalty < math.inf:
+            raise bad("repetition_penalty", "> 0", self.repetition_penalty)
+        for t, b in self.logit_bias.items():
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise bad("logit_bias", "keyed by token ids (integers >= 0)", repr(t))
+            if not -100.0 <= b <= 100.0:
+                raise bad("logit_bias", "in [-100, 100]", f"{b} for token {t}")
         return self
+
+    @property
+    def uses_penalties(self) -> bool:
+        """Whether the tokens seen so far change this sequence's logits (it needs a `TokenHistory`)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def uses_controls(self) -> bool:
+        return bool(self.logit_bias) or self.uses_penalties
 
     @property
     def is_greedy(self) -> bool:
@@ -69,6 +113,59 @@ def seeded_generator(params: SamplingParams, device) -> torch.Generator | None:
     else:
         g.manual_seed(params.seed)
     return g
+
+
+class TokenHistory:
+    """What one sequence's penalties look at, on the logits' device: `counts` [V] fp32, how often each token was
+    generated so far; `in_prompt` [V] bool, the tokens of its prompt. `append` counts a new token without waiting
+    for the device."""
+
+    def __init__(self, prompt_ids: Sequence[int], vocab_size: int, device):
+        self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        self.in_prompt = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.in_prompt[torch.as_tensor(list(prompt_ids), dtype=torch.long, device=device)] = True
+
+    def append(self, token: int) -> None:
+        self.counts[token] += 1
+
+
+def apply_controls(
+    logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[TokenHistory | None]
+) -> torch.Tensor:
+    """logits [b, V] -> the logits to sample from (a new tensor; `logits` itself when no row uses a control):
+    per row, logit_bias added, then for the tokens of the prompt or generated so far the repetition penalty
+    (positive logits divided by it, negative ones multiplied), then presence_penalty x (count > 0) +
+    frequency_penalty x count subtracted (counts of generated tokens). `histories[i]`: row i's TokenHistory,
+    needed where its params use penalties. A batch where no row uses any control costs one pass over params."""
+    biased = [i for i, p in enumerate(params) if p.logit_bias]
+    penalised = [i for i, p in enumerate(params) if p.uses_penalties]
+    if not biased and not penalised:
+        return logits
+    out = logits.clone()
+    dev = logits.device
+    if biased:
+        rows, toks, vals = [], [], []
+        for i in biased:
+            rows += [i] * len(params[i].logit_bias)
+            toks += params[i].logit_bias.keys()
+            vals += params[i].logit_bias.values()
+        at = (torch.tensor(rows, device=dev), torch.tensor(toks, device=dev))
+        out.index_put_(at, torch.tensor(vals, dtype=out.dtype, device=dev), accumulate=True)
+    if penalised:
+        idx = torch.tensor(penalised, device=dev)
+        x = out[idx]  # [r, V]
+        counts = torch.stack([histories[i].counts for i in penalised])  # [r, V]
+        generated = counts > 0
+        seen = generated | torch.stack([histories[i].in_prompt for i in penalised])
+
+        def column(name):
+            return torch.tensor([getattr(params[i], name) for i in penalised], dtype=x.dtype, device=dev)[:, None]
+
+        rep = column("repetition_penalty")
+        x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+        x = x - column("frequency_penalty") * counts - column("presence_penalty") * generated
+        out[idx] = x
+    return out
 
 
 def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], generators) -> torch.Tensor:

@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from neoxray.errors import NeoxrayError
-from neoxray.model.decoding import IncrementalDetokenizer, SamplingParams, StopChecker, sample_next, seeded_generator
+from neoxray.model.decoding import (
+    IncrementalDetokenizer,
+    SamplingParams,
+    StopChecker,
+    TokenHistory,
+    apply_controls,
+    sample_next,
+    seeded_generator,
+)
 from neoxray.model.gptneox import GPTNeoX
 
 
@@ -71,6 +79,9 @@ def generate(
     if eod_id is None:
         eod_id = tokenizer.eod_id if tokenizer is not None else model.config.eos_token_id
     budget = _token_budgets(prompts, params, model.config.max_seq_len, tokenizer)
+    for p in params:
+        if any(t >= model.config.vocab_size for t in p.logit_bias):
+            raise NeoxrayError(f"logit_bias has token ids outside the vocabulary [0, {model.config.vocab_size})")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -79,6 +90,9 @@ def generate(
     logits = model(batch.ids, batch.positions, batch.prefill_mask(), cache)[:, -1].float()  # [b, V]
     cache.length = batch.width
     rows = [_Row(p, eod_id, n, tokenizer) for p, n in zip(params, budget)]
+    for row, p, prompt in zip(rows, params, prompts):
+        if p.uses_penalties:
+            row.history = TokenHistory(prompt, logits.shape[-1], device)
     _decode(model, batch, cache, logits, params, rows, max(budget))
     model.train(was_training)
     return [row.result() for row in rows]
@@ -155,10 +169,13 @@ class _Row:
         self.text: str | None = None  # set when a stop string cut the text
         self.finish: str | None = "length" if budget == 0 else None
         self.searched = 0  # characters of the text already searched for stop strings
+        self.history: TokenHistory | None = None  # with penalties: the tokens its prompt holds and it generated
 
     def take(self, token: int) -> None:
         """A sampled token: kept, then the stop rules (end of document, budget, stop strings) say whether it ends."""
         self.new.append(token)
+        if self.history is not None:
+            self.history.append(token)
         self.finish = self.checker.after_token(token, len(self.new))
         if self.checker.stops:
             text = self.detok.text(self.new)
@@ -173,13 +190,14 @@ class _Row:
 
 
 def _decode(model, batch: _LeftPadded, cache: KVCache, logits, params, rows: list[_Row], steps: int) -> None:
-    """Sample a token for every unfinished row, then feed them back (finished rows feed a dummy 0) through the
-    cache, until every row has finished or `steps` tokens were drawn."""
+    """Sample a token for every unfinished row (after its logit bias and penalties), then feed them back (finished
+    rows feed a dummy 0) through the cache, until every row has finished or `steps` tokens were drawn."""
     generators = [seeded_generator(p, batch.device) for p in params]
     last_pos = batch.positions[:, -1]
     for _ in range(steps):
         if all(row.finish for row in rows):
             break
+        logits = apply_controls(logits, params, [row.history for row in rows])
         tokens = sample_next(logits, params, generators).tolist()  # [b]
         for row, token in zip(rows, tokens):
             if not row.finish:

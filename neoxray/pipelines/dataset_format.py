@@ -2,8 +2,8 @@
 
     DIR/manifest.json            written last: a DIR without it is unfinished
     DIR/train/part-*.parquet     `input_ids`: rows of seq_len + 1 token ids (uint16 or int32); with content
-                                   prompt-completion also `loss_mask` (seq_len + 1 uint8 per row, aligned with
-                                   the ids) and `trained_labels` (int32 per row: sum of loss_mask[1:])
+                                   prompt-completion or chat also `loss_mask` (seq_len + 1 uint8 per row,
+                                   aligned with the ids) and `trained_labels` (int32 per row: sum of loss_mask[1:])
     DIR/validation/part-*.parquet
     DIR/tokenizer/               the tokenizer the data was prepared with
 
@@ -11,7 +11,8 @@ Manifest fields the reader relies on: `format` (== FORMAT), `content` (CONTENTS;
 before it existed: TEXT), `seq_len`, `row_length` (seq_len + 1), `dtype`, `splits.{train,validation}.{rows,files}`
 (each file entry: path, rows, component), `options.by_component`, `tokenizer` (sha256, vocab_size, eod_id).
 Everything else (documents, tokens, loss_tokens, trained_labels, bad_rows (dropped, by reason),
-documents_without_component (kept), components, inputs) is for people and for reruns.
+documents_without_component (kept), components, inputs; with content chat `chat_template`: the template's source,
+sha256, text and special tokens) is for people, for reruns and for export.
 """
 
 from __future__ import annotations
@@ -51,10 +52,11 @@ TRAINED_LABELS = "trained_labels"
 GLOBAL_TRAINED_LABELS = "global_trained_labels"
 """Training batch key, always present: the number of trained labels in the whole global batch the micro-batch
 belongs to (every rank and micro-batch of it), to divide the summed loss by, whatever the layout."""
-TEXT, PROMPT_COMPLETION = "text", "prompt-completion"
-CONTENTS = (TEXT, PROMPT_COMPLETION)
+TEXT, PROMPT_COMPLETION, CHAT = "text", "prompt-completion", "chat"
+CONTENTS = (TEXT, PROMPT_COMPLETION, CHAT)
 """Manifest `content`: what the rows hold. text: documents, every token trained; prompt-completion: prompt tokens
-(mask 0) followed by completion tokens and EOD (mask 1)."""
+(mask 0) followed by completion tokens and EOD (mask 1); chat: conversations rendered with a chat template
+(`chat_template` in the manifest), mask 1 on the assistant turns' tokens, their end-of-turn token included."""
 
 
 def labels_and_mask(rows: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:

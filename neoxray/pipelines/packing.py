@@ -52,7 +52,7 @@ def layout_for(seq_len: int, dtype: str) -> tuple[int, int]:
 class ChunkStreams:
     """One chunk's token streams, keyed by (split, component), as a tokenizer actor builds them: `add` appends
     a document (prompt ids, then its other ids, then EOD; the mask, when `masked`, is 0 on the prompt and 1 on the
-    rest), `write` stores them for `pack_file`."""
+    rest), `add_masked` one with its own mask, `write` stores them for `pack_file`."""
 
     def __init__(self, eod: int, dtype: str, masked: bool):
         self.eod, self.dtype, self.masked = int(eod), np.dtype(dtype), masked
@@ -71,6 +71,11 @@ class ChunkStreams:
             mask = self.masks[key]
             mask.extend([0] * len(prompt))
             mask.extend([1] * (len(ids) + 1))
+
+    def add_masked(self, key: tuple[int, str], ids: list[int], mask: list[int]) -> None:
+        """Append a document whose ids (its end included: nothing is added) and mask the caller made (chat)."""
+        self.ids.setdefault(key, []).extend(ids)
+        self.masks.setdefault(key, []).extend(mask)
 
     def write(self, path: str) -> bool:
         """Write the streams as one Arrow IPC file at `path`; False (nothing written) when there are none."""

@@ -47,7 +47,9 @@ from dataclasses import dataclass, field
 from neoxray.errors import NeoxrayError, find_user_error
 from neoxray.model.tokenizer import Tokenizer
 from neoxray.pipelines import fs
+from neoxray.pipelines.chat import resolve_template, template_spec
 from neoxray.pipelines.dataset_format import (
+    CHAT,
     CONTENTS,
     MANIFEST,
     SPLITS,
@@ -102,14 +104,18 @@ class PrepareJob:
     text_key: str = "text"
     """The JSON key of a document's text (content text only)."""
     content: str = TEXT
-    """"text" (Pile rows: `text_key`, every token trained) or "prompt-completion" (`prompt` and `completion` keys;
-    rows get a loss mask that trains only the completion and its EOD)."""
+    """"text" (Pile rows: `text_key`, every token trained), "prompt-completion" (`prompt` and `completion` keys;
+    rows get a loss mask that trains only the completion and its EOD) or "chat" (`messages`, rendered with the chat
+    template; the loss mask trains only the assistant turns, `neoxray.pipelines.chat`)."""
     by_component: bool = False
     """Pack each meta.pile_set_name apart, so that components can be selected and mixed at training time."""
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     """Characters of text per unit of tokenizer work."""
     rows_per_file: int | None = None
     """Rows per Parquet file (None: about 64 MB of ids, `packing.layout_for`; the job holds the number it chose)."""
+    chat_template: str | None = None
+    """Content chat only: a template file, a model folder or the template itself (None: the tokenizer folder's,
+    else neoxray's default). The job holds what it resolved as `chat` (`chat.template_spec`)."""
     out: str = field(init=False)
     """`output`, normalized (`fs.normalize`): where the dataset is written."""
     files: list[str] = field(init=False)
@@ -120,6 +126,9 @@ class PrepareJob:
     """The tokenizer `tokenizer` names, loaded: saved with the dataset and shipped to the tokenizer actors."""
     row_group_rows: int = field(init=False)
     """Rows per Parquet row group (`packing.layout_for`, at most `rows_per_file`)."""
+    chat: dict | None = field(init=False)
+    """Content chat: the template resolved from `chat_template` (`chat.template_spec`: source, sha256, text, special
+    tokens), shipped to the tokenizer actors and recorded in the manifest; else None."""
 
     def __post_init__(self):
         self._check_options()
@@ -129,6 +138,9 @@ class PrepareJob:
         self.files = fs.expand_inputs(self.inputs, JSONL_SUFFIXES, "input")
         self.sizes = [fs.file_size(p) for p in self.files]
         self.tok = Tokenizer.load(self.tokenizer)
+        self.chat = (
+            template_spec(resolve_template(self.chat_template, self.tokenizer)) if self.content == CHAT else None
+        )
         default_rows, self.row_group_rows = layout_for(self.seq_len, self.dtype)
         if self.rows_per_file is None:
             self.rows_per_file = default_rows
@@ -150,8 +162,11 @@ class PrepareJob:
             )
         if self.content != TEXT and self.text_key != "text":
             raise NeoxrayError(
-                f"--text-key applies to --format text only; {self.content} rows have prompt and completion keys"
+                f"--text-key applies to --format text only; {self.content} rows have "
+                + ("a messages key" if self.content == CHAT else "prompt and completion keys")
             )
+        if self.chat_template is not None and self.content != CHAT:
+            raise NeoxrayError(f"--chat-template applies to --format chat only, not {self.content}")
         if self.rows_per_file is not None and self.rows_per_file < 1:
             raise NeoxrayError(f"rows_per_file must be positive, got {self.rows_per_file}")
 
@@ -161,7 +176,8 @@ class PrepareJob:
 
     def options(self) -> dict:
         """The manifest's `options`: everything that shapes the output."""
-        hashed = "text" if self.content == TEXT else "prompt + completion"
+        hashed = {TEXT: "text", CHAT: "messages as canonical JSON"}.get(self.content, "prompt + completion")
+        chat = {"chat_template_sha256": self.chat["sha256"]} if self.chat else {}
         return {
             "seq_len": self.seq_len,
             "val_fraction": self.val_fraction,
@@ -171,6 +187,7 @@ class PrepareJob:
             "rows_per_file": self.rows_per_file,
             "row_group_rows": self.row_group_rows,
             "compression": COMPRESSION,
+            **chat,
         }
 
     def tokenizer_info(self) -> dict:
@@ -221,6 +238,8 @@ class PrepareJob:
             inputs=self.input_list(),
             options=self.options(),
         )
+        if self.chat:
+            manifest["chat_template"] = self.chat
         if manifest["splits"]["train"]["rows"] == 0:
             files = self.files
             raise NeoxrayError(
@@ -245,7 +264,7 @@ def prepare(
     """Tokenize and pack Pile-format inputs into the folder `output` (see the module docstring and docs/data.md).
 
     `options`: `PrepareJob`'s other fields (val_fraction, workers, text_key, content, by_component, chunk_bytes,
-    rows_per_file). Connects to the running Ray cluster (RAY_ADDRESS, a Ray job) or starts a local one
+    rows_per_file, chat_template). Connects to the running Ray cluster (RAY_ADDRESS, a Ray job) or starts a local one
     (`neoxray.ray_connection`). A finished `output` with the same inputs and options is left alone
     (skipped=True); with other inputs or options it is an error unless `overwrite`. Progress and the summary go
     to `log` (default: stderr)."""
@@ -433,6 +452,7 @@ def _dataset(ray, job: PrepareJob, tmp: str, workers: int):
             "by_component": job.by_component,
             "content": job.content,
             "chunk_dir": fs.join(tmp, "chunks"),
+            "chat_template": job.chat,
         },
         batch_size=1,
         batch_format="pyarrow",

@@ -19,7 +19,8 @@ from collections import Counter
 from collections.abc import Iterator
 
 from neoxray.pipelines import fs
-from neoxray.pipelines.dataset_format import TEXT, text_hash64, token_dtype, validation_threshold
+from neoxray.pipelines.chat import ChatEncoder, iter_chats
+from neoxray.pipelines.dataset_format import CHAT, TEXT, text_hash64, token_dtype, validation_threshold
 from neoxray.pipelines.packing import ChunkStreams
 from neoxray.pipelines.pile import iter_documents, iter_prompt_completions
 
@@ -35,7 +36,8 @@ def _bad_rows_type():
 
 def chunk_schema():
     """Stage 1's rows: one chunk of one input file. With content prompt-completion, `texts` holds the completions
-    and `prompts` their prompts (else `prompts` is empty). The file's bad-row counts travel with its last chunk."""
+    and `prompts` their prompts (else `prompts` is empty); with content chat, `texts` holds conversations (their
+    messages as canonical JSON, `neoxray.pipelines.chat`). The file's bad-row counts travel with its last chunk."""
     import pyarrow as pa
 
     return pa.schema(
@@ -105,6 +107,8 @@ def _file_chunks(file_idx: int, path: str, text_key: str, chunk_bytes: int, cont
 
     if content == TEXT:
         docs = ((None, text, name) for text, name in iter_documents(path, text_key, bad, unlabelled))
+    elif content == CHAT:
+        docs = ((None, text, name) for text, name in iter_chats(path, bad, unlabelled))
     else:
         docs = iter_prompt_completions(path, bad, unlabelled)
     for prompt, text, name in docs:
@@ -127,9 +131,19 @@ class Tokenize:
     """Ray Data actor: tokenizes chunks with the tokenizer the driver resolved (a `neoxray.model.tokenizer.Tokenizer`,
     shipped once per actor; its end-of-document id ends every document) and writes each chunk's token streams to
     `chunk_dir`. Documents go to train or validation by the hash of their text (`text_hash64`); with content
-    prompt-completion, prompt and completion are encoded apart, so that the loss mask's boundary is exact."""
+    prompt-completion, prompt and completion are encoded apart, so that the loss mask's boundary is exact; with
+    content chat, conversations are rendered with the chat template `chat_template` (`chat.template_spec`) and
+    masked by `chat.ChatEncoder`, which counts the ones it cannot use in the chunk's `bad`."""
 
-    def __init__(self, tokenizer, val_fraction: float, by_component: bool, content: str, chunk_dir: str):
+    def __init__(
+        self,
+        tokenizer,
+        val_fraction: float,
+        by_component: bool,
+        content: str,
+        chunk_dir: str,
+        chat_template: dict | None = None,
+    ):
         # the Rust thread pool reads this once, at its first use: one tokenizer thread per actor (it reserves a CPU)
         os.environ["RAYON_NUM_THREADS"] = "1"
         backend = tokenizer.backend
@@ -140,6 +154,7 @@ class Tokenize:
         self.by_component = by_component
         self.masked = content != TEXT
         self.chunk_dir = chunk_dir
+        self.chat = ChatEncoder(tokenizer, chat_template) if content == CHAT else None
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -147,6 +162,8 @@ class Tokenize:
         return pa.Table.from_pylist([self._chunk(row) for row in batch.to_pylist()], schema=tokenized_schema())
 
     def _chunk(self, row: dict) -> dict:
+        if self.chat is not None:
+            return self._chat_chunk(row)
         texts, comps = row["texts"], row["components"]
         encodings = self.encode(texts, add_special_tokens=False) if texts else []
         prompts = row["prompts"] if self.masked else [None] * len(texts)
@@ -167,6 +184,38 @@ class Tokenize:
         path = fs.join(self.chunk_dir, f"f{row['file_idx']:05d}-c{row['chunk_idx']:07d}.arrow")
         return {
             **{k: row[k] for k in ("file_idx", "chunk_idx", "last", "bad", "without_component")},
+            "path": path if streams.write(path) else "",
+            "text_bytes": text_bytes,
+            "streams": [
+                {"split": s, "component": c, "documents": n[0], "tokens": n[1], "loss_tokens": n[2]}
+                for (s, c), n in sorted(counts.items())
+            ],
+        }
+
+    def _chat_chunk(self, row: dict) -> dict:
+        """`_chunk` for conversations: each one's ids and mask come from the template (`ChatEncoder`); the split
+        is by the hash of its messages' canonical JSON."""
+        streams = ChunkStreams(self.eod, self.dtype, True)
+        bad = Counter({b["reason"]: b["rows"] for b in row["bad"]})
+        counts: dict[tuple[int, str], list[int]] = {}  # (split, component) -> [documents, tokens, loss tokens]
+        text_bytes = 0
+        for text, comp in zip(row["texts"], row["components"]):
+            data = text.encode("utf-8")
+            text_bytes += len(data)
+            encoded = self.chat.encode(text, bad)
+            if encoded is None:
+                continue
+            ids, mask = encoded
+            split = 1 if text_hash64(data) < self.threshold else 0
+            streams.add_masked((split, comp if self.by_component else ""), ids, mask)
+            c = counts.setdefault((split, comp), [0, 0, 0])
+            c[0] += 1
+            c[1] += len(ids)
+            c[2] += sum(mask)
+        path = fs.join(self.chunk_dir, f"f{row['file_idx']:05d}-c{row['chunk_idx']:07d}.arrow")
+        return {
+            **{k: row[k] for k in ("file_idx", "chunk_idx", "last", "without_component")},
+            "bad": [{"reason": k, "rows": n} for k, n in sorted(bad.items())],
             "path": path if streams.write(path) else "",
             "text_bytes": text_bytes,
             "streams": [

@@ -73,8 +73,8 @@ def test_prompt_completion_rows_are_parsed_and_bad_rows_counted_by_reason(tmp_pa
 
 def test_bad_format_options_are_one_line_errors(tok_file, tmp_path):
     (tmp_path / "a.jsonl").write_text(pc_line("Q:", " A"))
-    with pytest.raises(NeoxrayError, match=r"--format 'chat': unknown input format \(expected one of text, prompt-"):
-        prepare([str(tmp_path / "a.jsonl")], tok_file, 8, str(tmp_path / "o"), content="chat")
+    with pytest.raises(NeoxrayError, match=r"--format 'csv': unknown input format \(expected one of text, prompt-"):
+        prepare([str(tmp_path / "a.jsonl")], tok_file, 8, str(tmp_path / "o"), content="csv")
     with pytest.raises(NeoxrayError, match="--text-key applies to --format text only"):
         prepare(
             [str(tmp_path / "a.jsonl")], tok_file, 8, str(tmp_path / "o"), content="prompt-completion", text_key="x"
@@ -356,9 +356,9 @@ def test_cli_prepare_format_prompt_completion(ray_local, tok_file, tmp_path):
     proc = run_cli(*args, "--format", "prompt-completion", "--output", str(tmp_path / "o"), "--json", env=env)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["format"] == "prompt-completion" and summary["documents"] == 400 and summary["bad_rows"] == {}
-    bad = run_cli(*args, "--format", "chat", "--output", str(tmp_path / "p"), check=False, env=env)
+    bad = run_cli(*args, "--format", "csv", "--output", str(tmp_path / "p"), check=False, env=env)
     lines = [line for line in bad.stderr.splitlines() if line.strip()]
-    assert bad.returncode == 1 and len(lines) == 1 and "--format 'chat'" in lines[0], bad.stderr
+    assert bad.returncode == 1 and len(lines) == 1 and "--format 'csv'" in lines[0], bad.stderr
 
 
 def test_ray_dataset_carries_the_mask_of_the_labels(sample_pc):

@@ -1,12 +1,15 @@
 """From logits to what callers receive: the output side of the inference engine.
 
-For each request that gets a new token this step: the padding rows of the vocabulary are masked out, the token
-is drawn (`neoxray.model.decoding.sample_next`, each request from its own generator, so a seed reproduces
-whatever else is in the batch), its log-probability and the k most likely alternatives are taken from the fp32
-logits, and an `Output` is made: the finish reason and the cut at a stop string come from the request's
-`StopChecker`, the text from its `IncrementalDetokenizer`, and a tail that could still be the start of a stop
-string or an incomplete character is held back until the next token (`StopChecker.safe_end`). These are the
-rules `neoxray generate` uses, so both stop at exactly the same place.
+For each request that gets a new token this step: the padding rows of the vocabulary are masked out, the
+requests' logit bias and penalties are applied (`neoxray.model.decoding.apply_controls`, each row its own, from
+the tokens its `TokenHistory` counted; skipped when no request in the batch uses them), the token is drawn
+(`neoxray.model.decoding.sample_next`, each request from its own generator, so a seed reproduces whatever else
+is in the batch), its log-probability and the k most likely alternatives are taken from the fp32 logits as the
+model gave them (before bias, penalties and temperature, as vLLM's default: the model's own distribution, the
+one prompt log-probabilities and scoring report too), and an `Output` is made: the finish reason and the cut at
+a stop string come from the request's `StopChecker`, the text from its `IncrementalDetokenizer`, and a tail that
+could still be the start of a stop string or an incomplete character is held back until the next token
+(`StopChecker.safe_end`). These are the rules `neoxray generate` uses, so both stop at exactly the same place.
 
 Every token id that becomes text becomes it here, once: the generated text, and for a request that asks
 (`Request.token_text`: an OpenAI completion's log-probabilities and echo) the prompt's text, each log-probability
@@ -23,7 +26,15 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from neoxray.model.decoding import REPLACEMENT, IncrementalDetokenizer, StopChecker, sample_next, seeded_generator
+from neoxray.model.decoding import (
+    REPLACEMENT,
+    IncrementalDetokenizer,
+    StopChecker,
+    TokenHistory,
+    apply_controls,
+    sample_next,
+    seeded_generator,
+)
 from neoxray.platform.inference.request import Output, TokenLogprob
 from neoxray.platform.inference.sequence import SequenceState
 
@@ -67,7 +78,9 @@ class OutputProcessor:
         those that end now; a scoring-only request ends here without a token)."""
         if self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit :] = float("-inf")  # padding rows of the embedding never come out
-        next_ids = sample_next(logits, [s.req.sampling for s in seqs], [s.decoding.generator for s in seqs]).tolist()
+        params = [s.req.sampling for s in seqs]
+        controlled = apply_controls(logits, params, self._histories(seqs, logits))
+        next_ids = sample_next(controlled, params, [s.decoding.generator for s in seqs]).tolist()
         want_lp = [i for i, s in enumerate(seqs) if s.req.logprobs is not None]
         logp = F.log_softmax(logits[want_lp], dim=-1) if want_lp else None
         lp_row = {i: r for r, i in enumerate(want_lp)}
@@ -79,6 +92,8 @@ class OutputProcessor:
                 continue
             s.tokens.append(tok)
             s.decoding.generated.append(tok)
+            if s.decoding.history is not None:
+                s.decoding.history.append(tok)
             if i in lp_row:
                 s.decoding.pending_lp.append(self._entry(s, logp[lp_row[i]], len(s.tokens) - 1, s.decoding.text_chars))
             first = s.decoding.first_token_at is None
@@ -86,6 +101,13 @@ class OutputProcessor:
                 s.decoding.first_token_at = now
             outs.append(self._output(s, s.decoding.stop.after_token(tok, len(s.decoding.generated)), first))
         return outs
+
+    def _histories(self, seqs: list[SequenceState], logits: torch.Tensor) -> list[TokenHistory | None]:
+        """Each sequence's TokenHistory, made on its first sampled token for those whose penalties need one."""
+        for s in seqs:
+            if s.decoding.history is None and s.req.sampling.uses_penalties:
+                s.decoding.history = TokenHistory(s.req.prompt_ids, logits.shape[-1], logits.device)
+        return [s.decoding.history for s in seqs]
 
     def _output(self, s: SequenceState, reason: str | None, first: bool) -> Output:
         """The Output for the newest token of `s`: its text since the previous Output (cut at a stop string,

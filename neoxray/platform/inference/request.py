@@ -91,7 +91,8 @@ class Request:
     """New tokens at most. 0 with prompt_logprobs: only the prompt is scored; its last token is then only a
     target, never fed to the model (as transformers' scoring does), so it may be one token past the context."""
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    """temperature / top_k / top_p / seed / stop strings / stop_at_eod (its max_new_tokens is ignored)."""
+    """temperature / top_k / top_p / seed / stop strings / stop_at_eod / logit bias and penalties (its
+    max_new_tokens is ignored)."""
     logprobs: int | None = None
     """None: no log-probabilities; k >= 0: the chosen token's log-probability and the k most likely ones."""
     prompt_logprobs: bool = False
@@ -173,7 +174,8 @@ class EngineInfo:
         try:
             sp.validate()
         except NeoxrayError as e:
-            raise InvalidRequest(str(e), None) from None
+            raise InvalidRequest(str(e), getattr(e, "param", None)) from None
+        self.check_token_ids(list(sp.logit_bias), "logit_bias")
         # bounds whose violation would fail inside the engine step, taking every running request with it
         if not sp.is_greedy and sp.temperature < SAMPLING_EPS:
             raise InvalidRequest(f"temperature must be 0 (greedy) or >= {SAMPLING_EPS}", "temperature")

@@ -3,8 +3,9 @@
 - `SequenceState`: what the scheduler decides with, on the engine's driver only: the request, its KV block
   table, its tokens (prompt + generated) and how many of them are in the cache, its prefix-cache names, its
   LoRA slot.
-- `DecodingState`: what the output processor turns tokens into outputs with: the sampling generator, stop rules,
-  incremental detokenizer, log-probabilities waiting to be handed out, timings, and where outputs go (`sink`).
+- `DecodingState`: what the output processor turns tokens into outputs with: the sampling generator, the token
+  counts its penalties need, stop rules, incremental detokenizer, log-probabilities waiting to be handed out,
+  timings, and where outputs go (`sink`).
 
 And the plan between them: `Scheduler.schedule()` returns a `SchedulerOutput`: the requests admitted this step
 and a list of `ScheduledForward`s, each one `ForwardBatch` (plain data: token ids, positions, block tables,
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from neoxray.model.decoding import IncrementalDetokenizer, StopChecker
+from neoxray.model.decoding import IncrementalDetokenizer, StopChecker, TokenHistory
 from neoxray.platform.inference.request import Output, Request, TokenLogprob
 
 
@@ -31,6 +32,9 @@ class DecodingState:
     """Called on the engine thread with each Output."""
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    history: TokenHistory | None = None
+    """Counts of its generated tokens and its prompt's tokens, on the logits' device: only where its sampling
+    uses presence, frequency or repetition penalties (made at its first sampled token)."""
     stop: StopChecker | None = None
     detokenizer: IncrementalDetokenizer | None = None
     emitted_chars: int = 0  # text handed out so far
