@@ -190,12 +190,12 @@ def test_bf16_forward_is_finite_and_close_to_fp32():
 
 
 @pytest.mark.e2e
-def test_cli_model_info_json():
+def test_cli_model_info_json(cli_here):
     out = json.loads(run_cli("model", "info", "neox-20b", "--json").stdout)
     assert out["parameters"] == 20_554_567_680
     assert out["memory_bytes"]["weights_bf16"] == 2 * out["parameters"]
     assert out["memory_bytes"]["adam_states_fp32"] == 8 * out["parameters"]
-    text = run_cli("model", "info", "pythia-70m").stdout
+    text = cli_here("model", "info", "pythia-70m")
     assert "70,426,624" in text and "GiB" in text
     bad = run_cli("model", "info", "nope", check=False)
     assert bad.returncode != 0 and "unknown model preset" in bad.stderr and "Traceback" not in bad.stderr

@@ -214,7 +214,7 @@ def test_bad_input_is_a_neoxray_error():
 # the CLI
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.e2e
-def test_cli_plan_json_and_table():
+def test_cli_plan_json_and_table(cli_here):
     args = ["plan", "neox-20b", "--gpus", "96", "--gpu-memory", "40", "--gpus-per-node", "8", "--global-batch", "1536"]
     out = json.loads(run_cli(*args, "--json").stdout)
     assert set(out) >= {"model", "cluster", "training", "assumptions", "feasible", "rejected"}
@@ -232,7 +232,7 @@ def test_cli_plan_json_and_table():
     assert rejected[(24, 1, 4)].startswith("needs ")
     assert [x["step_time_s"] for x in out["feasible"]] == sorted(x["step_time_s"] for x in out["feasible"])
 
-    table = run_cli(*args).stdout
+    table = cli_here(*args)  # the command's process shown above; the table in this one
     assert "feasible layout(s), fastest first" in table and "rejected layout(s)" in table
     row = next(line.split() for line in table.splitlines() if line.split()[1:4] == ["12", "2", "4"])
     assert row[6] == "yes"  # activation checkpointing needed
@@ -524,12 +524,12 @@ def test_lora_freezes_the_base_in_the_memory_model():
         plan(model, Cluster(gpus=8, gpu_memory_gib=40), dataclasses.replace(lora, lora_targets=("mlp",)))
 
 
-def test_cli_plan_lora_rank():
+def test_cli_plan_lora_rank(cli_here):
     args = ["plan", "pythia-1.4b", "--gpus", "8", "--gpu-memory", "40", "--global-batch", "256"]
-    full = json.loads(run_cli(*args, "--json").stdout)["feasible"][0]
-    lora = json.loads(run_cli(*args, "--lora-rank", "8", "--json").stdout)["feasible"][0]
+    full = json.loads(cli_here(*args, "--json"))["feasible"][0]  # the command itself: test_cli_plan_json_and_table
+    lora = json.loads(cli_here(*args, "--lora-rank", "8", "--json"))["feasible"][0]
     assert lora["memory_bytes"] < full["memory_bytes"]
-    assert "LoRA rank 8" in run_cli(*args, "--lora-rank", "8").stdout
+    assert "LoRA rank 8" in cli_here(*args, "--lora-rank", "8")
 
 
 def test_parallel_auto_plans_a_lora_run_as_lora():

@@ -57,8 +57,8 @@ def test_layouts_train_the_same_model_as_one_process(prepared, reference, ray_lo
     # export merges the (2,2,2) shards; transformers loads it; its logits equal the single-process model's
     from transformers import GPTNeoXForCausalLM
 
-    run_cli("export", "--checkpoint", str(run_dir / "checkpoint-step-0000005"), "--out", str(tmp_path / "hf222"))
-    run_cli("export", "--checkpoint", str(reference), "--out", str(tmp_path / "hf111"))
+    cli_here("export", "--checkpoint", str(run_dir / "checkpoint-step-0000005"), "--out", str(tmp_path / "hf222"))
+    cli_here("export", "--checkpoint", str(reference), "--out", str(tmp_path / "hf111"))
     a = GPTNeoXForCausalLM.from_pretrained(tmp_path / "hf222").eval()
     b = GPTNeoXForCausalLM.from_pretrained(tmp_path / "hf111").eval()
     ids = torch.randint(0, 1024, (2, 32))
@@ -66,7 +66,7 @@ def test_layouts_train_the_same_model_as_one_process(prepared, reference, ray_lo
         assert (a(ids).logits - b(ids).logits).abs().max().item() < 1e-4
     # every command resolves --model the same way: the run directory (its newest checkpoint) is the export
     gen = ("generate", "--prompt", "def", "--max-new-tokens", "4", "--greedy", "--json")
-    out = json.loads(run_cli(*gen, "--model", str(tmp_path / "hf222")).stdout)
+    out = json.loads(cli_here(*gen, "--model", str(tmp_path / "hf222")))  # (generate's own process: test_cli.py)
     assert len(out["token_ids"]) >= 1
     assert json.loads(cli_here(*gen, "--model", run_dir)) == out
     score = ("score", "--text", "def main(", "--json")
