@@ -47,9 +47,15 @@ class CompletionRequest(_Strict):
     """Same seed and same request give the same output, whatever else the server is doing (a 64-bit integer)."""
     ignore_eos: StrictBool = False
     """Extension (as in vLLM): keep generating after the end-of-document token (for benchmarks)."""
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    """OpenAI's: minus this for every token already generated in this choice."""
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    """OpenAI's: minus this times the times a token was already generated in this choice."""
+    repetition_penalty: float = Field(1.0, gt=0.0, le=1e4)
+    """Extension (as in vLLM): tokens of the prompt or generated so far have a positive logit divided by it, a
+    negative one multiplied (1: off)."""
     logit_bias: dict[str, float] | None = None
+    """OpenAI's: token id (a string, as JSON keys are) -> a bias in [-100, 100] added to its logit."""
     suffix: str | None = None
     user: str | None = None
 
@@ -65,11 +71,11 @@ class CompletionRequest(_Strict):
 
     @model_validator(mode="after")
     def _unsupported(self):
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0.0:
-                raise ValueError(f"{name}: only 0 is supported")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias: {key!r} is not a token id")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias: the bias of token {key} must be in [-100, 100], got {bias:g}")
         if self.suffix is not None:
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
@@ -79,6 +85,11 @@ class CompletionRequest(_Strict):
     @property
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    @property
+    def token_bias(self) -> dict[int, float]:
+        """`logit_bias` with integer token ids."""
+        return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
 
 
 class EmbeddingRequest(_Strict):

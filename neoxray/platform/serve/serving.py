@@ -223,6 +223,10 @@ class OpenAIServing(LoRAServing):
                 seed=None if body.seed is None else body.seed + j,
                 stop=body.stops,
                 stop_at_eod=not body.ignore_eos,
+                logit_bias=body.token_bias,
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty,
             )
             reqs.append(
                 Request(

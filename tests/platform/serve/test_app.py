@@ -215,3 +215,35 @@ def test_grafana_serving_dashboard_plots_every_serve_metric():
             used.add(base)
     assert used == set(METRICS), set(METRICS) - used
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+
+
+def test_sampling_controls_through_the_api(model_tok):
+    """OpenAI's `logit_bias`, `presence_penalty`, `frequency_penalty` and vLLM's `repetition_penalty` reach the
+    engine's sampler from a real client: a +100 bias forces its token, a frequency penalty wears the forced token
+    down, and out-of-range values are 400s naming the field."""
+    import openai
+
+    engine = InferenceEngine(*model_tok).start()
+    srv = Server(engine)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+        base = dict(model=engine.model_name, prompt="x", max_tokens=6, temperature=0)
+        forced = client.completions.create(**base, logit_bias={"42": 100})
+        assert forced.choices[0].text == engine.tokenizer.decode([42] * 6)
+        # each time token 42 comes again it loses 2 more: the +100 bias forces it only until the penalty outweighs it
+        long = {**base, "max_tokens": 60, "logit_bias": {"42": 100}}
+        ids = engine.tokenizer.encode(client.completions.create(**long, frequency_penalty=2.0).choices[0].text)
+        assert ids[:8] == [42] * 8 and set(ids) != {42}
+        r = client.completions.create(**base, presence_penalty=0.5, extra_body={"repetition_penalty": 1.2})
+        assert r.choices[0].finish_reason == "length"
+        bad_values = (
+            ({"frequency_penalty": 2.5}, "frequency_penalty"),
+            ({"logit_bias": {"7": 101}}, "logit_bias"),
+            ({"repetition_penalty": 0}, "repetition_penalty"),
+        )
+        for bad, field in bad_values:
+            r = requests.post(srv.url + "/v1/completions", json={**base, **bad}, timeout=60)
+            assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+    finally:
+        srv.close()
+        engine.stop(timeout=10)
