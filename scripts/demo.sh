@@ -116,7 +116,7 @@ LoRA run          $RUN/lora  (adapter-only checkpoints); peft adapter $RUN/adapt
                   (peft.PeftModel.from_pretrained(base, "$RUN/adapter"); docs/finetuning.md)
 endpoint          $URL/v1 served both, "model": "demo" and "model": "sft" (log: $RUN/serve.log); $URL2/v1
                   the same model over 2 tensor-parallel workers with int8 weights (log: $RUN/serve-tp2-int8.log);
-                  \`neoxray plan --serve --preset neox-20b --gpu-memory 80\` says what fits where; serve them
+                  \`neoxray plan neox-20b --serve --gpu-memory 80 --max-num-seqs 8\` says what fits where; serve them
                   again with 'neoxray serve --model $RUN/model --lora sft=$RUN/adapter' and point any OpenAI
                   client at that URL
 MSG
