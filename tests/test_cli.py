@@ -27,6 +27,21 @@ def assert_clean_error(proc, *needles):
         assert n in lines[0], lines[0]
 
 
+def in_process(*args):
+    """`neoxray ARGS` run by the CLI's own `main` in this process -> (returncode, stderr) as a process has them:
+    the same code path that turns a NeoxrayError into one line, without an interpreter start per refusal."""
+    import contextlib
+    import io
+    import types
+
+    from neoxray.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return types.SimpleNamespace(returncode=code, stderr=err.getvalue())
+
+
 def test_generate_json_greedy_matches_transformers(tiny_model_dir):
     prompt = "The Python language"
     out = json.loads(
@@ -91,20 +106,19 @@ def test_cli_errors_are_one_line(tmp_path, tiny_model_dir):
     assert_clean_error(
         run_cli("generate", "--model", str(tmp_path / "missing"), "--prompt", "x", check=False), "not found", "missing"
     )
+    # the first refusal above in a fresh process, as a user meets it; the others through the same `main` here
     other = tmp_path / "bert"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    assert_clean_error(run_cli("generate", "--model", str(other), "--prompt", "x", check=False), "not a GPT-NeoX")
+    assert_clean_error(in_process("generate", "--model", other, "--prompt", "x"), "not a GPT-NeoX")
     notok = tmp_path / "notok"
     notok.mkdir()
     for f in ("config.json", "model.safetensors"):
         (notok / f).write_bytes((tiny_model_dir / f).read_bytes())
-    assert_clean_error(run_cli("score", "--model", str(notok), "--text", "x", check=False), "tokenizer")
+    assert_clean_error(in_process("score", "--model", notok, "--text", "x"), "tokenizer")
     long_prompt = "word " * 200  # the tiny model's context is 64 tokens
-    assert_clean_error(
-        run_cli("generate", "--model", str(tiny_model_dir), "--prompt", long_prompt, check=False), "context"
-    )
-    assert_clean_error(run_cli("score", "--model", str(tiny_model_dir), "--text", long_prompt, check=False), "context")
+    assert_clean_error(in_process("generate", "--model", tiny_model_dir, "--prompt", long_prompt), "context")
+    assert_clean_error(in_process("score", "--model", tiny_model_dir, "--text", long_prompt), "context")
 
 
 def test_tokenizer_train_then_model_init_then_generate(tmp_path):

@@ -128,9 +128,9 @@ def test_n_seed_and_prompt_lists(server):
     assert by_ids.choices[0].text == by_text.choices[0].text
 
 
-def test_echo_logprobs_equal_neoxray_score(server, serve_model_dir):
+def test_echo_logprobs_equal_neoxray_score(server, serve_model_dir, cli_here):
     text = PROMPTS[2] + " and its licence"
-    want = json.loads(run_cli("score", "--model", str(serve_model_dir), "--text", text, "--json").stdout)
+    want = json.loads(cli_here("score", "--model", str(serve_model_dir), "--text", text, "--json"))
     r = post(
         server,
         "/v1/completions",

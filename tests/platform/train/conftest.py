@@ -38,10 +38,11 @@ BASE = [
     "eval.batches=1",
 ]
 # the layouts test_train.py's test_layouts_train_the_same_model_as_one_process runs on Ray Train and compares
-# with `reference` (one process, BASE); the other Ray Train runs of BASE are compared with it too: (1, 1, 1) in
-# test_evaluation.py, (2, 1, 1) in the SIGKILL test, (2, 1, 2) and a re-layout to (1, 2, 1) in
-# test_object_storage.py
-LAYOUTS = [(1, 2, 1), (2, 2, 2)]
+# with `reference` (one process, BASE): all three axes at once; the other Ray Train runs of BASE are compared
+# with it too: (1, 1, 1) in test_evaluation.py, (2, 1, 1) in the SIGKILL test, (2, 1, 2) and a re-layout to
+# (1, 2, 1) (tensor parallel alone) in test_object_storage.py; tensor parallelism alone in gloo worlds against
+# one process: tests/model/test_tensor_parallel.py
+LAYOUTS = [(2, 2, 2)]
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from tests.platform.train.conftest import copy_of, flip_a_byte, losses, one_error_line, records, train, tree
+from tests.platform.train.conftest import cfg_for, copy_of, flip_a_byte, losses, one_error_line, records, train, tree
 
 pytestmark = pytest.mark.e2e  # training runs in real processes (the prepared data needs the session's cluster)
 
@@ -22,7 +22,9 @@ def checkpoints(run: Path) -> list[str]:
     return sorted(p.name for p in run.glob("checkpoint-step-*"))
 
 
-def test_a_diverged_update_is_never_kept_and_the_last_good_checkpoint_survives_rotation(prepared, base_run, tmp_path):
+def test_a_diverged_update_is_never_kept_and_the_last_good_checkpoint_survives_rotation(
+    prepared, base_run, tmp_path, cli_here
+):
     """Continue a good run with lr 1e6 (constant) and keep=1: step 5's loss is finite (the good weights), its
     update makes the weights huge. Before: the step-5 checkpoint was written, rotation deleted step 4, the run
     exited 0 and export accepted weights whose every logit is NaN."""
@@ -37,16 +39,15 @@ def test_a_diverged_update_is_never_kept_and_the_last_good_checkpoint_survives_r
     diverged = run / "diverged-checkpoint-step-0000005"
     assert (diverged / "meta.json").exists()  # set aside, not deleted
 
-    # export, score and serving's engine refuse the diverged weights, naming the probe
+    # export, and the loading of generate, score, eval and serving, refuse the diverged weights, naming the probe
     proc = run_cli("export", "--checkpoint", str(diverged), "--out", str(tmp_path / "hf"), check=False)
     one_error_line(proc, "probe batch", "non-finite")
     assert not (tmp_path / "hf").exists()
-    one_error_line(run_cli("score", "--model", str(diverged), "--text", "def main(", check=False), "probe batch")
     with pytest.raises(NeoxrayError, match="probe batch"):
-        InferenceEngine.from_path(diverged, device="cpu")
+        InferenceEngine.from_path(diverged, device="cpu")  # `load_for_inference`, which every command uses
 
     # the run directory is its last good checkpoint: it exports, and the run resumes from it
-    run_cli("export", "--checkpoint", str(run), "--out", str(tmp_path / "good"))
+    cli_here("export", "--checkpoint", str(run), "--out", str(tmp_path / "good"))
     train(prepared, run, "train.steps=6")
     assert [r["step"] for r in records(run) if r.get("event") == "resumed"][-1] == 4
     assert checkpoints(run)[-2:] == ["checkpoint-step-0000004", "checkpoint-step-0000006"]
@@ -77,15 +78,14 @@ def test_every_read_path_checks_the_files_it_uses_against_meta_json(prepared, ba
     tokenizer.json silently, and a LoRA run found a damaged base only inside its workers."""
     from neoxray.errors import NeoxrayError
     from neoxray.platform.inference.engine import InferenceEngine
+    from neoxray.platform.train.preflight import plan_run
 
     ckpt = copy_of(base_run, tmp_path) / "checkpoint-step-0000004"
     swap_two_token_ids(ckpt / "tokenizer.json")
-    for args in (
-        ["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")],
-        ["score", "--model", str(ckpt), "--text", "the end"],
-        ["generate", "--model", str(ckpt), "--prompt", "the", "--max-new-tokens", "2"],
-    ):
-        one_error_line(run_cli(*args, check=False), "tokenizer.json", "checksum")
+    # a fresh process shows the refusal as a user sees it; generate, score, eval and serving load through the
+    # same `load_for_inference` as the engine below
+    args = ["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]
+    one_error_line(run_cli(*args, check=False), "tokenizer.json", "checksum")
     assert not (tmp_path / "hf").exists()
     with pytest.raises(NeoxrayError, match="tokenizer.json"):
         InferenceEngine.from_path(ckpt, device="cpu")
@@ -96,14 +96,15 @@ def test_every_read_path_checks_the_files_it_uses_against_meta_json(prepared, ba
     base = copy_of(base_run, tmp_path / "b") / "checkpoint-step-0000004"
     shard = next(base.glob("shard-*.safetensors"))
     flip_a_byte(shard)
-    lora = ["train.steps=1", "lora.rank=4", f"model.init_from={base}"]
-    one_error_line(train(prepared, tmp_path / "lora", *lora, check=False), "model.init_from", shard.name)
-    one_error_line(
-        train(prepared, tmp_path / "cont", "train.steps=5", f"checkpoint.load_from={base}", check=False),
-        "checkpoint.load_from",
-        shard.name,
-    )
-    assert not (tmp_path / "lora").exists() and not (tmp_path / "cont").exists()
+    for key, extra in (
+        ("model.init_from", ["train.steps=1", "lora.rank=4", f"model.init_from={base}"]),
+        ("checkpoint.load_from", ["train.steps=5", f"checkpoint.load_from={base}"]),
+    ):  # the driver's plan (the same on Ray and without), in this process
+        run = tmp_path / key.split(".")[0]
+        with pytest.raises(NeoxrayError, match=rf"{key}.*{shard.name}|{shard.name}.*{key}") as e:
+            plan_run(cfg_for(prepared, run.name, extra=extra), str(run), lambda line: None)
+        assert "\n" not in str(e.value) and not run.exists()
+    assert not (tmp_path / "lora").exists()
 
 
 def test_a_run_whose_checkpoints_are_all_damaged_is_refused_touching_nothing_unless_told_to_start_over(

@@ -1,5 +1,5 @@
 """Training on a real local Ray cluster: each (dp, tp, pp) layout computes the same training as one process
-(here tensor parallel alone and all three axes; the others where conftest.LAYOUTS says), checkpoints resume
+(here all three axes at once; the others where conftest.LAYOUTS says), checkpoints resume
 exactly (same run, another layout, after a worker is SIGKILLed), fine-tuning from a
 Hugging Face directory starts at transformers' loss, and export merges the shards into a transformers model."""
 
