@@ -30,16 +30,21 @@ class OfflineOptions:
         return self.tensor_parallel_size > 1 or self.quantization is not None
 
 
-def offline_engine(model: str, options: OfflineOptions):
-    """(engine, the adapter name requests use or None): the model as `options` say, its adapter loaded."""
+def offline_engine(model: str, options: OfflineOptions, config=None):
+    """(engine, the adapter name requests use or None): the model as `options` say, its adapter loaded into
+    the engine's one slot. `config`: the engine's EngineConfig (default: one sequence at a time)."""
+    import dataclasses
+
     from neoxray.model.peft_format import read_adapter_config, read_peft_adapter
     from neoxray.platform.inference.engine import InferenceEngine
     from neoxray.platform.inference.request import EngineConfig
     from neoxray.platform.model_cache import local_adapter
 
+    config = config or EngineConfig(max_num_seqs=1)
     lora = None if options.lora is None else local_adapter(options.lora, "--lora")
-    rank = 16 if lora is None else max(16, int(read_adapter_config(lora)["r"]))
-    config = EngineConfig(max_num_seqs=1, max_loras=int(lora is not None), max_lora_rank=rank)
+    if lora is not None:
+        rank = max(16, int(read_adapter_config(lora)["r"]))
+        config = dataclasses.replace(config, max_loras=1, max_lora_rank=rank)
     engine = InferenceEngine.from_path(
         model,
         device=options.device,
@@ -48,9 +53,10 @@ def offline_engine(model: str, options: OfflineOptions):
         tensor_parallel_size=options.tensor_parallel_size,
         quantization=options.quantization,
     )
-    if lora is not None:
-        engine.add_lora("lora", read_peft_adapter(lora, engine.model_config, "lora"), str(options.lora))
-    return engine, None if lora is None else "lora"
+    if lora is None:
+        return engine, None
+    engine.add_lora("lora", read_peft_adapter(lora, engine.model_config, "lora"), str(options.lora))
+    return engine, "lora"
 
 
 def _ids(tok, text: str, what: str) -> list[int]:

@@ -97,33 +97,6 @@ class EngineOptions:
     """Weight-only quantization of the model's linears."""
 
 
-def _split_engine(model_path: str, options: EngineOptions, config, dtype):
-    """An engine over tensor-parallel workers or a quantized model, `options.lora` in its one adapter slot ->
-    (engine, the adapter's name or None)."""
-    import dataclasses
-
-    from neoxray.model.peft_format import read_adapter_config, read_peft_adapter
-    from neoxray.platform.inference.engine import InferenceEngine
-    from neoxray.platform.model_cache import local_adapter
-
-    lora = None if options.lora is None else local_adapter(options.lora, "--lora")
-    if lora is not None:
-        rank = max(16, int(read_adapter_config(lora)["r"]))
-        config = dataclasses.replace(config, max_loras=1, max_lora_rank=rank)
-    engine = InferenceEngine.from_path(
-        model_path,
-        device=options.device,
-        dtype=dtype,
-        config=config,
-        tensor_parallel_size=options.tensor_parallel_size,
-        quantization=options.quantization,
-    )
-    if lora is None:
-        return engine, None
-    engine.add_lora("lora", read_peft_adapter(lora, engine.model_config, "lora"), str(options.lora))
-    return engine, "lora"
-
-
 def default_prefill_chunk(window: int) -> int:
     """Evaluation wants throughput, not the first token soon: prefill at least one whole scoring window, and
     never fewer than 2048 prompt tokens, per engine step (bigger matrix products; serving's default is 512)."""
@@ -183,7 +156,12 @@ class EngineRunner:
         self.lora = None
         """The adapter name requests use (an adapter in a slot: split or quantized models)."""
         if split:
-            self.engine, self.lora = _split_engine(model_path, options, config, dtype)
+            from neoxray.platform.offline import OfflineOptions, offline_engine
+
+            split_options = OfflineOptions(
+                options.device, dtype, options.tensor_parallel_size, options.quantization, options.lora
+            )
+            self.engine, self.lora = offline_engine(model_path, split_options, config)
         else:
             self.engine = InferenceEngine(model, tokenizer, config, model_name=name)
         self._info = ModelInfo(

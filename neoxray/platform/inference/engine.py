@@ -62,8 +62,8 @@ class InferenceEngine:
         executor: Executor | None = None,
         quantization: str | None = None,
     ):
-        """`model`: the whole model, run in this process; or `executor`: what runs it (tensor-parallel workers,
-        whose rank 0 holds its shard here), with `model` None. `quantization`: the scheme the weights were
+        """`model`: the whole model, run in this process; or `executor`: what runs it (tensor-parallel workers;
+        this process then holds no weights), with `model` None. `quantization`: the scheme the weights were
         quantized with (reported only)."""
         self.tokenizer = tokenizer
         self.config = c = (config or EngineConfig()).validate()
@@ -80,8 +80,7 @@ class InferenceEngine:
         self.model_config = executor.model_config
         self.max_seq_len = self.model_config.max_seq_len
         self.device, self.dtype = executor.device, executor.dtype
-        self.core = EngineCore(executor, tokenizer, c, executor.num_blocks)
-        self.quantization = quantization
+        self.core = EngineCore(executor, tokenizer, c)
         self._layout = {"quantization": quantization, **executor.describe()}
         self.scheduler = self.core.scheduler
         self.adapters = self.core.adapters

@@ -30,11 +30,11 @@ from neoxray.platform.inference.sequence import SequenceState
 class EngineCore:
     """The scheduler, executor, output processor and adapters of one engine."""
 
-    def __init__(self, executor: Executor, tokenizer, config: EngineConfig, num_blocks: int):
+    def __init__(self, executor: Executor, tokenizer, config: EngineConfig):
         cfg = executor.model_config
         self.config = config
         self.executor = executor
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.blocks = BlockManager(executor.num_blocks, config.block_size)
         self.scheduler = Scheduler(config, self.blocks)
         self.adapters = AdapterSlots(executor, config.max_loras, config.max_lora_rank)
         self.output_processor = OutputProcessor(

@@ -150,7 +150,7 @@ class Scheduler:
             batch = ForwardBatch(
                 tokens=[[s.tokens[s.computed]] for s in decoding],  # each feeds its newest token
                 starts=[s.computed for s in decoding],
-                block_tables=[list(s.blocks) for s in decoding],
+                block_tables=[s.blocks for s in decoding],
                 lora_slots=[s.lora_slot for s in decoding],
                 sample=list(range(len(decoding))),
             )
@@ -161,7 +161,7 @@ class Scheduler:
         batch = ForwardBatch(
             tokens=[s.tokens[start : start + n] for s, start, n in rows],
             starts=[start for _, start, _ in rows],
-            block_tables=[list(s.blocks) for s, _, _ in rows],
+            block_tables=[s.blocks for s, _, _ in rows],
             lora_slots=[s.lora_slot for s, _, _ in rows],
         )
         for i, (s, start, n) in enumerate(rows):

@@ -48,7 +48,8 @@ class WorkerSpec:
     """What every worker needs to build its shard (plain data: it travels to processes and Ray actors)."""
 
     model: str
-    """What `--model` named, resolved to a local path (every worker reads the same files)."""
+    """What `--model` named: a local path every worker reads, or a URI each worker's node reads through its
+    model cache."""
     tp_size: int
     device: str  # cpu | cuda
     dtype: str  # torch dtype name, e.g. float32
@@ -104,6 +105,13 @@ class Worker:
             out = ForwardResult(None if out.logits is None else out.logits.cpu(), [t.cpu() for t in out.score_logprobs])
         return out
 
+    def reply(self, cmd: str, arg: tuple) -> tuple:
+        """("ok", `call`'s result) or ("error", the exception, picklable): what goes back to the driver."""
+        try:
+            return ("ok", self.call(cmd, arg))
+        except BaseException as e:
+            return ("error", portable_error(e))
+
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -125,10 +133,7 @@ def worker_main(spec: WorkerSpec, rank: int, local_device: str | None, conn) -> 
             break
         if cmd == "stop":
             break
-        try:
-            conn.send(("ok", worker.call(cmd, arg)))
-        except BaseException as e:
-            conn.send(("error", portable_error(e)))
+        conn.send(worker.reply(cmd, arg))
     worker.close()
 
 

@@ -51,10 +51,7 @@ class TPWorkerActor:
             if self.worker is not None:
                 self.worker.close()
             return ("ok", None)
-        try:
-            return ("ok", self.worker.call(cmd, arg))
-        except BaseException as e:
-            return ("error", portable_error(e))
+        return self.worker.reply(cmd, arg)
 
 
 def check_placement(bundles: list[dict], strategy: str, nodes: list[dict]) -> None:
