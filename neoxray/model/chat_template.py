@@ -279,11 +279,14 @@ def default_chat_template() -> ChatTemplate:
 
 def resolve_chat_template(spec: str | os.PathLike | None, model_dir: str | os.PathLike | None = None):
     """The template to use (a ChatTemplate, or None): `spec` (what `--chat-template` passes: a template file, a
-    model directory, or the template itself as a string with `{{` or `{%`), else the one `model_dir` ships."""
+    model directory, the template itself as a string with `{{` or `{%`, or `default`: neoxray's own), else the
+    one `model_dir` ships."""
     if spec is None:
         return load_chat_template(model_dir) if model_dir is not None else None
     text = os.fspath(spec)
     path = Path(text).expanduser()
+    if text == "default" and not path.exists():  # neoxray's own, by name
+        return default_chat_template()
     if "{{" not in text and "{%" not in text:
         if path.is_dir():
             found = load_chat_template(path)

@@ -100,7 +100,7 @@ class ParkingModel:
         self.marks = Path(marks)
 
     def describe(self):
-        return self._info, self.tokenizer
+        return self._info, self.tokenizer, None  # no chat template
 
     async def generate(self, requests):
         from neoxray.platform.inference.request import Output

@@ -62,7 +62,9 @@ class NeoxrayModel(LocalEngineClient):
 
             launcher = RayActorLauncher(self.args.num_gpus, self.args.worker_num_cpus)
         engine = self.args.build_engine(launcher).start()
-        super().__init__(engine, RayServeMetrics(engine.model_name), self.args.allowed_lora_path)
+        super().__init__(
+            engine, RayServeMetrics(engine.model_name), self.args.allowed_lora_path, self.args.model_chat_template()
+        )
         self._stop_stats = self.report_stats(stats_period_s)
 
     def check_health(self) -> None:
@@ -95,7 +97,7 @@ class ServeEngineClient(EngineClient):
         async with self._lock:
             if self.info is None:
                 try:
-                    self.info, self.tokenizer = await self.handle.describe.remote()
+                    self.info, self.tokenizer, self.chat_template = await self.handle.describe.remote()
                 except Exception as e:
                     raise _translate(e) from None
 
@@ -210,7 +212,10 @@ def build_app(args: ServeArgs) -> serve.Application:
     for name, lora_dir in args.loras.items():
         read_adapter_config(local_adapter(lora_dir, f"--lora {name}="))  # a bad adapter fails here, naming it
         loras[name] = lora_dir if is_uri(lora_dir) else str(Path(lora_dir).expanduser().resolve())
-    args = args.model_copy(update={"model": model_path, "loras": loras})
+    chat = args.server_chat_template()  # a bad template fails here, naming it; replicas get its text
+    args = args.model_copy(
+        update={"model": model_path, "loras": loras, "chat_template": chat.text if chat is not None else None}
+    )
     model = dict(
         ray_actor_options={"num_gpus": args.num_gpus, "num_cpus": args.num_cpus, **replica_env()},
         max_ongoing_requests=args.max_ongoing_requests,

@@ -103,6 +103,11 @@ class ServeArgs(BaseModel):
     """The directory runtime adapter loads (POST /v1/load_lora_adapter) may read from: a `lora_path` must lie
     under it once `..` and symbolic links are resolved (a relative one is taken from it), or the load is refused
     with 403; None: runtime loads are refused. As vLLM's `--allowed-local-media-path`, for adapters."""
+    chat_template: str | None = None
+    """The chat template of /v1/chat/completions, for the base model and every adapter (`--chat-template`): a
+    Jinja template file, a model directory that ships one, the template itself (text with `{{` or `{%`), or
+    `default` (neoxray's plain `Role: content<|endoftext|>` turns, for base GPT-NeoX models). None: each model's
+    own (an adapter's directory's, else the base model's); a model with none answers chat requests with a 400."""
     allow_unauthenticated_lora_updates: bool = False
     """Leave POST /v1/load_lora_adapter and /v1/unload_lora_adapter open without an API key. Off: without a key
     they answer 403, since anyone who reaches the port could otherwise unload adapters."""
@@ -215,6 +220,19 @@ class ServeArgs(BaseModel):
             max_lora_rank=lora_rank or self.max_lora_rank or 16,
         )
 
+    def server_chat_template(self):
+        """`chat_template` compiled (a ChatTemplate; None: the models' own). A NeoxrayError names a bad one."""
+        from neoxray.model.chat_template import resolve_chat_template
+
+        return resolve_chat_template(self.chat_template) if self.chat_template is not None else None
+
+    def model_chat_template(self) -> dict | None:
+        """The base model's own chat template as plain data (`template_payload`; None: it has none), read where the
+        model is (a model replica; `neoxray serve --no-ray`)."""
+        from neoxray.platform.model_loading import model_chat_template
+
+        return template_payload(model_chat_template(self.model))
+
     def limits(self) -> L.ServingLimits:
         return L.ServingLimits(
             max_request_bytes=self.max_request_bytes,
@@ -313,3 +331,10 @@ class ServeArgs(BaseModel):
             flush=True,
         )
         return engine
+
+
+def template_payload(template) -> dict | None:
+    """A ChatTemplate as plain data that crosses process boundaries (the ingress compiles it again)."""
+    if template is None:
+        return None
+    return {"text": template.text, "source": template.source, "special_tokens": dict(template.special_tokens)}

@@ -1,10 +1,11 @@
-"""Engine clients: how the serving layer (`neoxray.platform.serve.serving`) reaches an inference engine, wherever
+"""Engine clients: how the serving layer (`neoxray.platform.serve.context`) reaches an inference engine, wherever
 it runs. `LocalEngineClient` drives an engine in this process (`neoxray serve --no-ray`, the tests, and each model
 replica of the Ray Serve application, which is one); the Serve application's ingress uses
 `neoxray.platform.serve.app.ServeEngineClient`, which makes the same calls on a model replica through a Serve
 DeploymentHandle. Both answer these seven calls:
 
-- `ready()`: the engine's `EngineInfo` and tokenizer are known (`info`, `tokenizer`);
+- `ready()`: the engine's `EngineInfo`, tokenizer and the base model's chat template are known (`info`,
+  `tokenizer`, `chat_template`: {text, source, special_tokens}, or None);
 - `generate(requests)`: submit the choices of one HTTP request as one group (the engine checks each: an
   `InvalidRequest` naming the field) and yield, as they come, lists of (choice index, Output): whatever the
   engine has ready together goes in one list, consecutive Outputs of one choice merged (`merge_ready`, here
@@ -13,7 +14,8 @@ DeploymentHandle. Both answer these seven calls:
 - `embed(token_lists, lora)`: embeddings, one input per engine call, so running requests keep decoding between
   them;
 - `stats()`: the engine's counters (EngineDead when its thread has stopped);
-- `loras()`, `load_lora(name, path)`, `unload_lora(name)`: the LoRA adapters the engine holds, and changing
+- `loras()`, `load_lora(name, path)`, `unload_lora(name)`: the LoRA adapters the engine holds (each with the chat
+  template its directory ships, or None), and changing
   them between engine steps (`neoxray.platform.inference.adapters`). A runtime load reads the adapter where the
   engine runs, only from under `allowed_lora_path` (`allowed_adapter_dir`: `NotAllowed` otherwise), with
   `neoxray.model.peft_format.read_peft_adapter`.
@@ -92,6 +94,19 @@ def read_adapter(path, engine, name: str):
         raise InvalidRequest(str(e), "lora_path") from None
 
 
+def adapter_chat_template(source: str) -> dict | None:
+    """The chat template an adapter's directory ships (as `neoxray export` writes it), as plain data; None when
+    it ships none; {"error": why} when it ships one that cannot be read (chat requests to it are refused)."""
+    from neoxray.model.chat_template import load_chat_template
+    from neoxray.platform.model_cache import local_adapter
+    from neoxray.platform.serve.args import template_payload
+
+    try:
+        return template_payload(load_chat_template(local_adapter(source)))
+    except (NeoxrayError, OSError) as e:
+        return {"error": f"LoRA adapter {source}: {e}"}
+
+
 class ServeObserver:
     """Hooks for metrics (`neoxray.platform.serve.metrics.RayServeMetrics` records them as Ray metrics); called
     where the engine runs."""
@@ -122,6 +137,8 @@ class EngineClient:
 
     info: EngineInfo
     tokenizer: object
+    chat_template: dict | None = None
+    """The base model's chat template as plain data ({text, source, special_tokens}); None: it has none."""
 
     async def ready(self) -> None:
         raise NotImplementedError
@@ -136,7 +153,7 @@ class EngineClient:
         raise NotImplementedError
 
     async def loras(self) -> list[dict]:
-        """[{name, source, slot, requests}] of each loaded adapter."""
+        """[{name, source, slot, requests, chat_template}] of each loaded adapter."""
         raise NotImplementedError
 
     async def load_lora(self, name: str, path: str) -> list[str]:
@@ -152,11 +169,19 @@ class LocalEngineClient(EngineClient):
     once `report_stats` runs, its stats) to `observer`. Each model replica of the Serve application is one
     (`neoxray.platform.serve.app.NeoxrayModel`); runtime adapter loads read only under `allowed_lora_path`."""
 
-    def __init__(self, engine, observer: ServeObserver | None = None, allowed_lora_path: str | None = None):
+    def __init__(
+        self,
+        engine,
+        observer: ServeObserver | None = None,
+        allowed_lora_path: str | None = None,
+        chat_template: dict | None = None,
+    ):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.observer = observer or ServeObserver()
         self.allowed_lora_path = allowed_lora_path
+        self.chat_template = chat_template
+        self._adapter_templates: dict[tuple[str, str], dict | None] = {}
 
     @property
     def info(self) -> EngineInfo:
@@ -165,10 +190,10 @@ class LocalEngineClient(EngineClient):
     async def ready(self) -> None:
         return None
 
-    def describe(self) -> tuple[EngineInfo, object]:
-        """What a client in another process needs to check and tokenize requests: the engine's bounds and its
-        tokenizer (`neoxray.platform.serve.app.ServeEngineClient.ready`)."""
-        return self.engine.info, self.engine.tokenizer
+    def describe(self) -> tuple[EngineInfo, object, dict | None]:
+        """What a client in another process needs to check, tokenize and render requests: the engine's bounds,
+        its tokenizer and the base model's chat template (`neoxray.platform.serve.app.ServeEngineClient.ready`)."""
+        return self.engine.info, self.engine.tokenizer, self.chat_template
 
     def report_stats(self, period_s: float) -> threading.Event:
         """Hand the engine's stats to the observer every `period_s` on a thread of its own, until the returned
@@ -208,7 +233,14 @@ class LocalEngineClient(EngineClient):
             raise EngineDead(f"the inference engine is not running ({self.engine.error!r})")
 
     async def loras(self) -> list[dict]:
-        return self.engine.loras()
+        cards = self.engine.loras()
+        for card in cards:
+            key = (card["name"], card["source"])
+            if key not in self._adapter_templates:
+                self._adapter_templates[key] = await asyncio.get_running_loop().run_in_executor(
+                    None, adapter_chat_template, card["source"]
+                )
+        return [{**card, "chat_template": self._adapter_templates[(card["name"], card["source"])]} for card in cards]
 
     async def load_lora(self, name: str, path: str) -> list[str]:
         engine = self.engine

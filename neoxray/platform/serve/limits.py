@@ -2,9 +2,9 @@
 or its whole batch: the bounds (`ServingLimits`, set from `neoxray.platform.serve.args.ServeArgs`) and the
 longest prompt text that can still fit the context (`prompt_char_bound`), checked before a prompt is tokenized.
 
-Where each is enforced: the body size while the body is read (413, `neoxray.platform.serve.api`), the others
-by `neoxray.platform.serve.serving` before anything reaches the engine (400 naming the field); how many of one
-request's sequences run at once is the engine's `max_running_per_group`.
+Where each is enforced: the body size while the body is read (413, `neoxray.platform.serve.body`), the others
+by the serving layer (`neoxray.platform.serve.context`) before anything reaches the engine (400 naming the
+field); how many of one request's sequences run at once is the engine's `max_running_per_group`.
 """
 
 from __future__ import annotations

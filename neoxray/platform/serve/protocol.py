@@ -22,26 +22,65 @@ class StreamOptions(_Strict):
     """Send a last chunk with token usage before `data: [DONE]`."""
 
 
-class CompletionRequest(_Strict):
-    """POST /v1/completions."""
+class JsonSchema(_Strict):
+    """response_format's `json_schema`: a named JSON schema."""
 
-    prompt: Prompt
-    """A string, a list of strings, token ids, or a list of token-id lists."""
+    name: str = Field("response", min_length=1, max_length=64)
+    schema_: dict = Field(alias="schema")
+    """The JSON schema the answer must validate against."""
+    strict: StrictBool | None = None
+    """Accepted as OpenAI's: the answer always follows the schema here."""
+    description: str | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's `response_format`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with type 'json_schema', and only then")
+        return self
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs`: exactly one of its constraints."""
+
+    json_: dict | str | None = Field(None, alias="json")
+    """A JSON schema (an object, or its JSON text)."""
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1, max_length=1024)
+    json_object: StrictBool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("json_", "regex", "choice", "json_object") if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, json_object")
+        if self.choice is not None and any(not c for c in self.choice):
+            raise ValueError("choice: the choices must not be empty")
+        return self
+
+
+class SamplingRequest(_Strict):
+    """The fields both completion routes share: how tokens are chosen, when to stop, what to stream."""
+
     model: str | None = None
-    max_tokens: StrictInt | None = Field(16, ge=0)
-    """New tokens at most (None: up to the context length). 0 with echo + logprobs scores the prompt only."""
+    """The base model's name or a LoRA adapter's (GET /v1/models)."""
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: StrictInt = Field(-1, ge=-1, le=2**31 - 1)
     """Extension (as in vLLM): keep the k most likely tokens; -1 or 0 keeps all."""
     n: StrictInt = Field(1, ge=1, le=64)
-    best_of: StrictInt | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    logprobs: StrictInt | None = Field(None, ge=0, le=20)
-    """Log-probabilities of the chosen tokens and this many alternatives per position."""
-    echo: StrictBool = False
-    """Prepend the prompt to the text (and to the logprobs arrays)."""
     stop: str | list[str] | None = None
     seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)
     """Same seed and same request give the same output, whatever else the server is doing (a 64-bit integer)."""
@@ -56,7 +95,11 @@ class CompletionRequest(_Strict):
     negative one multiplied (1: off)."""
     logit_bias: dict[str, float] | None = None
     """OpenAI's: token id (a string, as JSON keys are) -> a bias in [-100, 100] added to its logit."""
-    suffix: str | None = None
+    response_format: ResponseFormat | None = None
+    """OpenAI's structured output: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema",
+    "json_schema": {"name", "schema", "strict"}}: every token is chosen so the answer stays valid."""
+    structured_outputs: StructuredOutputs | None = None
+    """Extension (as in vLLM): constrain the answer to one of `choice`, to `regex`, or to the JSON schema `json`."""
     user: str | None = None
 
     @field_validator("stop")
@@ -70,16 +113,14 @@ class CompletionRequest(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _unsupported(self):
+    def _bias(self):
         for key, bias in (self.logit_bias or {}).items():
             if not key.isdigit():
                 raise ValueError(f"logit_bias: {key!r} is not a token id")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias: the bias of token {key} must be in [-100, 100], got {bias:g}")
-        if self.suffix is not None:
-            raise ValueError("suffix is not supported")
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of: only best_of == n is supported")
+        if self.response_format is not None and self.structured_outputs is not None:
+            raise ValueError("response_format and structured_outputs: send one of them")
         return self
 
     @property
@@ -90,6 +131,29 @@ class CompletionRequest(_Strict):
     def token_bias(self) -> dict[int, float]:
         """`logit_bias` with integer token ids."""
         return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions."""
+
+    prompt: Prompt
+    """A string, a list of strings, token ids, or a list of token-id lists."""
+    max_tokens: StrictInt | None = Field(16, ge=0)
+    """New tokens at most (None: up to the context length). 0 with echo + logprobs scores the prompt only."""
+    best_of: StrictInt | None = None
+    logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    """Log-probabilities of the chosen tokens and this many alternatives per position."""
+    echo: StrictBool = False
+    """Prepend the prompt to the text (and to the logprobs arrays)."""
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.suffix is not None:
+            raise ValueError("suffix is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of: only best_of == n is supported")
+        return self
 
 
 class EmbeddingRequest(_Strict):

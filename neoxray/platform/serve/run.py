@@ -107,10 +107,13 @@ def _serve_without_ray(args: ServeArgs, host: str, port: int) -> None:
     import uvicorn
 
     from neoxray.platform.serve.api import create_app
+    from neoxray.platform.serve.client import LocalEngineClient
 
+    template = args.model_chat_template()  # a broken one fails here, before the model loads
     engine = args.build_engine().start()
+    client = LocalEngineClient(engine, None, args.allowed_lora_path, template)
     _log(f"serving {engine.model_name} at http://{host}:{port}/v1 without Ray (one engine, uvicorn)")
     try:
-        uvicorn.run(create_app(engine, args), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(client, args), host=host, port=port, log_level="warning")
     finally:
         engine.stop(timeout=30)

@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from neoxray.platform.serve import api
+from neoxray.platform.serve import body as api
 from tests.support.serving import Server
 
 LIMIT = 8 * 1024 * 1024

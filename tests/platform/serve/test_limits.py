@@ -60,10 +60,13 @@ def test_the_character_bound_never_refuses_a_prompt_that_fits(sample_tokenizer_d
 def serving(model_tok, **limits):
     from neoxray.platform.inference.engine import InferenceEngine
     from neoxray.platform.serve.client import LocalEngineClient
+    from neoxray.platform.serve.context import ServingContext
     from neoxray.platform.serve.limits import ServingLimits
-    from neoxray.platform.serve.serving import OpenAIServing
+    from neoxray.platform.serve.serving_embedding import EmbeddingServing
 
-    return OpenAIServing(LocalEngineClient(InferenceEngine(*model_tok)), limits=ServingLimits(**limits))
+    return EmbeddingServing(
+        ServingContext(LocalEngineClient(InferenceEngine(*model_tok)), limits=ServingLimits(**limits))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +77,8 @@ def model_tok(tiny_model_dir):
 
 
 def test_embedding_requests_are_bounded(model_tok):
+    from neoxray.platform.serve.api_errors import ApiError
     from neoxray.platform.serve.protocol import EmbeddingRequest
-    from neoxray.platform.serve.serving import ApiError
 
     s = serving(model_tok, max_embedding_inputs=3, max_embedding_tokens=10)
     for inputs, what in (([[5]] * 4, "4 items"), ([[5] * 6, [5] * 5], "11 tokens")):
