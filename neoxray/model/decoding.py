@@ -8,6 +8,9 @@ HTTP endpoint stop at exactly the same place.
 - `apply_controls`: logits [b, V] -> the logits those controls make of them, each row with its own settings (and
   its own `TokenHistory`: the tokens it generated, the tokens of its prompt); before `sample_next`, greedy too.
   Log-probabilities handed to callers are taken from the logits before it (the model's own distribution).
+- `apply_token_bitmask`: keep, in some rows of logits [b, V], only the tokens a packed bitmask allows (what a
+  grammar lets come next: `neoxray.platform.inference.structured` computes the bits); in place, before
+  `apply_controls`, so log-probabilities handed to callers are those of the distribution the tokens can come from.
 - `sample_next`: logits [b, V] -> next ids [b], each row from its own generator (`seeded_generator`).
 - `StopChecker`: the finish reason after a new token ('stop' at the end-of-document token or a stop string,
   'length' at the token budget), where a stop string cuts the text, and how much of a streamed text is safe to
@@ -166,6 +169,19 @@ def apply_controls(
         x = x - column("frequency_penalty") * counts - column("presence_penalty") * generated
         out[idx] = x
     return out
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: Sequence[int], bitmask: torch.Tensor, fallback: int) -> None:
+    """In place: in each of `rows` of logits [b, V], every token whose bit is clear in that row's line of
+    `bitmask` [len(rows), >= ceil(V / 32)] int32 becomes -inf (bit j of word w is token 32w + j, the layout
+    llguidance and xgrammar fill). A row that allows no token keeps `fallback` (the end-of-document token), so
+    that sampling from it stays defined."""
+    dev, vocab = logits.device, logits.shape[-1]
+    shifts = torch.arange(32, dtype=torch.int32, device=dev)
+    allowed = ((bitmask.to(dev)[:, :, None] >> shifts) & 1).flatten(1)[:, :vocab].bool()  # [r, V]
+    allowed[~allowed.any(dim=-1), fallback] = True
+    idx = torch.as_tensor(list(rows), dtype=torch.long, device=dev)
+    logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
 
 
 def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], generators) -> torch.Tensor:

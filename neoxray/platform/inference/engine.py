@@ -182,8 +182,11 @@ class InferenceEngine:
         )
 
     def check(self, req: Request) -> None:
-        """Raise InvalidRequest naming what is wrong with a request that this engine cannot serve."""
+        """Raise InvalidRequest naming what is wrong with a request that this engine cannot serve; a structured
+        output's grammar is compiled here, on the caller's thread (kept for the engine thread)."""
         self.info.check(req)
+        if req.structured is not None:
+            self.output_processor.grammars.compile(req.structured)
 
     # -- submission (any thread) ---------------------------------------------------------------------------
     def add_request(self, req: Request, sink: Callable[[Output], None]) -> str:

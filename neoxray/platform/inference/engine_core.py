@@ -43,6 +43,7 @@ class EngineCore:
             vocab_limit=getattr(tokenizer, "vocab_size", None) or cfg.vocab_size,  # rows past it are padding
             max_seq_len=cfg.max_seq_len,
             device=executor.device,
+            vocab_size=cfg.vocab_size,
         )
         self.steps = 0
         self.counters = {

@@ -1,15 +1,22 @@
 """From logits to what callers receive: the output side of the inference engine.
 
-For each request that gets a new token this step: the padding rows of the vocabulary are masked out, the
-requests' logit bias and penalties are applied (`neoxray.model.decoding.apply_controls`, each row its own, from
-the tokens its `TokenHistory` counted; skipped when no request in the batch uses them), the token is drawn
+For each request that gets a new token this step: the padding rows of the vocabulary are masked out, and so,
+for the requests that ask for structured output (`Request.structured`), are the tokens their grammar does not
+allow next (`neoxray.platform.inference.structured`: a packed mask per such row, computed by llguidance and
+applied by `neoxray.model.decoding.apply_token_bitmask`; the other rows are untouched), the requests' logit bias
+and penalties are applied (`neoxray.model.decoding.apply_controls`, each row its own, from the tokens its
+`TokenHistory` counted; skipped when no request in the batch uses them), the token is drawn
 (`neoxray.model.decoding.sample_next`, each request from its own generator, so a seed reproduces whatever else
 is in the batch), its log-probability and the k most likely alternatives are taken from the fp32 logits as the
 model gave them (before bias, penalties and temperature, as vLLM's default: the model's own distribution, the
-one prompt log-probabilities and scoring report too), and an `Output` is made: the finish reason and the cut at
-a stop string come from the request's `StopChecker`, the text from its `IncrementalDetokenizer`, and a tail that
-could still be the start of a stop string or an incomplete character is held back until the next token
-(`StopChecker.safe_end`). These are the rules `neoxray generate` uses, so both stop at exactly the same place.
+one prompt log-probabilities and scoring report too; with the padding rows and a grammar's disallowed tokens
+masked out, as vLLM applies its grammar bitmask before its sampler takes log-probabilities, so a chosen token's
+log-probability is never -inf), and an `Output` is made: the finish reason and the cut at a stop string come
+from the request's `StopChecker` (and from its grammar: once the text is complete and nothing may follow, or
+the end of document that completes it is drawn, the request ends with 'stop', whatever `stop_at_eod` says), the
+text from its `IncrementalDetokenizer`, and a tail that could still be the start of a stop string or an
+incomplete character is held back until the next token (`StopChecker.safe_end`). These are the rules
+`neoxray generate` uses, so both stop at exactly the same place.
 
 Every token id that becomes text becomes it here, once: the generated text, and for a request that asks
 (`Request.token_text`: an OpenAI completion's log-probabilities and echo) the prompt's text, each log-probability
@@ -32,23 +39,28 @@ from neoxray.model.decoding import (
     StopChecker,
     TokenHistory,
     apply_controls,
+    apply_token_bitmask,
     sample_next,
     seeded_generator,
 )
 from neoxray.platform.inference.request import Output, TokenLogprob
 from neoxray.platform.inference.sequence import SequenceState
+from neoxray.platform.inference.structured import GrammarCompiler
 
 
 class OutputProcessor:
     """Sampling, stop rules, text and log-probabilities for the requests of one engine."""
 
-    def __init__(self, tokenizer, eod_id: int, vocab_limit: int, max_seq_len: int, device):
+    def __init__(self, tokenizer, eod_id: int, vocab_limit: int, max_seq_len: int, device, vocab_size: int):
+        """`vocab_size`: the width of the model's logits (`vocab_limit` and the padding rows after it)."""
         self.tokenizer = tokenizer
         self.eod_id = eod_id
         self.vocab_limit = vocab_limit
         """Token ids from here on are padding rows of the embedding: never sampled."""
         self.max_seq_len = max_seq_len
         self.device = device
+        self.grammars = GrammarCompiler(tokenizer, vocab_size) if tokenizer is not None else None
+        """Structured output's grammars (None without a tokenizer: such requests are refused on intake)."""
         self._token_text = lru_cache(maxsize=65536)(lambda t: tokenizer.decode([t])) if tokenizer is not None else None
 
     def start(self, s: SequenceState) -> None:
@@ -58,6 +70,8 @@ class OutputProcessor:
             s.req.sampling, self.eod_id, min(s.req.max_tokens, self.max_seq_len - s.prompt_len)
         )
         s.decoding.detokenizer = IncrementalDetokenizer(self.tokenizer, self.eod_id)
+        if s.req.structured is not None and s.req.max_tokens > 0:
+            s.decoding.grammar = self.grammars.matcher(s.req.structured)
         if s.req.prompt_logprobs:
             if self._spells(s):
                 s.decoding.prompt_offsets = text_offsets(self._decode, s.req.prompt_ids)
@@ -78,6 +92,10 @@ class OutputProcessor:
         those that end now; a scoring-only request ends here without a token)."""
         if self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit :] = float("-inf")  # padding rows of the embedding never come out
+        constrained = [i for i, s in enumerate(seqs) if s.decoding.grammar is not None]
+        if constrained:  # structured output: what each grammar allows next, only in its own row
+            bitmask = self.grammars.fill_bitmask([seqs[i].decoding.grammar for i in constrained])
+            apply_token_bitmask(logits, constrained, bitmask, self.grammars.eod_id)
         params = [s.req.sampling for s in seqs]
         controlled = apply_controls(logits, params, self._histories(seqs, logits))
         next_ids = sample_next(controlled, params, [s.decoding.generator for s in seqs]).tolist()
@@ -90,6 +108,11 @@ class OutputProcessor:
             if s.req.max_tokens == 0:  # scoring only: the prompt is done, nothing is generated
                 outs.append(self.final(s, "length"))
                 continue
+            grammar = s.decoding.grammar
+            refused = grammar.advance(tok) if grammar is not None else None
+            if refused is not None:  # cannot happen with the mask applied; never a silent wrong document
+                outs.append(self.final(s, "abort", error=f"structured output: {refused}"))
+                continue
             s.tokens.append(tok)
             s.decoding.generated.append(tok)
             if s.decoding.history is not None:
@@ -99,7 +122,10 @@ class OutputProcessor:
             first = s.decoding.first_token_at is None
             if first:
                 s.decoding.first_token_at = now
-            outs.append(self._output(s, s.decoding.stop.after_token(tok, len(s.decoding.generated)), first))
+            reason = s.decoding.stop.after_token(tok, len(s.decoding.generated))
+            if grammar is not None and grammar.done:
+                reason = "stop"
+            outs.append(self._output(s, reason, first))
         return outs
 
     def _histories(self, seqs: list[SequenceState], logits: torch.Tensor) -> list[TokenHistory | None]:

@@ -1,6 +1,7 @@
 """What goes into and comes out of the inference engine: its configuration (`EngineConfig`), what it can serve
 (`EngineInfo`, with the checks of a request against it), a request (`Request`: prompt ids, token budget,
-sampling, log-probabilities, the group it belongs to), the streamed deltas it produces (`Output`,
+sampling, log-probabilities, the group it belongs to, the structure its output must have: `StructuredOutput`,
+compiled and enforced by `neoxray.platform.inference.structured`), the streamed deltas it produces (`Output`,
 `TokenLogprob`), a request's whole result (`Completion`), and the errors it raises. Plain data that travels between
 processes (the serving layer reads an `EngineInfo`: context, vocabulary, adapter slots, in another process than the
 engine's; the engine checks each request as it takes it in); no tensors, though importing it imports torch
@@ -84,6 +85,62 @@ class EngineConfig:
         return self
 
 
+STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
+"""What a `StructuredOutput` can ask for."""
+
+
+@dataclass
+class StructuredOutput:
+    """The structure a request's generated text must have (OpenAI's `response_format`, vLLM's
+    `structured_outputs`): plain data, picklable (it travels inside a `Request` to a replica's engine), built with
+    one of the constructors. The engine compiles it on intake (`neoxray.platform.inference.structured`: a spec
+    that cannot be compiled is an `InvalidRequest` naming `param`) and masks each sampled token to what can
+    still complete it; the request ends ('stop') once the text is complete and nothing may follow."""
+
+    kind: str
+    """One of STRUCTURED_KINDS."""
+    value: object = None
+    """json_schema: the schema (a dict); regex: the pattern (Rust regex syntax, matched in full); choice: the
+    strings (a tuple; the text is exactly one of them); grammar: a Lark (or llama.cpp GBNF) grammar;
+    json_object: None (any JSON object)."""
+    param: str = "response_format"
+    """The API field that asked for it: what an error names (OpenAI's error `param`)."""
+
+    @classmethod
+    def json_object(cls, param: str = "response_format") -> StructuredOutput:
+        return cls("json_object", None, param)
+
+    @classmethod
+    def json_schema(cls, schema: dict, param: str = "response_format") -> StructuredOutput:
+        return cls("json_schema", schema, param)
+
+    @classmethod
+    def regex(cls, pattern: str, param: str = "structured_outputs") -> StructuredOutput:
+        return cls("regex", pattern, param)
+
+    @classmethod
+    def choice(cls, options, param: str = "structured_outputs") -> StructuredOutput:
+        return cls("choice", tuple(options), param)
+
+    @classmethod
+    def grammar(cls, text: str, param: str = "structured_outputs") -> StructuredOutput:
+        return cls("grammar", text, param)
+
+    def validate(self) -> StructuredOutput:
+        """Raise InvalidRequest naming `param` for a spec of the wrong shape (whether it compiles is checked
+        where the engine's tokenizer is: `InferenceEngine.check`)."""
+        v, where = self.value, self.param
+        if self.kind not in STRUCTURED_KINDS:
+            raise InvalidRequest(f"{where}: unknown kind {self.kind!r} (one of {', '.join(STRUCTURED_KINDS)})", where)
+        if self.kind == "json_schema" and not isinstance(v, dict):
+            raise InvalidRequest(f"{where}: the JSON schema must be an object, got {type(v).__name__}", where)
+        if self.kind in ("regex", "grammar") and not (isinstance(v, str) and v):
+            raise InvalidRequest(f"{where}: the {self.kind} must be a non-empty string", where)
+        if self.kind == "choice" and not (isinstance(v, tuple) and v and all(isinstance(c, str) and c for c in v)):
+            raise InvalidRequest(f"{where}: choice must be a non-empty list of non-empty strings", where)
+        return self
+
+
 @dataclass
 class Request:
     prompt_ids: list[int]
@@ -112,6 +169,9 @@ class Request:
     """Also spell the tokens out, as an OpenAI completion shows them: the prompt's text on the first Output
     (`Output.prompt_text`), and each log-probability entry's token text, its alternatives' and where it starts
     (`TokenLogprob.text`, `.top_text`, `.offset`). Off for callers that need numbers only (evaluation)."""
+    structured: StructuredOutput | None = None
+    """The structure the generated text must have (JSON, a JSON schema, a regex, a choice, a grammar); None:
+    free text. Each token is drawn from those that can still complete it."""
 
     @property
     def group_key(self) -> str:
@@ -168,6 +228,10 @@ class EngineInfo:
             raise InvalidRequest(f"logprobs must be between 0 and 20, got {req.logprobs}", "logprobs")
         if not 0 <= req.score_from <= n:
             raise InvalidRequest(f"score_from must be between 0 and the prompt's {n} tokens, got {req.score_from}")
+        if req.structured is not None:
+            req.structured.validate()
+            if not self.has_tokenizer:
+                raise InvalidRequest(f"{req.structured.param} needs a tokenizer", req.structured.param)
         sp = req.sampling
         if sp.stop and not self.has_tokenizer:
             raise InvalidRequest("stop strings need a tokenizer", "stop")

@@ -4,8 +4,8 @@
   table, its tokens (prompt + generated) and how many of them are in the cache, its prefix-cache names, its
   LoRA slot.
 - `DecodingState`: what the output processor turns tokens into outputs with: the sampling generator, the token
-  counts its penalties need, stop rules, incremental detokenizer, log-probabilities waiting to be handed out,
-  timings, and where outputs go (`sink`).
+  counts its penalties need, its grammar's matcher (structured output), stop rules, incremental detokenizer,
+  log-probabilities waiting to be handed out, timings, and where outputs go (`sink`).
 
 And the plan between them: `Scheduler.schedule()` returns a `SchedulerOutput`: the requests admitted this step
 and a list of `ScheduledForward`s, each one `ForwardBatch` (plain data: token ids, positions, block tables,
@@ -22,6 +22,7 @@ import torch
 
 from neoxray.model.decoding import IncrementalDetokenizer, StopChecker, TokenHistory
 from neoxray.platform.inference.request import Output, Request, TokenLogprob
+from neoxray.platform.inference.structured import SequenceGrammar
 
 
 @dataclass
@@ -35,6 +36,8 @@ class DecodingState:
     history: TokenHistory | None = None
     """Counts of its generated tokens and its prompt's tokens, on the logits' device: only where its sampling
     uses presence, frequency or repetition penalties (made at its first sampled token)."""
+    grammar: SequenceGrammar | None = None
+    """Where its text stands in its grammar (`Request.structured`), advanced with each token it samples."""
     stop: StopChecker | None = None
     detokenizer: IncrementalDetokenizer | None = None
     emitted_chars: int = 0  # text handed out so far
