@@ -86,7 +86,7 @@ def _serve_on_ray(args: ServeArgs, host: str, port: int, address: str | None, ve
             "the first start loads the model"
         )
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-        _log(f"serving at {url}/v1 (OpenAI-compatible: /v1/completions, /v1/models, /v1/embeddings; /health)")
+        _log(f"serving at {url}/v1 (OpenAI API: chat/completions, completions, models, embeddings); a page at {url}/")
         _log(f"Ray dashboard: {dashboard_url()}; Ctrl-C to stop")
         while True:
             time.sleep(1.0)

@@ -28,14 +28,14 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def server(ray_local, serve_model_dir, tmp_path_factory):
-    """`neoxray serve` joining the session's Ray cluster (no API key); Serve itself is shut down at the end, so
-    that the next module can start it on its own port."""
+    """`neoxray serve` joining the session's Ray cluster (no API key; neoxray's default chat template); Serve
+    itself is shut down at the end, so that the next module can start it on its own port."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("abuse-log") / "serve.log"
     gcs = ray_local.get_runtime_context().gcs_address
     args = ["--model", str(serve_model_dir), "--port", str(port), "--address", gcs, "--name", "tiny"]
-    proc = start_server([*args, "--max-num-seqs", "8"], log, url)
+    proc = start_server([*args, "--max-num-seqs", "8", "--chat-template", "default"], log, url)
     yield url
     try:
         assert stop_server(proc, log, signal.SIGTERM) == 0, log.read_text()[-4000:]
@@ -250,6 +250,28 @@ def test_unknown_routes_and_bodies_without_content_type(server):
     r = requests.post(server + "/v1/completions", data=b'{"prompt": "x", "max_tokens": 2}', timeout=60)
     assert "content-type" not in {k.lower() for k in r.request.headers}
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"], r.text  # taken as JSON
+
+
+def test_chat_on_both_servers_as_the_command_line_sets_them(server, no_ray_server):
+    """`--chat-template default` reaches the Ray Serve ingress (a streamed chat equals a completion of the
+    prompt neoxray's default template renders); a model without a template, served without the option, answers
+    chat with a 400 naming it and keeps serving completions."""
+    from neoxray.model.chat_template import default_chat_template
+
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    body = {"model": "tiny", "messages": messages, "temperature": 0, "max_tokens": 6, "ignore_eos": True}
+    r = requests.post(server + "/v1/chat/completions", json={**body, "stream": True}, timeout=120, stream=True)
+    assert r.status_code == 200, r.text
+    events = [line[6:] for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    prompt = default_chat_template().render(messages, add_generation_prompt=True)
+    done = {"prompt": prompt, "temperature": 0, "max_tokens": 6, "ignore_eos": True}
+    want = requests.post(server + "/v1/completions", json=done, timeout=120).json()["choices"][0]["text"]
+    assert text == want
+    err = is_openai_error(requests.post(no_ray_server + "/v1/chat/completions", json=body, timeout=60), 400)
+    assert err["code"] == "no_chat_template" and "--chat-template" in err["message"], err
+    assert requests.post(no_ray_server + "/v1/completions", json=done, timeout=120).status_code == 200
 
 
 # ------------------------------------------------------------------------------------------- Serve's failures

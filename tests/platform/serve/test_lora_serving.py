@@ -26,6 +26,7 @@ from tests.support.serving import Server, wait_until
 KEY = "lora-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 200, 300, 400, 500], list(range(20, 45))]
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}<bot>"
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +296,11 @@ def test_adapters_through_the_ray_serve_model_deployment(ray_local, setup, tiny_
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     root = dirs["alpha"].parent  # where the replica may read adapters at run time
     bucket = s3.bucket("serving")
-    loras = {n: s3.upload_dir(dirs[n], f"{bucket}/adapters/{n}") for n in ("alpha", "beta")}
+    beta = Path(tempfile.mkdtemp()) / "beta-chat"  # beta as `neoxray export` writes a chat adapter: its template
+    shutil.copytree(dirs["beta"], beta)
+    (beta / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    loras = {"alpha": s3.upload_dir(dirs["alpha"], f"{bucket}/adapters/alpha")}
+    loras["beta"] = s3.upload_dir(beta, f"{bucket}/adapters/beta")
     model = s3.upload_dir(tiny_model_dir, f"{bucket}/tiny")
     args = ServeArgs(
         model=model, name="tiny", loras=loras, allowed_lora_path=str(root), api_key=KEY, tensor_parallel_size=2
@@ -316,6 +321,14 @@ def test_adapters_through_the_ray_serve_model_deployment(ray_local, setup, tiny_
             want = ref.greedy(None if name == "tiny" else name, PROMPTS[0], 8)
             assert r.json()["choices"][0]["logprobs"]["tokens"] == token_strings(engine, want), name
         assert_error(complete(srv, "gamma", PROMPTS[0]), 404, "model_not_found")
+        # chat: beta's own template (read in the replica, from object storage) renders its prompt; the base has none
+        chat = {"messages": [{"role": "user", "content": "fox"}], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        r = post(srv, "/v1/chat/completions", {**chat, "model": "beta", "logprobs": True})
+        prompt = engine.tokenizer.encode("<user>fox</user><bot>")
+        want = token_strings(engine, ref.greedy("beta", prompt, 8))
+        assert [e["token"] for e in r.json()["choices"][0]["logprobs"]["content"]] == want, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(prompt)
+        assert_error(post(srv, "/v1/chat/completions", {**chat, "model": "tiny"}), 400, "no_chat_template")
         r = post(srv, "/v1/load_lora_adapter", {"lora_name": "gamma", "lora_path": str(dirs["gamma"])})
         assert r.status_code == 200 and r.json()["evicted"] == ["alpha"], r.text  # max_loras 2: the LRU one goes
         r = complete(srv, "gamma", PROMPTS[0], logprobs=0)
