@@ -148,8 +148,10 @@ def cmd_train(args) -> None:
 def cmd_export(args) -> None:
     from neoxray.platform.export import export
 
-    done = export(args.checkpoint, args.out, merge=args.merge, dtype=_dtype(args.dtype))
-    print(f"exported {done.checkpoint} to {done.out} ({done.what})")
+    dtype = _dtype(args.dtype)
+    done = export(args.checkpoint, args.out, merge=args.merge, dtype=dtype, chat_template=args.chat_template)
+    chat = f", chat template {done.chat_template}" if done.chat_template else ""
+    print(f"exported {done.checkpoint} to {done.out} ({done.what}{chat})")
 
 
 def cmd_report(args) -> None:

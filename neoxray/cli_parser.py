@@ -279,6 +279,13 @@ def _export(sub) -> None:
         help="a LoRA run: write the base with the adapter folded in as a full Hugging Face model, not the adapter",
     )
     ex.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="stored dtype; auto: the training precision")
+    ex.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE_OR_STRING",
+        help="the chat template to write into tokenizer_config.json: a file, a model directory or the template "
+        "itself (default: the one the run trained with, if it trained on conversations)",
+    )
     ex.set_defaults(command="export")
 
 

@@ -244,9 +244,11 @@ def save_pretrained(
     tokenizer=None,
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    chat_template: str | None = None,
 ) -> Path:
-    """Write `model` as a Hugging Face GPT-NeoX directory. Written into a temporary sibling directory and
-    renamed into place, so an interrupted save never leaves a directory that looks complete."""
+    """Write `model` as a Hugging Face GPT-NeoX directory (with `tokenizer`'s files, and `chat_template` in its
+    tokenizer_config.json when given). Written into a temporary sibling directory and renamed into place, so an
+    interrupted save never leaves a directory that looks complete."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     out = Path(out_dir)
@@ -271,7 +273,7 @@ def save_pretrained(
             json.dumps({"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}, indent=2)
         )
         if tokenizer is not None:
-            tokenizer.save(tmp, model_max_length=model.config.max_seq_len)
+            tokenizer.save(tmp, model_max_length=model.config.max_seq_len, chat_template=chat_template)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)

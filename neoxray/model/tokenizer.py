@@ -101,12 +101,15 @@ class Tokenizer:
             and kind("decoder") == "ByteLevel"
         )
 
-    def save(self, directory: str | os.PathLike, model_max_length: int | None = None) -> Path:
+    def save(
+        self, directory: str | os.PathLike, model_max_length: int | None = None, chat_template: str | None = None
+    ) -> Path:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `directory`.
 
         `transformers.AutoTokenizer.from_pretrained(directory)` then loads it as a GPT-NeoX fast tokenizer
-        (bos/eos/unk = <|endoftext|>, no BOS/EOS added). `model_max_length` is recorded when given.
-        Returns the directory.
+        (bos/eos/unk = <|endoftext|>, no BOS/EOS added). `model_max_length` is recorded when given, and
+        `chat_template` (a Jinja template's text) as tokenizer_config.json's `chat_template`, where transformers'
+        `apply_chat_template` and `neoxray.model.chat_template.load_chat_template` find it. Returns the directory.
         """
         out = Path(directory)
         eod = EOD_TOKEN
@@ -124,6 +127,8 @@ class Tokenizer:
             if model_max_length <= 0:
                 raise NeoxrayError(f"model_max_length must be positive, got {model_max_length}")
             config["model_max_length"] = int(model_max_length)
+        if chat_template is not None:
+            config["chat_template"] = chat_template
         try:
             out.mkdir(parents=True, exist_ok=True)
             (out / TOKENIZER_FILE).write_text(self.to_json(), encoding="utf-8")

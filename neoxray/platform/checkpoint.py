@@ -357,6 +357,17 @@ def load_checkpoint_model(checkpoint_dir, device="cpu", dtype: torch.dtype = tor
     return model.to(dtype), source
 
 
+def checkpoint_chat_template(path, meta: dict):
+    """The chat template a checkpoint's run trained with (meta.json's `chat_template`, recorded from its
+    conversation datasets' manifests) as a `ChatTemplate`, or None (a run on other data)."""
+    from neoxray.model.chat_template import ChatTemplate
+
+    spec = meta.get("chat_template")
+    if not spec:
+        return None
+    return ChatTemplate(spec["text"], f"{spec['source']} (recorded in {Path(path) / META})", spec["special_tokens"])
+
+
 def load_checkpoint_tokenizer(path, meta: dict):
     """The tokenizer a checkpoint carries (None when it carries none), its files checked against meta.json
     first: a tokenizer.json that differs from what was trained with is never used."""

@@ -37,6 +37,23 @@ def model_config_of(kind: str, p: Path):
     return ModelConfig.from_dict(read_meta(p)["model_config"])
 
 
+def model_chat_template(path, lora=None):
+    """The chat template of what `--model` names, and `--lora`: the adapter directory's when it ships one, else
+    an exported directory's (tokenizer_config.json's `chat_template`, or chat_template.jinja) or a checkpoint's
+    (the one its run trained with, from meta.json); None when there is none. Reads no weights."""
+    from neoxray.model.chat_template import load_chat_template
+    from neoxray.platform.checkpoint import checkpoint_chat_template
+
+    if lora is not None:
+        from neoxray.platform.model_cache import local_adapter
+
+        found = load_chat_template(local_adapter(lora))
+        if found is not None:
+            return found
+    kind, p = resolve_model_path(path)
+    return load_chat_template(p) if kind == "hf" else checkpoint_chat_template(p, read_meta(p))
+
+
 def check_forward_finite(model, where) -> None:
     """A NeoxrayError naming `where` when the model's logits on a probe batch (fixed token ids) hold NaN or
     infinity. Weights can be huge and still finite (a diverged update): a per-tensor check lets them through,

@@ -53,7 +53,8 @@ def _full_master(p):
 def save_checkpoint(engine, out_dir, extra_meta: dict, tokenizer=None) -> list[str]:
     """Write this rank's part of a checkpoint of `engine` (a TrainEngine) into `out_dir`. Collective: every
     rank calls it (ZeRO-1 states are gathered across data parallel). Returns the names of the files this rank
-    wrote (rank 0: meta.json and the tokenizer's files too)."""
+    wrote (rank 0: meta.json and the tokenizer's files too; the tokenizer_config.json holds `extra_meta`'s
+    `chat_template`, when the run trains on conversations, as exported models do)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _relink_zero_state(engine)
@@ -91,7 +92,8 @@ def save_checkpoint(engine, out_dir, extra_meta: dict, tokenizer=None) -> list[s
         listed = {name: d for _, fs in everyone for name, d in fs.items()}
         identity = None
         if tokenizer is not None:
-            tokenizer.save(out, model_max_length=engine.model_config.max_seq_len)
+            chat = (extra_meta.get("chat_template") or {}).get("text")
+            tokenizer.save(out, model_max_length=engine.model_config.max_seq_len, chat_template=chat)
             listed.update({name: _described(out / name) for name in SAVED_FILES})
             identity = {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id}
         meta = {

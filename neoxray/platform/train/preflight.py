@@ -76,6 +76,7 @@ def preflight(
         a, b = list(tokenizers.values())[:2]
         raise NeoxrayError(f"data.path: {a} and {b} were prepared with different tokenizers; mix only datasets of one")
     data_tok = next(iter(tokenizers), None)
+    chat_template = _chat_template(cfg, manifests)
 
     point = None
     if (cfg.checkpoint.resume or start_over) and store is not None:
@@ -104,6 +105,7 @@ def preflight(
         resume_verified=point.verified if own else True,
         newest_checkpoint=point.newest_verified if own else resume_from,
         store_uri=None if store is None else store.uri,
+        chat_template=chat_template,
     )
     if point is not None and finished_at is None:
         point.apply(say)
@@ -270,6 +272,25 @@ def _data_manifests(cfg, model: ModelConfig, seq: int) -> list[tuple[str, dict]]
             raise NeoxrayError(f"{key} {path} has no training rows")
         out.append((path, m))
     return out
+
+
+def _chat_template(cfg, manifests: list[tuple[str, dict]]) -> dict | None:
+    """The chat template of the conversation datasets the run trains on (their manifests' `chat_template`), or
+    None when none holds conversations; datasets prepared with different templates are refused (a checkpoint
+    records one template)."""
+    train = {parse_data_spec(spec)[0] for spec in cfg.data.paths()}
+    found: dict[str, tuple[str, dict]] = {}
+    for path, m in manifests:
+        spec = m.get("chat_template")
+        if path in train and spec:
+            found.setdefault(spec["sha256"], (path, spec))
+    if len(found) > 1:
+        (a, x), (b, y) = list(found.values())[:2]
+        raise NeoxrayError(
+            f"data.path: {a} and {b} were prepared with different chat templates ({x['source']} and "
+            f"{y['source']}); a run trains on one: prepare them with the same --chat-template"
+        )
+    return next(iter(found.values()), (None, None))[1]
 
 
 def _check_stored_rows(key: str, path: str, manifest: dict, split: str) -> None:

@@ -33,6 +33,10 @@ class RunPlan:
     store_uri: str | None = None
     """The run directory's URI when the run lives on object storage; `run_dir` is then each node's local mirror
     of it (`neoxray.platform.run_store`)."""
+    chat_template: dict | None = None
+    """The chat template of the conversation datasets it trains on (their manifests' `chat_template`: source,
+    sha256, text, special_tokens), or None (no chat data): recorded in every checkpoint's meta.json and
+    tokenizer_config.json, and written by `neoxray export`."""
 
     def to_payload(self) -> dict:
         from neoxray.platform.train.config import to_dict
@@ -45,6 +49,7 @@ class RunPlan:
             "resume_verified": self.resume_verified,
             "newest_checkpoint": self.newest_checkpoint,
             "store_uri": self.store_uri,
+            "chat_template": self.chat_template,
         }
 
     @classmethod
@@ -59,6 +64,7 @@ class RunPlan:
             resume_verified=payload.get("resume_verified", True),
             newest_checkpoint=payload.get("newest_checkpoint"),
             store_uri=payload.get("store_uri"),
+            chat_template=payload.get("chat_template"),
         )
 
     def with_cfg(self, cfg) -> RunPlan:

@@ -208,11 +208,14 @@ def _settle_last(engine: TrainEngine, writer: CheckpointWriter, train_iter, uplo
 
 def _build_engine(plan: RunPlan) -> tuple[TrainEngine, dict]:
     """This rank's engine, filled from the plan's checkpoint (or `model.init_from`'s weights, or initialised from
-    the seed), and the extra meta.json entries of its checkpoints (a LoRA run's adapter shape and base)."""
+    the seed), and the extra meta.json entries of its checkpoints (a LoRA run's adapter shape and base; the chat
+    template of the conversations it trains on)."""
     cfg = plan.cfg
     source = _checkpoint_source(plan)
     base = resolve_base(cfg.model.init_from) if cfg.model.init_from else None
     adapter_loader, extra = None, {"run_name": cfg.name, "config": to_dict(cfg)}
+    if plan.chat_template is not None:
+        extra["chat_template"] = plan.chat_template
     if cfg.lora.spec() is not None:  # LoRA: the base from model.init_from, frozen; the adapters trained
         loader = base.source().load_into
         if source is not None:  # preflight checked it was trained on this base
