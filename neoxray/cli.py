@@ -264,6 +264,10 @@ def cmd_eval(args) -> None:
             address=args.address,
             bootstrap_iters=args.bootstrap_iters,
             verbose=args.verbose,
+            apply_chat_template=args.apply_chat_template,
+            chat_template=args.chat_template,
+            fewshot_as_multiturn=args.fewshot_as_multiturn,
+            system_instruction=args.system_instruction,
         )
     )
 

@@ -471,6 +471,7 @@ def _eval(sub) -> None:
         "--lora", default=None, metavar="DIR", help="a peft LoRA adapter directory of this base, applied to the model"
     )
     _eval_tasks(ev)
+    _eval_chat(ev)
     _eval_engines(ev)
     ev.add_argument("--output", default=None, help="write lm-eval's results JSON to this file")
     ev.add_argument(
@@ -525,6 +526,31 @@ def _eval_tasks(ev) -> None:
         default=None,
         help="a folder of task YAMLs (local tasks, local data; they override built-in tasks of the same name), "
         "repeatable",
+    )
+
+
+def _eval_chat(ev) -> None:
+    """Prompts as conversations (lm-eval's chat-template options)."""
+    ev.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="render each prompt with the model's chat template (its tokenizer_config.json's, or the one its "
+        "training run recorded), or --chat-template's",
+    )
+    ev.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE_OR_STRING",
+        help="with --apply-chat-template: this template (a file, a model directory or the template itself)",
+    )
+    ev.add_argument(
+        "--fewshot-as-multiturn",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="few-shot examples as user/assistant turns (default: on with --apply-chat-template)",
+    )
+    ev.add_argument(
+        "--system-instruction", default=None, metavar="TEXT", help="a system instruction before each prompt"
     )
 
 

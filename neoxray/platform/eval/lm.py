@@ -18,6 +18,11 @@ rule for rule, so that both give the same numbers on the same checkpoint:
   the task samples; the text decoded without special tokens and cut at the first stop string
   (`postprocess_generated_text`).
 
+With lm-eval's `apply_chat_template`, each prompt is a conversation rendered by `apply_chat_template` as the
+`hf` backend renders it (transformers' `apply_chat_template`: the generation prompt, or the last message continued
+when there is none; a template that refuses a system message gets the conversation without it), with the
+model's chat template (`neoxray.platform.model_loading.model_chat_template`) or the one given.
+
 The requests of one call go to the engine(s) together: one engine in this process (`replicas=1`, no
 `address`), or `replicas` engine actors on Ray (`neoxray.platform.eval.replicas`).
 """
@@ -31,6 +36,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from neoxray.errors import NeoxrayError
+from neoxray.model.chat_template import ChatTemplate
 from neoxray.model.decoding import SamplingParams
 from neoxray.platform.eval.runner import EngineOptions, GenItem, ScoreItem
 
@@ -38,6 +44,8 @@ DEFAULT_BATCH = 32
 """Sequences in each engine's batch when lm-eval gives no batch size (or "auto")."""
 SAMPLING_KWARGS = ("do_sample", "temperature", "top_p", "top_k", "seed")
 """Generation kwargs a task may set besides `until` and `max_gen_toks`."""
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+"""Marks where the last message's content ends in its rendering (transformers' `continue_final_message`)."""
 
 
 def _int(name: str, value, minimum: int) -> int:
@@ -83,6 +91,9 @@ class NeoxrayLM(TemplateLM):
             each engine loads them (with Ray: a path on the replicas' machines).
         tensor_parallel_size: workers each engine's model is split over (local processes of its node).
         quantization: int8_weight_only or int4_weight_only: each engine's linears, weight-only (torchao).
+        chat_template: the template lm-eval's `apply_chat_template` renders with: a `ChatTemplate`, or a template
+            file, model directory or the template itself; None: the adapter's, else the model's (read on first
+            use; a model without one is a NeoxrayError).
     """
 
     def __init__(
@@ -103,8 +114,10 @@ class NeoxrayLM(TemplateLM):
         lora: str | None = None,
         tensor_parallel_size: int = 1,
         quantization: str | None = None,
+        chat_template: ChatTemplate | str | None = None,
     ):
         super().__init__()
+        self._pretrained, self._chat = str(pretrained), chat_template
         batch = DEFAULT_BATCH if batch_size in (None, "", "auto") else _int("batch_size", batch_size, 1)
         options = EngineOptions(
             device=str(device or "auto"),
@@ -176,7 +189,38 @@ class NeoxrayLM(TemplateLM):
             "max_length": self.info.max_length,
             "replicas": self.replicas,
             "lora": self._options.lora,
+            **({"chat_template": self._chat.source} if isinstance(self._chat, ChatTemplate) else {}),
         }
+
+    # -- conversations (lm-eval's apply_chat_template) ------------------------------------------------------------
+    def template(self) -> ChatTemplate:
+        """The chat template prompts are rendered with (resolved once; see the class's `chat_template`)."""
+        if not isinstance(self._chat, ChatTemplate):
+            if self._chat is not None:
+                from neoxray.model.chat_template import resolve_chat_template
+
+                self._chat = resolve_chat_template(self._chat)
+            else:
+                from neoxray.platform.model_loading import model_chat_template
+
+                found = model_chat_template(self._pretrained, self._options.lora)
+                if found is None:
+                    raise NeoxrayError(f"{self._pretrained} has no chat template; pass --chat-template")
+                self._chat = found
+        return self._chat
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.template().text
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation's prompt text, as lm-eval's `hf` backend renders it."""
+        template = self.template()
+        try:
+            return render_chat(template, chat_history, add_generation_prompt)
+        except NeoxrayError:
+            if not any(m.get("role") == "system" for m in chat_history):
+                raise
+            return render_chat(template, [m for m in chat_history if m.get("role") != "system"], add_generation_prompt)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         return self._tok.encode(string)  # GPT-NeoX tokenizers add no special tokens either way
@@ -266,6 +310,22 @@ class NeoxrayLM(TemplateLM):
         for req, text in zip(requests, texts):
             self.cache_hook.add_partial("generate_until", req.args, text)
         return texts
+
+
+def render_chat(template: ChatTemplate, messages: list[dict], add_generation_prompt: bool) -> str:
+    """`template`'s rendering of `messages`: with the generation prompt, or else cut where the last message's
+    content ends (transformers' `continue_final_message`, which lm-eval's `hf` backend asks for then)."""
+    if add_generation_prompt:
+        return template.render(messages, True)
+    final = messages[-1].get("content") if messages else None
+    if not isinstance(final, str) or "content" not in template.text:
+        raise NeoxrayError(f"chat template {template.source}: cannot continue the last message of {messages!r:.80}")
+    text = template.render([*messages[:-1], {**messages[-1], "content": final + CONTINUE_TAG}], False)
+    tag = CONTINUE_TAG.strip()
+    if final.strip() not in text or tag not in text:
+        raise NeoxrayError(f"chat template {template.source} drops part of the last message, so it cannot be continued")
+    at = text.rindex(tag)
+    return text[:at] if text[at : at + len(CONTINUE_TAG)] == CONTINUE_TAG else text[:at].rstrip()
 
 
 def _sampling(kwargs: dict, until: list[str], eos: str, index: int, task: str | None) -> SamplingParams:

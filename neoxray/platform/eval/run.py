@@ -46,6 +46,15 @@ class EvalArgs:
     """Workers each engine's model is split over (`--tensor-parallel-size`; local processes of its node)."""
     quantization: str | None = None
     """Weight-only quantization of each engine's linears (`--quantization`)."""
+    apply_chat_template: bool = False
+    """Prompts rendered as conversations with the chat template (lm-eval's `apply_chat_template`)."""
+    chat_template: str | None = None
+    """The template for that (`--chat-template`: a file, a model directory or the template itself); None: the
+    adapter's, else the model's."""
+    fewshot_as_multiturn: bool | None = None
+    """Few-shot examples as user/assistant turns (None: as `apply_chat_template`, as lm-eval's CLI has it)."""
+    system_instruction: str | None = None
+    """A system instruction before each prompt (lm-eval's `system_instruction`)."""
 
     def check(self) -> EvalArgs:
         if bool(self.tasks) == bool(self.suite):
@@ -67,6 +76,12 @@ class EvalArgs:
             raise NeoxrayError(f"--bootstrap-iters must be >= 0, got {self.bootstrap_iters}")
         if self.log_samples and not self.output:
             raise NeoxrayError("--log-samples writes beside the results file: give --output too")
+        if self.chat_template is not None and not self.apply_chat_template:
+            raise NeoxrayError("--chat-template is the template of --apply-chat-template: give that too")
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise NeoxrayError("--fewshot-as-multiturn makes few-shot examples chat turns: give --apply-chat-template")
+        if self.fewshot_as_multiturn is None:
+            self.fewshot_as_multiturn = self.apply_chat_template
         return self
 
     @property
@@ -118,6 +133,7 @@ def run_eval(args: EvalArgs) -> dict:
             from neoxray.platform.model_loading import model_config_of
 
             read_peft_adapter(local_adapter(args.lora), model_config_of(kind, path))
+    template = _chat_template(args) if args.apply_chat_template else None
     names = [t.task for t in suite.tasks] if suite else list(args.tasks)
     tm = task_manager(names, args.include_path)
     names = resolve_names(tm, names)
@@ -131,7 +147,7 @@ def run_eval(args: EvalArgs) -> dict:
         + (f" on {args.replicas} Ray replica(s)" if args.uses_ray else "")
     )
     model_args = args.model_args()
-    lm = NeoxrayLM(**model_args)
+    lm = NeoxrayLM(**model_args, chat_template=template)
     try:
         # lm-eval prints notes: stdout carries only results
         with contextlib.redirect_stdout(sys.stderr), only_our_progress(args.verbose):
@@ -143,6 +159,9 @@ def run_eval(args: EvalArgs) -> dict:
                 log_samples=args.log_samples,
                 bootstrap_iters=args.bootstrap_iters,
                 task_manager=tm,
+                apply_chat_template=args.apply_chat_template,
+                fewshot_as_multiturn=args.fewshot_as_multiturn,
+                system_instruction=args.system_instruction,
             )
     finally:
         lm.close()
@@ -163,6 +182,7 @@ def run_eval(args: EvalArgs) -> dict:
     else:
         shots_text = "per suite" if suite else args.num_fewshot
         lora_text = f" + LoRA {args.lora}" if args.lora else ""
+        lora_text += f", chat template {template.source}" if template is not None else ""
         print(
             f"neoxray ({args.model}{lora_text}), limit: {args.lm_limit}, num_fewshot: {shots_text}, "
             f"batch_size: {args.batch_size}" + (f", replicas: {args.replicas}" if args.uses_ray else "")
@@ -171,6 +191,21 @@ def run_eval(args: EvalArgs) -> dict:
         if suite:
             print(card_table(results, suite))
     return results
+
+
+def _chat_template(args: EvalArgs):
+    """The template of `--apply-chat-template`, before anything loads: `--chat-template`'s, else the adapter's or
+    the model's (their files read here, also when the engines run on Ray); a model without one is refused."""
+    from neoxray.model.chat_template import resolve_chat_template
+    from neoxray.platform.model_loading import model_chat_template
+
+    if args.chat_template is not None:
+        return resolve_chat_template(args.chat_template)
+    found = model_chat_template(args.model, args.lora)
+    if found is None:
+        what = f"{args.model} (and the adapter {args.lora})" if args.lora else args.model
+        raise NeoxrayError(f"{what} has no chat template; pass --chat-template")
+    return found
 
 
 LM_EVAL_BAR_MODULES = ("lm_eval.api.task", "lm_eval.api.model")
