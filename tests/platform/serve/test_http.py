@@ -215,7 +215,7 @@ def test_lm_eval_local_completions_loglikelihood(server, local_model, tmp_path, 
             "max_length": 256,
         },
         tasks=["neoxray_tiny_loglikelihood"],
-        task_manager=TaskManager(include_path=str(tmp_path)),
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),  # not lm-eval's 14,000 tasks
         log_samples=True,
         bootstrap_iters=0,
     )
