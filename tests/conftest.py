@@ -55,6 +55,32 @@ def run_cli(*args, check=True, timeout=300, env=None):
     return proc
 
 
+def run_here(*args) -> subprocess.CompletedProcess:
+    """`neoxray ARGS` in this process, reported as `run_cli` reports a fresh one's (returncode, stdout, stderr;
+    argparse's exit status as it exits): for a test's further calls, refusals included, once a fresh process has
+    shown the command works as a user runs it. The environment and the signal handlers are restored after."""
+    import contextlib
+    import io
+    import signal
+
+    from neoxray.cli import main
+
+    env, handlers = dict(os.environ), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse's usage errors and --help
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return subprocess.CompletedProcess(["neoxray", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
 def cli_here():
     """`neoxray ARGS` in this process -> its stdout (an exit status other than 0 fails the test, with stderr):

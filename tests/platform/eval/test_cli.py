@@ -1,7 +1,9 @@
 """`neoxray eval` as a user runs it (a fresh process, offline): the model card suite end to end on local stand-ins
-of its five tasks, the results JSON (`--output`, `--json`), lm-eval's table with the card's column, and the
-one-line errors (an unknown task with the closest names, a dataset that cannot be fetched offline, a missing
-model)."""
+of its five tasks, lm-eval's table with the card's column, a dataset that cannot be fetched offline, and the one
+progress display; once those fresh processes have shown the command as a user runs it, the results JSON (`--output`,
+`--json`) and the other one-line errors (an unknown task with the closest names, a missing model, a task YAML that
+does not parse) are checked with the same command in this process (`run_here`: an interpreter start with torch and
+lm-eval costs seconds each)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.platform.eval.conftest import CARD_DIR, OFFLINE, TASKS, TASKS_DIR
+from tests.conftest import ROOT, run_here
+from tests.platform.eval.conftest import CARD_DIR, OFFLINE, TASKS, TASKS_DIR, at_root
 
 pytestmark = pytest.mark.e2e
 
@@ -31,6 +33,12 @@ def neoxray_eval(*args, check=True, timeout=300):
     if check and proc.returncode != 0:
         raise AssertionError(f"neoxray eval {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def eval_here(*args):
+    """`neoxray eval ARGS` in this process, from the repository root and offline, as `neoxray_eval` runs it."""
+    with at_root():
+        return run_here("eval", *args)
 
 
 def test_model_card_suite_end_to_end(long_model_dir, tmp_path):
@@ -65,10 +73,11 @@ def test_model_card_suite_end_to_end(long_model_dir, tmp_path):
 
 def test_json_output_equals_the_file(tiny_model_dir, tmp_path):
     out = tmp_path / "r.json"
-    proc = neoxray_eval(
+    proc = eval_here(
         "--model", str(tiny_model_dir), "--tasks", ",".join(TASKS), "--include-path", str(TASKS_DIR),
         "--limit", "3", "--json", "--output", str(out), "--bootstrap-iters", "0", "--batch-size", "4",
     )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
     printed = json.loads(proc.stdout)
     assert printed == json.loads(out.read_text())
     assert sorted(printed["results"]) == sorted(TASKS)
@@ -85,7 +94,7 @@ def one_line_error(proc) -> str:
 
 
 def test_an_unknown_task_lists_the_closest_names(tiny_model_dir):
-    proc = neoxray_eval("--model", str(tiny_model_dir), "--tasks", "lambada_openai,hellaswagg", check=False)
+    proc = eval_here("--model", str(tiny_model_dir), "--tasks", "lambada_openai,hellaswagg")
     line = one_line_error(proc)
     assert "unknown task 'hellaswagg'; did you mean: hellaswag" in line
 
@@ -99,23 +108,17 @@ def test_a_dataset_that_cannot_be_fetched_offline_says_how_to_provide_it(tiny_mo
 
 def test_a_missing_model_is_the_same_error_as_generate(tmp_path):
     missing = str(tmp_path / "nope")
-    proc = neoxray_eval("--model", missing, "--tasks", "sciq", check=False)
-    generate = subprocess.run(
-        [sys.executable, "-m", "neoxray.cli", "generate", "--model", missing, "--prompt", "x"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = eval_here("--model", missing, "--tasks", "sciq")
+    generate = run_here("generate", "--model", missing, "--prompt", "x")
     assert one_line_error(proc) == one_line_error(generate) == f"neoxray: error: model not found: {missing}"
-    usage = neoxray_eval("--model", missing, check=False)  # neither --tasks nor --suite: argparse's usage error
+    usage = eval_here("--model", missing)  # neither --tasks nor --suite: argparse's usage error
     assert usage.returncode == 2 and "one of the arguments --tasks --suite is required" in usage.stderr
 
 
 def test_a_task_yaml_that_does_not_parse_is_named(tiny_model_dir, tmp_path):
     (tmp_path / "broken.yaml").write_text("task: broken\ndataset_path: json\noutput_type: [loglikelihood\n")
     args = ["--model", str(tiny_model_dir), "--tasks", "broken", "--include-path", str(tmp_path)]
-    line = one_line_error(neoxray_eval(*args, check=False))
+    line = one_line_error(eval_here(*args))
     assert line.startswith(f"neoxray: error: --include-path {tmp_path}: {tmp_path / 'broken.yaml'}: invalid YAML at ")
 
 
