@@ -16,7 +16,7 @@ from neoxray.model.decoding import SamplingParams
 from neoxray.model.hf import load_model_and_tokenizer
 from neoxray.platform.inference.engine import InferenceEngine
 from neoxray.platform.inference.request import EngineConfig, Request
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, run_here
 from tests.support.serving import Server, wait_until
 
 
@@ -51,22 +51,24 @@ def test_serve_cli_refuses_a_missing_model_before_starting_anything():
     proc = run_cli("serve", "--model", "no/such/model", check=False, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == ["neoxray: error: model not found: no/such/model"]
-    proc = run_cli("serve", "--model", "no/such/model", "--replicas", "0", check=False, timeout=120)
+    proc = run_here("serve", "--model", "no/such/model", "--replicas", "0")  # the same command, in this process
     assert proc.returncode == 1 and "num_replicas" in proc.stderr
 
 
 @pytest.mark.e2e  # runs the CLI in a child process
 def test_serving_beyond_this_machine_without_a_key_says_so_in_one_line():
     """`--host 0.0.0.0` without a key lets anyone who reaches the port use the model: one warning line, before
-    anything starts (here the model is missing, so nothing binds). With a key, or on 127.0.0.1, no warning."""
+    anything starts (here the model is missing, so nothing binds). With a key, or on 127.0.0.1, no warning. A fresh
+    process shows the warning as a user sees it; the other calls of the same command run in this process."""
     missing = "neoxray: error: model not found: no/such/model"
     for extra in ([], ["--no-ray"]):
-        proc = run_cli("serve", "--model", "no/such/model", "--host", "0.0.0.0", *extra, check=False, timeout=120)
+        args = ["serve", "--model", "no/such/model", "--host", "0.0.0.0", *extra]
+        proc = run_here(*args) if extra else run_cli(*args, check=False, timeout=120)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 1 and lines[-1] == missing, proc.stderr[-2000:]
         warnings = [line for line in lines[:-1] if "0.0.0.0" in line]
         assert len(warnings) == 1 and "--api-key" in warnings[0], lines
-        keyed = run_cli("serve", "--model", "no/such/model", "--host", "0.0.0.0", "--api-key", "k", *extra, check=False)
+        keyed = run_here("serve", "--model", "no/such/model", "--host", "0.0.0.0", "--api-key", "k", *extra)
         assert keyed.stderr.strip().splitlines() == [missing], keyed.stderr[-2000:]
 
 
