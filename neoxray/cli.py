@@ -224,6 +224,7 @@ def cmd_serve(args) -> None:
         api_key=args.api_key,
         allowed_lora_path=args.allowed_lora_path,
         allow_unauthenticated_lora_updates=args.allow_unauthenticated_lora_updates,
+        chat_template=args.chat_template,
         device=args.device,
         dtype=args.dtype,
         tensor_parallel_size=args.tensor_parallel_size,

@@ -419,6 +419,13 @@ def _serve(sub) -> None:
         help="runtime adapter loads (POST /v1/load_lora_adapter) read only under DIR (default: none, loads refused)",
     )
     sv.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE_OR_STRING",
+        help="the template of /v1/chat/completions for every model: a Jinja file, a model directory, the template "
+        "itself, or 'default' (neoxray's plain turns); default: each model's own (400 for a model with none)",
+    )
+    sv.add_argument(
         "--allow-unauthenticated-lora-updates",
         action="store_true",
         help="leave the runtime adapter routes open without --api-key (default: off, they answer 403 without a key)",

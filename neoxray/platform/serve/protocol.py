@@ -55,15 +55,18 @@ class StructuredOutputs(_Strict):
     """A JSON schema (an object, or its JSON text)."""
     regex: str | None = None
     choice: list[str] | None = Field(None, min_length=1, max_length=1024)
+    grammar: str | None = None
+    """A Lark grammar (or llama.cpp's GBNF) the text must follow."""
     json_object: StrictBool | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     @model_validator(mode="after")
     def _one(self):
-        given = [k for k in ("json_", "regex", "choice", "json_object") if getattr(self, k) not in (None, False)]
+        kinds = ("json_", "regex", "choice", "grammar", "json_object")
+        given = [k for k in kinds if getattr(self, k) not in (None, False)]
         if len(given) != 1:
-            raise ValueError("give exactly one of json, regex, choice, json_object")
+            raise ValueError("give exactly one of json, regex, choice, grammar, json_object")
         if self.choice is not None and any(not c for c in self.choice):
             raise ValueError("choice: the choices must not be empty")
         return self
@@ -99,7 +102,8 @@ class SamplingRequest(_Strict):
     """OpenAI's structured output: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema",
     "json_schema": {"name", "schema", "strict"}}: every token is chosen so the answer stays valid."""
     structured_outputs: StructuredOutputs | None = None
-    """Extension (as in vLLM): constrain the answer to one of `choice`, to `regex`, or to the JSON schema `json`."""
+    """Extension (as in vLLM): constrain the answer to one of `choice`, to `regex`, to the JSON schema `json`, to
+    the Lark `grammar`, or to any JSON object (`json_object`)."""
     user: str | None = None
 
     @field_validator("stop")
