@@ -1,9 +1,9 @@
 """`neoxray eval` as a user runs it (a fresh process, offline): the model card suite end to end on local stand-ins
 of its five tasks, lm-eval's table with the card's column, a dataset that cannot be fetched offline, and the one
-progress display; once those fresh processes have shown the command as a user runs it, the results JSON (`--output`,
-`--json`) and the other one-line errors (an unknown task with the closest names, a missing model, a task YAML that
-does not parse) are checked with the same command in this process (`run_here`: an interpreter start with torch and
-lm-eval costs seconds each)."""
+progress display; once those fresh processes have shown the command as a user runs it, --verbose's displays, the
+results JSON (`--output`, `--json`) and the other one-line errors (an unknown task with the closest names, a
+missing model, a task YAML that does not parse) are checked with the same command in this process (`run_here`: an
+interpreter start with torch and lm-eval costs seconds each)."""
 
 from __future__ import annotations
 
@@ -100,7 +100,12 @@ def test_an_unknown_task_lists_the_closest_names(tiny_model_dir):
 
 
 def test_a_dataset_that_cannot_be_fetched_offline_says_how_to_provide_it(tiny_model_dir):
-    proc = neoxray_eval("--model", str(tiny_model_dir), "--tasks", "sciq", check=False)
+    """lm-eval's own sciq task, its folder alone indexed (--include-path: the whole index, 14,000 tasks, costs
+    seconds; the unknown-task test goes through it)."""
+    import lm_eval.tasks
+
+    sciq = Path(lm_eval.tasks.__file__).parent / "sciq"
+    proc = neoxray_eval("--model", str(tiny_model_dir), "--tasks", "sciq", "--include-path", str(sciq), check=False)
     line = one_line_error(proc)
     assert line.startswith("neoxray: error: task sciq: cannot load dataset allenai/sciq (")
     assert "HF_DATASETS_OFFLINE=1" in line and "--include-path" in line
@@ -139,5 +144,5 @@ def test_one_progress_display_unless_verbose(tiny_model_dir, tmp_path):
     bars = [line for line in quiet.replace("\r", "\n").splitlines() if "it/s]" in line or "examples/s]" in line]
     assert all(line.startswith("neoxray loglikelihood") for line in bars), bars
     (tmp_path / "data.jsonl").write_text("\n".join(reversed(lines)) + "\n")  # unseen again
-    loud = neoxray_eval(*args, "--bootstrap-iters", "0", "--verbose").stderr
+    loud = eval_here(*args, "--bootstrap-iters", "0", "--verbose").stderr  # the same command, in this process
     assert "Generating test split" in loud and "Tokenizing inputs" in loud and "neoxray loglikelihood" in loud
