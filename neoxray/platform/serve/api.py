@@ -43,7 +43,7 @@ from neoxray.platform.serve.serving_tokenization import TokenizationServing
 
 APIS = (CompletionServing, ChatServing, EmbeddingServing, TokenizationServing, ModelServing, AdapterServing)
 """Each API of the server: a class over the shared request context, with its own routes."""
-OPEN_ROUTES = frozenset({("GET", "/health"), ("GET", "/")})
+OPEN_ROUTES = frozenset((method, path) for method in ("GET", "HEAD") for path in ("/health", "/"))
 """What answers without the API key: the health check, and the page (whose API calls carry the key)."""
 
 

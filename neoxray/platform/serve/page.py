@@ -30,7 +30,7 @@ HEADERS = {
 router = APIRouter()
 
 
-@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+@router.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
 async def chat_page() -> HTMLResponse:
     """The chat page (HTML), with headers that keep it to its own server."""
     return HTMLResponse(PAGE, headers=HEADERS)

@@ -157,6 +157,8 @@ def test_every_refusal_is_one_openai_error(served):
         nokey.chat.completions.create(model="tiny", messages=MESSAGES)
     r = requests.post(srv.url + "/v1/chat/completions", json={"messages": MESSAGES, "stream": 1}, timeout=60)
     assert r.status_code == 401  # the key is checked before the body is read
+    assert requests.head(srv.url + "/", timeout=60).status_code == 200  # the page (and /health) need no key
+    assert requests.head(srv.url + "/v1/models", timeout=60).status_code == 401
     assert client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2).choices  # still serving
 
 
