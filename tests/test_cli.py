@@ -13,7 +13,7 @@ from transformers import GPTNeoXForCausalLM
 
 from neoxray.model.generate import score
 from neoxray.model.hf import load_model_and_tokenizer
-from tests.conftest import ROOT, SHARED_TOKENIZER, run_cli
+from tests.conftest import ROOT, SHARED_TOKENIZER, run_cli, run_here
 
 pytestmark = pytest.mark.e2e  # every test runs the CLI in a real process
 
@@ -66,9 +66,10 @@ def test_generate_json_greedy_matches_transformers(tiny_model_dir):
     )[0, len(ids) :].tolist()
     assert out["token_ids"] == expect
     assert out["text"] == tok.decode([t for t in expect if t != tok.eod_id])
-    plain = run_cli(
+    plain = run_here(  # the same command, in this process
         "generate", "--model", str(tiny_model_dir), "--prompt", prompt, "--max-new-tokens", "16", "--greedy"
     )
+    assert plain.returncode == 0, plain.stderr
     assert plain.stdout.startswith(prompt)
 
 
@@ -89,7 +90,8 @@ def test_generate_sampling_with_seed_is_reproducible(tiny_model_dir):
         "5",
         "--json",
     )
-    assert json.loads(run_cli(*args).stdout) == json.loads(run_cli(*args).stdout)
+    again = run_here(*args)  # a second run, in this process: the seed alone decides
+    assert again.returncode == 0 and json.loads(run_cli(*args).stdout) == json.loads(again.stdout)
 
 
 def test_score_json(tiny_model_dir):
@@ -136,7 +138,7 @@ def test_tokenizer_train_then_model_init_then_generate(tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["architectures"] == ["GPTNeoXForCausalLM"] and cfg["eos_token_id"] == 0
     out = json.loads(
-        run_cli(
+        run_here(  # generate as a user runs it: the tests above; here on the new model, in this process
             "generate",
             "--model",
             str(tmp_path / "m"),
@@ -151,16 +153,8 @@ def test_tokenizer_train_then_model_init_then_generate(tmp_path):
     )
     assert 1 <= len(out["token_ids"]) <= 5
     assert_clean_error(
-        run_cli(
-            "tokenizer",
-            "train",
-            "--input",
-            str(tmp_path / "nope.jsonl"),
-            "--vocab-size",
-            "300",
-            "--output",
-            str(tmp_path / "t2"),
-            check=False,
+        in_process(
+            "tokenizer", "train", "--input", tmp_path / "nope.jsonl", "--vocab-size", "300", "--output", tmp_path / "t2"
         ),
         "nope.jsonl",
     )
@@ -192,19 +186,15 @@ def test_lora_flags_errors_are_one_line(tmp_path, tiny_model_dir):
         run_cli("generate", "--model", str(tiny_model_dir), "--lora", missing, "--prompt", "x", check=False),
         "no-adapter",
     )
-    assert_clean_error(
-        run_cli("serve", "--model", str(tiny_model_dir), "--lora", "just-a-dir", "--no-ray", check=False), "NAME=DIR"
-    )
-    assert_clean_error(
-        run_cli("serve", "--model", str(tiny_model_dir), "--lora", f"a={missing}", "--no-ray", check=False),
-        "no-adapter",
-    )
+    # the first refusal above in a fresh process; serve's through the same `main` here
+    assert_clean_error(run_here("serve", "--model", tiny_model_dir, "--lora", "just-a-dir", "--no-ray"), "NAME=DIR")
+    assert_clean_error(run_here("serve", "--model", tiny_model_dir, "--lora", f"a={missing}", "--no-ray"), "no-adapter")
 
 
 def test_train_overrides_after_an_option_reach_the_config(tmp_path):
     """`... --run-dir D KEY=VALUE`: the override after the option is read as one (here an unknown key, refused
     by the config loader in one line naming it), not refused by argparse as an unrecognized argument."""
-    proc = run_cli(
+    proc = run_here(  # the CLI's own argv parsing and refusal, in this process
         "train",
         "--config",
         str(ROOT / "configs" / "tiny-cpu.yaml"),
@@ -212,7 +202,6 @@ def test_train_overrides_after_an_option_reach_the_config(tmp_path):
         "--run-dir",
         str(tmp_path / "run"),
         "train.stepz=6",
-        check=False,
     )
     assert_clean_error(proc, "train.stepz", "train.steps")
     assert not (tmp_path / "run").exists()
