@@ -11,7 +11,7 @@ import torch
 from neoxray.errors import NeoxrayError
 from neoxray.model.config import ModelConfig, get_preset, pad_vocab, preset_names
 from neoxray.model.gptneox import GPTNeoX, build_model, cross_entropy
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_here
 
 
 def meta_count(config) -> int:
@@ -197,5 +197,5 @@ def test_cli_model_info_json(cli_here):
     assert out["memory_bytes"]["adam_states_fp32"] == 8 * out["parameters"]
     text = cli_here("model", "info", "pythia-70m")
     assert "70,426,624" in text and "GiB" in text
-    bad = run_cli("model", "info", "nope", check=False)
+    bad = run_here("model", "info", "nope")  # the same command, in this process
     assert bad.returncode != 0 and "unknown model preset" in bad.stderr and "Traceback" not in bad.stderr

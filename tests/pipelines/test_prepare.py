@@ -22,7 +22,7 @@ from neoxray.errors import NeoxrayError
 from neoxray.pipelines.dataset_format import MANIFEST, token_dtype
 from neoxray.pipelines.packed_dataset import PackedDataset
 from neoxray.pipelines.prepare import prepare
-from tests.conftest import SAMPLE, run_cli
+from tests.conftest import SAMPLE, run_cli, run_here
 from tests.pipelines.conftest import (
     expected_streams,
     first_two,
@@ -302,9 +302,10 @@ def test_cli_prepare_runs_and_errors_are_one_line(ray_local, crafted, tok_file, 
     foreign = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("prepare: ")]
     assert not foreign, proc.stderr
     assert json.loads((out / MANIFEST).read_text())["rows"] == summary["rows"]
-    again = run_cli(*prepare_argv(root / "a.jsonl", tok_file, out))
-    assert "nothing to do" in again.stderr
-    missing = run_cli(*prepare_argv(tmp_path / "missing.jsonl", tok_file, tmp_path / "o"), check=False)
+    # the same command again, and with a missing input, in this process
+    again = run_here(*prepare_argv(root / "a.jsonl", tok_file, out))
+    assert again.returncode == 0 and "nothing to do" in again.stderr, again.stderr
+    missing = run_here(*prepare_argv(tmp_path / "missing.jsonl", tok_file, tmp_path / "o"))
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     lines = [line for line in missing.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "missing.jsonl" in lines[0], missing.stderr

@@ -22,7 +22,7 @@ from neoxray.pipelines.packing import ChunkStreams, pack_file
 from neoxray.pipelines.pile import PROMPT_COMPLETION_BAD_ROW_REASONS, iter_prompt_completions
 from neoxray.pipelines.prepare import prepare
 from neoxray.pipelines.reader import BlendedDataset, iter_batches
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, run_here
 from tests.pipelines.conftest import (
     INSTRUCTIONS,
     expected_pc_streams,
@@ -356,7 +356,7 @@ def test_cli_prepare_format_prompt_completion(ray_local, tok_file, tmp_path):
     proc = run_cli(*args, "--format", "prompt-completion", "--output", str(tmp_path / "o"), "--json", env=env)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["format"] == "prompt-completion" and summary["documents"] == 400 and summary["bad_rows"] == {}
-    bad = run_cli(*args, "--format", "csv", "--output", str(tmp_path / "p"), check=False, env=env)
+    bad = run_here(*args, "--format", "csv", "--output", str(tmp_path / "p"))  # the same command, in this process
     lines = [line for line in bad.stderr.splitlines() if line.strip()]
     assert bad.returncode == 1 and len(lines) == 1 and "--format 'csv'" in lines[0], bad.stderr
 

@@ -10,7 +10,6 @@ docs/reliability.md lists each abuse, what happened before, and the test here th
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import urllib.error
@@ -20,7 +19,7 @@ import pytest
 import requests
 
 from neoxray.platform.train.distributed import free_port
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_here
 from tests.support.serving import Server, cancellations, start_server, stop_server, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -360,7 +359,7 @@ def test_a_non_streamed_request_whose_replica_dies_gets_503(parked, ray_local):
 
 
 # ------------------------------------------------------------------------------------------- API key
-def test_an_empty_api_key_is_refused(tiny_model_dir):
+def test_an_empty_api_key_is_refused(tiny_model_dir, monkeypatch):
     from pydantic import ValidationError
 
     from neoxray.platform.serve.app import ServeArgs
@@ -375,7 +374,8 @@ def test_an_empty_api_key_is_refused(tiny_model_dir):
         "neoxray: error: serve: api_key: must not be empty: an empty key would turn authentication off "
         "(omit it for no key)"
     ]
-    proc = run_cli(*common, check=False, timeout=120, env={**os.environ, "NEOXRAY_API_KEY": ""})
+    monkeypatch.setenv("NEOXRAY_API_KEY", "")
+    proc = run_here(*common)  # the same command, in this process
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         "neoxray: error: NEOXRAY_API_KEY is set but empty: an empty key would turn authentication off "
         "(unset NEOXRAY_API_KEY for no key)"

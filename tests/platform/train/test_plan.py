@@ -31,7 +31,7 @@ from neoxray.platform.train.plan import (
     stage_parameters,
     step_time,
 )
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_here
 from tests.test_cli import assert_clean_error
 
 NEOX_20B = dict(cluster=Cluster(gpus=96, gpu_memory_gib=40, gpus_per_node=8), training=Training(global_batch=1536))
@@ -241,16 +241,15 @@ def test_cli_plan_json_and_table(cli_here):
 
 @pytest.mark.e2e
 def test_cli_plan_errors_are_one_line():
+    """Through the CLI's own `main`, in this process (`plan` runs in a fresh one in test_cli_plan_json_and_table)."""
     assert_clean_error(
-        run_cli("plan", "neox-21b", "--gpus", "8", "--gpu-memory", "40", check=False), "unknown model preset 'neox-21b'"
+        run_here("plan", "neox-21b", "--gpus", "8", "--gpu-memory", "40"), "unknown model preset 'neox-21b'"
     )
     assert_clean_error(
-        run_cli("plan", "tiny", "--gpus", "0", "--gpu-memory", "40", check=False),
+        run_here("plan", "tiny", "--gpus", "0", "--gpu-memory", "40"),
         "number of GPUs must be a positive integer, got 0",
     )
-    assert_clean_error(
-        run_cli("plan", "tiny", "--gpus", "4", "--gpu-memory", "-1", check=False), "GPU memory must be > 0"
-    )
+    assert_clean_error(run_here("plan", "tiny", "--gpus", "4", "--gpu-memory", "-1"), "GPU memory must be > 0")
 
 
 # ---------------------------------------------------------------------------------------------------------
