@@ -22,6 +22,9 @@ run benchmarks/train_throughput.py --preset neox-20b --layers 4 --micro-batch 4 
 run benchmarks/serve_throughput.py --preset pythia-1.4b --mode engine --device cuda --dtype bf16 --clients 1,32 --requests-per-client 1 --prompt-len 128 --max-tokens 128 --hf-single-requests 2 --static-batches 32 --json "$OUT/serve_p14.json"
 run benchmarks/serve_throughput.py --preset pythia-1.4b --mode engine --device cuda --dtype bf16 --loras 4 --clients 32 --requests-per-client 1 --prompt-len 128 --max-tokens 128 --json "$OUT/serve_lora_p14.json"
 run benchmarks/serve_throughput.py --preset neox-20b --mode engine --device cuda --dtype bf16 --clients 1,16 --requests-per-client 1 --prompt-len 128 --max-tokens 128 --hf-single-requests 2 --static-batches 16 --json "$OUT/serve_20b.json"
+# structured output: decoding tokens/s with and without a JSON schema or a regex (llguidance's masks, CPU-computed,
+# over the 50k vocabulary; applied on the GPU), batch 1 and 32
+run benchmarks/structured_output.py --preset pythia-1.4b --device cuda --dtype bf16 --batches 1,32 --max-tokens 128 --json "$OUT/structured_p14.json"
 # weight-only quantization (torchao) of neoxray's linears against transformers' generate on the bf16 weights: the
 # 20B shape's first 4 layers at batch 1 and 16 in int8 and int4 (bf16: serve_20b above), then the full model in int8
 for q in int8_weight_only int4_weight_only; do

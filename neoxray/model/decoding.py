@@ -177,11 +177,14 @@ def apply_token_bitmask(logits: torch.Tensor, rows: Sequence[int], bitmask: torc
     llguidance and xgrammar fill). A row that allows no token keeps `fallback` (the end-of-document token), so
     that sampling from it stays defined."""
     dev, vocab = logits.device, logits.shape[-1]
-    shifts = torch.arange(32, dtype=torch.int32, device=dev)
-    allowed = ((bitmask.to(dev)[:, :, None] >> shifts) & 1).flatten(1)[:, :vocab].bool()  # [r, V]
-    allowed[~allowed.any(dim=-1), fallback] = True
-    idx = torch.as_tensor(list(rows), dtype=torch.long, device=dev)
-    logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+    bits = torch.tensor([1 << j for j in range(31)] + [-(1 << 31)], dtype=torch.int32, device=dev)
+    blocked = (bitmask.to(dev)[:, :, None] & bits).eq(0).flatten(1)[:, :vocab]  # [r, V]
+    blocked[:, fallback] &= ~blocked.all(dim=-1)
+    if len(rows) == logits.shape[0] and list(rows) == list(range(len(rows))):
+        logits.masked_fill_(blocked, float("-inf"))
+    else:
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=dev)
+        logits[idx] = logits[idx].masked_fill(blocked, float("-inf"))
 
 
 def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], generators) -> torch.Tensor:
