@@ -119,6 +119,21 @@ def train(data, run_dir, *extra, check=True, env=None):
     return run_cli(*args, check=check, env=env)
 
 
+def plan_here(data, run_dir, *extra) -> str:
+    """The refusal of `train`'s run (`SMALL` and `extra`) by the driver's plan (`preflight.plan_run`, what
+    `neoxray train` runs first, on Ray and without), in this process: its message, one line. For a test's further
+    refusals once a fresh process has shown one as a user sees it."""
+    from neoxray.errors import NeoxrayError
+    from neoxray.platform.train.config import load_run_config
+    from neoxray.platform.train.preflight import plan_run
+
+    cfg = load_run_config(None, [*SMALL, f"data.path={data}", *extra])
+    with pytest.raises(NeoxrayError) as e:
+        plan_run(cfg, str(run_dir), lambda line: None)
+    assert "\n" not in str(e.value), str(e.value)
+    return str(e.value)
+
+
 def tree(root: Path) -> dict[str, str]:
     """Every file under `root` -> its sha256: to show a refused run touched nothing."""
     return {
