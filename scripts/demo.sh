@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The embedded default, end to end on a CPU, offline: tokenizer -> Ray Data prepare -> 3D-parallel training
 # (dp 2 x tp 2 x pp 2 on a local Ray cluster) -> export to a Hugging Face directory -> generation -> evaluation
-# with lm-evaluation-harness on a held-out task -> a LoRA fine-tune of the trained model on the bundled
-# prompt-completion sample (loss on completions only), exported as a peft adapter -> serving the model and its
-# adapter side by side on Ray Serve behind an OpenAI-compatible endpoint, one completion request to each.
+# with lm-evaluation-harness on a held-out task -> a LoRA chat fine-tune of the trained model on the bundled
+# conversations (loss on the assistant's turns only), exported as a peft adapter with its chat template -> serving
+# the model and its adapter side by side on Ray Serve behind an OpenAI-compatible endpoint (a completion to the
+# model, a chat completion to the adapter; the same model again split over 2 workers with int8 weights), and last
+# the openai client: a streamed chat with the adapter and an answer held to a JSON schema.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${NEOXRAY_VENV:-.venv}"
@@ -40,21 +42,22 @@ python scripts/heldout_task.py "$SAMPLE" "$RUN/eval"
 neoxray eval --model "$RUN/model" --tasks neoxray_heldout_lastword --include-path "$RUN/eval" --bootstrap-iters 0 \
     --output "$RUN/eval/results.json"
 
-echo "== 7/9 prepare instruction data: the bundled prompt-completion sample, a loss mask on the completions -> $RUN/sft-data"
-neoxray prepare --format prompt-completion --input neoxray/pipelines/sample/instructions.jsonl \
-    --tokenizer "$RUN/tokenizer" --seq-len 128 --output "$RUN/sft-data"
+echo "== 7/9 prepare conversations: the bundled chat sample through neoxray's default template, the loss on the assistant's turns -> $RUN/chat-data"
+neoxray prepare --format chat --input neoxray/pipelines/sample/conversations.jsonl \
+    --tokenizer "$RUN/tokenizer" --seq-len 128 --val-fraction 0.1 --output "$RUN/chat-data" --overwrite
 
-echo "== 8/9 LoRA: rank-8 adapters on the frozen trained model, dp 2 x tp 2 x pp 2, then export a peft adapter -> $RUN/adapter"
+echo "== 8/9 LoRA: a rank-8 chat adapter on the frozen trained model, dp 2 x tp 2 x pp 2, then export a peft adapter (with its chat template) -> $RUN/adapter"
 rm -rf "$RUN/lora"
 neoxray train --config configs/lora-cpu.yaml --run-dir "$RUN/lora" model.init_from="$RUN/model" \
-    data.path="$RUN/sft-data" train.steps="${NEOXRAY_DEMO_LORA_STEPS:-30}"
+    data.path="$RUN/chat-data" train.steps="${NEOXRAY_DEMO_LORA_STEPS:-30}"
 neoxray export --checkpoint "$RUN/lora" --out "$RUN/adapter"
+python -c 'import json, sys; print("adapter chat template:", repr(json.load(open(sys.argv[1]))["chat_template"][:60]), "...")' "$RUN/adapter/tokenizer_config.json"
 echo "checkpoint (adapters only): $(du -sh "$(ls -d "$RUN"/lora/checkpoint-step-* | tail -1)" | cut -f1); base model: $(du -sh "$RUN/model" | cut -f1)"
 
 PORT="${NEOXRAY_DEMO_PORT:-8000}"
 URL="http://127.0.0.1:$PORT"
 echo "== 9/9 serve: Ray Serve hosts the model and its adapter at $URL/v1 (OpenAI-compatible); one request to each"
-neoxray serve --model "$RUN/model" --lora sft="$RUN/adapter" --port "$PORT" --name demo >"$RUN/serve.log" 2>&1 &
+neoxray serve --model "$RUN/model" --lora chat="$RUN/adapter" --port "$PORT" --name demo >"$RUN/serve.log" 2>&1 &
 SERVE_PID=$!
 # SIGTERM, not SIGINT: a non-interactive shell starts background jobs with SIGINT ignored
 stop_serving() { status=$?; { kill -TERM "$SERVE_PID" 2>/dev/null && wait "$SERVE_PID" 2>/dev/null; } || true; exit "$status"; }
@@ -68,9 +71,9 @@ curl -sSf "$URL/v1/models" | python -c 'import json, sys; print("models:", [(m["
 REQUEST='{"model": "demo", "prompt": "def __init__(self", "max_tokens": 40, "temperature": 0.7, "top_p": 0.95, "seed": 0}'
 echo "POST $URL/v1/completions $REQUEST"
 curl -sSf "$URL/v1/completions" -H "Content-Type: application/json" -d "$REQUEST" | python -m json.tool
-REQUEST='{"model": "sft", "prompt": "Question: What is 12 + 7?\nAnswer:", "max_tokens": 8, "temperature": 0}'
-echo "POST $URL/v1/completions $REQUEST   (the LoRA adapter)"
-curl -sSf "$URL/v1/completions" -H "Content-Type: application/json" -d "$REQUEST" | python -m json.tool
+REQUEST='{"model": "chat", "messages": [{"role": "user", "content": "What is 12 + 7?"}], "max_tokens": 16, "temperature": 0}'
+echo "POST $URL/v1/chat/completions $REQUEST   (the LoRA adapter, its own chat template)"
+curl -sSf "$URL/v1/chat/completions" -H "Content-Type: application/json" -d "$REQUEST" | python -m json.tool
 
 PORT2=$((PORT + 1))
 URL2="http://127.0.0.1:$PORT2"
@@ -95,6 +98,9 @@ for u in "$URL" "$URL2"; do
   curl -sSf "$u/v1/completions" -H "Content-Type: application/json" -d "$REQUEST" | python -c 'import json, sys; print(repr(json.load(sys.stdin)["choices"][0]["text"]))'
 done
 
+echo "== chat through the openai client: a streamed chat completion with the adapter, then a JSON-schema answer"
+python scripts/demo_chat.py "$URL/v1" chat
+
 cat <<MSG
 
 run directory     $RUN/train  (config.yaml, metrics.jsonl, TensorBoard event files in tensorboard/)
@@ -114,11 +120,11 @@ exported model    $RUN/model  (transformers.AutoModelForCausalLM.from_pretrained
 evaluation        $RUN/eval/results.json  (lm-eval's results; neoxray eval --suite model-card for the card's table)
 LoRA run          $RUN/lora  (adapter-only checkpoints); peft adapter $RUN/adapter
                   (peft.PeftModel.from_pretrained(base, "$RUN/adapter"); docs/finetuning.md)
-endpoint          $URL/v1 served both, "model": "demo" and "model": "sft" (log: $RUN/serve.log); $URL2/v1
+endpoint          $URL/v1 served both, "model": "demo" and "model": "chat" (log: $RUN/serve.log); $URL2/v1
                   the same model over 2 tensor-parallel workers with int8 weights (log: $RUN/serve-tp2-int8.log);
                   \`neoxray plan neox-20b --serve --gpu-memory 80 --max-num-seqs 8\` says what fits where; serve them
-                  again with 'neoxray serve --model $RUN/model --lora sft=$RUN/adapter' and point any OpenAI
-                  client at that URL
+                  again with 'neoxray serve --model $RUN/model --lora chat=$RUN/adapter', point any OpenAI
+                  client at that URL, or open $URL/ in a browser to chat with the adapter (docs/serving.md)
 MSG
 if [ -n "${NEOXRAY_DEMO_KEEP_SERVING:-}" ]; then
   echo "serving at $URL/v1 until Ctrl-C"
