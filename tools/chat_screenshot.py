@@ -5,7 +5,7 @@ the messages into the page, waits for each streamed answer to end, saves the pag
 process it started).
 
     .venv/bin/pip install playwright          # the Python driver only; the browser is Debian's chromium
-    .venv/bin/python tools/chat_screenshot.py --model runs/demo/model --lora sft=runs/demo/adapter
+    .venv/bin/python tools/chat_screenshot.py --model runs/demo/model --lora chat=runs/demo/adapter --pick chat
 
 Greedy answers (temperature 0), so that the same model gives the same picture. Not a test: the page's test is
 tests/platform/serve/test_page.py.
