@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 from pathlib import Path
 
 import yaml
@@ -53,7 +54,16 @@ def task_manager(names: list[str], include_path: list[str] | None = None):
         index = local.task_index
         if all(n in index and index[n].kind in (Kind.TASK, Kind.PY_TASK) for n in names):
             return local
-    return TaskManager(include_path=paths or None)
+    return TaskManager(include_path=paths) if paths else _builtin_tasks()
+
+
+@functools.cache
+def _builtin_tasks():
+    """lm-eval's index of its own ~14,000 tasks, built once per process (10-30 s each time on a small machine;
+    a training run evaluates every checkpoint): lm-eval copies a task's config when it loads it."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
 
 
 class _TaskYamlLoader(yaml.SafeLoader):

@@ -170,3 +170,30 @@ def test_suite_rows_name_lm_evals_tasks_metrics_and_filters():
             metrics = cfg.get("metric_list") or cfg.get("aggregate_metric_list")
             assert metric in [m["metric"] for m in metrics], row
             assert filt == "none" or filt in [f["name"] for f in cfg["filter_list"]], row
+
+
+def test_lm_evals_own_index_is_built_once_per_process(monkeypatch, tmp_path):
+    """Indexing lm-eval's ~14,000 built-in tasks takes 10-30 s here; a training run evaluates every checkpoint, so
+    the index of the built-in tasks is built once (an include path is indexed afresh each time: its files may
+    change). Counted on a stand-in for lm-eval's TaskManager, so the test does not pay for the index itself."""
+    import lm_eval.tasks
+
+    from neoxray.platform.eval import tasks
+
+    built = []
+
+    class Counting:
+        def __init__(self, include_path=None, include_defaults=True):
+            built.append(include_path)
+            self.task_index = {}
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Counting)
+    tasks._builtin_tasks.cache_clear()
+    try:
+        first = tasks.task_manager(["hellaswag"])
+        assert tasks.task_manager(["arc_easy", "piqa"]) is first and built == [None]
+        tasks.task_manager(["mine"], [str(tmp_path)])
+        tasks.task_manager(["mine"], [str(tmp_path)])
+        assert built == [None] + [[str(tmp_path)]] * 4  # include paths: the local index, then with the built-ins
+    finally:
+        tasks._builtin_tasks.cache_clear()
