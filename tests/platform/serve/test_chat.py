@@ -19,6 +19,7 @@ from tests.support.serving import Server
 pytestmark = pytest.mark.e2e  # a real HTTP server and client
 
 KEY = "chat-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}{{ p['text'] }}"
@@ -82,6 +83,19 @@ def test_greedy_chat_equals_a_greedy_completion_of_the_prompt_transformers_rende
         assert chat.usage.prompt_tokens == len(ids) == completion.usage.prompt_tokens
         assert chat.usage.completion_tokens == completion.usage.completion_tokens
         assert chat.object == "chat.completion" and chat.id.startswith("chatcmpl-") and chat.model == "tiny"
+    # the sampling controls and stop strings are the completion route's: a bias forces a token, a stop ends there
+    srv, _ = served
+    (a,) = requests.post(srv.url + "/tokenize", json={"prompt": "A"}, headers=AUTH, timeout=60).json()["tokens"]
+    forced = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=4, logit_bias={str(a): 100}, extra_body={"ignore_eos": True}
+    )
+    assert forced.choices[0].message.content == "A" * 4
+    plain = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=12)
+    text = plain.choices[0].message.content
+    stopped = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, temperature=0, max_tokens=12, stop=[text[3:6]]
+    )
+    assert stopped.choices[0].message.content == text[:3] and stopped.choices[0].finish_reason == "stop"
     # max_tokens (OpenAI's older name) bounds the answer too
     short = client.chat.completions.create(
         model="tiny", messages=MESSAGES, max_tokens=3, extra_body={"ignore_eos": True}
