@@ -5,6 +5,7 @@ weight is read; a worker that dies fails its requests and the engine."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -15,7 +16,7 @@ from neoxray.errors import NeoxrayError
 from neoxray.model.decoding import SamplingParams
 from neoxray.model.peft_format import read_peft_adapter
 from neoxray.platform.inference.engine import InferenceEngine
-from neoxray.platform.inference.request import EngineConfig, EngineDead, Request
+from neoxray.platform.inference.request import EngineConfig, EngineDead, Request, StructuredOutput
 from tests.support.peft_reference import write_peft_adapters
 
 GREEDY = SamplingParams(greedy=True, stop_at_eod=False)
@@ -55,6 +56,21 @@ def test_two_workers_answer_as_one_process(engines):
             lp_x = [e.logprob for e in x.prompt_logprobs or [] if e.logprob is not None]
             lp_y = [e.logprob for e in y.prompt_logprobs or [] if e.logprob is not None]
             assert len(lp_x) == len(lp_y) and torch.allclose(torch.tensor(lp_x), torch.tensor(lp_y), atol=1e-4)
+    # structured output: the grammar masks the gathered logits in the engine's process, whatever the workers
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["n"],
+    }
+
+    def constrained():
+        spec = StructuredOutput.json_schema(schema)
+        reqs = [Request(p, max_tokens=24, sampling=GREEDY, lora=names[0], structured=spec) for p in PROMPTS[:3]]
+        return reqs + [Request(PROMPTS[3], max_tokens=8, sampling=GREEDY, structured=StructuredOutput.choice("ab"))]
+
+    a, b = one.run_until_done(constrained()), two.run_until_done(constrained())
+    assert [x.token_ids for x in a] == [y.token_ids for y in b] and {x.finish_reason for x in a} == {"stop"}
+    assert all(0 <= json.loads(x.text)["n"] <= 99 for x in a[:3]) and a[3].text in ("a", "b")
     base = [c.token_ids for c in one.run_until_done(requests_for(None)[:5])]
     assert base != [c.token_ids for c in two.run_until_done(requests_for(names[0])[:5])]  # the adapter is applied
     d1, d2 = one.describe(), two.describe()
