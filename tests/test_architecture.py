@@ -85,6 +85,17 @@ RULES: list[tuple[list[str], list[str], str]] = [
     ),
     (INFERENCE, ["ray", "fastapi", "deepspeed", "uvicorn"], "the inference engine runs without Ray"),
     (TRAIN_ENGINE, ["ray"], "the training engine runs without Ray"),
+    (
+        [
+            "neoxray.model",
+            "neoxray.pipelines",
+            "neoxray.platform.serve",
+            "neoxray.platform.train",
+            "neoxray.platform.eval",
+        ],
+        ["llguidance", "xgrammar"],
+        "structured output's grammar library stays inside the inference engine",
+    ),
     (["neoxray.model", "neoxray.pipelines", "neoxray.platform"], ["neoxray.cli"], "only the entry point is the CLI"),
 ]
 
