@@ -57,6 +57,9 @@ class SamplingParams:
     stop: Sequence[str] = field(default_factory=tuple)
     """Stop strings: generation ends when the text contains one; the returned text ends before it."""
     stop_at_eod: bool = True
+    stop_token_ids: Sequence[int] = field(default_factory=tuple)
+    """Token ids that end generation as the end-of-document token does ('stop'; the token is kept in the ids, its
+    text left out), whatever `stop_at_eod` says: a chat template's own end of turn, vLLM's `stop_token_ids`."""
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     """Token id -> a bias in [-100, 100] added to its logit before anything else (OpenAI's logit_bias)."""
     presence_penalty: float = 0.0
@@ -84,6 +87,9 @@ class SamplingParams:
                 raise bad(name, "in [-2, 2]", getattr(self, name))
         if not 0.0 < self.repetition_penalty < math.inf:
             raise bad("repetition_penalty", "> 0", self.repetition_penalty)
+        for t in self.stop_token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise bad("stop_token_ids", "token ids (integers >= 0)", repr(t))
         for t, b in self.logit_bias.items():
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 raise bad("logit_bias", "keyed by token ids (integers >= 0)", repr(t))
@@ -216,7 +222,8 @@ class StopChecker:
     """When one sequence ends, and where its text ends.
 
     `after_token` gives the finish reason once a new token is appended: 'stop' for the end-of-document token
-    (when `params.stop_at_eod`; the token itself is kept, as transformers does), 'length' when `budget` new
+    (when `params.stop_at_eod`; the token itself is kept, as transformers does) or one of `params.stop_token_ids`
+    (always), 'length' when `budget` new
     tokens exist, else None. Stop strings are looked for in the decoded text: `find` returns where the earliest
     one starts (the text is cut there and the reason is 'stop'); `safe_end` is how much of a still-growing text
     may be handed out now (a tail that could be the start of a stop string, or an incomplete character, waits).
@@ -225,12 +232,13 @@ class StopChecker:
     def __init__(self, params: SamplingParams, eod_id: int, budget: int):
         self.stop_at_eod = params.stop_at_eod
         self.eod_id = eod_id
+        self.stop_ids = frozenset(params.stop_token_ids)
         self.budget = budget
         self.stops = tuple(s for s in params.stop if s)
         self.longest = max(map(len, self.stops), default=0)
 
     def after_token(self, token: int, n_generated: int) -> str | None:
-        if token == self.eod_id and self.stop_at_eod:
+        if (token == self.eod_id and self.stop_at_eod) or token in self.stop_ids:
             return "stop"
         if n_generated >= self.budget:
             return "length"
@@ -260,12 +268,14 @@ class StopChecker:
 
 
 class IncrementalDetokenizer:
-    """The text of a growing list of generated tokens, end-of-document tokens left out. Only the tokens after
-    the last complete character are decoded again at each call, so the cost per token stays constant."""
+    """The text of a growing list of generated tokens, end-of-document tokens (and `skip`: stop tokens) left out.
+    Only the tokens after the last complete character are decoded again at each call, so the cost per token stays
+    constant."""
 
-    def __init__(self, tokenizer, eod_id: int):
+    def __init__(self, tokenizer, eod_id: int, skip: Sequence[int] = ()):
         self.tokenizer = tokenizer
         self.eod_id = eod_id
+        self.left_out = frozenset((eod_id, *skip))
         self._text = ""  # text of the first _done ids, ending on a complete character
         self._done = 0
 
@@ -273,7 +283,7 @@ class IncrementalDetokenizer:
         """The decoded text of `generated` (the same list, grown since the previous call)."""
         if self.tokenizer is None:
             return ""
-        ids = [t for t in generated[self._done :] if t != self.eod_id]
+        ids = [t for t in generated[self._done :] if t not in self.left_out]
         tail = self.tokenizer.decode(ids)
         if tail.endswith(REPLACEMENT):  # a character still being spelled: decode these tokens again next time
             return self._text + tail

@@ -164,7 +164,7 @@ class _Row:
 
     def __init__(self, params: SamplingParams, eod_id: int, budget: int, tokenizer):
         self.checker = StopChecker(params, eod_id, budget)
-        self.detok = IncrementalDetokenizer(tokenizer, eod_id)
+        self.detok = IncrementalDetokenizer(tokenizer, eod_id, params.stop_token_ids)
         self.new: list[int] = []
         self.text: str | None = None  # set when a stop string cut the text
         self.finish: str | None = "length" if budget == 0 else None

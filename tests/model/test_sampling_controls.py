@@ -175,3 +175,21 @@ def test_the_bounds_themselves_are_accepted():
         presence_penalty=-2.0, frequency_penalty=2.0, repetition_penalty=1e-3, logit_bias={0: -100}
     ).validate()
     SamplingParams(presence_penalty=2.0, frequency_penalty=-2.0, logit_bias={5: 100.0}).validate()
+
+
+def test_stop_token_ids_end_a_sequence_whatever_stop_at_eod_says_and_leave_no_text():
+    from neoxray.model.decoding import IncrementalDetokenizer, SamplingParams, StopChecker
+
+    for at_eod in (True, False):
+        check = StopChecker(SamplingParams(stop_token_ids=(7,), stop_at_eod=at_eod), eod_id=0, budget=10)
+        assert check.after_token(3, 1) is None and check.after_token(7, 2) == "stop"
+        assert (check.after_token(0, 3) == "stop") is at_eod
+
+    class Letters:  # a tokenizer of one letter per id
+        def decode(self, ids):
+            return "".join(chr(ord("a") + i) for i in ids)
+
+    assert IncrementalDetokenizer(Letters(), 0, (7,)).text([1, 2, 7]) == "bc"
+    assert IncrementalDetokenizer(Letters(), 0).text([1, 2, 7]) == "bch"
+    with pytest.raises(Exception, match="stop_token_ids"):
+        SamplingParams(stop_token_ids=(-1,)).validate()

@@ -69,7 +69,7 @@ class OutputProcessor:
         s.decoding.stop = StopChecker(
             s.req.sampling, self.eod_id, min(s.req.max_tokens, self.max_seq_len - s.prompt_len)
         )
-        s.decoding.detokenizer = IncrementalDetokenizer(self.tokenizer, self.eod_id)
+        s.decoding.detokenizer = IncrementalDetokenizer(self.tokenizer, self.eod_id, s.req.sampling.stop_token_ids)
         if s.req.structured is not None and s.req.max_tokens > 0:
             s.decoding.grammar = self.grammars.matcher(s.req.structured)
         if s.req.prompt_logprobs:

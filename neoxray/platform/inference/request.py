@@ -240,6 +240,7 @@ class EngineInfo:
         except NeoxrayError as e:
             raise InvalidRequest(str(e), getattr(e, "param", None)) from None
         self.check_token_ids(list(sp.logit_bias), "logit_bias")
+        self.check_token_ids(list(sp.stop_token_ids), "stop_token_ids")
         # bounds whose violation would fail inside the engine step, taking every running request with it
         if not sp.is_greedy and sp.temperature < SAMPLING_EPS:
             raise InvalidRequest(f"temperature must be 0 (greedy) or >= {SAMPLING_EPS}", "temperature")

@@ -164,9 +164,18 @@ class ServingContext:
                 raise ApiError(400, str(e), param="messages", code="chat_template_error") from None
         return self._templates[key]
 
+    def end_of_turn(self, template: ChatTemplate) -> tuple[int, ...]:
+        """The template's `eos_token` as a stop token when it is one token of the vocabulary other than the end of
+        document (ChatML's `<|im_end|>` in a tokenizer that has it): the answer ends with the turn, as vLLM ends it
+        at the model's end-of-sequence ids."""
+        eos = template.special_tokens.get("eos_token")
+        token = self.tokenizer.backend.token_to_id(eos) if isinstance(eos, str) and eos else None
+        return () if token is None or token == self.info.eod_id else (token,)
+
     # -- sampling ----------------------------------------------------------------------------------------
-    def sampling(self, body: SamplingRequest, choice: int) -> SamplingParams:
-        """The sampling of choice `choice` of a request (it samples with seed + choice)."""
+    def sampling(self, body: SamplingRequest, choice: int, stop_token_ids: tuple[int, ...] = ()) -> SamplingParams:
+        """The sampling of choice `choice` of a request (it samples with seed + choice); `stop_token_ids`: more
+        tokens that end it (a chat template's end of turn)."""
         return SamplingParams(
             temperature=body.temperature,
             top_k=max(body.top_k, 0),
@@ -175,6 +184,7 @@ class ServingContext:
             seed=None if body.seed is None else body.seed + choice,
             stop=body.stops,
             stop_at_eod=not body.ignore_eos,
+            stop_token_ids=(*(body.stop_token_ids or ()), *stop_token_ids),
             logit_bias=body.token_bias,
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,

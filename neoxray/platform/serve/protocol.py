@@ -89,6 +89,8 @@ class SamplingRequest(_Strict):
     """Same seed and same request give the same output, whatever else the server is doing (a 64-bit integer)."""
     ignore_eos: StrictBool = False
     """Extension (as in vLLM): keep generating after the end-of-document token (for benchmarks)."""
+    stop_token_ids: list[StrictInt] | None = Field(None, max_length=16)
+    """Extension (as in vLLM): token ids that end the answer ('stop'), as the end-of-document token does."""
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     """OpenAI's: minus this for every token already generated in this choice."""
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)

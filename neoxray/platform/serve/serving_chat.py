@@ -44,8 +44,9 @@ class ChatServing:
         routes.post("/v1/chat/completions", ChatCompletionRequest, self.create_chat_completion, ChatCompletionResponse)
         return routes
 
-    async def render(self, body: ChatCompletionRequest) -> tuple[str, list[int]]:
-        """The prompt's text and token ids: the messages through the template, on the tokenizer threads."""
+    async def render(self, body: ChatCompletionRequest) -> tuple[list[int], tuple[int, ...]]:
+        """The prompt's token ids (the messages through the template, on the tokenizer threads) and the template's
+        end-of-turn token ids."""
         ctx = self.ctx
         template = await ctx.template_for(body.model)
 
@@ -55,7 +56,7 @@ class ChatServing:
             except NeoxrayError as e:  # raise_exception() in the template, or its own failure
                 raise ApiError(400, str(e), param="messages", code="chat_template_error") from None
             ctx.check_length(text, "messages")
-            return text, ctx.tokenize([text], "messages")[0]
+            return ctx.tokenize([text], "messages")[0], ctx.end_of_turn(template)
 
         return await ctx.off_loop(work)
 
@@ -65,7 +66,7 @@ class ChatServing:
         await ctx.ready()
         lora = ctx.adapter_of(body.model)
         ctx.check_sequences(body, 1)
-        _, ids = await self.render(body)
+        ids, end_of_turn = await self.render(body)
         new_tokens = body.new_tokens
         max_tokens = new_tokens if new_tokens is not None else ctx.info.max_seq_len - len(ids)
         if len(ids) >= ctx.info.max_seq_len:  # the rendered conversation fills the context: no room for an answer
@@ -82,7 +83,7 @@ class ChatServing:
             Request(
                 ids,
                 max_tokens=max_tokens,
-                sampling=ctx.sampling(body, j),
+                sampling=ctx.sampling(body, j, end_of_turn),
                 logprobs=top if body.logprobs else None,
                 group=group,
                 lora=lora,

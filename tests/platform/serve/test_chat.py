@@ -280,3 +280,39 @@ def test_structured_output_holds_for_a_random_model_on_both_routes(served):
     assert err["param"] == "structured_outputs", err
     both = {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}
     refused(lambda: client.completions.create(model="tiny", prompt="x", extra_body=both), 400)
+
+
+def test_stop_token_ids_and_a_templates_own_end_of_turn_end_the_answer(served, serve_model_dir, tmp_path):
+    """vLLM's `stop_token_ids` end a completion at the token (its text left out); a chat template whose
+    `eos_token` is a token of its own (ChatML's `<|im_end|>`, here the vocabulary's `<|padding|>`) ends the
+    assistant's turn there, as the end-of-document token ends neoxray's default one."""
+    from neoxray.platform.serve.client import LocalEngineClient
+
+    srv, client = served
+    (a,) = requests.post(srv.url + "/tokenize", json={"prompt": "A"}, headers=AUTH, timeout=60).json()["tokens"]
+    kw = dict(model="tiny", prompt="the quick brown", max_tokens=6, logit_bias={str(a): 100})
+    assert client.completions.create(**kw).choices[0].text == "A" * 6  # the bias forces "A"
+    cut = client.completions.create(**kw, extra_body={"stop_token_ids": [a], "ignore_eos": True})
+    assert cut.choices[0].text == "" and cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens == 1
+    refused(lambda: client.completions.create(model="tiny", prompt="x", extra_body={"stop_token_ids": [10**6]}), 400)
+
+    out = tmp_path / "im-end"
+    shutil.copytree(serve_model_dir, out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": TEMPLATE, "eos_token": "<|padding|>"})
+    )
+    special = json.loads((out / "special_tokens_map.json").read_text())  # where transformers reads it first
+    (out / "special_tokens_map.json").write_text(json.dumps({**special, "eos_token": "<|padding|>"}))
+    args = ServeArgs(model=str(out), name="tiny")
+    engine = args.build_engine().start()
+    other = Server(LocalEngineClient(engine, None, None, args.model_chat_template()), args)
+    try:
+        chat = openai.OpenAI(base_url=other.url + "/v1", api_key="none", max_retries=0).chat.completions.create
+        (pad,) = requests.post(other.url + "/tokenize", json={"prompt": "<|padding|>"}, timeout=60).json()["tokens"]
+        ended = chat(model="tiny", messages=MESSAGES, max_tokens=8, logit_bias={str(pad): 100})
+        assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens == 1, ended
+        assert ended.choices[0].message.content == ""
+    finally:
+        other.close()
+        engine.stop(timeout=10)
