@@ -196,17 +196,7 @@ class NeoxrayLM(TemplateLM):
     def template(self) -> ChatTemplate:
         """The chat template prompts are rendered with (resolved once; see the class's `chat_template`)."""
         if not isinstance(self._chat, ChatTemplate):
-            if self._chat is not None:
-                from neoxray.model.chat_template import resolve_chat_template
-
-                self._chat = resolve_chat_template(self._chat)
-            else:
-                from neoxray.platform.model_loading import model_chat_template
-
-                found = model_chat_template(self._pretrained, self._options.lora)
-                if found is None:
-                    raise NeoxrayError(f"{self._pretrained} has no chat template; pass --chat-template")
-                self._chat = found
+            self._chat = eval_chat_template(self._chat, self._pretrained, self._options.lora)
         return self._chat
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
@@ -310,6 +300,22 @@ class NeoxrayLM(TemplateLM):
         for req, text in zip(requests, texts):
             self.cache_hook.add_partial("generate_until", req.args, text)
         return texts
+
+
+def eval_chat_template(spec: str | None, model: str, lora: str | None = None) -> ChatTemplate:
+    """The template prompts are rendered with: `spec` (`--chat-template`: a file, a model directory or the
+    template itself), else the adapter's, else the model's (their files read here, without the weights); a model
+    without one is refused in one line."""
+    from neoxray.model.chat_template import resolve_chat_template
+    from neoxray.platform.model_loading import model_chat_template
+
+    if spec is not None:
+        return resolve_chat_template(spec)
+    found = model_chat_template(model, lora)
+    if found is None:
+        what = f"{model} (and the adapter {lora})" if lora else model
+        raise NeoxrayError(f"{what} has no chat template; pass --chat-template")
+    return found
 
 
 def render_chat(template: ChatTemplate, messages: list[dict], add_generation_prompt: bool) -> str:

@@ -116,7 +116,7 @@ def run_eval(args: EvalArgs) -> dict:
     import lm_eval
 
     import neoxray.platform.eval  # noqa: F401 (registers the backend under its name)
-    from neoxray.platform.eval.lm import NeoxrayLM
+    from neoxray.platform.eval.lm import NeoxrayLM, eval_chat_template
     from neoxray.platform.eval.results import card_table, results_table, to_json, write_atomic, write_samples
     from neoxray.platform.eval.suites import get_suite
     from neoxray.platform.eval.tasks import load_tasks, resolve_names, task_manager
@@ -133,7 +133,8 @@ def run_eval(args: EvalArgs) -> dict:
             from neoxray.platform.model_loading import model_config_of
 
             read_peft_adapter(local_adapter(args.lora), model_config_of(kind, path))
-    template = _chat_template(args) if args.apply_chat_template else None
+    # read here, before anything loads (also when the engines run on Ray)
+    template = eval_chat_template(args.chat_template, args.model, args.lora) if args.apply_chat_template else None
     names = [t.task for t in suite.tasks] if suite else list(args.tasks)
     tm = task_manager(names, args.include_path)
     names = resolve_names(tm, names)
@@ -191,21 +192,6 @@ def run_eval(args: EvalArgs) -> dict:
         if suite:
             print(card_table(results, suite))
     return results
-
-
-def _chat_template(args: EvalArgs):
-    """The template of `--apply-chat-template`, before anything loads: `--chat-template`'s, else the adapter's or
-    the model's (their files read here, also when the engines run on Ray); a model without one is refused."""
-    from neoxray.model.chat_template import resolve_chat_template
-    from neoxray.platform.model_loading import model_chat_template
-
-    if args.chat_template is not None:
-        return resolve_chat_template(args.chat_template)
-    found = model_chat_template(args.model, args.lora)
-    if found is None:
-        what = f"{args.model} (and the adapter {args.lora})" if args.lora else args.model
-        raise NeoxrayError(f"{what} has no chat template; pass --chat-template")
-    return found
 
 
 LM_EVAL_BAR_MODULES = ("lm_eval.api.task", "lm_eval.api.model")

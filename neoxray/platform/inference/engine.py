@@ -347,6 +347,10 @@ class InferenceEngine:
         early (a client that went away) aborts the requests still running."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
+        constrained = [r for r in requests if r.structured is not None]
+        if constrained:  # grammars compile on a thread (the engine's first reads its tokenizer: tenths of a second),
+            # not on the event loop; `add_requests` below finds them compiled
+            await loop.run_in_executor(None, lambda: [self.check(r) for r in constrained])
 
         def sink(i: int):
             return lambda out: loop.call_soon_threadsafe(q.put_nowait, (i, out))

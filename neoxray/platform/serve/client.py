@@ -209,10 +209,6 @@ class LocalEngineClient(EngineClient):
         return stop
 
     async def generate(self, requests: Sequence[Request]) -> AsyncIterator[Batch]:
-        constrained = [r for r in requests if r.structured is not None]
-        if constrained:  # grammars compile (a new schema: milliseconds; the engine's first: its tokenizer too) on a
-            # thread, not this event loop; the engine's own check then finds them compiled
-            await asyncio.get_running_loop().run_in_executor(None, lambda: [self.engine.check(r) for r in constrained])
         last: dict[int, float] = {}
         async with contextlib.aclosing(self.engine.stream(requests)) as outputs:  # closed early: aborted
             async for ready in outputs:

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from neoxray.platform.inference.request import Output, Request
 from neoxray.platform.serve.api_errors import ApiError
 from neoxray.platform.serve.client import EngineClient
-from neoxray.platform.serve.protocol import StreamOptions, UsageInfo
+from neoxray.platform.serve.protocol import SamplingRequest, UsageInfo
 
 Outputs = AsyncIterator[list[tuple[int, Output]]]
 
@@ -51,14 +51,14 @@ def _early() -> ApiError:
 
 @dataclass
 class Job:
-    """One request's choices in the engine: `requests[i]` is choice i."""
+    """One request's choices in the engine: `requests[i]` is choice i; `body`: the request as it came."""
 
+    body: SamplingRequest
     requests: list[Request]
     id: str
     created: int
     model: str
     prompt_tokens: int
-    stream_options: StreamOptions | None
 
     async def complete(self, outputs: Outputs) -> BaseModel:
         """The whole answer, once every choice has finished."""
@@ -102,7 +102,7 @@ class Job:
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+        return bool(self.body.stream_options and self.body.stream_options.include_usage)
 
     def usage(self, generated: int) -> UsageInfo:
         return UsageInfo(

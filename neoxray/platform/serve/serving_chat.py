@@ -92,16 +92,14 @@ class ChatServing:
             )
             for j in range(body.n)
         ]
-        job = ChatJob(
-            requests, group, int(time.time()), lora or ctx.model_name, len(ids), body.stream_options, body=body
-        )
+        job = ChatJob(body, requests, group, int(time.time()), lora or ctx.model_name, len(ids))
         outputs = await start(ctx.client, requests)  # the engine checks each request
         return job.stream(outputs) if body.stream else await job.complete(outputs)
 
 
 @dataclass
 class ChatJob(Job):
-    body: ChatCompletionRequest = None
+    body: ChatCompletionRequest
 
     def response(self, whole: list[Output], usage: UsageInfo) -> ChatCompletionResponse:
         choices = [

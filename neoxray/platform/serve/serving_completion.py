@@ -66,13 +66,12 @@ class CompletionServing:
         group = f"cmpl-{uuid.uuid4().hex}"
         requests = [r for ids, _ in prompts for r in self.engine_requests(body, ids, group, lora)]
         job = CompletionJob(
+            body,
             requests,
             group,
             int(time.time()),
             lora or ctx.model_name,  # as vLLM: the adapter's name, or the base's
             sum(len(ids) for ids, _ in prompts),
-            body.stream_options,
-            body=body,
             texts=[text for _, text in prompts for _ in range(body.n)],
         )
         outputs = await start(ctx.client, requests)  # the engine checks each request
@@ -81,8 +80,8 @@ class CompletionServing:
 
 @dataclass
 class CompletionJob(Job):
-    body: CompletionRequest = None
-    texts: list[str | None] = None
+    body: CompletionRequest
+    texts: list[str | None]
     """Each choice's prompt as sent, or (a token-id prompt) the engine's decoding of it once its first Output came."""
 
     def response(self, whole: list[Output], usage: UsageInfo) -> CompletionResponse:
